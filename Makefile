@@ -1,0 +1,33 @@
+# `make serve` runs the example manifest (starting a local livekit-server if LIVEKIT_URL
+# is unset); `make test` runs the test suite. Both install what they need into .venv.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/lkrun serve agents.toml.example
+
+test: $(STAMP)
+	$(BIN)/ruff check lkrun tests
+	$(BIN)/pytest -v
+
+lint: $(STAMP)
+	$(BIN)/ruff check lkrun tests
+	$(BIN)/ruff format --check lkrun tests
+
+format: $(STAMP)
+	$(BIN)/ruff format lkrun tests
+	$(BIN)/ruff check --fix lkrun tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from lkrun.cli import main
+
+main()

@@ -1,0 +1,282 @@
+"""The `lkrun` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lkrun import __version__, control, credentials
+from lkrun.manifest import Manifest, ManifestError, check_entrypoints, load_manifest
+
+app = typer.Typer(
+    help="Host many LiveKit agents from one manifest, one subprocess per job.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+jobs_app = typer.Typer(help="Inspect the jobs of the running daemon.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_USAGE = 2  # bad manifest or bad configuration
+EXIT_FAILURE = 1
+
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", envvar="LIVEKIT_URL", show_envvar=True, help="LiveKit URL.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="LIVEKIT_API_KEY", show_envvar=True, help="LiveKit API key."),
+]
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--control-socket",
+        envvar=control.ENV_SOCKET,
+        show_envvar=True,
+        help="The daemon's control socket [default: $XDG_RUNTIME_DIR/lkrun/control.sock].",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"lkrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+def _load(manifest_path: Path) -> Manifest:
+    try:
+        manifest = load_manifest(manifest_path)
+        check_entrypoints(manifest)
+    except ManifestError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return manifest
+
+
+@app.command()
+def check(manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")]) -> None:
+    """Validate a manifest, importing each entrypoint in a subprocess, without connecting."""
+    loaded = _load(manifest)
+    out.print(f"{manifest}: {len(loaded.agents)} agent(s) OK: {', '.join(loaded.agents)}")
+
+
+@app.command()
+def serve(
+    manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")],
+    url: Annotated[
+        str | None, typer.Option(help="LiveKit URL [default: manifest, then $LIVEKIT_URL].")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="LiveKit API key [default: manifest, then $LIVEKIT_API_KEY]."),
+    ] = None,
+    control_socket: SocketOpt = None,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="Seconds a job gets to end after a shutdown request.")
+    ] = 10.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the daemon: register every agent of MANIFEST and run their jobs.
+
+    With no LiveKit URL configured (flag, manifest or LIVEKIT_URL), a local
+    livekit-server is installed and started in dev mode for the daemon's lifetime.
+    """
+    from lkrun.logs import setup_logging
+
+    setup_logging(log_level)
+    loaded = _load(manifest)
+    with ExitStack() as stack:
+        creds = _serve_credentials(loaded, url, api_key, stack)
+        socket_path = control_socket or loaded.daemon.control_socket or control.default_socket_path()
+        _run_daemon(loaded, creds, socket_path, shutdown_timeout)
+
+
+def _serve_credentials(
+    manifest: Manifest, url: str | None, api_key: str | None, stack: ExitStack
+) -> credentials.Credentials:
+    try:
+        creds = credentials.resolve(
+            url=url,
+            api_key=api_key,
+            manifest_url=manifest.livekit.url,
+            manifest_key=manifest.livekit.api_key,
+            manifest_secret=manifest.livekit.api_secret,
+        )
+    except credentials.CredentialsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if creds is not None:
+        return creds
+    return _start_dev_server(stack)
+
+
+def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
+    from lkrun import devserver
+
+    try:
+        binary = devserver.ensure_server_binary(on_build=lambda msg: err.print(msg, markup=False))
+        server = devserver.DevServer(binary)
+        err.print(
+            f"no LiveKit URL configured: starting livekit-server in dev mode at {server.url} "
+            f"(log: {server.log_path or devserver.cache_dir() / 'livekit-server.log'})",
+            markup=False,
+        )
+        server.start()
+    except devserver.DevServerError as exc:
+        fail(str(exc))
+    stack.callback(server.stop)
+    return credentials.Credentials(server.url, server.api_key, server.api_secret)
+
+
+def _run_daemon(
+    manifest: Manifest, creds: credentials.Credentials, socket_path: Path, shutdown_timeout: float
+) -> None:
+    from lkrun.daemon import Daemon, DaemonConfig, FatalError
+
+    config = DaemonConfig(
+        manifest=manifest,
+        credentials=creds,
+        control_socket=socket_path,
+        shutdown_timeout=shutdown_timeout,
+    )
+    try:
+        run_async(Daemon(config).serve())
+    except (FatalError, control.ControlError) as exc:
+        fail(str(exc))
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _client_credentials(url: str | None, api_key: str | None) -> credentials.Credentials:
+    try:
+        creds = credentials.resolve(url=url, api_key=api_key)
+    except credentials.CredentialsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if creds is not None:
+        return creds
+    from lkrun import devserver
+
+    # Like `lk --dev`: with nothing configured, talk to the dev server `lkrun serve` starts.
+    return credentials.Credentials(
+        "http://127.0.0.1:7880", devserver.DEV_API_KEY, devserver.DEV_API_SECRET
+    )
+
+
+@app.command()
+def dispatch(
+    room: Annotated[str, typer.Option("--room", help="Room to send the agent to.")],
+    agent: Annotated[str, typer.Option("--agent", help="Agent name, as registered.")],
+    metadata: Annotated[str, typer.Option(help="Metadata passed to the job.")] = "",
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask LiveKit to send AGENT to ROOM (creating the room if needed)."""
+    from lkrun.dispatch import DispatchError, create_dispatch
+
+    creds = _client_credentials(url, api_key)
+    try:
+        result = run_async(create_dispatch(creds, room=room, agent=agent, metadata=metadata))
+    except DispatchError as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps({"dispatch_id": result.id, "agent": result.agent,
+                                   "room": result.room, "metadata": result.metadata}))
+    else:
+        out.print(result.id)
+
+
+def _ask_daemon(socket_path: Path | None, route: str, params: dict[str, str] | None = None) -> Any:
+    try:
+        return control.request(socket_path or control.default_socket_path(), route, params)
+    except control.ControlError as exc:
+        fail(str(exc))
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@jobs_app.command("ls")
+def jobs_ls(
+    show_all: Annotated[bool, typer.Option("--all", "-a", help="Include ended jobs.")] = False,
+    control_socket: SocketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the jobs of the running daemon."""
+    data = _ask_daemon(control_socket, "/v1/jobs", {"all": "1" if show_all else "0"})
+    jobs = data["jobs"]
+    if as_json:
+        sys.stdout.write(json.dumps(jobs, indent=2) + "\n")
+        return
+    if not jobs:
+        out.print("no jobs" if show_all else "no running jobs (--all to include ended ones)")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("JOB ID", "AGENT", "ROOM", "STATUS", "PID", "AGE", "DISPATCH ID", "ERROR"):
+        table.add_column(column, overflow="fold")
+    for job in jobs:
+        table.add_row(
+            job["id"], job["agent"], job["room"], job["status"], str(job["pid"] or "-"),
+            _age(job["age"]), job["dispatch_id"] or "-", job["error"],
+        )
+    out.print(table)
+
+
+@app.command()
+def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the daemon's agents and their registrations."""
+    data = _ask_daemon(control_socket, "/v1/status")
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    out.print(f"lkrun {data['version']} pid {data['pid']}, up {_age(data['uptime'])}, "
+              f"LiveKit {data['url']}, manifest {data['manifest']}")
+    table = Table(box=None, pad_edge=False)
+    for column in ("AGENT", "DISPATCH", "REGISTRATION", "WORKER ID", "JOBS", "LOAD", "LAST ERROR"):
+        table.add_column(column, overflow="fold")
+    for a in data["agents"]:
+        reg = "connected" if a["connected"] else f"down ({a['reconnects']} reconnects)"
+        table.add_row(a["agent"], a["dispatch"], reg, a["worker_id"] or "-",
+                      f"{a['jobs']}/{a['max_jobs']}", f"{a['load']:.2f}", a["last_error"])
+    out.print(table)
+
+
+def main() -> None:
+    app()
+

@@ -1,0 +1,149 @@
+"""What an entrypoint receives: the job, an unconnected room, and the job's lifecycle hooks.
+
+An entrypoint is ``async def entrypoint(ctx: JobContext) -> None``. The job lasts
+while the room is connected: returning from the entrypoint after ``connect()``
+keeps the job alive until the room disconnects or ``ctx.shutdown()`` is called.
+Returning without connecting ends the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from livekit import rtc
+
+ShutdownCallback = Callable[[str], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """The job LiveKit assigned, as plain values."""
+
+    id: str
+    agent_name: str
+    job_type: str  # room | publisher | participant
+    room: str
+    room_sid: str
+    dispatch_id: str
+    metadata: str  # the dispatch's metadata
+    namespace: str
+    participant_identity: str  # the participant a publisher/participant job is about
+    raw: Mapping[str, Any] = field(repr=False)  # the protobuf Job as a dict
+
+    @classmethod
+    def from_dict(cls, job: Mapping[str, Any]) -> JobInfo:
+        room = job.get("room") or {}
+        participant = job.get("participant") or {}
+        job_type = str(job.get("type", "JT_ROOM")).removeprefix("JT_").lower()
+        return cls(
+            id=job.get("id", ""),
+            agent_name=job.get("agentName", ""),
+            job_type=job_type,
+            room=room.get("name", ""),
+            room_sid=room.get("sid", ""),
+            dispatch_id=job.get("dispatchId", ""),
+            metadata=job.get("metadata", ""),
+            namespace=job.get("namespace", ""),
+            participant_identity=participant.get("identity", ""),
+            raw=job,
+        )
+
+
+class JobContext:
+    """The entrypoint's handle on its job. Created by the runner, one per process."""
+
+    def __init__(
+        self,
+        *,
+        job: JobInfo,
+        url: str,
+        token: str,
+        identity: str,
+        logger: logging.Logger,
+        userdata: Any = None,
+    ) -> None:
+        self.job = job
+        self.identity = identity
+        self.logger = logger
+        self.userdata = userdata  # what the agent's prewarm function returned
+        self.room = rtc.Room()
+        self._url = url
+        self._token = token
+        self._callbacks: list[ShutdownCallback] = []
+        self._shutdown = asyncio.Event()
+        self._shutdown_reason = ""
+        self.room.on("disconnected", self._on_disconnected)
+
+    async def connect(self, *, auto_subscribe: bool = True) -> None:
+        """Join the room with the token LiveKit minted for this job."""
+        await self.room.connect(
+            self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
+        )
+
+    def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
+        """Run ``callback(reason)`` when the job ends, before the room disconnects."""
+        self._callbacks.append(callback)
+
+    def shutdown(self, reason: str = "") -> None:
+        """End the job. The first reason given is the one recorded."""
+        if not self._shutdown.is_set():
+            self._shutdown_reason = reason
+            self._shutdown.set()
+
+    @property
+    def shutdown_requested(self) -> bool:
+        return self._shutdown.is_set()
+
+    @property
+    def shutdown_reason(self) -> str:
+        return self._shutdown_reason
+
+    async def wait_for_shutdown(self) -> str:
+        await self._shutdown.wait()
+        return self._shutdown_reason
+
+    async def wait_for_participant(self, identity: str | None = None) -> rtc.RemoteParticipant:
+        """Wait until a participant (a given one, or any) is in the room."""
+        found: asyncio.Future[rtc.RemoteParticipant] = asyncio.get_running_loop().create_future()
+
+        def match(p: rtc.RemoteParticipant) -> None:
+            if not found.done() and (identity is None or p.identity == identity):
+                found.set_result(p)
+
+        for p in self.room.remote_participants.values():
+            match(p)
+        self.room.on("participant_connected", match)
+        try:
+            return await found
+        finally:
+            self.room.off("participant_connected", match)
+
+    def _on_disconnected(self, reason: Any = None) -> None:
+        self.shutdown(f"room disconnected ({_reason_name(reason)})")
+
+    async def _run_shutdown_callbacks(self, timeout: float) -> None:
+        async def run_all() -> None:
+            for callback in self._callbacks:
+                try:
+                    result = callback(self._shutdown_reason)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    self.logger.exception("shutdown callback %r failed", callback)
+
+        try:
+            await asyncio.wait_for(run_all(), timeout)
+        except asyncio.TimeoutError:
+            self.logger.warning("shutdown callbacks still running after %.1fs; going on", timeout)
+
+
+def _reason_name(reason: Any) -> str:
+    try:
+        return rtc.DisconnectReason.Name(reason)  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, TypeError):
+        return str(reason)

@@ -1,0 +1,212 @@
+"""Supervisor side of one job subprocess: spawn it, speak the pipe protocol, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lkrun import jobpipe
+
+TERM_GRACE = 2.0  # after SIGTERM to the group, before SIGKILL
+LOG_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job process ended."""
+
+    ok: bool
+    error: str = ""
+    exit_code: int | None = None  # negative: killed by that signal
+    reason: str = ""  # why the job stopped, as the runner saw it
+
+
+class JobProcess:
+    """One ``python -m lkrun.runner`` child, in its own process group."""
+
+    def __init__(
+        self,
+        *,
+        entrypoint: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        log: logging.LoggerAdapter[Any],
+        on_running: Callable[[], None] | None = None,
+    ) -> None:
+        self.entrypoint = entrypoint
+        self.cwd = cwd
+        self.env = dict(env)
+        self.log = log
+        self.on_running = on_running
+        self.pid: int | None = None
+        self.ready = asyncio.Event()
+        self.started_running = False
+        self._proc: asyncio.subprocess.Process | None = None
+        self._waiter: asyncio.Task[Outcome] | None = None
+        self._done: dict[str, Any] | None = None
+        self._kill_reason = ""
+        self._last_log_line = ""
+        self._exited = asyncio.Event()
+
+    async def spawn(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lkrun.runner",
+            "--entrypoint",
+            self.entrypoint,
+            "--daemon-pid",
+            str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.cwd,
+            env=self.env,
+            start_new_session=True,  # its own group, so stop() reaches what user code started
+            limit=jobpipe.MAX_LINE,
+        )
+        self.pid = self._proc.pid
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._waiter = asyncio.create_task(
+            self._supervise(self._read_protocol(self._proc.stdout), self._read_log(self._proc.stderr))
+        )
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    def start(self, **payload: Any) -> None:
+        self._send(jobpipe.START, **payload)
+
+    async def wait(self) -> Outcome:
+        """Wait for the process to exit and its pipes to drain; never raises for the job's faults."""
+        assert self._waiter is not None
+        return await asyncio.shield(self._waiter)
+
+    async def _supervise(self, *readers: Any) -> Outcome:
+        assert self._proc is not None
+        tasks = [asyncio.create_task(r) for r in readers]
+        try:
+            returncode = await self._proc.wait()
+            # A grandchild may hold the pipes open; don't let it keep the job alive.
+            await asyncio.wait(tasks, timeout=TERM_GRACE)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._exited.set()
+        return self._outcome(returncode)
+
+    async def stop(self, reason: str, timeout: float) -> None:
+        """Ask the job to end; after ``timeout`` seconds end its process group by force."""
+        if self._proc is None or self.exited:
+            return
+        self._send(jobpipe.SHUTDOWN, reason=reason)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout)
+            return
+        await self.kill(f"did not stop within {timeout:g}s of a shutdown request ({reason})")
+
+    async def kill(self, why: str) -> None:
+        """SIGTERM the group, then SIGKILL it if anything is left."""
+        if self._proc is None or self.exited:
+            return
+        self._kill_reason = self._kill_reason or why
+        self.log.warning("killing job process %s: %s", self.pid, why)
+        self._signal_group(signal.SIGTERM)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), TERM_GRACE)
+            return
+        self._signal_group(signal.SIGKILL)
+        await self._exited.wait()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self.pid is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def _send(self, kind: str, **fields: Any) -> None:
+        if self._proc is None or self._proc.stdin is None or self._proc.stdin.is_closing():
+            return
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._proc.stdin.write(jobpipe.encode(kind, **fields))
+
+    def _outcome(self, returncode: int) -> Outcome:
+        done = self._done
+        if done is not None and (done.get("ok") or done.get("error")):
+            return Outcome(
+                ok=bool(done.get("ok")),
+                error=str(done.get("error", "")),
+                exit_code=returncode,
+                reason=str(done.get("reason", "")),
+            )
+        if self._kill_reason:
+            return Outcome(ok=False, error=self._kill_reason, exit_code=returncode)
+        return Outcome(ok=False, error=self._exit_text(returncode), exit_code=returncode)
+
+    def _exit_text(self, returncode: int) -> str:
+        if returncode < 0:
+            try:
+                name = signal.Signals(-returncode).name
+            except ValueError:
+                name = f"signal {-returncode}"
+            text = f"job process killed by {name}"
+        elif returncode == 0:
+            text = "job process exited without reporting a result"
+        else:
+            text = f"job process exited with code {returncode}"
+        if self._last_log_line:
+            text += f" (last log line: {self._last_log_line[:200]})"
+        return text
+
+    async def _read_protocol(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over MAX_LINE: not ours
+                self.log.warning("job process sent an oversized line; ignored")
+                continue
+            if not line:
+                return
+            try:
+                self._on_message(jobpipe.decode(line))
+            except jobpipe.PipeError as exc:
+                self.log.warning("job process broke the pipe protocol: %s", exc)
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == jobpipe.READY:
+            self.ready.set()
+        elif kind == jobpipe.RUNNING:
+            self.started_running = True
+            if self.on_running is not None:
+                self.on_running()
+        elif kind == jobpipe.DONE:
+            self._done = msg
+
+    async def _read_log(self, stream: asyncio.StreamReader) -> None:
+        pending = b""
+        while chunk := await stream.read(LOG_CHUNK):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > LOG_CHUNK:  # a line with no end in sight: log it in pieces
+                lines.append(pending)
+                pending = b""
+            for raw in lines:
+                self._log_line(raw)
+        if pending:
+            self._log_line(pending)
+
+    def _log_line(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            self._last_log_line = line
+            self.log.info("%s", line)

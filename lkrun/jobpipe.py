@@ -1,0 +1,45 @@
+"""The job pipe protocol: newline-delimited JSON between the daemon and a job subprocess.
+
+daemon -> child (stdin):  start, shutdown, ping
+child -> daemon (stdout): ready, running, done, pong, status
+
+Kept free of heavy imports: the runner imports it before user code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# daemon -> child
+START = "start"
+SHUTDOWN = "shutdown"
+PING = "ping"
+
+# child -> daemon
+READY = "ready"  # runner and entrypoint module loaded; waiting for start
+RUNNING = "running"  # entrypoint called
+DONE = "done"  # job over: {"ok": bool, "error": str}
+PONG = "pong"
+STATUS = "status"  # free-form facts for `jobs ls`, e.g. {"room_sid": ...}
+
+# A start message carries a job token and metadata; keep room for large metadata.
+MAX_LINE = 4 * 1024 * 1024
+
+
+class PipeError(ValueError):
+    """A line on the pipe that is not a protocol message."""
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"type": kind, **fields}, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(line)
+    except ValueError as exc:
+        raise PipeError(f"not JSON: {line[:80]!r}") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise PipeError(f"not a protocol message: {line[:80]!r}")
+    return msg

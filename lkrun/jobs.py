@@ -1,0 +1,77 @@
+"""The daemon's record of each job it accepted, and the book that keeps them."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class JobStatus(str, Enum):
+    STARTING = "starting"  # assigned; subprocess starting
+    RUNNING = "running"  # entrypoint called
+    STOPPING = "stopping"  # shutdown requested
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobStatus.SUCCESS, JobStatus.FAILED)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    agent: str
+    room: str
+    dispatch_id: str
+    identity: str
+    status: JobStatus = JobStatus.STARTING
+    pid: int | None = None
+    accepted_at: float = field(default_factory=time.time)
+    started_at: float | None = None  # entrypoint running
+    ended_at: float | None = None
+    error: str = ""
+    exit_code: int | None = None
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        end = self.ended_at if self.ended_at is not None else time.time()
+        data["age"] = round(end - self.accepted_at, 3)
+        return data
+
+
+class JobBook:
+    """Active jobs, plus the most recent finished ones for `jobs ls --all`."""
+
+    def __init__(self, keep_finished: int = 1000) -> None:
+        self._active: dict[str, JobRecord] = {}
+        self._finished: deque[JobRecord] = deque(maxlen=keep_finished)
+
+    def add(self, record: JobRecord) -> None:
+        self._active[record.id] = record
+
+    def finish(self, record: JobRecord, status: JobStatus, error: str = "") -> None:
+        record.status = status
+        record.error = error
+        record.ended_at = time.time()
+        self._active.pop(record.id, None)
+        self._finished.append(record)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        if job_id in self._active:
+            return self._active[job_id]
+        return next((r for r in self._finished if r.id == job_id), None)
+
+    def active(self, agent: str | None = None) -> list[JobRecord]:
+        return [r for r in self._active.values() if agent is None or r.agent == agent]
+
+    def __iter__(self) -> Iterator[JobRecord]:
+        """Every known job, oldest first."""
+        yield from self._finished
+        yield from self._active.values()

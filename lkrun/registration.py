@@ -1,0 +1,354 @@
+"""One agent's worker registration with LiveKit: the /agent WebSocket, kept alive forever.
+
+The registration speaks the protocol and nothing else. What to answer to an
+offer, and what to do with an assignment, is the handler's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from livekit import api
+from livekit.protocol import agent as proto
+from livekit.protocol import models
+
+from lkrun import __version__
+from lkrun.credentials import Credentials
+
+log = logging.getLogger("lkrun.registration")
+
+REGISTER_TIMEOUT = 10.0
+HEARTBEAT = 10.0  # WebSocket ping interval; the connection is dropped if a pong is late
+STATUS_REFRESH = 5.0  # resend the worker status this often even if nothing changed
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 15.0
+
+JOB_TYPES = {
+    "room": proto.JT_ROOM,
+    "publisher": proto.JT_PUBLISHER,
+    "participant": proto.JT_PARTICIPANT,
+}
+
+
+class AuthError(Exception):
+    """The server rejected our credentials: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What LiveKit sees of an agent; changing any of it needs a new registration."""
+
+    agent_name: str  # "" for automatic dispatch
+    job_type: str
+    namespace: str
+    permissions: models.ParticipantPermission
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    identity: str
+    name: str = ""
+    metadata: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    full: bool
+    load: float
+    job_count: int
+
+
+class WorkerHandler(Protocol):
+    def on_availability(self, job: proto.Job) -> Acceptance | None: ...
+    def on_assignment(self, assignment: proto.JobAssignment) -> None: ...
+    def on_termination(self, job_id: str) -> None: ...
+    def worker_load(self) -> WorkerLoad: ...
+
+
+def agent_ws_url(url: str) -> str:
+    if url.startswith("http://"):
+        url = "ws://" + url[len("http://") :]
+    elif url.startswith("https://"):
+        url = "wss://" + url[len("https://") :]
+    return url.rstrip("/") + "/agent"
+
+
+@dataclass
+class RegistrationState:
+    connected: bool = False
+    worker_id: str = ""
+    server_version: str = ""
+    reconnects: int = 0
+    last_error: str = ""
+    connected_since: float | None = None
+
+
+class Registration:
+    """Keeps one worker registered, reconnecting with capped backoff until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        spec: WorkerSpec,
+        credentials: Credentials,
+        handler: WorkerHandler,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.label = label  # the agent's name in the manifest, for logs
+        self.spec = spec
+        self.credentials = credentials
+        self.handler = handler
+        self.session = session
+        self.state = RegistrationState()
+        self._outbox: asyncio.Queue[proto.WorkerMessage] | None = None
+        # Job status updates must reach the server even across a reconnect.
+        self._backlog: deque[proto.WorkerMessage] = deque()
+        self._last_load: WorkerLoad | None = None
+        self._registered = asyncio.Event()
+        self._unsent_updates = 0
+        self._all_sent = asyncio.Event()
+        self._all_sent.set()
+
+    async def wait_registered(self) -> None:
+        await self._registered.wait()
+
+    async def run(self) -> None:
+        """Stay registered. Returns never; raises AuthError on bad credentials."""
+        failures = 0
+        while True:
+            try:
+                await self._session()
+                failures = 0
+            except AuthError:
+                raise
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
+                self.state.last_error = _one_line(exc)
+            self._disconnected()
+            delay = backoff(failures)
+            failures += 1
+            log.warning(
+                "agent %s: registration lost (%s); reconnecting in %.1fs",
+                self.label,
+                self.state.last_error or "connection closed",
+                delay,
+            )
+            await asyncio.sleep(delay)
+            self.state.reconnects += 1
+
+    # -- called by the handler's side -------------------------------------------------
+
+    def update_job(self, job_id: str, status: proto.JobStatus.ValueType, error: str = "") -> None:
+        msg = proto.WorkerMessage(
+            update_job=proto.UpdateJobStatus(job_id=job_id, status=status, error=error)
+        )
+        self._unsent_updates += 1
+        self._all_sent.clear()
+        if self._outbox is None:
+            self._backlog.append(msg)
+        else:
+            self._outbox.put_nowait(msg)
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every job status update was written to the server; False on timeout."""
+        try:
+            await asyncio.wait_for(self._all_sent.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def load_changed(self) -> None:
+        """Push the handler's current load now if it differs from what the server last saw."""
+        if self._outbox is not None:
+            self._send_load(force=False)
+
+    # -- the connection ----------------------------------------------------------------
+
+    async def _session(self) -> None:
+        headers = {"Authorization": f"Bearer {self._token()}"}
+        try:
+            ws = await self.session.ws_connect(
+                agent_ws_url(self.credentials.url),
+                headers=headers,
+                heartbeat=HEARTBEAT,
+                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                max_msg_size=16 * 1024 * 1024,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):
+                raise AuthError(
+                    f"LiveKit at {self.credentials.url} rejected API key "
+                    f"{self.credentials.api_key!r} (HTTP {exc.status}): check the key and secret"
+                ) from exc
+            raise
+        async with ws:
+            await self._register(ws)
+            outbox: asyncio.Queue[proto.WorkerMessage] = asyncio.Queue()
+            while self._backlog:
+                outbox.put_nowait(self._backlog.popleft())
+            self._outbox = outbox
+            writer = asyncio.create_task(self._write(ws, outbox))
+            refresher = asyncio.create_task(self._refresh_load())
+            try:
+                self._send_load(force=True)
+                await self._read(ws, writer)
+            finally:
+                self._outbox = None
+                for task in (writer, refresher):
+                    task.cancel()
+                await asyncio.gather(writer, refresher, return_exceptions=True)
+                self._requeue_job_updates(outbox)
+
+    def _token(self) -> str:
+        return (
+            api.AccessToken(self.credentials.api_key, self.credentials.api_secret)
+            .with_grants(api.VideoGrants(agent=True))
+            .to_jwt()
+        )
+
+    async def _register(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        request = proto.RegisterWorkerRequest(
+            type=JOB_TYPES[self.spec.job_type],
+            agent_name=self.spec.agent_name,
+            version=f"lkrun/{__version__}",
+            namespace=self.spec.namespace,
+            allowed_permissions=self.spec.permissions,
+        )
+        await ws.send_bytes(proto.WorkerMessage(register=request).SerializeToString())
+        msg = await asyncio.wait_for(ws.receive(), REGISTER_TIMEOUT)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise ProtocolError(f"expected a register response, got {msg.type.name}")
+        reply = proto.ServerMessage.FromString(msg.data)
+        if reply.WhichOneof("message") != "register":
+            raise ProtocolError(f"expected a register response, got {reply.WhichOneof('message')}")
+        self.state.connected = True
+        self.state.worker_id = reply.register.worker_id
+        self.state.server_version = reply.register.server_info.version
+        self.state.connected_since = time.time()
+        self.state.last_error = ""
+        self._registered.set()
+        log.info(
+            "agent %s: registered as worker %s (%s, LiveKit %s)",
+            self.label,
+            self.state.worker_id,
+            self.spec.agent_name or "automatic dispatch",
+            self.state.server_version or "unknown version",
+        )
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, writer: asyncio.Task[None]) -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self._dispatch(proto.ServerMessage.FromString(msg.data))
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                raise ProtocolError(f"websocket error: {ws.exception()}")
+            if writer.done():
+                writer.result()  # surface a write failure
+                return
+        code = ws.close_code
+        self.state.last_error = f"server closed the connection (code {code})"
+
+    def _dispatch(self, msg: proto.ServerMessage) -> None:
+        kind = msg.WhichOneof("message")
+        if kind == "availability":
+            self._answer(msg.availability.job)
+        elif kind == "assignment":
+            self.handler.on_assignment(msg.assignment)
+        elif kind == "termination":
+            self.handler.on_termination(msg.termination.job_id)
+        elif kind == "go_away":
+            log.info("agent %s: server asked us to go away: %s", self.label, msg.go_away.reason)
+
+    def _answer(self, job: proto.Job) -> None:
+        # Answer at once: the server gives up on us after a few seconds.
+        try:
+            accept = self.handler.on_availability(job)
+        except Exception:
+            log.exception("agent %s: deciding on job %s failed; declining", self.label, job.id)
+            accept = None
+        if accept is None:
+            response = proto.AvailabilityResponse(job_id=job.id, available=False)
+        else:
+            response = proto.AvailabilityResponse(
+                job_id=job.id,
+                available=True,
+                participant_identity=accept.identity,
+                participant_name=accept.name,
+                participant_metadata=accept.metadata,
+                participant_attributes=dict(accept.attributes),
+            )
+        self._put(proto.WorkerMessage(availability=response))
+        self.load_changed()
+
+    def _send_load(self, *, force: bool) -> None:
+        load = self.handler.worker_load()
+        if not force and load == self._last_load:
+            return
+        self._last_load = load
+        status = proto.WS_FULL if load.full else proto.WS_AVAILABLE
+        # Always send load: an update without it resets the server's view to 0.
+        update = proto.UpdateWorkerStatus(status=status, load=load.load, job_count=load.job_count)
+        self._put(proto.WorkerMessage(update_worker=update))
+
+    async def _refresh_load(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_REFRESH)
+            self._send_load(force=True)
+
+    def _put(self, msg: proto.WorkerMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg)
+
+    async def _write(
+        self, ws: aiohttp.ClientWebSocketResponse, outbox: asyncio.Queue[proto.WorkerMessage]
+    ) -> None:
+        while True:
+            msg = await outbox.get()
+            is_update = msg.WhichOneof("message") == "update_job"
+            try:
+                await ws.send_bytes(msg.SerializeToString())
+            except Exception:
+                if is_update:
+                    self._backlog.appendleft(msg)
+                raise
+            if is_update:
+                self._unsent_updates -= 1
+                if self._unsent_updates == 0:
+                    self._all_sent.set()
+
+    def _requeue_job_updates(self, outbox: asyncio.Queue[proto.WorkerMessage]) -> None:
+        while not outbox.empty():
+            msg = outbox.get_nowait()
+            if msg.WhichOneof("message") == "update_job":
+                self._backlog.append(msg)
+
+    def _disconnected(self) -> None:
+        if self.state.connected:
+            self.state.connected = False
+            self.state.connected_since = None
+        self._registered.clear()
+        self._last_load = None
+
+
+class ProtocolError(Exception):
+    """The server said something we did not expect."""
+
+
+def backoff(failures: int) -> float:
+    """Capped exponential backoff with jitter, so a fleet does not reconnect in lockstep."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2**failures))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+

@@ -1,0 +1,251 @@
+"""Child side of a job: ``python -m lkrun.runner --entrypoint pkg.module:function``.
+
+The daemon starts one of these per job. It loads the entrypoint's module, says
+``ready``, waits for ``start`` on stdin, runs the entrypoint, and reports
+``running`` and ``done`` on the real stdout. User code's ``print()`` goes to
+stderr, the job's log. EOF on stdin means the daemon is gone: the job ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import inspect
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from lkrun import jobpipe
+
+log = logging.getLogger("lkrun.runner")
+
+SHUTDOWN_CALLBACK_TIMEOUT = 10.0
+ORPHAN_GRACE = 1.0  # how long an orphaned job may take to wrap up before it exits
+
+
+class Pipe:
+    """The protocol channel: writes to the real stdout, reads stdin lines."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+
+    def send(self, kind: str, **fields: Any) -> None:
+        try:
+            self._out.write(jobpipe.encode(kind, **fields))
+            self._out.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the daemon is gone; stdin EOF will end the job
+
+
+def take_protocol_stdout() -> BinaryIO:
+    """Keep fd 1 for protocol messages only, and send everything else printed to stderr."""
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)  # C extensions and subprocesses writing to fd 1 land in the log
+    sys.stdout = sys.stderr
+    return os.fdopen(proto_fd, "wb", buffering=0)
+
+
+def die_with_parent(daemon_pid: int | None) -> None:
+    """Linux: get SIGTERM when the daemon dies, even by SIGKILL (stdin EOF is the portable path)."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    # The daemon may have died before prctl took effect.
+    if daemon_pid is not None and os.getppid() != daemon_pid:
+        os._exit(1)
+
+
+def load_entrypoint(spec: str) -> Callable[..., Any]:
+    module_name, _, func_name = spec.partition(":")
+    module = importlib.import_module(module_name)
+    func = getattr(module, func_name)
+    if not callable(func):
+        raise TypeError(f"{spec} is not callable")
+    return func
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())  # one line, for jobs ls and UpdateJobStatus
+
+
+class JobRun:
+    """Drives one job: reads the daemon's messages and runs the entrypoint."""
+
+    def __init__(self, pipe: Pipe, entrypoint: Callable[..., Any], userdata: Any) -> None:
+        self.pipe = pipe
+        self.entrypoint = entrypoint
+        self.userdata = userdata
+        self.ctx: Any = None  # JobContext once started
+        self.start_msg: asyncio.Future[dict[str, Any]] = asyncio.Future()
+        self.orphaned = False
+
+    async def read_stdin(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            try:
+                msg = jobpipe.decode(line)
+            except jobpipe.PipeError as exc:
+                log.warning("ignoring bad message from daemon: %s", exc)
+                continue
+            self.handle(msg)
+        self.orphaned = True
+        self.request_shutdown("daemon went away")
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == jobpipe.PING:
+            self.pipe.send(jobpipe.PONG, ts=msg.get("ts"))
+        elif kind == jobpipe.START and not self.start_msg.done():
+            self.start_msg.set_result(msg)
+        elif kind == jobpipe.SHUTDOWN:
+            self.request_shutdown(str(msg.get("reason", "")))
+
+    def request_shutdown(self, reason: str) -> None:
+        if self.ctx is not None:
+            self.ctx.shutdown(reason)
+        elif not self.start_msg.done():
+            self.start_msg.set_exception(_NotStarted(reason))
+
+    async def run(self) -> bool:
+        """Wait for start, run the job, return whether it succeeded."""
+        try:
+            start = await self.start_msg
+        except _NotStarted as exc:
+            log.info("shut down before the job started: %s", exc)
+            return True
+        from lkrun.context import JobContext, JobInfo  # livekit.rtc is heavy; load it once
+
+        self.ctx = JobContext(
+            job=JobInfo.from_dict(start["job"]),
+            url=start["url"],
+            token=start["token"],
+            identity=start["identity"],
+            logger=logging.getLogger(f"lkrun.job.{start.get('agent', 'agent')}"),
+            userdata=self.userdata,
+        )
+        return await self._run_job(self.ctx)
+
+    async def _run_job(self, ctx: Any) -> bool:
+        entry = asyncio.ensure_future(_call(self.entrypoint, ctx))
+        self.pipe.send(jobpipe.RUNNING)
+        stop = asyncio.ensure_future(ctx.wait_for_shutdown())
+        await asyncio.wait({entry, stop}, return_when=asyncio.FIRST_COMPLETED)
+        error = ""
+        if entry.done():
+            if entry.exception() is not None:
+                exc = entry.exception()
+                log.error("entrypoint failed", exc_info=exc)
+                error = describe(exc)
+                ctx.shutdown(f"entrypoint failed: {error}")
+            elif not ctx.room.isconnected():
+                ctx.shutdown("entrypoint returned")
+            await stop  # returns at once unless the room is still connected
+        grace = ORPHAN_GRACE if self.orphaned else SHUTDOWN_CALLBACK_TIMEOUT
+        await ctx._run_shutdown_callbacks(grace)
+        if not entry.done():
+            entry.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await entry
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ctx.room.disconnect(), grace)
+        log.info("job ended: %s", ctx.shutdown_reason)
+        self.pipe.send(jobpipe.DONE, ok=not error, error=error, reason=ctx.shutdown_reason)
+        return not error
+
+
+class _NotStarted(Exception):
+    pass
+
+
+async def _call(func: Callable[..., Any], *args: Any) -> Any:
+    result = func(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _stdin_reader() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+    )
+    return reader
+
+
+async def serve_job(pipe: Pipe, entrypoint: Callable[..., Any], userdata: Any) -> int:
+    run = JobRun(pipe, entrypoint, userdata)
+    reader_task = asyncio.ensure_future(run.read_stdin(await _stdin_reader()))
+    pipe.send(jobpipe.READY, pid=os.getpid())
+    try:
+        ok = await run.run()
+    finally:
+        reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader_task
+    return 0 if ok else 1
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("LKRUN_JOB_LOG_LEVEL", "INFO").upper())
+
+
+def kill_group_on_sigterm() -> None:
+    """SIGTERM (from the daemon, or the parent-death signal) ends the job's whole process group.
+
+    The runner leads its own process group, so whatever user code started goes too.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpgid(0) == os.getpid():  # only a group we lead, never the caller's
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lkrun.runner")
+    parser.add_argument("--entrypoint", required=True)
+    parser.add_argument("--daemon-pid", type=int)
+    args = parser.parse_args(argv)
+
+    pipe = Pipe(take_protocol_stdout())
+    kill_group_on_sigterm()
+    die_with_parent(args.daemon_pid)
+    setup_logging()
+    sys.path.insert(0, os.getcwd())
+    try:
+        entrypoint = load_entrypoint(args.entrypoint)
+    except Exception as exc:
+        traceback.print_exc()
+        pipe.send(jobpipe.DONE, ok=False, error=f"cannot load entrypoint {args.entrypoint}: "
+                  f"{describe(exc)}")
+        return 1
+    return _run_loop(serve_job(pipe, entrypoint, None))
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

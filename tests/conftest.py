@@ -1,0 +1,261 @@
+"""Shared fixtures: one real livekit-server per test session, and lkrun daemons driven as a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit import api, rtc
+
+from lkrun import control, devserver
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    api_key: str
+    api_secret: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "LIVEKIT_URL": self.url,
+            "LIVEKIT_API_KEY": self.api_key,
+            "LIVEKIT_API_SECRET": self.api_secret,
+        }
+
+
+@pytest.fixture(scope="session")
+def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    binary = devserver.ensure_server_binary(on_build=lambda m: print(m, file=sys.stderr))
+    logs = tmp_path_factory.mktemp("livekit")
+    server = devserver.DevServer(
+        binary,
+        port=devserver.free_tcp_port(),
+        rtc_tcp_port=devserver.free_tcp_port(),
+        udp_port=devserver.free_udp_port(),
+        log_path=logs / "livekit-server.log",
+    )
+    server.start()
+    try:
+        yield Server(server.url, server.api_key, server.api_secret)
+    finally:
+        server.stop()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll until predicate() is truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+class DaemonProc:
+    """An `lkrun serve` subprocess with its own manifest and control socket."""
+
+    def __init__(self, tmp: Path, server: Server, manifest: str, extra_args: list[str]) -> None:
+        self.dir = tmp
+        self.server = server
+        self.manifest_path = tmp / "agents.toml"
+        self.manifest_path.write_text(manifest)
+        self.socket = tmp / "control.sock"
+        self.log_path = tmp / "daemon.log"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.server.env)
+        env["PYTHONPATH"] = str(REPO)
+        env[control.ENV_SOCKET] = str(self.socket)
+        return env
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lkrun", "serve", str(self.manifest_path),
+                 "--log-level", "debug", *self.extra_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.dir,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def request(self, route: str, params: dict[str, str] | None = None) -> Any:
+        return await control._get(self.socket, route, params)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.request("/v1/status")
+
+    async def jobs(self, include_ended: bool = True) -> list[dict[str, Any]]:
+        data = await self.request("/v1/jobs", {"all": "1" if include_ended else "0"})
+        return data["jobs"]
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return next((j for j in await self.jobs() if j["id"] == job_id), None)
+
+    async def wait_registered(self, timeout: float = 30.0) -> dict[str, Any]:
+        async def ready() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status = await self.status()
+            except control.ControlError:
+                return None
+            return status if all(a["connected"] for a in status["agents"]) else None
+
+        return await wait_for(ready, timeout, what="every agent registered")
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=self.env, timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lkrun", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def _kill_job_processes(daemon_pid: int) -> None:
+    """Last line of defence: no runner started by this daemon survives the test."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            environ = (proc_dir / "cmdline").read_bytes()
+            if b"lkrun.runner" in environ and f"--daemon-pid\0{daemon_pid}\0".encode() in environ:
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+
+
+@pytest.fixture
+async def start_daemon(
+    tmp_path: Path, livekit_server: Server
+) -> AsyncIterator[Callable[..., Any]]:
+    daemons: list[DaemonProc] = []
+
+    async def start(manifest: str, *extra_args: str, wait: bool = True) -> DaemonProc:
+        daemon = DaemonProc(tmp_path / f"d{len(daemons)}", livekit_server, manifest, [])
+        daemon.dir.mkdir()
+        daemon.extra_args = list(extra_args)
+        daemon.manifest_path.write_text(manifest)
+        daemons.append(daemon)
+        daemon.start()
+        if wait:
+            await daemon.wait_registered()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+        _kill_job_processes(daemon.pid)
+
+
+def room_token(server: Server, room: str, identity: str) -> str:
+    return (
+        api.AccessToken(server.api_key, server.api_secret)
+        .with_identity(identity)
+        .with_grants(api.VideoGrants(room_join=True, room=room))
+        .to_jwt()
+    )
+
+
+@contextlib.asynccontextmanager
+async def observer(server: Server, room_name: str) -> AsyncIterator[rtc.Room]:
+    """A plain participant in the room, as a user of the agent would be."""
+    room = rtc.Room()
+    await room.connect(server.url, room_token(server, room_name, unique("observer")))
+    try:
+        yield room
+    finally:
+        await room.disconnect()
+
+
+async def wait_for_participant(
+    room: rtc.Room, prefix: str, timeout: float = 20.0
+) -> rtc.RemoteParticipant:
+    def find() -> rtc.RemoteParticipant | None:
+        return next(
+            (p for p in room.remote_participants.values() if p.identity.startswith(prefix)), None
+        )
+
+    return await wait_for(find, timeout, what=f"a participant named {prefix}*")
+
+
+@contextlib.asynccontextmanager
+async def livekit_api(server: Server) -> AsyncIterator[api.LiveKitAPI]:
+    lkapi = api.LiveKitAPI(
+        server.url.replace("ws://", "http://"), server.api_key, server.api_secret, failover=False
+    )
+    try:
+        yield lkapi
+    finally:
+        await lkapi.aclose()

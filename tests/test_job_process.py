@@ -1,0 +1,118 @@
+"""The daemon side of a job process against the real runner, without a LiveKit server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lkrun.job_process import JobProcess
+from tests.conftest import REPO, pid_alive, wait_for
+
+JOB = {"id": "AJ_test", "room": {"name": "r"}, "metadata": "meta", "type": "JT_ROOM"}
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def make(entrypoint: str, lines: Lines) -> JobProcess:
+    logger = logging.getLogger(f"test.job.{id(lines)}")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return JobProcess(
+        entrypoint=entrypoint,
+        cwd=Path(REPO),
+        env=env,
+        log=logging.LoggerAdapter(logger, {}),
+    )
+
+
+async def start(entrypoint: str) -> tuple[JobProcess, Lines]:
+    lines = Lines()
+    proc = make(entrypoint, lines)
+    await proc.spawn()
+    await asyncio.wait_for(proc.ready.wait(), 30)
+    proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
+    return proc, lines
+
+
+async def test_returning_entrypoint_succeeds_and_print_goes_to_log() -> None:
+    proc, lines = await start("tests.agents.behaviours:returns_at_once")
+    outcome = await asyncio.wait_for(proc.wait(), 30)
+    assert outcome.ok and outcome.exit_code == 0, outcome
+    assert proc.started_running
+    assert "about to return" in lines.lines
+    assert any("metadata 'meta'" in line for line in lines.lines)
+
+
+async def test_raising_entrypoint_fails_with_error_text() -> None:
+    proc, _ = await start("tests.agents.behaviours:raises")
+    outcome = await asyncio.wait_for(proc.wait(), 30)
+    assert not outcome.ok
+    assert outcome.error == "RuntimeError: boom from job AJ_test"
+    assert outcome.exit_code == 1
+
+
+async def test_unimportable_entrypoint_fails_before_ready() -> None:
+    lines = Lines()
+    proc = make("tests.agents.no_such_module:entrypoint", lines)
+    await proc.spawn()
+    outcome = await asyncio.wait_for(proc.wait(), 30)
+    assert not outcome.ok and not proc.ready.is_set()
+    assert outcome.error.startswith("cannot load entrypoint tests.agents.no_such_module:entrypoint")
+    assert "ModuleNotFoundError" in outcome.error
+
+
+async def test_shutdown_request_runs_callbacks_and_succeeds() -> None:
+    proc, lines = await start("tests.agents.behaviours:waits_for_shutdown")
+    await wait_for(lambda: proc.started_running, 10)
+    await proc.stop("test says stop", timeout=10)
+    outcome = await proc.wait()
+    assert outcome.ok and outcome.reason == "test says stop", outcome
+    assert "shutdown callback: test says stop" in lines.lines
+
+
+async def test_job_ignoring_shutdown_is_killed_with_reason() -> None:
+    proc, _ = await start("tests.agents.behaviours:blocks_forever")
+    await wait_for(lambda: proc.started_running, 10)
+    await proc.stop("test says stop", timeout=0.5)
+    outcome = await proc.wait()
+    assert not outcome.ok
+    assert outcome.error == "did not stop within 0.5s of a shutdown request (test says stop)"
+
+
+async def test_killed_process_fails_with_signal_name() -> None:
+    proc, _ = await start("tests.agents.behaviours:waits_for_shutdown")
+    await wait_for(lambda: proc.started_running, 10)
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    outcome = await proc.wait()
+    assert not outcome.ok and outcome.exit_code == -signal.SIGKILL
+    assert outcome.error.startswith("job process killed by SIGKILL")
+
+
+@pytest.mark.parametrize("when", ["before start", "while running"])
+async def test_stdin_eof_ends_the_job(when: str) -> None:
+    lines = Lines()
+    proc = make("tests.agents.behaviours:waits_for_shutdown", lines)
+    await proc.spawn()
+    await asyncio.wait_for(proc.ready.wait(), 30)
+    if when == "while running":
+        proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
+        await wait_for(lambda: proc.started_running, 10)
+    internal: Any = proc
+    internal._proc.stdin.close()  # what the daemon dying looks like to the child
+    await asyncio.wait_for(proc.wait(), 10)
+    assert proc.pid is not None and not pid_alive(proc.pid)

@@ -1,0 +1,246 @@
+"""End to end against a real livekit-server: dispatch, jobs, limits, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from typing import Any
+
+from livekit import api, rtc
+
+from tests.conftest import (
+    livekit_api,
+    observer,
+    pid_alive,
+    unique,
+    wait_for,
+    wait_for_participant,
+)
+
+
+def agent_table(name: str, entrypoint: str = "lkrun.examples.echo:entrypoint", **fields: Any) -> str:
+    lines = [f"[agents.{name}]", f'entrypoint = "{entrypoint}"']
+    for key, value in fields.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+async def echo_roundtrip(room: rtc.Room, agent_identity: str, payload: bytes) -> bytes:
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def on_data(packet: rtc.DataPacket) -> None:
+        if packet.participant and packet.participant.identity == agent_identity and not got.done():
+            got.set_result(packet.data)
+
+    room.on("data_received", on_data)
+    try:
+        await room.local_participant.publish_data(
+            payload, destination_identities=[agent_identity], topic="test"
+        )
+        return await asyncio.wait_for(got, 15)
+    finally:
+        room.off("data_received", on_data)
+
+
+async def dispatch(server: Any, room: str, agent: str, metadata: str = "") -> str:
+    async with livekit_api(server) as lk:
+        d = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=agent, room=room, metadata=metadata)
+        )
+    return d.id
+
+
+async def job_in_room(daemon: Any, room: str, status: str | None = None) -> dict[str, Any]:
+    async def find() -> dict[str, Any] | None:
+        for job in await daemon.jobs():
+            if job["room"] == room and (status is None or job["status"] == status):
+                return job
+        return None
+
+    return await wait_for(find, 30, what=f"a {status or ''} job in room {room}")
+
+
+async def test_explicit_dispatch_with_cli_echoes(start_daemon: Any, livekit_server: Any) -> None:
+    name, room_name = unique("echo"), unique("room")
+    daemon = await start_daemon(agent_table(name, identity="{agent}-{job_id}"))
+    async with observer(livekit_server, room_name) as room:
+        result = daemon.cli("dispatch", "--room", room_name, "--agent", name, "--metadata", "m1",
+                            "--json")
+        assert result.returncode == 0, result.stderr
+        dispatch_id = json.loads(result.stdout)["dispatch_id"]
+        assert dispatch_id.startswith("AD_")
+
+        agent = await wait_for_participant(room, f"{name}-")
+        assert await echo_roundtrip(room, agent.identity, b"ping-1") == b"ping-1"
+
+        job = await job_in_room(daemon, room_name, "running")
+        assert job["dispatch_id"] == dispatch_id
+        assert job["agent"] == name and job["identity"] == agent.identity
+
+        listing = daemon.cli("jobs", "ls", "--json")
+        assert listing.returncode == 0, listing.stderr
+        [listed] = [j for j in json.loads(listing.stdout) if j["id"] == job["id"]]
+        assert listed["status"] == "running" and listed["pid"] == job["pid"]
+        table = daemon.cli("jobs", "ls")
+        assert job["id"] in table.stdout and room_name in table.stdout
+
+
+async def test_automatic_dispatch_joins_new_room(start_daemon: Any, livekit_server: Any) -> None:
+    name, room_name = unique("greeter"), unique("auto")
+    daemon = await start_daemon(
+        agent_table(name, "lkrun.examples.greeter:entrypoint", dispatch="automatic")
+    )
+    greetings: list[str] = []
+    async with observer(livekit_server, room_name) as room:
+        room.on("data_received", lambda p: greetings.append(p.data.decode()))
+        agent = await wait_for_participant(room, f"{name}-")
+        assert agent.attributes.get("lk.agent.name", "") == ""  # automatic: registered unnamed
+        await wait_for(lambda: any(g.startswith("hello observer-") for g in greetings), 15,
+                       what="a greeting")
+    job = await job_in_room(daemon, room_name)
+    assert job["agent"] == name and job["dispatch_id"] == ""
+
+
+async def test_two_agents_each_in_own_subprocess(start_daemon: Any, livekit_server: Any) -> None:
+    a, b, room_name = unique("alpha"), unique("beta"), unique("room")
+    daemon = await start_daemon(agent_table(a) + agent_table(b))
+    async with observer(livekit_server, room_name) as room:
+        await dispatch(livekit_server, room_name, a)
+        await dispatch(livekit_server, room_name, b)
+        pa = await wait_for_participant(room, f"{a}-")
+        pb = await wait_for_participant(room, f"{b}-")
+        assert await echo_roundtrip(room, pa.identity, b"to-a") == b"to-a"
+        assert await echo_roundtrip(room, pb.identity, b"to-b") == b"to-b"
+        jobs = await wait_for(
+            lambda: _running_in(daemon, room_name, 2), 20, what="two running jobs"
+        )
+    assert {j["agent"] for j in jobs} == {a, b}
+    pids = {j["pid"] for j in jobs}
+    assert len(pids) == 2 and daemon.pid not in pids
+    for pid in pids:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        assert b"lkrun.runner" in cmdline
+        ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        assert ppid == daemon.pid
+
+
+async def _running_in(daemon: Any, room: str, count: int) -> list[dict[str, Any]] | None:
+    jobs = [j for j in await daemon.jobs() if j["room"] == room and j["status"] == "running"]
+    return jobs if len(jobs) == count else None
+
+
+async def test_rooms_pattern_declines_other_rooms(start_daemon: Any, livekit_server: Any) -> None:
+    name = unique("support")
+    daemon = await start_daemon(agent_table(name, rooms=["support-*"]))
+    wrong, right = unique("sales"), unique("support")
+    await dispatch(livekit_server, wrong, name)
+    await wait_for(lambda: f"room {wrong!r} matches none of" in daemon.log(), 20,
+                   what="the decline")
+    async with observer(livekit_server, right) as room:
+        await dispatch(livekit_server, right, name)
+        await wait_for_participant(room, f"{name}-")
+    jobs = await daemon.jobs()
+    assert [j["room"] for j in jobs] == [right]  # the declined job never started
+
+
+async def test_max_jobs_reports_full_and_frees(start_daemon: Any, livekit_server: Any) -> None:
+    name = unique("single")
+    daemon = await start_daemon(agent_table(name, max_jobs=1))
+    first, second, third = unique("r1"), unique("r2"), unique("r3")
+    d1 = await dispatch(livekit_server, first, name)
+    job1 = await job_in_room(daemon, first, "running")
+
+    status = await daemon.status()
+    assert status["agents"][0]["full"] is True and status["agents"][0]["jobs"] == 1
+    # The server saw WS_FULL: it does not even offer the second job to this worker.
+    await dispatch(livekit_server, second, name)
+    async with livekit_api(livekit_server) as lk:
+        async def second_failed() -> bool:
+            found = await lk.agent_dispatch.list_dispatch(room_name=second)
+            return bool(found) and all(
+                j.state.status == api.JobStatus.JS_FAILED for d in found for j in d.state.jobs
+            ) and any(d.state.jobs for d in found)
+
+        await wait_for(second_failed, 20, what="the second job to find no worker")
+    assert f"room {second!r}" not in daemon.log()  # never offered to us
+    assert all(j["room"] != second for j in await daemon.jobs())
+
+    async with livekit_api(livekit_server) as lk:
+        await lk.agent_dispatch.delete_dispatch(d1, first)
+    await wait_for(lambda: _status_is(daemon, job1["id"], "success"), 20, what="job 1 to end")
+    await wait_for(lambda: _agent_full(daemon, False), 10, what="the agent to be available again")
+    await dispatch(livekit_server, third, name)
+    await job_in_room(daemon, third, "running")
+
+
+async def _status_is(daemon: Any, job_id: str, status: str) -> bool:
+    job = await daemon.job(job_id)
+    return job is not None and job["status"] == status
+
+
+async def _agent_full(daemon: Any, full: bool) -> bool:
+    return (await daemon.status())["agents"][0]["full"] is full
+
+
+async def test_deleting_dispatch_ends_job_as_success(start_daemon: Any, livekit_server: Any) -> None:
+    name, room_name = unique("echo"), unique("room")
+    daemon = await start_daemon(agent_table(name))
+    async with observer(livekit_server, room_name) as room:
+        dispatch_id = await dispatch(livekit_server, room_name, name)
+        agent = await wait_for_participant(room, f"{name}-")
+        job = await job_in_room(daemon, room_name, "running")
+        async with livekit_api(livekit_server) as lk:
+            await lk.agent_dispatch.delete_dispatch(dispatch_id, room_name)
+        await wait_for(lambda: not pid_alive(job["pid"]), 20, what="the job process to exit")
+        await wait_for(lambda: agent.identity not in room.remote_participants, 20,
+                       what="the agent to leave")
+    ended = await daemon.job(job["id"])
+    assert ended is not None and ended["status"] == "success", ended
+    assert ended["error"] == "" and ended["exit_code"] == 0
+
+
+async def test_entrypoint_that_raises_fails_with_error_text(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room_name = unique("raiser"), unique("room")
+    daemon = await start_daemon(agent_table(name, "tests.agents.behaviours:raises"))
+    await dispatch(livekit_server, room_name, name)
+    job = await job_in_room(daemon, room_name, "failed")
+    assert job["error"] == f"RuntimeError: boom from job {job['id']}"
+    listing = daemon.cli("jobs", "ls", "--all")
+    assert "failed" in listing.stdout and "RuntimeError: boom" in listing.stdout
+    assert f"[{name} {job['id']}]" in daemon.log()  # the traceback, tagged with the job id
+    # LiveKit was told too.
+    async with livekit_api(livekit_server) as lk:
+        async def server_failed() -> bool:
+            found = await lk.agent_dispatch.list_dispatch(room_name=room_name)
+            states = [j.state for d in found for j in d.state.jobs]
+            return any(s.status == api.JobStatus.JS_FAILED and "boom" in s.error for s in states)
+
+        await wait_for(server_failed, 15, what="the server to record the failure")
+
+
+async def test_entrypoint_printing_to_stdout_still_works(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room_name = unique("printer"), unique("room")
+    daemon = await start_daemon(agent_table(name, "tests.agents.behaviours:prints_then_echoes"))
+    async with observer(livekit_server, room_name) as room:
+        await dispatch(livekit_server, room_name, name)
+        agent = await wait_for_participant(room, f"{name}-")
+        assert await echo_roundtrip(room, agent.identity, b"still here") == b"still here"
+        job = await job_in_room(daemon, room_name, "running")
+    log = daemon.log()
+    assert f"[{name} {job['id']}] hello from print()" in log
+    assert f"[{name} {job['id']}] raw write to fd 1" in log
+
+
+async def test_daemon_sigkill_takes_jobs_with_it(start_daemon: Any, livekit_server: Any) -> None:
+    name, room_name = unique("echo"), unique("room")
+    daemon = await start_daemon(agent_table(name))
+    await dispatch(livekit_server, room_name, name)
+    job = await job_in_room(daemon, room_name, "running")
+    os.kill(daemon.pid, signal.SIGKILL)
+    await wait_for(lambda: not pid_alive(job["pid"]), 5, what="the job process to die")
