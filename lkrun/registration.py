@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
+from google.protobuf.message import DecodeError
 from livekit import api
 from livekit.protocol import agent as proto
 from livekit.protocol import models
@@ -132,6 +133,9 @@ class Registration:
                 raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
                 self.state.last_error = _one_line(exc)
+            except Exception as exc:  # a bug must not end the registration for good
+                log.exception("agent %s: unexpected error in the registration", self.label)
+                self.state.last_error = _one_line(exc)
             self._disconnected()
             delay = backoff(failures)
             failures += 1
@@ -246,7 +250,11 @@ class Registration:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse, writer: asyncio.Task[None]) -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
-                self._dispatch(proto.ServerMessage.FromString(msg.data))
+                try:
+                    decoded = proto.ServerMessage.FromString(msg.data)
+                except DecodeError as exc:
+                    raise ProtocolError(f"undecodable message from server: {exc}") from exc
+                self._dispatch(decoded)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise ProtocolError(f"websocket error: {ws.exception()}")
             if writer.done():

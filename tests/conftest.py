@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 
-from lkrun import control, devserver
+from lkrun import control
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from lkrun import devserver
+
     binary = devserver.ensure_server_binary(on_build=lambda m: print(m, file=sys.stderr))
     logs = tmp_path_factory.mktemp("livekit")
     server = devserver.DevServer(

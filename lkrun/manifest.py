@@ -1,0 +1,591 @@
+"""The agents manifest (agents.toml): loading, validation, and the entrypoint import check.
+
+Each settings dataclass below doubles as its validation table: a field whose metadata holds a
+check (``metadata=_check(...)``) can be set from the file, and that check validates and converts
+its TOML value. Adding a setting is one line. Fields without a check (``AgentSpec.name``) cannot
+be set from the file; fields without a default are required.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import keyword
+import os
+import re
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "AgentSpec",
+    "DaemonSettings",
+    "FrozenMap",
+    "LiveKitSettings",
+    "Manifest",
+    "ManifestError",
+    "Permissions",
+    "check_entrypoints",
+    "load_manifest",
+    "parse_manifest",
+]
+
+T = TypeVar("T")
+
+
+class ManifestError(Exception):
+    """A manifest problem, reported as one line naming the file, the agent and the field."""
+
+    def __init__(
+        self,
+        file: str | Path,
+        message: str,
+        *,
+        agent: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(file, message)
+        self._shown_file = str(file)  # as the user typed it: Path() would drop a leading "./"
+        self.file = Path(file)
+        self.message = message
+        self.agent = agent
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments need help to survive pickling (e.g. across processes).
+        return (_rebuild_error, (self._shown_file, self.message, self.agent, self.field))
+
+    def __str__(self) -> str:
+        shown = self._shown_file
+        parts = [shown if shown.isprintable() else repr(shown)]
+        if self.agent is not None:
+            parts.append(f"agent {self.agent!r}")
+        if self.field is not None:
+            parts.append(f"field {self.field!r}")
+        parts.append(_one_line(self.message))
+        return ": ".join(parts)
+
+
+def _rebuild_error(file: str, message: str, agent: str | None, field: str | None) -> ManifestError:
+    return ManifestError(file, message, agent=agent, field=field)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+# --- checks: each takes a raw TOML value and returns the converted value or raises _Invalid ---
+
+
+class _Invalid(Exception):
+    """A bad value; ``key`` is the dotted path below the field being checked, if any."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+
+Check = Callable[[Any], Any]
+
+_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),  # before int: bool is a subclass of int
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
+def _type_name(value: object) -> str:
+    for cls, name in _TYPE_NAMES:
+        if isinstance(value, cls):
+            return name
+    return "a date/time"
+
+
+def _show(value: object, limit: int = 60) -> str:
+    # Booleans as written in TOML, not Python's True; repr keeps newlines out of the line.
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_show(value)}")
+    return value
+
+
+def _non_empty_string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"must be a non-empty string, got {_show(value)}")
+    return value
+
+
+def _secret(value: object) -> str:
+    # Never echo a secret back, not even a mistyped one.
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a non-empty string, got {_type_name(value)} (value not shown)")
+    if not value:
+        raise _Invalid("must be a non-empty string, got ''")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _int_at_least(minimum: int) -> Check:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _Invalid(f"must be an integer >= {minimum}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _choice(*allowed: str) -> Check:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            options = ", ".join(repr(a) for a in allowed)
+            raise _Invalid(f"must be one of {options}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _list_of_non_empty_strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be an array of strings, got {_show(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise _Invalid(f"must contain only non-empty strings, got {_show(item)}")
+    return tuple(value)
+
+
+def _string_table(key_pattern: re.Pattern[str] | None = None) -> Check:
+    def check(value: object) -> Mapping[str, str]:
+        if not isinstance(value, dict):
+            raise _Invalid(f"must be a table of strings, got {_show(value)}")
+        for key, item in value.items():
+            if key_pattern is not None and not key_pattern.fullmatch(key):
+                raise _Invalid(f"key {key!r} must match {key_pattern.pattern}")
+            if not isinstance(item, str):
+                raise _Invalid(f"value of {key!r} must be a string, got {_show(item)}")
+        return FrozenMap(value)
+
+    return check
+
+
+def _starts_with(*prefixes: str) -> Check:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or not value.startswith(prefixes):
+            shown = ", ".join(prefixes[:-1]) + f" or {prefixes[-1]}"
+            raise _Invalid(f"must start with {shown}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _path(value: object) -> Path:
+    return Path(_non_empty_string(value))
+
+
+_ENTRYPOINT_HINT = "must look like 'package.module:function'"
+
+
+def _is_name(part: str) -> bool:
+    return part.isidentifier() and not keyword.iskeyword(part)
+
+
+def _entrypoint(value: object) -> str:
+    text = _string(value)
+    module, sep, function = text.partition(":")
+    if not sep or not _is_name(function) or not all(_is_name(p) for p in module.split(".")):
+        raise _Invalid(f"{_ENTRYPOINT_HINT}, got {_show(value)}")
+    return text
+
+
+_IDENTITY_FIELDS = ("agent", "job_id", "room", "participant")
+
+
+def _identity(value: object) -> str:
+    text = _string(value)
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise _Invalid(f"bad braces in template {_show(text)}: {exc}") from None
+    names = set()
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in _IDENTITY_FIELDS:
+            allowed = ", ".join("{" + f + "}" for f in _IDENTITY_FIELDS)
+            raise _Invalid(f"unknown placeholder {name!r} in {_show(text)}; allowed: {allowed}")
+        if spec or conversion:
+            raise _Invalid(f"placeholders take no format spec or conversion, got {_show(text)}")
+        names.add(name)
+    if "job_id" not in names:
+        raise _Invalid(
+            f"must contain {{job_id}} so each job gets a unique identity, got {_show(text)}"
+        )
+    return text
+
+
+def _table_of(cls: type[T]) -> Check:
+    def check(value: object) -> T:
+        if not isinstance(value, dict):
+            raise _Invalid(f"must be a table, got {_show(value)}")
+        return _build(cls, value)
+
+    return check
+
+
+# --- the settings: each field's metadata holds its check ---
+
+
+def _check(check: Check) -> dict[str, Check]:
+    """Field metadata that makes a field settable from the manifest, validated by ``check``."""
+    return {"check": check}
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class FrozenMap(Mapping[K, V]):
+    """A read-only, hashable mapping that keeps insertion order.
+
+    Unlike MappingProxyType it can be hashed, pickled and deep-copied (``dataclasses.asdict``
+    deep-copies), so the frozen settings dataclasses stay ordinary values.
+    """
+
+    def __init__(self, data: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._data: dict[K, V] = dict(data)
+
+    def __getitem__(self, key: K) -> V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMap, (self._data,))
+
+
+_URL = _starts_with("ws://", "wss://", "http://", "https://")
+_DISPATCH = _choice("explicit", "automatic")
+_JOB_TYPE = _choice("room", "publisher", "participant")
+_ATTRIBUTES = _string_table()
+_ENV = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
+_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class LiveKitSettings:
+    """The ``[livekit]`` table. Every field is optional: the CLI and environment fill gaps."""
+
+    url: str | None = field(default=None, metadata=_check(_URL))
+    api_key: str | None = field(default=None, metadata=_check(_non_empty_string))
+    api_secret: str | None = field(default=None, metadata=_check(_secret), repr=False)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The ``[daemon]`` table."""
+
+    # A relative path is made relative to the manifest's directory by parse_manifest.
+    control_socket: Path | None = field(default=None, metadata=_check(_path))
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """``[agents.NAME.permissions]``: the subset of LiveKit's ParticipantPermission we expose."""
+
+    can_publish: bool = field(default=True, metadata=_check(_boolean))
+    can_subscribe: bool = field(default=True, metadata=_check(_boolean))
+    can_publish_data: bool = field(default=True, metadata=_check(_boolean))
+    can_update_metadata: bool = field(default=True, metadata=_check(_boolean))
+    hidden: bool = field(default=False, metadata=_check(_boolean))
+
+
+_PERMISSIONS = _table_of(Permissions)
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One ``[agents.NAME]`` table; ``name`` is its key."""
+
+    name: str
+    entrypoint: str = field(metadata=_check(_entrypoint))
+    dispatch: str = field(default="explicit", metadata=_check(_DISPATCH))
+    job_type: str = field(default="room", metadata=_check(_JOB_TYPE))
+    rooms: tuple[str, ...] = field(default=(), metadata=_check(_list_of_non_empty_strings))
+    max_jobs: int = field(default=16, metadata=_check(_int_at_least(1)))
+    identity: str = field(default="{agent}-{job_id}", metadata=_check(_identity))
+    participant_name: str = field(default="", metadata=_check(_string))
+    participant_metadata: str = field(default="", metadata=_check(_string))
+    participant_attributes: Mapping[str, str] = field(
+        default_factory=FrozenMap, metadata=_check(_ATTRIBUTES)
+    )
+    permissions: Permissions = field(default=Permissions(), metadata=_check(_PERMISSIONS))
+    namespace: str = field(default="", metadata=_check(_string))
+    env: Mapping[str, str] = field(default_factory=FrozenMap, metadata=_check(_ENV))
+
+    @property
+    def registered_name(self) -> str:
+        """The agent name sent to LiveKit: empty means automatic dispatch."""
+        return "" if self.dispatch == "automatic" else self.name
+
+    @property
+    def module(self) -> str:
+        return self.entrypoint.partition(":")[0]
+
+    @property
+    def function(self) -> str:
+        return self.entrypoint.partition(":")[2]
+
+    def accepts_room(self, room: str) -> bool:
+        return not self.rooms or any(fnmatch.fnmatchcase(room, glob) for glob in self.rooms)
+
+    def format_identity(self, *, job_id: str, room: str, participant: str = "") -> str:
+        return self.identity.format(
+            agent=self.name, job_id=job_id, room=room, participant=participant
+        )
+
+    def display_name(self) -> str:
+        return self.participant_name or self.name
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. ``path`` is kept as given, for messages."""
+
+    path: Path
+    livekit: LiveKitSettings
+    daemon: DaemonSettings
+    agents: Mapping[str, AgentSpec]  # in file order
+    _workdir: Path = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Fixed at load time so a later chdir cannot move where job code is imported from.
+        object.__setattr__(self, "_workdir", self.path.resolve().parent)
+
+    @property
+    def workdir(self) -> Path:
+        """The manifest's directory, absolute: job code is imported relative to it."""
+        return self._workdir
+
+
+# --- building dataclasses from tables ---
+
+
+def _settable(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if "check" in f.metadata}
+
+
+def _check_keys(table: Mapping[str, object], allowed: Iterable[str]) -> None:
+    names = list(allowed)
+    for key in table:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(names)}"
+            raise _Invalid(f"unknown key; {hint}", key)
+
+
+def _build(cls: type[T], table: Mapping[str, Any], **fixed: Any) -> T:
+    """Check every key of ``table`` against ``cls``'s fields and construct it."""
+    fields = _settable(cls)
+    _check_keys(table, fields)
+    values = dict(fixed)
+    for name, spec in fields.items():
+        if name not in table:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise _Invalid("is required", name)
+            continue
+        try:
+            values[name] = spec.metadata["check"](table[name])
+        except _Invalid as exc:
+            exc.key = name if exc.key is None else f"{name}.{exc.key}"
+            raise
+    return cls(**values)
+
+
+# --- the manifest ---
+
+_TOP_LEVEL = ("livekit", "daemon", "agents")
+
+
+def parse_manifest(text: str, path: str | Path) -> Manifest:
+    """Parse and validate manifest ``text``; ``path`` is used for messages and relative paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(path, f"invalid TOML: {exc}") from None
+    try:
+        _check_keys(data, _TOP_LEVEL)
+    except _Invalid as exc:
+        raise ManifestError(path, exc.message, field=exc.key) from None
+    livekit = _section(path, data, "livekit", LiveKitSettings)
+    daemon = _section(path, data, "daemon", DaemonSettings)
+    agents = _agents(path, data.get("agents"))
+    manifest = Manifest(Path(path), livekit, daemon, FrozenMap(agents))
+    socket = daemon.control_socket
+    if socket is not None and not socket.is_absolute():
+        resolved = DaemonSettings(control_socket=manifest.workdir / socket)
+        manifest = dataclasses.replace(manifest, daemon=resolved)
+    return manifest
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate the manifest at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, f"cannot read file: not UTF-8 text ({exc.reason})") from None
+    return parse_manifest(text, path)
+
+
+def _section(path: str | Path, data: Mapping[str, Any], name: str, cls: type[T]) -> T:
+    value = data.get(name, {})
+    try:
+        return _table_of(cls)(value)
+    except _Invalid as exc:
+        shown = name if exc.key is None else f"{name}.{exc.key}"
+        raise ManifestError(path, exc.message, field=shown) from None
+
+
+def _agents(path: str | Path, value: object) -> dict[str, AgentSpec]:
+    if value is None or value == {}:
+        raise ManifestError(path, "no agents defined; add an [agents.NAME] table", field="agents")
+    if not isinstance(value, dict):
+        raise ManifestError(path, f"must be a table of agents, got {_show(value)}", field="agents")
+    agents = {name: _agent(path, name, table) for name, table in value.items()}
+    _check_pools(path, agents.values())
+    return agents
+
+
+def _agent(path: str | Path, name: str, table: object) -> AgentSpec:
+    if not _AGENT_NAME.fullmatch(name):
+        message = "invalid name: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
+        raise ManifestError(path, message, agent=name)
+    if not isinstance(table, dict):
+        raise ManifestError(path, f"must be a table, got {_show(table)}", agent=name)
+    try:
+        return _build(AgentSpec, table, name=name)
+    except _Invalid as exc:
+        raise ManifestError(path, exc.message, agent=name, field=exc.key) from None
+
+
+def _check_pools(path: str | Path, agents: Iterable[AgentSpec]) -> None:
+    # LiveKit groups automatic workers by (namespace, job type); two such agents would share
+    # one pool and receive each other's jobs.
+    seen: dict[tuple[str, str], str] = {}
+    for spec in agents:
+        if spec.dispatch != "automatic":
+            continue
+        pool = (spec.namespace, spec.job_type)
+        first = seen.setdefault(pool, spec.name)
+        if first != spec.name:
+            message = (
+                f"automatic agents {first!r} and {spec.name!r} have the same namespace "
+                f"{spec.namespace!r} and job_type {spec.job_type!r}; "
+                "LiveKit would treat them as one worker pool"
+            )
+            raise ManifestError(path, message, agent=spec.name, field="dispatch")
+
+
+# --- the entrypoint import check ---
+
+
+def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> None:
+    """Import every agent's entrypoint in one fresh subprocess; raise for the first failure.
+
+    The daemon itself never imports user code: a broken or slow module must not take it down.
+    """
+    specs = list(dict.fromkeys(spec.entrypoint for spec in manifest.agents.values()))
+    results = _run_importcheck(manifest, specs, timeout)
+    for spec in manifest.agents.values():
+        error = results.get(spec.entrypoint, "was not checked")
+        if error is not None:
+            raise ManifestError(manifest.path, str(error), agent=spec.name, field="entrypoint")
+
+
+def _importcheck_env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
+    return env
+
+
+def _run_importcheck(manifest: Manifest, specs: list[str], timeout: float) -> dict[str, Any]:
+    # stderr goes to a file, not a pipe: a process spawned by user code could hold a pipe open
+    # long after the check has finished.
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lkrun.importcheck", *specs],
+            cwd=manifest.workdir,
+            env=_importcheck_env(manifest.workdir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            start_new_session=True,  # so a timeout can kill whatever user code started too
+        )
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            message = (
+                f"importing the entrypoints took longer than {timeout:g}s; does a module block?"
+            )
+            raise ManifestError(manifest.path, message) from None
+        errors.seek(0)
+        stderr = errors.read().decode("utf-8", "replace")
+    return _parse_results(manifest, proc.returncode, out, stderr)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, AttributeError):
+        proc.kill()  # no process groups (Windows) or the group is already gone
+    proc.communicate()
+
+
+def _parse_results(manifest: Manifest, code: int, out: bytes, stderr: str) -> dict[str, Any]:
+    try:
+        results = json.loads(out)
+    except ValueError:
+        results = None
+    if code != 0 or not isinstance(results, dict):
+        last = stderr.strip().splitlines()[-1:] or ["no output"]
+        message = f"the entrypoint check failed (exit code {code}): {last[0]}"
+        raise ManifestError(manifest.path, message)
+    return results

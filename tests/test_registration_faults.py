@@ -1,0 +1,285 @@
+"""Registration against a FAKE agent endpoint, for faults the real server cannot produce.
+
+The happy path is covered against the real livekit-server in test_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from livekit.protocol import agent as proto
+from livekit.protocol import models
+
+from lkrun import registration
+from lkrun.credentials import Credentials
+from lkrun.registration import Acceptance, AuthError, Registration, WorkerLoad, WorkerSpec
+
+Script = Callable[[web.WebSocketResponse, "FakeServer"], Awaitable[None]]
+
+
+class FakeServer:
+    """A stand-in /agent endpoint that runs a scripted conversation per connection."""
+
+    def __init__(self, script: Script, status: int = 101) -> None:
+        self.script = script
+        self.status = status
+        self.connections = 0
+        self.received: list[proto.WorkerMessage] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
+
+    async def hang(self) -> None:
+        """Keep the connection open, saying nothing, until the fake shuts down."""
+        await self._closing.wait()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.status != 101:
+            return web.Response(status=self.status, text="unauthorized")
+        self.connections += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await self.script(ws, self)
+        await ws.close()
+        return ws
+
+    async def recv(self, ws: web.WebSocketResponse) -> proto.WorkerMessage:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.BINARY, msg
+        parsed = proto.WorkerMessage.FromString(msg.data)
+        self.received.append(parsed)
+        return parsed
+
+    async def accept_register(self, ws: web.WebSocketResponse) -> proto.RegisterWorkerRequest:
+        msg = await self.recv(ws)
+        assert msg.WhichOneof("message") == "register"
+        reply = proto.ServerMessage(
+            register=proto.RegisterWorkerResponse(
+                worker_id=f"AW_fake{self.connections}",
+                server_info=models.ServerInfo(version="fake"),
+            )
+        )
+        await ws.send_bytes(reply.SerializeToString())
+        return msg.register
+
+    async def __aenter__(self) -> FakeServer:
+        app = web.Application()
+        app.router.add_get("/agent", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"ws://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        self._closing.set()
+        await self._runner.cleanup()
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.assignments: list[proto.JobAssignment] = []
+        self.terminations: list[str] = []
+        self.full = False
+
+    def on_availability(self, job: proto.Job) -> Acceptance | None:
+        return None if job.room.name.startswith("no-") else Acceptance(identity=f"agent-{job.id}")
+
+    def on_assignment(self, assignment: proto.JobAssignment) -> None:
+        self.assignments.append(assignment)
+
+    def on_termination(self, job_id: str) -> None:
+        self.terminations.append(job_id)
+
+    def worker_load(self) -> WorkerLoad:
+        return WorkerLoad(full=self.full, load=0.5 if self.full else 0.0, job_count=0)
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registration, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(registration, "BACKOFF_CAP", 0.05)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def make_registration(url: str, handler: Handler, session: aiohttp.ClientSession) -> Registration:
+    return Registration(
+        label="test",
+        spec=WorkerSpec(
+            agent_name="tester",
+            job_type="room",
+            namespace="",
+            permissions=models.ParticipantPermission(can_publish=True),
+        ),
+        credentials=Credentials(url, "key", "secret"),
+        handler=handler,
+        session=session,
+    )
+
+
+async def run_until(reg: Registration, condition: Callable[[], bool], timeout: float = 10) -> None:
+    task = asyncio.create_task(reg.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if task.done():
+                task.result()
+            assert time.monotonic() < deadline, "condition not reached"
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def job(job_id: str, room: str) -> proto.Job:
+    return proto.Job(id=job_id, room=models.Room(name=room), type=proto.JT_ROOM)
+
+
+async def test_register_then_offer_assignment_termination(session: Any) -> None:
+    answers: list[tuple[proto.AvailabilityResponse, float]] = []
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        register = await server.accept_register(ws)
+        assert register.agent_name == "tester" and register.allowed_permissions.can_publish
+        for job_id, room in (("AJ_1", "yes-room"), ("AJ_2", "no-room")):
+            sent = time.perf_counter()
+            await ws.send_bytes(
+                proto.ServerMessage(
+                    availability=proto.AvailabilityRequest(job=job(job_id, room))
+                ).SerializeToString()
+            )
+            while (msg := await server.recv(ws)).WhichOneof("message") != "availability":
+                pass
+            answers.append((msg.availability, time.perf_counter() - sent))
+        await ws.send_bytes(
+            proto.ServerMessage(
+                assignment=proto.JobAssignment(job=job("AJ_1", "yes-room"), token="tok")
+            ).SerializeToString()
+        )
+        await ws.send_bytes(
+            proto.ServerMessage(termination=proto.JobTermination(job_id="AJ_1")).SerializeToString()
+        )
+        await server.hang()
+
+    handler = Handler()
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+        await run_until(reg, lambda: bool(handler.terminations))
+    (yes, yes_latency), (no, _) = answers
+    assert yes.available and yes.participant_identity == "agent-AJ_1"
+    assert not no.available
+    assert yes_latency < 1.0  # generous: the server allows ~3 s
+    assert [a.token for a in handler.assignments] == ["tok"]
+    assert handler.terminations == ["AJ_1"]
+    assert reg.state.worker_id == "AW_fake1" and reg.state.server_version == "fake"
+
+
+async def test_auth_failure_is_fatal(session: Any) -> None:
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        raise AssertionError("never connects")
+
+    async with FakeServer(script, status=401) as server:
+        reg = make_registration(server.url, Handler(), session)
+        with pytest.raises(AuthError, match="rejected API key 'key'"):
+            await asyncio.wait_for(reg.run(), 10)
+
+
+async def test_malformed_frame_reconnects(session: Any) -> None:
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        if server.connections == 1:
+            await ws.send_bytes(b"\xff\xff\xff not protobuf")
+        await server.hang()
+
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, Handler(), session)
+        await run_until(reg, lambda: server.connections >= 2 and reg.state.connected)
+    assert reg.state.reconnects >= 1
+    assert "undecodable" in reg.state.last_error or reg.state.last_error == ""
+
+
+async def test_server_that_never_answers_register_is_retried(
+    session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registration, "REGISTER_TIMEOUT", 0.2)
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        if server.connections == 1:
+            await server.recv(ws)  # swallow the register request, say nothing
+            await server.hang()
+        await server.accept_register(ws)
+        await server.hang()
+
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, Handler(), session)
+        await run_until(reg, lambda: reg.state.connected)
+    assert server.connections == 2
+
+
+async def test_job_updates_survive_a_reconnect(session: Any) -> None:
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        if server.connections == 1:
+            return  # drop the connection right after registering
+        with contextlib.suppress(AssertionError):  # the client hangs up at the end
+            while True:
+                await server.recv(ws)
+
+    handler = Handler()
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+        # Reported while no connection is up: must be delivered after the reconnect.
+        reg.update_job("AJ_9", proto.JS_FAILED, "boom")
+
+        def delivered() -> bool:
+            return any(
+                m.WhichOneof("message") == "update_job" and m.update_job.job_id == "AJ_9"
+                for m in server.received
+            )
+
+        await run_until(reg, delivered)
+    update = next(m.update_job for m in server.received if m.WhichOneof("message") == "update_job")
+    assert update.status == proto.JS_FAILED and update.error == "boom"
+
+
+async def test_worker_status_carries_load_and_full(session: Any) -> None:
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        with contextlib.suppress(AssertionError):  # the client hangs up at the end
+            while True:
+                await server.recv(ws)
+
+    handler = Handler()
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+
+        def statuses() -> list[proto.UpdateWorkerStatus]:
+            return [m.update_worker for m in server.received
+                    if m.WhichOneof("message") == "update_worker"]
+
+        async def flip() -> None:
+            await reg.wait_registered()
+            handler.full = True
+            reg.load_changed()
+
+        flipper = asyncio.create_task(flip())
+        await run_until(reg, lambda: any(s.status == proto.WS_FULL for s in statuses()))
+        await flipper
+    first, *_, last = statuses()
+    assert first.status == proto.WS_AVAILABLE and first.load == 0.0
+    assert last.status == proto.WS_FULL and last.load == pytest.approx(0.5)
