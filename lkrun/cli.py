@@ -25,7 +25,8 @@ jobs_app = typer.Typer(help="Inspect the jobs of the running daemon.", no_args_i
 app.add_typer(jobs_app, name="jobs")
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped output is read by scripts and grep: don't wrap it at 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
 
 EXIT_USAGE = 2  # bad manifest or bad configuration
 EXIT_FAILURE = 1
@@ -248,8 +249,9 @@ def jobs_ls(
         out.print("no jobs" if show_all else "no running jobs (--all to include ended ones)")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("JOB ID", "AGENT", "ROOM", "STATUS", "PID", "AGE", "DISPATCH ID", "ERROR"):
-        table.add_column(column, overflow="fold")
+    for column in ("JOB ID", "AGENT", "ROOM", "STATUS", "PID", "AGE", "DISPATCH ID"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("ERROR", overflow="fold")
     for job in jobs:
         table.add_row(
             job["id"], job["agent"], job["room"], job["status"], str(job["pid"] or "-"),

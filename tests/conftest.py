@@ -28,6 +28,15 @@ class Server:
     url: str
     api_key: str
     api_secret: str
+    log_path: Path
+
+    def worker_statuses(self, worker_id: str) -> list[str]:
+        """The statuses the server recorded for a worker, from its debug log."""
+        statuses = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if "worker status changed" in line and f'"workerID": "{worker_id}"' in line:
+                statuses.append(line.rsplit('"status": "', 1)[1].split('"', 1)[0])
+        return statuses
 
     @property
     def env(self) -> dict[str, str]:
@@ -53,7 +62,7 @@ def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     )
     server.start()
     try:
-        yield Server(server.url, server.api_key, server.api_secret)
+        yield Server(server.url, server.api_key, server.api_secret, logs / "livekit-server.log")
     finally:
         server.stop()
 
@@ -97,6 +106,7 @@ class DaemonProc:
 
     def __init__(self, tmp: Path, server: Server, manifest: str, extra_args: list[str]) -> None:
         self.dir = tmp
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.server = server
         self.manifest_path = tmp / "agents.toml"
         self.manifest_path.write_text(manifest)
@@ -205,10 +215,7 @@ async def start_daemon(
     daemons: list[DaemonProc] = []
 
     async def start(manifest: str, *extra_args: str, wait: bool = True) -> DaemonProc:
-        daemon = DaemonProc(tmp_path / f"d{len(daemons)}", livekit_server, manifest, [])
-        daemon.dir.mkdir()
-        daemon.extra_args = list(extra_args)
-        daemon.manifest_path.write_text(manifest)
+        daemon = DaemonProc(tmp_path / f"d{len(daemons)}", livekit_server, manifest, [*extra_args])
         daemons.append(daemon)
         daemon.start()
         if wait:

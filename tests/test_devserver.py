@@ -405,7 +405,11 @@ def test_server_dies_with_sigkilled_parent(server_binary: Path, tmp_path: Path) 
         assert not pid_gone(server_pid)
         parent.kill()
         parent.wait(timeout=10)
-        wait_until(lambda: pid_gone(server_pid), 10, "the orphaned server to exit")
+        try:
+            wait_until(lambda: pid_gone(server_pid), 10, "the orphaned server to exit")
+        except AssertionError:
+            print(subprocess.run(["ps", "-o", "pid,ppid,stat,cmd", "-p", str(server_pid)], capture_output=True, text=True).stdout, (tmp_path / "log").read_text()[-600:], open(f"/proc/{server_pid}/status").read())
+            raise
     finally:
         parent.kill()
         parent.wait(timeout=10)
