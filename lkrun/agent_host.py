@@ -15,10 +15,10 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
+from lkrun.credentials import Credentials
 from lkrun.job_process import JobProcess, Outcome
 from lkrun.jobs import JobBook, JobRecord, JobStatus
 from lkrun.manifest import AgentSpec
-from lkrun.credentials import Credentials
 from lkrun.registration import (
     Acceptance,
     Registration,
@@ -98,16 +98,27 @@ class AgentHost:
         self._expire_reservations()
         room = job.room.name
         if not self.accepting:
-            log.info("agent %s: declined job %s in room %r: not accepting", self.spec.name,
-                     job.id, room)
+            log.info(
+                "agent %s: declined job %s in room %r: not accepting", self.spec.name, job.id, room
+            )
             return None
         if not self.spec.accepts_room(room):
-            log.info("agent %s: declined job %s: room %r matches none of %s", self.spec.name,
-                     job.id, room, list(self.spec.rooms))
+            log.info(
+                "agent %s: declined job %s: room %r matches none of %s",
+                self.spec.name,
+                job.id,
+                room,
+                list(self.spec.rooms),
+            )
             return None
         if self.job_count() >= self.spec.max_jobs:
-            log.info("agent %s: declined job %s in room %r: at max_jobs=%d", self.spec.name,
-                     job.id, room, self.spec.max_jobs)
+            log.info(
+                "agent %s: declined job %s in room %r: at max_jobs=%d",
+                self.spec.name,
+                job.id,
+                room,
+                self.spec.max_jobs,
+            )
             return None
         self._reserved[job.id] = time.monotonic()
         identity = self.spec.format_identity(
@@ -206,8 +217,13 @@ class AgentHost:
         try:
             await proc.spawn()
             record.pid = proc.pid
-            log.info("agent %s: job %s started in room %r (pid %s)", record.agent, record.id,
-                     record.room, proc.pid)
+            log.info(
+                "agent %s: job %s started in room %r (pid %s)",
+                record.agent,
+                record.id,
+                record.room,
+                proc.pid,
+            )
             proc.start(
                 job=MessageToDict(assignment.job),
                 url=assignment.url or self.credentials.url,
@@ -234,8 +250,12 @@ class AgentHost:
         if outcome.ok:
             self.book.finish(record, JobStatus.SUCCESS)
             self.registration.update_job(record.id, proto.JS_SUCCESS)
-            log.info("agent %s: job %s succeeded (%s)", record.agent, record.id,
-                     record.stop_reason or "done")
+            log.info(
+                "agent %s: job %s succeeded (%s)",
+                record.agent,
+                record.id,
+                record.stop_reason or "done",
+            )
         else:
             self.book.finish(record, JobStatus.FAILED, outcome.error)
             self.registration.update_job(record.id, proto.JS_FAILED, outcome.error)

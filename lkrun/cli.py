@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -113,7 +114,9 @@ def serve(
     loaded = _load(manifest)
     with ExitStack() as stack:
         creds = _serve_credentials(loaded, url, api_key, stack)
-        socket_path = control_socket or loaded.daemon.control_socket or control.default_socket_path()
+        socket_path = (
+            control_socket or loaded.daemon.control_socket or control.default_socket_path()
+        )
         _run_daemon(loaded, creds, socket_path, shutdown_timeout)
 
 
@@ -211,8 +214,16 @@ def dispatch(
     except DispatchError as exc:
         fail(str(exc))
     if as_json:
-        out.print_json(json.dumps({"dispatch_id": result.id, "agent": result.agent,
-                                   "room": result.room, "metadata": result.metadata}))
+        out.print_json(
+            json.dumps(
+                {
+                    "dispatch_id": result.id,
+                    "agent": result.agent,
+                    "room": result.room,
+                    "metadata": result.metadata,
+                }
+            )
+        )
     else:
         out.print(result.id)
 
@@ -254,8 +265,14 @@ def jobs_ls(
     table.add_column("ERROR", overflow="fold")
     for job in jobs:
         table.add_row(
-            job["id"], job["agent"], job["room"], job["status"], str(job["pid"] or "-"),
-            _age(job["age"]), job["dispatch_id"] or "-", job["error"],
+            job["id"],
+            job["agent"],
+            job["room"],
+            job["status"],
+            str(job["pid"] or "-"),
+            _age(job["age"]),
+            job["dispatch_id"] or "-",
+            job["error"],
         )
     out.print(table)
 
@@ -267,18 +284,29 @@ def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    out.print(f"lkrun {data['version']} pid {data['pid']}, up {_age(data['uptime'])}, "
-              f"LiveKit {data['url']}, manifest {data['manifest']}")
+    out.print(
+        f"lkrun {data['version']} pid {data['pid']}, up {_age(data['uptime'])}, "
+        f"LiveKit {data['url']}, manifest {data['manifest']}"
+    )
     table = Table(box=None, pad_edge=False)
     for column in ("AGENT", "DISPATCH", "REGISTRATION", "WORKER ID", "JOBS", "LOAD", "LAST ERROR"):
         table.add_column(column, overflow="fold")
     for a in data["agents"]:
         reg = "connected" if a["connected"] else f"down ({a['reconnects']} reconnects)"
-        table.add_row(a["agent"], a["dispatch"], reg, a["worker_id"] or "-",
-                      f"{a['jobs']}/{a['max_jobs']}", f"{a['load']:.2f}", a["last_error"])
+        table.add_row(
+            a["agent"],
+            a["dispatch"],
+            reg,
+            a["worker_id"] or "-",
+            f"{a['jobs']}/{a['max_jobs']}",
+            f"{a['load']:.2f}",
+            a["last_error"],
+        )
     out.print(table)
 
 
 def main() -> None:
+    # PyJWT warns on every token signed with a short secret, such as the dev server's;
+    # the secret's length is the server's configuration, not something to repeat per token.
+    warnings.filterwarnings("ignore", message="The HMAC key is", category=UserWarning)
     app()
-

@@ -1,4 +1,4 @@
-"""The control API: a local HTTP-over-Unix-socket endpoint that `lkrun jobs` and `lkrun status` read.
+"""The control API: HTTP over a local Unix socket, read by `lkrun jobs` and `lkrun status`.
 
 Only the daemon's user can open the socket (directory 0700, socket 0600).
 """
@@ -109,5 +109,3 @@ async def _get(path: Path, route: str, params: dict[str, str] | None = None) -> 
 def request(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
     """Blocking call for the CLI."""
     return asyncio.run(_get(path, route, params))
-
-

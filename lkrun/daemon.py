@@ -17,9 +17,9 @@ import aiohttp
 from lkrun import __version__
 from lkrun.agent_host import AgentHost
 from lkrun.control import ControlServer
+from lkrun.credentials import Credentials
 from lkrun.jobs import JobBook
 from lkrun.manifest import Manifest
-from lkrun.credentials import Credentials
 from lkrun.registration import AuthError
 
 log = logging.getLogger("lkrun.daemon")
@@ -106,8 +106,13 @@ class Daemon:
                 for name, spec in self.config.manifest.agents.items()
             }
             await control.start()
-            log.info("lkrun %s serving %d agent(s) from %s; control socket %s", __version__,
-                     len(self.hosts), self.config.manifest.path, self.config.control_socket)
+            log.info(
+                "lkrun %s serving %d agent(s) from %s; control socket %s",
+                __version__,
+                len(self.hosts),
+                self.config.manifest.path,
+                self.config.control_socket,
+            )
             runs = [asyncio.create_task(h.run(), name=f"agent {n}") for n, h in self.hosts.items()]
             try:
                 await self._until_stop_or_fatal(runs)

@@ -216,8 +216,10 @@ def _server_env() -> dict[str, str]:
 
 
 def _death_signal_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when its parent dies, even by SIGKILL.
+    """A preexec_fn that kills the child when its parent dies, even by SIGKILL.
 
+    SIGKILL rather than SIGTERM: livekit-server ignores a SIGTERM that arrives just
+    after it starts, and on SIGTERM it waits for connected participants to leave.
     Linux only. The signal fires when the *thread* that forked exits, so start the
     server from a long-lived thread (the main thread in lkrun and pytest).
     """
@@ -226,14 +228,35 @@ def _death_signal_preexec() -> Callable[[], None] | None:
     # Resolve prctl in the parent: the child should only make the call, not load libraries.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent = os.getpid()
-    sigterm = int(signal.SIGTERM)
+    sigkill = int(signal.SIGKILL)
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm)
+        prctl(_PR_SET_PDEATHSIG, sigkill)
         if os.getppid() != parent:  # parent died before prctl took effect
             os._exit(1)
 
     return preexec
+
+
+def _wait_until(proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Wait for proc to exit by deadline; True if it did."""
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    # livekit-server ignores a SIGTERM in the ~100 ms after it starts answering, and
+    # waits for participants on the first one; its second signal means "stop now".
+    for grace in (min(1.0, timeout / 2), timeout):
+        _signal_group(proc, signal.SIGTERM)
+        if _wait_until(proc, min(time.monotonic() + grace, deadline)):
+            return
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -291,17 +314,12 @@ class DevServer:
             raise
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the process group, then SIGKILL after timeout; safe to call twice."""
+        """SIGTERM the process group (twice), then SIGKILL after timeout; safe to call twice."""
         proc = self._proc
         if proc is None:
             return
         if proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
+            _terminate(proc, timeout)
         self._proc = None
 
     def __enter__(self) -> DevServer:

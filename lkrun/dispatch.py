@@ -39,4 +39,6 @@ async def create_dispatch(creds: Credentials, *, room: str, agent: str, metadata
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         raise DispatchError(f"cannot reach LiveKit at {creds.url}: {reason}") from exc
-    return Dispatch(id=result.id, agent=result.agent_name, room=result.room, metadata=result.metadata)
+    return Dispatch(
+        id=result.id, agent=result.agent_name, room=result.room, metadata=result.metadata
+    )

@@ -76,7 +76,9 @@ class JobProcess:
         self.pid = self._proc.pid
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._waiter = asyncio.create_task(
-            self._supervise(self._read_protocol(self._proc.stdout), self._read_log(self._proc.stderr))
+            self._supervise(
+                self._read_protocol(self._proc.stdout), self._read_log(self._proc.stderr)
+            )
         )
 
     @property
@@ -87,7 +89,7 @@ class JobProcess:
         self._send(jobpipe.START, **payload)
 
     async def wait(self) -> Outcome:
-        """Wait for the process to exit and its pipes to drain; never raises for the job's faults."""
+        """Wait for the process to exit and its pipes to drain; never raises for job faults."""
         assert self._waiter is not None
         return await asyncio.shield(self._waiter)
 

@@ -358,5 +358,3 @@ def backoff(failures: int) -> float:
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
-
-

@@ -233,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         entrypoint = load_entrypoint(args.entrypoint)
     except Exception as exc:
         traceback.print_exc()
-        pipe.send(jobpipe.DONE, ok=False, error=f"cannot load entrypoint {args.entrypoint}: "
-                  f"{describe(exc)}")
+        pipe.send(
+            jobpipe.DONE,
+            ok=False,
+            error=f"cannot load entrypoint {args.entrypoint}: {describe(exc)}",
+        )
         return 1
     return _run_loop(serve_job(pipe, entrypoint, None))
 

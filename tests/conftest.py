@@ -1,4 +1,4 @@
-"""Shared fixtures: one real livekit-server per test session, and lkrun daemons driven as a user would."""
+"""Fixtures: one real livekit-server per session, and lkrun daemons driven as a user would."""
 
 from __future__ import annotations
 
@@ -126,8 +126,16 @@ class DaemonProc:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lkrun", "serve", str(self.manifest_path),
-                 "--log-level", "debug", *self.extra_args],
+                [
+                    sys.executable,
+                    "-m",
+                    "lkrun",
+                    "serve",
+                    str(self.manifest_path),
+                    "--log-level",
+                    "debug",
+                    *self.extra_args,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -209,9 +217,7 @@ def _kill_job_processes(daemon_pid: int) -> None:
 
 
 @pytest.fixture
-async def start_daemon(
-    tmp_path: Path, livekit_server: Server
-) -> AsyncIterator[Callable[..., Any]]:
+async def start_daemon(tmp_path: Path, livekit_server: Server) -> AsyncIterator[Callable[..., Any]]:
     daemons: list[DaemonProc] = []
 
     async def start(manifest: str, *extra_args: str, wait: bool = True) -> DaemonProc:

@@ -269,8 +269,11 @@ async def test_worker_status_carries_load_and_full(session: Any) -> None:
         reg = make_registration(server.url, handler, session)
 
         def statuses() -> list[proto.UpdateWorkerStatus]:
-            return [m.update_worker for m in server.received
-                    if m.WhichOneof("message") == "update_worker"]
+            return [
+                m.update_worker
+                for m in server.received
+                if m.WhichOneof("message") == "update_worker"
+            ]
 
         async def flip() -> None:
             await reg.wait_registered()

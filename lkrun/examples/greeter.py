@@ -1,4 +1,4 @@
-"""Greeter: dispatched automatically to every new room; announces itself and greets whoever joins."""
+"""Greeter: sent automatically to every new room; announces itself and greets whoever joins."""
 
 from __future__ import annotations
 

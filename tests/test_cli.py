@@ -1,0 +1,137 @@
+"""The CLI as a user meets it: exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lkrun import __version__
+from lkrun.devserver import free_tcp_port
+from tests.conftest import REPO, run_cli, unique
+
+GOOD = """
+[agents.echo]
+entrypoint = "lkrun.examples.echo:entrypoint"
+"""
+
+BAD_MANIFESTS = {
+    "unknown key": (
+        '[agents.echo]\nentrypoint = "lkrun.examples.echo:entrypoint"\nmax_job = 3\n',
+        ["agent 'echo'", "'max_job'", "did you mean 'max_jobs'"],
+    ),
+    "wrong type": (
+        '[agents.echo]\nentrypoint = "lkrun.examples.echo:entrypoint"\nmax_jobs = "many"\n',
+        ["agent 'echo'", "'max_jobs'"],
+    ),
+    "bad value": (
+        '[agents.echo]\nentrypoint = "lkrun.examples.echo:entrypoint"\ndispatch = "sometimes"\n',
+        ["agent 'echo'", "'dispatch'", "sometimes"],
+    ),
+    "unimportable entrypoint": (
+        '[agents.echo]\nentrypoint = "lkrun.examples.nope:entrypoint"\n',
+        ["agent 'echo'", "'entrypoint'", "lkrun.examples.nope"],
+    ),
+    "missing function": (
+        '[agents.echo]\nentrypoint = "lkrun.examples.echo:nothing_here"\n',
+        ["agent 'echo'", "'entrypoint'", "nothing_here"],
+    ),
+    "two automatic agents in one pool": (
+        '[agents.a]\nentrypoint = "lkrun.examples.echo:entrypoint"\ndispatch = "automatic"\n'
+        '[agents.b]\nentrypoint = "lkrun.examples.echo:entrypoint"\ndispatch = "automatic"\n',
+        ["agent 'b'", "'dispatch'", "'a'"],
+    ),
+    "invalid toml": ("[agents.echo\n", ["invalid TOML"]),
+}
+
+
+def unreachable_env() -> dict[str, str]:
+    """Credentials pointing at a port nobody listens on: nothing may connect anyway."""
+    import os
+
+    port = free_tcp_port()
+    return dict(
+        os.environ,
+        LIVEKIT_URL=f"ws://127.0.0.1:{port}",
+        LIVEKIT_API_KEY="k",
+        LIVEKIT_API_SECRET="s",
+        PYTHONPATH=str(REPO),
+        LKRUN_CONTROL_SOCKET=f"/tmp/{unique('lkrun-test')}.sock",
+    )
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS))
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_bad_manifest_exits_2_with_one_line(tmp_path: Path, case: str, command: str) -> None:
+    text, expected = BAD_MANIFESTS[case]
+    manifest = tmp_path / "agents.toml"
+    manifest.write_text(text)
+    result = run_cli(command, str(manifest), env=unreachable_env(), timeout=60)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    [line] = lines
+    assert line.startswith(f"error: {manifest}: ")
+    assert "Traceback" not in result.stderr
+    for part in expected:
+        assert part in line, line
+    if case not in ("invalid toml", "two automatic agents in one pool"):
+        assert "field " in line
+
+
+def test_check_accepts_the_example_manifest() -> None:
+    result = run_cli("check", str(REPO / "agents.toml.example"), env=unreachable_env())
+    assert result.returncode == 0, result.stderr
+    assert "2 agent(s) OK: echo, greeter" in result.stdout
+
+
+def test_jobs_ls_without_a_daemon_says_so(tmp_path: Path) -> None:
+    env = unreachable_env()
+    result = run_cli("jobs", "ls", "--control-socket", str(tmp_path / "none.sock"), env=env)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the lkrun daemon at ")
+
+
+def test_dispatch_to_unreachable_server_says_so() -> None:
+    env = unreachable_env()
+    result = run_cli("dispatch", "--room", "r", "--agent", "a", env=env)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot reach LiveKit at {env['LIVEKIT_URL']}")
+
+
+def test_dispatch_with_wrong_secret_is_refused(livekit_server: Any) -> None:
+    env = dict(unreachable_env(), **livekit_server.env)
+    env["LIVEKIT_API_SECRET"] = "not-the-secret"
+    result = run_cli("dispatch", "--room", "r", "--agent", "a", env=env)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: LiveKit at") and "refused" in line
+
+
+def test_serve_with_wrong_secret_fails_in_one_line(tmp_path: Path, livekit_server: Any) -> None:
+    manifest = tmp_path / "agents.toml"
+    manifest.write_text(GOOD)
+    env = dict(unreachable_env(), **livekit_server.env)
+    env["LIVEKIT_API_SECRET"] = "not-the-secret"
+    result = run_cli("serve", str(manifest), env=env, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rejected API key 'devkey'" in errors[0], result.stderr
+    assert "not-the-secret" not in result.stderr
+
+
+def test_dispatch_json_output(livekit_server: Any) -> None:
+    env = dict(unreachable_env(), **livekit_server.env)
+    result = run_cli("dispatch", "--room", unique("r"), "--agent", "nobody", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"dispatch_id", "agent", "room", "metadata"}
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"lkrun {__version__}"
