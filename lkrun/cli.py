@@ -25,7 +25,7 @@ app = typer.Typer(
 jobs_app = typer.Typer(help="Inspect the jobs of the running daemon.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 # Piped output is read by scripts and grep: don't wrap it at 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
 

@@ -367,7 +367,7 @@ class DevServer:
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "ab") as log:
-                log.write(f"--- lkrun: {' '.join(self._command())}\n".encode())
+                log.write(f"--- lkrun: starting livekit-server at {self.url}\n".encode())
                 return log.tell()
         except OSError as exc:
             raise DevServerError(f"cannot write log {log_path}: {exc.strerror}") from exc

@@ -202,6 +202,8 @@ def setup_logging() -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(os.environ.get("LKRUN_JOB_LOG_LEVEL", "INFO").upper())
+    # The rtc SDK logs every connection step at INFO; keep the job log about the job.
+    logging.getLogger("livekit").setLevel(logging.WARNING)
 
 
 def kill_group_on_sigterm() -> None:

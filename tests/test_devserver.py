@@ -156,7 +156,7 @@ def test_env_override_wins(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_env_override_must_be_executable(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LKRUN_LIVEKIT_SERVER", str(isolated / "missing"))
-    with pytest.raises(DevServerError, match="LKRUN_LIVEKIT_SERVER=.*not an executable"):
+    with pytest.raises(DevServerError, match=r"LKRUN_LIVEKIT_SERVER=.*not an executable"):
         devserver.ensure_server_binary()
 
 
@@ -211,8 +211,10 @@ def test_failed_build_reports_last_lines(isolated: Path, monkeypatch: pytest.Mon
     assert list(target.parent.iterdir()) == []  # temp GOBIN removed
 
 
-def proc_lock_waiters() -> list[str]:
-    return [line for line in Path("/proc/locks").read_text().splitlines() if "->" in line]
+def lock_waiters_in_this_process() -> int:
+    """Blocked flock requests in /proc/locks owned by this process."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line and line.split()[5] == str(os.getpid()))
 
 
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs /proc/locks")
@@ -230,12 +232,13 @@ def test_build_waits_for_lock_and_rechecks(isolated: Path) -> None:
         except BaseException as exc:
             result.append(exc)
 
-    before = len(proc_lock_waiters())
     with open(cache / f"livekit-server-{VERSION}.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # we play the process that is building
         thread = threading.Thread(target=build, daemon=True)
         thread.start()
-        wait_until(lambda: len(proc_lock_waiters()) > before, 10, "the builder to wait on the lock")
+        wait_until(
+            lambda: lock_waiters_in_this_process() > 0, 10, "the builder to wait on the lock"
+        )
         built = write_script(devserver.server_binary_path(), "print('built elsewhere')\n")
     thread.join(timeout=10)
 
