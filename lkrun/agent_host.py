@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,12 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.credentials import Credentials
+from lkrun.job_monitor import MB, Target, Usage
 from lkrun.job_process import JobProcess, Outcome
 from lkrun.jobs import JobBook, JobRecord, JobStatus
+from lkrun.load import WorkerLoad, agent_load
 from lkrun.manifest import AgentSpec
-from lkrun.registration import (
-    Acceptance,
-    Registration,
-    WorkerLoad,
-    WorkerSpec,
-)
+from lkrun.registration import Acceptance, Registration, WorkerSpec
 
 log = logging.getLogger("lkrun.agent")
 job_log = logging.getLogger("lkrun.job")
@@ -32,6 +30,8 @@ job_log = logging.getLogger("lkrun.job")
 # The server waits 10 s for our answer to be followed by an assignment; after that
 # a reserved slot is released.
 ASSIGNMENT_WAIT = 15.0
+# Importing an entrypoint's module (and its ML libraries) may be slow, but not this slow.
+LOAD_TIMEOUT = 120.0
 SECRET_ENV = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 
 
@@ -62,6 +62,23 @@ def job_env(spec: AgentSpec, url: str, base: Mapping[str, str], workdir: Path) -
     return env
 
 
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+@dataclass
+class HostSettings:
+    """Daemon-wide knobs every agent shares."""
+
+    shutdown_timeout: float
+    load_threshold: float = 1.0
+    cpu: Callable[[], float] = lambda: 0.0
+
+
 class AgentHost:
     """Answers offers for one agent and supervises its jobs. Implements WorkerHandler."""
 
@@ -73,14 +90,15 @@ class AgentHost:
         credentials: Credentials,
         book: JobBook,
         session: aiohttp.ClientSession,
-        shutdown_timeout: float,
+        settings: HostSettings,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
         self.credentials = credentials
         self.book = book
-        self.shutdown_timeout = shutdown_timeout
+        self.settings = settings
         self.accepting = True
+        self.draining = False
         self.registration = Registration(
             label=spec.name,
             spec=worker_spec(spec),
@@ -89,38 +107,24 @@ class AgentHost:
             session=session,
         )
         self._reserved: dict[str, float] = {}  # job id -> when we said yes
+        self._active: set[str] = set()  # assigned jobs not yet finished
         self._procs: dict[str, JobProcess] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()  # no job running or reserved
+        self._idle.set()
 
     # -- WorkerHandler -----------------------------------------------------------------
 
     def on_availability(self, job: proto.Job) -> Acceptance | None:
         self._expire_reservations()
         room = job.room.name
-        if not self.accepting:
-            log.info(
-                "agent %s: declined job %s in room %r: not accepting", self.spec.name, job.id, room
-            )
-            return None
-        if not self.spec.accepts_room(room):
-            log.info(
-                "agent %s: declined job %s: room %r matches none of %s",
-                self.spec.name,
-                job.id,
-                room,
-                list(self.spec.rooms),
-            )
-            return None
-        if self.job_count() >= self.spec.max_jobs:
-            log.info(
-                "agent %s: declined job %s in room %r: at max_jobs=%d",
-                self.spec.name,
-                job.id,
-                room,
-                self.spec.max_jobs,
-            )
+        if reason := self._decline_reason(room):
+            log.info("agent %s: declined job %s: %s", self.spec.name, job.id, reason)
             return None
         self._reserved[job.id] = time.monotonic()
+        self._idle.clear()
+        # If no assignment follows, free the slot even when no further offer arrives.
+        asyncio.get_running_loop().call_later(ASSIGNMENT_WAIT + 0.1, self._expire_reservations)
         identity = self.spec.format_identity(
             job_id=job.id, room=room, participant=job.participant.identity
         )
@@ -130,6 +134,17 @@ class AgentHost:
             metadata=self.spec.participant_metadata,
             attributes=tuple(self.spec.participant_attributes.items()),
         )
+
+    def _decline_reason(self, room: str) -> str:
+        if not self.accepting:
+            return f"room {room!r}: not accepting jobs (draining or removed)"
+        if not self.spec.accepts_room(room):
+            return f"room {room!r} matches none of {list(self.spec.rooms)}"
+        if self.job_count() >= self.spec.max_jobs:
+            return f"room {room!r}: at max_jobs={self.spec.max_jobs}"
+        if (cpu := self.settings.cpu()) >= self.settings.load_threshold:
+            return f"room {room!r}: CPU {cpu:.0%} is over load_threshold"
+        return ""
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
         job = assignment.job
@@ -142,64 +157,99 @@ class AgentHost:
             identity=job.state.participant_identity,
         )
         self.book.add(record)
-        task = asyncio.create_task(self._run_job(record, assignment), name=f"job {job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._active.add(job.id)
+        self._spawn(self._run_job(record, assignment), name=f"job {job.id}")
 
     def on_termination(self, job_id: str) -> None:
-        proc = self._procs.get(job_id)
-        if proc is None:
-            return
-        log.info("agent %s: job %s terminated by the server", self.spec.name, job_id)
-        self._spawn(self._stop_job(job_id, "terminated by LiveKit"))
+        if job_id in self._procs:
+            log.info("agent %s: job %s terminated by LiveKit", self.spec.name, job_id)
+            self.stop_job(job_id, "terminated by LiveKit")
 
     def worker_load(self) -> WorkerLoad:
-        count = self.job_count()
-        full = not self.accepting or count >= self.spec.max_jobs
-        return WorkerLoad(full=full, load=min(1.0, count / self.spec.max_jobs), job_count=count)
+        return agent_load(
+            jobs=self.job_count(),
+            max_jobs=self.spec.max_jobs,
+            cpu=self.settings.cpu(),
+            load_threshold=self.settings.load_threshold,
+            draining=not self.accepting,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def job_count(self) -> int:
-        return len(self.book.active(self.spec.name)) + len(self._reserved)
+        return len(self._active) + len(self._reserved)
 
     async def run(self) -> None:
         """Stay registered until cancelled. AuthError propagates to the daemon."""
         await self.registration.run()
 
+    def update_spec(self, spec: AgentSpec) -> None:
+        """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
+        self.spec = spec
+        self.registration.label = spec.name
+        self.registration.load_changed()
+
     def stop_accepting(self) -> None:
         self.accepting = False
         self.registration.load_changed()
 
+    def drain(self) -> None:
+        """Take no new jobs and tell running ones, so they can wrap up."""
+        self.draining = True
+        self.stop_accepting()
+        for proc in self._procs.values():
+            proc.drain()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
     async def stop_jobs(self, reason: str) -> None:
         """Ask every job to end, kill what will not, and wait for their records to close."""
         for job_id in list(self._procs):
-            self._spawn(self._stop_job(job_id, reason))
+            self.stop_job(job_id, reason)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def kill_jobs(self, why: str) -> None:
-        self.shutdown_timeout = 0
+        self.settings.shutdown_timeout = 0
         for proc in list(self._procs.values()):
             self._spawn(proc.kill(why))
 
-    def stop_job(self, job_id: str, reason: str) -> bool:
-        if job_id not in self._procs:
-            return False
-        self._spawn(self._stop_job(job_id, reason))
-        return True
-
-    async def _stop_job(self, job_id: str, reason: str) -> None:
+    def stop_job(self, job_id: str, reason: str, *, failure: str = "") -> bool:
         proc = self._procs.get(job_id)
         record = self.book.get(job_id)
         if proc is None or record is None:
-            return
+            return False
         record.status = JobStatus.STOPPING
         record.stop_reason = record.stop_reason or reason
-        await proc.stop(reason, self.shutdown_timeout)
+        self._spawn(proc.stop(reason, self.settings.shutdown_timeout, failure=failure))
+        return True
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def monitor_targets(self) -> list[Target]:
+        targets = []
+        for job_id, proc in self._procs.items():
+            record = self.book.get(job_id)
+            if proc.pid is not None and record is not None and not proc.exited:
+                targets.append(Target(job_id, proc.pid, self._sampler(record, proc)))
+        return targets
+
+    def _sampler(self, record: JobRecord, proc: JobProcess) -> Callable[[Usage], None]:
+        def on_sample(usage: Usage) -> None:
+            record.memory_mb = round(usage.rss_bytes / MB, 1)
+            record.peak_memory_mb = max(record.peak_memory_mb, record.memory_mb)
+            record.cpu_percent = round(usage.cpu_percent, 1)
+            limit = self.spec.memory_limit_mb
+            if limit and usage.rss_bytes > limit * MB and not proc.exited:
+                why = (
+                    f"memory limit exceeded: {record.memory_mb:.0f} MB in "
+                    f"{usage.processes} process(es) > memory_limit_mb={limit}"
+                )
+                self._spawn(proc.kill(why, failure=True))
+
+        return on_sample
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -213,7 +263,7 @@ class AgentHost:
             on_running=lambda: self._on_running(record),
         )
         self._procs[record.id] = proc
-        self.registration.load_changed()
+        timer: asyncio.TimerHandle | None = None
         try:
             await proc.spawn()
             record.pid = proc.pid
@@ -224,19 +274,34 @@ class AgentHost:
                 record.room,
                 proc.pid,
             )
-            proc.start(
-                job=MessageToDict(assignment.job),
-                url=assignment.url or self.credentials.url,
-                token=assignment.token,
-                identity=record.identity,
-                agent=self.spec.name,
-            )
+            if await proc.wait_ready(LOAD_TIMEOUT):
+                if self.draining:
+                    proc.drain()
+                proc.start(
+                    job=MessageToDict(assignment.job),
+                    url=assignment.url or self.credentials.url,
+                    token=assignment.token,
+                    identity=record.identity,
+                    agent=self.spec.name,
+                )
+                timer = self._arm_timeout(record)
             outcome = await proc.wait()
         except OSError as exc:
             outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")
         finally:
+            if timer is not None:
+                timer.cancel()
             self._procs.pop(record.id, None)
         self._finish(record, outcome)
+
+    def _arm_timeout(self, record: JobRecord) -> asyncio.TimerHandle | None:
+        limit = self.spec.job_timeout
+        if not limit:
+            return None
+        why = f"job exceeded job_timeout={format_duration(limit)}"
+        return asyncio.get_running_loop().call_later(
+            limit, lambda: self.stop_job(record.id, why, failure=why)
+        )
 
     def _on_running(self, record: JobRecord) -> None:
         record.status = JobStatus.RUNNING
@@ -244,6 +309,7 @@ class AgentHost:
         self.registration.update_job(record.id, proto.JS_RUNNING)
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> None:
+        self._active.discard(record.id)
         record.exit_code = outcome.exit_code
         if outcome.reason and not record.stop_reason:
             record.stop_reason = outcome.reason
@@ -260,10 +326,16 @@ class AgentHost:
             self.book.finish(record, JobStatus.FAILED, outcome.error)
             self.registration.update_job(record.id, proto.JS_FAILED, outcome.error)
             log.warning("agent %s: job %s failed: %s", record.agent, record.id, outcome.error)
+        self._check_idle()
         self.registration.load_changed()
+
+    def _check_idle(self) -> None:
+        if not self._active and not self._reserved:
+            self._idle.set()
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()
         for job_id, when in list(self._reserved.items()):
             if now - when > ASSIGNMENT_WAIT:
                 del self._reserved[job_id]
+        self._check_idle()

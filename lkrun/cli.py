@@ -98,9 +98,25 @@ def serve(
         typer.Option(help="LiveKit API key [default: manifest, then $LIVEKIT_API_KEY]."),
     ] = None,
     control_socket: SocketOpt = None,
+    drain_timeout: Annotated[
+        str | None,
+        typer.Option(help="How long jobs may run on after SIGTERM, e.g. 30m [manifest: 30m]."),
+    ] = None,
     shutdown_timeout: Annotated[
-        float, typer.Option(help="Seconds a job gets to end after a shutdown request.")
-    ] = 10.0,
+        str | None,
+        typer.Option(
+            help="How long a job gets after a shutdown request, e.g. 10s [manifest: 10s]."
+        ),
+    ] = None,
+    http_addr: Annotated[
+        str | None,
+        typer.Option(
+            help="Health endpoint HOST:PORT, or '' to turn it off [manifest: 127.0.0.1:8081]."
+        ),
+    ] = None,
+    reload: Annotated[
+        bool, typer.Option("--reload/--no-reload", help="Apply manifest edits while running.")
+    ] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the daemon: register every agent of MANIFEST and run their jobs.
@@ -112,12 +128,39 @@ def serve(
 
     setup_logging(log_level)
     loaded = _load(manifest)
+    options = _daemon_options(loaded, drain_timeout, shutdown_timeout, http_addr)
     with ExitStack() as stack:
         creds = _serve_credentials(loaded, url, api_key, stack)
         socket_path = (
             control_socket or loaded.daemon.control_socket or control.default_socket_path()
         )
-        _run_daemon(loaded, creds, socket_path, shutdown_timeout)
+        _run_daemon(loaded, creds, socket_path, reload=reload, **options)
+
+
+def _daemon_options(
+    manifest: Manifest, drain: str | None, shutdown: str | None, http_addr: str | None
+) -> dict[str, Any]:
+    """[daemon] settings, each overridden by its flag when given."""
+    from lkrun.manifest import parse_duration, parse_host_port
+
+    def duration(text: str) -> float:
+        # A bare number on the command line means seconds.
+        try:
+            return parse_duration(float(text))
+        except ValueError:
+            return parse_duration(text)
+
+    daemon = manifest.daemon
+    try:
+        addr = daemon.http_addr if http_addr is None else http_addr
+        return {
+            "drain_timeout": daemon.drain_timeout if drain is None else duration(drain),
+            "shutdown_timeout": daemon.shutdown_timeout if shutdown is None else duration(shutdown),
+            "http_addr": parse_host_port(addr) if addr else None,
+            "load_threshold": daemon.load_threshold,
+        }
+    except ValueError as exc:
+        fail(f"invalid option: {exc}", EXIT_USAGE)
 
 
 def _serve_credentials(
@@ -157,19 +200,17 @@ def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
 
 
 def _run_daemon(
-    manifest: Manifest, creds: credentials.Credentials, socket_path: Path, shutdown_timeout: float
+    manifest: Manifest, creds: credentials.Credentials, socket_path: Path, **options: Any
 ) -> None:
     from lkrun.daemon import Daemon, DaemonConfig, FatalError
+    from lkrun.health import HealthError
 
     config = DaemonConfig(
-        manifest=manifest,
-        credentials=creds,
-        control_socket=socket_path,
-        shutdown_timeout=shutdown_timeout,
+        manifest=manifest, credentials=creds, control_socket=socket_path, **options
     )
     try:
         run_async(Daemon(config).serve())
-    except (FatalError, control.ControlError) as exc:
+    except (FatalError, control.ControlError, HealthError) as exc:
         fail(str(exc))
 
 

@@ -77,6 +77,9 @@ class JobContext:
         self._callbacks: list[ShutdownCallback] = []
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
+        self._drain = asyncio.Event()
+        self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
+        self._background: set[asyncio.Future[Any]] = set()
         self.room.on("disconnected", self._on_disconnected)
 
     async def connect(self, *, auto_subscribe: bool = True) -> None:
@@ -94,6 +97,32 @@ class JobContext:
         if not self._shutdown.is_set():
             self._shutdown_reason = reason
             self._shutdown.set()
+
+    @property
+    def draining(self) -> bool:
+        """True once the daemon began draining: finish the conversation, then end the job."""
+        return self._drain.is_set()
+
+    async def wait_for_drain(self) -> None:
+        await self._drain.wait()
+
+    def add_drain_callback(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Run ``callback()`` once when the daemon starts draining (deploy, scale-down)."""
+        self._drain_callbacks.append(callback)
+
+    def _start_drain(self) -> None:
+        if self._drain.is_set():
+            return
+        self._drain.set()
+        for callback in self._drain_callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+            except Exception:
+                self.logger.exception("drain callback %r failed", callback)
 
     @property
     def shutdown_requested(self) -> bool:

@@ -1,4 +1,4 @@
-"""The daemon: one AgentHost per manifest agent, the control API, signals and shutdown."""
+"""The daemon: one AgentHost per manifest agent, the control API, health, reload, drain."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from typing import Any
 import aiohttp
 
 from lkrun import __version__
-from lkrun.agent_host import AgentHost
+from lkrun.agent_host import AgentHost, HostSettings, format_duration
 from lkrun.control import ControlServer
 from lkrun.credentials import Credentials
+from lkrun.health import HealthServer
+from lkrun.job_monitor import JobMonitor, Target
 from lkrun.jobs import JobBook
-from lkrun.manifest import Manifest
+from lkrun.load import CpuMonitor
+from lkrun.manifest import AgentSpec, Manifest, ManifestError, check_entrypoints, load_manifest
 from lkrun.registration import AuthError
 
 log = logging.getLogger("lkrun.daemon")
@@ -33,6 +37,10 @@ class DaemonConfig:
     credentials: Credentials
     control_socket: Path
     shutdown_timeout: float = 10.0
+    drain_timeout: float = 1800.0
+    http_addr: tuple[str, int] | None = ("127.0.0.1", 8081)
+    load_threshold: float = 0.75
+    reload: bool = True
 
 
 class FatalError(Exception):
@@ -42,108 +50,282 @@ class FatalError(Exception):
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.manifest = config.manifest
         self.book = JobBook()
         self.hosts: dict[str, AgentHost] = {}
+        self.retiring: set[AgentHost] = set()  # removed or re-registered, finishing their jobs
         self.started_at = time.time()
-        self._stop = asyncio.Event()
+        self.phase = "starting"  # starting | serving | draining | stopping
+        self.cpu = CpuMonitor()
+        self.reloads = 0
+        self.health: HealthServer | None = None
+        self._settings = HostSettings(
+            shutdown_timeout=config.shutdown_timeout,
+            load_threshold=config.load_threshold,
+            cpu=lambda: self.cpu.value,
+        )
+        self._runs: dict[AgentHost, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._stop = asyncio.Event()  # first signal: drain
+        self._stop_now = asyncio.Event()  # second signal: skip the drain
+        self._fatal: asyncio.Future[FatalError] | None = None
         self._signals = 0
 
-    # -- the view the control API reads --------------------------------------------------
+    # -- the view the control API and health read ----------------------------------------
+
+    def all_hosts(self) -> list[AgentHost]:
+        return [*self.hosts.values(), *self.retiring]
 
     def status(self) -> dict[str, Any]:
-        agents = []
-        for name, host in self.hosts.items():
-            state = host.registration.state
-            load = host.worker_load()
-            agents.append(
-                {
-                    "agent": name,
-                    "dispatch": host.spec.dispatch,
-                    "registered_name": host.spec.registered_name,
-                    "connected": state.connected,
-                    "worker_id": state.worker_id,
-                    "server_version": state.server_version,
-                    "reconnects": state.reconnects,
-                    "last_error": state.last_error,
-                    "jobs": load.job_count,
-                    "max_jobs": host.spec.max_jobs,
-                    "full": load.full,
-                    "load": load.load,
-                }
-            )
         return {
             "pid": os.getpid(),
             "version": __version__,
-            "manifest": str(self.config.manifest.path),
+            "manifest": str(self.manifest.path),
             "url": self.config.credentials.url,
             "uptime": round(time.time() - self.started_at, 3),
-            "stopping": self._stop.is_set(),
-            "agents": agents,
+            "phase": self.phase,
+            "stopping": self.phase in ("draining", "stopping"),
+            "cpu": round(self.cpu.value, 3),
+            "reloads": self.reloads,
+            "http_port": self.health.port if self.health else None,
+            "agents": [self._agent_status(h) for h in self.all_hosts()],
+        }
+
+    def _agent_status(self, host: AgentHost) -> dict[str, Any]:
+        state = host.registration.state
+        load = host.worker_load()
+        return {
+            "agent": host.spec.name,
+            "dispatch": host.spec.dispatch,
+            "registered_name": host.spec.registered_name,
+            "retiring": host in self.retiring,
+            "connected": state.connected,
+            "worker_id": state.worker_id,
+            "server_version": state.server_version,
+            "reconnects": state.reconnects,
+            "last_error": state.last_error,
+            "jobs": load.job_count,
+            "max_jobs": host.spec.max_jobs,
+            "full": load.full,
+            "load": round(load.load, 3),
         }
 
     def jobs(self, *, include_ended: bool) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self.book if include_ended or not r.status.ended]
 
+    def readiness(self) -> tuple[bool, str]:
+        if self.phase != "serving":
+            return False, self.phase
+        down = [name for name, h in self.hosts.items() if not h.registration.state.connected]
+        if down:
+            return False, f"not registered with LiveKit: {', '.join(down)}"
+        return True, ""
+
     # -- running ---------------------------------------------------------------------------
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, now: bool = False) -> None:
         self._stop.set()
+        if now:
+            self._stop_now.set()
 
     async def serve(self) -> None:
-        """Run until a stop is requested. Raises FatalError when the daemon cannot go on."""
+        """Run until stopped. Raises FatalError when the daemon cannot go on."""
+        self._fatal = asyncio.get_running_loop().create_future()
         self._install_signal_handlers()
         control = ControlServer(self.config.control_socket, self)
         async with aiohttp.ClientSession() as session:
-            self.hosts = {
-                name: AgentHost(
-                    spec=spec,
-                    workdir=self.config.manifest.workdir,
-                    credentials=self.config.credentials,
-                    book=self.book,
-                    session=session,
-                    shutdown_timeout=self.config.shutdown_timeout,
-                )
-                for name, spec in self.config.manifest.agents.items()
-            }
-            await control.start()
-            log.info(
-                "lkrun %s serving %d agent(s) from %s; control socket %s",
-                __version__,
-                len(self.hosts),
-                self.config.manifest.path,
-                self.config.control_socket,
-            )
-            runs = [asyncio.create_task(h.run(), name=f"agent {n}") for n, h in self.hosts.items()]
+            self._session = session
             try:
-                await self._until_stop_or_fatal(runs)
+                await self._start_services(control)
+                for spec in self.manifest.agents.values():
+                    self._add_host(spec)
+                self.phase = "serving"
+                log.info(
+                    "lkrun %s serving %d agent(s) from %s; control socket %s",
+                    __version__,
+                    len(self.hosts),
+                    self.manifest.path,
+                    self.config.control_socket,
+                )
+                if await self._until_stop_or_fatal():
+                    await self._drain()
             finally:
-                await self._shutdown(runs)
+                await self._shutdown()
                 await control.stop()
+                if self.health is not None:
+                    await self.health.stop()
+        if self._fatal.done():
+            raise self._fatal.result()
 
-    async def _until_stop_or_fatal(self, runs: list[asyncio.Task[None]]) -> None:
-        stop = asyncio.create_task(self._stop.wait())
+    async def _start_services(self, control: ControlServer) -> None:
+        await control.start()
+        if self.config.http_addr is not None:
+            host, port = self.config.http_addr
+            self.health = HealthServer(host, port, ready=self.readiness)
+            await self.health.start()
+            log.info("health endpoint on http://%s:%d/healthz and /readyz", host, self.health.port)
+        monitor = JobMonitor(self._monitor_targets)
+        self._spawn(self.cpu.run(), "cpu monitor")
+        self._spawn(monitor.run(), "job monitor")
+        if self.config.reload:
+            self._spawn(self._watch_manifest(), "manifest watcher")
+
+    async def _until_stop_or_fatal(self) -> bool:
+        """True when a stop was requested; False when something fatal happened."""
+        assert self._fatal is not None
+        stop = asyncio.ensure_future(self._stop.wait())
         try:
-            done, _ = await asyncio.wait([*runs, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stop, self._fatal], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        for task in done:
-            if task is not stop and (exc := task.exception()) is not None:
-                if isinstance(exc, AuthError):
-                    raise FatalError(str(exc)) from exc
-                raise FatalError(f"{task.get_name()} stopped: {exc!r}") from exc
+        return not self._fatal.done()
 
-    async def _shutdown(self, runs: list[asyncio.Task[None]]) -> None:
-        log.info("shutting down: stopping %d job(s)", len(self.book.active()))
-        for host in self.hosts.values():
+    def _add_host(self, spec: AgentSpec) -> AgentHost:
+        assert self._session is not None
+        host = AgentHost(
+            spec=spec,
+            workdir=self.manifest.workdir,
+            credentials=self.config.credentials,
+            book=self.book,
+            session=self._session,
+            settings=self._settings,
+        )
+        self.hosts[spec.name] = host
+        task = asyncio.create_task(host.run(), name=f"agent {spec.name}")
+        task.add_done_callback(self._registration_ended)
+        self._runs[host] = task
+        return host
+
+    def _registration_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._fatal is None or self._fatal.done():
+            return
+        exc = task.exception()
+        if isinstance(exc, AuthError):
+            self._fatal.set_result(FatalError(str(exc)))
+        elif exc is not None:
+            self._fatal.set_result(FatalError(f"{task.get_name()} stopped: {exc!r}"))
+
+    def _retire(self, host: AgentHost, why: str) -> None:
+        """Stop offering jobs to this registration; close it once its jobs are done."""
+        log.info(
+            "agent %s: %s; its %d running job(s) will finish first",
+            host.spec.name,
+            why,
+            host.job_count(),
+        )
+        host.stop_accepting()
+        self.retiring.add(host)
+
+        async def close_when_idle() -> None:
+            await host.wait_idle()
+            await host.registration.flush(FLUSH_TIMEOUT)
+            if run := self._runs.pop(host, None):
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            self.retiring.discard(host)
+            log.info("agent %s: old registration closed", host.spec.name)
+
+        self._spawn(close_when_idle(), f"retire {host.spec.name}")
+
+    async def _drain(self) -> None:
+        self.phase = "draining"
+        hosts = self.all_hosts()
+        running = sum(h.job_count() for h in hosts)
+        log.info(
+            "draining: no new jobs; waiting up to %s for %d running job(s) to end",
+            format_duration(self.config.drain_timeout),
+            running,
+        )
+        for host in hosts:
+            host.drain()
+        idle = asyncio.ensure_future(asyncio.gather(*(h.wait_idle() for h in hosts)))
+        now = asyncio.ensure_future(self._stop_now.wait())
+        try:
+            await asyncio.wait(
+                {idle, now}, timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            idle.cancel()
+            now.cancel()
+        if not idle.done() or idle.cancelled():
+            log.info("drain over with jobs still running: asking them to shut down")
+
+    async def _shutdown(self) -> None:
+        self.phase = "stopping"
+        hosts = self.all_hosts()
+        for host in hosts:
             host.stop_accepting()
-        await asyncio.gather(*(h.stop_jobs("daemon shutting down") for h in self.hosts.values()))
-        await self._flush_registrations()
-        for task in runs:
+        await asyncio.gather(*(h.stop_jobs("daemon shutting down") for h in hosts))
+        await asyncio.gather(*(h.registration.flush(FLUSH_TIMEOUT) for h in hosts))
+        tasks = [*self._runs.values(), *self._tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*runs, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _flush_registrations(self) -> None:
-        await asyncio.gather(*(h.registration.flush(FLUSH_TIMEOUT) for h in self.hosts.values()))
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._background_ended)
+
+    def _background_ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s failed", task.get_name(), exc_info=exc)
+
+    def _monitor_targets(self) -> list[Target]:
+        return [t for host in self.all_hosts() for t in host.monitor_targets()]
+
+    # -- hot reload --------------------------------------------------------------------------
+
+    async def _watch_manifest(self) -> None:
+        from watchfiles import awatch
+
+        path = self.manifest.path.resolve()
+
+        def is_manifest(change: Any, changed: str) -> bool:
+            return Path(changed) == path
+
+        # Watch the directory: editors replace files by renaming, which ends a file watch.
+        async for _ in awatch(path.parent, watch_filter=is_manifest, recursive=False):
+            if self.phase == "serving":
+                await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the manifest and reconcile; an invalid one is reported and ignored."""
+        try:
+            manifest = await asyncio.to_thread(_load_checked, self.manifest.path)
+        except ManifestError as exc:
+            log.error("manifest change rejected, keeping the running configuration: %s", exc)
+            return False
+        self._apply(manifest)
+        self.manifest = manifest
+        self.reloads += 1
+        return True
+
+    def _apply(self, manifest: Manifest) -> None:
+        for name in list(self.hosts):
+            if name not in manifest.agents:
+                self._retire(self.hosts.pop(name), "removed from the manifest")
+        for name, spec in manifest.agents.items():
+            host = self.hosts.get(name)
+            if host is None:
+                log.info("agent %s: added to the manifest; registering", name)
+                self._add_host(spec)
+            elif host.spec == spec:
+                continue
+            elif host.spec.registration_key() != spec.registration_key():
+                self._retire(self.hosts.pop(name), "settings LiveKit sees changed; re-registering")
+                self._add_host(spec)
+            else:
+                log.info(
+                    "agent %s: changes applied in place: %s",
+                    name,
+                    ", ".join(_changed_fields(host.spec, spec)),
+                )
+                host.update_spec(spec)
+
+    # -- signals -----------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,9 +336,24 @@ class Daemon:
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("received %s: shutting down (again to force)", sig.name)
+            log.info("received %s: draining (again to stop jobs now)", sig.name)
             self._stop.set()
+        elif self._signals == 2:
+            log.warning("received %s again: asking jobs to shut down now (again to kill)", sig.name)
+            self._stop_now.set()
         else:
-            log.warning("received %s again: killing jobs now", sig.name)
-            for host in self.hosts.values():
-                host.kill_jobs("daemon received a second stop signal")
+            log.warning("received %s a third time: killing jobs", sig.name)
+            for host in self.all_hosts():
+                host.kill_jobs("daemon received a third stop signal")
+
+
+def _load_checked(path: Path) -> Manifest:
+    manifest = load_manifest(path)
+    check_entrypoints(manifest)
+    return manifest
+
+
+def _changed_fields(old: AgentSpec, new: AgentSpec) -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]

@@ -53,6 +53,9 @@ class JobProcess:
         self._waiter: asyncio.Task[Outcome] | None = None
         self._done: dict[str, Any] | None = None
         self._kill_reason = ""
+        self._failure = (
+            ""  # a failure the daemon decided on (timeout, memory), whatever the job says
+        )
         self._last_log_line = ""
         self._exited = asyncio.Event()
 
@@ -88,6 +91,9 @@ class JobProcess:
     def start(self, **payload: Any) -> None:
         self._send(jobpipe.START, **payload)
 
+    def drain(self) -> None:
+        self._send(jobpipe.DRAIN)
+
     async def wait(self) -> Outcome:
         """Wait for the process to exit and its pipes to drain; never raises for job faults."""
         assert self._waiter is not None
@@ -107,20 +113,43 @@ class JobProcess:
             self._exited.set()
         return self._outcome(returncode)
 
-    async def stop(self, reason: str, timeout: float) -> None:
-        """Ask the job to end; after ``timeout`` seconds end its process group by force."""
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until the runner has loaded the entrypoint; False if it exited or timed out."""
+        ready = asyncio.ensure_future(self.ready.wait())
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait(
+                {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if self.ready.is_set():
+            return True
+        if not self.exited:
+            await self.kill(f"job process did not load its entrypoint within {timeout:g}s")
+        return False
+
+    async def stop(self, reason: str, timeout: float, *, failure: str = "") -> None:
+        """Ask the job to end; after ``timeout`` seconds end its process group by force.
+
+        With ``failure``, the job counts as failed with that error however it ends.
+        """
         if self._proc is None or self.exited:
             return
+        self._failure = self._failure or failure
         self._send(jobpipe.SHUTDOWN, reason=reason)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
             return
         await self.kill(f"did not stop within {timeout:g}s of a shutdown request ({reason})")
 
-    async def kill(self, why: str) -> None:
+    async def kill(self, why: str, *, failure: bool = False) -> None:
         """SIGTERM the group, then SIGKILL it if anything is left."""
         if self._proc is None or self.exited:
             return
+        if failure:
+            self._failure = self._failure or why
         self._kill_reason = self._kill_reason or why
         self.log.warning("killing job process %s: %s", self.pid, why)
         self._signal_group(signal.SIGTERM)
@@ -142,6 +171,8 @@ class JobProcess:
             self._proc.stdin.write(jobpipe.encode(kind, **fields))
 
     def _outcome(self, returncode: int) -> Outcome:
+        if self._failure:
+            return Outcome(ok=False, error=self._failure, exit_code=returncode)
         done = self._done
         if done is not None and (done.get("ok") or done.get("error")):
             return Outcome(

@@ -1,6 +1,6 @@
 """The job pipe protocol: newline-delimited JSON between the daemon and a job subprocess.
 
-daemon -> child (stdin):  start, shutdown, ping
+daemon -> child (stdin):  start, drain, shutdown, ping
 child -> daemon (stdout): ready, running, done, pong, status
 
 Kept free of heavy imports: the runner imports it before user code.
@@ -13,6 +13,7 @@ from typing import Any
 
 # daemon -> child
 START = "start"
+DRAIN = "drain"  # the daemon is draining: wrap up, no new work is coming
 SHUTDOWN = "shutdown"
 PING = "ping"
 

@@ -37,6 +37,9 @@ class JobRecord:
     error: str = ""
     exit_code: int | None = None
     stop_reason: str = ""
+    memory_mb: float = 0.0  # resident memory of the job's process tree, last sample
+    peak_memory_mb: float = 0.0
+    cpu_percent: float = 0.0  # of one core, last sample
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import ipaddress
 import json
 import keyword
+import math
 import os
 import re
 import signal
@@ -40,6 +42,8 @@ __all__ = [
     "Permissions",
     "check_entrypoints",
     "load_manifest",
+    "parse_duration",
+    "parse_host_port",
     "parse_manifest",
 ]
 
@@ -158,6 +162,93 @@ def _int_at_least(minimum: int) -> Check:
         return value
 
     return check
+
+
+def _fraction(value: object) -> float:
+    """A number in (0, 1]; NaN fails the comparison and is rejected too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise _Invalid(f"must be a number > 0 and <= 1, got {_show(value)}")
+    return float(value)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)"  # "ms" before "m": tried in order
+_DURATION = re.compile(f"(?:{_DURATION_PART})+")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds, from a non-negative number or a string such as "90s", "1h30m" or "500ms".
+
+    A string needs a unit on every number (ms, s, m, h); raise ValueError for anything else.
+    """
+    seconds: float | None = None
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            seconds = float(value)
+        except OverflowError:  # TOML integers can be too big for a float
+            seconds = math.inf
+    elif isinstance(value, str) and _DURATION.fullmatch(value):
+        parts = re.findall(_DURATION_PART, value)
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if seconds is None or not 0 <= seconds < math.inf:  # also rejects NaN
+        raise ValueError(f'must be a duration such as "90s", "30m" or "2h", got {_show(value)}')
+    return seconds
+
+
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+_HOST_PORT_HINT = 'host:port such as "127.0.0.1:8081" or "[::1]:8081"'
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``host:port`` into a host to bind and a port; raise ValueError if it is malformed.
+
+    The host is an IPv4 address, ``localhost``, or an IPv6 address in brackets (returned without
+    them); the port is 0..65535, where 0 asks the system for a free one.
+    """
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"must be {_HOST_PORT_HINT}, got {_show(text)}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_show(host)} in brackets is not an IPv6 address") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"must be {_HOST_PORT_HINT}, got {_show(text)}")
+        if ":" in host:
+            raise ValueError(
+                f'an IPv6 host must be in brackets, as in "[::1]:8081", got {_show(text)}'
+            )
+        if host != "localhost":
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(
+                    "host must be an IPv4 address, localhost or a bracketed IPv6 address, "
+                    f"got {_show(host)}"
+                ) from None
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {_show(port)}")
+    return host, int(port)
+
+
+def _http_addr(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f'must be {_HOST_PORT_HINT}, or "" to disable, got {_show(value)}')
+    if value:
+        try:
+            parse_host_port(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    return value
 
 
 def _choice(*allowed: str) -> Check:
@@ -321,6 +412,14 @@ class DaemonSettings:
 
     # A relative path is made relative to the manifest's directory by parse_manifest.
     control_socket: Path | None = field(default=None, metadata=_check(_path))
+    # After SIGTERM, how long running jobs may go on before they are asked to stop (seconds).
+    drain_timeout: float = field(default=1800.0, metadata=_check(_duration))
+    # How long a job gets after a shutdown request before it is killed (seconds).
+    shutdown_timeout: float = field(default=10.0, metadata=_check(_duration))
+    # Health/metrics HTTP server, "host:port" (see parse_host_port); "" disables it.
+    http_addr: str = field(default="127.0.0.1:8081", metadata=_check(_http_addr))
+    # Machine CPU use (0..1] above which every agent reports itself full.
+    load_threshold: float = field(default=0.75, metadata=_check(_fraction))
 
 
 @dataclass(frozen=True)
@@ -356,11 +455,19 @@ class AgentSpec:
     permissions: Permissions = field(default=Permissions(), metadata=_check(_PERMISSIONS))
     namespace: str = field(default="", metadata=_check(_string))
     env: Mapping[str, str] = field(default_factory=FrozenMap, metadata=_check(_ENV))
+    # Resident memory (MiB) of a job's process tree above which the job is killed; 0: no limit.
+    memory_limit_mb: int = field(default=0, metadata=_check(_int_at_least(0)))
+    # Seconds a job may run before it is stopped; 0: no limit.
+    job_timeout: float = field(default=0.0, metadata=_check(_duration))
 
     @property
     def registered_name(self) -> str:
         """The agent name sent to LiveKit: empty means automatic dispatch."""
         return "" if self.dispatch == "automatic" else self.name
+
+    def registration_key(self) -> tuple[Any, ...]:
+        """What LiveKit sees of this agent: when it changes, the worker must register anew."""
+        return (self.registered_name, self.job_type, self.namespace, self.permissions)
 
     @property
     def module(self) -> str:
@@ -457,7 +564,7 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     manifest = Manifest(Path(path), livekit, daemon, FrozenMap(agents))
     socket = daemon.control_socket
     if socket is not None and not socket.is_absolute():
-        resolved = DaemonSettings(control_socket=manifest.workdir / socket)
+        resolved = dataclasses.replace(daemon, control_socket=manifest.workdir / socket)
         manifest = dataclasses.replace(manifest, daemon=resolved)
     return manifest
 

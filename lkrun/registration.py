@@ -22,6 +22,7 @@ from livekit.protocol import models
 
 from lkrun import __version__
 from lkrun.credentials import Credentials
+from lkrun.load import WorkerLoad
 
 log = logging.getLogger("lkrun.registration")
 
@@ -58,13 +59,6 @@ class Acceptance:
     name: str = ""
     metadata: str = ""
     attributes: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerLoad:
-    full: bool
-    load: float
-    job_count: int
 
 
 class WorkerHandler(Protocol):

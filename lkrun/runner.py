@@ -89,6 +89,7 @@ class JobRun:
         self.ctx: Any = None  # JobContext once started
         self.start_msg: asyncio.Future[dict[str, Any]] = asyncio.Future()
         self.orphaned = False
+        self.draining = False  # a drain may be announced before the job starts
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -109,6 +110,10 @@ class JobRun:
             self.start_msg.set_result(msg)
         elif kind == jobpipe.SHUTDOWN:
             self.request_shutdown(str(msg.get("reason", "")))
+        elif kind == jobpipe.DRAIN:
+            self.draining = True
+            if self.ctx is not None:
+                self.ctx._start_drain()
 
     def request_shutdown(self, reason: str) -> None:
         if self.ctx is not None:
@@ -133,6 +138,8 @@ class JobRun:
             logger=logging.getLogger(f"lkrun.job.{start.get('agent', 'agent')}"),
             userdata=self.userdata,
         )
+        if self.draining:
+            self.ctx._start_drain()
         return await self._run_job(self.ctx)
 
     async def _run_job(self, ctx: Any) -> bool:

@@ -134,6 +134,8 @@ class DaemonProc:
                     str(self.manifest_path),
                     "--log-level",
                     "debug",
+                    "--http-addr",
+                    "127.0.0.1:0",
                     *self.extra_args,
                 ],
                 stdout=log,
@@ -176,6 +178,27 @@ class DaemonProc:
             return status if all(a["connected"] for a in status["agents"]) else None
 
         return await wait_for(ready, timeout, what="every agent registered")
+
+    async def http(self, path: str) -> tuple[int, dict[str, Any]]:
+        """GET a path of the daemon's health endpoint."""
+        import aiohttp
+
+        port = (await self.status())["http_port"]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}{path}") as resp,
+        ):
+            return resp.status, await resp.json()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        proc = self.proc
+        await wait_for(lambda: proc.poll() is not None, timeout, what="the daemon to exit")
+        return proc.returncode
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, env=self.env, timeout=timeout)
@@ -220,8 +243,18 @@ def _kill_job_processes(daemon_pid: int) -> None:
 async def start_daemon(tmp_path: Path, livekit_server: Server) -> AsyncIterator[Callable[..., Any]]:
     daemons: list[DaemonProc] = []
 
-    async def start(manifest: str, *extra_args: str, wait: bool = True) -> DaemonProc:
-        daemon = DaemonProc(tmp_path / f"d{len(daemons)}", livekit_server, manifest, [*extra_args])
+    async def start(
+        manifest: str,
+        *extra_args: str,
+        wait: bool = True,
+        server: Server | None = None,
+        files: dict[str, str] | None = None,
+    ) -> DaemonProc:
+        daemon = DaemonProc(
+            tmp_path / f"d{len(daemons)}", server or livekit_server, manifest, [*extra_args]
+        )
+        for name, text in (files or {}).items():  # e.g. agent modules beside the manifest
+            (daemon.dir / name).write_text(text)
         daemons.append(daemon)
         daemon.start()
         if wait:
@@ -232,6 +265,43 @@ async def start_daemon(tmp_path: Path, livekit_server: Server) -> AsyncIterator[
     for daemon in daemons:
         daemon.stop()
         _kill_job_processes(daemon.pid)
+
+
+class OwnServer:
+    """A livekit-server for one test, to stop and restart on the same ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        from lkrun import devserver
+
+        self._server = devserver.DevServer(
+            devserver.ensure_server_binary(),
+            port=devserver.free_tcp_port(),
+            rtc_tcp_port=devserver.free_tcp_port(),
+            udp_port=devserver.free_udp_port(),
+            log_path=tmp / "own-livekit-server.log",
+        )
+        self.info = Server(
+            self._server.url,
+            self._server.api_key,
+            self._server.api_secret,
+            tmp / "own-livekit-server.log",
+        )
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[OwnServer]:
+    server = OwnServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def room_token(server: Server, room: str, identity: str) -> str:

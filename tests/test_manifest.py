@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import pickle
 import sys
@@ -22,6 +23,8 @@ from lkrun.manifest import (
     Permissions,
     check_entrypoints,
     load_manifest,
+    parse_duration,
+    parse_host_port,
     parse_manifest,
 )
 from tests.conftest import REPO
@@ -65,6 +68,11 @@ api_secret = "s3cret-value"
 
 [daemon]
 control_socket = "run/lkrun.sock"
+drain_timeout = "1h30m"
+shutdown_timeout = 2.5
+http_addr = "[::1]:9000"
+load_threshold = 1
+
 
 [agents.echo]
 entrypoint = "examples.echo:entrypoint"
@@ -78,6 +86,8 @@ participant_metadata = '{"kind": "bot"}'
 participant_attributes = { role = "echo", tier = "free" }
 namespace = "prod"
 env = { MODEL = "small", _X1 = "" }
+memory_limit_mb = 512
+job_timeout = "90s"
 
 [agents.echo.permissions]
 can_publish = false
@@ -100,7 +110,14 @@ def test_full_manifest_round_trip(tmp_path: Path) -> None:
     assert manifest.livekit == LiveKitSettings(
         url="wss://example.livekit.cloud", api_key="APIkey", api_secret="s3cret-value"
     )
-    assert manifest.daemon == DaemonSettings(control_socket=tmp_path.resolve() / "run/lkrun.sock")
+    assert manifest.daemon == DaemonSettings(
+        control_socket=tmp_path.resolve() / "run/lkrun.sock",
+        drain_timeout=5400.0,
+        shutdown_timeout=2.5,
+        http_addr="[::1]:9000",
+        load_threshold=1.0,
+    )
+    assert isinstance(manifest.daemon.load_threshold, float)
     assert list(manifest.agents) == ["echo", "second"]
     assert manifest.agents["echo"] == AgentSpec(
         name="echo",
@@ -122,6 +139,8 @@ def test_full_manifest_round_trip(tmp_path: Path) -> None:
         ),
         namespace="prod",
         env={"MODEL": "small", "_X1": ""},
+        memory_limit_mb=512,
+        job_timeout=90.0,
     )
 
 
@@ -129,7 +148,12 @@ def test_defaults() -> None:
     manifest = parse(MINIMAL)
     assert manifest.livekit == LiveKitSettings()
     assert manifest.livekit.url is manifest.livekit.api_key is manifest.livekit.api_secret is None
+    assert manifest.daemon == DaemonSettings()
     assert manifest.daemon.control_socket is None
+    assert manifest.daemon.drain_timeout == 1800.0
+    assert manifest.daemon.shutdown_timeout == 10.0
+    assert manifest.daemon.http_addr == "127.0.0.1:8081"
+    assert manifest.daemon.load_threshold == 0.75
     spec = manifest.agents["echo"]
     assert spec == AgentSpec(name="echo", entrypoint="pkg.mod:main")
     assert spec.dispatch == "explicit"
@@ -140,6 +164,8 @@ def test_defaults() -> None:
     assert spec.participant_name == spec.participant_metadata == spec.namespace == ""
     assert dict(spec.participant_attributes) == {} and dict(spec.env) == {}
     assert spec.permissions == Permissions(True, True, True, True, False)
+    assert spec.memory_limit_mb == 0
+    assert spec.job_timeout == 0.0
 
 
 def test_example_manifest_in_repo_is_valid() -> None:
@@ -162,6 +188,32 @@ def test_agent_spec_helpers() -> None:
     assert auto.display_name() == "Bot"
     assert auto.accepts_room("anything")
     assert auto.format_identity(job_id="J", room="r", participant="p") == "echo-J"
+
+
+def test_registration_key() -> None:
+    base = parse(MINIMAL).agents["echo"]
+    assert base.registration_key() == ("echo", "room", "", Permissions())
+    same = parse(agent_with("permissions = {}\nmax_jobs = 3\njob_timeout = 5")).agents["echo"]
+    assert same.registration_key() == base.registration_key()  # permissions compare by value
+    for body in [
+        'dispatch = "automatic"',
+        'job_type = "publisher"',
+        'namespace = "ns"',
+        "permissions = { hidden = true }",
+    ]:
+        changed = parse(agent_with(body)).agents["echo"]
+        assert changed.registration_key() != base.registration_key(), body
+    renamed = parse(agent_with("", name="other")).agents["other"]
+    assert renamed.registration_key() != base.registration_key()
+    # The rest (entrypoint, rooms, max_jobs, identity, limits, ...) is not part of the key.
+    unchanged = parse(
+        agent_with(
+            'rooms = ["a"]\nmax_jobs = 1\nidentity = "x-{job_id}"\nparticipant_name = "N"\n'
+            'env = { A = "1" }\nmemory_limit_mb = 64\njob_timeout = "1h"'
+        )
+    ).agents["echo"]
+    assert unchanged.registration_key() == base.registration_key()
+    hash(base.registration_key())
 
 
 def test_identity_template_uses_every_placeholder() -> None:
@@ -197,6 +249,14 @@ def test_control_socket_paths(tmp_path: Path) -> None:
     assert relative.daemon.control_socket == tmp_path.resolve() / "s.sock"
     absolute = parse('[daemon]\ncontrol_socket = "/run/x.sock"\n' + MINIMAL, tmp_path / "a.toml")
     assert absolute.daemon.control_socket == Path("/run/x.sock")
+
+
+def test_resolving_control_socket_keeps_other_daemon_settings(tmp_path: Path) -> None:
+    text = '[daemon]\ncontrol_socket = "s.sock"\ndrain_timeout = "5m"\nhttp_addr = ""\n'
+    daemon = parse(text + MINIMAL, tmp_path / "a.toml").daemon
+    assert daemon == DaemonSettings(
+        control_socket=tmp_path.resolve() / "s.sock", drain_timeout=300.0, http_addr=""
+    )
 
 
 def test_workdir_is_absolute_and_path_kept_as_given(
@@ -252,6 +312,199 @@ def test_automatic_agents_in_different_pools_are_fine() -> None:
     assert list(parse(text).agents) == ["a", "b", "c", "d", "e"]
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("0", 0.0),
+        ("90", 90.0),
+        ("2.5", 2.5),
+        ('"0s"', 0.0),
+        ('"500ms"', 0.5),
+        ('"90s"', 90.0),
+        ('"30m"', 1800.0),
+        ('"2h"', 7200.0),
+        ('"1h30m"', 5400.0),
+        ('"1.5h"', 5400.0),
+        ('"1m30s250ms"', 90.25),
+        ('"1m1ms"', 60.001),
+        ('"5ms2m"', 120.005),  # any order, as in Go
+        ('"0.5s"', 0.5),
+    ],
+)
+def test_durations_accepted(value: str, seconds: float) -> None:
+    manifest = parse(f"[daemon]\ndrain_timeout = {value}\n" + agent_with(f"job_timeout = {value}"))
+    assert manifest.daemon.drain_timeout == pytest.approx(seconds)
+    assert manifest.agents["echo"].job_timeout == pytest.approx(seconds)
+    assert isinstance(manifest.agents["echo"].job_timeout, float)
+    as_flag = parse_duration(value.strip('"') if value.startswith('"') else float(value))
+    assert as_flag == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ('"soon"', "'soon'"),
+        ('""', "''"),
+        ('"90"', "'90'"),
+        ('"s"', "'s'"),
+        ('"1d"', "'1d'"),
+        ('"1 h"', "'1 h'"),
+        ('" 1h"', "' 1h'"),
+        ('"1H"', "'1H'"),
+        ('"-5s"', "'-5s'"),
+        ('"+5s"', "'+5s'"),
+        ('".5h"', "'.5h'"),
+        ('"5.h"', "'5.h'"),
+        ('"1e3s"', "'1e3s'"),
+        ('"1h30"', "'1h30'"),
+        ('"1hh"', "'1hh'"),
+        ('"1h\\n"', "'1h\\n'"),
+        ('"inf s"', "'inf s'"),
+        ("-1", "-1"),
+        ("-0.5", "-0.5"),
+        ("inf", "inf"),
+        ("nan", "nan"),
+        ("true", "true"),
+        ("[1]", "[1]"),
+        ("{}", "{}"),
+        ("1" + "0" * 400, "1000"),  # too big for a float
+        ('"' + "9" * 400 + 's"', "'999"),
+    ],
+)
+def test_bad_durations(value: str, shown: str) -> None:
+    prefix = 'must be a duration such as "90s", "30m" or "2h", got '
+    err = rejects(agent_with(f"job_timeout = {value}"), agent="echo", field="job_timeout")
+    assert err.message.startswith(prefix + shown)
+    for name in ["drain_timeout", "shutdown_timeout"]:
+        err = rejects(f"[daemon]\n{name} = {value}\n" + MINIMAL, field=f"daemon.{name}")
+        assert err.message.startswith(prefix + shown)
+
+
+@pytest.mark.parametrize("text", ["soon", "", "90", "-1s", "1d", "1h30"])
+def test_parse_duration_rejects_bad_flags(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_duration(text)
+    assert str(info.value) == f'must be a duration such as "90s", "30m" or "2h", got {text!r}'
+
+
+@pytest.mark.parametrize("limit", [0, 1, 4096])
+def test_memory_limit_accepted(limit: int) -> None:
+    spec = parse(agent_with(f"memory_limit_mb = {limit}")).agents["echo"]
+    assert spec.memory_limit_mb == limit
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "must be an integer >= 0, got -1"),
+        ("1.5", "must be an integer >= 0, got 1.5"),
+        ("512.0", "must be an integer >= 0, got 512.0"),
+        ("true", "must be an integer >= 0, got true"),
+        ('"512"', "must be an integer >= 0, got '512'"),
+        ('"512MB"', "must be an integer >= 0, got '512MB'"),
+    ],
+)
+def test_bad_memory_limits(value: str, message: str) -> None:
+    err = rejects(agent_with(f"memory_limit_mb = {value}"), agent="echo", field="memory_limit_mb")
+    assert err.message == message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0.5", 0.5), ("1", 1.0), ("1.0", 1.0), ("1e-3", 0.001)]
+)
+def test_load_threshold_accepted(value: str, expected: float) -> None:
+    daemon = parse(f"[daemon]\nload_threshold = {value}\n" + MINIMAL).daemon
+    assert daemon.load_threshold == expected
+    assert isinstance(daemon.load_threshold, float)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0", "0"), ("0.0", "0.0"), ("-0.5", "-0.5"), ("1.01", "1.01"), ("2", "2"), ("75", "75"),
+     ("nan", "nan"), ("inf", "inf"), ("true", "true"), ('"0.75"', "'0.75'"), ('"75%"', "'75%'")],
+)  # fmt: skip
+def test_bad_load_thresholds(value: str, shown: str) -> None:
+    text = f"[daemon]\nload_threshold = {value}\n" + MINIMAL
+    err = rejects(text, field="daemon.load_threshold")
+    assert err.message == f"must be a number > 0 and <= 1, got {shown}"
+
+
+@pytest.mark.parametrize(
+    ("addr", "host", "port"),
+    [
+        ("127.0.0.1:8081", "127.0.0.1", 8081),
+        ("0.0.0.0:0", "0.0.0.0", 0),
+        ("10.1.2.3:65535", "10.1.2.3", 65535),
+        ("localhost:9000", "localhost", 9000),
+        ("[::1]:8081", "::1", 8081),
+        ("[::]:80", "::", 80),
+        ("[fe80::1%eth0]:80", "fe80::1%eth0", 80),
+        ("[::ffff:127.0.0.1]:1", "::ffff:127.0.0.1", 1),
+        ("127.0.0.1:08081", "127.0.0.1", 8081),
+    ],
+)
+def test_http_addr_accepted(addr: str, host: str, port: int) -> None:
+    assert parse_host_port(addr) == (host, port)
+    assert parse(f'[daemon]\nhttp_addr = "{addr}"\n' + MINIMAL).daemon.http_addr == addr
+
+
+def test_empty_http_addr_disables_the_server() -> None:
+    assert parse('[daemon]\nhttp_addr = ""\n' + MINIMAL).daemon.http_addr == ""
+    with pytest.raises(ValueError):
+        parse_host_port("")  # the flag parser decides what "" means
+
+
+_HOST_PORT = 'must be host:port such as "127.0.0.1:8081" or "[::1]:8081", got '
+_BAD_HOST = "host must be an IPv4 address, localhost or a bracketed IPv6 address, got "
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        ("", _HOST_PORT + "''"),
+        ("8081", _HOST_PORT + "'8081'"),
+        ("localhost", _HOST_PORT + "'localhost'"),
+        ("[::1]", _HOST_PORT + "'[::1]'"),
+        ("[::1]8081", _HOST_PORT + "'[::1]8081'"),
+        ("::1:8081", "an IPv6 host must be in brackets, as in \"[::1]:8081\", got '::1:8081'"),
+        ("[localhost]:80", "'localhost' in brackets is not an IPv6 address"),
+        ("[127.0.0.1]:80", "'127.0.0.1' in brackets is not an IPv6 address"),
+        ("[]:80", "'' in brackets is not an IPv6 address"),
+        (":8081", _BAD_HOST + "''"),
+        ("example.com:80", _BAD_HOST + "'example.com'"),
+        ("LOCALHOST:80", _BAD_HOST + "'LOCALHOST'"),
+        ("256.0.0.1:80", _BAD_HOST + "'256.0.0.1'"),
+        ("1.2.3:80", _BAD_HOST + "'1.2.3'"),
+        (" 127.0.0.1:80", _BAD_HOST + "' 127.0.0.1'"),
+        ("127.0.0.1:", "port must be a number from 0 to 65535, got ''"),
+        ("127.0.0.1:65536", "port must be a number from 0 to 65535, got '65536'"),
+        ("127.0.0.1:123456", "port must be a number from 0 to 65535, got '123456'"),
+        ("127.0.0.1:-1", "port must be a number from 0 to 65535, got '-1'"),
+        ("127.0.0.1:+80", "port must be a number from 0 to 65535, got '+80'"),
+        ("127.0.0.1: 80", "port must be a number from 0 to 65535, got ' 80'"),
+        ("127.0.0.1:80 ", "port must be a number from 0 to 65535, got '80 '"),
+        ("127.0.0.1:http", "port must be a number from 0 to 65535, got 'http'"),
+        ("127.0.0.1:\u0668\u0660", "port must be a number from 0 to 65535, got '\u0668\u0660'"),
+        ("[::1]:99999", "port must be a number from 0 to 65535, got '99999'"),
+    ],
+)
+def test_bad_http_addrs(addr: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_host_port(addr)
+    assert str(info.value) == message
+    if addr:  # "" is valid in the manifest: it disables the server
+        text = f"[daemon]\nhttp_addr = {json.dumps(addr)}\n" + MINIMAL
+        assert rejects(text, field="daemon.http_addr").message == message
+
+
+@pytest.mark.parametrize("value", ["8081", "true", "[]", '{ host = "x" }'])
+def test_http_addr_must_be_a_string(value: str) -> None:
+    err = rejects(f"[daemon]\nhttp_addr = {value}\n" + MINIMAL, field="daemon.http_addr")
+    assert err.message.startswith(
+        'must be host:port such as "127.0.0.1:8081" or "[::1]:8081", or "" to disable, got '
+    )
+
+
 # --- rejections ---
 
 
@@ -280,6 +533,9 @@ def test_newlines_in_values_do_not_leak() -> None:
         ('[livekit]\nulr = "ws://x"\n' + MINIMAL, "livekit.ulr", "did you mean 'url'?"),
         ('[livekit]\napi_secert = "x"\n' + MINIMAL, "livekit.api_secert", "'api_secret'"),
         ('[daemon]\ncontrol_sock = "x"\n' + MINIMAL, "daemon.control_sock", "'control_socket'"),
+        ("[daemon]\ndrain_timout = 1\n" + MINIMAL, "daemon.drain_timout", "'drain_timeout'"),
+        ("[daemon]\nhttp_address = ''\n" + MINIMAL, "daemon.http_address", "'http_addr'"),
+        ("[daemon]\nload_treshold = 1\n" + MINIMAL, "daemon.load_treshold", "'load_threshold'"),
     ],
 )
 def test_unknown_keys_outside_agents(text: str, field: str, hint: str) -> None:
@@ -292,6 +548,8 @@ def test_unknown_keys_outside_agents(text: str, field: str, hint: str) -> None:
     ("body", "field", "hint"),
     [
         ("max_job = 1", "max_job", "did you mean 'max_jobs'?"),
+        ("memory_limit = 1", "memory_limit", "did you mean 'memory_limit_mb'?"),
+        ("job_timout = 1", "job_timout", "did you mean 'job_timeout'?"),
         ("room = []", "room", "did you mean 'rooms'?"),
         ("xyzzy = 1", "xyzzy", "allowed: entrypoint, dispatch,"),
         ("name = 'x'", "name", "did you mean"),  # the name is the table key, not a setting

@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 from livekit.protocol import agent as proto
 from livekit.protocol import models
+from lkrun.load import WorkerLoad
 
 from lkrun import registration
 from lkrun.credentials import Credentials
-from lkrun.registration import Acceptance, AuthError, Registration, WorkerLoad, WorkerSpec
+from lkrun.registration import Acceptance, AuthError, Registration, WorkerSpec
 
 Script = Callable[[web.WebSocketResponse, "FakeServer"], Awaitable[None]]
 

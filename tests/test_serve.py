@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 from pathlib import Path
 from typing import Any
-
-from livekit import api, rtc
 
 from tests.conftest import (
     livekit_api,
@@ -19,50 +16,13 @@ from tests.conftest import (
     wait_for,
     wait_for_participant,
 )
-
-
-def agent_table(
-    name: str, entrypoint: str = "lkrun.examples.echo:entrypoint", **fields: Any
-) -> str:
-    lines = [f"[agents.{name}]", f'entrypoint = "{entrypoint}"']
-    for key, value in fields.items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
-
-
-async def echo_roundtrip(room: rtc.Room, agent_identity: str, payload: bytes) -> bytes:
-    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def on_data(packet: rtc.DataPacket) -> None:
-        if packet.participant and packet.participant.identity == agent_identity and not got.done():
-            got.set_result(packet.data)
-
-    room.on("data_received", on_data)
-    try:
-        await room.local_participant.publish_data(
-            payload, destination_identities=[agent_identity], topic="test"
-        )
-        return await asyncio.wait_for(got, 15)
-    finally:
-        room.off("data_received", on_data)
-
-
-async def dispatch(server: Any, room: str, agent: str, metadata: str = "") -> str:
-    async with livekit_api(server) as lk:
-        d = await lk.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(agent_name=agent, room=room, metadata=metadata)
-        )
-    return d.id
-
-
-async def job_in_room(daemon: Any, room: str, status: str | None = None) -> dict[str, Any]:
-    async def find() -> dict[str, Any] | None:
-        for job in await daemon.jobs():
-            if job["room"] == room and (status is None or job["status"] == status):
-                return job
-        return None
-
-    return await wait_for(find, 30, what=f"a {status or ''} job in room {room}")
+from tests.helpers import (
+    agent_table,
+    dispatch,
+    echo_roundtrip,
+    job_in_room,
+    status_is,
+)
 
 
 async def test_explicit_dispatch_with_cli_echoes(start_daemon: Any, livekit_server: Any) -> None:
@@ -90,8 +50,10 @@ async def test_explicit_dispatch_with_cli_echoes(start_daemon: Any, livekit_serv
         table = daemon.cli("jobs", "ls")
         assert job["id"] in table.stdout and room_name in table.stdout
     # The entrypoint saw the dispatch's metadata.
-    assert f"[{name} {job['id']}] INFO lkrun.job.{name}: echo ready in room {room_name} " \
+    assert (
+        f"[{name} {job['id']}] INFO lkrun.job.{name}: echo ready in room {room_name} "
         "(dispatch metadata: 'm1')" in daemon.log()
+    )
 
 
 async def test_automatic_dispatch_joins_new_room(start_daemon: Any, livekit_server: Any) -> None:
@@ -183,7 +145,7 @@ async def test_max_jobs_reports_full_and_frees(start_daemon: Any, livekit_server
 
     async with livekit_api(livekit_server) as lk:
         await lk.agent_dispatch.delete_dispatch(d1, first)
-    await wait_for(lambda: _status_is(daemon, job1["id"], "success"), 20, what="job 1 to end")
+    await wait_for(lambda: status_is(daemon, job1["id"], "success"), 20, what="job 1 to end")
     await wait_for(
         lambda: livekit_server.worker_statuses(worker_id)[-1:] == ["WS_AVAILABLE"],
         10,
@@ -194,15 +156,6 @@ async def test_max_jobs_reports_full_and_frees(start_daemon: Any, livekit_server
     await job_in_room(daemon, third, "running")
     assert all(j["room"] != second for j in await daemon.jobs())
     assert f"room {second!r}" not in daemon.log()  # never even offered
-
-
-async def _status_is(daemon: Any, job_id: str, status: str) -> bool:
-    job = await daemon.job(job_id)
-    return job is not None and job["status"] == status
-
-
-async def _agent_full(daemon: Any, full: bool) -> bool:
-    return (await daemon.status())["agents"][0]["full"] is full
 
 
 async def test_deleting_dispatch_ends_job_as_success(

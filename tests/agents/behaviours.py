@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 
@@ -36,3 +37,42 @@ def blocks_forever(ctx: JobContext) -> None:
 async def waits_for_shutdown(ctx: JobContext) -> None:
     ctx.add_shutdown_callback(lambda reason: print(f"shutdown callback: {reason}"))
     await ctx.wait_for_shutdown()
+
+
+async def drain_aware(ctx: JobContext) -> None:
+    """Echoes, and tells the room when the daemon starts draining."""
+
+    async def announce() -> None:
+        await ctx.room.local_participant.publish_data(b"draining", topic="lkrun")
+
+    ctx.add_drain_callback(announce)
+    await echo.entrypoint(ctx)
+
+
+async def ignores_shutdown(ctx: JobContext) -> None:
+    """Joins, then blocks the event loop forever once asked to stop: only a kill ends it."""
+    import time
+
+    def block(reason: str) -> None:
+        while True:
+            time.sleep(1)
+
+    ctx.add_shutdown_callback(block)
+    await echo.entrypoint(ctx)
+
+
+async def eats_memory(ctx: JobContext) -> None:
+    """Grows well past any sensible small limit, then waits."""
+    hog = bytearray(300 * 1024 * 1024)
+    for i in range(0, len(hog), 4096):  # touch every page so it is resident
+        hog[i] = 1
+    ctx.userdata = hog
+    await echo.entrypoint(ctx)
+
+
+async def spawns_grandchild(ctx: JobContext) -> None:
+    """Starts a long-lived child process and logs its pid."""
+    child = await asyncio.create_subprocess_exec("sleep", "300")
+    ctx.userdata = child
+    ctx.logger.info("grandchild pid %d", child.pid)
+    await echo.entrypoint(ctx)

@@ -1,0 +1,134 @@
+"""The load each agent reports to LiveKit, and the CPU use it is computed from."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("lkrun.load")
+
+# The server gives no jobs to a node whose workers all report at least this load.
+TARGET_LOAD = 0.7
+# Highest load reported while still available, so the server keeps sending jobs.
+MAX_AVAILABLE_LOAD = round(TARGET_LOAD - 0.01, 2)
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    full: bool
+    load: float  # what we send in UpdateWorkerStatus.load
+    job_count: int
+
+
+def agent_load(
+    *, jobs: int, max_jobs: int, cpu: float, load_threshold: float, draining: bool
+) -> WorkerLoad:
+    """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation."""
+    full = draining or jobs >= max_jobs or cpu >= load_threshold
+    if full:
+        return WorkerLoad(full=True, load=1.0, job_count=jobs)
+    utilisation = _clamp(max(jobs / max_jobs, cpu / load_threshold))
+    # Rounded so CPU jitter does not turn every refresh into a status update.
+    load = min(round(TARGET_LOAD * utilisation, 2), MAX_AVAILABLE_LOAD)
+    return WorkerLoad(full=False, load=load, job_count=jobs)
+
+
+def _clamp(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    # Deltas are only taken between readings of one source (host, or cgroup at one quota).
+    source: str
+    busy: float  # CPU seconds used (cgroup) or busy host CPU time
+    total: float  # wall seconds x capacity (cgroup) or total host CPU time
+
+
+class CpuMonitor:
+    """Machine CPU use in [0, 1], container-aware, sampled in the background."""
+
+    def __init__(
+        self,
+        interval: float = 2.0,
+        *,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self._cgroup_root = cgroup_root
+        self._clock = clock
+        self._previous: _Reading | None = None
+        self._value = 0.0
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def sample(self) -> float:
+        """Compare with the previous reading; the first reading only sets the baseline."""
+        reading = self._read_cgroup() or self._read_host()
+        previous, self._previous = self._previous, reading
+        if reading is None or previous is None or previous.source != reading.source:
+            return self._value
+        elapsed = reading.total - previous.total
+        if elapsed <= 0:
+            return self._value  # no time passed (or a counter reset): keep the last value
+        self._value = _clamp((reading.busy - previous.busy) / elapsed)
+        return self._value
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval)
+
+    def _read_cgroup(self) -> _Reading | None:
+        """cgroup v2 usage against the CPU quota, or None when there is no quota to honour."""
+        try:
+            cpus = _cgroup_cpus((self._cgroup_root / "cpu.max").read_text())
+            if cpus is None:
+                return None
+            usage = _cgroup_usage_seconds((self._cgroup_root / "cpu.stat").read_text())
+        except (OSError, ValueError):
+            return None
+        if usage is None:
+            return None
+        # Scaling wall time by the quota makes busy/total a fraction of what we may use.
+        return _Reading(f"cgroup {cpus}", busy=usage, total=self._clock() * cpus)
+
+    def _read_host(self) -> _Reading | None:
+        try:
+            times = psutil.cpu_times()
+        except (OSError, RuntimeError, psutil.Error) as exc:
+            log.debug("cannot read host CPU times: %s", exc)
+            return None
+        total = sum(times)
+        # On Linux guest time is already counted in user and nice.
+        total -= getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        return _Reading("host", busy=total - idle, total=total)
+
+
+def _cgroup_cpus(cpu_max: str) -> float | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("<quota> <period>"), None for "max"."""
+    fields = cpu_max.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    quota, period = float(fields[0]), float(fields[1])
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
+
+
+def _cgroup_usage_seconds(cpu_stat: str) -> float | None:
+    for line in cpu_stat.splitlines():
+        key, _, number = line.partition(" ")
+        if key == "usage_usec":
+            return int(number) / 1_000_000
+    return None

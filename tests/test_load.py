@@ -1,0 +1,225 @@
+"""The load reported to LiveKit, and the CPU monitor it reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from lkrun import load
+from lkrun.load import TARGET_LOAD, CpuMonitor, WorkerLoad, agent_load
+
+CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait guest guest_nice")
+
+
+@pytest.mark.parametrize(
+    ("jobs", "max_jobs", "cpu", "draining", "expected"),
+    [
+        pytest.param(0, 4, 0.0, False, WorkerLoad(False, 0.0, 0), id="idle"),
+        pytest.param(2, 4, 0.1, False, WorkerLoad(False, 0.35, 2), id="half jobs"),
+        pytest.param(1, 4, 0.4, False, WorkerLoad(False, 0.35, 1), id="half cpu"),
+        pytest.param(4, 4, 0.0, False, WorkerLoad(True, 1.0, 4), id="at max jobs"),
+        pytest.param(5, 4, 0.0, False, WorkerLoad(True, 1.0, 5), id="over max jobs"),
+        pytest.param(0, 4, 0.8, False, WorkerLoad(True, 1.0, 0), id="cpu at threshold"),
+        pytest.param(1, 4, 0.95, False, WorkerLoad(True, 1.0, 1), id="cpu over threshold"),
+        pytest.param(0, 4, 0.0, True, WorkerLoad(True, 1.0, 0), id="draining"),
+        pytest.param(3, 4, 0.799, False, WorkerLoad(False, 0.69, 3), id="nearly full capped"),
+        pytest.param(0, 4, -0.5, False, WorkerLoad(False, 0.0, 0), id="odd cpu clamped"),
+    ],
+)
+def test_agent_load(
+    jobs: int, max_jobs: int, cpu: float, draining: bool, expected: WorkerLoad
+) -> None:
+    got = agent_load(jobs=jobs, max_jobs=max_jobs, cpu=cpu, load_threshold=0.8, draining=draining)
+    assert got == expected
+
+
+def test_available_load_stays_below_target() -> None:
+    """Any load at or above TARGET_LOAD would stop the server sending jobs at all."""
+    for max_jobs in (1, 2, 3, 7, 100):
+        for jobs in range(max_jobs):
+            for step in range(100):
+                got = agent_load(
+                    jobs=jobs,
+                    max_jobs=max_jobs,
+                    cpu=step / 100,
+                    load_threshold=0.9,
+                    draining=False,
+                )
+                assert got.full == (step >= 90)
+                if got.full:
+                    assert got.load == 1.0
+                else:
+                    assert 0.0 <= got.load < TARGET_LOAD
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_cgroup(root: Path, *, cpu_max: str = "50000 100000", usage_usec: int = 0) -> None:
+    root.mkdir(exist_ok=True)
+    (root / "cpu.max").write_text(cpu_max + "\n")
+    (root / "cpu.stat").write_text(
+        f"usage_usec {usage_usec}\nuser_usec {usage_usec // 2}\nsystem_usec 0\n"
+    )
+
+
+@pytest.fixture
+def host_times(monkeypatch: pytest.MonkeyPatch) -> list[CpuTimes]:
+    """Host CPU readings the monitor will take, in order (the last one repeats)."""
+    readings: list[CpuTimes] = []
+
+    def cpu_times() -> CpuTimes:
+        return readings.pop(0) if len(readings) > 1 else readings[0]
+
+    monkeypatch.setattr(load.psutil, "cpu_times", cpu_times)
+    return readings
+
+
+def test_cgroup_quota(tmp_path: Path) -> None:
+    clock = FakeClock()
+    write_cgroup(tmp_path, usage_usec=1_000_000)
+    monitor = CpuMonitor(cgroup_root=tmp_path, clock=clock)
+    assert monitor.value == 0.0
+    assert monitor.sample() == 0.0  # the first reading is only a baseline
+
+    # Half a CPU allowed; 0.25 CPU-seconds used in 1 s is half of it.
+    clock.now += 1.0
+    write_cgroup(tmp_path, usage_usec=1_250_000)
+    assert monitor.sample() == pytest.approx(0.5)
+    assert monitor.value == pytest.approx(0.5)
+
+    clock.now += 2.0
+    write_cgroup(tmp_path, usage_usec=1_350_000)
+    assert monitor.sample() == pytest.approx(0.1)
+
+
+def test_cgroup_over_quota_is_clamped(tmp_path: Path) -> None:
+    clock = FakeClock()
+    write_cgroup(tmp_path, usage_usec=0)
+    monitor = CpuMonitor(cgroup_root=tmp_path, clock=clock)
+    monitor.sample()
+    clock.now += 1.0
+    write_cgroup(tmp_path, usage_usec=2_000_000)
+    assert monitor.sample() == 1.0
+
+
+def test_cgroup_no_elapsed_time_keeps_value(tmp_path: Path) -> None:
+    clock = FakeClock()
+    write_cgroup(tmp_path, usage_usec=0)
+    monitor = CpuMonitor(cgroup_root=tmp_path, clock=clock)
+    monitor.sample()
+    clock.now += 1.0
+    write_cgroup(tmp_path, usage_usec=100_000)
+    assert monitor.sample() == pytest.approx(0.2)
+    write_cgroup(tmp_path, usage_usec=300_000)
+    assert monitor.sample() == pytest.approx(0.2)
+
+
+def test_quota_change_restarts_baseline(tmp_path: Path) -> None:
+    clock = FakeClock()
+    write_cgroup(tmp_path, usage_usec=0)
+    monitor = CpuMonitor(cgroup_root=tmp_path, clock=clock)
+    monitor.sample()
+    clock.now += 1.0
+    write_cgroup(tmp_path, cpu_max="200000 100000", usage_usec=250_000)
+    assert monitor.sample() == 0.0  # new capacity: only a baseline
+    clock.now += 1.0
+    write_cgroup(tmp_path, cpu_max="200000 100000", usage_usec=1_250_000)
+    assert monitor.sample() == pytest.approx(0.5)
+
+
+def test_unlimited_quota_uses_host(tmp_path: Path, host_times: list[CpuTimes]) -> None:
+    write_cgroup(tmp_path, cpu_max="max 100000", usage_usec=0)
+    host_times += [
+        CpuTimes(100.0, 0.0, 50.0, 800.0, 50.0, 0.0, 0.0),
+        # +30 user, +10 system, +50 idle, +10 iowait: 40 busy of 100.
+        CpuTimes(130.0, 0.0, 60.0, 850.0, 60.0, 0.0, 0.0),
+    ]
+    monitor = CpuMonitor(cgroup_root=tmp_path)
+    assert monitor.sample() == 0.0
+    assert monitor.sample() == pytest.approx(0.4)
+
+
+def test_guest_time_is_not_counted_twice(tmp_path: Path, host_times: list[CpuTimes]) -> None:
+    host_times += [
+        CpuTimes(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        # 20 user of which 10 guest, 80 idle: 20 busy of 100.
+        CpuTimes(20.0, 0.0, 0.0, 80.0, 0.0, 10.0, 0.0),
+    ]
+    monitor = CpuMonitor(cgroup_root=tmp_path / "missing")
+    monitor.sample()
+    assert monitor.sample() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cpu_stat"),
+    [
+        pytest.param(None, None, id="missing dir"),
+        pytest.param("garbage", "usage_usec 5\n", id="odd cpu.max"),
+        pytest.param("50000 100000", None, id="missing cpu.stat"),
+        pytest.param("50000 100000", "user_usec 5\n", id="no usage_usec"),
+        pytest.param("50000 100000", "usage_usec lots\n", id="odd usage_usec"),
+        pytest.param("0 100000", "usage_usec 5\n", id="zero quota"),
+    ],
+)
+def test_odd_cgroup_falls_back_to_host(
+    tmp_path: Path, host_times: list[CpuTimes], cpu_max: str | None, cpu_stat: str | None
+) -> None:
+    root = tmp_path / "cg"
+    if cpu_max is not None:
+        root.mkdir()
+        (root / "cpu.max").write_text(cpu_max)
+        if cpu_stat is not None:
+            (root / "cpu.stat").write_text(cpu_stat)
+    host_times += [
+        CpuTimes(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        CpuTimes(25.0, 0.0, 0.0, 75.0, 0.0, 0.0, 0.0),
+    ]
+    monitor = CpuMonitor(cgroup_root=root)
+    monitor.sample()
+    assert monitor.sample() == pytest.approx(0.25)
+
+
+def test_host_read_failure_keeps_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> CpuTimes:
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(load.psutil, "cpu_times", broken)
+    monitor = CpuMonitor(cgroup_root=tmp_path)
+    assert monitor.sample() == 0.0
+    assert monitor.sample() == 0.0
+
+
+def test_real_host_sample_is_a_fraction() -> None:
+    monitor = CpuMonitor()
+    monitor.sample()
+    sum(i * i for i in range(200_000))  # some work between the readings
+    assert 0.0 <= monitor.sample() <= 1.0
+
+
+async def test_run_samples_until_cancelled(tmp_path: Path) -> None:
+    clock = FakeClock()
+    write_cgroup(tmp_path, usage_usec=0)
+    monitor = CpuMonitor(0.01, cgroup_root=tmp_path, clock=clock)
+    task = asyncio.create_task(monitor.run())
+    await asyncio.sleep(0.005)  # the first sample is taken at once
+    clock.now += 1.0
+    write_cgroup(tmp_path, usage_usec=300_000)
+    for _ in range(200):
+        if monitor.value:
+            break
+        await asyncio.sleep(0.005)
+    assert monitor.value == pytest.approx(0.6)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
