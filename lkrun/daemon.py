@@ -87,6 +87,7 @@ class Daemon:
             "phase": self.phase,
             "stopping": self.phase in ("draining", "stopping"),
             "cpu": round(self.cpu.value, 3),
+            "reload": self.config.reload,
             "reloads": self.reloads,
             "http_port": self.health.port if self.health else None,
             "agents": [self._agent_status(h) for h in self.all_hosts()],
@@ -239,16 +240,22 @@ class Daemon:
         )
         for host in hosts:
             host.drain()
-        idle = asyncio.ensure_future(asyncio.gather(*(h.wait_idle() for h in hosts)))
-        now = asyncio.ensure_future(self._stop_now.wait())
+
+        async def all_idle() -> None:
+            for host in hosts:
+                await host.wait_idle()
+
+        idle = asyncio.create_task(all_idle())
+        now = asyncio.create_task(self._stop_now.wait())
         try:
             await asyncio.wait(
                 {idle, now}, timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            idle.cancel()
-            now.cancel()
-        if not idle.done() or idle.cancelled():
+            for task in (idle, now):
+                task.cancel()
+            await asyncio.gather(idle, now, return_exceptions=True)
+        if sum(h.job_count() for h in hosts):
             log.info("drain over with jobs still running: asking them to shut down")
 
     async def _shutdown(self) -> None:

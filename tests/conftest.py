@@ -206,6 +206,10 @@ class DaemonProc:
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
+        # Twice: the first starts a drain that would wait for running jobs.
+        self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self.proc.wait(0.2)
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)

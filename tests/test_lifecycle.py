@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 import psutil
+from livekit import api
 
 from tests.conftest import livekit_api, observer, pid_alive, unique, wait_for, wait_for_participant
 from tests.helpers import agent_table, dispatch, echo_roundtrip, job_in_room, status_is
@@ -75,11 +76,16 @@ async def test_drain_timeout_asks_jobs_to_stop(start_daemon: Any, livekit_server
 
 async def test_server_outage_keeps_jobs_and_reconnects(start_daemon: Any, own_server: Any) -> None:
     server = own_server.info
-    name, first, second = unique("echo"), unique("r1"), unique("r2")
-    daemon = await start_daemon(agent_table(name), server=server)
+    name, first, second, third = unique("steady"), unique("r1"), unique("r2"), unique("r3")
+    # This agent does not depend on its room, so only the daemon could end its jobs.
+    daemon = await start_daemon(
+        agent_table(name, "tests.agents.behaviours:waits_for_shutdown"), server=server
+    )
     old_worker = (await daemon.status())["agents"][0]["worker_id"]
     await dispatch(server, first, name)
-    job = await job_in_room(daemon, first, "running")
+    await dispatch(server, second, name)
+    keeper = await job_in_room(daemon, first, "running")
+    victim = await job_in_room(daemon, second, "running")
 
     own_server.stop()
 
@@ -89,21 +95,27 @@ async def test_server_outage_keeps_jobs_and_reconnects(start_daemon: Any, own_se
     await wait_for(down, 30, what="the registration to notice the outage")
     code, body = await daemon.http("/readyz")
     assert code == 503 and "not registered" in body["reason"]
-    assert pid_alive(job["pid"])  # the outage alone kills no job
+    # A job that ends during the outage is recorded now and reported later.
+    psutil.Process(victim["pid"]).kill()
+    await job_in_room(daemon, second, "failed")
 
     own_server.start()
     status = await daemon.wait_registered(60)
     agent = status["agents"][0]
     assert agent["reconnects"] >= 1 and agent["worker_id"] != old_worker
     assert (await daemon.http("/readyz"))[0] == 200
-    async with observer(server, second) as room:
-        await dispatch(server, second, name)
-        await wait_for_participant(room, f"{name}-", timeout=30)
-    # The first job was never killed by the daemon: it ended on its own (its room is
-    # gone with the server's state) or still runs.
-    ended = await daemon.job(job["id"])
-    assert ended is not None
-    assert ended["status"] in ("running", "success"), ended
+
+    def reported() -> bool:
+        return any(
+            "job update for unknown job" in line and victim["id"] in line
+            for line in server.log_path.read_text(errors="replace").splitlines()
+        )
+
+    await wait_for(reported, 15, what="the final status to reach the restarted server")
+    await dispatch(server, third, name)
+    await job_in_room(daemon, third, "running")
+    assert pid_alive(keeper["pid"])
+    assert (await daemon.job(keeper["id"]))["status"] == "running"
 
 
 async def _failed_job(daemon: Any, server: Any, name: str) -> dict[str, Any]:
@@ -202,10 +214,10 @@ async def test_daemon_sigkill_leaves_no_process(start_daemon: Any, livekit_serve
 async def test_job_ends_when_room_is_deleted(start_daemon: Any, livekit_server: Any) -> None:
     name, room_name = unique("echo"), unique("room")
     daemon = await start_daemon(agent_table(name))
-    await dispatch(livekit_server, room_name, name)
+    async with observer(livekit_server, room_name) as room:
+        await dispatch(livekit_server, room_name, name)
+        await wait_for_participant(room, f"{name}-")  # in the room, not only started
     job = await job_in_room(daemon, room_name, "running")
-    from livekit import api
-
     async with livekit_api(livekit_server) as lk:
         await lk.room.delete_room(api.DeleteRoomRequest(room=room_name))
     await wait_for(lambda: status_is(daemon, job["id"], "success"), 20, what="the job to end")

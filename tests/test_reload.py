@@ -1,0 +1,127 @@
+"""Hot reload: editing the manifest of a running daemon, against the real livekit-server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import livekit_api, unique, wait_for
+from tests.helpers import agent_table, dispatch, job_in_room, status_is
+
+
+async def agent_status(daemon: Any, name: str, retiring: bool = False) -> dict[str, Any] | None:
+    for agent in (await daemon.status())["agents"]:
+        if agent["agent"] == name and agent["retiring"] is retiring:
+            return agent
+    return None
+
+
+async def test_add_and_remove_agents_while_a_job_runs(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    a, b = unique("alpha"), unique("beta")
+    room_a, room_b, room_a2 = unique("ra"), unique("rb"), unique("ra2")
+    daemon = await start_daemon(agent_table(a))
+    dispatch_a = await dispatch(livekit_server, room_a, a)
+    job_a = await job_in_room(daemon, room_a, "running")
+
+    # Add b and remove a in one edit.
+    daemon.manifest_path.write_text(agent_table(b))
+    await wait_for(lambda: _connected(daemon, b), 30, what="the new agent to register")
+    await dispatch(livekit_server, room_b, b)
+    await job_in_room(daemon, room_b, "running")
+
+    retiring = await agent_status(daemon, a, retiring=True)
+    assert retiring is not None and retiring["full"] is True
+    assert (await daemon.job(job_a["id"]))["status"] == "running"  # the removed agent's job goes on
+    await dispatch(livekit_server, room_a2, a)  # nobody takes new work for a
+
+    async with livekit_api(livekit_server) as lk:
+        await lk.agent_dispatch.delete_dispatch(dispatch_a, room_a)
+    await wait_for(lambda: status_is(daemon, job_a["id"], "success"), 20, what="a's job to end")
+
+    async def a_gone() -> bool:
+        return all(x["agent"] != a for x in (await daemon.status())["agents"])
+
+    await wait_for(a_gone, 20, what="the old registration to close")
+    assert all(j["room"] != room_a2 for j in await daemon.jobs())
+    assert "removed from the manifest" in daemon.log()
+
+
+async def _connected(daemon: Any, name: str) -> bool:
+    agent = await agent_status(daemon, name)
+    return agent is not None and agent["connected"]
+
+
+async def test_limit_change_applies_in_place(start_daemon: Any, livekit_server: Any) -> None:
+    name = unique("echo")
+    daemon = await start_daemon(agent_table(name, max_jobs=2))
+    before = await agent_status(daemon, name)
+    assert before is not None
+    daemon.manifest_path.write_text(agent_table(name, max_jobs=5, rooms=["x-*"]))
+
+    async def applied() -> dict[str, Any] | None:
+        agent = await agent_status(daemon, name)
+        return agent if agent and agent["max_jobs"] == 5 else None
+
+    after = await wait_for(applied, 30, what="the new max_jobs")
+    assert after["worker_id"] == before["worker_id"]  # same registration
+    assert "changes applied in place: rooms, max_jobs" in daemon.log()
+
+
+async def test_visible_change_reregisters_and_keeps_old_jobs(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room1, room2 = unique("echo"), unique("r1"), unique("r2")
+    daemon = await start_daemon(agent_table(name))
+    old = await agent_status(daemon, name)
+    assert old is not None
+    await dispatch(livekit_server, room1, name)
+    job1 = await job_in_room(daemon, room1, "running")
+
+    daemon.manifest_path.write_text(agent_table(name) + "permissions = { can_publish = false }\n")
+
+    async def reregistered() -> dict[str, Any] | None:
+        agent = await agent_status(daemon, name)
+        return agent if agent and agent["worker_id"] != old["worker_id"] else None
+
+    new = await wait_for(reregistered, 30, what="a new registration")
+    assert new["connected"]
+    assert await agent_status(daemon, name, retiring=True) is not None
+    assert (await daemon.job(job1["id"]))["status"] == "running"
+    await dispatch(livekit_server, room2, name)
+    await job_in_room(daemon, room2, "running")
+
+
+async def test_invalid_edit_keeps_the_running_configuration(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room = unique("echo"), unique("room")
+    daemon = await start_daemon(agent_table(name, max_jobs=3))
+    before = await agent_status(daemon, name)
+    daemon.manifest_path.write_text(agent_table(name, max_jobs=0))
+    await wait_for(lambda: "manifest change rejected" in daemon.log(), 30, what="the rejection")
+    line = next(x for x in daemon.log().splitlines() if "manifest change rejected" in x)
+    assert f"agent '{name}': field 'max_jobs'" in line
+    assert await agent_status(daemon, name) == before
+    await dispatch(livekit_server, room, name)
+    await job_in_room(daemon, room, "running")
+    # A later valid edit still applies.
+    daemon.manifest_path.write_text(agent_table(name, max_jobs=4))
+
+    async def applied() -> bool:
+        agent = await agent_status(daemon, name)
+        return agent is not None and agent["max_jobs"] == 4
+
+    await wait_for(applied, 30, what="the valid edit")
+
+
+async def test_no_reload_ignores_edits(start_daemon: Any, livekit_server: Any) -> None:
+    name, other = unique("echo"), unique("other")
+    daemon = await start_daemon(agent_table(name), "--no-reload")
+    daemon.manifest_path.write_text(agent_table(name) + agent_table(other))
+    # Give a watcher, were there one, the time it needs; then check nothing happened.
+    marker = unique("marker")
+    daemon.manifest_path.with_name("unrelated.txt").write_text(marker)
+    status = await daemon.status()
+    assert [a["agent"] for a in status["agents"]] == [name]
+    assert status["reloads"] == 0 and status["reload"] is False
