@@ -222,3 +222,21 @@ async def test_job_ends_when_room_is_deleted(start_daemon: Any, livekit_server: 
         await lk.room.delete_room(api.DeleteRoomRequest(room=room_name))
     await wait_for(lambda: status_is(daemon, job["id"], "success"), 20, what="the job to end")
     assert not pid_alive(job["pid"])
+
+
+async def test_server_unreachable_at_start_is_retried(start_daemon: Any, own_server: Any) -> None:
+    name = unique("early")
+    own_server.stop()
+    daemon = await start_daemon(agent_table(name), server=own_server.info, wait=False)
+
+    async def retrying() -> bool:
+        try:
+            agent = (await daemon.status())["agents"][0]
+        except Exception:
+            return False
+        return agent["reconnects"] >= 1 and "connect" in agent["last_error"].lower()
+
+    await wait_for(retrying, 30, what="the daemon to retry the unreachable server")
+    assert daemon.proc.poll() is None
+    own_server.start()
+    await daemon.wait_registered(60)

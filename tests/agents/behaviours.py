@@ -76,3 +76,13 @@ async def spawns_grandchild(ctx: JobContext) -> None:
     ctx.userdata = child
     ctx.logger.info("grandchild pid %d", child.pid)
     await echo.entrypoint(ctx)
+
+
+async def brief(ctx: JobContext) -> None:
+    """Joins, stays as long as the dispatch metadata says (seconds), then ends the job."""
+    await ctx.connect()
+    stay = float(ctx.job.metadata or "1")
+    try:
+        await asyncio.wait_for(ctx.wait_for_shutdown(), stay)
+    except asyncio.TimeoutError:
+        ctx.shutdown("stayed long enough")
