@@ -239,7 +239,7 @@ class AgentHost:
             record.peak_memory_mb = max(record.peak_memory_mb, record.memory_mb)
             record.cpu_percent = round(usage.cpu_percent, 1)
             limit = self.spec.memory_limit_mb
-            if limit and usage.rss_bytes > limit * MB and not proc.exited:
+            if limit and usage.rss_bytes > limit * MB and not proc.being_killed:
                 why = (
                     f"memory limit exceeded: {record.memory_mb:.0f} MB in "
                     f"{usage.processes} process(es) > memory_limit_mb={limit}"

@@ -88,6 +88,10 @@ class JobProcess:
     def exited(self) -> bool:
         return self._exited.is_set()
 
+    @property
+    def being_killed(self) -> bool:
+        return bool(self._kill_reason)
+
     def start(self, **payload: Any) -> None:
         self._send(jobpipe.START, **payload)
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,31 @@ class Soak:
     def start_daemon(self) -> None:
         manifest = self.workdir / "agents.toml"
         manifest.write_text(MANIFEST)
-        env = dict(os.environ, PYTHONPATH=str(REPO), LIVEKIT_URL=self.server.url,
-                   LIVEKIT_API_KEY=self.server.api_key, LIVEKIT_API_SECRET=self.server.api_secret)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO),
+            LIVEKIT_URL=self.server.url,
+            LIVEKIT_API_KEY=self.server.api_key,
+            LIVEKIT_API_SECRET=self.server.api_secret,
+        )
         log = (self.workdir / "daemon.log").open("wb")
         self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "lkrun", "serve", str(manifest), "--control-socket",
-             str(self.socket), "--http-addr", "127.0.0.1:0", "--no-reload"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            [
+                sys.executable,
+                "-m",
+                "lkrun",
+                "serve",
+                str(manifest),
+                "--control-socket",
+                str(self.socket),
+                "--http-addr",
+                "127.0.0.1:0",
+                "--no-reload",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
 
     async def ask(self, route: str, params: dict[str, str] | None = None) -> Any:
@@ -128,8 +147,9 @@ class Soak:
 
     async def drive(self) -> None:
         n = self.args.dispatches
-        async with api.LiveKitAPI(self.server.http_url, self.server.api_key,
-                                  self.server.api_secret, failover=False) as lk:
+        async with api.LiveKitAPI(
+            self.server.http_url, self.server.api_key, self.server.api_secret, failover=False
+        ) as lk:
             for i in range(n):
                 await self.dispatch(lk, i)
                 if i == n // 2:
@@ -158,8 +178,10 @@ class Soak:
                 reasons[job["error"].split(" (last log line")[0]] += 1
         no_job = [d for d in self.dispatches if d not in by_dispatch]
         unaccounted = [j for j in jobs if j["status"] not in ("success", "failed")]
-        print(f"dispatches created:        {len(self.dispatches)} "
-              f"(CreateDispatch retried {self.refused} times while the server was down)")
+        print(
+            f"dispatches created:        {len(self.dispatches)} "
+            f"(CreateDispatch retried {self.refused} times while the server was down)"
+        )
         print(f"jobs the daemon took:      {len(jobs)}")
         print(f"  SUCCESS:                 {counts['success']}")
         print(f"  FAILED:                  {counts['failed']}")
@@ -176,6 +198,7 @@ def main() -> int:
     parser.add_argument("--dispatches", type=int, default=200)
     parser.add_argument("--rate", type=float, default=4.0, help="dispatches per second")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="The HMAC key is")  # the dev server's short secret
     with tempfile.TemporaryDirectory(prefix="lkrun-soak-") as tmp:
         return asyncio.run(Soak(args, Path(tmp)).run())
 
