@@ -23,6 +23,7 @@ from lkrun.jobs import JobBook, JobRecord, JobStatus
 from lkrun.load import WorkerLoad, agent_load
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance, Registration, WorkerSpec
+from lkrun.warm_pool import WarmPool
 
 log = logging.getLogger("lkrun.agent")
 job_log = logging.getLogger("lkrun.job")
@@ -30,8 +31,6 @@ job_log = logging.getLogger("lkrun.job")
 # The server waits 10 s for our answer to be followed by an assignment; after that
 # a reserved slot is released.
 ASSIGNMENT_WAIT = 15.0
-# Importing an entrypoint's module (and its ML libraries) may be slow, but not this slow.
-LOAD_TIMEOUT = 120.0
 SECRET_ENV = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 
 
@@ -108,10 +107,17 @@ class AgentHost:
         )
         self._reserved: dict[str, float] = {}  # job id -> when we said yes
         self._active: set[str] = set()  # assigned jobs not yet finished
+        self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
         self._procs: dict[str, JobProcess] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # no job running or reserved
         self._idle.set()
+        self.pool = WarmPool(
+            label=spec.name,
+            factory=self._new_process,
+            size=spec.idle_processes,
+            timeout=spec.prewarm_timeout,
+        )
 
     # -- WorkerHandler -----------------------------------------------------------------
 
@@ -121,7 +127,7 @@ class AgentHost:
         if reason := self._decline_reason(room):
             log.info("agent %s: declined job %s: %s", self.spec.name, job.id, reason)
             return None
-        self._reserved[job.id] = time.monotonic()
+        self._reserved[job.id] = time.time()
         self._idle.clear()
         # If no assignment follows, free the slot even when no further offer arrives.
         asyncio.get_running_loop().call_later(ASSIGNMENT_WAIT + 0.1, self._expire_reservations)
@@ -148,13 +154,14 @@ class AgentHost:
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
         job = assignment.job
-        self._reserved.pop(job.id, None)
+        offered_at = self._reserved.pop(job.id, None)
         record = JobRecord(
             id=job.id,
             agent=self.spec.name,
             room=job.room.name,
             dispatch_id=job.dispatch_id,
             identity=job.state.participant_identity,
+            offered_at=offered_at,
         )
         self.book.add(record)
         self._active.add(job.id)
@@ -180,18 +187,34 @@ class AgentHost:
         return len(self._active) + len(self._reserved)
 
     async def run(self) -> None:
-        """Stay registered until cancelled. AuthError propagates to the daemon."""
-        await self.registration.run()
+        """Stay registered and keep warm processes until cancelled.
+
+        AuthError propagates to the daemon.
+        """
+        pool = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
+        try:
+            await self.registration.run()
+        finally:
+            pool.cancel()
+            await asyncio.gather(pool, return_exceptions=True)
 
     def update_spec(self, spec: AgentSpec) -> None:
         """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
-        self.spec = spec
-        self.registration.label = spec.name
+        old, self.spec = self.spec, spec
         self.registration.load_changed()
+        if _process_fields(old) != _process_fields(spec):
+            self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
+
+    def code_changed(self) -> None:
+        """Agent code changed on disk: warm processes hold the old code."""
+        if self.pool.idle:
+            log.info("agent %s: code changed on disk; replacing warm processes", self.spec.name)
+            self.pool.recycle()
 
     def stop_accepting(self) -> None:
         self.accepting = False
         self.registration.load_changed()
+        self.pool.configure(self._new_process, 0, self.spec.prewarm_timeout)
 
     def drain(self) -> None:
         """Take no new jobs and tell running ones, so they can wrap up."""
@@ -226,12 +249,22 @@ class AgentHost:
         return True
 
     def monitor_targets(self) -> list[Target]:
-        targets = []
+        targets = [Target("warm", p.pid, self._idle_sampler(p)) for p in self.pool.idle if p.pid]
         for job_id, proc in self._procs.items():
             record = self.book.get(job_id)
             if proc.pid is not None and record is not None and not proc.exited:
                 targets.append(Target(job_id, proc.pid, self._sampler(record, proc)))
         return targets
+
+    def idle_memory_mb(self) -> float:
+        return round(sum(self._idle_memory.get(p.pid or 0, 0.0) for p in self.pool.idle), 1)
+
+    def _idle_sampler(self, proc: JobProcess) -> Callable[[Usage], None]:
+        def on_sample(usage: Usage) -> None:
+            if proc.pid is not None:
+                self._idle_memory[proc.pid] = usage.rss_bytes / MB
+
+        return on_sample
 
     def _sampler(self, record: JobRecord, proc: JobProcess) -> Callable[[Usage], None]:
         def on_sample(usage: Usage) -> None:
@@ -253,28 +286,46 @@ class AgentHost:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_job(self, record: JobRecord, assignment: proto.JobAssignment) -> None:
-        adapter = logging.LoggerAdapter(job_log, {"agent": record.agent, "job_id": record.id})
-        proc = JobProcess(
+    def _new_process(self) -> JobProcess:
+        return JobProcess(
             entrypoint=self.spec.entrypoint,
+            prewarm=self.spec.prewarm,
             cwd=self.workdir,
             env=job_env(self.spec, self.credentials.url, os.environ, self.workdir),
-            log=adapter,
-            on_running=lambda: self._on_running(record),
+            log=logging.LoggerAdapter(job_log, {"agent": self.spec.name, "job_id": "warm"}),
+        )
+
+    async def _job_process(self, record: JobRecord) -> JobProcess:
+        """A warm process if one is ready, else a cold one, bound to this job."""
+        proc = self.pool.take()
+        warm = proc is not None
+        if proc is None:
+            proc = self._new_process()
+        bound = proc
+        proc.bind(
+            logging.LoggerAdapter(job_log, {"agent": record.agent, "job_id": record.id}),
+            lambda: self._on_running(record, bound),
         )
         self._procs[record.id] = proc
+        if not warm:
+            await proc.spawn()
+        record.pid = proc.pid
+        record.warm = warm
+        log.info(
+            "agent %s: job %s in room %r: %s process %s",
+            record.agent,
+            record.id,
+            record.room,
+            "warm" if warm else "cold",
+            proc.pid,
+        )
+        return proc
+
+    async def _run_job(self, record: JobRecord, assignment: proto.JobAssignment) -> None:
         timer: asyncio.TimerHandle | None = None
         try:
-            await proc.spawn()
-            record.pid = proc.pid
-            log.info(
-                "agent %s: job %s started in room %r (pid %s)",
-                record.agent,
-                record.id,
-                record.room,
-                proc.pid,
-            )
-            if await proc.wait_ready(LOAD_TIMEOUT):
+            proc = await self._job_process(record)
+            if await proc.wait_ready(self.spec.prewarm_timeout):
                 if self.draining:
                     proc.drain()
                 proc.start(
@@ -303,9 +354,9 @@ class AgentHost:
             limit, lambda: self.stop_job(record.id, why, failure=why)
         )
 
-    def _on_running(self, record: JobRecord) -> None:
+    def _on_running(self, record: JobRecord, proc: JobProcess) -> None:
         record.status = JobStatus.RUNNING
-        record.started_at = time.time()
+        record.started_at = proc.running_at or time.time()
         self.registration.update_job(record.id, proto.JS_RUNNING)
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> None:
@@ -334,8 +385,13 @@ class AgentHost:
             self._idle.set()
 
     def _expire_reservations(self) -> None:
-        now = time.monotonic()
+        now = time.time()
         for job_id, when in list(self._reserved.items()):
             if now - when > ASSIGNMENT_WAIT:
                 del self._reserved[job_id]
         self._check_idle()
+
+
+def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
+    """What a warm process was started with: a change makes the idle ones stale."""
+    return (spec.entrypoint, spec.prewarm, spec.env, spec.idle_processes, spec.prewarm_timeout)

@@ -110,6 +110,10 @@ class Daemon:
             "max_jobs": host.spec.max_jobs,
             "full": load.full,
             "load": round(load.load, 3),
+            "idle_processes": len(host.pool.idle),
+            "idle_memory_mb": host.idle_memory_mb(),
+            "warm_error": host.pool.last_error,
+            "warm_failures": host.pool.failures,
         }
 
     def jobs(self, *, include_ended: bool) -> list[dict[str, Any]]:
@@ -286,17 +290,24 @@ class Daemon:
     # -- hot reload --------------------------------------------------------------------------
 
     async def _watch_manifest(self) -> None:
-        from watchfiles import awatch
+        """Reload on manifest edits; replace warm processes when Python code changes."""
+        from watchfiles import DefaultFilter, awatch
 
         path = self.manifest.path.resolve()
+        ignore = DefaultFilter()  # .venv, .git, __pycache__ and the like
 
-        def is_manifest(change: Any, changed: str) -> bool:
-            return Path(changed) == path
+        def relevant(change: Any, changed: str) -> bool:
+            return ignore(change, changed) and (Path(changed) == path or changed.endswith(".py"))
 
         # Watch the directory: editors replace files by renaming, which ends a file watch.
-        async for _ in awatch(path.parent, watch_filter=is_manifest, recursive=False):
-            if self.phase == "serving":
+        async for changes in awatch(path.parent, watch_filter=relevant):
+            if self.phase != "serving":
+                continue
+            if any(Path(changed) == path for _, changed in changes):
                 await self.reload()
+            if any(changed.endswith(".py") for _, changed in changes):
+                for host in self.hosts.values():
+                    host.code_changed()
 
     async def reload(self) -> bool:
         """Re-read the manifest and reconcile; an invalid one is reported and ignored."""

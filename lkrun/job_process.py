@@ -36,12 +36,15 @@ class JobProcess:
         self,
         *,
         entrypoint: str,
+        prewarm: str = "",
         cwd: Path,
         env: Mapping[str, str],
         log: logging.LoggerAdapter[Any],
         on_running: Callable[[], None] | None = None,
     ) -> None:
         self.entrypoint = entrypoint
+        self.prewarm = prewarm
+        self.running_at: float | None = None  # wall clock when the entrypoint was called
         self.cwd = cwd
         self.env = dict(env)
         self.log = log
@@ -68,6 +71,7 @@ class JobProcess:
             self.entrypoint,
             "--daemon-pid",
             str(os.getpid()),
+            *(("--prewarm", self.prewarm) if self.prewarm else ()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -91,6 +95,11 @@ class JobProcess:
     @property
     def being_killed(self) -> bool:
         return bool(self._kill_reason)
+
+    def bind(self, log: logging.LoggerAdapter[Any], on_running: Callable[[], None] | None) -> None:
+        """Give a prewarmed process its job's logger and callbacks."""
+        self.log = log
+        self.on_running = on_running
 
     def start(self, **payload: Any) -> None:
         self._send(jobpipe.START, **payload)
@@ -224,6 +233,8 @@ class JobProcess:
             self.ready.set()
         elif kind == jobpipe.RUNNING:
             self.started_running = True
+            ts = msg.get("ts")
+            self.running_at = float(ts) if isinstance(ts, (int, float)) else None
             if self.on_running is not None:
                 self.on_running()
         elif kind == jobpipe.DONE:

@@ -31,7 +31,8 @@ class JobRecord:
     identity: str
     status: JobStatus = JobStatus.STARTING
     pid: int | None = None
-    accepted_at: float = field(default_factory=time.time)
+    offered_at: float | None = None  # when LiveKit offered the job (AvailabilityRequest)
+    accepted_at: float = field(default_factory=time.time)  # when it was assigned
     started_at: float | None = None  # entrypoint running
     ended_at: float | None = None
     error: str = ""
@@ -40,12 +41,18 @@ class JobRecord:
     memory_mb: float = 0.0  # resident memory of the job's process tree, last sample
     peak_memory_mb: float = 0.0
     cpu_percent: float = 0.0  # of one core, last sample
+    warm: bool = False  # ran in a prewarmed process
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value
         end = self.ended_at if self.ended_at is not None else time.time()
         data["age"] = round(end - self.accepted_at, 3)
+        data["offer_to_start_ms"] = (
+            round((self.started_at - self.offered_at) * 1000, 2)
+            if self.started_at is not None and self.offered_at is not None
+            else None
+        )
         return data
 
 

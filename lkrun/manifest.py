@@ -305,6 +305,10 @@ def _is_name(part: str) -> bool:
     return part.isidentifier() and not keyword.iskeyword(part)
 
 
+def _optional_entrypoint(value: object) -> str:
+    return "" if value == "" else _entrypoint(value)
+
+
 def _entrypoint(value: object) -> str:
     text = _string(value)
     module, sep, function = text.partition(":")
@@ -459,6 +463,13 @@ class AgentSpec:
     memory_limit_mb: int = field(default=0, metadata=_check(_int_at_least(0)))
     # Seconds a job may run before it is stopped; 0: no limit.
     job_timeout: float = field(default=0.0, metadata=_check(_duration))
+    # Job processes kept started ahead of time (module imported, prewarm run), one job each.
+    idle_processes: int = field(default=0, metadata=_check(_int_at_least(0)))
+    # Optional "pkg.module:function" run once per process before its job; its result is
+    # ctx.userdata.
+    prewarm: str = field(default="", metadata=_check(_optional_entrypoint))
+    # How long loading the module and running prewarm may take.
+    prewarm_timeout: float = field(default=60.0, metadata=_check(_duration))
 
     @property
     def registered_name(self) -> str:
@@ -633,16 +644,23 @@ def _check_pools(path: str | Path, agents: Iterable[AgentSpec]) -> None:
 
 
 def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> None:
-    """Import every agent's entrypoint in one fresh subprocess; raise for the first failure.
+    """Import every agent's entrypoint (and prewarm) in one fresh subprocess; raise for the first
+    failure.
 
     The daemon itself never imports user code: a broken or slow module must not take it down.
     """
-    specs = list(dict.fromkeys(spec.entrypoint for spec in manifest.agents.values()))
+    wanted = [
+        (spec, name, target)
+        for spec in manifest.agents.values()
+        for name, target in (("entrypoint", spec.entrypoint), ("prewarm", spec.prewarm))
+        if target
+    ]
+    specs = list(dict.fromkeys(target for _, _, target in wanted))
     results = _run_importcheck(manifest, specs, timeout)
-    for spec in manifest.agents.values():
-        error = results.get(spec.entrypoint, "was not checked")
+    for spec, name, target in wanted:
+        error = results.get(target, "was not checked")
         if error is not None:
-            raise ManifestError(manifest.path, str(error), agent=spec.name, field="entrypoint")
+            raise ManifestError(manifest.path, str(error), agent=spec.name, field=name)
 
 
 def _importcheck_env(workdir: Path) -> dict[str, str]:

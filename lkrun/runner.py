@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -128,7 +129,7 @@ class JobRun:
         except _NotStarted as exc:
             log.info("shut down before the job started: %s", exc)
             return True
-        from lkrun.context import JobContext, JobInfo  # livekit.rtc is heavy; load it once
+        from lkrun.context import JobContext, JobInfo  # already imported before READY
 
         self.ctx = JobContext(
             job=JobInfo.from_dict(start["job"]),
@@ -144,7 +145,7 @@ class JobRun:
 
     async def _run_job(self, ctx: Any) -> bool:
         entry = asyncio.ensure_future(_call(self.entrypoint, ctx))
-        self.pipe.send(jobpipe.RUNNING)
+        self.pipe.send(jobpipe.RUNNING, ts=time.time())
         stop = asyncio.ensure_future(ctx.wait_for_shutdown())
         await asyncio.wait({entry, stop}, return_when=asyncio.FIRST_COMPLETED)
         error = ""
@@ -190,11 +191,23 @@ async def _stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def serve_job(pipe: Pipe, entrypoint: Callable[..., Any], userdata: Any) -> int:
-    run = JobRun(pipe, entrypoint, userdata)
+async def serve_job(
+    pipe: Pipe, entrypoint: Callable[..., Any], prewarm: Callable[..., Any] | None
+) -> int:
+    run = JobRun(pipe, entrypoint, None)
     reader_task = asyncio.ensure_future(run.read_stdin(await _stdin_reader()))
-    pipe.send(jobpipe.READY, pid=os.getpid())
     try:
+        # Everything slow happens before READY, so a warm process starts its job at once.
+        import lkrun.context  # noqa: F401  (livekit.rtc and its native library)
+
+        if prewarm is not None:
+            try:
+                run.userdata = await _call(prewarm)
+            except Exception as exc:
+                log.error("prewarm failed", exc_info=exc)
+                pipe.send(jobpipe.DONE, ok=False, error=f"prewarm failed: {describe(exc)}")
+                return 1
+        pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
         ok = await run.run()
     finally:
         reader_task.cancel()
@@ -230,6 +243,7 @@ def kill_group_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkrun.runner")
     parser.add_argument("--entrypoint", required=True)
+    parser.add_argument("--prewarm")
     parser.add_argument("--daemon-pid", type=int)
     args = parser.parse_args(argv)
 
@@ -238,17 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.daemon_pid)
     setup_logging()
     sys.path.insert(0, os.getcwd())
-    try:
-        entrypoint = load_entrypoint(args.entrypoint)
-    except Exception as exc:
-        traceback.print_exc()
-        pipe.send(
-            jobpipe.DONE,
-            ok=False,
-            error=f"cannot load entrypoint {args.entrypoint}: {describe(exc)}",
-        )
-        return 1
-    return _run_loop(serve_job(pipe, entrypoint, None))
+    loaded = []
+    for what, spec in (("entrypoint", args.entrypoint), ("prewarm", args.prewarm)):
+        try:
+            loaded.append(load_entrypoint(spec) if spec else None)
+        except Exception as exc:
+            traceback.print_exc()
+            error = f"cannot load {what} {spec}: {describe(exc)}"
+            pipe.send(jobpipe.DONE, ok=False, error=error)
+            return 1
+    entrypoint, prewarm = loaded
+    assert entrypoint is not None
+    return _run_loop(serve_job(pipe, entrypoint, prewarm))
 
 
 def _run_loop(coro: Any) -> int:

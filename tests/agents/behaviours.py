@@ -86,3 +86,21 @@ async def brief(ctx: JobContext) -> None:
         await asyncio.wait_for(ctx.wait_for_shutdown(), stay)
     except asyncio.TimeoutError:
         ctx.shutdown("stayed long enough")
+
+
+def prewarm_model() -> dict[str, object]:
+    """Stands in for loading a model: its result reaches ctx.userdata."""
+    return {"model": "loaded", "pid": os.getpid()}
+
+
+def prewarm_fails() -> None:
+    raise RuntimeError("model file missing")
+
+
+async def prewarm_hangs() -> None:
+    await asyncio.sleep(3600)
+
+
+async def shows_userdata(ctx: JobContext) -> None:
+    ctx.logger.info("userdata=%r", ctx.userdata)
+    await echo.entrypoint(ctx)

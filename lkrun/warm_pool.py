@@ -1,0 +1,139 @@
+"""Prewarmed job processes for one agent: started ahead, each used for exactly one job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from lkrun.job_process import JobProcess
+
+log = logging.getLogger("lkrun.pool")
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+
+
+class WarmPool:
+    """Keeps ``size`` processes READY (module imported, prewarm run) for one agent.
+
+    A process that fails to warm up is reported once per distinct cause, and warming is
+    retried with capped exponential backoff, never in a tight spawn/kill loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        factory: Callable[[], JobProcess],
+        size: int,
+        timeout: float,
+    ) -> None:
+        self.label = label
+        self.factory = factory
+        self.size = size
+        self.timeout = timeout
+        self.failures = 0
+        self.last_error = ""
+        self._ready: list[JobProcess] = []
+        self._watchers: dict[JobProcess, asyncio.Task[None]] = {}
+        self._killing: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    @property
+    def idle(self) -> list[JobProcess]:
+        return list(self._ready)
+
+    def take(self) -> JobProcess | None:
+        """A ready process for a job, or None (the caller starts a cold one)."""
+        while self._ready:
+            proc = self._ready.pop(0)
+            watcher = self._watchers.pop(proc, None)
+            if watcher is not None:
+                watcher.cancel()
+            self._changed.set()  # refill in the background
+            if not proc.exited:
+                return proc
+        return None
+
+    def configure(self, factory: Callable[[], JobProcess], size: int, timeout: float) -> None:
+        """New settings (or new code on disk): idle processes are replaced."""
+        self.factory, self.size, self.timeout = factory, size, timeout
+        self.recycle()
+
+    def recycle(self) -> None:
+        stale, self._ready = self._ready, []
+        for proc in stale:
+            self._discard(proc, "replaced after a change")
+        self.failures = 0  # new settings deserve a fresh try
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Keep the pool full until cancelled; then kill the idle processes."""
+        try:
+            while True:
+                if len(self._ready) < self.size:
+                    if self.failures:
+                        await self._backoff()
+                    await self._warm_one()
+                else:
+                    await self._changed.wait()
+                    self._changed.clear()
+        finally:
+            for proc in self._ready:
+                self._discard(proc, "pool closed")
+            self._ready = []
+            await asyncio.gather(*self._killing, return_exceptions=True)
+
+    async def _warm_one(self) -> None:
+        proc = self.factory()
+        try:
+            await proc.spawn()
+        except OSError as exc:
+            await self._failed(f"cannot start a process: {exc}")
+            return
+        if await proc.wait_ready(self.timeout):
+            if self.failures:
+                log.info("agent %s: warm processes start again", self.label)
+            self.failures = 0
+            self.last_error = ""
+            self._ready.append(proc)
+            self._watchers[proc] = asyncio.create_task(self._watch(proc))
+            return
+        outcome = await proc.wait()
+        error = outcome.error
+        if "did not load its entrypoint" in error:
+            error = f"prewarm took longer than prewarm_timeout={self.timeout:g}s"
+        self._failed(error)
+
+    def _failed(self, error: str) -> None:
+        self.failures += 1
+        if error != self.last_error:  # once per cause, not once per attempt
+            log.error("agent %s: a warm process failed to start: %s", self.label, error)
+            self.last_error = error
+
+    async def _backoff(self) -> None:
+        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
+        log.debug("agent %s: next warm process in %.0fs", self.label, delay)
+        self._changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            # A configuration change cuts the wait short.
+            await asyncio.wait_for(self._changed.wait(), delay)
+
+    async def _watch(self, proc: JobProcess) -> None:
+        """An idle process that dies (OOM, crash) leaves the pool and is replaced."""
+        outcome = await proc.wait()
+        if proc in self._ready:
+            self._ready.remove(proc)
+            self._watchers.pop(proc, None)
+            self._failed(f"an idle process exited: {outcome.error or 'no error given'}")
+            self._changed.set()
+
+    def _discard(self, proc: JobProcess, why: str) -> None:
+        watcher = self._watchers.pop(proc, None)
+        if watcher is not None:
+            watcher.cancel()
+        task = asyncio.ensure_future(proc.kill(why))
+        self._killing.add(task)
+        task.add_done_callback(self._killing.discard)
