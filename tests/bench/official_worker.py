@@ -1,0 +1,95 @@
+"""The official LiveKit Agents worker under benchmark (run with the bench venv's python).
+
+    BENCH_EVENTS=events.jsonl BENCH_AGENT_NAME=bench-official BENCH_IDLE=4 \\
+    BENCH_HTTP_PORT=8089 LIVEKIT_URL=... python official_worker.py start
+
+It uses only livekit-agents itself (no plugins, no inference): the entrypoint joins
+the room and returns, so the job lasts while the room is connected, like lkrun's.
+
+Timestamps come from the worker itself, written as JSON lines to $BENCH_EVENTS:
+
+- ``prewarm``: a job process finished initialising (``prewarm_fnc``), with its pid;
+  every job process (idle or on-demand) goes through it once.
+- ``entrypoint``: the entrypoint was called; ``entrypoint_at`` is ``time.time()`` in
+  the job process and ``received_at`` is the worker's own wall-clock receipt of the
+  AvailabilityRequest (``RunningJobInfo.received_at``, stamped in the worker's
+  ``_handle_availability`` and passed to the job process), so
+  ``entrypoint_at - received_at`` is offer -> entrypoint.
+- ``registered``: the worker registered with LiveKit (``worker_registered`` event).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from livekit import agents
+from livekit.agents import AgentServer, JobContext, JobProcess, WorkerOptions, cli
+
+EVENTS = os.environ.get("BENCH_EVENTS", "")
+
+
+def emit(event: str, **fields: Any) -> None:
+    if not EVENTS:
+        return
+    line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields}) + "\n"
+    # One O_APPEND write per line: lines from many processes never interleave.
+    fd = os.open(EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def prewarm(proc: JobProcess) -> None:
+    emit("prewarm")
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    entrypoint_at = time.time()
+    info = ctx._info  # RunningJobInfo: the worker's dispatch timeline for this job
+    emit(
+        "entrypoint",
+        job_id=ctx.job.id,
+        room=ctx.job.room.name,
+        entrypoint_at=entrypoint_at,
+        received_at=info.received_at or None,
+        accepted_at=info.accepted_at or None,
+        assigned_at=info.assigned_at or None,
+        launched_at=info.launched_at or None,
+    )
+    await ctx.connect()
+    # Returning keeps the job alive until the room disconnects (the framework's
+    # shutdown future), which is also how the lkrun bench agent behaves.
+
+
+def options() -> WorkerOptions:
+    return WorkerOptions(
+        entrypoint_fnc=entrypoint,
+        prewarm_fnc=prewarm,
+        agent_name=os.environ.get("BENCH_AGENT_NAME", "bench-official"),
+        num_idle_processes=int(os.environ.get("BENCH_IDLE", "0")),
+        # No CPU-based refusal: lkrun gets load_threshold = 1.0 and max_jobs = 200.
+        load_threshold=math.inf,
+        # The same patience as lkrun's (120 s) for a slow process start under load.
+        initialize_process_timeout=float(os.environ.get("BENCH_INIT_TIMEOUT", "120")),
+        drain_timeout=int(os.environ.get("BENCH_DRAIN_TIMEOUT", "5")),
+        host="127.0.0.1",
+        port=int(os.environ.get("BENCH_HTTP_PORT", "0")),
+    )
+
+
+def main() -> None:
+    server = AgentServer.from_server_options(options())
+    server.on(
+        "worker_registered",
+        lambda worker_id, *_: emit("registered", worker_id=worker_id, version=agents.__version__),
+    )
+    cli.run_app(server)
+
+
+if __name__ == "__main__":
+    main()
