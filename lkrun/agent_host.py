@@ -21,6 +21,7 @@ from lkrun.job_monitor import MB, Target, Usage
 from lkrun.job_process import JobProcess, Outcome
 from lkrun.jobs import JobBook, JobRecord, JobStatus
 from lkrun.load import WorkerLoad, agent_load
+from lkrun.logs import agent_logger, job_logger
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance, Registration, WorkerSpec
 from lkrun.warm_pool import WarmPool
@@ -92,6 +93,7 @@ class AgentHost:
         settings: HostSettings,
     ) -> None:
         self.spec = spec
+        self.log = agent_logger(log, spec.name)
         self.workdir = workdir
         self.credentials = credentials
         self.book = book
@@ -125,7 +127,7 @@ class AgentHost:
         self._expire_reservations()
         room = job.room.name
         if reason := self._decline_reason(room):
-            log.info("agent %s: declined job %s: %s", self.spec.name, job.id, reason)
+            self.log.info("declined job %s: %s", job.id, reason)
             return None
         self._reserved[job.id] = time.time()
         self._idle.clear()
@@ -169,7 +171,7 @@ class AgentHost:
 
     def on_termination(self, job_id: str) -> None:
         if job_id in self._procs:
-            log.info("agent %s: job %s terminated by LiveKit", self.spec.name, job_id)
+            self.log.info("job %s terminated by LiveKit", job_id)
             self.stop_job(job_id, "terminated by LiveKit")
 
     def worker_load(self) -> WorkerLoad:
@@ -208,7 +210,7 @@ class AgentHost:
     def code_changed(self) -> None:
         """Agent code changed on disk: warm processes hold the old code."""
         if self.pool.idle:
-            log.info("agent %s: code changed on disk; replacing warm processes", self.spec.name)
+            self.log.info("code changed on disk; replacing warm processes")
             self.pool.recycle()
 
     def stop_accepting(self) -> None:
@@ -292,7 +294,7 @@ class AgentHost:
             prewarm=self.spec.prewarm,
             cwd=self.workdir,
             env=job_env(self.spec, self.credentials.url, os.environ, self.workdir),
-            log=logging.LoggerAdapter(job_log, {"agent": self.spec.name, "job_id": "warm"}),
+            log=job_logger(job_log, self.spec.name, "warm"),
         )
 
     async def _job_process(self, record: JobRecord) -> JobProcess:
@@ -303,7 +305,7 @@ class AgentHost:
             proc = self._new_process()
         bound = proc
         proc.bind(
-            logging.LoggerAdapter(job_log, {"agent": record.agent, "job_id": record.id}),
+            job_logger(job_log, record.agent, record.id),
             lambda: self._on_running(record, bound),
         )
         self._procs[record.id] = proc
@@ -311,9 +313,8 @@ class AgentHost:
             await proc.spawn()
         record.pid = proc.pid
         record.warm = warm
-        log.info(
-            "agent %s: job %s in room %r: %s process %s",
-            record.agent,
+        self.log.info(
+            "job %s in room %r: %s process %s",
             record.id,
             record.room,
             "warm" if warm else "cold",
@@ -367,16 +368,15 @@ class AgentHost:
         if outcome.ok:
             self.book.finish(record, JobStatus.SUCCESS)
             self.registration.update_job(record.id, proto.JS_SUCCESS)
-            log.info(
-                "agent %s: job %s succeeded (%s)",
-                record.agent,
+            self.log.info(
+                "job %s succeeded (%s)",
                 record.id,
                 record.stop_reason or "done",
             )
         else:
             self.book.finish(record, JobStatus.FAILED, outcome.error)
             self.registration.update_job(record.id, proto.JS_FAILED, outcome.error)
-            log.warning("agent %s: job %s failed: %s", record.agent, record.id, outcome.error)
+            self.log.warning("job %s failed: %s", record.id, outcome.error)
         self._check_idle()
         self.registration.load_changed()
 

@@ -118,6 +118,10 @@ def serve(
         bool, typer.Option("--reload/--no-reload", help="Apply manifest edits while running.")
     ] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="pretty or json [default: pretty on a terminal, json otherwise]."),
+    ] = None,
 ) -> None:
     """Run the daemon: register every agent of MANIFEST and run their jobs.
 
@@ -126,7 +130,11 @@ def serve(
     """
     from lkrun.logs import setup_logging
 
-    setup_logging(log_level)
+    if log_format not in (None, "pretty", "json"):
+        fail(f"--log-format must be pretty or json, got {log_format!r}", EXIT_USAGE)
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        fail(f"--log-level must be debug, info, warning or error, got {log_level!r}", EXIT_USAGE)
+    setup_logging(log_level, log_format)
     loaded = _load(manifest)
     options = _daemon_options(loaded, drain_timeout, shutdown_timeout, http_addr)
     with ExitStack() as stack:

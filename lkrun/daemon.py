@@ -213,9 +213,8 @@ class Daemon:
 
     def _retire(self, host: AgentHost, why: str) -> None:
         """Stop offering jobs to this registration; close it once its jobs are done."""
-        log.info(
-            "agent %s: %s; its %d running job(s) will finish first",
-            host.spec.name,
+        host.log.info(
+            "%s; its %d running job(s) will finish first",
             why,
             host.job_count(),
         )
@@ -229,7 +228,7 @@ class Daemon:
                 run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
             self.retiring.discard(host)
-            log.info("agent %s: old registration closed", host.spec.name)
+            host.log.info("old registration closed")
 
         self._spawn(close_when_idle(), f"retire {host.spec.name}")
 
@@ -328,19 +327,15 @@ class Daemon:
         for name, spec in manifest.agents.items():
             host = self.hosts.get(name)
             if host is None:
-                log.info("agent %s: added to the manifest; registering", name)
-                self._add_host(spec)
+                self._add_host(spec).log.info("added to the manifest; registering")
             elif host.spec == spec:
                 continue
             elif host.spec.registration_key() != spec.registration_key():
                 self._retire(self.hosts.pop(name), "settings LiveKit sees changed; re-registering")
                 self._add_host(spec)
             else:
-                log.info(
-                    "agent %s: changes applied in place: %s",
-                    name,
-                    ", ".join(_changed_fields(host.spec, spec)),
-                )
+                changed = ", ".join(_changed_fields(host.spec, spec))
+                host.log.info("changes applied in place: %s", changed)
                 host.update_spec(spec)
 
     # -- signals -----------------------------------------------------------------------------

@@ -1,29 +1,75 @@
-"""Logging setup for the daemon; called by the CLI, never at import."""
+"""Logging for the daemon: pretty for people, JSON lines for collectors; set up by the CLI only.
+
+Every line about an agent or a job carries `agent` and `job_id`, as text in the pretty
+format and as fields in JSON.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
+
+FORMATS = ("pretty", "json")
 
 
-class _Formatter(logging.Formatter):
-    """Adds `[agent job_id]` to lines that carry them, so every job line is traceable."""
+def agent_logger(logger: logging.Logger, agent: str) -> logging.LoggerAdapter[logging.Logger]:
+    return logging.LoggerAdapter(logger, {"agent": agent})
+
+
+def job_logger(
+    logger: logging.Logger, agent: str, job_id: str
+) -> logging.LoggerAdapter[logging.Logger]:
+    return logging.LoggerAdapter(logger, {"agent": agent, "job_id": job_id})
+
+
+def _context(record: logging.LogRecord) -> str:
+    agent = getattr(record, "agent", "")
+    job_id = getattr(record, "job_id", "")
+    if agent and job_id:
+        return f"[{agent} {job_id}] "
+    if agent:
+        return f"[{agent}] "
+    return ""
+
+
+class PrettyFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        job_id = getattr(record, "job_id", None)
-        if job_id:
-            agent = getattr(record, "agent", "")
-            prefix = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
-            return f"{prefix}[{agent} {job_id}] {record.getMessage()}"
+        time = self.formatTime(record, self.datefmt)
+        text = f"{time} {record.levelname:<7} {_context(record)}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
         return text
 
 
-def setup_logging(level: str = "INFO") -> None:
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("agent", "job_id"):
+            if value := getattr(record, key, None):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def default_format() -> str:
+    return "pretty" if sys.stderr.isatty() else "json"
+
+
+def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    )
+    fmt = fmt or default_format()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PrettyFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

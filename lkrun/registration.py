@@ -23,6 +23,7 @@ from livekit.protocol import models
 from lkrun import __version__
 from lkrun.credentials import Credentials
 from lkrun.load import WorkerLoad
+from lkrun.logs import agent_logger
 
 log = logging.getLogger("lkrun.registration")
 
@@ -99,6 +100,7 @@ class Registration:
         session: aiohttp.ClientSession,
     ) -> None:
         self.label = label  # the agent's name in the manifest, for logs
+        self.log = agent_logger(log, label)
         self.spec = spec
         self.credentials = credentials
         self.handler = handler
@@ -128,14 +130,13 @@ class Registration:
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
                 self.state.last_error = _one_line(exc)
             except Exception as exc:  # a bug must not end the registration for good
-                log.exception("agent %s: unexpected error in the registration", self.label)
+                self.log.exception("unexpected error in the registration")
                 self.state.last_error = _one_line(exc)
             self._disconnected()
             delay = backoff(failures)
             failures += 1
-            log.warning(
-                "agent %s: registration lost (%s); reconnecting in %.1fs",
-                self.label,
+            self.log.warning(
+                "registration lost (%s); reconnecting in %.1fs",
                 self.state.last_error or "connection closed",
                 delay,
             )
@@ -233,9 +234,8 @@ class Registration:
         self.state.connected_since = time.time()
         self.state.last_error = ""
         self._registered.set()
-        log.info(
-            "agent %s: registered as worker %s (%s, LiveKit %s)",
-            self.label,
+        self.log.info(
+            "registered as worker %s (%s, LiveKit %s)",
             self.state.worker_id,
             self.spec.agent_name or "automatic dispatch",
             self.state.server_version or "unknown version",
@@ -266,14 +266,14 @@ class Registration:
         elif kind == "termination":
             self.handler.on_termination(msg.termination.job_id)
         elif kind == "go_away":
-            log.info("agent %s: server asked us to go away: %s", self.label, msg.go_away.reason)
+            self.log.info("server asked us to go away: %s", msg.go_away.reason)
 
     def _answer(self, job: proto.Job) -> None:
         # Answer at once: the server gives up on us after a few seconds.
         try:
             accept = self.handler.on_availability(job)
         except Exception:
-            log.exception("agent %s: deciding on job %s failed; declining", self.label, job.id)
+            self.log.exception("deciding on job %s failed; declining", job.id)
             accept = None
         if accept is None:
             response = proto.AvailabilityResponse(job_id=job.id, available=False)

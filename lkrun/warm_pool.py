@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from lkrun.job_process import JobProcess
+from lkrun.logs import agent_logger
 
 log = logging.getLogger("lkrun.pool")
 
@@ -31,6 +32,7 @@ class WarmPool:
         timeout: float,
     ) -> None:
         self.label = label
+        self.log = agent_logger(log, label)
         self.factory = factory
         self.size = size
         self.timeout = timeout
@@ -95,7 +97,7 @@ class WarmPool:
             return
         if await proc.wait_ready(self.timeout):
             if self.failures:
-                log.info("agent %s: warm processes start again", self.label)
+                self.log.info("warm processes start again")
             self.failures = 0
             self.last_error = ""
             self._ready.append(proc)
@@ -110,12 +112,12 @@ class WarmPool:
     def _failed(self, error: str) -> None:
         self.failures += 1
         if error != self.last_error:  # once per cause, not once per attempt
-            log.error("agent %s: a warm process failed to start: %s", self.label, error)
+            self.log.error("a warm process failed to start: %s", error)
             self.last_error = error
 
     async def _backoff(self) -> None:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
-        log.debug("agent %s: next warm process in %.0fs", self.label, delay)
+        self.log.debug("next warm process in %.0fs", delay)
         self._changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             # A configuration change cuts the wait short.

@@ -134,6 +134,8 @@ class DaemonProc:
                     str(self.manifest_path),
                     "--log-level",
                     "debug",
+                    "--log-format",
+                    "pretty",
                     "--http-addr",
                     "127.0.0.1:0",
                     *self.extra_args,

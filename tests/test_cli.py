@@ -135,3 +135,29 @@ def test_dispatch_json_output(livekit_server: Any) -> None:
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"lkrun {__version__}"
+
+
+async def test_json_logs_carry_agent_and_job_id(start_daemon: Any, livekit_server: Any) -> None:
+    from tests.helpers import agent_table, dispatch, job_in_room
+
+    name, room = unique("echo"), unique("room")
+    daemon = await start_daemon(agent_table(name), "--log-format", "json")
+    await dispatch(livekit_server, room, name)
+    job = await job_in_room(daemon, room, "running")
+
+    def entries() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+
+    from tests.conftest import wait_for
+
+    await wait_for(
+        lambda: any(e.get("job_id") == job["id"] and "echo ready" in e["msg"] for e in entries()),
+        15,
+        what="the job's own log line in JSON",
+    )
+    lines = [line for line in daemon.log().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in lines), lines[:3]
+    registered = next(e for e in entries() if e["msg"].startswith("registered as worker"))
+    assert registered["agent"] == name and registered["level"] == "info"
+    job_lines = [e for e in entries() if e.get("job_id") == job["id"]]
+    assert all(e["agent"] == name for e in job_lines)

@@ -1,0 +1,363 @@
+"""The systems under test: an lkrun daemon, or an official LiveKit Agents worker.
+
+Both expose the same view to the bench: start and stop, the pid of the main process,
+how many jobs run, which process runs the job of a given room, and offer -> entrypoint
+times. lkrun is read through its CLI (``lkrun status --json``, ``lkrun jobs ls --json``);
+the official worker through its ``/worker`` HTTP endpoint and the events its bench
+script writes (see ``official_worker.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from tests.bench.procs import Registry, Spawned, descendants
+
+REPO = Path(__file__).resolve().parents[2]
+OFFICIAL_SCRIPT = Path(__file__).resolve().parent / "official_worker.py"
+ACTIVE = ("starting", "running", "stopping")
+
+
+class SutError(Exception):
+    """The system under test could not start or answer."""
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str  # ws://127.0.0.1:PORT
+    http_url: str
+    api_key: str
+    api_secret: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "LIVEKIT_URL": self.url,
+            "LIVEKIT_API_KEY": self.api_key,
+            "LIVEKIT_API_SECRET": self.api_secret,
+        }
+
+
+class Sut(abc.ABC):
+    system: str
+    agent_name: str
+
+    def __init__(
+        self, *, variant: str, idle: int, server: Server, workdir: Path, registry: Registry
+    ) -> None:
+        self.variant = variant
+        self.idle = idle
+        self.server = server
+        self.workdir = workdir
+        self.registry = registry
+        self.proc: Spawned | None = None
+        self.notes: list[str] = []
+
+    @property
+    def label(self) -> str:
+        return f"{self.system}-{self.variant}"
+
+    @property
+    def main_pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        if self.proc is None or not self.proc.alive():
+            tail = self.proc.log_tail() if self.proc else ""
+            raise SutError(f"{self.label}: the process exited\n{tail}")
+
+    @abc.abstractmethod
+    async def start(self, timeout: float = 90.0) -> None: ...
+
+    async def stop(self) -> None:
+        """SIGTERM (twice for lkrun: skip the drain), then SIGKILL whatever is left."""
+        if self.proc is not None:
+            proc, self.proc = self.proc, None
+            signals = 2 if self.system == "lkrun" else 1
+            await asyncio.to_thread(proc.stop, signals=signals, timeout=20)
+            self.registry.forget(proc)
+
+    @abc.abstractmethod
+    async def active_jobs(self) -> int: ...
+
+    @abc.abstractmethod
+    async def idle_ready(self) -> int | None:
+        """Prewarmed processes ready for a job, or None if the system does not say."""
+
+    @abc.abstractmethod
+    async def job_pids(self, rooms: list[str]) -> dict[str, int]:
+        """room -> pid of the process running that room's job (running jobs only)."""
+
+    @abc.abstractmethod
+    async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    async def failed_jobs(self, rooms: list[str]) -> list[str]:
+        """Errors of failed jobs in these rooms (what the system reports)."""
+
+    async def wait_idle_ready(self, timeout: float = 90.0) -> bool:
+        if self.idle <= 0:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            ready = await self.idle_ready()
+            if ready is None or ready >= self.idle:
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def wait_no_jobs(self, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if await self.active_jobs() == 0:
+                return True
+            await asyncio.sleep(0.3)
+        return False
+
+
+class LkrunSut(Sut):
+    system = "lkrun"
+    agent_name = "bench-lkrun"
+
+    def __init__(self, *, tmpdir: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tmpdir = tmpdir  # manifest and control socket (short path for AF_UNIX)
+        self.socket = tmpdir / "ctl.sock"
+        self.manifest = tmpdir / "agents.toml"
+
+    def manifest_text(self) -> str:
+        lines = [
+            "[daemon]",
+            "load_threshold = 1.0  # the highest lkrun accepts: never full for CPU below 100%",
+            'shutdown_timeout = "5s"',
+            "",
+            f"[agents.{self.agent_name}]",
+            'entrypoint = "tests.bench.agents:entrypoint"',
+            'dispatch = "explicit"',
+            "max_jobs = 200",
+        ]
+        if self.idle > 0:
+            lines.append(f"idle_processes = {self.idle}")
+        return "\n".join(lines) + "\n"
+
+    async def start(self, timeout: float = 90.0) -> None:
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.manifest.write_text(self.manifest_text())
+        (self.workdir / "agents.toml").write_text(self.manifest_text())
+        env = dict(os.environ, PYTHONPATH=str(REPO), **self.server.env())
+        self.proc = self.registry.spawn(
+            self.label,
+            [
+                sys.executable,
+                "-m",
+                "lkrun",
+                "serve",
+                str(self.manifest),
+                "--http-addr",
+                "127.0.0.1:0",
+                "--control-socket",
+                str(self.socket),
+                "--no-reload",
+            ],
+            env=env,
+            log_path=self.workdir / "daemon.log",
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                status = await self.cli("status")
+            except SutError:
+                status = None
+            if status and status["agents"] and all(a["connected"] for a in status["agents"]):
+                return
+            await asyncio.sleep(0.5)
+        raise SutError(f"{self.label}: agents not connected within {timeout:g}s")
+
+    async def cli(self, *args: str) -> Any:
+        """``python -m lkrun ARGS --json --control-socket SOCK``, parsed."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lkrun",
+            *args,
+            "--json",
+            "--control-socket",
+            str(self.socket),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            cwd=REPO,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise SutError(f"lkrun {' '.join(args)}: {err.decode(errors='replace').strip()}")
+        return json.loads(out)
+
+    async def jobs(self, *, include_ended: bool = False) -> list[dict[str, Any]]:
+        return list(await self.cli("jobs", "ls", *(["--all"] if include_ended else [])))
+
+    async def active_jobs(self) -> int:
+        return sum(1 for job in await self.jobs() if job["status"] in ACTIVE)
+
+    async def idle_ready(self) -> int | None:
+        status = await self.cli("status")
+        counts = [a.get("idle_processes") for a in status["agents"]]
+        if any(c is None for c in counts):
+            return None
+        return int(sum(counts))
+
+    async def job_pids(self, rooms: list[str]) -> dict[str, int]:
+        wanted = set(rooms)
+        return {
+            job["room"]: int(job["pid"])
+            for job in await self.jobs()
+            if job["room"] in wanted and job["status"] in ACTIVE and job.get("pid")
+        }
+
+    async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]:
+        wanted = set(rooms)
+        result: dict[str, float] = {}
+        for job in await self.jobs(include_ended=True):
+            if job["room"] not in wanted:
+                continue
+            value = job.get("offer_to_start_ms")
+            if value is None and job.get("offered_at") and job.get("started_at"):
+                value = (job["started_at"] - job["offered_at"]) * 1000
+            if value is not None:
+                result[job["room"]] = float(value)
+        return result
+
+    async def failed_jobs(self, rooms: list[str]) -> list[str]:
+        wanted = set(rooms)
+        return [
+            f"{job['room']}: {job.get('error', '')}"
+            for job in await self.jobs(include_ended=True)
+            if job["room"] in wanted and job["status"] == "failed"
+        ]
+
+
+class OfficialSut(Sut):
+    system = "official"
+    agent_name = "bench-official"
+
+    def __init__(self, *, python: Path, http_port: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.python = python
+        self.http_port = http_port
+        self.events_path = self.workdir / "events.jsonl"
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self, timeout: float = 90.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.events_path.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update(
+            self.server.env(),
+            BENCH_EVENTS=str(self.events_path),
+            BENCH_AGENT_NAME=self.agent_name,
+            BENCH_IDLE=str(self.idle),
+            BENCH_HTTP_PORT=str(self.http_port),
+            LIVEKIT_LOG_LEVEL="INFO",
+        )
+        self.proc = self.registry.spawn(
+            self.label,
+            [str(self.python), str(OFFICIAL_SCRIPT), "start"],
+            env=env,
+            log_path=self.workdir / "worker.log",
+            cwd=self.workdir,
+        )
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if any(e["event"] == "registered" for e in self.events()):
+                return
+            await asyncio.sleep(0.3)
+        raise SutError(f"{self.label}: worker not registered within {timeout:g}s")
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._http is not None:
+            session, self._http = self._http, None
+            await session.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        try:
+            text = self.events_path.read_text()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in text.splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written
+        return events
+
+    async def worker_info(self) -> dict[str, Any]:
+        assert self._http is not None
+        try:
+            async with self._http.get(f"http://127.0.0.1:{self.http_port}/worker") as resp:
+                resp.raise_for_status()
+                return dict(await resp.json(content_type=None))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise SutError(f"{self.label}: /worker did not answer: {exc}") from exc
+
+    async def active_jobs(self) -> int:
+        return int((await self.worker_info()).get("active_jobs", 0))
+
+    def _entrypoints(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["event"] == "entrypoint"]
+
+    async def idle_ready(self) -> int | None:
+        alive = {p.pid for p in descendants(self.main_pid)}
+        warmed = {e["pid"] for e in self.events() if e["event"] == "prewarm"}
+        used = {e["pid"] for e in self._entrypoints()}
+        return len((warmed - used) & alive)
+
+    async def job_pids(self, rooms: list[str]) -> dict[str, int]:
+        wanted = set(rooms)
+        result: dict[str, int] = {}
+        for event in self._entrypoints():
+            if event["room"] in wanted and psutil.pid_exists(event["pid"]):
+                result[event["room"]] = int(event["pid"])
+        return result
+
+    async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]:
+        wanted = set(rooms)
+        return {
+            e["room"]: (e["entrypoint_at"] - e["received_at"]) * 1000
+            for e in self._entrypoints()
+            if e["room"] in wanted and e.get("received_at")
+        }
+
+    async def failed_jobs(self, rooms: list[str]) -> list[str]:
+        # The worker reports failures only in its log (JSON lines at level ERROR).
+        errors = []
+        try:
+            lines = (self.workdir / "worker.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        wanted = set(rooms)
+        for line in lines:
+            if '"level": "ERROR"' not in line:
+                continue
+            if any(room in line for room in wanted):
+                errors.append(line[:300])
+        return errors
