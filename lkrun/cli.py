@@ -149,21 +149,22 @@ def _daemon_options(
     manifest: Manifest, drain: str | None, shutdown: str | None, http_addr: str | None
 ) -> dict[str, Any]:
     """[daemon] settings, each overridden by its flag when given."""
-    from lkrun.manifest import parse_duration, parse_host_port
-
-    def duration(text: str) -> float:
-        # A bare number on the command line means seconds.
-        try:
-            return parse_duration(float(text))
-        except ValueError:
-            return parse_duration(text)
+    from lkrun.manifest import parse_host_port
 
     daemon = manifest.daemon
     try:
         addr = daemon.http_addr if http_addr is None else http_addr
         return {
-            "drain_timeout": daemon.drain_timeout if drain is None else duration(drain),
-            "shutdown_timeout": daemon.shutdown_timeout if shutdown is None else duration(shutdown),
+            "drain_timeout": (
+                daemon.drain_timeout
+                if drain is None
+                else _duration_option("--drain-timeout", drain)
+            ),
+            "shutdown_timeout": (
+                daemon.shutdown_timeout
+                if shutdown is None
+                else _duration_option("--shutdown-timeout", shutdown)
+            ),
             "http_addr": parse_host_port(addr) if addr else None,
             "load_threshold": daemon.load_threshold,
         }
@@ -250,31 +251,89 @@ def dispatch(
     room: Annotated[str, typer.Option("--room", help="Room to send the agent to.")],
     agent: Annotated[str, typer.Option("--agent", help="Agent name, as registered.")],
     metadata: Annotated[str, typer.Option(help="Metadata passed to the job.")] = "",
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until a job of the dispatch is running.")
+    ] = False,
+    timeout: Annotated[str, typer.Option(help="With --wait: how long, e.g. 30s.")] = "30s",
     url: UrlOpt = None,
     api_key: KeyOpt = None,
+    control_socket: SocketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask LiveKit to send AGENT to ROOM (creating the room if needed)."""
-    from lkrun.dispatch import DispatchError, create_dispatch
+    from lkrun.dispatch import DispatchError, WaitTimeout, create_dispatch, wait_running
 
     creds = _client_credentials(url, api_key)
+    limit = _duration_option("--timeout", timeout)
+
+    async def run() -> tuple[Any, Any]:
+        started = asyncio.get_running_loop().time()
+        created = await create_dispatch(creds, room=room, agent=agent, metadata=metadata)
+        if not wait:
+            return created, None
+        try:
+            return created, await wait_running(creds, created, started=started, timeout=limit)
+        except WaitTimeout:
+            return created, None
+
     try:
-        result = run_async(create_dispatch(creds, room=room, agent=agent, metadata=metadata))
+        created, running = run_async(run())
     except DispatchError as exc:
         fail(str(exc))
-    if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "dispatch_id": result.id,
-                    "agent": result.agent,
-                    "room": result.room,
-                    "metadata": result.metadata,
-                }
-            )
+    result: dict[str, Any] = {
+        "dispatch_id": created.id,
+        "agent": created.agent,
+        "room": created.room,
+        "metadata": created.metadata,
+    }
+    if running is not None:
+        result.update(
+            job_id=running.job_id,
+            participant_identity=running.participant_identity,
+            worker_id=running.worker_id,
+            seconds=round(running.seconds, 3),
         )
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    elif running is None:
+        out.print(created.id)
     else:
-        out.print(result.id)
+        out.print(
+            f"{created.id}: job {running.job_id} running after {running.seconds:.2f}s "
+            f"(participant {running.participant_identity})"
+        )
+    if wait and running is None:
+        _explain_timeout(agent, room, created.id, limit, control_socket)
+
+
+def _explain_timeout(
+    agent: str, room: str, dispatch_id: str, limit: float, socket_path: Path | None
+) -> NoReturn:
+    from lkrun.dispatch import diagnose
+
+    try:
+        local = control.request(socket_path or control.default_socket_path(), "/v1/status")
+    except control.ControlError:
+        local = None
+    err.print(
+        f"error: no job of dispatch {dispatch_id} was running after {limit:g}s; most likely:",
+        markup=False,
+    )
+    for reason in diagnose(agent, room, local):
+        err.print(f"  - {reason}", markup=False)
+    raise typer.Exit(EXIT_FAILURE)
+
+
+def _duration_option(flag: str, text: str) -> float:
+    from lkrun.manifest import parse_duration
+
+    try:
+        try:
+            return parse_duration(float(text))  # a bare number means seconds
+        except ValueError:
+            return parse_duration(text)
+    except ValueError as exc:
+        fail(f"{flag}: {exc}", EXIT_USAGE)
 
 
 def _ask_daemon(socket_path: Path | None, route: str, params: dict[str, str] | None = None) -> Any:

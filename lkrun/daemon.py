@@ -100,6 +100,7 @@ class Daemon:
             "agent": host.spec.name,
             "dispatch": host.spec.dispatch,
             "registered_name": host.spec.registered_name,
+            "rooms": list(host.spec.rooms),
             "retiring": host in self.retiring,
             "connected": state.connected,
             "worker_id": state.worker_id,

@@ -72,12 +72,14 @@ class JobLogs:
             return current
         path = self.path(job_id)
         self.open()
-        writer = JobLogWriter(path, self.max_bytes, on_close=lambda: self._forget(job_id))
+        writer = JobLogWriter(path, self.max_bytes, on_close=self._forget)
         self._writers[job_id] = writer
         return writer
 
-    def _forget(self, job_id: str) -> None:
-        self._writers.pop(job_id, None)
+    def _forget(self, writer: JobLogWriter) -> None:
+        job_id = writer.path.name.removesuffix(".log")
+        if self._writers.get(job_id) is writer:
+            del self._writers[job_id]
 
     def tail(self, job_id: str, lines: int = 100) -> list[str]:
         """The last `lines` lines across the rotated file and the current one; [] if none."""
@@ -116,11 +118,12 @@ class JobLogs:
                 yield line
             while True:
                 done = until is not None and until()  # checked before reading: no lost tail
-                lines = follower.read_new()
+                lines, moved = follower.read_new()
                 for line in lines:
                     yield line
-                if lines:
-                    continue  # more may be waiting; read before sleeping
+                if moved:
+                    await asyncio.sleep(0)  # more may be waiting, but let the loop breathe
+                    continue
                 if done:
                     for line in follower.finish():
                         yield line
@@ -179,7 +182,11 @@ class JobLogWriter:
     """
 
     def __init__(
-        self, path: Path, max_bytes: int, *, on_close: Callable[[], None] | None = None
+        self,
+        path: Path,
+        max_bytes: int,
+        *,
+        on_close: Callable[[JobLogWriter], None] | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -203,7 +210,8 @@ class JobLogWriter:
         stamp = _timestamp(time.time())
         # An embedded newline would forge a line of its own; give each part its own stamp.
         for part in line.rstrip("\r\n").split("\n"):
-            data = f"{stamp} {part.rstrip(chr(13))}\n".encode(errors="replace")
+            text = part.rstrip("\r")
+            data = f"{stamp} {text}\n".encode(errors="replace")
             self._pending.append(data)
             self._pending_bytes += len(data)
         if self._pending_bytes >= FLUSH_BYTES:
@@ -245,7 +253,7 @@ class JobLogWriter:
         self._closed = True
         self._close_fd()
         if self._on_close is not None:
-            self._on_close()
+            self._on_close(self)
 
     def _write_lines(self, lines: list[bytes]) -> None:
         """Append lines, rotating before any line that would take the file past max_bytes."""
@@ -278,7 +286,9 @@ class JobLogWriter:
 
     def _rotate(self) -> None:
         self._close_fd()
-        os.replace(self.path, _rotated(self.path))
+        # Pruned while open: nothing to keep, just start the new file.
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, _rotated(self.path))
         self._open()  # at once, so followers find the new file
 
     def _close_fd(self) -> None:
@@ -298,31 +308,24 @@ class _Follower:
         self._partial = b""  # the start of a line not yet terminated
 
     def start(self, from_lines: int) -> list[str]:
-        """Open the current file, positioned at its end; return its last `from_lines` lines."""
+        """Open the current file, positioned at its end; return the last `from_lines` lines."""
         if not self._try_open():
-            return _tail_path(_rotated(self.path), from_lines) if from_lines > 0 else []
+            return _tail_path(_rotated(self.path), from_lines)
         assert self._file is not None
         self._pos = os.fstat(self._file).st_size
-        if from_lines <= 0:
-            return []
         lines = _tail_lines(self._file, self._pos, from_lines)
         if len(lines) < from_lines:
             lines = _tail_path(_rotated(self.path), from_lines - len(lines)) + lines
         return lines
 
-    def read_new(self) -> list[str]:
-        """Complete lines appended since the last call, switching files on rotation."""
+    def read_new(self) -> tuple[list[str], bool]:
+        """Complete lines appended since the last call, and whether anything moved (read
+        data, or switched files): if so there may be more, so call again before sleeping."""
         if self._file is None:
-            return self._lines(self._try_open())
-        lines = self._lines(self._read_available())
-        if lines:
-            return lines
-        # Nothing more in our file: has it been rotated away, replaced or truncated?
-        if self._replaced():
-            leftover = self.finish()
-            self.close()
-            return leftover + self._lines(self._try_open())
-        return []
+            return [], self._try_open()
+        if self._read_block():
+            return self._split(), True
+        return self._check_replaced()
 
     def finish(self) -> list[str]:
         """The unterminated last line, if any (the writer may have died mid-line)."""
@@ -342,32 +345,37 @@ class _Follower:
         self._pos = 0
         return True
 
-    def _read_available(self) -> bool:
-        """Read what our file holds past our position into the partial buffer."""
+    def _read_block(self) -> bool:
         assert self._file is not None
         data = os.pread(self._file, READ_BLOCK, self._pos)
         self._pos += len(data)
         self._partial += data
         return bool(data)
 
-    def _replaced(self) -> bool:
+    def _check_replaced(self) -> tuple[list[str], bool]:
+        """At the end of our file: start over if the path now names another file, or if
+        ours shrank."""
         assert self._file is not None
         try:
             current = os.stat(self.path)
         except FileNotFoundError:
-            return False  # mid-rotation or pruned: keep what we have and look again later
+            return [], False  # mid-rotation or pruned: keep our file and look again later
         ours = os.fstat(self._file)
-        if (current.st_dev, current.st_ino) != (ours.st_dev, ours.st_ino):
-            return True
-        if ours.st_size < self._pos:  # truncated in place
-            self._pos = 0
-            self._partial = b""
-        return False
+        if (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino):
+            if ours.st_size >= self._pos:
+                return [], False
+            self._pos = 0  # truncated in place
+            return self.finish(), True
+        # Rotated: the writer may have appended to our file just before renaming it.
+        while self._read_block():
+            pass
+        lines = self._split() + self.finish()
+        self.close()
+        self._try_open()
+        return lines, True
 
-    def _lines(self, read: bool) -> list[str]:
-        """Split complete lines off the partial buffer (after a read that may have filled it)."""
-        if read and self._file is not None and not self._partial:
-            self._read_available()
+    def _split(self) -> list[str]:
+        """Take the complete lines off the partial buffer."""
         if b"\n" not in self._partial:
             return []
         *complete, self._partial = self._partial.split(b"\n")

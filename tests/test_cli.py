@@ -161,3 +161,40 @@ async def test_json_logs_carry_agent_and_job_id(start_daemon: Any, livekit_serve
     assert registered["agent"] == name and registered["level"] == "info"
     job_lines = [e for e in entries() if e.get("job_id") == job["id"]]
     assert all(e["agent"] == name for e in job_lines)
+
+
+async def test_dispatch_wait_reports_the_running_job(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    from tests.helpers import agent_table
+
+    name, room = unique("echo"), unique("room")
+    daemon = await start_daemon(agent_table(name))
+    result = daemon.cli("dispatch", "--room", room, "--agent", name, "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["job_id"].startswith("AJ_") and 0 < data["seconds"] < 30
+    assert data["participant_identity"] == f"{name}-{data['job_id']}"
+    assert (await daemon.job(data["job_id"])) is not None
+    text = daemon.cli("dispatch", "--room", unique("room"), "--agent", name, "--wait")
+    assert text.returncode == 0 and " running after " in text.stdout
+
+
+async def test_dispatch_wait_explains_a_timeout(start_daemon: Any, livekit_server: Any) -> None:
+    from tests.helpers import agent_table
+
+    name = unique("served")
+    daemon = await start_daemon(agent_table(name, rooms=["support-*"]))
+    nobody = daemon.cli(
+        "dispatch", "--room", unique("r"), "--agent", unique("nobody"), "--wait", "--timeout", "2s"
+    )
+    assert nobody.returncode == 1
+    lines = nobody.stderr.strip().splitlines()
+    assert lines[0].startswith("error: no job of dispatch AD_") and "after 2s" in lines[0]
+    assert "no worker is registered under the name" in lines[1]
+    assert "lkrun status" in lines[1]
+    declined = daemon.cli(
+        "dispatch", "--room", "sales-1", "--agent", name, "--wait", "--timeout", "2s"
+    )
+    assert declined.returncode == 1
+    assert "matches none of" in declined.stderr and "support-*" in declined.stderr

@@ -1,0 +1,471 @@
+"""What the bench measures on one system under test (SUT), all against one livekit-server.
+
+- ``latency``: sequential dispatches, each to a fresh room where an observer is already
+  connected: CreateDispatch -> the agent's ``participant_connected`` at the observer
+  ("visible"), CreateDispatch -> the agent listed by RoomService.ListParticipants
+  ("joined", polled every 20 ms), and the SUT's own offer -> entrypoint.
+- ``memory``: N rooms dispatched at once; once every agent is in, hold, then PSS/USS of
+  each job's process tree, and RSS/PSS/CPU of the SUT's main process over the hold.
+- ``max_jobs``: add rooms step by step until an agent is not in within the timeout, an
+  already-held agent is gone, or a job fails; the last fully held count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import statistics
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import psutil
+from livekit import api, rtc
+
+from tests.bench.procs import descendants
+from tests.bench.suts import Server, Sut
+
+OBSERVER = "bench-observer"
+MB = 1024 * 1024
+JOINED_POLL = 0.02
+
+
+@dataclass
+class Settings:
+    dispatches: int = 50
+    warmup: int = 1
+    concurrency: list[int] = field(default_factory=lambda: [1, 10, 50])
+    hold: float = 5.0
+    max_jobs_cap: int = 100
+    ramp_step: int = 10
+    visible_timeout: float = 15.0
+    ramp_timeout: float = 600.0
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    """n, p50, p95 (nearest rank), mean, min, max, and the samples, in the samples' unit."""
+    if not samples:
+        return {"n": 0, "p50": None, "p95": None, "mean": None, "min": None, "max": None}
+    ordered = sorted(samples)
+
+    def rank(p: float) -> float:
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    return {
+        "n": len(ordered),
+        "p50": round(statistics.median(ordered), 2),
+        "p95": round(rank(95), 2),
+        "mean": round(statistics.fmean(ordered), 2),
+        "min": round(ordered[0], 2),
+        "max": round(ordered[-1], 2),
+        "samples": [round(s, 2) for s in samples],
+    }
+
+
+class LiveKit:
+    """RoomService and AgentDispatchService on the bench's livekit-server; remembers rooms."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.api = api.LiveKitAPI(
+            server.http_url,
+            server.api_key,
+            server.api_secret,
+            timeout=aiohttp.ClientTimeout(total=15),
+            failover=False,
+        )
+        self.rooms: set[str] = set()
+        self._sem = asyncio.Semaphore(10)
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
+    async def create_room(self, name: str) -> None:
+        async with self._sem:
+            await self.api.room.create_room(
+                api.CreateRoomRequest(name=name, empty_timeout=900, departure_timeout=60)
+            )
+        self.rooms.add(name)
+
+    async def dispatch(self, room: str, agent: str) -> None:
+        async with self._sem:
+            await self.api.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=agent, room=room)
+            )
+
+    async def delete_room(self, name: str) -> None:
+        self.rooms.discard(name)
+        with contextlib.suppress(api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError):
+            async with self._sem:
+                await self.api.room.delete_room(api.DeleteRoomRequest(room=name))
+
+    async def delete_all(self) -> None:
+        await asyncio.gather(*(self.delete_room(r) for r in list(self.rooms)))
+
+    async def agent_in(self, room: str) -> bool:
+        """Whether a participant other than the observer is in the room."""
+        async with self._sem:
+            try:
+                resp = await self.api.room.list_participants(api.ListParticipantsRequest(room=room))
+            except (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError):
+                return False
+        return any(p.identity != OBSERVER for p in resp.participants)
+
+    def token(self, room: str) -> str:
+        return (
+            api.AccessToken(self.server.api_key, self.server.api_secret)
+            .with_identity(OBSERVER)
+            .with_grants(api.VideoGrants(room_join=True, room=room))
+            .to_jwt()
+        )
+
+
+class Observer:
+    """An rtc.Room in the bench process that notes when another participant shows up."""
+
+    def __init__(self, lk: LiveKit, room: str) -> None:
+        self.lk = lk
+        self.name = room
+        self.room = rtc.Room()
+        self.seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.room.on("participant_connected", self._on_participant)
+
+    def _on_participant(self, participant: rtc.RemoteParticipant) -> None:
+        if participant.identity != OBSERVER and not self.seen.done():
+            self.seen.set_result(time.perf_counter())
+
+    async def connect(self) -> None:
+        await self.room.connect(
+            self.lk.server.url, self.lk.token(self.name), rtc.RoomOptions(auto_subscribe=False)
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.room.disconnect()
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return []
+    return [root, *descendants(pid)]
+
+
+def tree_memory(procs: list[psutil.Process]) -> dict[str, float]:
+    """rss, pss and uss (MB) summed over processes, skipping those that vanished."""
+    total = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        total["rss"] += info.rss / MB
+        total["pss"] += getattr(info, "pss", 0) / MB
+        total["uss"] += info.uss / MB
+    return total
+
+
+def _prime_cpu(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent(None)
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.cpu_percent(None)
+    return total
+
+
+class Bench:
+    """Runs the phases on one SUT; every room it creates is deleted before it returns."""
+
+    def __init__(self, sut: Sut, lk: LiveKit, settings: Settings) -> None:
+        self.sut = sut
+        self.lk = lk
+        self.settings = settings
+        self.run_id = uuid.uuid4().hex[:6]
+        self.log_lines: list[str] = []
+
+    def say(self, message: str) -> None:
+        line = f"[{self.sut.label}] {message}"
+        self.log_lines.append(line)
+        print(line, flush=True)
+
+    def room(self, phase: str, index: int) -> str:
+        return f"bench-{self.sut.label}-{self.run_id}-{phase}-{index}"
+
+    async def cleanup(self, rooms: list[str], timeout: float = 90.0) -> None:
+        await asyncio.gather(*(self.lk.delete_room(r) for r in rooms))
+        if not await self.sut.wait_no_jobs(timeout):
+            self.say(f"warning: jobs still running {timeout:g}s after their rooms were deleted")
+
+    async def ready_for_next(self) -> None:
+        if not await self.sut.wait_idle_ready(60):
+            self.say(f"warning: fewer than {self.sut.idle} idle processes after 60s")
+
+    # -- baseline -------------------------------------------------------------------------
+
+    async def idle_baseline(self) -> dict[str, Any]:
+        """The main process and its helpers (idle pool, forkserver...) with no job."""
+        await self.ready_for_next()
+        main = psutil.Process(self.sut.main_pid)
+        helpers = descendants(self.sut.main_pid)
+        _prime_cpu([main])
+        await asyncio.sleep(self.settings.hold)
+        cpu = _cpu([main])
+        mem = tree_memory([main])
+        others = tree_memory(helpers)
+        return {
+            "main_rss_mb": round(mem["rss"], 1),
+            "main_pss_mb": round(mem["pss"], 1),
+            "main_uss_mb": round(mem["uss"], 1),
+            "main_cpu_percent": round(cpu, 2),
+            "helper_processes": len(helpers),
+            "helpers_pss_mb": round(others["pss"], 1),
+        }
+
+    # -- latency --------------------------------------------------------------------------
+
+    async def one_dispatch(self, room: str) -> tuple[float | None, float | None]:
+        """(dispatch -> visible ms, dispatch -> joined ms); None when it timed out."""
+        await self.lk.create_room(room)
+        observer = Observer(self.lk, room)
+        try:
+            await observer.connect()
+            t0 = time.perf_counter()
+            await self.lk.dispatch(room, self.sut.agent_name)
+            joined_task = asyncio.create_task(self._poll_joined(room, t0))
+            visible: float | None = None
+            try:
+                seen = await asyncio.wait_for(observer.seen, self.settings.visible_timeout * 2)
+                visible = (seen - t0) * 1000
+            except asyncio.TimeoutError:
+                pass
+            try:
+                joined = await asyncio.wait_for(joined_task, 5 if visible else 1)
+            except asyncio.TimeoutError:
+                joined = None
+            return visible, joined
+        finally:
+            await self.lk.delete_room(room)
+            await observer.close()
+
+    async def _poll_joined(self, room: str, t0: float) -> float:
+        while not await self.lk.agent_in(room):
+            await asyncio.sleep(JOINED_POLL)
+        return (time.perf_counter() - t0) * 1000
+
+    async def latency(self) -> dict[str, Any]:
+        s = self.settings
+        for i in range(s.warmup):
+            await self.ready_for_next()
+            await self.one_dispatch(self.room("warmup", i))
+            await self.sut.wait_no_jobs()
+        visible: list[float] = []
+        joined: list[float] = []
+        rooms: list[str] = []
+        timeouts = 0
+        for i in range(s.dispatches):
+            await self.ready_for_next()
+            room = self.room("lat", i)
+            rooms.append(room)
+            seen, inside = await self.one_dispatch(room)
+            if seen is None:
+                timeouts += 1
+            else:
+                visible.append(seen)
+            if inside is not None:
+                joined.append(inside)
+            if not await self.sut.wait_no_jobs():
+                self.say("warning: a job did not end within 60s of its room's deletion")
+            if (i + 1) % 10 == 0 or i + 1 == s.dispatches:
+                self.say(
+                    f"latency {i + 1}/{s.dispatches}: visible p50 "
+                    f"{summary(visible)['p50']} ms, joined p50 {summary(joined)['p50']} ms"
+                )
+        offers = await self.sut.offer_to_entrypoint_ms(rooms)
+        if not offers:
+            self.say("offer -> entrypoint: not reported by this system (skipped)")
+        return {
+            "dispatch_to_visible_ms": summary(visible),
+            "dispatch_to_joined_ms": summary(joined),
+            "offer_to_entrypoint_ms": summary([offers[r] for r in rooms if r in offers]),
+            "timeouts": timeouts,
+        }
+
+    # -- concurrent jobs ------------------------------------------------------------------
+
+    async def dispatch_rooms(self, rooms: list[str]) -> dict[str, float]:
+        """Create and dispatch each room; room -> monotonic time of its CreateDispatch."""
+        await asyncio.gather(*(self.lk.create_room(r) for r in rooms))
+        sent: dict[str, float] = {}
+
+        async def one(room: str) -> None:
+            sent[room] = time.monotonic()
+            await self.lk.dispatch(room, self.sut.agent_name)
+
+        await asyncio.gather(*(one(r) for r in rooms))
+        return sent
+
+    async def wait_agents(self, sent: dict[str, float], timeout: float) -> dict[str, float]:
+        """Poll until each room has its agent, or timeout after its own dispatch.
+
+        Returns room -> seconds from its dispatch to its agent being in (for those in).
+        """
+        pending = dict(sent)
+        arrived: dict[str, float] = {}
+        while pending:
+            self.sut.check_alive()
+            rooms = list(pending)
+            present = await asyncio.gather(*(self.lk.agent_in(r) for r in rooms))
+            now = time.monotonic()
+            for room, inside in zip(rooms, present, strict=True):
+                if inside:
+                    arrived[room] = now - pending.pop(room)
+                elif now - pending[room] > timeout:
+                    pending.pop(room)
+            if pending:
+                await asyncio.sleep(0.25)
+        return arrived
+
+    async def memory_at(self, count: int) -> dict[str, Any]:
+        s = self.settings
+        await self.ready_for_next()
+        rooms = [self.room(f"mem{count}", i) for i in range(count)]
+        try:
+            started = time.monotonic()
+            sent = await self.dispatch_rooms(rooms)
+            arrived = await self.wait_agents(sent, timeout=60 + 2 * count)
+            all_in = time.monotonic() - started
+            result: dict[str, Any] = {"jobs": count, "agents_in": len(arrived)}
+            if len(arrived) < count:
+                self.say(f"memory @{count}: only {len(arrived)} agents came in")
+            result["all_in_s"] = round(all_in, 2)
+            pids = await self.sut.job_pids(rooms)
+            job_trees = {room: _tree(pid) for room, pid in pids.items()}
+            job_procs = [p for tree in job_trees.values() for p in tree]
+            main = psutil.Process(self.sut.main_pid)
+            _prime_cpu([main, *job_procs])
+            await asyncio.sleep(s.hold)
+            result["main_cpu_percent"] = round(_cpu([main]), 2)
+            result["jobs_cpu_percent"] = round(_cpu(job_procs), 2)
+            per_job = [tree_memory(tree) for tree in job_trees.values()]
+            per_job = [m for m in per_job if m["rss"] > 0]
+            result["jobs_sampled"] = len(per_job)
+            for key in ("pss", "uss", "rss"):
+                values = [m[key] for m in per_job]
+                result[f"job_{key}_mb"] = round(statistics.fmean(values), 1) if values else None
+            result["jobs_pss_total_mb"] = round(sum(m["pss"] for m in per_job), 1)
+            main_mem = tree_memory([main])
+            result["main_rss_mb"] = round(main_mem["rss"], 1)
+            result["main_pss_mb"] = round(main_mem["pss"], 1)
+            result["main_uss_mb"] = round(main_mem["uss"], 1)
+            job_pids = {p.pid for p in job_procs}
+            helpers = [p for p in descendants(self.sut.main_pid) if p.pid not in job_pids]
+            result["helper_processes"] = len(helpers)
+            result["helpers_pss_mb"] = round(tree_memory(helpers)["pss"], 1)
+            self.say(
+                f"memory @{count}: {len(per_job)} jobs, per job PSS {result['job_pss_mb']} MB "
+                f"USS {result['job_uss_mb']} MB; main RSS {result['main_rss_mb']} MB, "
+                f"CPU {result['main_cpu_percent']}%; all in after {result['all_in_s']}s"
+            )
+            return result
+        finally:
+            await self.cleanup(rooms)
+
+    # -- max concurrent jobs --------------------------------------------------------------
+
+    async def max_jobs(self) -> dict[str, Any]:
+        s = self.settings
+        await self.ready_for_next()
+        held: list[str] = []
+        steps: list[dict[str, Any]] = []
+        reason = "cap reached"
+        deadline = time.monotonic() + s.ramp_timeout
+        try:
+            while len(held) < s.max_jobs_cap:
+                if time.monotonic() > deadline:
+                    reason = f"ramp time limit ({s.ramp_timeout:g}s) reached"
+                    break
+                size = min(s.ramp_step, s.max_jobs_cap - len(held))
+                new = [self.room("max", len(held) + i) for i in range(size)]
+                started = time.monotonic()
+                sent = await self.dispatch_rooms(new)
+                arrived = await self.wait_agents(sent, timeout=s.visible_timeout)
+                step = {
+                    "target": len(held) + size,
+                    "arrived": len(arrived),
+                    "step_s": round(time.monotonic() - started, 2),
+                    "slowest_s": round(max(arrived.values()), 2) if arrived else None,
+                }
+                steps.append(step)
+                missing = [r for r in new if r not in arrived]
+                if missing:
+                    reason = (
+                        f"{len(missing)} of {size} agents not in within "
+                        f"{s.visible_timeout:g}s at {step['target']} jobs"
+                    )
+                    break
+                still = await asyncio.gather(*(self.lk.agent_in(r) for r in held))
+                gone = [r for r, inside in zip(held, still, strict=True) if not inside]
+                failed = await self.sut.failed_jobs(held + new)
+                if gone or failed:
+                    reason = (
+                        f"at {step['target']} jobs: {len(gone)} held agents gone, "
+                        f"{len(failed)} failed jobs" + (f" ({failed[0][:200]})" if failed else "")
+                    )
+                    break
+                held += new
+                self.say(f"max jobs: {len(held)} held (slowest agent {step['slowest_s']}s)")
+            return {"held": len(held), "cap": s.max_jobs_cap, "stop_reason": reason, "steps": steps}
+        finally:
+            await self.cleanup([*held, *(r for r in self.lk.rooms if "-max-" in r)], timeout=180)
+
+    # -- all ------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        s = self.settings
+        result: dict[str, Any] = {}
+        result["idle"] = await self.idle_baseline()
+        self.say(
+            f"idle: main RSS {result['idle']['main_rss_mb']} MB, "
+            f"{result['idle']['helper_processes']} helper processes"
+        )
+        if s.dispatches > 0:
+            result["latency"] = await self.latency()
+        result["memory"] = [await self.memory_at(n) for n in s.concurrency]
+        if s.max_jobs_cap > 0:
+            result["max_jobs"] = await self.max_jobs()
+            self.say(
+                f"max jobs held: {result['max_jobs']['held']} ({result['max_jobs']['stop_reason']})"
+            )
+        return result
+
+
+async def run_sut(sut: Sut, lk: LiveKit, settings: Settings) -> dict[str, Any]:
+    """Start the SUT, run every phase, and always stop it and delete its rooms."""
+    info: dict[str, Any] = {"system": sut.system, "variant": sut.variant, "idle": sut.idle}
+    bench = Bench(sut, lk, settings)
+    try:
+        bench.say("starting")
+        await sut.start()
+        info.update(await bench.run())
+        info["ok"] = True
+    except Exception as exc:  # one failed system must not stop the others
+        info["ok"] = False
+        info["error"] = f"{type(exc).__name__}: {exc}"
+        bench.say(f"failed: {info['error']}")
+        traceback.print_exc()
+    finally:
+        await lk.delete_all()
+        await sut.stop()
+    info["notes"] = sut.notes
+    return info
