@@ -35,3 +35,9 @@ clean:
 # Not in CI: 200 dispatches with a server restart and killed jobs (a few minutes).
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak
+
+# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about half
+# an hour at the defaults). Shrink it with e.g. BENCH_ARGS="--dispatches 10 --concurrency 1,5".
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ from livekit.protocol import models
 from lkrun.credentials import Credentials
 from lkrun.job_monitor import MB, Target, Usage
 from lkrun.job_process import JobProcess, Outcome
+from lkrun.joblogs import JobLogs
 from lkrun.jobs import JobBook, JobRecord, JobStatus
 from lkrun.load import WorkerLoad, agent_load
 from lkrun.logs import agent_logger, job_logger
 from lkrun.manifest import AgentSpec
-from lkrun.registration import Acceptance, Registration, WorkerSpec
+from lkrun.metrics import Metrics
+from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
 from lkrun.warm_pool import WarmPool
 
 log = logging.getLogger("lkrun.agent")
@@ -77,6 +79,8 @@ class HostSettings:
     shutdown_timeout: float
     load_threshold: float = 1.0
     cpu: Callable[[], float] = lambda: 0.0
+    metrics: Metrics = field(default_factory=Metrics)
+    job_logs: JobLogs | None = None  # per-job log files
 
 
 class AgentHost:
@@ -123,12 +127,12 @@ class AgentHost:
 
     # -- WorkerHandler -----------------------------------------------------------------
 
-    def on_availability(self, job: proto.Job) -> Acceptance | None:
+    def on_availability(self, job: proto.Job) -> Decision:
         self._expire_reservations()
         room = job.room.name
-        if reason := self._decline_reason(room):
-            self.log.info("declined job %s: %s", job.id, reason)
-            return None
+        if decline := self._decline(room):
+            self.log.info("declined job %s: %s", job.id, decline.text)
+            return decline
         self._reserved[job.id] = time.time()
         self._idle.clear()
         # If no assignment follows, free the slot even when no further offer arrives.
@@ -143,16 +147,27 @@ class AgentHost:
             attributes=tuple(self.spec.participant_attributes.items()),
         )
 
-    def _decline_reason(self, room: str) -> str:
+    def _decline(self, room: str) -> Decline | None:
         if not self.accepting:
-            return f"room {room!r}: not accepting jobs (draining or removed)"
+            return Decline(
+                "not_accepting", f"room {room!r}: not accepting jobs (draining or removed)"
+            )
         if not self.spec.accepts_room(room):
-            return f"room {room!r} matches none of {list(self.spec.rooms)}"
+            return Decline("rooms", f"room {room!r} matches none of {list(self.spec.rooms)}")
         if self.job_count() >= self.spec.max_jobs:
-            return f"room {room!r}: at max_jobs={self.spec.max_jobs}"
+            return Decline("max_jobs", f"room {room!r}: at max_jobs={self.spec.max_jobs}")
         if (cpu := self.settings.cpu()) >= self.settings.load_threshold:
-            return f"room {room!r}: CPU {cpu:.0%} is over load_threshold"
-        return ""
+            return Decline("cpu", f"room {room!r}: CPU {cpu:.0%} is over load_threshold")
+        return None
+
+    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
+        declined = isinstance(decision, Decline)
+        reason = decision.reason if isinstance(decision, Decline) else ""
+        self.settings.metrics.offer_answered(self.spec.name, not declined, seconds, reason)
+
+    def on_registered(self, worker_id: str, again: bool) -> None:
+        if again:
+            self.settings.metrics.registration_reconnected(self.spec.name)
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
         job = assignment.job
@@ -164,6 +179,7 @@ class AgentHost:
             dispatch_id=job.dispatch_id,
             identity=job.state.participant_identity,
             offered_at=offered_at,
+            worker_id=self.registration.state.worker_id,
         )
         self.book.add(record)
         self._active.add(job.id)
@@ -240,6 +256,18 @@ class AgentHost:
         for proc in list(self._procs.values()):
             self._spawn(proc.kill(why))
 
+    def owns(self, job_id: str) -> bool:
+        return job_id in self._procs
+
+    def kill_job(self, job_id: str, *, force: bool) -> str:
+        """For `lkrun jobs kill`: ask the job to end (then kill it), or kill it at once."""
+        proc = self._procs[job_id]
+        if force:
+            self._spawn(proc.kill("killed by `lkrun jobs kill --force`", failure=True))
+            return "killed"
+        self.stop_job(job_id, "stopped by `lkrun jobs kill`")
+        return "shutdown requested"
+
     def stop_job(self, job_id: str, reason: str, *, failure: str = "") -> bool:
         proc = self._procs.get(job_id)
         record = self.book.get(job_id)
@@ -247,6 +275,7 @@ class AgentHost:
             return False
         record.status = JobStatus.STOPPING
         record.stop_reason = record.stop_reason or reason
+        self.book.update(record)
         self._spawn(proc.stop(reason, self.settings.shutdown_timeout, failure=failure))
         return True
 
@@ -304,15 +333,18 @@ class AgentHost:
         if proc is None:
             proc = self._new_process()
         bound = proc
+        logs = self.settings.job_logs
         proc.bind(
             job_logger(job_log, record.agent, record.id),
             lambda: self._on_running(record, bound),
+            sink=logs.writer(record.id).write_line if logs is not None else None,
         )
         self._procs[record.id] = proc
         if not warm:
             await proc.spawn()
         record.pid = proc.pid
         record.warm = warm
+        self.book.update(record)
         self.log.info(
             "job %s in room %r: %s process %s",
             record.id,
@@ -358,7 +390,14 @@ class AgentHost:
     def _on_running(self, record: JobRecord, proc: JobProcess) -> None:
         record.status = JobStatus.RUNNING
         record.started_at = proc.running_at or time.time()
+        self.book.update(record)
         self.registration.update_job(record.id, proto.JS_RUNNING)
+        metrics = self.settings.metrics
+        metrics.job_started(record.agent, record.warm)
+        if record.offered_at is not None:
+            metrics.offer_to_entrypoint(
+                record.agent, record.warm, max(0.0, record.started_at - record.offered_at)
+            )
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> None:
         self._active.discard(record.id)
@@ -377,6 +416,9 @@ class AgentHost:
             self.book.finish(record, JobStatus.FAILED, outcome.error)
             self.registration.update_job(record.id, proto.JS_FAILED, outcome.error)
             self.log.warning("job %s failed: %s", record.id, outcome.error)
+        self.settings.metrics.job_ended(record.agent, record.status.value)
+        if self.settings.job_logs is not None:
+            self.settings.job_logs.writer(record.id).close()
         self._check_idle()
         self.registration.load_changed()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -167,6 +168,10 @@ def _daemon_options(
             ),
             "http_addr": parse_host_port(addr) if addr else None,
             "load_threshold": daemon.load_threshold,
+            "database": daemon.database,
+            "log_dir": daemon.log_dir,
+            "history_retention": daemon.history_retention,
+            "job_log_max_bytes": daemon.job_log_max_mb * 1024 * 1024,
         }
     except ValueError as exc:
         fail(f"invalid option: {exc}", EXIT_USAGE)
@@ -324,21 +329,33 @@ def _explain_timeout(
     raise typer.Exit(EXIT_FAILURE)
 
 
-def _duration_option(flag: str, text: str) -> float:
+def _duration_value(text: str) -> float:
     from lkrun.manifest import parse_duration
 
     try:
-        try:
-            return parse_duration(float(text))  # a bare number means seconds
-        except ValueError:
-            return parse_duration(text)
+        return parse_duration(float(text))  # a bare number means seconds
+    except ValueError:
+        return parse_duration(text)
+
+
+def _duration_option(flag: str, text: str) -> float:
+    try:
+        return _duration_value(text)
     except ValueError as exc:
         fail(f"{flag}: {exc}", EXIT_USAGE)
 
 
-def _ask_daemon(socket_path: Path | None, route: str, params: dict[str, str] | None = None) -> Any:
+def _ask_daemon(
+    socket_path: Path | None,
+    route: str,
+    params: dict[str, str] | None = None,
+    *,
+    method: str = "GET",
+) -> Any:
     try:
-        return control.request(socket_path or control.default_socket_path(), route, params)
+        return control.request(
+            socket_path or control.default_socket_path(), route, params, method=method
+        )
     except control.ControlError as exc:
         fail(str(exc))
 
@@ -352,63 +369,250 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-@jobs_app.command("ls")
-def jobs_ls(
-    show_all: Annotated[bool, typer.Option("--all", "-a", help="Include ended jobs.")] = False,
-    control_socket: SocketOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """List the jobs of the running daemon."""
-    data = _ask_daemon(control_socket, "/v1/jobs", {"all": "1" if show_all else "0"})
-    jobs = data["jobs"]
-    if as_json:
-        sys.stdout.write(json.dumps(jobs, indent=2) + "\n")
-        return
-    if not jobs:
-        out.print("no jobs" if show_all else "no running jobs (--all to include ended ones)")
-        return
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _since(text: str) -> float:
+    """A duration ago ("1h", "30m") or an ISO date/time ("2026-11-24T08:00")."""
+    from datetime import datetime
+
+    try:
+        return time.time() - _duration_value(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        fail(
+            f"--since: expected a duration such as 1h or a date such as 2026-11-24T08:00, "
+            f"got {text!r}",
+            EXIT_USAGE,
+        )
+
+
+def _jobs_table(jobs: list[dict[str, Any]], *, usage: bool) -> Table:
     table = Table(box=None, pad_edge=False)
-    for column in ("JOB ID", "AGENT", "ROOM", "STATUS", "PID", "AGE", "DISPATCH ID"):
+    columns = ["JOB ID", "AGENT", "ROOM", "STATUS", "PID", "AGE", "DISPATCH ID"]
+    if usage:
+        columns += ["CPU", "MEM"]
+    for column in columns:
         table.add_column(column, no_wrap=True)
     table.add_column("ERROR", overflow="fold")
     for job in jobs:
-        table.add_row(
+        row = [
             job["id"],
             job["agent"],
             job["room"],
             job["status"],
             str(job["pid"] or "-"),
-            _age(job["age"]),
+            _age(job.get("age") or 0),
             job["dispatch_id"] or "-",
-            job["error"],
-        )
-    out.print(table)
+        ]
+        if usage:
+            row += [f"{job.get('cpu_percent') or 0:.0f}%", f"{job.get('memory_mb') or 0:.0f}M"]
+        table.add_row(*row, job["error"] or "")
+    return table
+
+
+@jobs_app.command("ls")
+def jobs_ls(
+    show_all: Annotated[
+        bool, typer.Option("--all", "-a", help="Search the whole history, not only running jobs.")
+    ] = False,
+    status_filter: Annotated[
+        list[str] | None,
+        typer.Option("--status", help="starting, running, stopping, success, failed or lost."),
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's jobs.")] = None,
+    room: Annotated[str | None, typer.Option(help="Only jobs in this room.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Accepted since: a duration ago (1h) or a date.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Keep a live table of running jobs.")
+    ] = False,
+    control_socket: SocketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the daemon's running jobs, or search its job history."""
+    params: dict[str, str] = {}
+    if show_all or status_filter or agent or room or since:
+        params = {"all": "1", "limit": str(limit)}
+        if status_filter:
+            params["status"] = ",".join(status_filter)
+        if agent:
+            params["agent"] = agent
+        if room:
+            params["room"] = room
+        if since:
+            params["since"] = str(_since(since))
+    if watch:
+        _watch_jobs(control_socket, params)
+        return
+    jobs = _ask_daemon(control_socket, "/v1/jobs", params)["jobs"]
+    if as_json:
+        sys.stdout.write(json.dumps(jobs, indent=2) + "\n")
+    elif not jobs:
+        out.print("no jobs" if params else "no running jobs (--all to search the history)")
+    else:
+        out.print(_jobs_table(jobs, usage=False))
+
+
+def _watch_jobs(control_socket: Path | None, params: dict[str, str]) -> None:
+    from rich.live import Live
+
+    with Live(console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                jobs = _ask_daemon(control_socket, "/v1/jobs", params)["jobs"]
+                stamp = time.strftime("%H:%M:%S")
+                table = _jobs_table(jobs, usage=True)
+                table.title = f"{len(jobs)} job(s) at {stamp} (Ctrl-C to stop)"
+                live.update(table, refresh=True)
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[str, typer.Argument(help="The job id (AJ_...).")],
+    lines: Annotated[int, typer.Option(help="How many of its last log lines.")] = 20,
+    control_socket: SocketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Everything about one job, and its last log lines."""
+    data = _ask_daemon(control_socket, f"/v1/jobs/{job_id}", {"lines": str(lines)})
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    job = data["job"]
+    fields = [
+        ("job", job["id"]),
+        ("agent", job["agent"]),
+        ("room", job["room"]),
+        ("status", job["status"]),
+        ("error", job.get("error") or "-"),
+        ("stop reason", job.get("stop_reason") or "-"),
+        ("dispatch", job.get("dispatch_id") or "-"),
+        ("identity", job.get("identity") or "-"),
+        ("worker", job.get("worker_id") or "-"),
+        ("pid", str(job.get("pid") or "-")),
+        ("warm process", "yes" if job.get("warm") else "no"),
+        ("offered", _when(job.get("offered_at"))),
+        ("accepted", _when(job.get("accepted_at"))),
+        ("started", _when(job.get("started_at"))),
+        ("ended", _when(job.get("ended_at"))),
+        (
+            "offer to start",
+            f"{job['offer_to_start_ms']} ms" if job.get("offer_to_start_ms") is not None else "-",
+        ),
+        ("exit code", str(job.get("exit_code")) if job.get("exit_code") is not None else "-"),
+        ("peak memory", f"{job.get('peak_memory_mb') or 0:.0f} MB"),
+    ]
+    for key, value in fields:
+        out.print(f"{key + ':':<16}{value}", markup=False)
+    out.print(f"\nlast {len(data['log'])} log line(s):", markup=False)
+    for line in data["log"]:
+        out.print(f"  {line}", markup=False)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="The job id (AJ_...).")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")
+    ] = False,
+    tail: Annotated[int, typer.Option(help="Start with this many of the last lines.")] = 100,
+    control_socket: SocketOpt = None,
+) -> None:
+    """Print (or follow) one job's own log."""
+    path = control_socket or control.default_socket_path()
+    params = {"tail": str(tail), "follow": "1" if follow else "0"}
+
+    async def run() -> None:
+        async for line in control.stream(path, f"/v1/jobs/{job_id}/logs", params):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    try:
+        run_async(run())
+    except control.ControlError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@jobs_app.command("kill")
+def jobs_kill(
+    job_id: Annotated[str, typer.Argument(help="The job id (AJ_...).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Kill at once instead of asking it to shut down.")
+    ] = False,
+    control_socket: SocketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask a running job to shut down (killed after shutdown_timeout), or kill it at once."""
+    params = {"force": "1" if force else "0"}
+    data = _ask_daemon(control_socket, f"/v1/jobs/{job_id}/kill", params, method="POST")
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+    else:
+        out.print(f"{job_id}: {data['action']}", markup=False)
 
 
 @app.command()
 def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the daemon's agents and their registrations."""
+    """Show the daemon's agents and registrations; exit 0 only when it is ready."""
     data = _ask_daemon(control_socket, "/v1/status")
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
-        return
+    else:
+        _print_status(data)
+    if not data.get("ready", False):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    ready = "ready" if data.get("ready") else f"NOT READY ({data.get('not_ready_reason')})"
     out.print(
-        f"lkrun {data['version']} pid {data['pid']}, up {_age(data['uptime'])}, "
-        f"LiveKit {data['url']}, manifest {data['manifest']}"
+        f"lkrun {data['version']} pid {data['pid']}, up {_age(data['uptime'])}, {ready}; "
+        f"LiveKit {data['url']}, manifest {data['manifest']}",
+        markup=False,
     )
     table = Table(box=None, pad_edge=False)
-    for column in ("AGENT", "DISPATCH", "REGISTRATION", "WORKER ID", "JOBS", "LOAD", "LAST ERROR"):
+    for column in (
+        "AGENT",
+        "DISPATCH",
+        "REGISTRATION",
+        "WORKER ID",
+        "SERVER",
+        "JOBS",
+        "IDLE",
+        "LOAD",
+        "RECONNECTS",
+        "LAST ERROR",
+    ):
         table.add_column(column, overflow="fold")
     for a in data["agents"]:
-        reg = "connected" if a["connected"] else f"down ({a['reconnects']} reconnects)"
+        reg = "connected" if a["connected"] else "down"
+        if a.get("retiring"):
+            reg += " (retiring)"
         table.add_row(
             a["agent"],
             a["dispatch"],
             reg,
             a["worker_id"] or "-",
+            a["server_version"] or "-",
             f"{a['jobs']}/{a['max_jobs']}",
+            str(a.get("idle_processes", 0)),
             f"{a['load']:.2f}",
-            a["last_error"],
+            str(a["reconnects"]),
+            a["last_error"] or a.get("warm_error", ""),
         )
     out.print(table)
 

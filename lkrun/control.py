@@ -11,22 +11,29 @@ import os
 import socket
 import stat
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
+from lkrun.store import STATUSES, JobQuery
+
 ENV_SOCKET = "LKRUN_CONTROL_SOCKET"
 
 
 class ControlError(Exception):
-    """The CLI could not talk to the daemon."""
+    """The CLI could not talk to the daemon, or the daemon said no."""
 
 
 class DaemonView(Protocol):
     def status(self) -> dict[str, Any]: ...
-    def jobs(self, *, include_ended: bool) -> list[dict[str, Any]]: ...
+    async def jobs(self, query: JobQuery | None) -> list[dict[str, Any]]: ...
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+    def job_log_tail(self, job_id: str, lines: int) -> list[str]: ...
+    def follow_job_log(self, job_id: str, lines: int) -> AsyncIterator[str]: ...
+    def kill_job(self, job_id: str, *, force: bool) -> str | None: ...
 
 
 def default_socket_path() -> Path:
@@ -54,6 +61,32 @@ def _prepare_socket_path(path: Path) -> None:
         probe.close()
 
 
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=message)
+
+
+def parse_query(params: Any) -> JobQuery | None:
+    """The /v1/jobs query string; None means "the running jobs"."""
+    keys = {"all", "status", "agent", "room", "since", "limit"}
+    if not keys & set(params):
+        return None
+    statuses = tuple(s for s in params.get("status", "").split(",") if s)
+    if unknown := [s for s in statuses if s not in STATUSES]:
+        raise _bad_request(f"unknown status {unknown[0]!r}; one of {', '.join(STATUSES)}")
+    try:
+        since = float(params["since"]) if params.get("since") else None
+        limit = int(params.get("limit", 100))
+    except ValueError as exc:
+        raise _bad_request(f"bad number: {exc}") from exc
+    return JobQuery(
+        statuses=statuses,
+        agent=params.get("agent") or None,
+        room=params.get("room") or None,
+        since=since,
+        limit=limit,
+    )
+
+
 class ControlServer:
     def __init__(self, path: Path, view: DaemonView) -> None:
         self.path = path
@@ -65,7 +98,10 @@ class ControlServer:
         app = web.Application()
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/v1/jobs", self._jobs)
-        self._runner = web.AppRunner(app, access_log=None)
+        app.router.add_get("/v1/jobs/{job_id}", self._job)
+        app.router.add_get("/v1/jobs/{job_id}/logs", self._logs)
+        app.router.add_post("/v1/jobs/{job_id}/kill", self._kill)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
         try:
@@ -83,29 +119,102 @@ class ControlServer:
         return web.json_response(self.view.status())
 
     async def _jobs(self, request: web.Request) -> web.Response:
-        include_ended = request.query.get("all", "") in ("1", "true")
-        return web.json_response({"jobs": self.view.jobs(include_ended=include_ended)})
+        query = parse_query(request.query)
+        return web.json_response({"jobs": await self.view.jobs(query)})
+
+    async def _job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        job = await self.view.job(job_id)
+        if job is None:
+            raise web.HTTPNotFound(text=f"no job {job_id}")
+        lines = int(request.query.get("lines", 20))
+        return web.json_response({"job": job, "log": self._tail(job_id, lines)})
+
+    def _tail(self, job_id: str, lines: int) -> list[str]:
+        try:
+            return self.view.job_log_tail(job_id, lines)
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from exc
+
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        if await self.view.job(job_id) is None:
+            raise web.HTTPNotFound(text=f"no job {job_id}")
+        lines = int(request.query.get("tail", 100))
+        if request.query.get("follow") not in ("1", "true"):
+            body = "".join(line + "\n" for line in self._tail(job_id, lines))
+            return web.Response(text=body)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        async for line in self.view.follow_job_log(job_id, lines):
+            await response.write((line + "\n").encode())
+        await response.write_eof()
+        return response
+
+    async def _kill(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        force = request.query.get("force") in ("1", "true")
+        action = self.view.kill_job(job_id, force=force)
+        if action is None:
+            job = await self.view.job(job_id)
+            if job is None:
+                raise web.HTTPNotFound(text=f"no job {job_id}")
+            raise web.HTTPConflict(text=f"job {job_id} is not running (status {job['status']})")
+        return web.json_response({"job_id": job_id, "action": action})
 
 
-async def _get(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
+def _unreachable(path: Path) -> ControlError:
+    return ControlError(
+        f"cannot reach the lkrun daemon at {path}: is `lkrun serve` running? "
+        f"(set {ENV_SOCKET} or --control-socket if it uses another socket)"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _session(path: Path, timeout: float | None) -> AsyncIterator[aiohttp.ClientSession]:
     connector = aiohttp.UnixConnector(path=str(path))
-    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
+        yield session
+
+
+async def _call(path: Path, method: str, route: str, params: dict[str, str] | None = None) -> Any:
     try:
         async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get(f"http://lkrun{route}", params=params) as resp,
+            _session(path, 10) as session,
+            session.request(method, f"http://lkrun{route}", params=params) as resp,
         ):
-            resp.raise_for_status()
+            if resp.status >= 400:
+                raise ControlError((await resp.text()).strip() or f"HTTP {resp.status}")
             return await resp.json()
     except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
-        raise ControlError(
-            f"cannot reach the lkrun daemon at {path}: is `lkrun serve` running? "
-            f"(set {ENV_SOCKET} or --control-socket if it uses another socket)"
-        ) from exc
+        raise _unreachable(path) from exc
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise ControlError(f"the lkrun daemon at {path} did not answer properly: {exc}") from exc
 
 
-def request(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
+async def _get(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
+    return await _call(path, "GET", route, params)
+
+
+async def stream(path: Path, route: str, params: dict[str, str]) -> AsyncIterator[str]:
+    """Lines of a streamed response (job logs with follow)."""
+    try:
+        async with (
+            _session(path, None) as session,
+            session.get(f"http://lkrun{route}", params=params) as resp,
+        ):
+            if resp.status >= 400:
+                raise ControlError((await resp.text()).strip() or f"HTTP {resp.status}")
+            async for raw in resp.content:
+                yield raw.decode(errors="replace").rstrip("\n")
+    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
+        raise _unreachable(path) from exc
+
+
+def request(
+    path: Path, route: str, params: dict[str, str] | None = None, *, method: str = "GET"
+) -> Any:
     """Blocking call for the CLI."""
-    return asyncio.run(_get(path, route, params))
+    return asyncio.run(_call(path, method, route, params))

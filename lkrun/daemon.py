@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,15 @@ from lkrun.agent_host import AgentHost, HostSettings, format_duration
 from lkrun.control import ControlServer
 from lkrun.credentials import Credentials
 from lkrun.health import HealthServer
+from lkrun.history import History
 from lkrun.job_monitor import JobMonitor, Target
+from lkrun.joblogs import default_log_dir
 from lkrun.jobs import JobBook
 from lkrun.load import CpuMonitor
 from lkrun.manifest import AgentSpec, Manifest, ManifestError, check_entrypoints, load_manifest
+from lkrun.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.registration import AuthError
+from lkrun.store import JobQuery, StoreError, default_db_path
 
 log = logging.getLogger("lkrun.daemon")
 
@@ -41,6 +45,10 @@ class DaemonConfig:
     http_addr: tuple[str, int] | None = ("127.0.0.1", 8081)
     load_threshold: float = 0.75
     reload: bool = True
+    database: Path | None = None  # None: the XDG state directory
+    log_dir: Path | None = None
+    history_retention: float = 7 * 86400.0
+    job_log_max_bytes: int = 5 * 1024 * 1024
 
 
 class FatalError(Exception):
@@ -51,7 +59,14 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.manifest = config.manifest
-        self.book = JobBook()
+        self.metrics = Metrics()
+        self.history = History(
+            database=config.database or default_db_path(),
+            log_dir=config.log_dir or default_log_dir(),
+            retention=config.history_retention,
+            log_max_bytes=config.job_log_max_bytes,
+        )
+        self.book = JobBook(on_change=self.history.record)
         self.hosts: dict[str, AgentHost] = {}
         self.retiring: set[AgentHost] = set()  # removed or re-registered, finishing their jobs
         self.started_at = time.time()
@@ -63,6 +78,8 @@ class Daemon:
             shutdown_timeout=config.shutdown_timeout,
             load_threshold=config.load_threshold,
             cpu=lambda: self.cpu.value,
+            metrics=self.metrics,
+            job_logs=self.history.logs,
         )
         self._runs: dict[AgentHost, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -78,7 +95,10 @@ class Daemon:
         return [*self.hosts.values(), *self.retiring]
 
     def status(self) -> dict[str, Any]:
+        ready, reason = self.readiness()
         return {
+            "ready": ready,
+            "not_ready_reason": reason,
             "pid": os.getpid(),
             "version": __version__,
             "manifest": str(self.manifest.path),
@@ -117,8 +137,55 @@ class Daemon:
             "warm_failures": host.pool.failures,
         }
 
-    def jobs(self, *, include_ended: bool) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in self.book if include_ended or not r.status.ended]
+    def live_jobs(self) -> dict[str, dict[str, Any]]:
+        """Jobs this daemon runs now, as the control API shows them."""
+        return {r.id: {**r.to_dict(), "daemon_pid": os.getpid()} for r in self.book.active()}
+
+    async def jobs(self, query: JobQuery | None) -> list[dict[str, Any]]:
+        """Running jobs (no query), or a search of the history."""
+        live = self.live_jobs()
+        if query is None:
+            return sorted(live.values(), key=lambda j: j["accepted_at"], reverse=True)
+        return await self.history.query(query, live)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return await self.history.get(job_id, self.live_jobs().get(job_id))
+
+    def job_log_tail(self, job_id: str, lines: int) -> list[str]:
+        return self.history.logs.tail(job_id, lines)
+
+    def follow_job_log(self, job_id: str, lines: int) -> AsyncIterator[str]:
+        def ended() -> bool:
+            record = self.book.get(job_id)
+            return record is None or record.status.ended
+
+        return self.history.logs.follow(job_id, from_lines=lines, until=ended)
+
+    def kill_job(self, job_id: str, *, force: bool) -> str | None:
+        """Stop a running job; None if this daemon does not run it."""
+        for host in self.all_hosts():
+            if host.owns(job_id):
+                return host.kill_job(job_id, force=force)
+        return None
+
+    def _snapshot(self) -> list[AgentSnapshot]:
+        snapshots = []
+        for host in self.all_hosts():
+            load = host.worker_load()
+            snapshots.append(
+                AgentSnapshot(
+                    agent=host.spec.name,
+                    up=host.registration.state.connected,
+                    jobs_running=load.job_count,
+                    max_jobs=host.spec.max_jobs,
+                    idle_processes=len(host.pool.idle),
+                    load=load.load,
+                    job_memory_bytes=int(
+                        sum(r.memory_mb for r in self.book.active(host.spec.name)) * 1024 * 1024
+                    ),
+                )
+            )
+        return snapshots
 
     def readiness(self) -> tuple[bool, str]:
         if self.phase != "serving":
@@ -161,16 +228,29 @@ class Daemon:
                 await control.stop()
                 if self.health is not None:
                     await self.health.stop()
+                await asyncio.to_thread(self.history.close)
         if self._fatal.done():
             raise self._fatal.result()
 
     async def _start_services(self, control: ControlServer) -> None:
+        try:
+            lost = await asyncio.to_thread(self.history.open)
+        except StoreError as exc:
+            raise FatalError(str(exc)) from exc
+        if lost:
+            log.warning("%d job(s) were running when the previous daemon died: marked lost", lost)
+        self._spawn(self.history.prune_forever(), "history pruning")
         await control.start()
         if self.config.http_addr is not None:
             host, port = self.config.http_addr
             self.health = HealthServer(host, port, ready=self.readiness)
+            self.health.add_route("/metrics", metrics_handler(self.metrics, self._snapshot))
             await self.health.start()
-            log.info("health endpoint on http://%s:%d/healthz and /readyz", host, self.health.port)
+            log.info(
+                "health endpoint on http://%s:%d/healthz, /readyz and /metrics",
+                host,
+                self.health.port,
+            )
         monitor = JobMonitor(self._monitor_targets)
         self._spawn(self.cpu.run(), "cpu monitor")
         self._spawn(monitor.run(), "job monitor")

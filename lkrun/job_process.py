@@ -49,6 +49,7 @@ class JobProcess:
         self.env = dict(env)
         self.log = log
         self.on_running = on_running
+        self.sink: Callable[[str], None] | None = None  # the job's own log file
         self.pid: int | None = None
         self.ready = asyncio.Event()
         self.started_running = False
@@ -96,10 +97,16 @@ class JobProcess:
     def being_killed(self) -> bool:
         return bool(self._kill_reason)
 
-    def bind(self, log: logging.LoggerAdapter[Any], on_running: Callable[[], None] | None) -> None:
-        """Give a prewarmed process its job's logger and callbacks."""
+    def bind(
+        self,
+        log: logging.LoggerAdapter[Any],
+        on_running: Callable[[], None] | None,
+        sink: Callable[[str], None] | None = None,
+    ) -> None:
+        """Give a (maybe prewarmed) process its job's logger, log file and callbacks."""
         self.log = log
         self.on_running = on_running
+        self.sink = sink
 
     def start(self, **payload: Any) -> None:
         self._send(jobpipe.START, **payload)
@@ -258,3 +265,5 @@ class JobProcess:
         if line:
             self._last_log_line = line
             self.log.info("%s", line)
+            if self.sink is not None:
+                self.sink(line)

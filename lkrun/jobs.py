@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -42,6 +42,7 @@ class JobRecord:
     peak_memory_mb: float = 0.0
     cpu_percent: float = 0.0  # of one core, last sample
     warm: bool = False  # ran in a prewarmed process
+    worker_id: str = ""  # the LiveKit worker (registration) that took the job
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -57,14 +58,26 @@ class JobRecord:
 
 
 class JobBook:
-    """Active jobs, plus the most recent finished ones for `jobs ls --all`."""
+    """Active jobs, plus the most recent finished ones; every change goes to ``on_change``
+    (the SQLite history) as well."""
 
-    def __init__(self, keep_finished: int = 1000) -> None:
+    def __init__(
+        self,
+        keep_finished: int = 1000,
+        on_change: Callable[[JobRecord], None] | None = None,
+    ) -> None:
         self._active: dict[str, JobRecord] = {}
         self._finished: deque[JobRecord] = deque(maxlen=keep_finished)
+        self.on_change = on_change
 
     def add(self, record: JobRecord) -> None:
         self._active[record.id] = record
+        self.update(record)
+
+    def update(self, record: JobRecord) -> None:
+        """A record changed (status, pid...): persist it."""
+        if self.on_change is not None:
+            self.on_change(record)
 
     def finish(self, record: JobRecord, status: JobStatus, error: str = "") -> None:
         record.status = status
@@ -72,16 +85,17 @@ class JobBook:
         record.ended_at = time.time()
         self._active.pop(record.id, None)
         self._finished.append(record)
+        self.update(record)
 
     def get(self, job_id: str) -> JobRecord | None:
         if job_id in self._active:
             return self._active[job_id]
-        return next((r for r in self._finished if r.id == job_id), None)
+        return next((r for r in reversed(self._finished) if r.id == job_id), None)
 
     def active(self, agent: str | None = None) -> list[JobRecord]:
         return [r for r in self._active.values() if agent is None or r.agent == agent]
 
     def __iter__(self) -> Iterator[JobRecord]:
-        """Every known job, oldest first."""
+        """Every job in memory, oldest first."""
         yield from self._finished
         yield from self._active.values()

@@ -171,15 +171,15 @@ def _fraction(value: object) -> float:
     return float(value)
 
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)"  # "ms" before "m": tried in order
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)"  # "ms" before "m": tried in order
 _DURATION = re.compile(f"(?:{_DURATION_PART})+")
 
 
 def parse_duration(value: object) -> float:
     """Seconds, from a non-negative number or a string such as "90s", "1h30m" or "500ms".
 
-    A string needs a unit on every number (ms, s, m, h); raise ValueError for anything else.
+    A string needs a unit on every number (ms, s, m, h, d); raise ValueError for anything else.
     """
     seconds: float | None = None
     if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
@@ -422,6 +422,14 @@ class DaemonSettings:
     shutdown_timeout: float = field(default=10.0, metadata=_check(_duration))
     # Health/metrics HTTP server, "host:port" (see parse_host_port); "" disables it.
     http_addr: str = field(default="127.0.0.1:8081", metadata=_check(_http_addr))
+    # Job history (SQLite); None: $XDG_STATE_HOME/lkrun/jobs.db. Relative: to the manifest.
+    database: Path | None = field(default=None, metadata=_check(_path))
+    # Per-job log files; None: $XDG_STATE_HOME/lkrun/logs. Relative: to the manifest.
+    log_dir: Path | None = field(default=None, metadata=_check(_path))
+    # Ended jobs and their logs older than this are deleted.
+    history_retention: float = field(default=7 * 86400.0, metadata=_check(_duration))
+    # A job's log file is rotated at this size (one rotated file is kept).
+    job_log_max_mb: int = field(default=5, metadata=_check(_int_at_least(1)))
     # Machine CPU use (0..1] above which every agent reports itself full.
     load_threshold: float = field(default=0.75, metadata=_check(_fraction))
 
@@ -573,10 +581,14 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     daemon = _section(path, data, "daemon", DaemonSettings)
     agents = _agents(path, data.get("agents"))
     manifest = Manifest(Path(path), livekit, daemon, FrozenMap(agents))
-    socket = daemon.control_socket
-    if socket is not None and not socket.is_absolute():
-        resolved = dataclasses.replace(daemon, control_socket=manifest.workdir / socket)
-        manifest = dataclasses.replace(manifest, daemon=resolved)
+    # Relative paths in [daemon] are relative to the manifest, not to wherever lkrun runs.
+    relative = {
+        name: manifest.workdir / value
+        for name in ("control_socket", "database", "log_dir")
+        if (value := getattr(daemon, name)) is not None and not value.is_absolute()
+    }
+    if relative:
+        manifest = dataclasses.replace(manifest, daemon=dataclasses.replace(daemon, **relative))
     return manifest
 
 

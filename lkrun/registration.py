@@ -62,10 +62,21 @@ class Acceptance:
     attributes: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class Decline:
+    reason: str  # a short code for metrics: rooms, max_jobs, cpu, not_accepting, error
+    text: str = ""
+
+
+Decision = Acceptance | Decline
+
+
 class WorkerHandler(Protocol):
-    def on_availability(self, job: proto.Job) -> Acceptance | None: ...
+    def on_availability(self, job: proto.Job) -> Decision: ...
+    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None: ...
     def on_assignment(self, assignment: proto.JobAssignment) -> None: ...
     def on_termination(self, job_id: str) -> None: ...
+    def on_registered(self, worker_id: str, again: bool) -> None: ...
     def worker_load(self) -> WorkerLoad: ...
 
 
@@ -112,6 +123,8 @@ class Registration:
         self._last_load: WorkerLoad | None = None
         self._registered = asyncio.Event()
         self._unsent_updates = 0
+        self._answers: dict[str, tuple[float, Decision]] = {}  # offers answered, not yet sent
+        self._registrations = 0
         self._all_sent = asyncio.Event()
         self._all_sent.set()
 
@@ -234,6 +247,8 @@ class Registration:
         self.state.connected_since = time.time()
         self.state.last_error = ""
         self._registered.set()
+        self._registrations += 1
+        self.handler.on_registered(self.state.worker_id, self._registrations > 1)
         self.log.info(
             "registered as worker %s (%s, LiveKit %s)",
             self.state.worker_id,
@@ -244,11 +259,12 @@ class Registration:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse, writer: asyncio.Task[None]) -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
+                received = time.perf_counter()
                 try:
                     decoded = proto.ServerMessage.FromString(msg.data)
                 except DecodeError as exc:
                     raise ProtocolError(f"undecodable message from server: {exc}") from exc
-                self._dispatch(decoded)
+                self._dispatch(decoded, received)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise ProtocolError(f"websocket error: {ws.exception()}")
             if writer.done():
@@ -257,10 +273,10 @@ class Registration:
         code = ws.close_code
         self.state.last_error = f"server closed the connection (code {code})"
 
-    def _dispatch(self, msg: proto.ServerMessage) -> None:
+    def _dispatch(self, msg: proto.ServerMessage, received: float) -> None:
         kind = msg.WhichOneof("message")
         if kind == "availability":
-            self._answer(msg.availability.job)
+            self._answer(msg.availability.job, received)
         elif kind == "assignment":
             self.handler.on_assignment(msg.assignment)
         elif kind == "termination":
@@ -268,14 +284,15 @@ class Registration:
         elif kind == "go_away":
             self.log.info("server asked us to go away: %s", msg.go_away.reason)
 
-    def _answer(self, job: proto.Job) -> None:
+    def _answer(self, job: proto.Job, received: float) -> None:
         # Answer at once: the server gives up on us after a few seconds.
+        accept: Decision
         try:
             accept = self.handler.on_availability(job)
-        except Exception:
+        except Exception as exc:
             self.log.exception("deciding on job %s failed; declining", job.id)
-            accept = None
-        if accept is None:
+            accept = Decline("error", str(exc))
+        if isinstance(accept, Decline):
             response = proto.AvailabilityResponse(job_id=job.id, available=False)
         else:
             response = proto.AvailabilityResponse(
@@ -286,6 +303,7 @@ class Registration:
                 participant_metadata=accept.metadata,
                 participant_attributes=dict(accept.attributes),
             )
+        self._answers[job.id] = (received, accept)
         self._put(proto.WorkerMessage(availability=response))
         self.load_changed()
 
@@ -313,17 +331,25 @@ class Registration:
     ) -> None:
         while True:
             msg = await outbox.get()
-            is_update = msg.WhichOneof("message") == "update_job"
+            kind = msg.WhichOneof("message")
+            is_update = kind == "update_job"
             try:
                 await ws.send_bytes(msg.SerializeToString())
             except Exception:
                 if is_update:
                     self._backlog.appendleft(msg)
                 raise
+            if kind == "availability":
+                self._answered(msg.availability.job_id)
             if is_update:
                 self._unsent_updates -= 1
                 if self._unsent_updates == 0:
                     self._all_sent.set()
+
+    def _answered(self, job_id: str) -> None:
+        received, decision = self._answers.pop(job_id, (None, None))
+        if received is not None and decision is not None:
+            self.handler.on_answered(job_id, decision, time.perf_counter() - received)
 
     def _requeue_job_updates(self, outbox: asyncio.Queue[proto.WorkerMessage]) -> None:
         while not outbox.empty():
@@ -332,6 +358,7 @@ class Registration:
                 self._backlog.append(msg)
 
     def _disconnected(self) -> None:
+        self._answers.clear()
         if self.state.connected:
             self.state.connected = False
             self.state.connected_since = None

@@ -195,6 +195,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             f"job history {path} has schema version {version}, newer than this lkrun"
             f" understands ({SCHEMA_VERSION})"
         )
+    # Version 1 is the whole schema (IF NOT EXISTS); later versions add steps keyed on `version`.
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -202,21 +203,32 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
-def _mark_lost(conn: sqlite3.Connection, now: float) -> int:
-    """Jobs a previous daemon left active: it died (or was killed) before recording an end."""
+def _mark_lost(conn: sqlite3.Connection, now: float, daemon_alive: Callable[[int], bool]) -> int:
+    """Jobs a previous daemon left active: it died (or was killed) before recording an end.
+
+    Rows of a daemon that still runs (another daemon sharing the file) are left alone.
+    """
     marks = ", ".join("?" * len(ACTIVE_STATUSES))
-    cursor = conn.execute(
-        "UPDATE jobs SET status = 'lost', ended_at = ?,"
-        " error = 'the daemon stopped while the job was running (pid '"
-        " || IFNULL(daemon_pid, 'unknown') || ')'"
-        f" WHERE status IN ({marks})",
-        (now, *ACTIVE_STATUSES),
-    )
-    return cursor.rowcount
+    pids = conn.execute(
+        f"SELECT DISTINCT daemon_pid FROM jobs WHERE status IN ({marks})", ACTIVE_STATUSES
+    ).fetchall()
+    dead = [pid for (pid,) in pids if pid is None or not daemon_alive(pid)]
+    lost = 0
+    for pid in dead:
+        cursor = conn.execute(
+            "UPDATE jobs SET status = 'lost', ended_at = ?,"
+            " error = 'the daemon stopped while the job was running (pid '"
+            " || IFNULL(daemon_pid, 'unknown') || ')'"
+            f" WHERE status IN ({marks}) AND daemon_pid IS ?",
+            (now, *ACTIVE_STATUSES, pid),
+        )
+        lost += cursor.rowcount
+    return lost
 
 
 def _prepare_file(path: Path) -> None:
@@ -245,12 +257,15 @@ class JobStore:
 
     # -- lifecycle
 
-    def open(self) -> int:
-        """Open (creating if needed); returns how many jobs a previous daemon left behind."""
+    def open(self, *, daemon_alive: Callable[[int], bool] = lambda pid: False) -> int:
+        """Open (creating if needed); returns how many jobs a previous daemon left behind.
+
+        ``daemon_alive(pid)`` tells whether the daemon that wrote a row still runs.
+        """
         if self._thread is not None:
             raise StoreError(f"job history {self.path} is already open")
         try:
-            lost = self._open_connections()
+            lost = self._open_connections(daemon_alive)
         except (sqlite3.Error, OSError) as exc:
             self._close_connections()
             raise StoreError(f"cannot open job history {self.path}: {_one_line(exc)}") from exc
@@ -262,11 +277,11 @@ class JobStore:
         self._thread.start()
         return lost
 
-    def _open_connections(self) -> int:
+    def _open_connections(self, daemon_alive: Callable[[int], bool]) -> int:
         _prepare_file(self.path)
         self._write_conn = _connect(self.path, read_only=False)
         _migrate(self._write_conn, self.path)
-        lost = _mark_lost(self._write_conn, time.time())  # autocommit: durable at once
+        lost = _mark_lost(self._write_conn, time.time(), daemon_alive)  # autocommit: durable now
         self._read_conn = _connect(self.path, read_only=True)
         self._read_conn.row_factory = sqlite3.Row
         return lost

@@ -121,6 +121,7 @@ class DaemonProc:
         env.update(self.server.env)
         env["PYTHONPATH"] = str(REPO)
         env[control.ENV_SOCKET] = str(self.socket)
+        env["XDG_STATE_HOME"] = str(self.dir / "state")  # its own job history and logs
         return env
 
     def start(self) -> None:

@@ -20,7 +20,14 @@ from lkrun.load import WorkerLoad
 
 from lkrun import registration
 from lkrun.credentials import Credentials
-from lkrun.registration import Acceptance, AuthError, Registration, WorkerSpec
+from lkrun.registration import (
+    Acceptance,
+    AuthError,
+    Decision,
+    Decline,
+    Registration,
+    WorkerSpec,
+)
 
 Script = Callable[[web.WebSocketResponse, "FakeServer"], Awaitable[None]]
 
@@ -92,9 +99,19 @@ class Handler:
         self.assignments: list[proto.JobAssignment] = []
         self.terminations: list[str] = []
         self.full = False
+        self.answered: list[tuple[str, Decision, float]] = []
+        self.registered: list[tuple[str, bool]] = []
 
-    def on_availability(self, job: proto.Job) -> Acceptance | None:
-        return None if job.room.name.startswith("no-") else Acceptance(identity=f"agent-{job.id}")
+    def on_availability(self, job: proto.Job) -> Decision:
+        if job.room.name.startswith("no-"):
+            return Decline("rooms")
+        return Acceptance(identity=f"agent-{job.id}")
+
+    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
+        self.answered.append((job_id, decision, seconds))
+
+    def on_registered(self, worker_id: str, again: bool) -> None:
+        self.registered.append((worker_id, again))
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
         self.assignments.append(assignment)
@@ -187,6 +204,12 @@ async def test_register_then_offer_assignment_termination(session: Any) -> None:
     assert yes_latency < 1.0  # generous: the server allows ~3 s
     assert [a.token for a in handler.assignments] == ["tok"]
     assert handler.terminations == ["AJ_1"]
+    # Each answer was timed from the frame's arrival to its write.
+    assert [(j, type(d).__name__) for j, d, _ in handler.answered] == [
+        ("AJ_1", "Acceptance"),
+        ("AJ_2", "Decline"),
+    ]
+    assert all(0 <= s < 1.0 for _, _, s in handler.answered)
     assert reg.state.worker_id == "AW_fake1" and reg.state.server_version == "fake"
 
 
@@ -207,11 +230,13 @@ async def test_malformed_frame_reconnects(session: Any) -> None:
             await ws.send_bytes(b"\xff\xff\xff not protobuf")
         await server.hang()
 
+    handler = Handler()
     async with FakeServer(script) as server:
-        reg = make_registration(server.url, Handler(), session)
+        reg = make_registration(server.url, handler, session)
         await run_until(reg, lambda: server.connections >= 2 and reg.state.connected)
     assert reg.state.reconnects >= 1
     assert "undecodable" in reg.state.last_error or reg.state.last_error == ""
+    assert [again for _, again in handler.registered][:2] == [False, True]
 
 
 async def test_server_that_never_answers_register_is_retried(

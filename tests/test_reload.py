@@ -82,7 +82,8 @@ async def test_visible_change_reregisters_and_keeps_old_jobs(
 
     async def reregistered() -> dict[str, Any] | None:
         agent = await agent_status(daemon, name)
-        return agent if agent and agent["worker_id"] != old["worker_id"] else None
+        fresh = agent and agent["connected"] and agent["worker_id"] != old["worker_id"]
+        return agent if fresh else None
 
     new = await wait_for(reregistered, 30, what="a new registration")
     assert new["connected"]

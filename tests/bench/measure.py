@@ -255,13 +255,14 @@ class Bench:
                 joined = None
             return visible, joined
         finally:
+            await observer.close()  # first: a room deleted under it makes the SDK log noise
             await self.lk.delete_room(room)
-            await observer.close()
 
     async def _poll_joined(self, room: str, t0: float) -> float:
-        while not await self.lk.agent_in(room):
+        while True:
+            if await self.lk.agent_in(room):
+                return (time.perf_counter() - t0) * 1000
             await asyncio.sleep(JOINED_POLL)
-        return (time.perf_counter() - t0) * 1000
 
     async def latency(self) -> dict[str, Any]:
         s = self.settings
@@ -333,7 +334,8 @@ class Bench:
                 elif now - pending[room] > timeout:
                     pending.pop(room)
             if pending:
-                await asyncio.sleep(0.25)
+                # At most ~50 ListParticipants a second: the poll must not load the SUT.
+                await asyncio.sleep(min(2.0, max(0.1, len(pending) * 0.02)))
         return arrived
 
     async def memory_at(self, count: int) -> dict[str, Any]:
@@ -372,6 +374,11 @@ class Bench:
             helpers = [p for p in descendants(self.sut.main_pid) if p.pid not in job_pids]
             result["helper_processes"] = len(helpers)
             result["helpers_pss_mb"] = round(tree_memory(helpers)["pss"], 1)
+            # Everything the SUT runs (main + helpers + jobs): sharing (forkserver,
+            # copy-on-write) and per-system overhead both show up here.
+            result["total_pss_mb"] = round(
+                result["main_pss_mb"] + result["helpers_pss_mb"] + result["jobs_pss_total_mb"], 1
+            )
             self.say(
                 f"memory @{count}: {len(per_job)} jobs, per job PSS {result['job_pss_mb']} MB "
                 f"USS {result['job_uss_mb']} MB; main RSS {result['main_rss_mb']} MB, "

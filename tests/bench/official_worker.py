@@ -16,6 +16,9 @@ Timestamps come from the worker itself, written as JSON lines to $BENCH_EVENTS:
   ``_handle_availability`` and passed to the job process), so
   ``entrypoint_at - received_at`` is offer -> entrypoint.
 - ``registered``: the worker registered with LiveKit (``worker_registered`` event).
+
+Limits: ``load_threshold = inf`` (never reports itself full) and, unless
+``BENCH_LOAD=default``, a load function shaped like lkrun's (see ``lkrun_like_load``).
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from typing import Any
 
 from livekit import agents
 from livekit.agents import AgentServer, JobContext, JobProcess, WorkerOptions, cli
+from livekit.agents.worker import _DefaultLoadCalc
 
 EVENTS = os.environ.get("BENCH_EVENTS", "")
+MAX_JOBS = 200  # lkrun's max_jobs in the bench manifest
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -66,10 +71,25 @@ async def entrypoint(ctx: JobContext) -> None:
     # shutdown future), which is also how the lkrun bench agent behaves.
 
 
+def lkrun_like_load(server: AgentServer) -> float:
+    """The load lkrun reports with max_jobs = 200 and load_threshold = 1.0.
+
+    The default load_fnc reports the machine's CPU use; livekit-server sends a worker no
+    job while its load is at or above its target load (0.7), so on a busy 2-core machine
+    the default worker stops getting jobs long before load_threshold matters. lkrun
+    reports max(jobs / max_jobs, CPU / load_threshold) scaled below 0.7 instead.
+    """
+    jobs = len(server.active_jobs) / MAX_JOBS
+    cpu = _DefaultLoadCalc.get_load(server)
+    return min(0.69, round(0.7 * max(jobs, cpu), 2))
+
+
 def options() -> WorkerOptions:
+    load = os.environ.get("BENCH_LOAD", "lkrun")
     return WorkerOptions(
         entrypoint_fnc=entrypoint,
         prewarm_fnc=prewarm,
+        **({"load_fnc": lkrun_like_load} if load == "lkrun" else {}),
         agent_name=os.environ.get("BENCH_AGENT_NAME", "bench-official"),
         num_idle_processes=int(os.environ.get("BENCH_IDLE", "0")),
         # No CPU-based refusal: lkrun gets load_threshold = 1.0 and max_jobs = 200.

@@ -155,6 +155,7 @@ class LkrunSut(Sut):
 
     async def start(self, timeout: float = 90.0) -> None:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.manifest.write_text(self.manifest_text())
         (self.workdir / "agents.toml").write_text(self.manifest_text())
         env = dict(os.environ, PYTHONPATH=str(REPO), **self.server.env())
@@ -256,10 +257,11 @@ class OfficialSut(Sut):
     system = "official"
     agent_name = "bench-official"
 
-    def __init__(self, *, python: Path, http_port: int, **kwargs: Any) -> None:
+    def __init__(self, *, python: Path, http_port: int, load: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.python = python
         self.http_port = http_port
+        self.load = load  # "lkrun": lkrun-shaped load_fnc; "default": the worker's own
         self.events_path = self.workdir / "events.jsonl"
         self._http: aiohttp.ClientSession | None = None
 
@@ -273,6 +275,7 @@ class OfficialSut(Sut):
             BENCH_AGENT_NAME=self.agent_name,
             BENCH_IDLE=str(self.idle),
             BENCH_HTTP_PORT=str(self.http_port),
+            BENCH_LOAD=self.load,
             LIVEKIT_LOG_LEVEL="INFO",
         )
         self.proc = self.registry.spawn(

@@ -1,0 +1,91 @@
+"""What the daemon remembers across restarts: the SQLite job history and per-job log files."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from lkrun.joblogs import JobLogs
+from lkrun.jobs import JobRecord
+from lkrun.store import JobQuery, JobStore
+
+log = logging.getLogger("lkrun.history")
+
+PRUNE_INTERVAL = 3600.0
+
+
+def lkrun_daemon_alive(pid: int) -> bool:
+    """Whether pid is a running lkrun daemon other than this one (rows it owns are not lost)."""
+    if pid == os.getpid():
+        return False  # a previous daemon that had our pid is certainly gone
+    try:
+        return "lkrun" in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+class History:
+    def __init__(
+        self, *, database: Path, log_dir: Path, retention: float, log_max_bytes: int
+    ) -> None:
+        self.store = JobStore(database)
+        self.logs = JobLogs(log_dir, max_bytes=log_max_bytes)
+        self.retention = retention
+
+    def open(self) -> int:
+        """Open both; return how many jobs a dead daemon left running (now marked lost)."""
+        lost = self.store.open(daemon_alive=lkrun_daemon_alive)
+        self.logs.open()
+        return lost
+
+    def close(self) -> None:
+        self.store.close()
+
+    def record(self, record: JobRecord) -> None:
+        """Non-blocking: queued for the store's writer thread."""
+        self.store.upsert({**record.to_dict(), "daemon_pid": os.getpid()})
+
+    async def query(self, q: JobQuery, live: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """History rows, with this daemon's live view (memory, CPU) of jobs it still runs."""
+        rows = await asyncio.to_thread(self._flushed, self.store.query, q)
+        return [_merge(row, live.get(row["id"])) for row in rows]
+
+    async def get(self, job_id: str, live: dict[str, Any] | None) -> dict[str, Any] | None:
+        if live is not None:
+            return live
+        row = await asyncio.to_thread(self._flushed, self.store.get, job_id)
+        return None if row is None else _merge(row, None)
+
+    def _flushed(self, read: Callable[[Any], Any], arg: Any) -> Any:
+        self.store.flush(0.5)  # what just happened should show
+        return read(arg)
+
+    async def prune_forever(self) -> None:
+        while True:
+            cutoff = time.time() - self.retention
+            jobs = await asyncio.to_thread(self.store.prune, cutoff)
+            files = await asyncio.to_thread(self.logs.remove_older_than, cutoff)
+            if jobs or files:
+                log.info("pruned %d old job(s) and %d log file(s) from history", jobs, files)
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+
+def _merge(row: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+    if live is not None:
+        return live
+    merged = dict(row)
+    ended = merged.get("ended_at") or time.time()
+    accepted = merged.get("accepted_at") or ended
+    merged["age"] = round(ended - accepted, 3)
+    offered, started = merged.get("offered_at"), merged.get("started_at")
+    merged["offer_to_start_ms"] = (
+        round((started - offered) * 1000, 2) if offered and started else None
+    )
+    return merged

@@ -1,0 +1,281 @@
+"""lkrun vs the official LiveKit Agents worker, side by side on one livekit-server.
+
+    python -m tests.bench [--dispatches 50] [--concurrency 1,10,50] [--max-jobs-cap 100]
+                          [--systems lkrun,official] [--variants cold,warm] [--idle 4]
+
+Makes (or reuses) the official worker's venv, starts one livekit-server in dev mode on
+free loopback ports, then for each system and variant (cold: no prewarmed process;
+warm: --idle of them) starts it, measures (see tests/bench/measure.py) and stops it.
+Writes results.md, results.json, chart.png and every log to --results
+(default results/bench-<UTC timestamp>/) and prints the table. Everything it starts is
+stopped on exit, Ctrl-C and errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from lkrun import __version__ as lkrun_version
+from lkrun import devserver
+from tests.bench import benchvenv, report
+from tests.bench.measure import LiveKit, Settings, run_sut
+from tests.bench.procs import Registry
+from tests.bench.suts import REPO, LkrunSut, OfficialSut, Server, Sut
+
+SYSTEMS = ("lkrun", "official")
+VARIANTS = ("cold", "warm")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("counts must be at least 1")
+    return values
+
+
+def _choices(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dispatches", type=int, default=50, help="sequential dispatches")
+    parser.add_argument("--warmup", type=int, default=1, help="unrecorded dispatches first")
+    parser.add_argument(
+        "--concurrency", type=_int_list, default=[1, 10, 50], help="memory at these job counts"
+    )
+    parser.add_argument("--hold", type=float, default=5.0, help="seconds to hold before sampling")
+    parser.add_argument(
+        "--max-jobs-cap", type=int, default=100, help="ramp up to this many jobs (0: skip)"
+    )
+    parser.add_argument("--ramp-step", type=int, default=10, help="jobs added per ramp step")
+    parser.add_argument(
+        "--visible-timeout", type=float, default=15.0, help="seconds for an agent to come in"
+    )
+    parser.add_argument(
+        "--ramp-timeout", type=float, default=600.0, help="time limit of the max-jobs ramp"
+    )
+    parser.add_argument("--idle", type=int, default=4, help="prewarmed processes when warm")
+    parser.add_argument("--systems", type=_choices(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--variants", type=_choices(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--official-load",
+        choices=("lkrun", "default"),
+        default="lkrun",
+        help="official worker's load_fnc: lkrun-shaped (jobs/200, CPU scaled below the "
+        "server's 0.7 target) or its default (machine CPU: no jobs at >= 70%% CPU)",
+    )
+    parser.add_argument("--results", type=Path, default=None, help="results folder")
+    parser.add_argument(
+        "--base-python", default="python3", help="python that creates the bench venv"
+    )
+    parser.add_argument("--no-chart", action="store_true", help="skip chart.png")
+    args = parser.parse_args(argv)
+    if args.dispatches < 0 or args.warmup < 0 or args.max_jobs_cap < 0 or args.ramp_step < 1:
+        parser.error("counts must not be negative (and --ramp-step at least 1)")
+    return args
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        dispatches=args.dispatches,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        hold=args.hold,
+        max_jobs_cap=args.max_jobs_cap,
+        ramp_step=args.ramp_step,
+        visible_timeout=args.visible_timeout,
+        ramp_timeout=args.ramp_timeout,
+    )
+
+
+def _meta(args: argparse.Namespace, started: str) -> dict[str, Any]:
+    return {
+        "started": started,
+        "lkrun_version": lkrun_version,
+        "livekit_agents_version": benchvenv.AGENTS_VERSION,
+        "livekit_server_version": devserver.LIVEKIT_SERVER_VERSION,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "settings": {
+            **{k: v for k, v in vars(_settings(args)).items()},
+            "idle": args.idle,
+            "official_load": args.official_load,
+            "systems": args.systems,
+            "variants": args.variants,
+        },
+    }
+
+
+class _Stop(Exception):
+    """SIGTERM: unwind like Ctrl-C, so that cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+async def _bench(
+    args: argparse.Namespace,
+    server: Server,
+    registry: Registry,
+    results: dict[str, Any],
+    folder: Path,
+    bench_python: Path | None,
+) -> None:
+    settings = _settings(args)
+    lk = LiveKit(server)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lkrun-bench-") as tmp:
+            # Cold pair first, then warm: each comparison is made close together in time.
+            for variant in args.variants:
+                for system in args.systems:
+                    sut = _make_sut(
+                        system, variant, args, server, registry, folder, Path(tmp), bench_python
+                    )
+                    if sut is None:
+                        continue
+                    results["runs"][sut.label] = await run_sut(sut, lk, settings)
+                    _write(results, folder)
+    finally:
+        await lk.delete_all()
+        await lk.aclose()
+
+
+def _make_sut(
+    system: str,
+    variant: str,
+    args: argparse.Namespace,
+    server: Server,
+    registry: Registry,
+    folder: Path,
+    tmp: Path,
+    bench_python: Path | None,
+) -> Sut | None:
+    idle = args.idle if variant == "warm" else 0
+    label = f"{system}-{variant}"
+    common = {
+        "variant": variant,
+        "idle": idle,
+        "server": server,
+        "workdir": folder / label,
+        "registry": registry,
+    }
+    if system == "lkrun":
+        return LkrunSut(tmpdir=tmp / label, **common)
+    if bench_python is None:
+        return None
+    return OfficialSut(
+        python=bench_python,
+        http_port=devserver.free_tcp_port(),
+        load=args.official_load,
+        **common,
+    )
+
+
+def _write(results: dict[str, Any], folder: Path) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "results.md").write_text(report.markdown(results))
+
+
+def _chart(bench_python: Path | None, folder: Path) -> None:
+    if bench_python is None:
+        print("bench: no bench venv, no chart", flush=True)
+        return
+    result = subprocess.run(
+        [
+            str(bench_python),
+            str(Path(__file__).with_name("chart.py")),
+            str(folder / "results.json"),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        print(f"bench: chart failed: {result.stderr.strip()[-500:]}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="The HMAC key is")  # the dev server's secret
+    now = datetime.datetime.now(datetime.timezone.utc)
+    started = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    folder = args.results or REPO / "results" / f"bench-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"bench: results in {folder}", flush=True)
+    results: dict[str, Any] = {"meta": _meta(args, started), "runs": {}}
+
+    bench_python: Path | None = None
+    need_venv = "official" in args.systems or not args.no_chart
+    if need_venv:
+        bench_python = benchvenv.ensure(args.base_python, log=folder / "bench-venv.log")
+
+    registry = Registry()
+    server = devserver.DevServer(
+        devserver.ensure_server_binary(on_build=lambda msg: print(f"bench: {msg}", flush=True)),
+        port=devserver.free_tcp_port(),
+        rtc_tcp_port=devserver.free_tcp_port(),
+        udp_port=devserver.free_udp_port(),
+        log_path=folder / "livekit-server.log",
+    )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupted = False
+    try:
+        server.start()
+        print(f"bench: livekit-server at {server.url}", flush=True)
+        view = Server(server.url, server.http_url, server.api_key, server.api_secret)
+        asyncio.run(_bench(args, view, registry, results, folder, bench_python))
+    except (KeyboardInterrupt, _Stop):
+        interrupted = True
+        print("\nbench: interrupted; stopping everything it started", flush=True)
+    finally:
+        registry.stop_all()
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    _write(results, folder)
+    if not args.no_chart and results["runs"]:
+        _chart(bench_python, folder)
+    print()
+    print(report.table(results))
+    print(f"\nbench: {folder / 'results.md'}, results.json, chart.png", flush=True)
+    failed = [label for label, run in results["runs"].items() if not run.get("ok")]
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
