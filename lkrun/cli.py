@@ -463,19 +463,27 @@ def jobs_ls(
 
 
 def _watch_jobs(control_socket: Path | None, params: dict[str, str]) -> None:
+    """Redraw the table every second; piped, print one table per second instead."""
     from rich.live import Live
 
-    with Live(console=out, auto_refresh=False) as live:
-        try:
+    def table() -> Table:
+        jobs = _ask_daemon(control_socket, "/v1/jobs", params)["jobs"]
+        drawn = _jobs_table(jobs, usage=True)
+        drawn.title = f"{len(jobs)} job(s) at {time.strftime('%H:%M:%S')} (Ctrl-C to stop)"
+        return drawn
+
+    try:
+        if not out.is_terminal:
             while True:
-                jobs = _ask_daemon(control_socket, "/v1/jobs", params)["jobs"]
-                stamp = time.strftime("%H:%M:%S")
-                table = _jobs_table(jobs, usage=True)
-                table.title = f"{len(jobs)} job(s) at {stamp} (Ctrl-C to stop)"
-                live.update(table, refresh=True)
+                out.print(table())
+                sys.stdout.flush()
                 time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                live.update(table(), refresh=True)
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
 
 
 @jobs_app.command("show")

@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 from livekit.protocol import agent as proto
 from livekit.protocol import models
-from lkrun.load import WorkerLoad
 
 from lkrun import registration
 from lkrun.credentials import Credentials
+from lkrun.load import WorkerLoad
 from lkrun.registration import (
     Acceptance,
     AuthError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -104,3 +105,13 @@ async def prewarm_hangs() -> None:
 async def shows_userdata(ctx: JobContext) -> None:
     ctx.logger.info("userdata=%r", ctx.userdata)
     await echo.entrypoint(ctx)
+
+
+async def ticker(ctx: JobContext) -> None:
+    """Logs a numbered line ten times a second until the job is stopped."""
+    count = 0
+    while not ctx.shutdown_requested:
+        count += 1
+        print(f"tick {count}", flush=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ctx.wait_for_shutdown(), 0.1)

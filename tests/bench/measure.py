@@ -418,7 +418,8 @@ class Bench:
                 if missing:
                     reason = (
                         f"{len(missing)} of {size} agents not in within "
-                        f"{s.visible_timeout:g}s at {step['target']} jobs"
+                        f"{s.visible_timeout:g}s at {step['target']} jobs "
+                        f"({self.sut.why_missing(missing)})"
                     )
                     break
                 still = await asyncio.gather(*(self.lk.agent_in(r) for r in held))

@@ -106,6 +106,21 @@ class Sut(abc.ABC):
     async def failed_jobs(self, rooms: list[str]) -> list[str]:
         """Errors of failed jobs in these rooms (what the system reports)."""
 
+    @abc.abstractmethod
+    def why_missing(self, rooms: list[str]) -> str:
+        """What the system's own log says about these rooms' jobs, in one line."""
+
+    def _log_lines(self, name: str, rooms: list[str]) -> list[str]:
+        try:
+            text = (self.workdir / name).read_text(errors="replace")
+        except OSError:
+            return []
+        return [
+            line
+            for line in text.splitlines()
+            if any(f"{r}'" in line or f'{r}"' in line for r in rooms)
+        ]
+
     async def wait_idle_ready(self, timeout: float = 90.0) -> bool:
         if self.idle <= 0:
             return True
@@ -244,6 +259,12 @@ class LkrunSut(Sut):
                 result[job["room"]] = float(value)
         return result
 
+    def why_missing(self, rooms: list[str]) -> str:
+        declined = [_message(x) for x in self._log_lines("daemon.log", rooms) if "declined" in x]
+        if declined:
+            return f"lkrun declined {len(declined)} offers, e.g. {declined[-1][:160]}"
+        return "no offer declined in the daemon log"
+
     async def failed_jobs(self, rooms: list[str]) -> list[str]:
         wanted = set(rooms)
         return [
@@ -251,6 +272,19 @@ class LkrunSut(Sut):
             for job in await self.jobs(include_ended=True)
             if job["room"] in wanted and job["status"] == "failed"
         ]
+
+
+def _message(line: str) -> str:
+    """The message of a JSON log line, else the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return line.strip()
+    return (
+        str(record.get("msg") or record.get("message") or line)
+        if isinstance(record, dict)
+        else line.strip()
+    )
 
 
 class OfficialSut(Sut):
@@ -349,6 +383,14 @@ class OfficialSut(Sut):
             for e in self._entrypoints()
             if e["room"] in wanted and e.get("received_at")
         }
+
+    def why_missing(self, rooms: list[str]) -> str:
+        lines = self._log_lines("worker.log", rooms)
+        requests = sum(1 for x in lines if "received job request" in x)
+        refused = sum(1 for x in lines if '"available": false' in x)
+        return f"the worker logged {requests} job requests for these {len(rooms)} rooms" + (
+            f", {refused} answered unavailable" if refused else ""
+        )
 
     async def failed_jobs(self, rooms: list[str]) -> list[str]:
         # The worker reports failures only in its log (JSON lines at level ERROR).
