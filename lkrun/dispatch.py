@@ -104,6 +104,10 @@ def diagnose(agent: str, room: str, local: dict[str, object] | None) -> list[str
         ]
     status = mine[0]
     reasons = []
+    if local and local.get("phase") in ("draining", "stopping"):
+        reasons.append(
+            "the local lkrun daemon is draining (it received SIGTERM) and takes no new jobs"
+        )
     if not status.get("connected"):
         reasons.append(
             f"agent {agent!r} on this host is not registered with LiveKit "

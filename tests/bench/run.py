@@ -86,8 +86,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ramp-timeout", type=float, default=600.0, help="time limit of the max-jobs ramp"
     )
     parser.add_argument("--idle", type=int, default=4, help="prewarmed processes when warm")
-    parser.add_argument("--systems", type=_choices(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--variants", type=_choices(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--systems",
+        type=_choices(SYSTEMS),
+        default=list(SYSTEMS),
+        help="comma-separated: lkrun, official",
+    )
+    parser.add_argument(
+        "--variants",
+        type=_choices(VARIANTS),
+        default=list(VARIANTS),
+        help="comma-separated: cold (no prewarmed process), warm (--idle of them)",
+    )
     parser.add_argument(
         "--official-load",
         choices=("lkrun", "default"),
@@ -95,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="official worker's load_fnc: lkrun-shaped (jobs/200, CPU scaled below the "
         "server's 0.7 target) or its default (machine CPU: no jobs at >= 70%% CPU)",
     )
-    parser.add_argument("--results", type=Path, default=None, help="results folder")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="results folder [results/bench-<UTC time>]"
+    )
     parser.add_argument(
         "--base-python", default="python3", help="python that creates the bench venv"
     )
@@ -270,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         _chart(bench_python, folder)
     print()
     print(report.table(results))
-    print(f"\nbench: {folder / 'results.md'}, results.json, chart.png", flush=True)
+    written = ["results.json", *(["chart.png"] if (folder / "chart.png").exists() else [])]
+    print(f"\nbench: {folder / 'results.md'}, {', '.join(written)}", flush=True)
     failed = [label for label, run in results["runs"].items() if not run.get("ok")]
     if interrupted:
         return 130
