@@ -369,6 +369,7 @@ class AgentHost:
                     agent=self.spec.name,
                 )
                 timer = self._arm_timeout(record)
+            self.pool.replenish()
             outcome = await proc.wait()
         except OSError as exc:
             outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -168,25 +169,6 @@ class Daemon:
                 return host.kill_job(job_id, force=force)
         return None
 
-    def _snapshot(self) -> list[AgentSnapshot]:
-        snapshots = []
-        for host in self.all_hosts():
-            load = host.worker_load()
-            snapshots.append(
-                AgentSnapshot(
-                    agent=host.spec.name,
-                    up=host.registration.state.connected,
-                    jobs_running=load.job_count,
-                    max_jobs=host.spec.max_jobs,
-                    idle_processes=len(host.pool.idle),
-                    load=load.load,
-                    job_memory_bytes=int(
-                        sum(r.memory_mb for r in self.book.active(host.spec.name)) * 1024 * 1024
-                    ),
-                )
-            )
-        return snapshots
-
     def readiness(self) -> tuple[bool, str]:
         if self.phase != "serving":
             return False, self.phase
@@ -194,6 +176,31 @@ class Daemon:
         if down:
             return False, f"not registered with LiveKit: {', '.join(down)}"
         return True, ""
+
+    def _snapshot(self) -> list[AgentSnapshot]:
+        """Per agent name; a re-registered agent's retiring registration adds its jobs."""
+        by_name: dict[str, AgentSnapshot] = {}
+        for host in self.all_hosts():
+            name = host.spec.name
+            load = host.worker_load()
+            memory = sum(r.memory_mb for r in self.book.active(name) if host.owns(r.id))
+            snap = AgentSnapshot(
+                agent=name,
+                up=host.registration.state.connected,
+                jobs_running=load.job_count,
+                max_jobs=host.spec.max_jobs,
+                idle_processes=len(host.pool.idle),
+                load=load.load,
+                job_memory_bytes=int(memory * 1024 * 1024),
+            )
+            if (current := by_name.get(name)) is not None:  # the current host came first
+                snap = dataclasses.replace(
+                    current,
+                    jobs_running=current.jobs_running + snap.jobs_running,
+                    job_memory_bytes=current.job_memory_bytes + snap.job_memory_bytes,
+                )
+            by_name[name] = snap
+        return list(by_name.values())
 
     # -- running ---------------------------------------------------------------------------
 

@@ -54,10 +54,14 @@ class WarmPool:
             watcher = self._watchers.pop(proc, None)
             if watcher is not None:
                 watcher.cancel()
-            self._changed.set()  # refill in the background
             if not proc.exited:
                 return proc
         return None
+
+    def replenish(self) -> None:
+        """Start replacing taken processes. Called once the job has its start message:
+        spawning blocks the event loop for a few ms (fork), which must not delay that job."""
+        self._changed.set()
 
     def configure(self, factory: Callable[[], JobProcess], size: int, timeout: float) -> None:
         """New settings (or new code on disk): idle processes are replaced."""
