@@ -82,11 +82,29 @@ class JobContext:
         self._background: set[asyncio.Future[Any]] = set()
         self.room.on("disconnected", self._on_disconnected)
 
-    async def connect(self, *, auto_subscribe: bool = True) -> None:
-        """Join the room with the token LiveKit minted for this job."""
+    async def connect(self, *, auto_subscribe: bool = True, announce: bool = True) -> None:
+        """Join the room with the token LiveKit minted for this job.
+
+        With ``announce``, the participant then sets its attribute ``lkrun.job_id``. Besides
+        telling clients which job serves them, an attribute change makes LiveKit announce the
+        participant to the room at once; a participant that publishes nothing is otherwise
+        announced in the server's next 3-second batch.
+        """
         await self.room.connect(
             self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
         )
+        if announce:
+            task = asyncio.ensure_future(self._announce())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _announce(self) -> None:
+        try:
+            await asyncio.wait_for(
+                self.room.local_participant.set_attributes({"lkrun.job_id": self.job.id}), 5
+            )
+        except Exception as exc:  # e.g. no can_update_metadata permission: only slower
+            self.logger.debug("could not set the lkrun.job_id attribute: %r", exc)
 
     def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
         """Run ``callback(reason)`` when the job ends, before the room disconnects."""

@@ -41,6 +41,12 @@ async def test_explicit_dispatch_with_cli_echoes(start_daemon: Any, livekit_serv
 
         job = await job_in_room(daemon, room_name, "running")
         assert job["dispatch_id"] == dispatch_id
+        # connect() announces the job id, which also makes LiveKit show the agent at once.
+        await wait_for(
+            lambda: agent.attributes.get("lkrun.job_id") == job["id"],
+            10,
+            what="the lkrun.job_id attribute",
+        )
         assert job["agent"] == name and job["identity"] == agent.identity
 
         listing = daemon.cli("jobs", "ls", "--json")
