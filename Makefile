@@ -36,8 +36,8 @@ clean:
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak
 
-# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about half
-# an hour at the defaults). Shrink it with e.g. BENCH_ARGS="--dispatches 10 --concurrency 1,5".
+# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about 15-20
+# minutes at the defaults). Shrink it with e.g. BENCH_ARGS="--dispatches 10 --concurrency 1,5".
 .PHONY: bench
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

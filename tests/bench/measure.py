@@ -27,7 +27,7 @@ import psutil
 from livekit import api, rtc
 
 from tests.bench.procs import descendants
-from tests.bench.suts import Server, Sut
+from tests.bench.suts import Server, Sut, SutError
 
 OBSERVER = "bench-observer"
 MB = 1024 * 1024
@@ -192,12 +192,9 @@ class Bench:
         self.lk = lk
         self.settings = settings
         self.run_id = uuid.uuid4().hex[:6]
-        self.log_lines: list[str] = []
 
     def say(self, message: str) -> None:
-        line = f"[{self.sut.label}] {message}"
-        self.log_lines.append(line)
-        print(line, flush=True)
+        print(f"[{self.sut.label}] {message}", flush=True)
 
     def room(self, phase: str, index: int) -> str:
         return f"bench-{self.sut.label}-{self.run_id}-{phase}-{index}"
@@ -209,7 +206,10 @@ class Bench:
 
     async def ready_for_next(self) -> None:
         if not await self.sut.wait_idle_ready(60):
-            self.say(f"warning: fewer than {self.sut.idle} idle processes after 60s")
+            message = f"fewer than {self.sut.idle} idle processes ready after 60s"
+            self.say(f"warning: {message}")
+            if message not in self.sut.notes:
+                self.sut.notes.append(message)
 
     # -- baseline -------------------------------------------------------------------------
 
@@ -295,6 +295,7 @@ class Bench:
         offers = await self.sut.offer_to_entrypoint_ms(rooms)
         if not offers:
             self.say("offer -> entrypoint: not reported by this system (skipped)")
+            self.sut.notes.append("offer -> entrypoint not reported (skipped)")
         return {
             "dispatch_to_visible_ms": summary(visible),
             "dispatch_to_joined_ms": summary(joined),
@@ -471,7 +472,8 @@ async def run_sut(sut: Sut, lk: LiveKit, settings: Settings) -> dict[str, Any]:
         info["ok"] = False
         info["error"] = f"{type(exc).__name__}: {exc}"
         bench.say(f"failed: {info['error']}")
-        traceback.print_exc()
+        if not isinstance(exc, SutError):
+            traceback.print_exc()
     finally:
         await lk.delete_all()
         await sut.stop()

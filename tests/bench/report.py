@@ -171,9 +171,11 @@ def markdown(results: dict[str, Any]) -> str:
         if run is None:
             continue
         if not run.get("ok"):
-            problems.append(f"- {label}: failed: {run.get('error')}")
+            lines = str(run.get("error") or "").strip().splitlines() or [""]
+            error = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
+            problems.append(f"- {label}: failed: {error}")
         stop = (run.get("max_jobs") or {}).get("stop_reason")
-        if stop:
+        if stop and stop != "cap reached":
             problems.append(f"- {label}: max-jobs ramp stopped: {stop}")
         timeouts = (run.get("latency") or {}).get("timeouts")
         if timeouts:

@@ -152,6 +152,7 @@ class LkrunSut(Sut):
         self.tmpdir = tmpdir  # manifest and control socket (short path for AF_UNIX)
         self.socket = tmpdir / "ctl.sock"
         self.manifest = tmpdir / "agents.toml"
+        self._limit_flag = True
 
     def manifest_text(self) -> str:
         lines = [
@@ -173,7 +174,6 @@ class LkrunSut(Sut):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.manifest.write_text(self.manifest_text())
         (self.workdir / "agents.toml").write_text(self.manifest_text())
-        env = dict(os.environ, PYTHONPATH=str(REPO), **self.server.env())
         self.proc = self.registry.spawn(
             self.label,
             [
@@ -188,7 +188,7 @@ class LkrunSut(Sut):
                 str(self.socket),
                 "--no-reload",
             ],
-            env=env,
+            env=self._env(with_credentials=True),
             log_path=self.workdir / "daemon.log",
             cwd=REPO,
         )
@@ -204,6 +204,14 @@ class LkrunSut(Sut):
             await asyncio.sleep(0.5)
         raise SutError(f"{self.label}: agents not connected within {timeout:g}s")
 
+    def _env(self, *, with_credentials: bool = False) -> dict[str, str]:
+        # Job history and job logs go to $XDG_STATE_HOME/lkrun by default: keep the
+        # bench's out of the user's own.
+        env = dict(os.environ, PYTHONPATH=str(REPO), XDG_STATE_HOME=str(self.tmpdir / "state"))
+        if with_credentials:
+            env.update(self.server.env())
+        return env
+
     async def cli(self, *args: str) -> Any:
         """``python -m lkrun ARGS --json --control-socket SOCK``, parsed."""
         proc = await asyncio.create_subprocess_exec(
@@ -217,7 +225,7 @@ class LkrunSut(Sut):
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            env=self._env(),
             cwd=REPO,
         )
         out, err = await proc.communicate()
@@ -226,7 +234,17 @@ class LkrunSut(Sut):
         return json.loads(out)
 
     async def jobs(self, *, include_ended: bool = False) -> list[dict[str, Any]]:
-        return list(await self.cli("jobs", "ls", *(["--all"] if include_ended else [])))
+        if not include_ended:
+            return list(await self.cli("jobs", "ls"))
+        if self._limit_flag:
+            try:
+                # `--all` returns the newest 100 unless told otherwise.
+                return list(await self.cli("jobs", "ls", "--all", "--limit", "100000"))
+            except SutError as exc:
+                if "--limit" not in str(exc):
+                    raise
+                self._limit_flag = False  # an lkrun without --limit: --all has no cap
+        return list(await self.cli("jobs", "ls", "--all"))
 
     async def active_jobs(self) -> int:
         return sum(1 for job in await self.jobs() if job["status"] in ACTIVE)
