@@ -1,7 +1,7 @@
 """The job pipe protocol: newline-delimited JSON between the daemon and a job subprocess.
 
 daemon -> child (stdin):  start, drain, shutdown, ping
-child -> daemon (stdout): ready, running, done, pong, status
+child -> daemon (stdout): ready, running, done, pong
 
 Kept free of heavy imports: the runner imports it before user code.
 """
@@ -22,7 +22,6 @@ READY = "ready"  # runner and entrypoint module loaded; waiting for start
 RUNNING = "running"  # entrypoint called
 DONE = "done"  # job over: {"ok": bool, "error": str}
 PONG = "pong"
-STATUS = "status"  # free-form facts for `jobs ls`, e.g. {"room_sid": ...}
 
 # A start message carries a job token and metadata; keep room for large metadata.
 MAX_LINE = 4 * 1024 * 1024
