@@ -14,6 +14,7 @@ log = logging.getLogger("lkrun.pool")
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
+REFILL_DELAY = 0.5
 
 
 class WarmPool:
@@ -59,9 +60,12 @@ class WarmPool:
         return None
 
     def replenish(self) -> None:
-        """Start replacing taken processes. Called once the job has its start message:
-        spawning blocks the event loop for a few ms (fork), which must not delay that job."""
-        self._changed.set()
+        """Start replacing taken processes, a moment after a job got its start message.
+
+        A new Python process burns a core for ~150 ms while it imports; on a small machine
+        that slows the job that is joining its room right now, so it waits a little.
+        """
+        asyncio.get_running_loop().call_later(REFILL_DELAY, self._changed.set)
 
     def configure(self, factory: Callable[[], JobProcess], size: int, timeout: float) -> None:
         """New settings (or new code on disk): idle processes are replaced."""

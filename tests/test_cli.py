@@ -47,7 +47,7 @@ BAD_MANIFESTS = {
 }
 
 
-def unreachable_env() -> dict[str, str]:
+def unreachable_env(tmp: Path) -> dict[str, str]:
     """Credentials pointing at a port nobody listens on: nothing may connect anyway."""
     import os
 
@@ -59,6 +59,7 @@ def unreachable_env() -> dict[str, str]:
         LIVEKIT_API_SECRET="s",
         PYTHONPATH=str(REPO),
         LKRUN_CONTROL_SOCKET=f"/tmp/{unique('lkrun-test')}.sock",
+        XDG_STATE_HOME=str(tmp / "state"),  # never the user's own history
     )
 
 
@@ -68,7 +69,7 @@ def test_bad_manifest_exits_2_with_one_line(tmp_path: Path, case: str, command: 
     text, expected = BAD_MANIFESTS[case]
     manifest = tmp_path / "agents.toml"
     manifest.write_text(text)
-    result = run_cli(command, str(manifest), env=unreachable_env(), timeout=60)
+    result = run_cli(command, str(manifest), env=unreachable_env(tmp_path), timeout=60)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -81,30 +82,30 @@ def test_bad_manifest_exits_2_with_one_line(tmp_path: Path, case: str, command: 
         assert "field " in line
 
 
-def test_check_accepts_the_example_manifest() -> None:
-    result = run_cli("check", str(REPO / "agents.toml.example"), env=unreachable_env())
+def test_check_accepts_the_example_manifest(tmp_path: Path) -> None:
+    result = run_cli("check", str(REPO / "agents.toml.example"), env=unreachable_env(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "2 agent(s) OK: echo, greeter" in result.stdout
 
 
 def test_jobs_ls_without_a_daemon_says_so(tmp_path: Path) -> None:
-    env = unreachable_env()
+    env = unreachable_env(tmp_path)
     result = run_cli("jobs", "ls", "--control-socket", str(tmp_path / "none.sock"), env=env)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot reach the lkrun daemon at ")
 
 
-def test_dispatch_to_unreachable_server_says_so() -> None:
-    env = unreachable_env()
+def test_dispatch_to_unreachable_server_says_so(tmp_path: Path) -> None:
+    env = unreachable_env(tmp_path)
     result = run_cli("dispatch", "--room", "r", "--agent", "a", env=env)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error: cannot reach LiveKit at {env['LIVEKIT_URL']}")
 
 
-def test_dispatch_with_wrong_secret_is_refused(livekit_server: Any) -> None:
-    env = dict(unreachable_env(), **livekit_server.env)
+def test_dispatch_with_wrong_secret_is_refused(tmp_path: Path, livekit_server: Any) -> None:
+    env = dict(unreachable_env(tmp_path), **livekit_server.env)
     env["LIVEKIT_API_SECRET"] = "not-the-secret"
     result = run_cli("dispatch", "--room", "r", "--agent", "a", env=env)
     assert result.returncode == 1
@@ -115,7 +116,7 @@ def test_dispatch_with_wrong_secret_is_refused(livekit_server: Any) -> None:
 def test_serve_with_wrong_secret_fails_in_one_line(tmp_path: Path, livekit_server: Any) -> None:
     manifest = tmp_path / "agents.toml"
     manifest.write_text(GOOD)
-    env = dict(unreachable_env(), **livekit_server.env)
+    env = dict(unreachable_env(tmp_path), **livekit_server.env)
     env["LIVEKIT_API_SECRET"] = "not-the-secret"
     result = run_cli("serve", str(manifest), env=env, timeout=60)
     assert result.returncode == 1
@@ -124,8 +125,8 @@ def test_serve_with_wrong_secret_fails_in_one_line(tmp_path: Path, livekit_serve
     assert "not-the-secret" not in result.stderr
 
 
-def test_dispatch_json_output(livekit_server: Any) -> None:
-    env = dict(unreachable_env(), **livekit_server.env)
+def test_dispatch_json_output(tmp_path: Path, livekit_server: Any) -> None:
+    env = dict(unreachable_env(tmp_path), **livekit_server.env)
     result = run_cli("dispatch", "--room", unique("r"), "--agent", "nobody", "--json", env=env)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)

@@ -1,0 +1,120 @@
+"""`lkrun dispatch`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from lkrun import control, credentials
+from lkrun.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    JsonOpt,
+    KeyOpt,
+    SocketOpt,
+    UrlOpt,
+    app,
+    duration_option,
+    err,
+    fail,
+    out,
+    run_async,
+)
+
+
+def _client_credentials(url: str | None, api_key: str | None) -> credentials.Credentials:
+    try:
+        creds = credentials.resolve(url=url, api_key=api_key)
+    except credentials.CredentialsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if creds is not None:
+        return creds
+    from lkrun import devserver
+
+    # Like `lk --dev`: with nothing configured, talk to the dev server `lkrun serve` starts.
+    return credentials.Credentials(
+        "http://127.0.0.1:7880", devserver.DEV_API_KEY, devserver.DEV_API_SECRET
+    )
+
+
+@app.command()
+def dispatch(
+    room: Annotated[str, typer.Option("--room", help="Room to send the agent to.")],
+    agent: Annotated[str, typer.Option("--agent", help="Agent name, as registered.")],
+    metadata: Annotated[str, typer.Option(help="Metadata passed to the job.")] = "",
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until a job of the dispatch is running.")
+    ] = False,
+    timeout: Annotated[str, typer.Option(help="With --wait: how long, e.g. 30s.")] = "30s",
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    control_socket: SocketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask LiveKit to send AGENT to ROOM (creating the room if needed)."""
+    from lkrun.dispatch import DispatchError, WaitTimeout, create_dispatch, wait_running
+
+    creds = _client_credentials(url, api_key)
+    limit = duration_option("--timeout", timeout)
+
+    async def run() -> tuple[Any, Any]:
+        started = asyncio.get_running_loop().time()
+        created = await create_dispatch(creds, room=room, agent=agent, metadata=metadata)
+        if not wait:
+            return created, None
+        try:
+            return created, await wait_running(creds, created, started=started, timeout=limit)
+        except WaitTimeout:
+            return created, None
+
+    try:
+        created, running = run_async(run())
+    except DispatchError as exc:
+        fail(str(exc))
+    result: dict[str, Any] = {
+        "dispatch_id": created.id,
+        "agent": created.agent,
+        "room": created.room,
+        "metadata": created.metadata,
+    }
+    if running is not None:
+        result.update(
+            job_id=running.job_id,
+            participant_identity=running.participant_identity,
+            worker_id=running.worker_id,
+            seconds=round(running.seconds, 3),
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    elif running is None:
+        out.print(created.id)
+    else:
+        out.print(
+            f"{created.id}: job {running.job_id} running after {running.seconds:.2f}s "
+            f"(participant {running.participant_identity})"
+        )
+    if wait and running is None:
+        _explain_timeout(agent, room, created.id, limit, control_socket)
+
+
+def _explain_timeout(
+    agent: str, room: str, dispatch_id: str, limit: float, socket_path: Path | None
+) -> NoReturn:
+    from lkrun.dispatch import diagnose
+
+    try:
+        local = control.request(socket_path or control.default_socket_path(), "/v1/status")
+    except control.ControlError:
+        local = None
+    err.print(
+        f"error: no job of dispatch {dispatch_id} was running after {limit:g}s; most likely:",
+        markup=False,
+    )
+    for reason in diagnose(agent, room, local):
+        err.print(f"  - {reason}", markup=False)
+    raise typer.Exit(EXIT_FAILURE)

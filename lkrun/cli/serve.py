@@ -1,0 +1,176 @@
+"""`lkrun check` and `lkrun serve`."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lkrun import control, credentials
+from lkrun.cli.common import (
+    EXIT_USAGE,
+    SocketOpt,
+    app,
+    duration_option,
+    err,
+    fail,
+    out,
+    run_async,
+)
+from lkrun.manifest import Manifest, ManifestError, check_entrypoints, load_manifest
+
+
+def _load(manifest_path: Path) -> Manifest:
+    try:
+        manifest = load_manifest(manifest_path)
+        check_entrypoints(manifest)
+    except ManifestError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return manifest
+
+
+@app.command()
+def check(manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")]) -> None:
+    """Validate a manifest, importing each entrypoint in a subprocess, without connecting."""
+    loaded = _load(manifest)
+    out.print(f"{manifest}: {len(loaded.agents)} agent(s) OK: {', '.join(loaded.agents)}")
+
+
+@app.command()
+def serve(
+    manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")],
+    url: Annotated[
+        str | None, typer.Option(help="LiveKit URL [default: manifest, then $LIVEKIT_URL].")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="LiveKit API key [default: manifest, then $LIVEKIT_API_KEY]."),
+    ] = None,
+    control_socket: SocketOpt = None,
+    drain_timeout: Annotated[
+        str | None,
+        typer.Option(help="How long jobs may run on after SIGTERM, e.g. 30m [manifest: 30m]."),
+    ] = None,
+    shutdown_timeout: Annotated[
+        str | None,
+        typer.Option(
+            help="How long a job gets after a shutdown request, e.g. 10s [manifest: 10s]."
+        ),
+    ] = None,
+    http_addr: Annotated[
+        str | None,
+        typer.Option(
+            help="Health endpoint HOST:PORT, or '' to turn it off [manifest: 127.0.0.1:8081]."
+        ),
+    ] = None,
+    reload: Annotated[
+        bool, typer.Option("--reload/--no-reload", help="Apply manifest edits while running.")
+    ] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="pretty or json [default: pretty on a terminal, json otherwise]."),
+    ] = None,
+) -> None:
+    """Run the daemon: register every agent of MANIFEST and run their jobs.
+
+    With no LiveKit URL configured (flag, manifest or LIVEKIT_URL), a local
+    livekit-server is installed and started in dev mode for the daemon's lifetime.
+    """
+    from lkrun.logs import setup_logging
+
+    if log_format not in (None, "pretty", "json"):
+        fail(f"--log-format must be pretty or json, got {log_format!r}", EXIT_USAGE)
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        fail(f"--log-level must be debug, info, warning or error, got {log_level!r}", EXIT_USAGE)
+    setup_logging(log_level, log_format)
+    loaded = _load(manifest)
+    options = _daemon_options(loaded, drain_timeout, shutdown_timeout, http_addr)
+    with ExitStack() as stack:
+        creds = _serve_credentials(loaded, url, api_key, stack)
+        socket_path = (
+            control_socket or loaded.daemon.control_socket or control.default_socket_path()
+        )
+        _run_daemon(loaded, creds, socket_path, reload=reload, **options)
+
+
+def _daemon_options(
+    manifest: Manifest, drain: str | None, shutdown: str | None, http_addr: str | None
+) -> dict[str, Any]:
+    """[daemon] settings, each overridden by its flag when given."""
+    from lkrun.manifest import parse_host_port
+
+    daemon = manifest.daemon
+    try:
+        addr = daemon.http_addr if http_addr is None else http_addr
+        return {
+            "drain_timeout": (
+                daemon.drain_timeout if drain is None else duration_option("--drain-timeout", drain)
+            ),
+            "shutdown_timeout": (
+                daemon.shutdown_timeout
+                if shutdown is None
+                else duration_option("--shutdown-timeout", shutdown)
+            ),
+            "http_addr": parse_host_port(addr) if addr else None,
+            "load_threshold": daemon.load_threshold,
+            "database": daemon.database,
+            "log_dir": daemon.log_dir,
+            "history_retention": daemon.history_retention,
+            "job_log_max_bytes": daemon.job_log_max_mb * 1024 * 1024,
+        }
+    except ValueError as exc:
+        fail(f"invalid option: {exc}", EXIT_USAGE)
+
+
+def _serve_credentials(
+    manifest: Manifest, url: str | None, api_key: str | None, stack: ExitStack
+) -> credentials.Credentials:
+    try:
+        creds = credentials.resolve(
+            url=url,
+            api_key=api_key,
+            manifest_url=manifest.livekit.url,
+            manifest_key=manifest.livekit.api_key,
+            manifest_secret=manifest.livekit.api_secret,
+        )
+    except credentials.CredentialsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if creds is not None:
+        return creds
+    return _start_dev_server(stack)
+
+
+def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
+    from lkrun import devserver
+
+    try:
+        binary = devserver.ensure_server_binary(on_build=lambda msg: err.print(msg, markup=False))
+        server = devserver.DevServer(binary)
+        err.print(
+            f"no LiveKit URL configured: starting livekit-server in dev mode at {server.url} "
+            f"(log: {server.log_path or devserver.cache_dir() / 'livekit-server.log'})",
+            markup=False,
+        )
+        server.start()
+    except devserver.DevServerError as exc:
+        fail(str(exc))
+    stack.callback(server.stop)
+    return credentials.Credentials(server.url, server.api_key, server.api_secret)
+
+
+def _run_daemon(
+    manifest: Manifest, creds: credentials.Credentials, socket_path: Path, **options: Any
+) -> None:
+    from lkrun.daemon import Daemon, DaemonConfig, FatalError
+    from lkrun.health import HealthError
+
+    config = DaemonConfig(
+        manifest=manifest, credentials=creds, control_socket=socket_path, **options
+    )
+    try:
+        run_async(Daemon(config).serve())
+    except (FatalError, control.ControlError, HealthError) as exc:
+        fail(str(exc))

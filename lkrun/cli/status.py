@@ -1,0 +1,64 @@
+"""`lkrun status`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from lkrun.cli.common import EXIT_FAILURE, JsonOpt, SocketOpt, age, app, ask_daemon, out
+
+
+@app.command()
+def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the daemon's agents and registrations; exit 0 only when it is ready."""
+    data = ask_daemon(control_socket, "/v1/status")
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        _print_status(data)
+    if not data.get("ready", False):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    ready = "ready" if data.get("ready") else f"NOT READY ({data.get('not_ready_reason')})"
+    out.print(
+        f"lkrun {data['version']} pid {data['pid']}, up {age(data['uptime'])}, {ready}; "
+        f"LiveKit {data['url']}, manifest {data['manifest']}",
+        markup=False,
+    )
+    table = Table(box=None, pad_edge=False)
+    for column in (
+        "AGENT",
+        "DISPATCH",
+        "REGISTRATION",
+        "WORKER ID",
+        "SERVER",
+        "JOBS",
+        "IDLE",
+        "LOAD",
+        "RECONNECTS",
+        "LAST ERROR",
+    ):
+        table.add_column(column, overflow="fold")
+    for a in data["agents"]:
+        reg = "connected" if a["connected"] else "down"
+        if a.get("retiring"):
+            reg += " (retiring)"
+        table.add_row(
+            a["agent"],
+            a["dispatch"],
+            reg,
+            a["worker_id"] or "-",
+            a["server_version"] or "-",
+            f"{a['jobs']}/{a['max_jobs']}",
+            str(a.get("idle_processes", 0)),
+            f"{a['load']:.2f}",
+            str(a["reconnects"]),
+            a["last_error"] or a.get("warm_error", ""),
+        )
+    out.print(table)
