@@ -7,7 +7,6 @@ The server is built once with `go install` into a per-version cache directory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import http.client
 import os
@@ -16,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -25,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from lkrun import pdeathsig
+
 LIVEKIT_SERVER_VERSION = "v1.13.5"
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "secret"
@@ -32,7 +32,6 @@ DEV_API_SECRET = "secret"
 LOOPBACK = "127.0.0.1"
 _MODULE = "github.com/livekit/livekit-server/cmd/server"
 _GO_FALLBACK = Path("/usr/local/go/bin/go")
-_PR_SET_PDEATHSIG = 1
 _TAIL_LINES = 5
 _TAIL_CHARS = 800
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -216,26 +215,9 @@ def _server_env() -> dict[str, str]:
 
 
 def _death_signal_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that kills the child when its parent dies, even by SIGKILL.
-
-    SIGKILL rather than SIGTERM: livekit-server ignores a SIGTERM that arrives just
-    after it starts, and on SIGTERM it waits for connected participants to leave.
-    Linux only. The signal fires when the *thread* that forked exits, so start the
-    server from a long-lived thread (the main thread in lkrun and pytest).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    # Resolve prctl in the parent: the child should only make the call, not load libraries.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill)
-        if os.getppid() != parent:  # parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+    """SIGKILL rather than SIGTERM: livekit-server ignores a SIGTERM that arrives just after
+    it starts, and on SIGTERM it waits for connected participants to leave."""
+    return pdeathsig.preexec(signal.SIGKILL)
 
 
 def _wait_until(proc: subprocess.Popen[bytes], deadline: float) -> bool:

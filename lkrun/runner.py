@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import inspect
 import logging
@@ -23,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from lkrun import jobpipe
+from lkrun import jobpipe, pdeathsig
 
 log = logging.getLogger("lkrun.runner")
 
@@ -51,19 +50,6 @@ def take_protocol_stdout() -> BinaryIO:
     os.dup2(2, 1)  # C extensions and subprocesses writing to fd 1 land in the log
     sys.stdout = sys.stderr
     return os.fdopen(proto_fd, "wb", buffering=0)
-
-
-def die_with_parent(daemon_pid: int | None) -> None:
-    """Linux: get SIGTERM when the daemon dies, even by SIGKILL (stdin EOF is the portable path)."""
-    if sys.platform != "linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    # The daemon may have died before prctl took effect.
-    if daemon_pid is not None and os.getppid() != daemon_pid:
-        os._exit(1)
 
 
 def load_entrypoint(spec: str) -> Callable[..., Any]:
@@ -260,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = Pipe(take_protocol_stdout())
     kill_group_on_sigterm()
-    die_with_parent(args.daemon_pid)
+    # Linux: SIGTERM when the daemon dies, even by SIGKILL (stdin EOF is the portable path).
+    pdeathsig.set_parent_death_signal(signal.SIGTERM, args.daemon_pid)
     setup_logging()
     sys.path.insert(0, os.getcwd())
     loaded = []

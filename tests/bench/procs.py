@@ -8,34 +8,21 @@ also gets a parent-death signal (Linux), so they die if the bench itself is kill
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-_PR_SET_PDEATHSIG = 1
+from lkrun import pdeathsig
 
 
 def _death_signal_preexec() -> Callable[[], None] | None:
     """A preexec_fn that SIGKILLs the child when the bench (its parent thread) dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+    return pdeathsig.preexec(signal.SIGKILL)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
