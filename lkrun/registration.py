@@ -164,8 +164,8 @@ class Registration:
         )
         self._unsent_updates += 1
         self._all_sent.clear()
-        if self._outbox is None:
-            self._backlog.append(msg)
+        if self._outbox is None or not self.state.connected:
+            self._backlog.append(msg)  # sent once a registration is confirmed
         else:
             self._outbox.put_nowait(msg)
 
@@ -204,19 +204,18 @@ class Registration:
         async with ws:
             await self._register(ws)
             outbox: asyncio.Queue[proto.WorkerMessage] = asyncio.Queue()
-            while self._backlog:
-                outbox.put_nowait(self._backlog.popleft())
             self._outbox = outbox
             writer = asyncio.create_task(self._write(ws, outbox))
             refresher = asyncio.create_task(self._refresh_load())
+            watchdog = asyncio.create_task(self._expect_confirmation(ws))
             try:
                 self._send_load(force=True)
                 await self._read(ws, writer)
             finally:
                 self._outbox = None
-                for task in (writer, refresher):
+                for task in (writer, refresher, watchdog):
                     task.cancel()
-                await asyncio.gather(writer, refresher, return_exceptions=True)
+                await asyncio.gather(writer, refresher, watchdog, return_exceptions=True)
                 self._requeue_job_updates(outbox)
 
     def _token(self) -> str:
@@ -241,12 +240,24 @@ class Registration:
         reply = proto.ServerMessage.FromString(msg.data)
         if reply.WhichOneof("message") != "register":
             raise ProtocolError(f"expected a register response, got {reply.WhichOneof('message')}")
-        self.state.connected = True
         self.state.worker_id = reply.register.worker_id
         self.state.server_version = reply.register.server_info.version
+        # The server answers register *before* it adds the worker to its pool; a dispatch in
+        # between finds no worker and is dropped. It answers a ping only from its pool, so
+        # the pong is what makes the registration real.
+        ping = proto.WorkerPing(timestamp=int(time.time() * 1000))
+        await ws.send_bytes(proto.WorkerMessage(ping=ping).SerializeToString())
+
+    def _confirmed(self) -> None:
+        if self.state.connected:
+            return
+        self.state.connected = True
         self.state.connected_since = time.time()
         self.state.last_error = ""
         self._registered.set()
+        if self._outbox is not None:
+            while self._backlog:
+                self._outbox.put_nowait(self._backlog.popleft())
         self._registrations += 1
         self.handler.on_registered(self.state.worker_id, self._registrations > 1)
         self.log.info(
@@ -255,6 +266,13 @@ class Registration:
             self.spec.agent_name or "automatic dispatch",
             self.state.server_version or "unknown version",
         )
+
+    async def _expect_confirmation(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            await asyncio.wait_for(self._registered.wait(), REGISTER_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.state.last_error = "the server did not answer the registration's ping"
+            await ws.close()
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse, writer: asyncio.Task[None]) -> None:
         async for msg in ws:
@@ -281,6 +299,8 @@ class Registration:
             self.handler.on_assignment(msg.assignment)
         elif kind == "termination":
             self.handler.on_termination(msg.termination.job_id)
+        elif kind == "pong":
+            self._confirmed()
         elif kind == "go_away":
             self.log.info("server asked us to go away: %s", msg.go_away.reason)
 
@@ -352,10 +372,12 @@ class Registration:
             self.handler.on_answered(job_id, decision, time.perf_counter() - received)
 
     def _requeue_job_updates(self, outbox: asyncio.Queue[proto.WorkerMessage]) -> None:
+        unsent = []
         while not outbox.empty():
             msg = outbox.get_nowait()
             if msg.WhichOneof("message") == "update_job":
-                self._backlog.append(msg)
+                unsent.append(msg)
+        self._backlog.extendleft(reversed(unsent))  # older than anything queued since
 
     def _disconnected(self) -> None:
         self._answers.clear()

@@ -30,8 +30,14 @@ def _runner_pids(daemon: Any) -> set[int]:
     """Job processes (warm or busy) of this daemon."""
     import psutil
 
-    children = psutil.Process(daemon.pid).children()
-    return {c.pid for c in children if "lkrun.runner" in " ".join(c.cmdline())}
+    pids = set()
+    for child in psutil.Process(daemon.pid).children():
+        try:
+            if "lkrun.runner" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # exited (or a zombie) between listing and reading
+            continue
+    return pids
 
 
 async def test_job_runs_in_a_warm_process_with_prewarm_result(

@@ -65,7 +65,9 @@ class FakeServer:
         self.received.append(parsed)
         return parsed
 
-    async def accept_register(self, ws: web.WebSocketResponse) -> proto.RegisterWorkerRequest:
+    async def accept_register(
+        self, ws: web.WebSocketResponse, *, pong: bool = True
+    ) -> proto.RegisterWorkerRequest:
         msg = await self.recv(ws)
         assert msg.WhichOneof("message") == "register"
         reply = proto.ServerMessage(
@@ -75,7 +77,16 @@ class FakeServer:
             )
         )
         await ws.send_bytes(reply.SerializeToString())
+        if pong:
+            await self.answer_ping(ws)
         return msg.register
+
+    async def answer_ping(self, ws: web.WebSocketResponse) -> None:
+        """Like the real server once the worker is in its pool: pong the worker's ping."""
+        ping = await self.recv(ws)
+        assert ping.WhichOneof("message") == "ping", ping
+        pong = proto.WorkerPong(last_timestamp=ping.ping.timestamp, timestamp=1)
+        await ws.send_bytes(proto.ServerMessage(pong=pong).SerializeToString())
 
     async def __aenter__(self) -> FakeServer:
         app = web.Application()
@@ -259,9 +270,10 @@ async def test_server_that_never_answers_register_is_retried(
 
 async def test_job_updates_survive_a_reconnect(session: Any) -> None:
     async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
-        await server.accept_register(ws)
         if server.connections == 1:
-            return  # drop the connection right after registering
+            await server.accept_register(ws, pong=False)
+            return  # drop the connection before the registration is confirmed
+        await server.accept_register(ws)
         with contextlib.suppress(AssertionError):  # the client hangs up at the end
             while True:
                 await server.recv(ws)
@@ -312,3 +324,28 @@ async def test_worker_status_carries_load_and_full(session: Any) -> None:
     first, *_, last = statuses()
     assert first.status == proto.WS_AVAILABLE and first.load == 0.0
     assert last.status == proto.WS_FULL and last.load == pytest.approx(0.5)
+
+
+async def test_registration_counts_only_once_the_server_pongs(
+    session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers register before the worker is in its pool; only a pong proves it."""
+    monkeypatch.setattr(registration, "REGISTER_TIMEOUT", 0.3)
+    states: list[bool] = []
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        if server.connections == 1:
+            await server.accept_register(ws, pong=False)
+            await server.hang()  # registered in name only: never pongs
+        await server.accept_register(ws, pong=False)
+        states.append(reg.state.connected)  # register answered, ping not yet
+        await server.answer_ping(ws)
+        await server.hang()
+
+    handler = Handler()
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+        await run_until(reg, lambda: reg.state.connected)
+    assert server.connections == 2
+    assert states == [False]
+    assert [again for _, again in handler.registered] == [False]
