@@ -74,3 +74,6 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles logs every filtered change at debug: a log file beside the manifest
+    # would feed itself.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

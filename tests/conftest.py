@@ -178,7 +178,8 @@ class DaemonProc:
                 status = await self.status()
             except control.ControlError:
                 return None
-            return status if all(a["connected"] for a in status["agents"]) else None
+            # "ready": serving (agents created) and every registration confirmed.
+            return status if status["ready"] else None
 
         return await wait_for(ready, timeout, what="every agent registered")
 

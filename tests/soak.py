@@ -92,7 +92,7 @@ class Soak:
         while time.monotonic() < deadline:
             try:
                 status = await self.ask("/v1/status")
-                if all(a["connected"] for a in status["agents"]):
+                if status["ready"]:
                     return
             except control.ControlError:
                 pass
