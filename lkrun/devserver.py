@@ -258,6 +258,17 @@ class DevServer:
     log_path: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
+    @classmethod
+    def on_free_ports(cls, binary: Path, log_path: Path | None = None) -> DevServer:
+        """A server on ports nobody uses now: for tests and benchmarks beside other servers."""
+        return cls(
+            binary,
+            port=free_tcp_port(),
+            rtc_tcp_port=free_tcp_port(),
+            udp_port=free_udp_port(),
+            log_path=log_path,
+        )
+
     @property
     def url(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}"

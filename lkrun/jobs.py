@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -58,16 +57,11 @@ class JobRecord:
 
 
 class JobBook:
-    """Active jobs, plus the most recent finished ones; every change goes to ``on_change``
-    (the SQLite history) as well."""
+    """The jobs this daemon runs now; every change also goes to ``on_change`` (the history,
+    which answers for ended jobs)."""
 
-    def __init__(
-        self,
-        keep_finished: int = 1000,
-        on_change: Callable[[JobRecord], None] | None = None,
-    ) -> None:
+    def __init__(self, on_change: Callable[[JobRecord], None] | None = None) -> None:
         self._active: dict[str, JobRecord] = {}
-        self._finished: deque[JobRecord] = deque(maxlen=keep_finished)
         self.on_change = on_change
 
     def add(self, record: JobRecord) -> None:
@@ -84,18 +78,10 @@ class JobBook:
         record.error = error
         record.ended_at = time.time()
         self._active.pop(record.id, None)
-        self._finished.append(record)
         self.update(record)
 
     def get(self, job_id: str) -> JobRecord | None:
-        if job_id in self._active:
-            return self._active[job_id]
-        return next((r for r in reversed(self._finished) if r.id == job_id), None)
+        return self._active.get(job_id)
 
     def active(self, agent: str | None = None) -> list[JobRecord]:
         return [r for r in self._active.values() if agent is None or r.agent == agent]
-
-    def __iter__(self) -> Iterator[JobRecord]:
-        """Every job in memory, oldest first."""
-        yield from self._finished
-        yield from self._active.values()

@@ -53,13 +53,7 @@ def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 
     binary = devserver.ensure_server_binary(on_build=lambda m: print(m, file=sys.stderr))
     logs = tmp_path_factory.mktemp("livekit")
-    server = devserver.DevServer(
-        binary,
-        port=devserver.free_tcp_port(),
-        rtc_tcp_port=devserver.free_tcp_port(),
-        udp_port=devserver.free_udp_port(),
-        log_path=logs / "livekit-server.log",
-    )
+    server = devserver.DevServer.on_free_ports(binary, logs / "livekit-server.log")
     server.start()
     try:
         yield Server(server.url, server.api_key, server.api_secret, logs / "livekit-server.log")
@@ -281,12 +275,8 @@ class OwnServer:
     def __init__(self, tmp: Path) -> None:
         from lkrun import devserver
 
-        self._server = devserver.DevServer(
-            devserver.ensure_server_binary(),
-            port=devserver.free_tcp_port(),
-            rtc_tcp_port=devserver.free_tcp_port(),
-            udp_port=devserver.free_udp_port(),
-            log_path=tmp / "own-livekit-server.log",
+        self._server = devserver.DevServer.on_free_ports(
+            devserver.ensure_server_binary(), tmp / "own-livekit-server.log"
         )
         self.info = Server(
             self._server.url,

@@ -41,12 +41,8 @@ class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.server = devserver.DevServer(
-            devserver.ensure_server_binary(),
-            port=devserver.free_tcp_port(),
-            rtc_tcp_port=devserver.free_tcp_port(),
-            udp_port=devserver.free_udp_port(),
-            log_path=workdir / "livekit-server.log",
+        self.server = devserver.DevServer.on_free_ports(
+            devserver.ensure_server_binary(), workdir / "livekit-server.log"
         )
         self.socket = workdir / "control.sock"
         self.dispatches: dict[str, str] = {}  # dispatch id -> agent

@@ -256,12 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         bench_python = benchvenv.ensure(args.base_python, log=folder / "bench-venv.log")
 
     registry = Registry()
-    server = devserver.DevServer(
+    server = devserver.DevServer.on_free_ports(
         devserver.ensure_server_binary(on_build=lambda msg: print(f"bench: {msg}", flush=True)),
-        port=devserver.free_tcp_port(),
-        rtc_tcp_port=devserver.free_tcp_port(),
-        udp_port=devserver.free_udp_port(),
-        log_path=folder / "livekit-server.log",
+        folder / "livekit-server.log",
     )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     interrupted = False
