@@ -17,8 +17,16 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.credentials import Credentials
+from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
-from lkrun.job_process import JobProcess, Outcome
+from lkrun.job_process import (
+    JobProcess,
+    Launched,
+    Launcher,
+    LaunchError,
+    Outcome,
+    SpawnLauncher,
+)
 from lkrun.joblogs import JobLogs
 from lkrun.jobs import JobBook, JobRecord, JobStatus
 from lkrun.load import WorkerLoad, agent_load
@@ -118,6 +126,7 @@ class AgentHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # no job running or reserved
         self._idle.set()
+        self.forkserver = self._new_forkserver()
         self.pool = WarmPool(
             label=spec.name,
             factory=self._new_process,
@@ -209,25 +218,59 @@ class AgentHost:
 
         AuthError propagates to the daemon.
         """
+        await self._start_forkserver()
         pool = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
         try:
             await self.registration.run()
         finally:
             pool.cancel()
             await asyncio.gather(pool, return_exceptions=True)
+            if self.forkserver is not None:
+                # Jobs were stopped before this (see Daemon); whatever is left goes with it.
+                await self.forkserver.close(self.settings.shutdown_timeout)
 
     def update_spec(self, spec: AgentSpec) -> None:
         """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
         old, self.spec = self.spec, spec
         self.registration.load_changed()
         if _process_fields(old) != _process_fields(spec):
+            self._replace_forkserver()
             self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
 
     def code_changed(self) -> None:
-        """Agent code changed on disk: warm processes hold the old code."""
-        if self.pool.idle:
-            self.log.info("code changed on disk; replacing warm processes")
+        """Agent code changed on disk: the fork server and warm processes hold the old code."""
+        if self.forkserver is not None or self.pool.idle:
+            self.log.info("code changed on disk; reloading the agent's module for new jobs")
+            self._replace_forkserver()
             self.pool.recycle()
+
+    def _new_forkserver(self) -> ForkServer | None:
+        if self.spec.start_method != "forkserver":
+            return None
+        return ForkServer(
+            label=self.spec.name,
+            entrypoint=self.spec.entrypoint,
+            prewarm=self.spec.prewarm,
+            cwd=self.workdir,
+            env=self._job_env(),
+            load_timeout=self.spec.prewarm_timeout,
+        )
+
+    def _replace_forkserver(self) -> None:
+        """New jobs fork from a fresh zygote; the old one lives on until its jobs end."""
+        old, self.forkserver = self.forkserver, self._new_forkserver()
+        if old is not None:
+            old.retire()
+            self._spawn(old.close(), name=f"retired fork server {self.spec.name}")
+        self._spawn(self._start_forkserver())
+
+    async def _start_forkserver(self) -> None:
+        if self.forkserver is None or not self.accepting:
+            return
+        try:
+            await self.forkserver.start()
+        except OSError as exc:  # jobs retry; each failure reaches their records
+            self.log.error("cannot start the fork server: %s", exc)
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -279,8 +322,15 @@ class AgentHost:
         self._spawn(proc.stop(reason, self.settings.shutdown_timeout, failure=failure))
         return True
 
+    def idle_pids(self) -> list[int]:
+        """Processes that serve no job yet: the fork server and the warm processes."""
+        pids = [p.pid for p in self.pool.idle if p.pid]
+        if self.forkserver is not None and self.forkserver.pid is not None:
+            pids.append(self.forkserver.pid)
+        return pids
+
     def monitor_targets(self) -> list[Target]:
-        targets = [Target("warm", p.pid, self._idle_sampler(p)) for p in self.pool.idle if p.pid]
+        targets = [Target("idle", pid, self._idle_sampler(pid)) for pid in self.idle_pids()]
         for job_id, proc in self._procs.items():
             record = self.book.get(job_id)
             if proc.pid is not None and record is not None and not proc.exited:
@@ -288,12 +338,14 @@ class AgentHost:
         return targets
 
     def idle_memory_mb(self) -> float:
-        return round(sum(self._idle_memory.get(p.pid or 0, 0.0) for p in self.pool.idle), 1)
+        pids = self.idle_pids()
+        for gone in set(self._idle_memory) - set(pids):
+            del self._idle_memory[gone]
+        return round(sum(self._idle_memory.get(pid, 0.0) for pid in pids), 1)
 
-    def _idle_sampler(self, proc: JobProcess) -> Callable[[Usage], None]:
+    def _idle_sampler(self, pid: int) -> Callable[[Usage], None]:
         def on_sample(usage: Usage) -> None:
-            if proc.pid is not None:
-                self._idle_memory[proc.pid] = usage.rss_bytes / MB
+            self._idle_memory[pid] = usage.rss_bytes / MB
 
         return on_sample
 
@@ -317,12 +369,26 @@ class AgentHost:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _new_process(self) -> JobProcess:
-        return JobProcess(
+    def _job_env(self) -> dict[str, str]:
+        return job_env(self.spec, self.credentials.url, os.environ, self.workdir)
+
+    def _launcher(self) -> Launcher:
+        if self.forkserver is not None:
+            return self.forkserver
+        return SpawnLauncher(
             entrypoint=self.spec.entrypoint,
             prewarm=self.spec.prewarm,
             cwd=self.workdir,
-            env=job_env(self.spec, self.credentials.url, os.environ, self.workdir),
+            env=self._job_env(),
+        )
+
+    async def _launch(self) -> Launched:
+        # Resolved at spawn time, so a process asked for before a reload gets the new code.
+        return await self._launcher()()
+
+    def _new_process(self) -> JobProcess:
+        return JobProcess(
+            launcher=self._launch,
             log=job_logger(job_log, self.spec.name, "warm"),
         )
 
@@ -371,6 +437,8 @@ class AgentHost:
                 timer = self._arm_timeout(record)
             self.pool.replenish()
             outcome = await proc.wait()
+        except LaunchError as exc:
+            outcome = Outcome(ok=False, error=str(exc))
         except OSError as exc:
             outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")
         finally:
@@ -437,4 +505,11 @@ class AgentHost:
 
 def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
     """What a warm process was started with: a change makes the idle ones stale."""
-    return (spec.entrypoint, spec.prewarm, spec.env, spec.idle_processes, spec.prewarm_timeout)
+    return (
+        spec.entrypoint,
+        spec.prewarm,
+        spec.env,
+        spec.idle_processes,
+        spec.prewarm_timeout,
+        spec.start_method,
+    )

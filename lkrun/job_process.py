@@ -1,4 +1,4 @@
-"""Supervisor side of one job subprocess: spawn it, speak the pipe protocol, stop it."""
+"""Supervisor side of one job subprocess: start it, speak the pipe protocol, stop it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lkrun import jobpipe
 
@@ -29,42 +29,45 @@ class Outcome:
     reason: str = ""  # why the job stopped, as the runner saw it
 
 
-class JobProcess:
-    """One ``python -m lkrun.runner`` child, in its own process group."""
+class LaunchError(OSError):
+    """No job process could be started; the text is the job's error as it stands."""
 
-    def __init__(
-        self,
-        *,
-        entrypoint: str,
-        prewarm: str = "",
-        cwd: Path,
-        env: Mapping[str, str],
-        log: logging.LoggerAdapter[Any],
-        on_running: Callable[[], None] | None = None,
-    ) -> None:
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Launched:
+    """A started job process, as its supervisor sees it."""
+
+    pid: int
+    stdin: Writer
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+    wait: Callable[[], Awaitable[int | None]]  # exit code; None if it cannot be known
+    close: Callable[[], None]  # release the daemon's ends of the pipes, once it has exited
+
+
+class Launcher(Protocol):
+    """Starts one job process: a fresh interpreter, or a fork of the agent's zygote."""
+
+    async def __call__(self) -> Launched: ...
+
+
+class SpawnLauncher:
+    """``python -m lkrun.runner`` in a new interpreter (``start_method = "spawn"``)."""
+
+    def __init__(self, *, entrypoint: str, prewarm: str, cwd: Path, env: Mapping[str, str]):
         self.entrypoint = entrypoint
         self.prewarm = prewarm
-        self.running_at: float | None = None  # wall clock when the entrypoint was called
         self.cwd = cwd
         self.env = dict(env)
-        self.log = log
-        self.on_running = on_running
-        self.sink: Callable[[str], None] | None = None  # the job's own log file
-        self.pid: int | None = None
-        self.ready = asyncio.Event()
-        self.started_running = False
-        self._proc: asyncio.subprocess.Process | None = None
-        self._waiter: asyncio.Task[Outcome] | None = None
-        self._done: dict[str, Any] | None = None
-        self._kill_reason = ""
-        self._failure = (
-            ""  # a failure the daemon decided on (timeout, memory), whatever the job says
-        )
-        self._last_log_line = ""
-        self._exited = asyncio.Event()
 
-    async def spawn(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
+    async def __call__(self) -> Launched:
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "lkrun.runner",
@@ -81,12 +84,44 @@ class JobProcess:
             start_new_session=True,  # its own group, so stop() reaches what user code started
             limit=jobpipe.MAX_LINE,
         )
-        self.pid = self._proc.pid
-        assert self._proc.stdout is not None and self._proc.stderr is not None
+        assert proc.stdin and proc.stdout and proc.stderr
+        return Launched(proc.pid, proc.stdin, proc.stdout, proc.stderr, proc.wait, proc.stdin.close)
+
+
+class JobProcess:
+    """One job's process (see lkrun.runner), in its own process group."""
+
+    def __init__(
+        self,
+        *,
+        launcher: Launcher,
+        log: logging.LoggerAdapter[Any],
+        on_running: Callable[[], None] | None = None,
+    ) -> None:
+        self.launcher = launcher
+        self.running_at: float | None = None  # wall clock when the entrypoint was called
+        self.log = log
+        self.on_running = on_running
+        self.sink: Callable[[str], None] | None = None  # the job's own log file
+        self.pid: int | None = None
+        self.ready = asyncio.Event()
+        self.started_running = False
+        self._proc: Launched | None = None
+        self._waiter: asyncio.Task[Outcome] | None = None
+        self._done: dict[str, Any] | None = None
+        self._kill_reason = ""
+        self._failure = (
+            ""  # a failure the daemon decided on (timeout, memory), whatever the job says
+        )
+        self._last_log_line = ""
+        self._exited = asyncio.Event()
+
+    async def spawn(self) -> None:
+        """Start the process; OSError (LaunchError with the job's error) if it cannot be."""
+        self._proc = proc = await self.launcher()
+        self.pid = proc.pid
         self._waiter = asyncio.create_task(
-            self._supervise(
-                self._read_protocol(self._proc.stdout), self._read_log(self._proc.stderr)
-            )
+            self._supervise(self._read_protocol(proc.stdout), self._read_log(proc.stderr))
         )
 
     @property
@@ -130,6 +165,7 @@ class JobProcess:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._proc.close()
             self._exited.set()
         return self._outcome(returncode)
 
@@ -185,12 +221,12 @@ class JobProcess:
             os.killpg(self.pid, sig)
 
     def _send(self, kind: str, **fields: Any) -> None:
-        if self._proc is None or self._proc.stdin is None or self._proc.stdin.is_closing():
+        if self._proc is None or self._proc.stdin.is_closing():
             return
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._proc.stdin.write(jobpipe.encode(kind, **fields))
 
-    def _outcome(self, returncode: int) -> Outcome:
+    def _outcome(self, returncode: int | None) -> Outcome:
         if self._failure:
             return Outcome(ok=False, error=self._failure, exit_code=returncode)
         done = self._done
@@ -205,8 +241,10 @@ class JobProcess:
             return Outcome(ok=False, error=self._kill_reason, exit_code=returncode)
         return Outcome(ok=False, error=self._exit_text(returncode), exit_code=returncode)
 
-    def _exit_text(self, returncode: int) -> str:
-        if returncode < 0:
+    def _exit_text(self, returncode: int | None) -> str:
+        if returncode is None:
+            text = "job process ended without reporting a result (its fork server exited)"
+        elif returncode < 0:
             try:
                 name = signal.Signals(-returncode).name
             except ValueError:

@@ -396,6 +396,7 @@ class FrozenMap(Mapping[K, V]):
 _URL = _starts_with("ws://", "wss://", "http://", "https://")
 _DISPATCH = _choice("explicit", "automatic")
 _JOB_TYPE = _choice("room", "publisher", "participant")
+_START_METHOD = _choice("forkserver", "spawn")
 _ATTRIBUTES = _string_table()
 _ENV = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -478,6 +479,10 @@ class AgentSpec:
     prewarm: str = field(default="", metadata=_check(_optional_entrypoint))
     # How long loading the module and running prewarm may take.
     prewarm_timeout: float = field(default=60.0, metadata=_check(_duration))
+    # "forkserver": jobs are forked from a process that imported the module once (less
+    # memory, millisecond starts); "spawn": each job is a new interpreter, for modules that
+    # start threads at import time (threads do not survive a fork).
+    start_method: str = field(default="forkserver", metadata=_check(_START_METHOD))
 
     @property
     def registered_name(self) -> str:

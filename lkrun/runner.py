@@ -1,9 +1,11 @@
 """Child side of a job: ``python -m lkrun.runner --entrypoint pkg.module:function``.
 
-The daemon starts one of these per job. It loads the entrypoint's module, says
-``ready``, waits for ``start`` on stdin, runs the entrypoint, and reports
-``running`` and ``done`` on the real stdout. User code's ``print()`` goes to
-stderr, the job's log. EOF on stdin means the daemon is gone: the job ends.
+The daemon starts one of these per job (``start_method = "spawn"``), or the agent's fork
+server (lkrun.zygote) forks one and calls ``become_job_process`` and ``run_job``. Either way
+the job process has the entrypoint's module loaded, says ``ready``, waits for ``start`` on
+stdin, runs the entrypoint, and reports ``running`` and ``done`` on the real stdout. User
+code's ``print()`` goes to stderr, the job's log. EOF on stdin means the daemon is gone:
+the job ends.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class JobRun:
         self.start_msg: asyncio.Future[dict[str, Any]] = asyncio.Future()
         self.orphaned = False
         self.draining = False  # a drain may be announced before the job starts
+        self.stop_reason: str | None = None  # a shutdown that came before the context did
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -107,6 +110,8 @@ class JobRun:
             self.ctx.shutdown(reason)
         elif not self.start_msg.done():
             self.start_msg.set_exception(_NotStarted(reason))
+        else:  # started, but run() has not made the context yet
+            self.stop_reason = reason
 
     async def run(self) -> bool:
         """Wait for start, run the job, return whether it succeeded."""
@@ -127,6 +132,8 @@ class JobRun:
         )
         if self.draining:
             self.ctx._start_drain()
+        if self.stop_reason is not None:
+            self.ctx.shutdown(self.stop_reason)
         return await self._run_job(self.ctx)
 
     async def _run_job(self, ctx: Any) -> bool:
@@ -237,6 +244,40 @@ def kill_group_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class LoadError(Exception):
+    """The entrypoint or prewarm function cannot be loaded; the text says which and why."""
+
+
+def load_functions(
+    entrypoint: str, prewarm: str | None
+) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """Import the agent's module(s); LoadError (traceback on stderr) if that fails."""
+    loaded: list[Callable[..., Any] | None] = []
+    for what, spec in (("entrypoint", entrypoint), ("prewarm", prewarm)):
+        try:
+            loaded.append(load_entrypoint(spec) if spec else None)
+        except Exception as exc:
+            traceback.print_exc()
+            raise LoadError(f"cannot load {what} {spec}: {describe(exc)}") from exc
+    entry, warm = loaded
+    assert entry is not None
+    return entry, warm
+
+
+def become_job_process(parent: int | None) -> Pipe:
+    """Set up this process to serve one job; returns the protocol pipe (the real stdout)."""
+    pipe = Pipe(take_protocol_stdout())
+    kill_group_on_sigterm()
+    # Linux: SIGTERM when the parent dies, even by SIGKILL (stdin EOF is the portable path).
+    pdeathsig.set_parent_death_signal(signal.SIGTERM, parent)
+    setup_logging()
+    return pipe
+
+
+def run_job(pipe: Pipe, entrypoint: Callable[..., Any], prewarm: Callable[..., Any] | None) -> int:
+    return _run_loop(serve_job(pipe, entrypoint, prewarm))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkrun.runner")
     parser.add_argument("--entrypoint", required=True)
@@ -244,24 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon-pid", type=int)
     args = parser.parse_args(argv)
 
-    pipe = Pipe(take_protocol_stdout())
-    kill_group_on_sigterm()
-    # Linux: SIGTERM when the daemon dies, even by SIGKILL (stdin EOF is the portable path).
-    pdeathsig.set_parent_death_signal(signal.SIGTERM, args.daemon_pid)
-    setup_logging()
+    pipe = become_job_process(args.daemon_pid)
     sys.path.insert(0, os.getcwd())
-    loaded = []
-    for what, spec in (("entrypoint", args.entrypoint), ("prewarm", args.prewarm)):
-        try:
-            loaded.append(load_entrypoint(spec) if spec else None)
-        except Exception as exc:
-            traceback.print_exc()
-            error = f"cannot load {what} {spec}: {describe(exc)}"
-            pipe.send(jobpipe.DONE, ok=False, error=error)
-            return 1
-    entrypoint, prewarm = loaded
-    assert entrypoint is not None
-    return _run_loop(serve_job(pipe, entrypoint, prewarm))
+    try:
+        entrypoint, prewarm = load_functions(args.entrypoint, args.prewarm)
+    except LoadError as exc:
+        pipe.send(jobpipe.DONE, ok=False, error=str(exc))
+        return 1
+    return run_job(pipe, entrypoint, prewarm)
 
 
 def _run_loop(coro: Any) -> int:

@@ -231,13 +231,14 @@ def run_cli(
 
 
 def _kill_job_processes(daemon_pid: int) -> None:
-    """Last line of defence: no runner started by this daemon survives the test."""
+    """Last line of defence: no job process or fork server of this daemon survives the test."""
     for proc_dir in Path("/proc").iterdir():
         if not proc_dir.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             environ = (proc_dir / "cmdline").read_bytes()
-            if b"lkrun.runner" in environ and f"--daemon-pid\0{daemon_pid}\0".encode() in environ:
+            ours = f"--daemon-pid\0{daemon_pid}\0".encode() in environ
+            if ours and (b"lkrun.runner" in environ or b"lkrun.zygote" in environ):
                 os.kill(int(proc_dir.name), signal.SIGKILL)
 
 

@@ -1,4 +1,7 @@
-"""The daemon side of a job process against the real runner, without a LiveKit server."""
+"""The daemon side of a job process against the real runner, without a LiveKit server.
+
+Every test runs with both start methods: a fresh interpreter and a fork of a zygote.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lkrun.job_process import JobProcess
+from lkrun.forkserver import ForkServer
+from lkrun.job_process import JobProcess, Launcher, LaunchError, SpawnLauncher
 from tests.conftest import REPO, pid_alive, wait_for
 
 JOB = {"id": "AJ_test", "room": {"name": "r"}, "metadata": "meta", "type": "JT_ROOM"}
@@ -26,20 +31,40 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def make(entrypoint: str, lines: Lines) -> JobProcess:
-    logger = logging.getLogger(f"test.job.{id(lines)}")
-    logger.addHandler(lines)
-    logger.setLevel(logging.INFO)
+Make = Callable[[str, Lines], JobProcess]
+
+
+@pytest.fixture(params=["spawn", "forkserver"])
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return JobProcess(
-        entrypoint=entrypoint,
-        cwd=Path(REPO),
-        env=env,
-        log=logging.LoggerAdapter(logger, {}),
-    )
+    servers: list[ForkServer] = []
+
+    def launcher(entrypoint: str) -> Launcher:
+        if request.param == "spawn":
+            return SpawnLauncher(entrypoint=entrypoint, prewarm="", cwd=Path(REPO), env=env)
+        server = ForkServer(
+            label="test",
+            entrypoint=entrypoint,
+            prewarm="",
+            cwd=Path(REPO),
+            env=env,
+            load_timeout=30,
+        )
+        servers.append(server)
+        return server
+
+    def make(entrypoint: str, lines: Lines) -> JobProcess:
+        logger = logging.getLogger(f"test.job.{id(lines)}")
+        logger.addHandler(lines)
+        logger.setLevel(logging.INFO)
+        return JobProcess(launcher=launcher(entrypoint), log=logging.LoggerAdapter(logger, {}))
+
+    yield make
+    for server in servers:
+        await server.close(timeout=10)
 
 
-async def start(entrypoint: str) -> tuple[JobProcess, Lines]:
+async def start(make: Make, entrypoint: str) -> tuple[JobProcess, Lines]:
     lines = Lines()
     proc = make(entrypoint, lines)
     await proc.spawn()
@@ -48,8 +73,8 @@ async def start(entrypoint: str) -> tuple[JobProcess, Lines]:
     return proc, lines
 
 
-async def test_returning_entrypoint_succeeds_and_print_goes_to_log() -> None:
-    proc, lines = await start("tests.agents.behaviours:returns_at_once")
+async def test_returning_entrypoint_succeeds_and_print_goes_to_log(make: Make) -> None:
+    proc, lines = await start(make, "tests.agents.behaviours:returns_at_once")
     outcome = await asyncio.wait_for(proc.wait(), 30)
     assert outcome.ok and outcome.exit_code == 0, outcome
     assert proc.started_running
@@ -57,26 +82,31 @@ async def test_returning_entrypoint_succeeds_and_print_goes_to_log() -> None:
     assert any("metadata 'meta'" in line for line in lines.lines)
 
 
-async def test_raising_entrypoint_fails_with_error_text() -> None:
-    proc, _ = await start("tests.agents.behaviours:raises")
+async def test_raising_entrypoint_fails_with_error_text(make: Make) -> None:
+    proc, _ = await start(make, "tests.agents.behaviours:raises")
     outcome = await asyncio.wait_for(proc.wait(), 30)
     assert not outcome.ok
     assert outcome.error == "RuntimeError: boom from job AJ_test"
     assert outcome.exit_code == 1
 
 
-async def test_unimportable_entrypoint_fails_before_ready() -> None:
+async def test_unimportable_entrypoint_fails_before_ready(make: Make) -> None:
     lines = Lines()
     proc = make("tests.agents.no_such_module:entrypoint", lines)
-    await proc.spawn()
-    outcome = await asyncio.wait_for(proc.wait(), 30)
-    assert not outcome.ok and not proc.ready.is_set()
-    assert outcome.error.startswith("cannot load entrypoint tests.agents.no_such_module:entrypoint")
-    assert "ModuleNotFoundError" in outcome.error
+    try:
+        await proc.spawn()
+    except LaunchError as exc:  # the fork server could not load it: no process at all
+        error = str(exc)
+    else:
+        outcome = await asyncio.wait_for(proc.wait(), 30)
+        assert not outcome.ok and not proc.ready.is_set()
+        error = outcome.error
+    assert error.startswith("cannot load entrypoint tests.agents.no_such_module:entrypoint")
+    assert "ModuleNotFoundError" in error
 
 
-async def test_shutdown_request_runs_callbacks_and_succeeds() -> None:
-    proc, lines = await start("tests.agents.behaviours:waits_for_shutdown")
+async def test_shutdown_request_runs_callbacks_and_succeeds(make: Make) -> None:
+    proc, lines = await start(make, "tests.agents.behaviours:waits_for_shutdown")
     await wait_for(lambda: proc.started_running, 10)
     await proc.stop("test says stop", timeout=10)
     outcome = await proc.wait()
@@ -84,8 +114,8 @@ async def test_shutdown_request_runs_callbacks_and_succeeds() -> None:
     assert "shutdown callback: test says stop" in lines.lines
 
 
-async def test_job_ignoring_shutdown_is_killed_with_reason() -> None:
-    proc, _ = await start("tests.agents.behaviours:blocks_forever")
+async def test_job_ignoring_shutdown_is_killed_with_reason(make: Make) -> None:
+    proc, _ = await start(make, "tests.agents.behaviours:blocks_forever")
     await wait_for(lambda: proc.started_running, 10)
     await proc.stop("test says stop", timeout=0.5)
     outcome = await proc.wait()
@@ -93,8 +123,8 @@ async def test_job_ignoring_shutdown_is_killed_with_reason() -> None:
     assert outcome.error == "did not stop within 0.5s of a shutdown request (test says stop)"
 
 
-async def test_killed_process_fails_with_signal_name() -> None:
-    proc, _ = await start("tests.agents.behaviours:waits_for_shutdown")
+async def test_killed_process_fails_with_signal_name(make: Make) -> None:
+    proc, _ = await start(make, "tests.agents.behaviours:waits_for_shutdown")
     await wait_for(lambda: proc.started_running, 10)
     assert proc.pid is not None
     os.kill(proc.pid, signal.SIGKILL)
@@ -104,7 +134,7 @@ async def test_killed_process_fails_with_signal_name() -> None:
 
 
 @pytest.mark.parametrize("when", ["before start", "while running"])
-async def test_stdin_eof_ends_the_job(when: str) -> None:
+async def test_stdin_eof_ends_the_job(make: Make, when: str) -> None:
     lines = Lines()
     proc = make("tests.agents.behaviours:waits_for_shutdown", lines)
     await proc.spawn()
@@ -116,3 +146,11 @@ async def test_stdin_eof_ends_the_job(when: str) -> None:
     internal._proc.stdin.close()  # what the daemon dying looks like to the child
     await asyncio.wait_for(proc.wait(), 10)
     assert proc.pid is not None and not pid_alive(proc.pid)
+
+
+async def test_shutdown_right_after_start_is_not_lost(make: Make) -> None:
+    # The shutdown can reach the runner before it has made the job's context.
+    proc, _ = await start(make, "tests.agents.behaviours:waits_for_shutdown")
+    await proc.stop("stop at once", timeout=10)
+    outcome = await proc.wait()
+    assert outcome.ok and outcome.reason == "stop at once", outcome

@@ -27,14 +27,17 @@ async def idle_pids(daemon: Any, count: int, jobs: int = 0) -> set[int]:
 
 
 def _runner_pids(daemon: Any) -> set[int]:
-    """Job processes (warm or busy) of this daemon."""
+    """Job processes (warm or busy) of this daemon: runners, or forks of its fork servers."""
     import psutil
 
     pids = set()
     for child in psutil.Process(daemon.pid).children():
         try:
-            if "lkrun.runner" in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())
+            if "lkrun.runner" in command:
                 pids.add(child.pid)
+            elif "lkrun.zygote" in command:
+                pids.update(p.pid for p in child.children())
         except psutil.Error:  # exited (or a zombie) between listing and reading
             continue
     return pids

@@ -97,10 +97,14 @@ async def test_two_agents_each_in_own_subprocess(start_daemon: Any, livekit_serv
     assert {j["agent"] for j in jobs} == {a, b}
     pids = {j["pid"] for j in jobs}
     assert len(pids) == 2 and daemon.pid not in pids
-    for pid in pids:
+    zygotes = set()
+    for pid in pids:  # forked by the agent's own fork server, which the daemon started
         cmdline, ppid = proc_info(pid)
-        assert b"lkrun.runner" in cmdline
-        assert ppid == daemon.pid
+        assert b"lkrun.zygote" in cmdline
+        zygotes.add(ppid)
+        assert proc_info(ppid)[1] == daemon.pid
+        assert os.getpgid(pid) == pid  # its own process group
+    assert len(zygotes) == 2 and not zygotes & pids
 
 
 def proc_info(pid: int) -> tuple[list[bytes], int]:

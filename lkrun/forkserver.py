@@ -1,0 +1,297 @@
+"""The daemon's side of an agent's fork server (lkrun.zygote): start it, ask it for jobs.
+
+A ``ForkServer`` is a job process Launcher: each call creates the job's three pipes, hands
+the child's ends to the zygote over its control socket, and returns the daemon's ends once
+the zygote reports the new pid. The zygote reaps the children, so their exit codes arrive
+on the same socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lkrun import jobpipe, zygote
+from lkrun.job_process import Launched, LaunchError
+from lkrun.logs import agent_logger
+
+log = logging.getLogger("lkrun.forkserver")
+
+KILL_GRACE = 2.0
+
+
+class ForkServer:
+    """One zygote process for one agent's code; replaced (retired) when that code changes."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        entrypoint: str,
+        prewarm: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        load_timeout: float,
+    ) -> None:
+        self.log = agent_logger(log, label)
+        self.entrypoint = entrypoint
+        self.prewarm = prewarm
+        self.cwd = cwd
+        self.env = dict(env)
+        self.load_timeout = load_timeout
+        self.retired = False
+        self.error = ""  # why the last zygote could not load the agent's module
+        self._last_line = ""  # of its stderr
+        self._proc: asyncio.subprocess.Process | None = None
+        self._sock: socket.socket | None = None
+        self._starting = asyncio.Lock()
+        self._next_id = 0
+        self._requests: dict[int, asyncio.Future[int]] = {}  # fork request -> pid
+        self._exits: dict[int, asyncio.Future[int | None]] = {}  # child pid -> exit code
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ended = asyncio.Event()  # no zygote process is running
+        self._ended.set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def children(self) -> int:
+        return len(self._exits)
+
+    async def start(self) -> None:
+        """Start the zygote unless it runs; it loads the module while the daemon goes on."""
+        async with self._starting:
+            if self._proc is not None or self.retired:
+                return
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "lkrun.zygote",
+                    "--entrypoint",
+                    self.entrypoint,
+                    "--control-fd",
+                    str(theirs.fileno()),
+                    "--daemon-pid",
+                    str(os.getpid()),
+                    *(("--prewarm", self.prewarm) if self.prewarm else ()),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                    cwd=self.cwd,
+                    env=self.env,
+                    pass_fds=(theirs.fileno(),),
+                    start_new_session=True,
+                )
+            except OSError:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            self._proc, self._sock, self.error = proc, ours, ""
+            self._ended.clear()
+            asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+            self._own(self._supervise(proc))
+            self.log.debug("fork server %s started for %s", proc.pid, self.entrypoint)
+
+    async def __call__(self) -> Launched:
+        """Fork a job process; LaunchError if the zygote cannot (e.g. the module is broken)."""
+        if self.retired:
+            raise LaunchError("the agent's fork server was retired")
+        try:
+            await self.start()
+        except OSError as exc:
+            raise LaunchError(f"cannot start the fork server: {exc}") from exc
+        pipes = [os.pipe() for _ in range(3)]
+        child_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]  # stdin, stdout, stderr
+        stdin, stdout, stderr = pipes[0][1], pipes[1][0], pipes[2][0]
+        try:
+            pid = await self._fork(child_ends)
+        except BaseException:
+            for fd in (stdin, stdout, stderr):
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        try:
+            return await self._attach(pid, stdin, stdout, stderr)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            raise LaunchError(f"cannot attach to forked job process {pid}: {exc}") from exc
+
+    async def _fork(self, fds: list[int]) -> int:
+        if self._sock is None:  # it died since start()
+            raise LaunchError(self.error or "the fork server exited")
+        self._next_id += 1
+        request = self._next_id
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._requests[request] = answer
+        try:
+            try:
+                socket.send_fds(self._sock, [zygote.encode(zygote.FORK, id=request)], fds)
+            except OSError as exc:
+                raise LaunchError(f"cannot reach the fork server: {exc}") from exc
+            try:
+                return await asyncio.wait_for(asyncio.shield(answer), self.load_timeout)
+            except asyncio.TimeoutError:
+                raise LaunchError(
+                    f"the fork server did not load {self.entrypoint} within "
+                    f"prewarm_timeout={self.load_timeout:g}s"
+                ) from None
+        finally:
+            self._requests.pop(request, None)
+
+    async def _attach(self, pid: int, stdin: int, stdout: int, stderr: int) -> Launched:
+        loop = asyncio.get_running_loop()
+        exit_code = self._exits[pid]
+        readers = []
+        transports: list[asyncio.BaseTransport] = []
+        files = [os.fdopen(stdin, "wb", buffering=0)]
+        files += [os.fdopen(fd, "rb", buffering=0) for fd in (stdout, stderr)]
+        try:
+            writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, files[0])
+            transports.append(writer)
+            for file in files[1:]:
+                reader = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
+                transport, _ = await loop.connect_read_pipe(
+                    lambda r=reader: asyncio.StreamReaderProtocol(r), file
+                )
+                transports.append(transport)
+                readers.append(reader)
+        except BaseException:
+            for t in transports:
+                t.close()
+            for f in files[len(transports) :]:
+                f.close()
+            raise
+
+        async def wait() -> int | None:
+            return await asyncio.shield(exit_code)
+
+        def close() -> None:
+            for t in transports:
+                t.close()
+
+        return Launched(pid, writer, readers[0], readers[1], wait, close)  # type: ignore[arg-type]
+
+    def retire(self) -> None:
+        """Fork no more; the zygote exits once the jobs it forked have ended."""
+        if self.retired:
+            return
+        self.retired = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(zygote.encode(zygote.RETIRE))
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Retire, wait up to ``timeout`` for the jobs to end, then kill what is left."""
+        self.retire()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        proc = self._proc
+        if proc is not None:
+            # Its children die with it (parent-death signal), the way they die with the daemon.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- the zygote's messages ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        while sock is not None and sock is self._sock:
+            try:
+                data = sock.recv(zygote.PACKET)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the zygote exited; _supervise cleans up
+                with contextlib.suppress(ValueError, OSError):
+                    asyncio.get_running_loop().remove_reader(sock.fileno())
+                return
+            try:
+                self._on_message(json.loads(data))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.log.warning("fork server sent a bad message %r: %s", data[:80], exc)
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == zygote.FORKED:
+            pid = int(msg["pid"])
+            self._exits[pid] = asyncio.get_running_loop().create_future()
+            answer = self._requests.get(msg["id"])
+            if answer is not None and not answer.done():
+                answer.set_result(pid)
+        elif kind == zygote.EXITED:
+            exit_code = self._exits.pop(int(msg["pid"]), None)
+            if exit_code is not None and not exit_code.done():
+                exit_code.set_result(int(msg["code"]))
+        elif kind == zygote.FAILED:
+            self.error = str(msg["error"])
+            self.log.error("fork server cannot load the agent: %s", self.error)
+        elif kind == zygote.READY:
+            self.log.debug("fork server %s ready", msg.get("pid"))
+
+    async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        lines = self._own(self._log_stderr(proc.stderr))
+        code = await proc.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(lines), KILL_GRACE)
+        self._on_readable()  # what it said before exiting (e.g. why it failed) comes first
+        sock, self._sock, self._proc = self._sock, None, None
+        if sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        why = self.error or f"the fork server exited with code {code}"
+        if not self.error and self._last_line:
+            why += f" (last log line: {self._last_line[:200]})"
+        for answer in self._requests.values():
+            if not answer.done():
+                answer.set_exception(LaunchError(why))
+        for exit_code in self._exits.values():
+            if not exit_code.done():
+                exit_code.set_result(None)  # they got SIGTERM as it died; how they ended is lost
+        self._exits.clear()
+        if not self.retired and not self.error:
+            self.log.warning(
+                "fork server %s exited with code %s; the next job starts a new one", proc.pid, code
+            )
+        self._ended.set()
+
+    async def _log_stderr(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the limit: skip it
+                continue
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                self._last_line = text
+                self.log.info("fork server: %s", text)
+
+    def _own(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

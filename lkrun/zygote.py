@@ -1,0 +1,200 @@
+"""One agent's fork server: ``python -m lkrun.zygote --entrypoint pkg.module:fn --control-fd N``.
+
+It imports the runner, livekit.rtc and the agent's module once, then forks a child per job
+on the daemon's request. The children share those pages copy-on-write instead of each
+importing them again, which is most of a fresh interpreter's memory, and start in
+milliseconds. Each child is still a new process with its own pipes to the daemon, its own
+process group, and nothing run in it before: the zygote never starts the rtc runtime, an
+event loop or a thread of its own, since none of those survive a fork.
+
+The control channel is a SOCK_SEQPACKET socket, one JSON message per packet:
+
+daemon -> zygote: ``fork`` {id} with the child's stdin, stdout and stderr (SCM_RIGHTS);
+                  ``retire``: fork no more, exit once every child has.
+zygote -> daemon: ``ready`` {pid}; ``failed`` {error} (the module did not load; it exits);
+                  ``forked`` {id, pid}; ``exited`` {pid, code} (negative: killed by signal).
+
+The daemon is not its children's parent, so the zygote reaps them and reports how each
+ended. It dies with the daemon (parent-death signal), and its children die with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from lkrun import pdeathsig, runner
+
+FORK = "fork"
+RETIRE = "retire"
+READY = "ready"
+FAILED = "failed"
+FORKED = "forked"
+EXITED = "exited"
+
+PACKET = 65536
+FDS_PER_CHILD = 3  # stdin, stdout, stderr
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"type": kind, **fields}, separators=(",", ":")).encode()
+
+
+def thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0  # not Linux: unknown
+
+
+class Zygote:
+    def __init__(
+        self,
+        control: socket.socket,
+        entrypoint: Callable[..., Any],
+        prewarm: Callable[..., Any] | None,
+    ) -> None:
+        self.control = control
+        self.entrypoint = entrypoint
+        self.prewarm = prewarm
+        self.children: set[int] = set()
+        self.retired = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.control.send(encode(kind, **fields))
+
+    def serve(self) -> int:
+        # SIGCHLD only wakes select(); the loop reaps.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self._wake_w)
+        self.send(READY, pid=os.getpid())
+        while not (self.retired and not self.children):
+            readable, _, _ = select.select([self.control, self._wake_r], [], [])
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                self.reap()
+            if self.control in readable and not self.on_request():
+                return 0  # the daemon is gone; our children get SIGTERM as we exit
+        return 0
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.send(EXITED, pid=pid, code=os.waitstatus_to_exitcode(status))
+
+    def on_request(self) -> bool:
+        """Handle one packet; False when the daemon closed the channel."""
+        data, fds, _, _ = socket.recv_fds(self.control, PACKET, FDS_PER_CHILD)
+        if not data:
+            return False
+        try:
+            msg = json.loads(data)
+            kind = msg["type"]
+        except (ValueError, KeyError, TypeError):
+            print(f"lkrun zygote: ignoring a bad request: {data[:80]!r}", file=sys.stderr)
+            kind = ""
+        if kind == FORK and len(fds) == FDS_PER_CHILD and not self.retired:
+            self.fork(msg.get("id"), fds)
+        elif kind == RETIRE:
+            self.retired = True
+        for fd in fds:
+            os.close(fd)
+        return True
+
+    def fork(self, request: Any, fds: list[int]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = self.child(fds, zygote)
+            except BaseException:  # nothing may unwind into the zygote's loop
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        # Both sides set the group, so the daemon can signal it as soon as it learns the pid.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        self.children.add(pid)
+        self.send(FORKED, id=request, pid=pid)
+
+    def child(self, fds: list[int], zygote: int) -> int:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.control.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        fds.clear()
+        gc.enable()
+        pipe = runner.become_job_process(zygote)
+        return runner.run_job(pipe, self.entrypoint, self.prewarm)
+
+
+def preload() -> None:
+    """What every job needs, imported once here; the rtc runtime starts in each child."""
+    import livekit.rtc  # noqa: F401
+
+    import lkrun.context  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lkrun.zygote")
+    parser.add_argument("--entrypoint", required=True)
+    parser.add_argument("--prewarm")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--daemon-pid", type=int)
+    args = parser.parse_args(argv)
+
+    control = socket.socket(fileno=args.control_fd)
+    pdeathsig.set_parent_death_signal(signal.SIGTERM, args.daemon_pid)
+    os.dup2(2, 1)  # a print() at import time lands in the daemon's log, not nowhere
+    sys.path.insert(0, os.getcwd())
+    gc.disable()  # no collection may dirty the shared pages before the fork
+    preload()
+    threads = thread_count()
+    try:
+        entrypoint, prewarm = runner.load_functions(args.entrypoint, args.prewarm)
+    except runner.LoadError as exc:
+        control.send(encode(FAILED, error=str(exc)))
+        return 1
+    if thread_count() > threads:
+        print(
+            f"lkrun zygote: importing {args.entrypoint} started a thread; threads do not "
+            'survive fork, so if jobs hang set start_method = "spawn" for this agent',
+            file=sys.stderr,
+        )
+    gc.freeze()  # what is loaded now stays shared: the children's collector skips it
+    return Zygote(control, entrypoint, prewarm).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

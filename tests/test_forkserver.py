@@ -1,0 +1,197 @@
+"""The fork server (start_method = "forkserver"): the zygote, its children, its replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from lkrun.forkserver import ForkServer
+from lkrun.job_process import JobProcess, LaunchError
+from tests.conftest import REPO, livekit_api, pid_alive, unique, wait_for
+from tests.helpers import agent_table, dispatch, job_in_room, status_is
+
+JOB = {"id": "AJ_fork", "room": {"name": "r"}, "type": "JT_ROOM"}
+
+COUNTED = """
+import os
+with open(os.environ["IMPORTS_FILE"], "a") as f:  # an import-time side effect we can count
+    f.write(f"{os.getpid()}\\n")
+
+async def entrypoint(ctx):
+    await ctx.wait_for_shutdown()
+"""
+
+THREADED = """
+import threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+
+async def entrypoint(ctx):
+    pass
+"""
+
+
+@pytest.fixture
+async def servers(tmp_path: Path) -> AsyncIterator[Callable[[str, str], ForkServer]]:
+    made: list[ForkServer] = []
+
+    def make(module: str, text: str) -> ForkServer:
+        (tmp_path / f"{module}.py").write_text(text)
+        env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+        env["IMPORTS_FILE"] = str(tmp_path / "imports")
+        server = ForkServer(
+            label="test",
+            entrypoint=f"{module}:entrypoint",
+            prewarm="",
+            cwd=tmp_path,
+            env=env,
+            load_timeout=30,
+        )
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        await server.close(timeout=10)
+
+
+async def ready_job(server: ForkServer) -> JobProcess:
+    proc = JobProcess(launcher=server, log=logging.LoggerAdapter(logging.getLogger("t"), {}))
+    await proc.spawn()
+    assert await proc.wait_ready(30)
+    return proc
+
+
+def ppid(pid: int) -> int:
+    return psutil.Process(pid).ppid()
+
+
+async def test_module_is_imported_once_and_each_job_is_a_fork(
+    servers: Callable[[str, str], ForkServer], tmp_path: Path
+) -> None:
+    server = servers("counted", COUNTED)
+    procs = [await ready_job(server) for _ in range(3)]
+    pids = {p.pid for p in procs}
+    assert len(pids) == 3 and server.pid not in pids
+    for proc in procs:
+        assert proc.pid is not None
+        assert ppid(proc.pid) == server.pid  # forked by the zygote...
+        assert os.getpgid(proc.pid) == proc.pid  # ...each in its own process group
+    assert ppid(server.pid or 0) == os.getpid()
+    assert (tmp_path / "imports").read_text().split() == [str(server.pid)]
+
+    for proc in procs:
+        proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
+        await proc.stop("test over", timeout=10)
+    outcomes = [await proc.wait() for proc in procs]
+    assert all(o.ok and o.exit_code == 0 for o in outcomes), outcomes
+
+
+async def test_retired_fork_server_outlives_its_running_job(
+    servers: Callable[[str, str], ForkServer],
+) -> None:
+    server = servers("counted", COUNTED)
+    proc = await ready_job(server)
+    proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
+    zygote = server.pid
+    assert zygote is not None
+    server.retire()
+    with pytest.raises(LaunchError, match="retired"):
+        await server()
+    await wait_for(lambda: proc.started_running, 10, what="the job to run")
+    assert pid_alive(zygote)  # retired, but its child still runs
+
+    await proc.stop("test over", timeout=10)
+    assert (await proc.wait()).ok
+    await wait_for(lambda: not pid_alive(zygote), 10, what="the retired zygote to exit")
+
+
+async def test_jobs_end_with_a_killed_fork_server_and_the_next_job_gets_a_new_one(
+    servers: Callable[[str, str], ForkServer],
+) -> None:
+    server = servers("counted", COUNTED)
+    proc = await ready_job(server)
+    old = server.pid
+    assert old is not None and proc.pid is not None
+    os.kill(old, signal.SIGKILL)
+    outcome = await asyncio.wait_for(proc.wait(), 10)
+    assert not outcome.ok and outcome.exit_code is None
+    assert "fork server exited" in outcome.error
+    await wait_for(lambda: not pid_alive(proc.pid or 0), 10, what="the orphaned job to die")
+
+    again = await ready_job(server)
+    assert server.pid not in (None, old)
+    assert again.pid is not None and ppid(again.pid) == server.pid
+    await again.kill("test over")
+
+
+async def test_module_that_starts_a_thread_at_import_is_flagged(
+    servers: Callable[[str, str], ForkServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "lkrun.forkserver")
+    proc = await ready_job(servers("threaded", THREADED))
+    assert "started a thread" in caplog.text
+    assert 'start_method = "spawn"' in caplog.text
+    await proc.kill("test over")
+
+
+VERSIONED = """
+from lkrun.examples.echo import entrypoint as echo
+VERSION = {v}
+
+async def entrypoint(ctx):
+    print(f"running version {{VERSION}}")
+    await echo(ctx)
+"""
+
+
+async def test_code_change_forks_new_jobs_from_new_code_and_keeps_old_jobs(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room1, room2 = unique("versioned"), unique("r1"), unique("r2")
+    daemon = await start_daemon(
+        agent_table(name, "versioned_agent:entrypoint"),
+        files={"versioned_agent.py": VERSIONED.format(v=1)},
+    )
+    dispatch1 = await dispatch(livekit_server, room1, name)
+    job1 = await job_in_room(daemon, room1, "running")
+    await wait_for(lambda: f"[{name} {job1['id']}] running version 1" in daemon.log(), 10)
+    old_zygote = ppid(job1["pid"])
+
+    (daemon.dir / "versioned_agent.py").write_text(VERSIONED.format(v=2))
+    await wait_for(lambda: "reloading the agent's module" in daemon.log(), 30, what="reload")
+    await dispatch(livekit_server, room2, name)
+    job2 = await job_in_room(daemon, room2, "running")
+    await wait_for(lambda: f"[{name} {job2['id']}] running version 2" in daemon.log(), 10)
+    assert ppid(job2["pid"]) != old_zygote
+
+    # The first job runs on, from the old zygote, which leaves once the job has ended.
+    assert (await daemon.job(job1["id"]))["status"] == "running" and pid_alive(old_zygote)
+    async with livekit_api(livekit_server) as lk:
+        await lk.agent_dispatch.delete_dispatch(dispatch1, room1)
+    await wait_for(lambda: status_is(daemon, job1["id"], "success"), 20, what="job 1 to end")
+    await wait_for(lambda: not pid_alive(old_zygote), 10, what="the old zygote to exit")
+
+
+async def test_spawn_start_method_runs_each_job_in_a_new_interpreter(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room = unique("spawned"), unique("room")
+    daemon = await start_daemon(agent_table(name, start_method="spawn"))
+    await dispatch(livekit_server, room, name)
+    job = await job_in_room(daemon, room, "running")
+    command = psutil.Process(job["pid"]).cmdline()
+    assert "lkrun.runner" in command
+    assert ppid(job["pid"]) == daemon.pid
+    assert not any("lkrun.zygote" in " ".join(c.cmdline()) for c in _children(daemon.pid))
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children()
