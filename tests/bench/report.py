@@ -147,7 +147,8 @@ def markdown(results: dict[str, Any]) -> str:
         "entrypoint logged. **PSS of everything / jobs**: main process + helpers + all "
         "jobs, divided by the number of jobs: the whole cost of a job, sharing included. "
         "**Helpers**: the main process's other descendants (idle prewarmed "
-        "processes; for the official worker also its forkserver and resource tracker).",
+        "processes and the fork server: lkrun's per agent, the official worker's with "
+        "its resource tracker).",
         "- **main process CPU**: psutil `cpu_percent` of the daemon / worker main process "
         "over the hold (100 % = one core).",
         "- **max concurrent jobs held**: rooms added in steps until an agent is not in within "
