@@ -233,8 +233,11 @@ class AgentHost:
         """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
         old, self.spec = self.spec, spec
         self.registration.load_changed()
-        if _process_fields(old) != _process_fields(spec):
+        if _loaded_fields(old) != _loaded_fields(spec):
             self._replace_forkserver()
+        elif self.forkserver is not None:
+            self.forkserver.load_timeout = spec.prewarm_timeout
+        if _process_fields(old) != _process_fields(spec):
             self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
 
     def code_changed(self) -> None:
@@ -503,13 +506,11 @@ class AgentHost:
         self._check_idle()
 
 
+def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
+    """What a fork server was started with: a change needs a new one."""
+    return (spec.entrypoint, spec.prewarm, spec.env, spec.start_method)
+
+
 def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
     """What a warm process was started with: a change makes the idle ones stale."""
-    return (
-        spec.entrypoint,
-        spec.prewarm,
-        spec.env,
-        spec.idle_processes,
-        spec.prewarm_timeout,
-        spec.start_method,
-    )
+    return (*_loaded_fields(spec), spec.idle_processes, spec.prewarm_timeout)

@@ -136,6 +136,9 @@ class Daemon:
             "idle_memory_mb": host.idle_memory_mb(),
             "warm_error": host.pool.last_error,
             "warm_failures": host.pool.failures,
+            "start_method": host.spec.start_method,
+            "fork_server_pid": host.forkserver.pid if host.forkserver is not None else None,
+            "fork_server_error": host.forkserver.error if host.forkserver is not None else "",
         }
 
     def live_jobs(self) -> dict[str, dict[str, Any]]:

@@ -164,6 +164,7 @@ async def test_code_change_forks_new_jobs_from_new_code_and_keeps_old_jobs(
     job1 = await job_in_room(daemon, room1, "running")
     await wait_for(lambda: f"[{name} {job1['id']}] running version 1" in daemon.log(), 10)
     old_zygote = ppid(job1["pid"])
+    assert (await daemon.status())["agents"][0]["fork_server_pid"] == old_zygote
 
     (daemon.dir / "versioned_agent.py").write_text(VERSIONED.format(v=2))
     await wait_for(lambda: "reloading the agent's module" in daemon.log(), 30, what="reload")
@@ -171,6 +172,7 @@ async def test_code_change_forks_new_jobs_from_new_code_and_keeps_old_jobs(
     job2 = await job_in_room(daemon, room2, "running")
     await wait_for(lambda: f"[{name} {job2['id']}] running version 2" in daemon.log(), 10)
     assert ppid(job2["pid"]) != old_zygote
+    assert (await daemon.status())["agents"][0]["fork_server_pid"] == ppid(job2["pid"])
 
     # The first job runs on, from the old zygote, which leaves once the job has ended.
     assert (await daemon.job(job1["id"]))["status"] == "running" and pid_alive(old_zygote)
@@ -190,8 +192,35 @@ async def test_spawn_start_method_runs_each_job_in_a_new_interpreter(
     command = psutil.Process(job["pid"]).cmdline()
     assert "lkrun.runner" in command
     assert ppid(job["pid"]) == daemon.pid
+    assert (await daemon.status())["agents"][0]["fork_server_pid"] is None
     assert not any("lkrun.zygote" in " ".join(c.cmdline()) for c in _children(daemon.pid))
 
 
 def _children(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children()
+
+
+async def test_only_a_change_to_what_it_loaded_replaces_the_fork_server(
+    start_daemon: Any,
+) -> None:
+    name = unique("steady")
+    daemon = await start_daemon(agent_table(name))
+
+    async def fork_server() -> int | None:
+        return (await daemon.status())["agents"][0]["fork_server_pid"]
+
+    first = await wait_for(fork_server, 20, what="the fork server")
+    daemon.manifest_path.write_text(agent_table(name, max_jobs=3, idle_processes=1))
+
+    async def warm() -> bool:
+        return (await daemon.status())["agents"][0]["idle_processes"] == 1
+
+    await wait_for(warm, 30, what="a warm process")
+    assert await fork_server() == first
+    daemon.manifest_path.write_text(agent_table(name) + f'[agents.{name}.env]\nNEW = "1"\n')
+
+    async def replaced() -> bool:
+        return (await fork_server()) not in (None, first)
+
+    await wait_for(replaced, 30, what="a new fork server")
+    await wait_for(lambda: not pid_alive(first), 10, what="the old one to exit")
