@@ -59,6 +59,7 @@ class Soak:
             LIVEKIT_URL=self.server.url,
             LIVEKIT_API_KEY=self.server.api_key,
             LIVEKIT_API_SECRET=self.server.api_secret,
+            XDG_STATE_HOME=str(self.workdir / "state"),  # its own job history, not the user's
         )
         log = (self.workdir / "daemon.log").open("wb")
         self.daemon = subprocess.Popen(
@@ -162,7 +163,7 @@ class Soak:
             await asyncio.sleep(0.5)
 
     async def report(self) -> int:
-        jobs = (await self.ask("/v1/jobs", {"all": "1"}))["jobs"]
+        jobs = (await self.ask("/v1/jobs", {"all": "1", "limit": "0"}))["jobs"]
         by_dispatch = collections.defaultdict(list)
         for job in jobs:
             by_dispatch[job["dispatch_id"]].append(job)
