@@ -326,14 +326,19 @@ class AgentHost:
         return True
 
     def idle_pids(self) -> list[int]:
-        """Processes that serve no job yet: the fork server and the warm processes."""
+        """Processes that serve no job yet: the warm processes and the fork server."""
         pids = [p.pid for p in self.pool.idle if p.pid]
         if self.forkserver is not None and self.forkserver.pid is not None:
             pids.append(self.forkserver.pid)
         return pids
 
     def monitor_targets(self) -> list[Target]:
-        targets = [Target("idle", pid, self._idle_sampler(pid)) for pid in self.idle_pids()]
+        zygote = self.forkserver.pid if self.forkserver is not None else None
+        targets = [
+            # The fork server's descendants are jobs and warm processes: counted as such.
+            Target("idle", pid, self._idle_sampler(pid), tree=pid != zygote)
+            for pid in self.idle_pids()
+        ]
         for job_id, proc in self._procs.items():
             record = self.book.get(job_id)
             if proc.pid is not None and record is not None and not proc.exited:

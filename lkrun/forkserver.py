@@ -55,7 +55,8 @@ class ForkServer:
         self._sock: socket.socket | None = None
         self._starting = asyncio.Lock()
         self._next_id = 0
-        self._requests: dict[int, asyncio.Future[int]] = {}  # fork request -> pid
+        # fork request -> (pid, its exit code to come)
+        self._requests: dict[int, asyncio.Future[tuple[int, asyncio.Future[int | None]]]] = {}
         self._exits: dict[int, asyncio.Future[int | None]] = {}  # child pid -> exit code
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended = asyncio.Event()  # no zygote process is running
@@ -106,11 +107,17 @@ class ForkServer:
             asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
             self._own(self._supervise(proc))
             self.log.debug("fork server %s started for %s", proc.pid, self.entrypoint)
+            if self.retired:  # retired while it was starting
+                self._send_retire()
 
     async def __call__(self) -> Launched:
         """Fork a job process; LaunchError if the zygote cannot (e.g. the module is broken)."""
         if self.retired:
             raise LaunchError("the agent's fork server was retired")
+        if self._proc is not None and self._sock is None:
+            # It is exiting (its socket closed): let it go, then start a new one.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), 2 * KILL_GRACE)
         try:
             await self.start()
         except OSError as exc:
@@ -119,7 +126,7 @@ class ForkServer:
         child_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]  # stdin, stdout, stderr
         stdin, stdout, stderr = pipes[0][1], pipes[1][0], pipes[2][0]
         try:
-            pid = await self._fork(child_ends)
+            pid, exit_code = await self._fork(child_ends)
         except BaseException:
             for fd in (stdin, stdout, stderr):
                 os.close(fd)
@@ -128,18 +135,21 @@ class ForkServer:
             for fd in child_ends:
                 os.close(fd)
         try:
-            return await self._attach(pid, stdin, stdout, stderr)
+            return await self._attach(pid, exit_code, stdin, stdout, stderr)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
             raise LaunchError(f"cannot attach to forked job process {pid}: {exc}") from exc
 
-    async def _fork(self, fds: list[int]) -> int:
+    async def _fork(self, fds: list[int]) -> tuple[int, asyncio.Future[int | None]]:
         if self._sock is None:  # it died since start()
             raise LaunchError(self.error or "the fork server exited")
+        if self.retired:  # retired while it was starting
+            raise LaunchError("the agent's fork server was retired")
         self._next_id += 1
         request = self._next_id
-        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[tuple[int, asyncio.Future[int | None]]]
+        answer = asyncio.get_running_loop().create_future()
         self._requests[request] = answer
         try:
             try:
@@ -156,9 +166,15 @@ class ForkServer:
         finally:
             self._requests.pop(request, None)
 
-    async def _attach(self, pid: int, stdin: int, stdout: int, stderr: int) -> Launched:
+    async def _attach(
+        self,
+        pid: int,
+        exit_code: asyncio.Future[int | None],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+    ) -> Launched:
         loop = asyncio.get_running_loop()
-        exit_code = self._exits[pid]
         readers = []
         transports: list[asyncio.BaseTransport] = []
         files = [os.fdopen(stdin, "wb", buffering=0)]
@@ -194,6 +210,9 @@ class ForkServer:
         if self.retired:
             return
         self.retired = True
+        self._send_retire()
+
+    def _send_retire(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.send(zygote.encode(zygote.RETIRE))
@@ -220,11 +239,14 @@ class ForkServer:
                 data = sock.recv(zygote.PACKET)
             except BlockingIOError:
                 return
+            except ConnectionResetError:
+                # It exited with our fork request unread; Linux reports that once, before
+                # the packets it sent (why it failed) that are still queued for us.
+                continue
             except OSError:
                 data = b""
-            if not data:  # the zygote exited; _supervise cleans up
-                with contextlib.suppress(ValueError, OSError):
-                    asyncio.get_running_loop().remove_reader(sock.fileno())
+            if not data:  # the zygote is exiting: no more forks from it
+                self._close_socket()
                 return
             try:
                 self._on_message(json.loads(data))
@@ -235,10 +257,15 @@ class ForkServer:
         kind = msg["type"]
         if kind == zygote.FORKED:
             pid = int(msg["pid"])
-            self._exits[pid] = asyncio.get_running_loop().create_future()
+            # Its exit may be in the same read: the answer carries the future, not a lookup.
+            exit_code = self._exits[pid] = asyncio.get_running_loop().create_future()
             answer = self._requests.get(msg["id"])
             if answer is not None and not answer.done():
-                answer.set_result(pid)
+                answer.set_result((pid, exit_code))
+        elif kind == zygote.FORK_FAILED:
+            answer = self._requests.get(msg["id"])
+            if answer is not None and not answer.done():
+                answer.set_exception(LaunchError(str(msg["error"])))
         elif kind == zygote.EXITED:
             exit_code = self._exits.pop(int(msg["pid"]), None)
             if exit_code is not None and not exit_code.done():
@@ -256,11 +283,8 @@ class ForkServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(lines), KILL_GRACE)
         self._on_readable()  # what it said before exiting (e.g. why it failed) comes first
-        sock, self._sock, self._proc = self._sock, None, None
-        if sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(sock.fileno())
-            sock.close()
+        self._close_socket()
+        self._proc = None
         why = self.error or f"the fork server exited with code {code}"
         if not self.error and self._last_line:
             why += f" (last log line: {self._last_line[:200]})"
@@ -276,6 +300,13 @@ class ForkServer:
                 "fork server %s exited with code %s; the next job starts a new one", proc.pid, code
             )
         self._ended.set()
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
     async def _log_stderr(self, stream: asyncio.StreamReader) -> None:
         while True:

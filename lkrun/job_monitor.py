@@ -29,6 +29,7 @@ class Target:
     job_id: str
     pid: int
     on_sample: Callable[[Usage], None]
+    tree: bool = True  # False: the process alone (a fork server, whose children are jobs)
 
 
 class TreeSampler:
@@ -37,11 +38,12 @@ class TreeSampler:
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
 
-    def sample(self, pids: Iterable[int]) -> dict[int, Usage]:
+    def sample(self, roots: Iterable[tuple[int, bool]]) -> dict[int, Usage]:
+        """Usage of each (pid, with its descendants?) root."""
         seen: set[int] = set()
         result = {}
-        for pid in pids:
-            usage = self._sample_tree(pid, seen)
+        for pid, tree in roots:
+            usage = self._sample_tree(pid, seen, tree)
             if usage is not None:
                 result[pid] = usage
         for gone in set(self._procs) - seen:
@@ -55,10 +57,10 @@ class TreeSampler:
             proc.cpu_percent(None)  # the first call only sets the baseline
         return proc
 
-    def _sample_tree(self, pid: int, seen: set[int]) -> Usage | None:
+    def _sample_tree(self, pid: int, seen: set[int], tree: bool = True) -> Usage | None:
         try:
             root = self._process(pid)
-            members = [root, *root.children(recursive=True)]
+            members = [root, *root.children(recursive=True)] if tree else [root]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
         rss = 0
@@ -91,7 +93,8 @@ class JobMonitor:
         targets = self.targets()
         if not targets:
             return
-        usages = await asyncio.to_thread(self._sampler.sample, [t.pid for t in targets])
+        roots = [(t.pid, t.tree) for t in targets]
+        usages = await asyncio.to_thread(self._sampler.sample, roots)
         for target in targets:
             usage = usages.get(target.pid)
             if usage is not None:

@@ -244,6 +244,22 @@ def kill_group_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def close_inherited_fds(*keep: int) -> None:
+    """Close every fd above 2 but ``keep``: what the daemon's event loop let through.
+
+    uvloop's spawn passes a few of its own fds on; a job must not hold them (a daemon-side
+    pipe that never sees EOF), nor pass them to whatever it starts.
+    """
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: the usual limit
+        fds = list(range(3, min(os.sysconf("SC_OPEN_MAX"), 65536)))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class LoadError(Exception):
     """The entrypoint or prewarm function cannot be loaded; the text says which and why."""
 
@@ -285,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon-pid", type=int)
     args = parser.parse_args(argv)
 
+    close_inherited_fds()
     pipe = become_job_process(args.daemon_pid)
     sys.path.insert(0, os.getcwd())
     try:

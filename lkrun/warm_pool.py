@@ -43,6 +43,7 @@ class WarmPool:
         self._watchers: dict[JobProcess, asyncio.Task[None]] = {}
         self._killing: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        self._generation = 0  # bumped by recycle(): a process started before holds old code
 
     @property
     def idle(self) -> list[JobProcess]:
@@ -73,6 +74,7 @@ class WarmPool:
         self.recycle()
 
     def recycle(self) -> None:
+        self._generation += 1
         stale, self._ready = self._ready, []
         for proc in stale:
             self._discard(proc, "replaced after a change")
@@ -97,13 +99,17 @@ class WarmPool:
             await asyncio.gather(*self._killing, return_exceptions=True)
 
     async def _warm_one(self) -> None:
+        generation = self._generation
         proc = self.factory()
         try:
             await proc.spawn()
         except OSError as exc:
-            await self._failed(f"cannot start a process: {exc}")
+            self._failed(f"cannot start a process: {exc}")
             return
         if await proc.wait_ready(self.timeout):
+            if generation != self._generation:  # a change came while it warmed up
+                self._discard(proc, "replaced after a change")
+                return
             if self.failures:
                 self.log.info("warm processes start again")
             self.failures = 0

@@ -12,7 +12,8 @@ The control channel is a SOCK_SEQPACKET socket, one JSON message per packet:
 daemon -> zygote: ``fork`` {id} with the child's stdin, stdout and stderr (SCM_RIGHTS);
                   ``retire``: fork no more, exit once every child has.
 zygote -> daemon: ``ready`` {pid}; ``failed`` {error} (the module did not load; it exits);
-                  ``forked`` {id, pid}; ``exited`` {pid, code} (negative: killed by signal).
+                  ``forked`` {id, pid}; ``fork_failed`` {id, error} (retired, or fork()
+                  failed); ``exited`` {pid, code} (negative: killed by signal).
 
 The daemon is not its children's parent, so the zygote reaps them and reports how each
 ended. It dies with the daemon (parent-death signal), and its children die with it.
@@ -40,6 +41,7 @@ RETIRE = "retire"
 READY = "ready"
 FAILED = "failed"
 FORKED = "forked"
+FORK_FAILED = "fork_failed"
 EXITED = "exited"
 
 PACKET = 65536
@@ -112,8 +114,14 @@ class Zygote:
         except (ValueError, KeyError, TypeError):
             print(f"lkrun zygote: ignoring a bad request: {data[:80]!r}", file=sys.stderr)
             kind = ""
-        if kind == FORK and len(fds) == FDS_PER_CHILD and not self.retired:
-            self.fork(msg.get("id"), fds)
+        if kind == FORK and len(fds) == FDS_PER_CHILD:
+            if self.retired:
+                self.send(FORK_FAILED, id=msg.get("id"), error="the fork server is retired")
+            else:
+                try:
+                    self.fork(msg.get("id"), fds)
+                except OSError as exc:  # e.g. EAGAIN at a pids limit: this job fails, not all
+                    self.send(FORK_FAILED, id=msg.get("id"), error=f"fork failed: {exc}")
         elif kind == RETIRE:
             self.retired = True
         for fd in fds:
@@ -129,9 +137,14 @@ class Zygote:
             code = 1
             try:
                 code = self.child(fds, zygote)
+            except SystemExit as exc:  # sys.exit() in user code: the same code as spawned
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             except BaseException:  # nothing may unwind into the zygote's loop
                 traceback.print_exc()
             finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
                 os._exit(code)
         # Both sides set the group, so the daemon can signal it as soon as it learns the pid.
         with contextlib.suppress(OSError):
@@ -174,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon-pid", type=int)
     args = parser.parse_args(argv)
 
+    runner.close_inherited_fds(args.control_fd)  # else every job would inherit them too
     control = socket.socket(fileno=args.control_fd)
     pdeathsig.set_parent_death_signal(signal.SIGTERM, args.daemon_pid)
     os.dup2(2, 1)  # a print() at import time lands in the daemon's log, not nowhere
@@ -192,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             'survive fork, so if jobs hang set start_method = "spawn" for this agent',
             file=sys.stderr,
         )
+    gc.collect()  # import-time garbage is freed here, not frozen into every child
     gc.freeze()  # what is loaded now stays shared: the children's collector skips it
     return Zygote(control, entrypoint, prewarm).serve()
 

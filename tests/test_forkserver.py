@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -132,6 +133,50 @@ async def test_jobs_end_with_a_killed_fork_server_and_the_next_job_gets_a_new_on
     await again.kill("test over")
 
 
+async def test_a_job_dies_with_its_fork_server_even_with_its_pipes_open(
+    servers: Callable[[str, str], ForkServer],
+) -> None:
+    server = servers("counted", COUNTED)
+    launched = await server()  # no JobProcess: nothing closes the job's stdin for it
+    try:
+        zygote = server.pid
+        assert zygote is not None
+        os.kill(zygote, signal.SIGKILL)
+        # Only the parent-death signal can end it: its stdin is open, and it is not started.
+        await wait_for(lambda: not pid_alive(launched.pid), 10, what="the job to die")
+        assert await asyncio.wait_for(launched.wait(), 10) is None
+    finally:
+        launched.close()
+
+
+async def test_fork_and_exit_read_together_keep_the_exit_code() -> None:
+    # A child that exits at once: the zygote's "forked" and "exited" can arrive in one read.
+    server = ForkServer(
+        label="t", entrypoint="m:f", prewarm="", cwd=Path("."), env={}, load_timeout=1
+    )
+    answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    internal: Any = server
+    internal._requests[7] = answer
+    internal._on_message({"type": "forked", "id": 7, "pid": 4242})
+    internal._on_message({"type": "exited", "pid": 4242, "code": 3})
+    pid, exit_code = answer.result()
+    assert pid == 4242 and exit_code.result() == 3
+
+
+async def test_retired_while_starting_still_exits(
+    servers: Callable[[str, str], ForkServer],
+) -> None:
+    server = servers("counted", COUNTED)
+    starting = asyncio.create_task(server.start())
+    await asyncio.sleep(0)  # start() is now waiting for the process to be created
+    server.retire()
+    await starting
+    zygote = server.pid
+    assert zygote is not None
+    await asyncio.wait_for(server.close(), 20)  # no job: it exits on its own, not killed
+    assert not pid_alive(zygote)
+
+
 async def test_module_that_starts_a_thread_at_import_is_flagged(
     servers: Callable[[str, str], ForkServer], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -180,6 +225,40 @@ async def test_code_change_forks_new_jobs_from_new_code_and_keeps_old_jobs(
         await lk.agent_dispatch.delete_dispatch(dispatch1, room1)
     await wait_for(lambda: status_is(daemon, job1["id"], "success"), 20, what="job 1 to end")
     await wait_for(lambda: not pid_alive(old_zygote), 10, what="the old zygote to exit")
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+async def test_job_processes_hold_no_stray_fds(
+    start_daemon: Any, livekit_server: Any, method: str
+) -> None:
+    # uvloop passes copies of the daemon's stdio to what it spawns; jobs must not keep them.
+    name, room = unique("fds"), unique("room")
+    daemon = await start_daemon(agent_table(name, start_method=method))
+    await dispatch(livekit_server, room, name)
+    job = await job_in_room(daemon, room, "running")
+    job_pid = job["pid"]
+    # The daemon's stdout and stderr (its log), and the fork server's stderr (a pipe to it).
+    theirs = {_fd_target(daemon.pid, fd) for fd in (1, 2)}
+    if method == "forkserver":
+        theirs.add(_fd_target(ppid(job_pid), 2))
+    for pid in [job_pid] + ([ppid(job_pid)] if method == "forkserver" else []):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if int(fd) > 2:
+                assert _fd_target(pid, int(fd)) not in theirs, (pid, fd)
+    # Nor extra copies of its own pipes: fd 3 is the protocol's (the first stdout), no more.
+    copies = collections.Counter(
+        _fd_target(job_pid, int(fd)) for fd in os.listdir(f"/proc/{job_pid}/fd") if int(fd) > 2
+    )
+    own = [_fd_target(job_pid, fd) for fd in (0, 2)]
+    assert all(copies[target] == 0 for target in own), copies
+    assert copies[_fd_target(job_pid, 3)] == 1, copies
+
+
+def _fd_target(pid: int, fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:  # closed meanwhile
+        return ""
 
 
 async def test_spawn_start_method_runs_each_job_in_a_new_interpreter(

@@ -154,3 +154,9 @@ async def test_shutdown_right_after_start_is_not_lost(make: Make) -> None:
     await proc.stop("stop at once", timeout=10)
     outcome = await proc.wait()
     assert outcome.ok and outcome.reason == "stop at once", outcome
+
+
+async def test_sys_exit_code_is_the_exit_code(make: Make) -> None:
+    proc, _ = await start(make, "tests.agents.behaviours:exits_with_3")
+    outcome = await asyncio.wait_for(proc.wait(), 30)
+    assert not outcome.ok and outcome.exit_code == 3, outcome

@@ -115,3 +115,7 @@ async def ticker(ctx: JobContext) -> None:
         print(f"tick {count}", flush=True)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(ctx.wait_for_shutdown(), 0.1)
+
+
+def exits_with_3(ctx: JobContext) -> None:
+    sys.exit(3)
