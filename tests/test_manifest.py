@@ -158,6 +158,7 @@ def test_defaults() -> None:
     assert spec == AgentSpec(name="echo", entrypoint="pkg.mod:main")
     assert spec.dispatch == "explicit"
     assert spec.job_type == "room"
+    assert spec.start_method == "forkserver"
     assert spec.rooms == ()
     assert spec.max_jobs == 16
     assert spec.identity == "{agent}-{job_id}"
@@ -575,6 +576,7 @@ def test_unknown_keys_in_agents(body: str, field: str, hint: str) -> None:
         ("dispatch = 1", "dispatch", "must be one of 'explicit', 'automatic', got 1"),
         ('dispatch = "auto"', "dispatch", "must be one of 'explicit', 'automatic', got 'auto'"),
         ('job_type = "ROOM"', "job_type", "must be one of 'room', 'publisher', 'participant'"),
+        ('start_method = "fork"', "start_method", "must be one of 'forkserver', 'spawn'"),
         ('rooms = "support-*"', "rooms", "must be an array of strings, got 'support-*'"),
         ('rooms = ["a", ""]', "rooms", "must contain only non-empty strings, got ''"),
         ('rooms = ["a", 1]', "rooms", "must contain only non-empty strings, got 1"),
