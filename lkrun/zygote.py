@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             'survive fork, so if jobs hang set start_method = "spawn" for this agent',
             file=sys.stderr,
         )
-    gc.collect()  # import-time garbage is freed here, not frozen into every child
-    gc.freeze()  # what is loaded now stays shared: the children's collector skips it
+    # No gc.collect() first: the holes it frees would be filled by each child, copying the
+    # pages (measured: +0.7 MB USS per job). Frozen, the children's collector skips them.
+    gc.freeze()
     return Zygote(control, entrypoint, prewarm).serve()
 
 
