@@ -91,6 +91,9 @@ async def test_jobs_ls_filters(start_daemon: Any, livekit_server: Any) -> None:
     assert ids("--agent", a, "--all") == [ra]
     assert ids("--room", rb) == [rb]
     assert ids("--since", "1h", "--limit", "1") in ([ra], [rb])
+    cut = daemon.cli("jobs", "ls", "--all", "--limit", "1")  # says when there may be more
+    assert "the newest 1 shown; --limit N for more, --limit 0 for all" in cut.stderr
+    assert "the newest" not in daemon.cli("jobs", "ls", "--all", "--limit", "0").stderr
     assert ids("--since", "2000-01-01T00:00", "--agent", b) == [rb]
     assert ids("--since", "0s") == []
     bad = daemon.cli("jobs", "ls", "--status", "exploded")

@@ -19,6 +19,7 @@ from lkrun.cli.common import (
     age,
     ask_daemon,
     duration_value,
+    err,
     fail,
     jobs_app,
     out,
@@ -117,6 +118,8 @@ def jobs_ls(
         out.print("no jobs" if params else "no running jobs (--all to search the history)")
     else:
         out.print(_jobs_table(jobs, usage=False))
+        if params and 0 < limit <= len(jobs):
+            err.print(f"the newest {limit} shown; --limit N for more, --limit 0 for all")
 
 
 def _watch_jobs(control_socket: Path | None, params: dict[str, str]) -> None:
