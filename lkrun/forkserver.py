@@ -122,7 +122,14 @@ class ForkServer:
             await self.start()
         except OSError as exc:
             raise LaunchError(f"cannot start the fork server: {exc}") from exc
-        pipes = [os.pipe() for _ in range(3)]
+        pipes: list[tuple[int, int]] = []
+        try:
+            for _ in range(3):
+                pipes.append(os.pipe())
+        except OSError as exc:  # out of fds
+            for fd in (fd for pair in pipes for fd in pair):
+                os.close(fd)
+            raise LaunchError(f"cannot create the job's pipes: {exc}") from exc
         child_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]  # stdin, stdout, stderr
         stdin, stdout, stderr = pipes[0][1], pipes[1][0], pipes[2][0]
         try:

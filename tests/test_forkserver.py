@@ -182,7 +182,7 @@ async def test_module_that_starts_a_thread_at_import_is_flagged(
 ) -> None:
     caplog.set_level(logging.INFO, "lkrun.forkserver")
     proc = await ready_job(servers("threaded", THREADED))
-    assert "started a thread" in caplog.text
+    await wait_for(lambda: "started a thread" in caplog.text, 10, what="the warning")
     assert 'start_method = "spawn"' in caplog.text
     await proc.kill("test over")
 
