@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lkrun import jobpipe, zygote
-from lkrun.job_process import Launched, LaunchError
+from lkrun.job_process import Launched, LaunchError, python_command
 from lkrun.logs import agent_logger
 
 log = logging.getLogger("lkrun.forkserver")
@@ -66,10 +64,6 @@ class ForkServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    @property
-    def children(self) -> int:
-        return len(self._exits)
-
     async def start(self) -> None:
         """Start the zygote unless it runs; it loads the module while the daemon goes on."""
         async with self._starting:
@@ -78,16 +72,13 @@ class ForkServer:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "lkrun.zygote",
-                    "--entrypoint",
-                    self.entrypoint,
-                    "--control-fd",
-                    str(theirs.fileno()),
-                    "--daemon-pid",
-                    str(os.getpid()),
-                    *(("--prewarm", self.prewarm) if self.prewarm else ()),
+                    *python_command(
+                        "lkrun.zygote",
+                        self.entrypoint,
+                        self.prewarm,
+                        "--control-fd",
+                        str(theirs.fileno()),
+                    ),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
@@ -160,7 +151,7 @@ class ForkServer:
         self._requests[request] = answer
         try:
             try:
-                socket.send_fds(self._sock, [zygote.encode(zygote.FORK, id=request)], fds)
+                socket.send_fds(self._sock, [jobpipe.encode(zygote.FORK, id=request)], fds)
             except OSError as exc:
                 raise LaunchError(f"cannot reach the fork server: {exc}") from exc
             try:
@@ -222,7 +213,7 @@ class ForkServer:
     def _send_retire(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.send(zygote.encode(zygote.RETIRE))
+                self._sock.send(jobpipe.encode(zygote.RETIRE))
 
     async def close(self, timeout: float | None = None) -> None:
         """Retire, wait up to ``timeout`` for the jobs to end, then kill what is left."""
@@ -256,8 +247,8 @@ class ForkServer:
                 self._close_socket()
                 return
             try:
-                self._on_message(json.loads(data))
-            except (ValueError, KeyError, TypeError) as exc:
+                self._on_message(jobpipe.decode(data))
+            except (ValueError, KeyError, TypeError) as exc:  # PipeError is a ValueError
                 self.log.warning("fork server sent a bad message %r: %s", data[:80], exc)
 
     def _on_message(self, msg: dict[str, Any]) -> None:

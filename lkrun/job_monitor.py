@@ -57,7 +57,7 @@ class TreeSampler:
             proc.cpu_percent(None)  # the first call only sets the baseline
         return proc
 
-    def _sample_tree(self, pid: int, seen: set[int], tree: bool = True) -> Usage | None:
+    def _sample_tree(self, pid: int, seen: set[int], tree: bool) -> Usage | None:
         try:
             root = self._process(pid)
             members = [root, *root.children(recursive=True)] if tree else [root]

@@ -57,6 +57,13 @@ class Launcher(Protocol):
     async def __call__(self) -> Launched: ...
 
 
+def python_command(module: str, entrypoint: str, prewarm: str, *extra: str) -> list[str]:
+    """``python -m module`` for one agent: a runner (one job) or a zygote (its fork server)."""
+    command = [sys.executable, "-m", module, "--entrypoint", entrypoint]
+    command += ["--daemon-pid", str(os.getpid()), *extra]
+    return command + (["--prewarm", prewarm] if prewarm else [])
+
+
 class SpawnLauncher:
     """``python -m lkrun.runner`` in a new interpreter (``start_method = "spawn"``)."""
 
@@ -68,14 +75,7 @@ class SpawnLauncher:
 
     async def __call__(self) -> Launched:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "lkrun.runner",
-            "--entrypoint",
-            self.entrypoint,
-            "--daemon-pid",
-            str(os.getpid()),
-            *(("--prewarm", self.prewarm) if self.prewarm else ()),
+            *python_command("lkrun.runner", self.entrypoint, self.prewarm),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -7,7 +7,8 @@ milliseconds. Each child is still a new process with its own pipes to the daemon
 process group, and nothing run in it before: the zygote never starts the rtc runtime, an
 event loop or a thread of its own, since none of those survive a fork.
 
-The control channel is a SOCK_SEQPACKET socket, one JSON message per packet:
+The control channel is a SOCK_SEQPACKET socket, one message per packet, in jobpipe's
+encoding:
 
 daemon -> zygote: ``fork`` {id} with the child's stdin, stdout and stderr (SCM_RIGHTS);
                   ``retire``: fork no more, exit once every child has.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import select
 import signal
@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lkrun import pdeathsig, runner
+from lkrun import jobpipe, pdeathsig, runner
 
 FORK = "fork"
 RETIRE = "retire"
@@ -46,10 +46,6 @@ EXITED = "exited"
 
 PACKET = 65536
 FDS_PER_CHILD = 3  # stdin, stdout, stderr
-
-
-def encode(kind: str, **fields: Any) -> bytes:
-    return json.dumps({"type": kind, **fields}, separators=(",", ":")).encode()
 
 
 def thread_count() -> int:
@@ -75,7 +71,7 @@ class Zygote:
         os.set_blocking(self._wake_w, False)
 
     def send(self, kind: str, **fields: Any) -> None:
-        self.control.send(encode(kind, **fields))
+        self.control.send(jobpipe.encode(kind, **fields))
 
     def serve(self) -> int:
         # SIGCHLD only wakes select(); the loop reaps.
@@ -109,11 +105,11 @@ class Zygote:
         if not data:
             return False
         try:
-            msg = json.loads(data)
-            kind = msg["type"]
-        except (ValueError, KeyError, TypeError):
-            print(f"lkrun zygote: ignoring a bad request: {data[:80]!r}", file=sys.stderr)
-            kind = ""
+            msg = jobpipe.decode(data)
+        except jobpipe.PipeError as exc:
+            print(f"lkrun zygote: ignoring a bad request: {exc}", file=sys.stderr)
+            msg = {"type": ""}
+        kind = msg["type"]
         if kind == FORK and len(fds) == FDS_PER_CHILD:
             if self.retired:
                 self.send(FORK_FAILED, id=msg.get("id"), error="the fork server is retired")
@@ -198,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entrypoint, prewarm = runner.load_functions(args.entrypoint, args.prewarm)
     except runner.LoadError as exc:
-        control.send(encode(FAILED, error=str(exc)))
+        control.send(jobpipe.encode(FAILED, error=str(exc)))
         return 1
     if thread_count() > threads:
         print(

@@ -1,0 +1,32 @@
+"""Process tree sampling: a job counts what it started; a fork server counts only itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from lkrun.job_monitor import TreeSampler, Usage
+
+
+def test_a_root_is_sampled_with_or_without_its_descendants() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"]
+    )
+    try:
+        sampler = TreeSampler()
+
+        def whole() -> Usage | None:
+            return sampler.sample([(parent.pid, True)]).get(parent.pid)
+
+        deadline = time.monotonic() + 20
+        while (usage := whole()) is None or usage.processes < 2:  # until the grandchild runs
+            assert time.monotonic() < deadline, "the grandchild did not start"
+            time.sleep(0.05)
+        alone = sampler.sample([(parent.pid, False)])[parent.pid]
+        assert alone.processes == 1 and usage.processes == 2
+        assert usage.rss_bytes > alone.rss_bytes
+    finally:
+        subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
+        parent.kill()
+        parent.wait()
