@@ -16,10 +16,12 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
+from lkrun.apps import LIVEKIT_AGENTS
 from lkrun.credentials import Credentials
 from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
 from lkrun.job_process import (
+    AppSpec,
     JobProcess,
     Launched,
     Launcher,
@@ -34,6 +36,7 @@ from lkrun.logs import agent_logger, job_logger
 from lkrun.manifest import AgentSpec
 from lkrun.metrics import Metrics
 from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
+from lkrun.request_process import RequestProcess, RequestRefused
 from lkrun.warm_pool import WarmPool
 
 log = logging.getLogger("lkrun.agent")
@@ -43,6 +46,7 @@ job_log = logging.getLogger("lkrun.job")
 # a reserved slot is released.
 ASSIGNMENT_WAIT = 15.0
 SECRET_ENV = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+AGENT_NAME_ATTRIBUTE = "lk.agent.name"  # what the official worker gives its participants
 
 
 def worker_spec(spec: AgentSpec) -> WorkerSpec:
@@ -62,10 +66,16 @@ def worker_spec(spec: AgentSpec) -> WorkerSpec:
     )
 
 
-def job_env(spec: AgentSpec, url: str, base: Mapping[str, str], workdir: Path) -> dict[str, str]:
-    """The job's environment: the daemon's, minus API credentials, plus the agent's own."""
+def job_env(
+    spec: AgentSpec, credentials: Credentials, base: Mapping[str, str], workdir: Path
+) -> dict[str, str]:
+    """The job's environment: the daemon's, minus API credentials unless the agent asks for
+    them (``pass_credentials``), plus the agent's own."""
     env = {k: v for k, v in base.items() if k not in SECRET_ENV}
-    env["LIVEKIT_URL"] = url
+    env["LIVEKIT_URL"] = credentials.url
+    if spec.pass_credentials:
+        env["LIVEKIT_API_KEY"] = credentials.api_key
+        env["LIVEKIT_API_SECRET"] = credentials.api_secret
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir), base.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(spec.env)  # the manifest may pass credentials on purpose
@@ -120,6 +130,7 @@ class AgentHost:
             session=session,
         )
         self._reserved: dict[str, float] = {}  # job id -> when we said yes
+        self._accepted: dict[str, Acceptance] = {}  # job id -> what we said yes with
         self._active: set[str] = set()  # assigned jobs not yet finished
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
         self._procs: dict[str, JobProcess] = {}
@@ -133,10 +144,11 @@ class AgentHost:
             size=spec.idle_processes,
             timeout=spec.prewarm_timeout,
         )
+        self.requests = self._new_request_process()
 
     # -- WorkerHandler -----------------------------------------------------------------
 
-    def on_availability(self, job: proto.Job) -> Decision:
+    def on_availability(self, job: proto.Job) -> Decision | Coroutine[Any, Any, Decision]:
         self._expire_reservations()
         room = job.room.name
         if decline := self._decline(room):
@@ -149,12 +161,38 @@ class AgentHost:
         identity = self.spec.format_identity(
             job_id=job.id, room=room, participant=job.participant.identity
         )
-        return Acceptance(
+        attributes = dict(self.spec.participant_attributes)
+        if self.spec.resolved_framework == LIVEKIT_AGENTS:
+            attributes.setdefault(AGENT_NAME_ATTRIBUTE, self.spec.registered_name)
+        ours = Acceptance(
             identity=identity,
             name=self.spec.display_name(),
             metadata=self.spec.participant_metadata,
-            attributes=tuple(self.spec.participant_attributes.items()),
+            attributes=tuple(attributes.items()),
         )
+        if self.requests is not None:
+            return self._ask_app(job, ours)
+        return ours
+
+    async def _ask_app(self, job: proto.Job, ours: Acceptance) -> Decision:
+        """The app's own request function decides; the slot is held meanwhile."""
+        decision: Decision = Decline("error", "no decision")
+        try:
+            assert self.requests is not None
+            answer = await self.requests.ask(job)
+            decision = _app_decision(answer, ours)
+            if isinstance(decision, Decline):
+                decision = Decline(decision.reason, f"room {job.room.name!r}: {decision.text}")
+        except RequestRefused as exc:
+            decision = Decline("on_request", f"room {job.room.name!r}: {exc}")
+        finally:
+            if isinstance(decision, Decline) or not self.accepting:
+                self._reserved.pop(job.id, None)
+                self._check_idle()
+                self.registration.load_changed()
+        if isinstance(decision, Decline):
+            self.log.info("declined job %s: %s", job.id, decision.text)
+        return decision
 
     def _decline(self, room: str) -> Decline | None:
         if not self.accepting:
@@ -171,6 +209,8 @@ class AgentHost:
 
     def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
         declined = isinstance(decision, Decline)
+        if isinstance(decision, Acceptance) and job_id in self._reserved:
+            self._accepted[job_id] = decision
         reason = decision.reason if isinstance(decision, Decline) else ""
         self.settings.metrics.offer_answered(self.spec.name, not declined, seconds, reason)
 
@@ -219,15 +259,19 @@ class AgentHost:
         AuthError propagates to the daemon.
         """
         await self._start_forkserver()
-        pool = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
+        helpers = [asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")]
+        if self.requests is not None:
+            name = f"request process {self.spec.name}"
+            helpers.append(asyncio.create_task(self.requests.run(), name=name))
         try:
             await self.registration.run()
         finally:
-            pool.cancel()
-            await asyncio.gather(pool, return_exceptions=True)
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             if self.forkserver is not None:
                 # Jobs were stopped before this (see Daemon); whatever is left goes with it.
-                await self.forkserver.close(self.settings.shutdown_timeout)
+                await self.forkserver.close(self._shutdown_timeout())
 
     def update_spec(self, spec: AgentSpec) -> None:
         """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
@@ -239,6 +283,10 @@ class AgentHost:
             self.forkserver.load_timeout = spec.prewarm_timeout
         if _process_fields(old) != _process_fields(spec):
             self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
+        if self.requests is not None:
+            self.requests.timeout = spec.request_timeout
+            if _loaded_fields(old) != _loaded_fields(spec):
+                self.requests.restart()
 
     def code_changed(self) -> None:
         """Agent code changed on disk: the fork server and warm processes hold the old code."""
@@ -246,14 +294,15 @@ class AgentHost:
             self.log.info("code changed on disk; reloading the agent's module for new jobs")
             self._replace_forkserver()
             self.pool.recycle()
+            if self.requests is not None:
+                self.requests.restart()
 
     def _new_forkserver(self) -> ForkServer | None:
         if self.spec.start_method != "forkserver":
             return None
         return ForkServer(
             label=self.spec.name,
-            entrypoint=self.spec.entrypoint,
-            prewarm=self.spec.prewarm,
+            app=self._app_spec(),
             cwd=self.workdir,
             env=self._job_env(),
             load_timeout=self.spec.prewarm_timeout,
@@ -322,7 +371,7 @@ class AgentHost:
         record.status = JobStatus.STOPPING
         record.stop_reason = record.stop_reason or reason
         self.book.update(record)
-        self._spawn(proc.stop(reason, self.settings.shutdown_timeout, failure=failure))
+        self._spawn(proc.stop(reason, self._shutdown_timeout(), failure=failure))
         return True
 
     def idle_pids(self) -> list[int]:
@@ -378,21 +427,42 @@ class AgentHost:
         task.add_done_callback(self._tasks.discard)
 
     def _job_env(self) -> dict[str, str]:
-        return job_env(self.spec, self.credentials.url, os.environ, self.workdir)
+        return job_env(self.spec, self.credentials, os.environ, self.workdir)
+
+    def _app_spec(self) -> AppSpec:
+        spec = self.spec
+        return AppSpec(spec.entrypoint, spec.prewarm, spec.resolved_framework)
+
+    def _shutdown_timeout(self) -> float:
+        # The third stop signal sets the daemon's to 0: that wins over the agent's own.
+        daemon = self.settings.shutdown_timeout
+        return 0.0 if daemon == 0 else (self.spec.shutdown_timeout or daemon)
 
     def _launcher(self) -> Launcher:
         if self.forkserver is not None:
             return self.forkserver
-        return SpawnLauncher(
-            entrypoint=self.spec.entrypoint,
-            prewarm=self.spec.prewarm,
-            cwd=self.workdir,
-            env=self._job_env(),
-        )
+        return SpawnLauncher(app=self._app_spec(), cwd=self.workdir, env=self._job_env())
 
     async def _launch(self) -> Launched:
         # Resolved at spawn time, so a process asked for before a reload gets the new code.
         return await self._launcher()()
+
+    async def _launch_requests(self) -> Launched:
+        return await self._launcher()("requests")
+
+    def _new_request_process(self) -> RequestProcess | None:
+        app = self.spec.app
+        if app is None or not app.on_request:
+            return None
+        return RequestProcess(
+            label=self.spec.name,
+            factory=lambda: JobProcess(
+                launcher=self._launch_requests,
+                log=job_logger(job_log, self.spec.name, "on_request"),
+            ),
+            timeout=self.spec.request_timeout,
+            start_timeout=self.spec.prewarm_timeout,
+        )
 
     def _new_process(self) -> JobProcess:
         return JobProcess(
@@ -435,13 +505,7 @@ class AgentHost:
             if await proc.wait_ready(self.spec.prewarm_timeout):
                 if self.draining:
                     proc.drain()
-                proc.start(
-                    job=MessageToDict(assignment.job),
-                    url=assignment.url or self.credentials.url,
-                    token=assignment.token,
-                    identity=record.identity,
-                    agent=self.spec.name,
-                )
+                proc.start(**self._start_message(record, assignment))
                 timer = self._arm_timeout(record)
             self.pool.replenish()
             outcome = await proc.wait()
@@ -454,6 +518,23 @@ class AgentHost:
                 timer.cancel()
             self._procs.pop(record.id, None)
         self._finish(record, outcome)
+
+    def _start_message(self, record: JobRecord, assignment: proto.JobAssignment) -> dict[str, Any]:
+        answer = self._accepted.pop(record.id, None)
+        return {
+            "job": MessageToDict(assignment.job),
+            "url": assignment.url or self.credentials.url,
+            "token": assignment.token,
+            "identity": record.identity,
+            "agent": self.spec.name,
+            # For a livekit-agents job's RunningJobInfo: how it was accepted, and when.
+            "name": answer.name if answer else self.spec.display_name(),
+            "metadata": answer.metadata if answer else self.spec.participant_metadata,
+            "attributes": dict(answer.attributes) if answer else {},
+            "worker_id": self.registration.state.worker_id,
+            "received_at": record.offered_at or 0.0,
+            "assigned_at": record.accepted_at,
+        }
 
     def _arm_timeout(self, record: JobRecord) -> asyncio.TimerHandle | None:
         limit = self.spec.job_timeout
@@ -508,6 +589,7 @@ class AgentHost:
         for job_id, when in list(self._reserved.items()):
             if now - when > ASSIGNMENT_WAIT:
                 del self._reserved[job_id]
+                self._accepted.pop(job_id, None)
         self._check_idle()
 
 
@@ -519,3 +601,22 @@ def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
 def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
     """What a warm process was started with: a change makes the idle ones stale."""
     return (*_loaded_fields(spec), spec.idle_processes, spec.prewarm_timeout)
+
+
+def _app_decision(answer: Mapping[str, Any], ours: Acceptance) -> Decision:
+    """The app's request function's answer, with lkrun's values where it gave none."""
+    if not answer.get("accept"):
+        why = answer.get("error") or (
+            "rejected by on_request" + (" (terminate)" if answer.get("terminate") else "")
+        )
+        return Decline("on_request", str(why))
+    attributes = dict(ours.attributes)
+    extra = answer.get("attributes")
+    if isinstance(extra, dict):
+        attributes.update({str(k): str(v) for k, v in extra.items()})
+    return Acceptance(
+        identity=str(answer.get("identity") or ours.identity),
+        name=str(answer.get("name") or ours.name),
+        metadata=str(answer.get("metadata") or ours.metadata),
+        attributes=tuple(attributes.items()),
+    )

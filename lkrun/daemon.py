@@ -20,13 +20,14 @@ from lkrun import __version__
 from lkrun.agent_host import AgentHost, HostSettings, format_duration
 from lkrun.control import ControlServer
 from lkrun.credentials import Credentials
+from lkrun.entrypoints import check_entrypoints
 from lkrun.health import HealthServer
 from lkrun.history import History
 from lkrun.job_monitor import JobMonitor, Target
 from lkrun.joblogs import default_log_dir
 from lkrun.jobs import JobBook
 from lkrun.load import CpuMonitor
-from lkrun.manifest import AgentSpec, Manifest, ManifestError, check_entrypoints, load_manifest
+from lkrun.manifest import AgentSpec, Manifest, ManifestError, load_manifest
 from lkrun.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.registration import AuthError
 from lkrun.store import JobQuery, StoreError, default_db_path
@@ -137,6 +138,10 @@ class Daemon:
             "warm_error": host.pool.last_error,
             "warm_failures": host.pool.failures,
             "start_method": host.spec.start_method,
+            "app": host.spec.app.summary() if host.spec.app is not None else "",
+            "framework": host.spec.resolved_framework,
+            "request_process_ready": host.requests.ready if host.requests else None,
+            "request_process_error": host.requests.last_error if host.requests else "",
             "fork_server_pid": host.forkserver.pid if host.forkserver is not None else None,
             "fork_server_error": host.forkserver.error if host.forkserver is not None else "",
         }
@@ -452,9 +457,7 @@ class Daemon:
 
 
 def _load_checked(path: Path) -> Manifest:
-    manifest = load_manifest(path)
-    check_entrypoints(manifest)
-    return manifest
+    return check_entrypoints(load_manifest(path))
 
 
 def _changed_fields(old: AgentSpec, new: AgentSpec) -> list[str]:

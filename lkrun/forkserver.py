@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lkrun import jobpipe, zygote
-from lkrun.job_process import Launched, LaunchError, python_command
+from lkrun.job_process import AppSpec, Launched, LaunchError, python_command
 from lkrun.logs import agent_logger
 
 log = logging.getLogger("lkrun.forkserver")
@@ -34,15 +34,13 @@ class ForkServer:
         self,
         *,
         label: str,
-        entrypoint: str,
-        prewarm: str,
+        app: AppSpec,
         cwd: Path,
         env: Mapping[str, str],
         load_timeout: float,
     ) -> None:
         self.log = agent_logger(log, label)
-        self.entrypoint = entrypoint
-        self.prewarm = prewarm
+        self.app = app
         self.cwd = cwd
         self.env = dict(env)
         self.load_timeout = load_timeout
@@ -72,13 +70,7 @@ class ForkServer:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *python_command(
-                        "lkrun.zygote",
-                        self.entrypoint,
-                        self.prewarm,
-                        "--control-fd",
-                        str(theirs.fileno()),
-                    ),
+                    *python_command("lkrun.zygote", self.app, "--control-fd", str(theirs.fileno())),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
@@ -97,11 +89,11 @@ class ForkServer:
             self._ended.clear()
             asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
             self._own(self._supervise(proc))
-            self.log.debug("fork server %s started for %s", proc.pid, self.entrypoint)
+            self.log.debug("fork server %s started for %s", proc.pid, self.app.entrypoint)
             if self.retired:  # retired while it was starting
                 self._send_retire()
 
-    async def __call__(self) -> Launched:
+    async def __call__(self, role: str = "job") -> Launched:
         """Fork a job process; LaunchError if the zygote cannot (e.g. the module is broken)."""
         if self.retired:
             raise LaunchError("the agent's fork server was retired")
@@ -124,7 +116,7 @@ class ForkServer:
         child_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]  # stdin, stdout, stderr
         stdin, stdout, stderr = pipes[0][1], pipes[1][0], pipes[2][0]
         try:
-            pid, exit_code = await self._fork(child_ends)
+            pid, exit_code = await self._fork(child_ends, role)
         except BaseException:
             for fd in (stdin, stdout, stderr):
                 os.close(fd)
@@ -139,7 +131,7 @@ class ForkServer:
                 os.killpg(pid, signal.SIGKILL)
             raise LaunchError(f"cannot attach to forked job process {pid}: {exc}") from exc
 
-    async def _fork(self, fds: list[int]) -> tuple[int, asyncio.Future[int | None]]:
+    async def _fork(self, fds: list[int], role: str) -> tuple[int, asyncio.Future[int | None]]:
         if self._sock is None:  # it died since start()
             raise LaunchError(self.error or "the fork server exited")
         if self.retired:  # retired while it was starting
@@ -151,14 +143,15 @@ class ForkServer:
         self._requests[request] = answer
         try:
             try:
-                socket.send_fds(self._sock, [jobpipe.encode(zygote.FORK, id=request)], fds)
+                packet = jobpipe.encode(zygote.FORK, id=request, role=role)
+                socket.send_fds(self._sock, [packet], fds)
             except OSError as exc:
                 raise LaunchError(f"cannot reach the fork server: {exc}") from exc
             try:
                 return await asyncio.wait_for(asyncio.shield(answer), self.load_timeout)
             except asyncio.TimeoutError:
                 raise LaunchError(
-                    f"the fork server did not load {self.entrypoint} within "
+                    f"the fork server did not load {self.app.entrypoint} within "
                     f"prewarm_timeout={self.load_timeout:g}s"
                 ) from None
         finally:

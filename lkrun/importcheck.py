@@ -1,8 +1,15 @@
-"""Import entrypoints in a throwaway process: ``python -m lkrun.importcheck mod:fn [mod:fn ...]``.
+"""Import entrypoints in a throwaway process: ``python -m lkrun.importcheck REQUEST``.
 
-Writes one JSON object to stdout, ``{"mod:fn": null | "one-line error", ...}``, and exits 0.
-The daemon runs this instead of importing user code itself. Keep it tiny: it must not import
-anything that could shadow or slow down the user's modules.
+REQUEST is a JSON object: ``{"entrypoints": [[spec, framework], ...], "callables": [spec]}``.
+Writes one JSON object to stdout and exits 0::
+
+    {"entrypoints": [{"error": null | "one-line error", "app": {...} | null}, ...],
+     "callables": {"mod:fn": null | "one-line error"}}
+
+``app`` says what an entrypoint is (lkrun.apps): its framework, its kind and, for a
+livekit-agents app, the settings found on its server object. The daemon runs this instead
+of importing user code itself. Keep it light: it must not import anything that could shadow
+or slow down the user's modules.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ import importlib
 import json
 import os
 import sys
+from typing import Any
+
+from lkrun import apps
 
 _MAX_ERROR = 500
 
@@ -23,32 +33,68 @@ def _one_line(text: str) -> str:
 def _describe(exc: BaseException) -> str:
     # An ImportError's own text already says what is missing; other errors need their type.
     if isinstance(exc, ImportError) and str(exc):
-        return str(exc)
+        text = str(exc)
+        missing = getattr(exc, "name", None) or ""
+        if missing == "livekit.agents" or missing.startswith("livekit.agents."):
+            text += f": the module is a livekit-agents app; {apps.INSTALL_HINT}"
+        return text
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check(spec: str) -> str | None:
-    """Return None if ``spec`` ("module:function") names a callable, else why not."""
-    module_name, sep, func_name = spec.partition(":")
-    if not sep or not module_name or not func_name:
-        return f"{spec!r} is not of the form 'module:function'"
+class _Failed(Exception):
+    pass
+
+
+def _target(spec: str) -> Any:
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise _Failed(f"{spec!r} is not of the form 'module:function'")
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # user code may call sys.exit() at import
-        return f"cannot import module {module_name!r}: {_one_line(_describe(exc))}"
+        raise _Failed(f"cannot import module {module_name!r}: {_one_line(_describe(exc))}") from exc
     try:
-        target = getattr(module, func_name)
+        return getattr(module, name)
     except AttributeError:
-        return f"module {module_name!r} has no attribute {func_name!r}"
+        raise _Failed(f"module {module_name!r} has no attribute {name!r}") from None
     except (Exception, SystemExit) as exc:  # a module-level __getattr__ may raise anything
-        return f"cannot get {spec!r}: {_one_line(_describe(exc))}"
+        raise _Failed(f"cannot get {spec!r}: {_one_line(_describe(exc))}") from exc
+
+
+def check(spec: str) -> str | None:
+    """Return None if ``spec`` ("module:function") names a callable, else why not."""
+    try:
+        target = _target(spec)
+    except _Failed as exc:
+        return str(exc)
+    return None if callable(target) else f"{spec!r} is not callable"
+
+
+def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
+    """``{"error": ..., "app": ...}`` for one agent's entrypoint."""
+    try:
+        target = _target(spec)
+    except _Failed as exc:
+        return {"error": str(exc), "app": None}
+    found = apps.detect(target) if framework == apps.AUTO else framework
+    if found == apps.LIVEKIT_AGENTS:
+        try:
+            from lkrun.framework.app import FrameworkApp
+        except ImportError as exc:
+            error = f"{spec!r} is a livekit-agents app, which is not installed ({exc}); "
+            return {"error": error + apps.INSTALL_HINT, "app": None}
+        try:
+            return {"error": None, "app": FrameworkApp.from_target(target, None, spec=spec).info()}
+        except apps.AppError as exc:
+            return {"error": _one_line(str(exc)), "app": None}
     if not callable(target):
-        return f"{spec!r} is not callable"
-    return None
+        kind = type(target).__name__
+        return {"error": f"{spec!r} is not callable (type {kind})", "app": None}
+    return {"error": None, "app": {"framework": apps.LKRUN, "kind": "function"}}
 
 
-def main(specs: list[str]) -> None:
+def main(request: str) -> None:
     # User code may print while imported: keep the real stdout for the result only and send
     # everything else (Python-level and fd-level writes) to stderr.
     result_fd = os.dup(1)
@@ -56,7 +102,11 @@ def main(specs: list[str]) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     sys.path.insert(0, os.getcwd())
-    results = {spec: check(spec) for spec in specs}
+    wanted = json.loads(request)
+    results = {
+        "entrypoints": [describe_entrypoint(s, f) for s, f in wanted.get("entrypoints", [])],
+        "callables": {spec: check(spec) for spec in wanted.get("callables", [])},
+    }
     with os.fdopen(result_fd, "w", encoding="utf-8") as out:
         json.dump(results, out)
     sys.stderr.flush()
@@ -65,4 +115,4 @@ def main(specs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1])

@@ -52,30 +52,41 @@ class Launched:
 
 
 class Launcher(Protocol):
-    """Starts one job process: a fresh interpreter, or a fork of the agent's zygote."""
+    """Starts one job process: a fresh interpreter, or a fork of the agent's zygote.
 
-    async def __call__(self) -> Launched: ...
+    ``role`` is the runner's: "job", or "requests" for the agent's request process.
+    """
+
+    async def __call__(self, role: str = "job") -> Launched: ...
 
 
-def python_command(module: str, entrypoint: str, prewarm: str, *extra: str) -> list[str]:
+@dataclass(frozen=True)
+class AppSpec:
+    """What a job process loads: the agent's entrypoint, prewarm and the API they use."""
+
+    entrypoint: str
+    prewarm: str = ""
+    framework: str = "auto"  # lkrun.apps: lkrun | livekit-agents | auto
+
+
+def python_command(module: str, app: AppSpec, *extra: str) -> list[str]:
     """``python -m module`` for one agent: a runner (one job) or a zygote (its fork server)."""
-    command = [sys.executable, "-m", module, "--entrypoint", entrypoint]
-    command += ["--daemon-pid", str(os.getpid()), *extra]
-    return command + (["--prewarm", prewarm] if prewarm else [])
+    command = [sys.executable, "-m", module, "--entrypoint", app.entrypoint]
+    command += ["--framework", app.framework, "--daemon-pid", str(os.getpid()), *extra]
+    return command + (["--prewarm", app.prewarm] if app.prewarm else [])
 
 
 class SpawnLauncher:
     """``python -m lkrun.runner`` in a new interpreter (``start_method = "spawn"``)."""
 
-    def __init__(self, *, entrypoint: str, prewarm: str, cwd: Path, env: Mapping[str, str]):
-        self.entrypoint = entrypoint
-        self.prewarm = prewarm
+    def __init__(self, *, app: AppSpec, cwd: Path, env: Mapping[str, str]):
+        self.app = app
         self.cwd = cwd
         self.env = dict(env)
 
-    async def __call__(self) -> Launched:
+    async def __call__(self, role: str = "job") -> Launched:
         proc = await asyncio.create_subprocess_exec(
-            *python_command("lkrun.runner", self.entrypoint, self.prewarm),
+            *python_command("lkrun.runner", self.app, "--role", role),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -103,6 +114,8 @@ class JobProcess:
         self.log = log
         self.on_running = on_running
         self.sink: Callable[[str], None] | None = None  # the job's own log file
+        # Messages beyond the job protocol (a request process's answers).
+        self.on_message: Callable[[dict[str, Any]], None] | None = None
         self.pid: int | None = None
         self.ready = asyncio.Event()
         self.started_running = False
@@ -148,6 +161,13 @@ class JobProcess:
 
     def drain(self) -> None:
         self._send(jobpipe.DRAIN)
+
+    def send(self, kind: str, **fields: Any) -> bool:
+        """Send a message; False if the process is not there to read it."""
+        if self._proc is None or self._proc.stdin.is_closing():
+            return False
+        self._send(kind, **fields)
+        return True
 
     async def wait(self) -> Outcome:
         """Wait for the process to exit and its pipes to drain; never raises for job faults."""
@@ -284,6 +304,8 @@ class JobProcess:
                 self.on_running()
         elif kind == jobpipe.DONE:
             self._done = msg
+        elif self.on_message is not None:
+            self.on_message(msg)
 
     async def _read_log(self, stream: asyncio.StreamReader) -> None:
         pending = b""

@@ -1,4 +1,4 @@
-"""The agents manifest (agents.toml): loading, validation, and the entrypoint import check.
+"""The agents manifest (agents.toml): loading and validation.
 
 Each settings dataclass below doubles as its validation table: a field whose metadata holds a
 check (``metadata=_check(...)``) can be set from the file, and that check validates and converts
@@ -12,16 +12,11 @@ import dataclasses
 import difflib
 import fnmatch
 import ipaddress
-import json
 import keyword
 import math
-import os
 import re
-import signal
 import string
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +29,14 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "AgentSpec",
+    "AppInfo",
     "DaemonSettings",
     "FrozenMap",
     "LiveKitSettings",
     "Manifest",
     "ManifestError",
     "Permissions",
-    "check_entrypoints",
+    "check_pools",
     "load_manifest",
     "parse_duration",
     "parse_host_port",
@@ -397,6 +393,7 @@ _URL = _starts_with("ws://", "wss://", "http://", "https://")
 _DISPATCH = _choice("explicit", "automatic")
 _JOB_TYPE = _choice("room", "publisher", "participant")
 _START_METHOD = _choice("forkserver", "spawn")
+_FRAMEWORK = _choice("auto", "lkrun", "livekit-agents")
 _ATTRIBUTES = _string_table()
 _ENV = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -450,6 +447,39 @@ _PERMISSIONS = _table_of(Permissions)
 
 
 @dataclass(frozen=True)
+class AppInfo:
+    """What the entrypoint turned out to be, found by the import check (lkrun.entrypoints)."""
+
+    framework: str  # lkrun | livekit-agents
+    kind: str  # function | AgentServer | ServerOptions
+    version: str = ""  # of livekit-agents
+    agent_name: str | None = None  # the name the app's own server object gives; None: none
+    setup: bool = False  # a setup (prewarm) function: the app's or the manifest's
+    on_request: bool = False
+    on_session_end: bool = False
+    applied: tuple[str, ...] = ()  # manifest fields whose value came from the app
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line for `lkrun check` and `lkrun status`."""
+        if self.framework == "lkrun":
+            return "lkrun function"
+        text = f"livekit-agents {self.version} {self.kind}".replace("  ", " ")
+        parts = [
+            name
+            for name, present in (
+                ("setup_fnc", self.setup),
+                ("on_request", self.on_request),
+                ("on_session_end", self.on_session_end),
+            )
+            if present
+        ]
+        if self.applied:
+            parts.append("from the app: " + ", ".join(self.applied))
+        return f"{text} ({'; '.join(parts)})" if parts else text
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     """One ``[agents.NAME]`` table; ``name`` is its key."""
 
@@ -483,6 +513,19 @@ class AgentSpec:
     # memory, millisecond starts); "spawn": each job is a new interpreter, for modules that
     # start threads at import time (threads do not survive a fork).
     start_method: str = field(default="forkserver", metadata=_check(_START_METHOD))
+    # The API the entrypoint is written for: "lkrun", "livekit-agents", or "auto" (detected).
+    framework: str = field(default="auto", metadata=_check(_FRAMEWORK))
+    # Pass LIVEKIT_API_KEY and LIVEKIT_API_SECRET to the job's environment (off: a job could
+    # then mint a token for any room of the project).
+    pass_credentials: bool = field(default=False, metadata=_check(_boolean))
+    # How long a livekit-agents on_request may take before the offer is declined.
+    request_timeout: float = field(default=2.0, metadata=_check(_duration))
+    # How long a job gets after a shutdown request before it is killed; 0: the daemon's.
+    shutdown_timeout: float = field(default=0.0, metadata=_check(_duration))
+    # The fields the manifest sets itself; the app's own settings fill in the others.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    # Filled in by the import check (lkrun.entrypoints.check_entrypoints).
+    app: AppInfo | None = None
 
     @property
     def registered_name(self) -> str:
@@ -492,6 +535,11 @@ class AgentSpec:
     def registration_key(self) -> tuple[Any, ...]:
         """What LiveKit sees of this agent: when it changes, the worker must register anew."""
         return (self.registered_name, self.job_type, self.namespace, self.permissions)
+
+    @property
+    def resolved_framework(self) -> str:
+        """The API the entrypoint uses, as the import check found it (else as configured)."""
+        return self.app.framework if self.app is not None else self.framework
 
     @property
     def module(self) -> str:
@@ -623,7 +671,7 @@ def _agents(path: str | Path, value: object) -> dict[str, AgentSpec]:
     if not isinstance(value, dict):
         raise ManifestError(path, f"must be a table of agents, got {_show(value)}", field="agents")
     agents = {name: _agent(path, name, table) for name, table in value.items()}
-    _check_pools(path, agents.values())
+    check_pools(path, agents.values())
     return agents
 
 
@@ -634,12 +682,12 @@ def _agent(path: str | Path, name: str, table: object) -> AgentSpec:
     if not isinstance(table, dict):
         raise ManifestError(path, f"must be a table, got {_show(table)}", agent=name)
     try:
-        return _build(AgentSpec, table, name=name)
+        return _build(AgentSpec, table, name=name, explicit=frozenset(table))
     except _Invalid as exc:
         raise ManifestError(path, exc.message, agent=name, field=exc.key) from None
 
 
-def _check_pools(path: str | Path, agents: Iterable[AgentSpec]) -> None:
+def check_pools(path: str | Path, agents: Iterable[AgentSpec]) -> None:
     # LiveKit groups automatic workers by (namespace, job type); two such agents would share
     # one pool and receive each other's jobs.
     seen: dict[tuple[str, str], str] = {}
@@ -655,79 +703,3 @@ def _check_pools(path: str | Path, agents: Iterable[AgentSpec]) -> None:
                 "LiveKit would treat them as one worker pool"
             )
             raise ManifestError(path, message, agent=spec.name, field="dispatch")
-
-
-# --- the entrypoint import check ---
-
-
-def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> None:
-    """Import every agent's entrypoint (and prewarm) in one fresh subprocess; raise for the first
-    failure.
-
-    The daemon itself never imports user code: a broken or slow module must not take it down.
-    """
-    wanted = [
-        (spec, name, target)
-        for spec in manifest.agents.values()
-        for name, target in (("entrypoint", spec.entrypoint), ("prewarm", spec.prewarm))
-        if target
-    ]
-    specs = list(dict.fromkeys(target for _, _, target in wanted))
-    results = _run_importcheck(manifest, specs, timeout)
-    for spec, name, target in wanted:
-        error = results.get(target, "was not checked")
-        if error is not None:
-            raise ManifestError(manifest.path, str(error), agent=spec.name, field=name)
-
-
-def _importcheck_env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    existing = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
-    return env
-
-
-def _run_importcheck(manifest: Manifest, specs: list[str], timeout: float) -> dict[str, Any]:
-    # stderr goes to a file, not a pipe: a process spawned by user code could hold a pipe open
-    # long after the check has finished.
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lkrun.importcheck", *specs],
-            cwd=manifest.workdir,
-            env=_importcheck_env(manifest.workdir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=errors,
-            start_new_session=True,  # so a timeout can kill whatever user code started too
-        )
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            message = (
-                f"importing the entrypoints took longer than {timeout:g}s; does a module block?"
-            )
-            raise ManifestError(manifest.path, message) from None
-        errors.seek(0)
-        stderr = errors.read().decode("utf-8", "replace")
-    return _parse_results(manifest, proc.returncode, out, stderr)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, AttributeError):
-        proc.kill()  # no process groups (Windows) or the group is already gone
-    proc.communicate()
-
-
-def _parse_results(manifest: Manifest, code: int, out: bytes, stderr: str) -> dict[str, Any]:
-    try:
-        results = json.loads(out)
-    except ValueError:
-        results = None
-    if code != 0 or not isinstance(results, dict):
-        last = stderr.strip().splitlines()[-1:] or ["no output"]
-        message = f"the entrypoint check failed (exit code {code}): {last[0]}"
-        raise ManifestError(manifest.path, message)
-    return results

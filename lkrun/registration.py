@@ -7,10 +7,12 @@ offer, and what to do with an assignment, is the handler's business.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,7 +74,8 @@ Decision = Acceptance | Decline
 
 
 class WorkerHandler(Protocol):
-    def on_availability(self, job: proto.Job) -> Decision: ...
+    # A decision, or one to come (an app's own request function): answered when it is made.
+    def on_availability(self, job: proto.Job) -> Decision | Awaitable[Decision]: ...
     def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None: ...
     def on_assignment(self, assignment: proto.JobAssignment) -> None: ...
     def on_termination(self, job_id: str) -> None: ...
@@ -124,6 +127,7 @@ class Registration:
         self._registered = asyncio.Event()
         self._unsent_updates = 0
         self._answers: dict[str, tuple[float, Decision]] = {}  # offers answered, not yet sent
+        self._deciding: set[asyncio.Task[None]] = set()  # offers whose decision is to come
         self._registrations = 0
         self._all_sent = asyncio.Event()
         self._all_sent.set()
@@ -133,6 +137,14 @@ class Registration:
 
     async def run(self) -> None:
         """Stay registered. Returns never; raises AuthError on bad credentials."""
+        try:
+            await self._stay_registered()
+        finally:
+            for task in self._deciding:
+                task.cancel()
+            await asyncio.gather(*self._deciding, return_exceptions=True)
+
+    async def _stay_registered(self) -> None:
         failures = 0
         while True:
             try:
@@ -306,12 +318,32 @@ class Registration:
 
     def _answer(self, job: proto.Job, received: float) -> None:
         # Answer at once: the server gives up on us after a few seconds.
-        accept: Decision
+        accept: Decision | Awaitable[Decision]
         try:
             accept = self.handler.on_availability(job)
         except Exception as exc:
             self.log.exception("deciding on job %s failed; declining", job.id)
             accept = Decline("error", str(exc))
+        if inspect.isawaitable(accept):
+            task = asyncio.ensure_future(self._answer_later(job, received, accept))
+            self._deciding.add(task)
+            task.add_done_callback(self._deciding.discard)
+            return
+        self._send_answer(job, received, accept)
+
+    async def _answer_later(
+        self, job: proto.Job, received: float, decision: Awaitable[Decision]
+    ) -> None:
+        outbox = self._outbox
+        try:
+            accept = await decision
+        except Exception as exc:
+            self.log.exception("deciding on job %s failed; declining", job.id)
+            accept = Decline("error", str(exc))
+        if self._outbox is outbox:  # an offer of a lost connection gets no answer
+            self._send_answer(job, received, accept)
+
+    def _send_answer(self, job: proto.Job, received: float, accept: Decision) -> None:
         if isinstance(accept, Decline):
             response = proto.AvailabilityResponse(job_id=job.id, available=False)
         else:
@@ -381,6 +413,8 @@ class Registration:
 
     def _disconnected(self) -> None:
         self._answers.clear()
+        for task in self._deciding:  # their offers died with the connection
+            task.cancel()
         if self.state.connected:
             self.state.connected = False
             self.state.connected_since = None

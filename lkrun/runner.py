@@ -6,6 +6,9 @@ the job process has the entrypoint's module loaded, says ``ready``, waits for ``
 stdin, runs the entrypoint, and reports ``running`` and ``done`` on the real stdout. User
 code's ``print()`` goes to stderr, the job's log. EOF on stdin means the daemon is gone:
 the job ends.
+
+With ``--role requests`` the process runs no job: it answers ``request`` messages with the
+agent's request function (a livekit-agents ``on_request``) until shut down.
 """
 
 from __future__ import annotations
@@ -13,22 +16,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import inspect
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from lkrun import jobpipe, pdeathsig
+from lkrun import apps, jobpipe, pdeathsig
 
 log = logging.getLogger("lkrun.runner")
 
-SHUTDOWN_CALLBACK_TIMEOUT = 10.0
+# What a process started for an agent does: run one job, or answer the agent's job requests.
+JOB = "job"
+REQUESTS = "requests"
+ROLES = (JOB, REQUESTS)
 ORPHAN_GRACE = 1.0  # how long an orphaned job may take to wrap up before it exits
 
 
@@ -54,32 +57,18 @@ def take_protocol_stdout() -> BinaryIO:
     return os.fdopen(proto_fd, "wb", buffering=0)
 
 
-def load_entrypoint(spec: str) -> Callable[..., Any]:
-    module_name, _, func_name = spec.partition(":")
-    module = importlib.import_module(module_name)
-    func = getattr(module, func_name)
-    if not callable(func):
-        raise TypeError(f"{spec} is not callable")
-    return func
-
-
-def describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return " ".join(text.split())  # one line, for jobs ls and UpdateJobStatus
-
-
 class JobRun:
-    """Drives one job: reads the daemon's messages and runs the entrypoint."""
+    """Drives one job: reads the daemon's messages and runs the app's job."""
 
-    def __init__(self, pipe: Pipe, entrypoint: Callable[..., Any], userdata: Any) -> None:
+    def __init__(self, pipe: Pipe, app: apps.App) -> None:
         self.pipe = pipe
-        self.entrypoint = entrypoint
-        self.userdata = userdata
-        self.ctx: Any = None  # JobContext once started
+        self.app = app
+        self.job: apps.Job | None = None
         self.start_msg: asyncio.Future[dict[str, Any]] = asyncio.Future()
         self.orphaned = False
         self.draining = False  # a drain may be announced before the job starts
-        self.stop_reason: str | None = None  # a shutdown that came before the context did
+        self.stop_reason: str | None = None  # a shutdown that came before the job did
+        self.requests: Any = None  # a RequestServer, in the agent's request process
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -102,15 +91,17 @@ class JobRun:
             self.request_shutdown(str(msg.get("reason", "")))
         elif kind == jobpipe.DRAIN:
             self.draining = True
-            if self.ctx is not None:
-                self.ctx._start_drain()
+            if self.job is not None:
+                self.job.drain()
+        elif kind == jobpipe.REQUEST and self.requests is not None:
+            self.requests.handle(msg)
 
     def request_shutdown(self, reason: str) -> None:
-        if self.ctx is not None:
-            self.ctx.shutdown(reason)
+        if self.job is not None:
+            self.job.shutdown(reason)
         elif not self.start_msg.done():
             self.start_msg.set_exception(_NotStarted(reason))
-        else:  # started, but run() has not made the context yet
+        else:  # started, but run() has not made the job yet
             self.stop_reason = reason
 
     async def run(self) -> bool:
@@ -120,59 +111,31 @@ class JobRun:
         except _NotStarted as exc:
             log.info("shut down before the job started: %s", exc)
             return True
-        from lkrun.context import JobContext, JobInfo  # already imported before READY
-
-        self.ctx = JobContext(
-            job=JobInfo.from_dict(start["job"]),
-            url=start["url"],
-            token=start["token"],
-            identity=start["identity"],
-            logger=logging.getLogger(f"lkrun.job.{start.get('agent', 'agent')}"),
-            userdata=self.userdata,
-        )
+        logger = logging.getLogger(f"lkrun.job.{start.get('agent', 'agent')}")
+        try:
+            self.job = job = self.app.new_job(start, logger)
+        except Exception as exc:
+            log.error("cannot set up the job", exc_info=exc)
+            error = f"cannot set up the job: {apps.describe(exc)}"
+            self.pipe.send(jobpipe.DONE, ok=False, error=error, reason="")
+            return False
         if self.draining:
-            self.ctx._start_drain()
+            job.drain()
         if self.stop_reason is not None:
-            self.ctx.shutdown(self.stop_reason)
-        return await self._run_job(self.ctx)
-
-    async def _run_job(self, ctx: Any) -> bool:
-        entry = asyncio.ensure_future(_call(self.entrypoint, ctx))
+            job.shutdown(self.stop_reason)
         self.pipe.send(jobpipe.RUNNING, ts=time.time())
-        stop = asyncio.ensure_future(ctx.wait_for_shutdown())
-        await asyncio.wait({entry, stop}, return_when=asyncio.FIRST_COMPLETED)
-        error = ""
-        if entry.done():
-            if entry.exception() is not None:
-                exc = entry.exception()
-                log.error("entrypoint failed", exc_info=exc)
-                error = describe(exc)
-                ctx.shutdown(f"entrypoint failed: {error}")
-            elif not ctx.room.isconnected():
-                ctx.shutdown("entrypoint returned")
-            await stop  # returns at once unless the room is still connected
-        grace = ORPHAN_GRACE if self.orphaned else SHUTDOWN_CALLBACK_TIMEOUT
-        await ctx._run_shutdown_callbacks(grace)
-        if not entry.done():
-            entry.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await entry
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(ctx.room.disconnect(), grace)
-        log.info("job ended: %s", ctx.shutdown_reason)
-        self.pipe.send(jobpipe.DONE, ok=not error, error=error, reason=ctx.shutdown_reason)
-        return not error
+        result = await job.run(self.grace)
+        log.info("job ended: %s", result.reason)
+        self.pipe.send(jobpipe.DONE, ok=result.ok, error=result.error, reason=result.reason)
+        return result.ok
+
+    def grace(self) -> float:
+        """How long the job's cleanup may take: short once the daemon is gone."""
+        return ORPHAN_GRACE if self.orphaned else apps.SHUTDOWN_CALLBACK_TIMEOUT
 
 
 class _NotStarted(Exception):
     pass
-
-
-async def _call(func: Callable[..., Any], *args: Any) -> Any:
-    result = func(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
 
 
 async def _stdin_reader() -> asyncio.StreamReader:
@@ -184,22 +147,20 @@ async def _stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def serve_job(
-    pipe: Pipe, entrypoint: Callable[..., Any], prewarm: Callable[..., Any] | None
-) -> int:
-    run = JobRun(pipe, entrypoint, None)
+async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
+    run = JobRun(pipe, app)
     reader_task = asyncio.ensure_future(run.read_stdin(await _stdin_reader()))
     try:
+        if role == REQUESTS:
+            return await _serve_requests(run)
         # Everything slow happens before READY, so a warm process starts its job at once.
         _preload_rtc()
-
-        if prewarm is not None:
-            try:
-                run.userdata = await _call(prewarm)
-            except Exception as exc:
-                log.error("prewarm failed", exc_info=exc)
-                pipe.send(jobpipe.DONE, ok=False, error=f"prewarm failed: {describe(exc)}")
-                return 1
+        try:
+            await app.prepare()
+        except Exception as exc:
+            log.error("prewarm failed", exc_info=exc)
+            pipe.send(jobpipe.DONE, ok=False, error=f"prewarm failed: {apps.describe(exc)}")
+            return 1
         pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
         ok = await run.run()
     finally:
@@ -209,10 +170,21 @@ async def serve_job(
     return 0 if ok else 1
 
 
-def _preload_rtc() -> None:
-    """Import livekit.rtc and start its native library (~15 ms) ahead of the job."""
-    import lkrun.context  # noqa: F401
+async def _serve_requests(run: JobRun) -> int:
+    """The agent's request process: answer job requests until the daemon says stop."""
+    from lkrun.framework.requests import RequestServer
 
+    server = RequestServer(run.app, run.pipe)
+    run.requests = server
+    run.pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
+    with contextlib.suppress(_NotStarted):
+        await run.start_msg  # a shutdown (or stdin EOF) ends this process
+    await server.close()
+    return 0
+
+
+def _preload_rtc() -> None:
+    """Start the rtc native library (~15 ms) ahead of the job."""
     try:
         from livekit.rtc._ffi_client import FfiClient
     except ImportError:  # a private module: if it moves, the first connect pays instead
@@ -261,23 +233,22 @@ def close_inherited_fds(*keep: int) -> None:
 
 
 class LoadError(Exception):
-    """The entrypoint or prewarm function cannot be loaded; the text says which and why."""
+    """The agent's app cannot be loaded; the text says which part and why."""
 
 
-def load_functions(
-    entrypoint: str, prewarm: str | None
-) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+def load(entrypoint: str, prewarm: str | None, framework: str) -> apps.App:
     """Import the agent's module(s); LoadError (traceback on stderr) if that fails."""
-    loaded: list[Callable[..., Any] | None] = []
+    loaded: dict[str, Any] = {}
     for what, spec in (("entrypoint", entrypoint), ("prewarm", prewarm)):
         try:
-            loaded.append(load_entrypoint(spec) if spec else None)
+            loaded[what] = apps.load_target(spec) if spec else None
         except Exception as exc:
             traceback.print_exc()
-            raise LoadError(f"cannot load {what} {spec}: {describe(exc)}") from exc
-    entry, warm = loaded
-    assert entry is not None
-    return entry, warm
+            raise LoadError(f"cannot load {what} {spec}: {apps.describe(exc)}") from exc
+    try:
+        return apps.make_app(entrypoint, loaded["entrypoint"], loaded["prewarm"], framework)
+    except apps.AppError as exc:
+        raise LoadError(str(exc)) from exc
 
 
 def become_job_process(parent: int | None) -> Pipe:
@@ -290,26 +261,33 @@ def become_job_process(parent: int | None) -> Pipe:
     return pipe
 
 
-def run_job(pipe: Pipe, entrypoint: Callable[..., Any], prewarm: Callable[..., Any] | None) -> int:
-    return _run_loop(serve_job(pipe, entrypoint, prewarm))
+def run_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
+    return _run_loop(serve_job(pipe, app, role))
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments the runner and the fork server share (see job_process.python_command)."""
+    parser.add_argument("--entrypoint", required=True)
+    parser.add_argument("--prewarm")
+    parser.add_argument("--framework", choices=(apps.AUTO, *apps.FRAMEWORKS), default=apps.AUTO)
+    parser.add_argument("--daemon-pid", type=int)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkrun.runner")
-    parser.add_argument("--entrypoint", required=True)
-    parser.add_argument("--prewarm")
-    parser.add_argument("--daemon-pid", type=int)
+    add_app_arguments(parser)
+    parser.add_argument("--role", choices=ROLES, default=JOB)
     args = parser.parse_args(argv)
 
     close_inherited_fds()
     pipe = become_job_process(args.daemon_pid)
     sys.path.insert(0, os.getcwd())
     try:
-        entrypoint, prewarm = load_functions(args.entrypoint, args.prewarm)
+        app = load(args.entrypoint, args.prewarm, args.framework)
     except LoadError as exc:
         pipe.send(jobpipe.DONE, ok=False, error=str(exc))
         return 1
-    return run_job(pipe, entrypoint, prewarm)
+    return run_job(pipe, app, args.role)
 
 
 def _run_loop(coro: Any) -> int:

@@ -10,7 +10,8 @@ event loop or a thread of its own, since none of those survive a fork.
 The control channel is a SOCK_SEQPACKET socket, one message per packet, in jobpipe's
 encoding:
 
-daemon -> zygote: ``fork`` {id} with the child's stdin, stdout and stderr (SCM_RIGHTS);
+daemon -> zygote: ``fork`` {id, role} with the child's stdin, stdout and stderr (SCM_RIGHTS);
+                  role is the runner's ("job", or "requests" for the request process);
                   ``retire``: fork no more, exit once every child has.
 zygote -> daemon: ``ready`` {pid}; ``failed`` {error} (the module did not load; it exits);
                   ``forked`` {id, pid}; ``fork_failed`` {id, error} (retired, or fork()
@@ -31,10 +32,9 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
 from typing import Any
 
-from lkrun import jobpipe, pdeathsig, runner
+from lkrun import apps, jobpipe, pdeathsig, runner
 
 FORK = "fork"
 RETIRE = "retire"
@@ -56,15 +56,9 @@ def thread_count() -> int:
 
 
 class Zygote:
-    def __init__(
-        self,
-        control: socket.socket,
-        entrypoint: Callable[..., Any],
-        prewarm: Callable[..., Any] | None,
-    ) -> None:
+    def __init__(self, control: socket.socket, app: apps.App) -> None:
         self.control = control
-        self.entrypoint = entrypoint
-        self.prewarm = prewarm
+        self.app = app
         self.children: set[int] = set()
         self.retired = False
         self._wake_r, self._wake_w = os.pipe()
@@ -114,8 +108,9 @@ class Zygote:
             if self.retired:
                 self.send(FORK_FAILED, id=msg.get("id"), error="the fork server is retired")
             else:
+                role = msg.get("role", runner.JOB)
                 try:
-                    self.fork(msg.get("id"), fds)
+                    self.fork(msg.get("id"), fds, role if role in runner.ROLES else runner.JOB)
                 except OSError as exc:  # e.g. EAGAIN at a pids limit: this job fails, not all
                     self.send(FORK_FAILED, id=msg.get("id"), error=f"fork failed: {exc}")
         elif kind == RETIRE:
@@ -124,7 +119,7 @@ class Zygote:
             os.close(fd)
         return True
 
-    def fork(self, request: Any, fds: list[int]) -> None:
+    def fork(self, request: Any, fds: list[int], role: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         zygote = os.getpid()
@@ -132,7 +127,7 @@ class Zygote:
         if pid == 0:
             code = 1
             try:
-                code = self.child(fds, zygote)
+                code = self.child(fds, zygote, role)
             except SystemExit as exc:  # sys.exit() in user code: the same code as spawned
                 code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             except BaseException:  # nothing may unwind into the zygote's loop
@@ -148,7 +143,7 @@ class Zygote:
         self.children.add(pid)
         self.send(FORKED, id=request, pid=pid)
 
-    def child(self, fds: list[int], zygote: int) -> int:
+    def child(self, fds: list[int], zygote: int, role: str) -> int:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.control.close()
@@ -162,7 +157,7 @@ class Zygote:
         fds.clear()
         gc.enable()
         pipe = runner.become_job_process(zygote)
-        return runner.run_job(pipe, self.entrypoint, self.prewarm)
+        return runner.run_job(pipe, self.app, role)
 
 
 def preload() -> None:
@@ -177,10 +172,8 @@ def preload() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkrun.zygote")
-    parser.add_argument("--entrypoint", required=True)
-    parser.add_argument("--prewarm")
+    runner.add_app_arguments(parser)
     parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--daemon-pid", type=int)
     args = parser.parse_args(argv)
 
     runner.close_inherited_fds(args.control_fd)  # else every job would inherit them too
@@ -192,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     preload()
     threads = thread_count()
     try:
-        entrypoint, prewarm = runner.load_functions(args.entrypoint, args.prewarm)
+        app = runner.load(args.entrypoint, args.prewarm, args.framework)
+        # What the app's own framework shares between its jobs (livekit-agents' preloads).
+        if (shared := getattr(app, "preload", None)) is not None:
+            shared()
     except runner.LoadError as exc:
         control.send(jobpipe.encode(FAILED, error=str(exc)))
         return 1
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     # No gc.collect() first: the holes it frees would be filled by each child, copying the
     # pages (measured: +0.7 MB USS per job). Frozen, the children's collector skips them.
     gc.freeze()
-    return Zygote(control, entrypoint, prewarm).serve()
+    return Zygote(control, app).serve()
 
 
 if __name__ == "__main__":

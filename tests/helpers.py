@@ -16,7 +16,11 @@ def agent_table(
 ) -> str:
     lines = [f"[agents.{name}]", f'entrypoint = "{entrypoint}"']
     for key, value in fields.items():
-        lines.append(f"{key} = {json.dumps(value)}")
+        if isinstance(value, dict):  # an inline table
+            items = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+            lines.append(f"{key} = {{ {items} }}")
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
 
 

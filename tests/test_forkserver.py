@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from lkrun.forkserver import ForkServer
-from lkrun.job_process import JobProcess, LaunchError
+from lkrun.job_process import AppSpec, JobProcess, LaunchError
 from tests.conftest import REPO, livekit_api, pid_alive, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
 
@@ -49,8 +49,7 @@ async def servers(tmp_path: Path) -> AsyncIterator[Callable[[str, str], ForkServ
         env["IMPORTS_FILE"] = str(tmp_path / "imports")
         server = ForkServer(
             label="test",
-            entrypoint=f"{module}:entrypoint",
-            prewarm="",
+            app=AppSpec(f"{module}:entrypoint"),
             cwd=tmp_path,
             env=env,
             load_timeout=30,
@@ -152,7 +151,7 @@ async def test_a_job_dies_with_its_fork_server_even_with_its_pipes_open(
 async def test_fork_and_exit_read_together_keep_the_exit_code() -> None:
     # A child that exits at once: the zygote's "forked" and "exited" can arrive in one read.
     server = ForkServer(
-        label="t", entrypoint="m:f", prewarm="", cwd=Path("."), env={}, load_timeout=1
+        label="t", app=AppSpec("m:f"), cwd=Path("."), env={}, load_timeout=1
     )
     answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     internal: Any = server

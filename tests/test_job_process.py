@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lkrun.forkserver import ForkServer
-from lkrun.job_process import JobProcess, Launcher, LaunchError, SpawnLauncher
+from lkrun.job_process import AppSpec, JobProcess, Launcher, LaunchError, SpawnLauncher
 from tests.conftest import REPO, pid_alive, wait_for
 
 JOB = {"id": "AJ_test", "room": {"name": "r"}, "metadata": "meta", "type": "JT_ROOM"}
@@ -41,11 +41,10 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
 
     def launcher(entrypoint: str) -> Launcher:
         if request.param == "spawn":
-            return SpawnLauncher(entrypoint=entrypoint, prewarm="", cwd=Path(REPO), env=env)
+            return SpawnLauncher(app=AppSpec(entrypoint), cwd=Path(REPO), env=env)
         server = ForkServer(
             label="test",
-            entrypoint=entrypoint,
-            prewarm="",
+            app=AppSpec(entrypoint),
             cwd=Path(REPO),
             env=env,
             load_timeout=30,

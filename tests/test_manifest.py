@@ -21,12 +21,12 @@ from lkrun.manifest import (
     Manifest,
     ManifestError,
     Permissions,
-    check_entrypoints,
     load_manifest,
     parse_duration,
     parse_host_port,
     parse_manifest,
 )
+from lkrun.entrypoints import check_entrypoints
 from tests.conftest import REPO
 
 FILE = "agents.toml"
@@ -849,7 +849,7 @@ def test_check_entrypoints_missing_attribute(tmp_path: Path) -> None:
 
 def test_check_entrypoints_not_callable(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"x.y": "thing = 42\n"}, {"a": "x.y:thing"})
-    assert check_fails(manifest, "a") == "'x.y:thing' is not callable"
+    assert check_fails(manifest, "a") == "'x.y:thing' is not callable (type int)"
 
 
 def test_check_entrypoints_module_raises(tmp_path: Path) -> None:

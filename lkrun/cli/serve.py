@@ -19,13 +19,13 @@ from lkrun.cli.common import (
     out,
     run_async,
 )
-from lkrun.manifest import Manifest, ManifestError, check_entrypoints, load_manifest
+from lkrun.entrypoints import check_entrypoints
+from lkrun.manifest import Manifest, ManifestError, load_manifest
 
 
 def _load(manifest_path: Path) -> Manifest:
     try:
-        manifest = load_manifest(manifest_path)
-        check_entrypoints(manifest)
+        manifest = check_entrypoints(load_manifest(manifest_path))
     except ManifestError as exc:
         fail(str(exc), EXIT_USAGE)
     return manifest
@@ -35,7 +35,21 @@ def _load(manifest_path: Path) -> Manifest:
 def check(manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")]) -> None:
     """Validate a manifest, importing each entrypoint in a subprocess, without connecting."""
     loaded = _load(manifest)
-    out.print(f"{manifest}: {len(loaded.agents)} agent(s) OK: {', '.join(loaded.agents)}")
+    out.print(
+        f"{manifest}: {len(loaded.agents)} agent(s) OK: {', '.join(loaded.agents)}", markup=False
+    )
+    for spec in loaded.agents.values():
+        app_line = spec.app.summary() if spec.app is not None else spec.framework
+        out.print(f"  {spec.name}: {app_line}", markup=False)
+    _warn_app_settings(loaded)
+
+
+def _warn_app_settings(manifest: Manifest) -> None:
+    """What the import check found worth saying about the agents' apps, on stderr."""
+    out.file.flush()
+    for spec in manifest.agents.values():
+        for warning in spec.app.warnings if spec.app is not None else ():
+            err.print(f"warning: {manifest.path}: agent {spec.name!r}: {warning}", markup=False)
 
 
 @app.command()
@@ -87,6 +101,7 @@ def serve(
         fail(f"--log-level must be debug, info, warning or error, got {log_level!r}", EXIT_USAGE)
     setup_logging(log_level, log_format)
     loaded = _load(manifest)
+    _warn_app_settings(loaded)
     options = _daemon_options(loaded, drain_timeout, shutdown_timeout, http_addr)
     with ExitStack() as stack:
         creds = _serve_credentials(loaded, url, api_key, stack)

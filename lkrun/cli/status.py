@@ -62,3 +62,6 @@ def _print_status(data: dict[str, Any]) -> None:
             a["last_error"] or a.get("warm_error", ""),
         )
     out.print(table)
+    for a in data["agents"]:
+        if a.get("app"):
+            out.print(f"{a['agent']}: {a['app']}", markup=False)

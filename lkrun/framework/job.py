@@ -1,0 +1,233 @@
+"""One job of a livekit-agents app, run with the framework's own JobContext.
+
+It does what the official job process does (``ipc/job_proc_lazy_main.py`` in livekit-agents
+1.8): a plain ``rtc.Room``, a ``RunningJobInfo``, the ``JobContext`` behind
+``get_job_context()``, and the per-job HTTP session that plugins use. The job ends when the
+room disconnects, when the app calls ``ctx.shutdown()``, when the daemon asks (drain
+timeout, ``lkrun jobs kill``, a LiveKit termination), or when the entrypoint raises (the
+job then FAILS with the error text, where the official worker reports a success). The
+shutdown order is the framework's: the entrypoint is given a moment to return, the primary
+AgentSession is closed, ``on_session_end`` runs, the room disconnects, then the shutdown
+callbacks run.
+
+What differs: an entrypoint that returns without connecting and without starting an
+AgentSession ends the job (the official worker keeps the process until a shutdown), and an
+entrypoint still running ``ENTRY_GRACE`` seconds after a shutdown request is cancelled
+(the official worker waits 15 s, longer than lkrun's default shutdown_timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.json_format import ParseDict
+from livekit import rtc
+from livekit.agents.ipc.inference_executor import InferenceExecutor
+from livekit.agents.job import JobAcceptArguments, JobContext, RunningJobInfo, _JobContextVar
+from livekit.agents.utils import http_context
+from livekit.protocol import agent as proto
+
+from lkrun.apps import JobResult, describe
+
+if TYPE_CHECKING:
+    from lkrun.framework.app import FrameworkApp
+
+ENTRY_GRACE = 5.0  # after a shutdown request, before a still running entrypoint is cancelled
+SESSION_CLOSE_TIMEOUT = 60.0  # the official worker's bound on AgentSession.aclose()
+DRAINING_ATTRIBUTE = "lkrun.draining"
+JOB_ID_ATTRIBUTE = "lkrun.job_id"
+
+
+class NoInference(InferenceExecutor):
+    """The official worker runs local models (e.g. the turn detector plugin's) in a separate
+    inference process; lkrun has none yet, so a job that asks gets a clear error."""
+
+    async def do_inference(self, method: str, data: bytes) -> bytes | None:
+        raise RuntimeError(
+            f"local inference ({method}) is not available under lkrun: it has no shared "
+            "inference process; use a model that runs in the job process"
+        )
+
+
+def running_job_info(start: Mapping[str, Any]) -> RunningJobInfo:
+    """The framework's RunningJobInfo from lkrun's start message."""
+    job = ParseDict(start["job"], proto.Job(), ignore_unknown_fields=True)
+    accept = JobAcceptArguments(
+        name=str(start.get("name", "")),
+        identity=str(start["identity"]),
+        metadata=str(start.get("metadata", "")),
+        attributes=dict(start.get("attributes") or {}),
+    )
+    values: dict[str, Any] = {
+        "accept_arguments": accept,
+        "job": job,
+        "url": start["url"],
+        "token": start["token"],
+        "worker_id": str(start.get("worker_id", "")),
+        "fake_job": False,
+        # The dispatch timeline, where this framework version keeps one.
+        "received_at": float(start.get("received_at") or 0.0),
+        "accepted_at": float(start.get("accepted_at") or 0.0),
+        "assigned_at": float(start.get("assigned_at") or 0.0),
+        "launched_at": time.time(),
+    }
+    known = {f.name for f in dataclasses.fields(RunningJobInfo)}
+    return RunningJobInfo(**{k: v for k, v in values.items() if k in known})
+
+
+class FrameworkJob:
+    def __init__(self, app: FrameworkApp, start: Mapping[str, Any], logger: logging.Logger):
+        self.app = app
+        self.log = logger
+        self.info = running_job_info(start)
+        self.error = ""
+        self.ctx: JobContext | None = None
+        self._stopped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._connected = False
+        self._draining = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- what the runner calls -------------------------------------------------------------
+
+    def shutdown(self, reason: str) -> None:
+        self._stop(reason)
+
+    def drain(self) -> None:
+        """The daemon is draining: mark the agent participant so the app and clients see it."""
+        if self._draining:
+            return
+        self._draining = True
+        self.log.info("the daemon is draining: finish the session; no new jobs will come")
+        if self._connected:
+            self._set_attribute(DRAINING_ATTRIBUTE, "true")
+
+    async def run(self, grace: Callable[[], float]) -> JobResult:
+        app = self.app
+        assert app.proc is not None, "prepare() runs before any job"
+        room = rtc.Room()
+        with contextlib.suppress(AttributeError):  # room.name before connect, as officially
+            room._info.name = self.info.job.room.name
+        room.on("disconnected", lambda *args: self._stop("room disconnected"))
+        self.ctx = ctx = JobContext(
+            proc=app.proc,
+            info=self.info,
+            room=room,
+            on_connect=self._on_connect,
+            on_shutdown=lambda reason: self._stop(reason or "user requested"),
+            inference_executor=NoInference(),
+        )
+        ctx._on_setup()
+        token = _JobContextVar.set(ctx)
+        http_context._new_session_ctx()
+        reason = ""
+        try:
+            entry = asyncio.create_task(_call_entry(app.entrypoint_fnc, ctx), name="entrypoint")
+            entry.add_done_callback(self._entry_done)
+            reason = await self._stopped
+            await self._shut_down(ctx, entry, reason, grace)
+        finally:
+            for task in [*getattr(ctx, "_pending_tasks", ()), *self._background]:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ctx._on_cleanup(), grace())
+            with contextlib.suppress(Exception):
+                await http_context._close_http_ctx()
+            _JobContextVar.reset(token)
+        return JobResult(ok=not self.error, error=self.error, reason=reason)
+
+    # -- the job's life ----------------------------------------------------------------------
+
+    def _stop(self, reason: str) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(reason)
+
+    def _on_connect(self) -> None:
+        self._connected = True
+        # Besides telling clients which job serves them, an attribute change makes LiveKit
+        # announce the agent at once instead of in its next 3-second batch.
+        self._set_attribute(JOB_ID_ATTRIBUTE, self.info.job.id)
+        if self._draining:
+            self._set_attribute(DRAINING_ATTRIBUTE, "true")
+
+    def _set_attribute(self, key: str, value: str) -> None:
+        assert self.ctx is not None
+        local = self.ctx.room.local_participant
+
+        async def update() -> None:
+            try:
+                await asyncio.wait_for(local.set_attributes({key: value}), 5)
+            except Exception as exc:  # e.g. no can_update_metadata permission
+                self.log.debug("could not set the %s attribute: %r", key, exc)
+
+        task = asyncio.ensure_future(update())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _entry_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            self.log.error("entrypoint failed", exc_info=exc)
+            self.error = describe(exc)
+            self._stop(f"entrypoint failed: {self.error}")
+            return
+        ctx = self.ctx
+        if ctx is not None and not self._connected and ctx._primary_agent_session is None:
+            self._stop("entrypoint returned without connecting")
+
+    async def _shut_down(
+        self, ctx: JobContext, entry: asyncio.Task[Any], reason: str, grace: Callable[[], float]
+    ) -> None:
+        """The official order: entrypoint, session, on_session_end, disconnect, callbacks."""
+        if not entry.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(entry), ENTRY_GRACE)
+            except asyncio.TimeoutError:
+                self.log.warning(
+                    "entrypoint still running %gs after shutdown; cancelling", ENTRY_GRACE
+                )
+                entry.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await entry
+            except Exception:  # _entry_done has recorded it
+                pass
+        if (session := ctx._primary_agent_session) is not None:
+            try:
+                await asyncio.wait_for(session.aclose(), SESSION_CLOSE_TIMEOUT)
+            except Exception:
+                self.log.exception("closing the AgentSession failed")
+        if self.app.session_end_fnc is not None:
+            try:
+                await asyncio.wait_for(self.app.session_end_fnc(ctx), self.app.session_end_timeout)
+            except Exception:
+                self.log.exception("on_session_end failed")
+        try:
+            await ctx._on_session_end()
+        except Exception:
+            self.log.exception("the framework's session-end step failed")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ctx.room.disconnect(), grace())
+        await self._run_shutdown_callbacks(ctx, reason, grace())
+
+    async def _run_shutdown_callbacks(self, ctx: JobContext, reason: str, timeout: float) -> None:
+        tasks = [asyncio.ensure_future(cb(reason)) for cb in ctx._shutdown_callbacks]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self.log.error("shutdown callback failed", exc_info=exc)
+        if pending:
+            self.log.warning("shutdown callbacks still running after %.1fs; going on", timeout)
+            for task in pending:
+                task.cancel()
+
+
+async def _call_entry(entrypoint: Callable[..., Any], ctx: JobContext) -> None:
+    await entrypoint(ctx)
