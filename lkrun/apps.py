@@ -126,9 +126,7 @@ def _from_package(value: Any, package: str) -> bool:
     return isinstance(name, str) and (name == package or name.startswith(package + "."))
 
 
-def make_app(
-    entrypoint: str, target: Any, warm: Callable[..., Any] | None, framework: str
-) -> App:
+def make_app(entrypoint: str, target: Any, warm: Callable[..., Any] | None, framework: str) -> App:
     """Wrap what ``entrypoint`` names (``target``) for the job process; AppError if it is
     not something lkrun can run."""
     if framework == AUTO:

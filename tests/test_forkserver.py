@@ -150,9 +150,7 @@ async def test_a_job_dies_with_its_fork_server_even_with_its_pipes_open(
 
 async def test_fork_and_exit_read_together_keep_the_exit_code() -> None:
     # A child that exits at once: the zygote's "forked" and "exited" can arrive in one read.
-    server = ForkServer(
-        label="t", app=AppSpec("m:f"), cwd=Path("."), env={}, load_timeout=1
-    )
+    server = ForkServer(label="t", app=AppSpec("m:f"), cwd=Path("."), env={}, load_timeout=1)
     answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     internal: Any = server
     internal._requests[7] = answer

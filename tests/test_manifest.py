@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lkrun.entrypoints import check_entrypoints
 from lkrun.manifest import (
     AgentSpec,
     DaemonSettings,
@@ -26,7 +27,6 @@ from lkrun.manifest import (
     parse_host_port,
     parse_manifest,
 )
-from lkrun.entrypoints import check_entrypoints
 from tests.conftest import REPO
 
 FILE = "agents.toml"

@@ -1,0 +1,165 @@
+"""Pieces of livekit-agents hosting that need no server: requests, credentials, compat."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+from livekit.agents import JobContext, JobRequest
+from livekit.protocol import agent as proto
+from livekit.protocol import models
+
+from lkrun import apps
+from lkrun.agent_host import _app_decision, job_env
+from lkrun.credentials import Credentials
+from lkrun.framework import compat
+from lkrun.framework.app import FrameworkApp
+from lkrun.framework.job import running_job_info
+from lkrun.framework.requests import RequestServer
+from lkrun.manifest import AgentSpec
+from lkrun.registration import Acceptance, Decline
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sent.append((kind, fields))
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    pass
+
+
+def request(room: str, timeout: float = 1.0) -> dict[str, Any]:
+    job = proto.Job(id="AJ_1", room=models.Room(name=room), agent_name="a")
+    return {"type": "request", "id": 7, "job": MessageToDict(job), "timeout": timeout}
+
+
+async def answer(request_fnc: Any, msg: dict[str, Any]) -> dict[str, Any]:
+    pipe = FakePipe()
+    app = FrameworkApp("function", entrypoint, request_fnc=request_fnc)
+    await RequestServer(app, pipe).answer(msg)
+    [(kind, fields)] = pipe.sent
+    assert kind == "answer" and fields["id"] == 7
+    return fields
+
+
+async def test_request_function_accepts_with_its_own_identity() -> None:
+    async def on_request(req: JobRequest) -> None:
+        assert req.room.name == "lobby" and req.id == "AJ_1"
+        await req.accept(identity="me", name="Me", attributes={"k": "v"})
+        await asyncio.sleep(0)  # it may go on after answering
+
+    got = await answer(on_request, request("lobby"))
+    assert got["accept"] is True and got["identity"] == "me" and got["name"] == "Me"
+    assert got["attributes"] == {"k": "v"}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("reject", {"accept": False, "terminate": True}),
+        ("nothing", {"accept": False, "error": "on_request returned without accepting or "
+                     "rejecting the job"}),
+        ("raise", {"accept": False, "error": "on_request failed: ValueError: nope"}),
+        ("hang", {"accept": False, "error": "on_request did not answer within "
+                  "request_timeout=0.2s"}),
+    ],
+)  # fmt: skip
+async def test_request_function_refusals(body: str, expected: dict[str, Any]) -> None:
+    async def on_request(req: JobRequest) -> None:
+        if body == "reject":
+            await req.reject()
+        elif body == "raise":
+            raise ValueError("nope")
+        elif body == "hang":
+            await asyncio.sleep(60)
+
+    got = await answer(on_request, request("r", timeout=0.2))
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_app_decision_fills_in_lkrun_values() -> None:
+    ours = Acceptance(identity="a-1", name="agent", metadata="m", attributes=(("x", "1"),))
+    mine = _app_decision({"accept": True, "identity": "", "attributes": {"y": "2"}}, ours)
+    assert mine == Acceptance(
+        identity="a-1", name="agent", metadata="m", attributes=(("x", "1"), ("y", "2"))
+    )
+    assert _app_decision({"accept": False, "terminate": True}, ours) == Decline(
+        "on_request", "rejected by on_request (terminate)"
+    )
+
+
+def test_job_environment_has_the_secret_only_when_asked() -> None:
+    creds = Credentials("ws://127.0.0.1:7880", "key", "very-secret")
+    base = {"LIVEKIT_API_KEY": "leak", "LIVEKIT_API_SECRET": "leak", "HOME": "/root"}
+    spec = AgentSpec(name="a", entrypoint="m:f")
+    env = job_env(spec, creds, base, Path("/app"))
+    assert "LIVEKIT_API_KEY" not in env and "LIVEKIT_API_SECRET" not in env
+    assert env["LIVEKIT_URL"] == creds.url and env["HOME"] == "/root"
+    opted = job_env(AgentSpec(name="a", entrypoint="m:f", pass_credentials=True), creds, base,
+                    Path("/app"))  # fmt: skip
+    assert opted["LIVEKIT_API_KEY"] == "key" and opted["LIVEKIT_API_SECRET"] == "very-secret"
+
+
+def test_running_job_info_from_a_start_message() -> None:
+    job = proto.Job(id="AJ_9", room=models.Room(name="r", sid="RM_1"), metadata="meta")
+    info = running_job_info(
+        {
+            "job": MessageToDict(job),
+            "url": "ws://x",
+            "token": "t",
+            "identity": "agent-1",
+            "name": "Agent",
+            "attributes": {"a": "b"},
+            "worker_id": "AW_1",
+            "received_at": 1.5,
+            "future_field": "ignored",
+        }
+    )
+    assert info.job == job and info.url == "ws://x" and info.token == "t"
+    assert info.accept_arguments.identity == "agent-1" and info.accept_arguments.name == "Agent"
+    assert info.accept_arguments.attributes == {"a": "b"}
+    assert info.worker_id == "AW_1" and info.received_at == 1.5 and not info.fake_job
+
+
+def test_compat_knows_what_it_needs() -> None:
+    assert compat.missing() == []
+    assert compat.untested_warning() is None  # the pinned series
+
+
+def test_compat_names_a_missing_private_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "PRIVATE", (*compat.PRIVATE, ("livekit.agents.job", "_Gone")))
+    with pytest.raises(apps.AppError, match=r"lacks what lkrun needs.*livekit.agents.job._Gone"):
+        compat.check()
+
+
+def test_job_context_still_has_what_the_job_runner_reads() -> None:
+    # Instance attributes cannot be checked on the class: build a context as a job would.
+    from livekit import rtc
+    from livekit.agents import JobProcess
+    from livekit.agents.job import JobExecutorType
+
+    from lkrun.framework.job import NoInference
+
+    async def build() -> JobContext:
+        info = running_job_info({"job": {}, "url": "ws://x", "token": "t", "identity": "i"})
+        proc = JobProcess(executor_type=JobExecutorType.PROCESS, user_arguments=None,
+                          http_proxy=None)  # fmt: skip
+        return JobContext(
+            proc=proc,
+            info=info,
+            room=rtc.Room(),
+            on_connect=lambda: None,
+            on_shutdown=lambda reason: None,
+            inference_executor=NoInference(),
+        )
+
+    ctx = asyncio.run(build())
+    for name in ("_primary_agent_session", "_shutdown_callbacks", "_pending_tasks"):
+        assert hasattr(ctx, name), name
