@@ -186,7 +186,10 @@ class AgentHost:
         except RequestRefused as exc:
             decision = Decline("on_request", f"room {job.room.name!r}: {exc}")
         finally:
-            if isinstance(decision, Decline) or not self.accepting:
+            if not self.accepting:  # drained or removed while the app was deciding
+                why = f"room {job.room.name!r}: not accepting jobs (draining or removed)"
+                decision = Decline("not_accepting", why)
+            if isinstance(decision, Decline):  # also when cancelled: the offer is gone
                 self._reserved.pop(job.id, None)
                 self._check_idle()
                 self.registration.load_changed()

@@ -114,6 +114,8 @@ class FrameworkJob:
         with contextlib.suppress(AttributeError):  # room.name before connect, as officially
             room._info.name = self.info.job.room.name
         room.on("disconnected", lambda *args: self._stop("room disconnected"))
+        # livekit-rtc 1.1 sometimes changes the state without the "disconnected" event.
+        room.on("connection_state_changed", self._on_connection_state)
         self.ctx = ctx = JobContext(
             proc=app.proc,
             info=self.info,
@@ -146,6 +148,10 @@ class FrameworkJob:
     def _stop(self, reason: str) -> None:
         if not self._stopped.done():
             self._stopped.set_result(reason)
+
+    def _on_connection_state(self, state: int) -> None:
+        if state == rtc.ConnectionState.CONN_DISCONNECTED and self._connected:
+            self._stop("room disconnected")
 
     def _on_connect(self) -> None:
         self._connected = True
