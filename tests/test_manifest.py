@@ -159,6 +159,10 @@ def test_defaults() -> None:
     assert spec.dispatch == "explicit"
     assert spec.job_type == "room"
     assert spec.start_method == "forkserver"
+    assert spec.framework == "auto" and spec.app is None  # the import check fills it in
+    assert spec.pass_credentials is False
+    assert spec.request_timeout == 2.0 and spec.shutdown_timeout == 0.0
+    assert spec.explicit == {"entrypoint"}  # what the file sets: the app's settings fill the rest
     assert spec.rooms == ()
     assert spec.max_jobs == 16
     assert spec.identity == "{agent}-{job_id}"
@@ -171,7 +175,8 @@ def test_defaults() -> None:
 
 def test_example_manifest_in_repo_is_valid() -> None:
     manifest = load_manifest(REPO / "agents.toml.example")
-    assert list(manifest.agents) == ["echo", "greeter"]
+    assert list(manifest.agents) == ["echo", "greeter", "assistant"]
+    assert manifest.agents["assistant"].pass_credentials is True
 
 
 def test_agent_spec_helpers() -> None:
@@ -577,6 +582,10 @@ def test_unknown_keys_in_agents(body: str, field: str, hint: str) -> None:
         ('dispatch = "auto"', "dispatch", "must be one of 'explicit', 'automatic', got 'auto'"),
         ('job_type = "ROOM"', "job_type", "must be one of 'room', 'publisher', 'participant'"),
         ('start_method = "fork"', "start_method", "must be one of 'forkserver', 'spawn'"),
+        ('framework = "agents"', "framework", "must be one of 'auto', 'lkrun', 'livekit-agents'"),
+        ('pass_credentials = "yes"', "pass_credentials", "must be true or false, got 'yes'"),
+        ('request_timeout = "soon"', "request_timeout", "must be a duration such as"),
+        ("shutdown_timeout = -1", "shutdown_timeout", "must be a duration such as"),
         ('rooms = "support-*"', "rooms", "must be an array of strings, got 'support-*'"),
         ('rooms = ["a", ""]', "rooms", "must contain only non-empty strings, got ''"),
         ('rooms = ["a", 1]', "rooms", "must contain only non-empty strings, got 1"),

@@ -1,10 +1,15 @@
 """The official LiveKit Agents worker under benchmark (run with the bench venv's python).
 
     BENCH_EVENTS=events.jsonl BENCH_AGENT_NAME=bench-official BENCH_IDLE=4 \\
-    BENCH_HTTP_PORT=8089 LIVEKIT_URL=... python official_worker.py start
+    BENCH_HTTP_PORT=8089 BENCH_WORKLOAD=join LIVEKIT_URL=... python official_worker.py start
 
-It uses only livekit-agents itself (no plugins, no inference): the entrypoint joins
-the room and returns, so the job lasts while the room is connected, like lkrun's.
+It uses only livekit-agents itself (no plugins, no inference). ``BENCH_WORKLOAD`` picks
+the agent:
+
+- ``join`` (default): the entrypoint below joins the room and returns, so the job lasts
+  while the room is connected, like lkrun's ``tests/bench/agents.py``.
+- ``agents``: the ``AgentServer`` of ``tests/bench/lka_agent.py`` (an AgentSession with an
+  in-process LLM), the same module lkrun runs, with the settings below applied to it.
 
 Timestamps come from the worker itself, written as JSON lines to $BENCH_EVENTS:
 
@@ -19,6 +24,8 @@ Timestamps come from the worker itself, written as JSON lines to $BENCH_EVENTS:
 
 Limits: ``load_threshold = inf`` (never reports itself full) and, unless
 ``BENCH_LOAD=default``, a load function shaped like lkrun's (see ``lkrun_like_load``).
+In the ``agents`` workload ``lka_agent.py`` writes the ``prewarm`` and ``entrypoint``
+events itself (the same fields).
 """
 
 from __future__ import annotations
@@ -102,8 +109,41 @@ def options() -> WorkerOptions:
     )
 
 
+def configure(server: AgentServer) -> AgentServer:
+    """Give an app's own AgentServer the settings ``options()`` gives the join worker.
+
+    AgentServer takes them only in its constructor, so they are set on the attributes the
+    constructor fills (livekit-agents 1.8); a missing one fails loudly.
+    """
+    opts = options()
+    values = {
+        "_num_idle_processes": opts.num_idle_processes,
+        "_load_threshold": opts.load_threshold,
+        "_initialize_process_timeout": opts.initialize_process_timeout,
+        "_drain_timeout": opts.drain_timeout,
+        "_host": opts.host,
+        "_port": opts.port,
+    }
+    for name, value in values.items():
+        if not hasattr(server, name):
+            raise RuntimeError(f"AgentServer has no {name}: not livekit-agents 1.8?")
+        setattr(server, name, value)
+    if os.environ.get("BENCH_LOAD", "lkrun") == "lkrun":
+        server.load_fnc = lkrun_like_load
+    return server
+
+
+def make_server() -> AgentServer:
+    if os.environ.get("BENCH_WORKLOAD", "join") == "agents":
+        # This script's folder is sys.path[0]; job processes import it by this name too.
+        import lka_agent
+
+        return configure(lka_agent.server)
+    return AgentServer.from_server_options(options())
+
+
 def main() -> None:
-    server = AgentServer.from_server_options(options())
+    server = make_server()
     server.on(
         "worker_registered",
         lambda worker_id, *_: emit("registered", worker_id=worker_id, version=agents.__version__),
