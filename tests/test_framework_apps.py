@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from livekit import rtc
 
 from tests.conftest import observer, unique, wait_for, wait_for_participant
@@ -64,9 +65,13 @@ async def settled(daemon: Any, idle: int = 0) -> None:
     """
 
     async def ready() -> bool:
-        [agent] = (await daemon.status())["agents"]
-        requests = agent["request_process_ready"] in (None, True)
-        return requests and agent["idle_processes"] >= idle and not agent["full"]
+        return all(
+            agent["request_process_ready"] in (None, True)
+            and agent["idle_processes"] >= idle
+            and not agent["full"]
+            and (agent["fork_server_pid"] is not None or agent["start_method"] != "forkserver")
+            for agent in (await daemon.status())["agents"]
+        )
 
     await wait_for(ready, 60, what="the agent's processes to settle")
 
@@ -257,3 +262,26 @@ async def test_drain_marks_the_agent_then_shuts_the_job_down(
     assert callback["reason"] == "daemon shutting down"
     assert first(found, "session_closed") < first(found, "session_end")
     assert job["id"] in daemon.log()
+
+
+async def test_fork_server_preloads_the_framework_and_jobs_share_it(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, native, room_name = unique("lka-mem"), unique("echo"), unique("mem")
+    daemon = await start_daemon(
+        agent_table(name, VOICE, idle_processes=1) + agent_table(native, idle_processes=1)
+    )
+    await settled(daemon, idle=1)  # a warm process each: the fork servers have loaded
+    zygotes = {a["agent"]: a["fork_server_pid"] for a in (await daemon.status())["agents"]}
+    zygote = psutil.Process(zygotes[name])
+    # The framework's own warm-up ran there: its local inference library is mapped...
+    maps = Path(f"/proc/{zygote.pid}/maps").read_text()
+    assert "livekit/local_inference/_native" in maps
+    # ...and started no thread: as many as the fork server of an lkrun function.
+    assert zygote.num_threads() == psutil.Process(zygotes[native]).num_threads()
+    async with observer(livekit_server, room_name):
+        await dispatch(livekit_server, room_name, name)
+        job = await job_in_room(daemon, room_name, "running")
+        own = psutil.Process(job["pid"]).memory_full_info().uss
+        # Most of what the job uses is the fork server's pages, shared, not its own.
+        assert own < zygote.memory_info().rss / 3, (own, zygote.memory_info().rss)

@@ -1,7 +1,10 @@
-"""chart.png from results.json; run with the bench venv's python (it has matplotlib).
+"""Charts from results.json; run with the bench venv's python (it has matplotlib).
 
     ~/.cache/lkrun/bench-venv-livekit-agents-1.8.9/bin/python tests/bench/chart.py \\
         results/bench-.../results.json [chart.png]
+
+One chart per workload: ``chart.png`` for ``join`` (or the name given), ``chart-agents.png``
+for ``agents``, next to it.
 
 Standalone on purpose: it imports neither lkrun nor the project's packages.
 """
@@ -111,24 +114,34 @@ def max_panel(ax: Any, runs: dict[str, Any], cap: Any) -> None:
     ax.tick_params(axis="x", labelsize=8)
 
 
-def main() -> int:
-    source = Path(sys.argv[1])
-    target = Path(sys.argv[2]) if len(sys.argv) > 2 else source.with_name("chart.png")
-    results = json.loads(source.read_text())
-    runs = {k: v for k, v in results.get("runs", {}).items() if v.get("ok")}
-    meta = results.get("meta", {})
+def workload_chart(meta: dict[str, Any], workload: str, part: dict[str, Any], target: Path) -> None:
+    runs = {k: v for k, v in part.get("runs", {}).items() if v.get("ok")}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     latency_panel(axes[0][0], runs)
     per_job_panel(axes[0][1], runs)
     main_panel(axes[1][0], runs)
-    max_panel(axes[1][1], runs, meta.get("settings", {}).get("max_jobs_cap"))
+    max_panel(axes[1][1], runs, part.get("settings", {}).get("max_jobs_cap"))
     fig.suptitle(
-        f"lkrun vs livekit-agents {meta.get('livekit_agents_version', '?')} "
-        f"({meta.get('started', '')}, {meta.get('cpus', '?')} CPUs)"
+        f"lkrun vs livekit-agents {meta.get('livekit_agents_version', '?')}, "
+        f"workload {workload} ({meta.get('started', '')}, {meta.get('cpus', '?')} CPUs)"
     )
     fig.tight_layout()
     fig.savefig(target, dpi=110)
+    plt.close(fig)
     print(target)
+
+
+def main() -> int:
+    source = Path(sys.argv[1])
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else source.with_name("chart.png")
+    results = json.loads(source.read_text())
+    meta = results.get("meta", {})
+    parts = results.get("workloads") or {
+        "join": {"settings": meta.get("settings", {}), "runs": results.get("runs", {})}
+    }
+    for workload, part in parts.items():
+        name = target if workload == "join" else target.with_name(f"chart-{workload}.png")
+        workload_chart(meta, workload, part, name)
     return 0
 
 

@@ -296,12 +296,19 @@ class Bench:
         if not offers:
             self.say("offer -> entrypoint: not reported by this system (skipped)")
             self.sut.notes.append("offer -> entrypoint not reported (skipped)")
-        return {
+        result = {
             "dispatch_to_visible_ms": summary(visible),
             "dispatch_to_joined_ms": summary(joined),
             "offer_to_entrypoint_ms": summary([offers[r] for r in rooms if r in offers]),
+            "offer_to_entrypoint_source": self.sut.offer_source,
             "timeouts": timeouts,
         }
+        if self.sut.offer_source.startswith("events"):
+            # The host's own stamps too, where it has them apart from the events (lkrun).
+            started = await self.sut.offer_to_started_ms(rooms)
+            if started:
+                result["offer_to_started_ms"] = summary([started[r] for r in rooms if r in started])
+        return result
 
     # -- concurrent jobs ------------------------------------------------------------------
 

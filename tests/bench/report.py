@@ -1,4 +1,5 @@
-"""results.md from results.json: one row per metric, one column per system and variant."""
+"""results.md from results.json: per workload, one row per metric, one column per system and
+variant; for the agents workload, the issue's goals next to its table."""
 
 from __future__ import annotations
 
@@ -7,8 +8,35 @@ from typing import Any
 
 COLUMNS = ("lkrun-cold", "lkrun-warm", "official-cold", "official-warm")
 RATIOS = (("cold", "lkrun-cold", "official-cold"), ("warm", "lkrun-warm", "official-warm"))
+TITLES = {
+    "join": "Workload `join`: join the room and stay",
+    "agents": "Workload `agents`: the same livekit-agents AgentSession on both hosts",
+}
+DESCRIPTIONS = {
+    "join": "lkrun runs `tests/bench/agents.py` (lkrun's own API), the official worker an "
+    "entrypoint of `tests/bench/official_worker.py`; both call `ctx.connect()` and return, "
+    "and the job lasts until the bench deletes the room.",
+    "agents": "Both run `tests/bench/lka_agent.py`, one livekit-agents module: an "
+    "`AgentSession` with an in-process echo LLM, text in and out, no STT/TTS/VAD, turn "
+    'detection off (lkrun: manifest `entrypoint = "tests.bench.lka_agent:server"`; '
+    "official: that `server` with the bench's load settings, `cli.run_app`). The job lasts "
+    "until the bench deletes the room.",
+}
+PSS_GOAL_JOBS = 50
 
 Getter = Callable[[dict[str, Any]], Any]
+
+
+def workloads(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """workload -> {"settings", "runs"}; a results.json from before workloads is ``join``."""
+    if "workloads" in results:
+        return dict(results["workloads"])
+    settings = results.get("meta", {}).get("settings", {})
+    return {"join": {"settings": settings, "runs": results.get("runs", {})}}
+
+
+def title(workload: str) -> str:
+    return TITLES.get(workload, f"Workload `{workload}`")
 
 
 def _path(*keys: Any) -> Getter:
@@ -42,7 +70,7 @@ def _per_job_total(count: int) -> Getter:
     return get
 
 
-def metric_rows(results: dict[str, Any]) -> list[tuple[str, Getter]]:
+def metric_rows(settings: dict[str, Any]) -> list[tuple[str, Getter]]:
     rows: list[tuple[str, Getter]] = []
     for name, key in (
         ("dispatch → visible to observer", "dispatch_to_visible_ms"),
@@ -54,14 +82,20 @@ def metric_rows(results: dict[str, Any]) -> list[tuple[str, Getter]]:
         rows.append(
             (f"offer → entrypoint {stat} (ms)", _path("latency", "offer_to_entrypoint_ms", stat))
         )
+    # Only where the entrypoint events gave the row above and the host has its own stamps.
+    rows.append(
+        (
+            "offer → started, lkrun's jobs ls p50 (ms)",
+            _path("latency", "offer_to_started_ms", "p50"),
+        )
+    )
     rows += [
         ("idle: main process RSS (MB)", _path("idle", "main_rss_mb")),
         ("idle: main process PSS (MB)", _path("idle", "main_pss_mb")),
         ("idle: main process CPU (%)", _path("idle", "main_cpu_percent")),
         ("idle: helper processes PSS (MB)", _path("idle", "helpers_pss_mb")),
     ]
-    counts = results.get("meta", {}).get("settings", {}).get("concurrency", [])
-    for count in counts:
+    for count in settings.get("concurrency", []):
         rows += [
             (f"@{count} jobs: PSS per job (MB)", _at(count, "job_pss_mb")),
             (f"@{count} jobs: USS per job (MB)", _at(count, "job_uss_mb")),
@@ -90,11 +124,12 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.2f}"
 
 
-def table(results: dict[str, Any]) -> str:
-    runs = results.get("runs", {})
+def table(results: dict[str, Any], workload: str = "join") -> str:
+    part = workloads(results).get(workload, {})
+    runs = part.get("runs", {})
     header = ["metric", *COLUMNS, *(f"lkrun/official {name}" for name, _, _ in RATIOS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-    for label, get in metric_rows(results):
+    for label, get in metric_rows(part.get("settings", {})):
         values = {col: get(runs[col]) if col in runs else None for col in COLUMNS}
         if all(v is None for v in values.values()):
             continue
@@ -104,10 +139,101 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _goal_cell(lkrun: Any, official: Any, target: float | None) -> str:
+    """lkrun/official with "met"/"missed" against ``target`` (None: at least 1.0 of it)."""
+    ratio = _ratio(lkrun, official)
+    if ratio == "-":
+        return "-"
+    if target is None:
+        met = lkrun >= official
+        return f"{_fmt(lkrun)} vs {_fmt(official)}: {'met' if met else 'missed'}"
+    return f"{ratio}: {'met' if lkrun / official <= target else 'missed'}"
+
+
+def goals(results: dict[str, Any], workload: str = "agents") -> str:
+    """The issue's goals for the agents workload, per variant, from this run's numbers."""
+    part = workloads(results).get(workload, {})
+    runs = part.get("runs", {})
+    counts = part.get("settings", {}).get("concurrency") or [PSS_GOAL_JOBS]
+    jobs = PSS_GOAL_JOBS if PSS_GOAL_JOBS in counts else max(counts)
+    rows = [
+        (
+            f"PSS per job at {jobs} jobs",
+            "lkrun ≤ 0.5 x official",
+            _at(jobs, "job_pss_mb"),
+            {"cold": 0.5, "warm": 0.5},
+        ),
+        (
+            "offer → entrypoint p50",
+            "lkrun ≤ 0.5 x official (warm)",
+            _path("latency", "offer_to_entrypoint_ms", "p50"),
+            {"warm": 0.5},
+        ),
+        (
+            "max concurrent jobs held",
+            "lkrun ≥ official",
+            _path("max_jobs", "held"),
+            {"cold": None, "warm": None},
+        ),
+    ]
+    lines = [
+        "| goal (from the issue) | target | cold: lkrun/official | warm: lkrun/official |",
+        "|---|---|---:|---:|",
+    ]
+    for name, target, get, limits in rows:
+        cells = [name, target]
+        for variant, lkrun, official in RATIOS:
+            a = get(runs[lkrun]) if lkrun in runs else None
+            b = get(runs[official]) if official in runs else None
+            if variant in limits:
+                cells.append(_goal_cell(a, b, limits[variant]))
+            else:
+                cells.append(f"{_ratio(a, b)} (no goal)")
+        lines.append("| " + " | ".join(cells) + " |")
+    if jobs != PSS_GOAL_JOBS:
+        lines.append(
+            f"\n(The PSS goal is set at {PSS_GOAL_JOBS} jobs; this run went up to {jobs}.)"
+        )
+    return "\n".join(lines)
+
+
+def _settings_line(settings: dict[str, Any]) -> str:
+    return (
+        f"{settings.get('dispatches')} sequential dispatches (+{settings.get('warmup')} "
+        f"warm-up), memory at {settings.get('concurrency')} concurrent jobs held "
+        f"{settings.get('hold')} s, max-jobs ramp +{settings.get('ramp_step')} up to "
+        f"{settings.get('max_jobs_cap')} ({settings.get('visible_timeout')} s per agent)."
+    )
+
+
+def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
+    problems = []
+    for label in COLUMNS:
+        run = runs.get(label)
+        if run is None:
+            continue
+        where = f"{workload} {label}"
+        if not run.get("ok"):
+            lines = str(run.get("error") or "").strip().splitlines() or [""]
+            error = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
+            problems.append(f"- {where}: failed: {error}")
+        stop = (run.get("max_jobs") or {}).get("stop_reason")
+        if stop and stop != "cap reached":
+            problems.append(f"- {where}: max-jobs ramp stopped: {stop}")
+        timeouts = (run.get("latency") or {}).get("timeouts")
+        if timeouts:
+            problems.append(f"- {where}: {timeouts} dispatches never became visible")
+        problems += [f"- {where}: {note}" for note in run.get("notes") or []]
+    skipped = [c for c in COLUMNS if c not in runs]
+    if skipped:
+        problems.append(f"- {workload}: not run: {', '.join(skipped)}")
+    return problems
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     settings = meta.get("settings", {})
-    runs = results.get("runs", {})
+    parts = workloads(results)
     out = [
         f"# lkrun vs livekit-agents {meta.get('livekit_agents_version', '?')}, "
         f"{meta.get('started', '')}",
@@ -117,31 +243,51 @@ def markdown(results: dict[str, Any]) -> str:
         f"lkrun {meta.get('lkrun_version', '?')}; Python {meta.get('python', '?')}. "
         f"Warm = {settings.get('idle')} prewarmed processes "
         "(lkrun `idle_processes`, official `num_idle_processes`); cold = 0.",
-        f"{settings.get('dispatches')} sequential dispatches (+{settings.get('warmup')} warm-up), "
-        f"memory at {settings.get('concurrency')} concurrent jobs held {settings.get('hold')} s, "
-        f"max-jobs ramp +{settings.get('ramp_step')} up to {settings.get('max_jobs_cap')} "
-        f"({settings.get('visible_timeout')} s per agent).",
-        "",
-        table(results),
         "",
         "Ratios are lkrun / official: below 1 means lkrun is lower (faster, smaller), "
         "which is better for every row but the last (max jobs, where higher is better). "
         "Absolute times drift on a shared 2-core machine; compare within one run.",
-        "",
+    ]
+    problems: list[str] = []
+    for workload, part in parts.items():
+        out += [
+            "",
+            f"## {title(workload)}",
+            "",
+            DESCRIPTIONS.get(workload, ""),
+            _settings_line(part.get("settings", {})),
+            "",
+            table(results, workload),
+        ]
+        if workload == "agents":
+            out += ["", "Goals for this workload (from the issue), from the table above:", ""]
+            out.append(goals(results, workload))
+        problems += _problems(workload, part.get("runs", {}))
+    out += ["", *_how_to_read(settings)]
+    if problems:
+        out += ["", "## Run notes", "", *problems]
+    return "\n".join(out) + "\n"
+
+
+def _how_to_read(settings: dict[str, Any]) -> list[str]:
+    return [
         "## How to read it",
         "",
         "- **dispatch → visible**: from just before CreateDispatch to `participant_connected` "
-        "at an observer already in the room. livekit-server batches the join of a participant "
-        "that publishes nothing and sends it to others on a 3 s room ticker "
-        "(`subscriberUpdateInterval`), so this number is quantised by the server and hides "
-        "most differences between the systems.",
+        "at an observer already in the room. livekit-server may batch the join of a "
+        "participant that publishes nothing and send it to others on its room ticker "
+        "(`subscriberUpdateInterval`), so this number can be quantised by the server.",
         "- **dispatch → joined**: the same start, to the agent first listed by "
         "RoomService.ListParticipants (polled every 20 ms): what the agent host controls.",
-        "- **offer → entrypoint**: each system's own wall-clock stamps. lkrun: `offered_at` "
-        "(AvailabilityRequest received) to `started_at` (entrypoint called) from "
-        "`lkrun jobs ls --json --all`. Official worker: `RunningJobInfo.received_at` (stamped "
-        "by the worker in `_handle_availability`, handed to the job process) to `time.time()` "
-        "at the start of the entrypoint, both written by `tests/bench/official_worker.py`.",
+        "- **offer → entrypoint**: each system's own wall-clock stamps. Official worker (both "
+        "workloads): `RunningJobInfo.received_at` (stamped by the worker in "
+        "`_handle_availability`, handed to the job process) to `time.time()` at the start of "
+        "the entrypoint, written to `events.jsonl` by the entrypoint. lkrun, `join`: "
+        "`offered_at` (AvailabilityRequest received) to `started_at` (entrypoint called) from "
+        "`lkrun jobs ls --json --all`. lkrun, `agents`: the same entrypoint event as the "
+        "official worker's, where `RunningJobInfo.received_at` is the daemon's `offered_at` "
+        "(falling back to `jobs ls` if it were 0); the `jobs ls` number is the row "
+        "*offer → started, lkrun's jobs ls*.",
         "- **PSS/USS per job**: psutil `memory_full_info()` summed over each job's process "
         "tree, averaged over jobs. Job pids: `lkrun jobs ls --json`; official: the pid its "
         "entrypoint logged. **PSS of everything / jobs**: main process + helpers + all "
@@ -154,8 +300,9 @@ def markdown(results: dict[str, Any]) -> str:
         "- **max concurrent jobs held**: rooms added in steps until an agent is not in within "
         "the timeout, a held agent is gone, or a job fails; the last fully held count.",
         "- Limits: lkrun `max_jobs = 200`, `[daemon] load_threshold = 1.0` (the highest it "
-        "accepts); official `load_threshold = inf` (never full), "
-        "`initialize_process_timeout = 120` (lkrun's ready timeout), and "
+        'accepts; `agents` also `prewarm_timeout = "120s"`); official '
+        "`load_threshold = inf` (never full), "
+        "`initialize_process_timeout = 120`, and "
         + (
             "a `load_fnc` shaped like lkrun's load (max(jobs/200, CPU) * 0.7, capped at "
             "0.69). Its default `load_fnc` reports the machine's CPU use, and livekit-server "
@@ -166,25 +313,3 @@ def markdown(results: dict[str, Any]) -> str:
             "while that is at or above 0.7."
         ),
     ]
-    problems = []
-    for label in COLUMNS:
-        run = runs.get(label)
-        if run is None:
-            continue
-        if not run.get("ok"):
-            lines = str(run.get("error") or "").strip().splitlines() or [""]
-            error = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
-            problems.append(f"- {label}: failed: {error}")
-        stop = (run.get("max_jobs") or {}).get("stop_reason")
-        if stop and stop != "cap reached":
-            problems.append(f"- {label}: max-jobs ramp stopped: {stop}")
-        timeouts = (run.get("latency") or {}).get("timeouts")
-        if timeouts:
-            problems.append(f"- {label}: {timeouts} dispatches never became visible")
-        problems += [f"- {label}: {note}" for note in run.get("notes") or []]
-    skipped = [c for c in COLUMNS if c not in runs]
-    if skipped:
-        problems.append(f"- not run: {', '.join(skipped)}")
-    if problems:
-        out += ["", "## Run notes", "", *problems]
-    return "\n".join(out) + "\n"

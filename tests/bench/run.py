@@ -1,14 +1,16 @@
 """lkrun vs the official LiveKit Agents worker, side by side on one livekit-server.
 
-    python -m tests.bench [--dispatches 50] [--concurrency 1,10,50] [--max-jobs-cap 100]
-                          [--systems lkrun,official] [--variants cold,warm] [--idle 4]
+    python -m tests.bench [--workload join,agents] [--dispatches N] [--concurrency 1,10,50]
+                          [--max-jobs-cap 100] [--systems lkrun,official]
+                          [--variants cold,warm] [--idle 4]
 
 Makes (or reuses) the official worker's venv, starts one livekit-server in dev mode on
-free loopback ports, then for each system and variant (cold: no prewarmed process;
-warm: --idle of them) starts it, measures (see tests/bench/measure.py) and stops it.
-Writes results.md, results.json, chart.png and every log to --results
-(default results/bench-<UTC timestamp>/) and prints the table. Everything it starts is
-stopped on exit, Ctrl-C and errors included.
+free loopback ports, then for each workload (join: join the room and stay; agents: the
+same livekit-agents AgentSession module on both hosts), variant (cold: no prewarmed
+process; warm: --idle of them) and system starts the system, measures (see
+tests/bench/measure.py) and stops it. Writes results.md, results.json, the charts and
+every log to --results (default results/bench-<UTC timestamp>/) and prints the tables.
+Everything it starts is stopped on exit, Ctrl-C and errors included.
 """
 
 from __future__ import annotations
@@ -35,10 +37,16 @@ from lkrun import devserver
 from tests.bench import benchvenv, report
 from tests.bench.measure import LiveKit, Settings, run_sut
 from tests.bench.procs import Registry
-from tests.bench.suts import REPO, LkrunSut, OfficialSut, Server, Sut
+from tests.bench.suts import REPO, WORKLOADS, LkrunSut, OfficialSut, Server, Sut
 
 SYSTEMS = ("lkrun", "official")
 VARIANTS = ("cold", "warm")
+# Per-workload defaults of the flags that default to None (a flag given applies to all).
+# The agents workload makes fewer sequential dispatches: keeps `make bench` ~25 minutes.
+WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "join": {"dispatches": 50, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
+    "agents": {"dispatches": 20, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
+}
 
 
 def _int_list(text: str) -> list[int]:
@@ -51,15 +59,22 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _choices(allowed: tuple[str, ...]) -> Any:
+def _choices(allowed: tuple[str, ...], **aliases: list[str]) -> Any:
     def parse(text: str) -> list[str]:
-        values = [v.strip() for v in text.split(",") if v.strip()]
+        values: list[str] = []
+        for value in (v.strip() for v in text.split(",") if v.strip()):
+            values += aliases.get(value, [value])
         bad = [v for v in values if v not in allowed]
         if bad or not values:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
-        return values
+            names = ",".join((*allowed, *aliases))
+            raise argparse.ArgumentTypeError(f"choose from {names}")
+        return list(dict.fromkeys(values))
 
     return parse
+
+
+def _per_workload(flag: str) -> str:
+    return ", ".join(f"{w}: {d[flag]}" for w, d in WORKLOAD_DEFAULTS.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,14 +84,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=doc.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--dispatches", type=int, default=50, help="sequential dispatches")
+    parser.add_argument(
+        "--workload",
+        type=_choices(WORKLOADS, both=list(WORKLOADS)),
+        default=list(WORKLOADS),
+        help="comma-separated: join (join the room and stay: lkrun's API vs a livekit-agents "
+        "entrypoint), agents (both run tests/bench/lka_agent.py, an AgentSession), or both",
+    )
+    parser.add_argument(
+        "--dispatches",
+        type=int,
+        default=None,
+        help=f"sequential dispatches [{_per_workload('dispatches')}]",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unrecorded dispatches first")
     parser.add_argument(
-        "--concurrency", type=_int_list, default=[1, 10, 50], help="memory at these job counts"
+        "--concurrency",
+        type=_int_list,
+        default=None,
+        help=f"memory at these job counts [{_per_workload('concurrency')}]",
     )
     parser.add_argument("--hold", type=float, default=5.0, help="seconds to hold before sampling")
     parser.add_argument(
-        "--max-jobs-cap", type=int, default=100, help="ramp up to this many jobs (0: skip)"
+        "--max-jobs-cap",
+        type=int,
+        default=None,
+        help=f"ramp up to this many jobs, 0: skip [{_per_workload('max_jobs_cap')}]",
     )
     parser.add_argument("--ramp-step", type=int, default=10, help="jobs added per ramp step")
     parser.add_argument(
@@ -113,18 +146,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-chart", action="store_true", help="skip chart.png")
     args = parser.parse_args(argv)
-    if args.dispatches < 0 or args.warmup < 0 or args.max_jobs_cap < 0 or args.ramp_step < 1:
+    negative = any(
+        value is not None and value < 0
+        for value in (args.dispatches, args.warmup, args.max_jobs_cap)
+    )
+    if negative or args.ramp_step < 1:
         parser.error("counts must not be negative (and --ramp-step at least 1)")
     return args
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, workload: str) -> Settings:
+    def pick(flag: str) -> Any:
+        given = getattr(args, flag)
+        return WORKLOAD_DEFAULTS[workload][flag] if given is None else given
+
     return Settings(
-        dispatches=args.dispatches,
+        dispatches=pick("dispatches"),
         warmup=args.warmup,
-        concurrency=args.concurrency,
+        concurrency=pick("concurrency"),
         hold=args.hold,
-        max_jobs_cap=args.max_jobs_cap,
+        max_jobs_cap=pick("max_jobs_cap"),
         ramp_step=args.ramp_step,
         visible_timeout=args.visible_timeout,
         ramp_timeout=args.ramp_timeout,
@@ -141,11 +182,11 @@ def _meta(args: argparse.Namespace, started: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "settings": {
-            **{k: v for k, v in vars(_settings(args)).items()},
             "idle": args.idle,
             "official_load": args.official_load,
             "systems": args.systems,
             "variants": args.variants,
+            "workloads": args.workload,
         },
     }
 
@@ -166,20 +207,33 @@ async def _bench(
     folder: Path,
     bench_python: Path | None,
 ) -> None:
-    settings = _settings(args)
     lk = LiveKit(server)
     try:
         with tempfile.TemporaryDirectory(prefix="lkrun-bench-") as tmp:
-            # Cold pair first, then warm: each comparison is made close together in time.
-            for variant in args.variants:
-                for system in args.systems:
-                    sut = _make_sut(
-                        system, variant, args, server, registry, folder, Path(tmp), bench_python
-                    )
-                    if sut is None:
-                        continue
-                    results["runs"][sut.label] = await run_sut(sut, lk, settings)
-                    _write(results, folder)
+            for workload in args.workload:
+                settings = _settings(args, workload)
+                part = results["workloads"][workload] = {
+                    "settings": vars(settings),
+                    "runs": {},
+                }
+                # Cold pair first, then warm: each comparison is made close together in time.
+                for variant in args.variants:
+                    for system in args.systems:
+                        sut = _make_sut(
+                            system,
+                            variant,
+                            workload,
+                            args,
+                            server,
+                            registry,
+                            folder,
+                            Path(tmp),
+                            bench_python,
+                        )
+                        if sut is None:
+                            continue
+                        part["runs"][sut.label] = await run_sut(sut, lk, settings)
+                        _write(results, folder)
     finally:
         await lk.delete_all()
         await lk.aclose()
@@ -188,6 +242,7 @@ async def _bench(
 def _make_sut(
     system: str,
     variant: str,
+    workload: str,
     args: argparse.Namespace,
     server: Server,
     registry: Registry,
@@ -201,11 +256,13 @@ def _make_sut(
         "variant": variant,
         "idle": idle,
         "server": server,
-        "workdir": folder / label,
+        "workdir": folder / workload / label,
         "registry": registry,
+        "workload": workload,
     }
     if system == "lkrun":
-        return LkrunSut(tmpdir=tmp / label, **common)
+        # Short: the control socket's path must fit AF_UNIX's limit.
+        return LkrunSut(tmpdir=tmp / f"{workload[0]}-{label}", **common)
     if bench_python is None:
         return None
     return OfficialSut(
@@ -222,6 +279,7 @@ def _write(results: dict[str, Any], folder: Path) -> None:
 
 
 def _chart(bench_python: Path | None, folder: Path) -> None:
+    """chart.png (join) and chart-agents.png (agents), from results.json."""
     if bench_python is None:
         print("bench: no bench venv, no chart", flush=True)
         return
@@ -248,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.results or REPO / "results" / f"bench-{now.strftime('%Y%m%dT%H%M%SZ')}"
     folder.mkdir(parents=True, exist_ok=True)
     print(f"bench: results in {folder}", flush=True)
-    results: dict[str, Any] = {"meta": _meta(args, started), "runs": {}}
+    results: dict[str, Any] = {"meta": _meta(args, started), "workloads": {}}
 
     bench_python: Path | None = None
     need_venv = "official" in args.systems or not args.no_chart
@@ -275,13 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
     _write(results, folder)
-    if not args.no_chart and results["runs"]:
+    runs = {
+        f"{workload}/{label}": run
+        for workload, part in results["workloads"].items()
+        for label, run in part["runs"].items()
+    }
+    if not args.no_chart and runs:
         _chart(bench_python, folder)
-    print()
-    print(report.table(results))
-    written = ["results.json", *(["chart.png"] if (folder / "chart.png").exists() else [])]
+    for workload in results["workloads"]:
+        print(f"\n{report.title(workload)}\n")
+        print(report.table(results, workload))
+    charts = sorted(p.name for p in folder.glob("chart*.png"))
+    written = ["results.json", *charts]
     print(f"\nbench: {folder / 'results.md'}, {', '.join(written)}", flush=True)
-    failed = [label for label, run in results["runs"].items() if not run.get("ok")]
+    failed = [label for label, run in runs.items() if not run.get("ok")]
     if interrupted:
         return 130
     return 1 if failed else 0

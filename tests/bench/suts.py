@@ -5,6 +5,12 @@ how many jobs run, which process runs the job of a given room, and offer -> entr
 times. lkrun is read through its CLI (``lkrun status --json``, ``lkrun jobs ls --json``);
 the official worker through its ``/worker`` HTTP endpoint and the events its bench
 script writes (see ``official_worker.py``).
+
+Each runs the agent of one workload (``WORKLOADS``): ``join`` (join the room and stay:
+lkrun's own API in ``agents.py``, a livekit-agents entrypoint in ``official_worker.py``)
+or ``agents`` (both run the same livekit-agents module, ``lka_agent.py``: an AgentSession
+with an in-process LLM). The agents workload's events (``events.jsonl``) are written by
+the agent itself on both hosts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from tests.bench.procs import Registry, Spawned, descendants
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_SCRIPT = Path(__file__).resolve().parent / "official_worker.py"
 ACTIVE = ("starting", "running", "stopping")
+WORKLOADS = ("join", "agents")
+# What lkrun's manifest names, per workload (the official worker picks by BENCH_WORKLOAD).
+LKRUN_ENTRYPOINTS = {
+    "join": "tests.bench.agents:entrypoint",
+    "agents": "tests.bench.lka_agent:server",
+}
 
 
 class SutError(Exception):
@@ -50,18 +62,34 @@ class Server:
 
 class Sut(abc.ABC):
     system: str
-    agent_name: str
 
     def __init__(
-        self, *, variant: str, idle: int, server: Server, workdir: Path, registry: Registry
+        self,
+        *,
+        variant: str,
+        idle: int,
+        server: Server,
+        workdir: Path,
+        registry: Registry,
+        workload: str = "join",
     ) -> None:
+        if workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {workload!r}")
         self.variant = variant
         self.idle = idle
         self.server = server
         self.workdir = workdir
         self.registry = registry
+        self.workload = workload
+        self.events_path = workdir / "events.jsonl"
         self.proc: Spawned | None = None
         self.notes: list[str] = []
+        self.offer_source = ""  # where offer_to_entrypoint_ms read its times
+
+    @property
+    def agent_name(self) -> str:
+        """The dispatch name: one per system and workload, so no leftover takes a job."""
+        return f"bench-{self.system}" + ("-lka" if self.workload == "agents" else "")
 
     @property
     def label(self) -> str:
@@ -100,7 +128,39 @@ class Sut(abc.ABC):
         """room -> pid of the process running that room's job (running jobs only)."""
 
     @abc.abstractmethod
-    async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]: ...
+    async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]:
+        """room -> offer -> entrypoint (ms); sets ``offer_source``."""
+
+    async def offer_to_started_ms(self, rooms: list[str]) -> dict[str, float]:
+        """room -> the host's own offer -> started (ms), where it keeps one apart from
+        ``offer_to_entrypoint_ms``; empty otherwise."""
+        return {}
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON lines in events.jsonl (written by the agent or the worker script)."""
+        try:
+            text = self.events_path.read_text()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in text.splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written
+        return events
+
+    def _entrypoints(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["event"] == "entrypoint"]
+
+    def event_offers_ms(self, rooms: list[str]) -> dict[str, float]:
+        """room -> ``entrypoint_at - received_at`` from the entrypoint events (ms)."""
+        wanted = set(rooms)
+        return {
+            e["room"]: (e["entrypoint_at"] - e["received_at"]) * 1000
+            for e in self._entrypoints()
+            if e["room"] in wanted and e.get("received_at")
+        }
 
     @abc.abstractmethod
     async def failed_jobs(self, rooms: list[str]) -> list[str]:
@@ -145,7 +205,6 @@ class Sut(abc.ABC):
 
 class LkrunSut(Sut):
     system = "lkrun"
-    agent_name = "bench-lkrun"
 
     def __init__(self, *, tmpdir: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -161,17 +220,21 @@ class LkrunSut(Sut):
             'shutdown_timeout = "5s"',
             "",
             f"[agents.{self.agent_name}]",
-            'entrypoint = "tests.bench.agents:entrypoint"',
+            f'entrypoint = "{LKRUN_ENTRYPOINTS[self.workload]}"',
             'dispatch = "explicit"',
             "max_jobs = 200",
         ]
         if self.idle > 0:
             lines.append(f"idle_processes = {self.idle}")
+        if self.workload == "agents":
+            # The official worker's initialize_process_timeout in the bench.
+            lines.append('prewarm_timeout = "120s"')
         return "\n".join(lines) + "\n"
 
     async def start(self, timeout: float = 90.0) -> None:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.events_path.unlink(missing_ok=True)
         self.manifest.write_text(self.manifest_text())
         (self.workdir / "agents.toml").write_text(self.manifest_text())
         self.proc = self.registry.spawn(
@@ -208,6 +271,10 @@ class LkrunSut(Sut):
         # Job history and job logs go to $XDG_STATE_HOME/lkrun by default: keep the
         # bench's out of the user's own.
         env = dict(os.environ, PYTHONPATH=str(REPO), XDG_STATE_HOME=str(self.tmpdir / "state"))
+        if self.workload == "agents":
+            # Job processes inherit the daemon's environment; the app's agent_name is the
+            # manifest key (else check and serve warn that they differ).
+            env.update(BENCH_EVENTS=str(self.events_path), BENCH_AGENT_NAME=self.agent_name)
         if with_credentials:
             env.update(self.server.env())
         return env
@@ -265,6 +332,21 @@ class LkrunSut(Sut):
         }
 
     async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]:
+        """From the agent's entrypoint events when it writes them (``received_at`` is the
+        daemon's ``offered_at``), else lkrun's own ``offered_at`` -> ``started_at``."""
+        from_events = self.event_offers_ms(rooms)
+        if from_events:
+            self.offer_source = "events.jsonl: entrypoint_at - RunningJobInfo.received_at"
+            return from_events
+        wanted = set(rooms)
+        if any(e["room"] in wanted for e in self._entrypoints()):
+            note = "RunningJobInfo.received_at was 0 in the jobs: offer -> started from jobs ls"
+            if note not in self.notes:
+                self.notes.append(note)
+        self.offer_source = "lkrun jobs ls --json --all: offered_at -> started_at"
+        return await self.offer_to_started_ms(rooms)
+
+    async def offer_to_started_ms(self, rooms: list[str]) -> dict[str, float]:
         wanted = set(rooms)
         result: dict[str, float] = {}
         for job in await self.jobs(include_ended=True):
@@ -307,14 +389,12 @@ def _message(line: str) -> str:
 
 class OfficialSut(Sut):
     system = "official"
-    agent_name = "bench-official"
 
     def __init__(self, *, python: Path, http_port: int, load: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.python = python
         self.http_port = http_port
         self.load = load  # "lkrun": lkrun-shaped load_fnc; "default": the worker's own
-        self.events_path = self.workdir / "events.jsonl"
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self, timeout: float = 90.0) -> None:
@@ -328,6 +408,7 @@ class OfficialSut(Sut):
             BENCH_IDLE=str(self.idle),
             BENCH_HTTP_PORT=str(self.http_port),
             BENCH_LOAD=self.load,
+            BENCH_WORKLOAD=self.workload,
             LIVEKIT_LOG_LEVEL="INFO",
         )
         self.proc = self.registry.spawn(
@@ -352,19 +433,6 @@ class OfficialSut(Sut):
             session, self._http = self._http, None
             await session.close()
 
-    def events(self) -> list[dict[str, Any]]:
-        try:
-            text = self.events_path.read_text()
-        except FileNotFoundError:
-            return []
-        events = []
-        for line in text.splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written
-        return events
-
     async def worker_info(self) -> dict[str, Any]:
         assert self._http is not None
         try:
@@ -376,9 +444,6 @@ class OfficialSut(Sut):
 
     async def active_jobs(self) -> int:
         return int((await self.worker_info()).get("active_jobs", 0))
-
-    def _entrypoints(self) -> list[dict[str, Any]]:
-        return [e for e in self.events() if e["event"] == "entrypoint"]
 
     async def idle_ready(self) -> int | None:
         alive = {p.pid for p in descendants(self.main_pid)}
@@ -395,12 +460,8 @@ class OfficialSut(Sut):
         return result
 
     async def offer_to_entrypoint_ms(self, rooms: list[str]) -> dict[str, float]:
-        wanted = set(rooms)
-        return {
-            e["room"]: (e["entrypoint_at"] - e["received_at"]) * 1000
-            for e in self._entrypoints()
-            if e["room"] in wanted and e.get("received_at")
-        }
+        self.offer_source = "events.jsonl: entrypoint_at - RunningJobInfo.received_at"
+        return self.event_offers_ms(rooms)
 
     def why_missing(self, rooms: list[str]) -> str:
         lines = self._log_lines("worker.log", rooms)
