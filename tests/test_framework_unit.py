@@ -163,3 +163,52 @@ def test_job_context_still_has_what_the_job_runner_reads() -> None:
     ctx = asyncio.run(build())
     for name in ("_primary_agent_session", "_shutdown_callbacks", "_pending_tasks"):
         assert hasattr(ctx, name), name
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+async def test_request_process_answers_offers(method: str) -> None:
+    """The agent's request process, started like a job process, runs the app's on_request."""
+    import logging
+    import os
+    import signal
+
+    from lkrun.forkserver import ForkServer
+    from lkrun.job_process import AppSpec, JobProcess, SpawnLauncher
+    from lkrun.request_process import RequestProcess, RequestRefused
+    from tests.conftest import REPO, wait_for
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    app = AppSpec("tests.lka_apps.gatekeeper:server", framework="livekit-agents")
+    launcher: Any = (
+        SpawnLauncher(app=app, cwd=REPO, env=env)
+        if method == "spawn"
+        else ForkServer(label="t", app=app, cwd=REPO, env=env, load_timeout=60)
+    )
+    log = logging.LoggerAdapter(logging.getLogger("test.requests"), {})
+    requests = RequestProcess(
+        label="gate",
+        factory=lambda: JobProcess(launcher=lambda: launcher("requests"), log=log),
+        timeout=2.0,
+        start_timeout=60.0,
+    )
+    with pytest.raises(RequestRefused, match="not ready"):  # offers before it is up: declined
+        await requests.ask(proto.Job(id="AJ_0", room=models.Room(name="early")))
+    runner = asyncio.create_task(requests.run())
+    try:
+        await wait_for(lambda: requests.ready, 60, what="the request process")
+        yes = await requests.ask(proto.Job(id="AJ_1", room=models.Room(name="lobby")))
+        assert yes["accept"] is True and yes["identity"] == "gate-lobby"
+        no = await requests.ask(proto.Job(id="AJ_2", room=models.Room(name="deny-me")))
+        assert no["accept"] is False and no["terminate"] is True
+        # A request process that dies is replaced; offers meanwhile are declined.
+        first: Any = requests._proc
+        os.kill(first.pid, signal.SIGKILL)
+        await wait_for(lambda: requests._proc is not first and requests.ready, 60,
+                       what="a new request process")  # fmt: skip
+        again = await requests.ask(proto.Job(id="AJ_3", room=models.Room(name="lobby")))
+        assert again["accept"] is True
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        if isinstance(launcher, ForkServer):
+            await launcher.close(5)
