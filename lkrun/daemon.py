@@ -18,6 +18,7 @@ import aiohttp
 
 from lkrun import __version__
 from lkrun.agent_host import AgentHost, HostSettings, format_duration
+from lkrun.apps import LIVEKIT_AGENTS
 from lkrun.control import ControlServer
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
@@ -398,11 +399,28 @@ class Daemon:
         async for changes in awatch(path.parent, watch_filter=relevant):
             if self.phase != "serving":
                 continue
-            if any(Path(changed) == path for _, changed in changes):
+            manifest_changed = any(Path(changed) == path for _, changed in changes)
+            code_changed = any(changed.endswith(".py") for _, changed in changes)
+            if manifest_changed:
                 await self.reload()
-            if any(changed.endswith(".py") for _, changed in changes):
+            elif code_changed and self._hosts_apps():
+                await self._reread_apps()
+            if code_changed:
                 for host in self.hosts.values():
                     host.code_changed()
+
+    def _hosts_apps(self) -> bool:
+        return any(h.spec.resolved_framework == LIVEKIT_AGENTS for h in self.hosts.values())
+
+    async def _reread_apps(self) -> None:
+        """A livekit-agents app carries settings in its code: check it again and apply them."""
+        try:
+            manifest = await asyncio.to_thread(_load_checked, self.manifest.path)
+        except ManifestError as exc:
+            log.error("agent code changed but does not load; new jobs will fail: %s", exc)
+            return
+        self._apply(manifest)
+        self.manifest = manifest
 
     async def reload(self) -> bool:
         """Re-read the manifest and reconcile; an invalid one is reported and ignored."""

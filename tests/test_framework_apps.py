@@ -285,3 +285,34 @@ async def test_fork_server_preloads_the_framework_and_jobs_share_it(
         own = psutil.Process(job["pid"]).memory_full_info().uss
         # Most of what the job uses is the fork server's pages, shared, not its own.
         assert own < zygote.memory_info().rss / 3, (own, zygote.memory_info().rss)
+
+
+APP_WITH_IDLE = """\
+from livekit.agents import AgentServer, JobContext
+
+server = AgentServer(num_idle_processes={idle})
+
+
+@server.rtc_session()
+async def entrypoint(ctx: JobContext) -> None:
+    await ctx.connect()
+"""
+
+
+async def test_settings_in_the_app_follow_code_changes(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name = unique("lka-reload")
+    daemon = await start_daemon(
+        agent_table(name, "reloadable:server", dispatch="explicit"),
+        files={"reloadable.py": APP_WITH_IDLE.format(idle=0)},
+    )
+    [agent] = (await daemon.status())["agents"]
+    assert agent["idle_processes"] == 0
+    (daemon.dir / "reloadable.py").write_text(APP_WITH_IDLE.format(idle=1))
+
+    async def one_idle() -> bool:
+        return (await daemon.status())["agents"][0]["idle_processes"] == 1
+
+    await wait_for(one_idle, 60, what="the app's new num_idle_processes to apply")
+    assert "changes applied in place: idle_processes" in daemon.log()
