@@ -170,6 +170,18 @@ def preload() -> None:
         import uvloop  # noqa: F401
 
 
+def _preload_app(app: apps.App) -> None:
+    """What the app's own framework shares between its jobs (livekit-agents' preloads)."""
+    shared = getattr(app, "preload", None)
+    if shared is None:
+        return
+    try:
+        shared()
+    except Exception as exc:  # e.g. a preload_modules entry that does not import
+        traceback.print_exc()
+        raise runner.LoadError(f"cannot preload for the agent: {apps.describe(exc)}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkrun.zygote")
     runner.add_app_arguments(parser)
@@ -186,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = thread_count()
     try:
         app = runner.load(args.entrypoint, args.prewarm, args.framework)
-        # What the app's own framework shares between its jobs (livekit-agents' preloads).
-        if (shared := getattr(app, "preload", None)) is not None:
-            shared()
+        _preload_app(app)
     except runner.LoadError as exc:
         control.send(jobpipe.encode(FAILED, error=str(exc)))
         return 1

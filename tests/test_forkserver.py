@@ -300,3 +300,37 @@ async def test_only_a_change_to_what_it_loaded_replaces_the_fork_server(
 
     await wait_for(replaced, 30, what="a new fork server")
     await wait_for(lambda: not pid_alive(first), 10, what="the old one to exit")
+
+
+async def test_a_livekit_agents_app_with_a_missing_preload_module_still_forks(
+    tmp_path: Path,
+) -> None:
+    # The official forkserver skips a preload module that does not import; so does lkrun, and
+    # says so in the fork server's log.
+    source = (
+        "from livekit.agents import AgentServer, JobContext\n"
+        "server = AgentServer(preload_modules=['no_such_module_lkrun'])\n"
+        "@server.rtc_session()\n"
+        "async def entrypoint(ctx: JobContext) -> None:\n"
+        "    pass\n"
+    )
+    (tmp_path / "app_preload.py").write_text(source)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    server = ForkServer(
+        label="t",
+        app=AppSpec("app_preload:server", framework="livekit-agents"),
+        cwd=tmp_path,
+        env=env,
+        load_timeout=60,
+    )
+    try:
+        launched = await server()
+        assert launched.pid > 0 and server.error == ""
+        await wait_for(
+            lambda: "cannot preload no_such_module_lkrun" in server._last_line,
+            10,
+            what="the fork server's log line",
+        )
+        os.killpg(launched.pid, signal.SIGKILL)
+    finally:
+        await server.close(5)

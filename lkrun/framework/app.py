@@ -29,6 +29,7 @@ from livekit.agents import AgentServer, JobProcess
 from livekit.agents.job import JobExecutorType
 from livekit.agents.worker import ServerEnvOption, ServerOptions, ServerType
 
+from lkrun import apps
 from lkrun.apps import LIVEKIT_AGENTS, AppError, Job, call
 from lkrun.framework import compat
 
@@ -220,11 +221,13 @@ class FrameworkApp:
         from livekit.agents.plugin import Plugin
 
         packages = [p.package for p in Plugin.registered_plugins] + self.preload_modules
-        for name in dict.fromkeys(packages):
-            importlib.import_module(name)
-        # The framework's own warm-up (av, the rtc library, local inference models...): no
-        # threads, no event loop, so it is safe before fork.
-        importlib.import_module("livekit.agents.ipc._preload")
+        # The framework's own warm-up last (av, the rtc library, local inference models...):
+        # no threads, no event loop, so it is safe before fork.
+        for name in [*dict.fromkeys(packages), "livekit.agents.ipc._preload"]:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:  # as the official forkserver does: skip it, but say so
+                print(f"lkrun: cannot preload {name}: {apps.describe(exc)}", file=sys.stderr)
 
     # -- in a job process -----------------------------------------------------------------
 

@@ -29,8 +29,17 @@ PRIVATE = (
     ("livekit.agents.job", "JobContext._on_session_end"),
     ("livekit.agents.utils.http_context", "_new_session_ctx"),
     ("livekit.agents.utils.http_context", "_close_http_ctx"),
+    ("livekit.agents.utils.http_context", "_set_default_cert_env"),
     ("livekit.agents.ipc.inference_executor", "InferenceExecutor"),
+    ("livekit.agents.worker", "ServerEnvOption"),
+    ("livekit.agents.worker", "ServerOptions"),
+    ("livekit.agents.worker", "ServerType"),
 )
+# Also read, each checked where it is used: AgentServer's private attributes
+# (server_attribute below; the defaults from its __init__ signature), the JobContext's
+# _primary_agent_session, _shutdown_callbacks and _pending_tasks (tests build one), and
+# the preload module livekit.agents.ipc._preload (imported by name: an ImportError there
+# fails the fork server with the module's name).
 
 
 def missing() -> list[str]:
