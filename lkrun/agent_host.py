@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.apps import LIVEKIT_AGENTS
-from lkrun.credentials import Credentials
+from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
 from lkrun.job_process import (
@@ -45,7 +46,6 @@ job_log = logging.getLogger("lkrun.job")
 # The server waits 10 s for our answer to be followed by an assignment; after that
 # a reserved slot is released.
 ASSIGNMENT_WAIT = 15.0
-SECRET_ENV = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 AGENT_NAME_ATTRIBUTE = "lk.agent.name"  # what the official worker gives its participants
 
 
@@ -131,6 +131,7 @@ class AgentHost:
         )
         self._reserved: dict[str, float] = {}  # job id -> when we said yes
         self._accepted: dict[str, Acceptance] = {}  # job id -> what we said yes with
+        self._deciding: set[asyncio.Task[None]] = set()  # offers the app's on_request weighs
         self._active: set[str] = set()  # assigned jobs not yet finished
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
         self._procs: dict[str, JobProcess] = {}
@@ -145,10 +146,12 @@ class AgentHost:
             timeout=spec.prewarm_timeout,
         )
         self.requests = self._new_request_process()
+        self._requests_task: asyncio.Task[None] | None = None
+        self._running = False  # run() is on: helpers may start
 
     # -- WorkerHandler -----------------------------------------------------------------
 
-    def on_availability(self, job: proto.Job) -> Decision | Coroutine[Any, Any, Decision]:
+    def on_availability(self, job: proto.Job) -> Decision | asyncio.Future[Decision]:
         self._expire_reservations()
         room = job.room.name
         if decline := self._decline(room):
@@ -174,28 +177,45 @@ class AgentHost:
             return self._ask_app(job, ours)
         return ours
 
-    async def _ask_app(self, job: proto.Job, ours: Acceptance) -> Decision:
-        """The app's own request function decides; the slot is held meanwhile."""
-        decision: Decision = Decline("error", "no decision")
+    def _ask_app(self, job: proto.Job, ours: Acceptance) -> asyncio.Future[Decision]:
+        """The app's own request function decides, in a task of ours; the slot is held
+        meanwhile. Whoever awaits the answer may give up (its connection dropped): the
+        answer is then cancelled and the slot released."""
+        answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._decide(job, ours, answer), name=f"offer {job.id}")
+        self._deciding.add(task)
+        task.add_done_callback(self._deciding.discard)
+        return answer
+
+    async def _decide(
+        self, job: proto.Job, ours: Acceptance, answer: asyncio.Future[Decision]
+    ) -> None:
+        room = job.room.name
+        decision: Decision = Decline("error", f"room {room!r}: no decision was made")
         try:
             assert self.requests is not None
-            answer = await self.requests.ask(job)
-            decision = _app_decision(answer, ours)
+            decision = _app_decision(await self.requests.ask(job), ours)
             if isinstance(decision, Decline):
-                decision = Decline(decision.reason, f"room {job.room.name!r}: {decision.text}")
+                decision = dataclasses.replace(decision, text=f"room {room!r}: {decision.text}")
         except RequestRefused as exc:
-            decision = Decline("on_request", f"room {job.room.name!r}: {exc}")
+            decision = Decline("on_request", f"room {room!r}: {exc}")
         finally:
             if not self.accepting:  # drained or removed while the app was deciding
-                why = f"room {job.room.name!r}: not accepting jobs (draining or removed)"
+                why = f"room {room!r}: not accepting jobs (draining or removed)"
                 decision = Decline("not_accepting", why)
-            if isinstance(decision, Decline):  # also when cancelled: the offer is gone
-                self._reserved.pop(job.id, None)
-                self._check_idle()
-                self.registration.load_changed()
+            if isinstance(decision, Decline) or answer.done():  # no job will follow
+                self._release(job.id)
+        if answer.done():
+            return
         if isinstance(decision, Decline):
             self.log.info("declined job %s: %s", job.id, decision.text)
-        return decision
+        answer.set_result(decision)
+
+    def _release(self, job_id: str) -> None:
+        self._reserved.pop(job_id, None)
+        self._accepted.pop(job_id, None)
+        self._check_idle()
+        self.registration.load_changed()
 
     def _decline(self, room: str) -> Decline | None:
         if not self.accepting:
@@ -262,13 +282,16 @@ class AgentHost:
         AuthError propagates to the daemon.
         """
         await self._start_forkserver()
-        helpers = [asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")]
-        if self.requests is not None:
-            name = f"request process {self.spec.name}"
-            helpers.append(asyncio.create_task(self.requests.run(), name=name))
+        pool = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
+        self._running = True
+        self._start_requests()
         try:
             await self.registration.run()
         finally:
+            self._running = False
+            helpers = [pool, *self._deciding]
+            if self._requests_task is not None:
+                helpers.append(self._requests_task)
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -286,9 +309,27 @@ class AgentHost:
             self.forkserver.load_timeout = spec.prewarm_timeout
         if _process_fields(old) != _process_fields(spec):
             self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
-        if self.requests is not None:
-            self.requests.timeout = spec.request_timeout
-            if _loaded_fields(old) != _loaded_fields(spec):
+        self._sync_requests(restart=_loaded_fields(old) != _loaded_fields(spec))
+
+    def _start_requests(self) -> None:
+        if self.requests is not None and self._requests_task is None and self._running:
+            name = f"request process {self.spec.name}"
+            self._requests_task = asyncio.create_task(self.requests.run(), name=name)
+
+    def _sync_requests(self, *, restart: bool) -> None:
+        """Start or stop the request process as the app gained or lost its on_request."""
+        wanted = self.spec.app is not None and self.spec.app.on_request
+        if wanted and self.requests is None:
+            self.requests = self._new_request_process()
+            self._start_requests()
+        elif not wanted and self.requests is not None:
+            self.requests, task, self._requests_task = None, self._requests_task, None
+            if task is not None:
+                task.cancel()
+                self._spawn(_wait_cancelled(task), name=f"stop request process {self.spec.name}")
+        elif self.requests is not None:
+            self.requests.timeout = self.spec.request_timeout
+            if restart:
                 self.requests.restart()
 
     def code_changed(self) -> None:
@@ -520,6 +561,7 @@ class AgentHost:
             if timer is not None:
                 timer.cancel()
             self._procs.pop(record.id, None)
+            self._accepted.pop(record.id, None)  # when it never got as far as its start
         self._finish(record, outcome)
 
     def _start_message(self, record: JobRecord, assignment: proto.JobAssignment) -> dict[str, Any]:
@@ -530,6 +572,7 @@ class AgentHost:
             "token": assignment.token,
             "identity": record.identity,
             "agent": self.spec.name,
+            "shutdown_timeout": self._shutdown_timeout(),
             # For a livekit-agents job's RunningJobInfo: how it was accepted, and when.
             "name": answer.name if answer else self.spec.display_name(),
             "metadata": answer.metadata if answer else self.spec.participant_metadata,
@@ -598,12 +641,23 @@ class AgentHost:
 
 def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
     """What a fork server was started with: a change needs a new one."""
-    return (spec.entrypoint, spec.prewarm, spec.env, spec.start_method)
+    return (
+        spec.entrypoint,
+        spec.prewarm,
+        spec.env,
+        spec.pass_credentials,
+        spec.start_method,
+        spec.resolved_framework,
+    )
 
 
 def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
     """What a warm process was started with: a change makes the idle ones stale."""
     return (*_loaded_fields(spec), spec.idle_processes, spec.prewarm_timeout)
+
+
+async def _wait_cancelled(task: asyncio.Task[None]) -> None:
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _app_decision(answer: Mapping[str, Any], ours: Acceptance) -> Decision:
@@ -612,7 +666,7 @@ def _app_decision(answer: Mapping[str, Any], ours: Acceptance) -> Decision:
         why = answer.get("error") or (
             "rejected by on_request" + (" (terminate)" if answer.get("terminate") else "")
         )
-        return Decline("on_request", str(why))
+        return Decline("on_request", str(why), terminate=bool(answer.get("terminate")))
     attributes = dict(ours.attributes)
     extra = answer.get("attributes")
     if isinstance(extra, dict):

@@ -11,6 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# What user code (jobs, the import check) does not get unless an agent asks for it.
+SECRET_ENV = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+
 
 class CredentialsError(Exception):
     """The URL is known but the key or secret is not."""

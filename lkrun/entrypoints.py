@@ -10,6 +10,7 @@ permissions, idle processes, limits, timeouts) fill in what the manifest leaves 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -21,15 +22,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lkrun.credentials import SECRET_ENV
 from lkrun.manifest import (
     AgentSpec,
     AppInfo,
     FrozenMap,
     Manifest,
     ManifestError,
-    Permissions,
+    check_agent_field,
     check_pools,
 )
+
+# How long LiveKit waits for the answer to an offer (psrpc's default timeout, less the
+# time spent choosing a worker).
+LIVEKIT_ANSWER_WAIT = 3.0
 
 # Settings a livekit-agents app may carry, as the AgentSpec fields they become.
 APP_SETTINGS = (
@@ -44,14 +50,47 @@ APP_SETTINGS = (
 
 
 def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> Manifest:
-    """Import every agent's entrypoint (and prewarm) in one fresh subprocess; raise
+    """Import every agent's entrypoint (and prewarm) in fresh subprocesses; raise
     ManifestError for the first failure, else return the manifest with each agent's app
-    filled in and its settings applied."""
+    filled in and its settings applied.
+
+    The code is imported with the environment its jobs get (the agent's ``env``; no API
+    secret unless ``pass_credentials``): an app may read its settings from there, and
+    importing it must not hand it what its jobs would not have. Agents that share an
+    environment share one subprocess.
+    """
     agents = list(manifest.agents.values())
+    groups: dict[tuple[Any, ...], list[AgentSpec]] = {}
+    for spec in agents:
+        groups.setdefault((tuple(spec.env.items()), spec.pass_credentials), []).append(spec)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        futures = [
+            pool.submit(_check_group, manifest, group, timeout) for group in groups.values()
+        ]
+        checked = [f.result() for f in futures]  # re-raises a failed check's ManifestError
+    found: dict[str, AgentSpec] = {}
+    for group in checked:
+        found.update(group)
+    resolved = {name: found[name] for name in manifest.agents}  # in file order
+    try:
+        check_pools(manifest.path, resolved.values())
+    except ManifestError as exc:
+        spec = resolved.get(exc.agent or "")
+        if spec is not None and spec.app is not None and "dispatch" in spec.app.applied:
+            exc.message += ' (its app names no agent: set dispatch = "explicit" here)'
+        raise
+    return dataclasses.replace(manifest, agents=FrozenMap(resolved))
+
+
+def _check_group(
+    manifest: Manifest, agents: list[AgentSpec], timeout: float
+) -> dict[str, AgentSpec]:
+    """Check agents that share one environment in one subprocess; first failure raises."""
     entrypoints = list(dict.fromkeys((a.entrypoint, a.framework) for a in agents))
     callables = list(dict.fromkeys(a.prewarm for a in agents if a.prewarm))
     request = {"entrypoints": entrypoints, "callables": callables}
-    results = _run_importcheck(manifest, request, timeout)
+    env = _check_env(manifest.workdir, agents[0])
+    results = _run_importcheck(manifest, request, timeout, env)
     found = dict(zip(entrypoints, _list(results.get("entrypoints")), strict=False))
     prewarms = results.get("callables")
     prewarms = prewarms if isinstance(prewarms, dict) else {}
@@ -65,8 +104,7 @@ def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> Manifest:
         if spec.prewarm and (error := prewarms.get(spec.prewarm, "was not checked")) is not None:
             raise ManifestError(manifest.path, str(error), agent=spec.name, field="prewarm")
         resolved[spec.name] = apply_app(manifest.path, spec, entry.get("app") or {})
-    check_pools(manifest.path, resolved.values())
-    return dataclasses.replace(manifest, agents=FrozenMap(resolved))
+    return resolved
 
 
 def _list(value: Any) -> list[Any]:
@@ -80,20 +118,19 @@ def apply_app(path: Path, spec: AgentSpec, app: Mapping[str, Any]) -> AgentSpec:
     changes: dict[str, Any] = {}
     for name in APP_SETTINGS:
         if name in settings and name not in spec.explicit:
-            value = settings[name]
-            if name == "permissions":
-                try:
-                    value = Permissions(**value)
-                except TypeError as exc:
-                    raise ManifestError(
-                        path,
-                        f"unusable permissions {value!r}: {exc}",
-                        agent=spec.name,
-                        field="entrypoint",
-                    ) from None
+            try:
+                value = check_agent_field(name, settings[name])
+            except ValueError as exc:  # validated as strictly as the manifest's own values
+                message = f"the app's setting for it is unusable: {exc}"
+                raise ManifestError(path, message, agent=spec.name, field=name) from None
             if getattr(spec, name) != value:
                 changes[name] = value
     warnings = list(app.get("warnings") or ())
+    if app.get("on_request") and spec.request_timeout >= LIVEKIT_ANSWER_WAIT:
+        warnings.append(
+            f"request_timeout={spec.request_timeout:g}s: LiveKit waits about "
+            f"{LIVEKIT_ANSWER_WAIT:g}s for an answer, so a slower on_request loses the offer"
+        )
     agent_name = app.get("agent_name")
     if agent_name and agent_name != spec.name:
         warnings.append(
@@ -114,21 +151,26 @@ def apply_app(path: Path, spec: AgentSpec, app: Mapping[str, Any]) -> AgentSpec:
     return dataclasses.replace(spec, **changes, app=info)
 
 
-def _importcheck_env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+def _check_env(workdir: Path, spec: AgentSpec) -> dict[str, str]:
+    """The environment the agent's jobs get, as far as it is known before connecting."""
+    secret = () if spec.pass_credentials else SECRET_ENV
+    env = {k: v for k, v in os.environ.items() if k not in secret}
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
+    env.update(spec.env)
     return env
 
 
-def _run_importcheck(manifest: Manifest, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _run_importcheck(
+    manifest: Manifest, request: dict[str, Any], timeout: float, env: dict[str, str]
+) -> dict[str, Any]:
     # stderr goes to a file, not a pipe: a process spawned by user code could hold a pipe open
     # long after the check has finished.
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lkrun.importcheck", json.dumps(request)],
             cwd=manifest.workdir,
-            env=_importcheck_env(manifest.workdir),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=errors,

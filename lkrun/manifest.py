@@ -36,6 +36,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "Permissions",
+    "check_agent_field",
     "check_pools",
     "load_manifest",
     "parse_duration",
@@ -196,6 +197,13 @@ def _duration(value: object) -> float:
         return parse_duration(value)
     except ValueError as exc:
         raise _Invalid(str(exc)) from None
+
+
+def _positive_duration(value: object) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise _Invalid(f"must be a duration above 0, got {_show(value)}")
+    return seconds
 
 
 _HOST_PORT_HINT = 'host:port such as "127.0.0.1:8081" or "[::1]:8081"'
@@ -519,7 +527,7 @@ class AgentSpec:
     # then mint a token for any room of the project).
     pass_credentials: bool = field(default=False, metadata=_check(_boolean))
     # How long a livekit-agents on_request may take before the offer is declined.
-    request_timeout: float = field(default=2.0, metadata=_check(_duration))
+    request_timeout: float = field(default=2.0, metadata=_check(_positive_duration))
     # How long a job gets after a shutdown request before it is killed; 0: the daemon's.
     shutdown_timeout: float = field(default=0.0, metadata=_check(_duration))
     # The fields the manifest sets itself; the app's own settings fill in the others.
@@ -579,6 +587,18 @@ class Manifest:
     def workdir(self) -> Path:
         """The manifest's directory, absolute: job code is imported relative to it."""
         return self._workdir
+
+
+def check_agent_field(name: str, value: Any) -> Any:
+    """``value`` for AgentSpec field ``name``, validated as if the manifest had set it;
+    ValueError with the reason otherwise."""
+    field_ = _settable(AgentSpec).get(name)
+    if field_ is None:
+        raise ValueError(f"{name!r} is not an agent setting")
+    try:
+        return field_.metadata["check"](value)
+    except _Invalid as exc:
+        raise ValueError(exc.message if exc.key is None else f"{exc.key}: {exc.message}") from None
 
 
 # --- building dataclasses from tables ---

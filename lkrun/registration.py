@@ -7,6 +7,7 @@ offer, and what to do with an assignment, is the handler's business.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import random
@@ -68,6 +69,7 @@ class Acceptance:
 class Decline:
     reason: str  # a short code for metrics: rooms, max_jobs, cpu, not_accepting, error
     text: str = ""
+    terminate: bool = False  # end the job: LiveKit offers it to no other worker
 
 
 Decision = Acceptance | Decline
@@ -127,7 +129,8 @@ class Registration:
         self._registered = asyncio.Event()
         self._unsent_updates = 0
         self._answers: dict[str, tuple[float, Decision]] = {}  # offers answered, not yet sent
-        self._deciding: set[asyncio.Task[None]] = set()  # offers whose decision is to come
+        # Offers whose decision is to come (an app's own request function weighs them).
+        self._deciding: dict[str, asyncio.Future[Decision]] = {}
         self._registrations = 0
         self._all_sent = asyncio.Event()
         self._all_sent.set()
@@ -140,9 +143,7 @@ class Registration:
         try:
             await self._stay_registered()
         finally:
-            for task in self._deciding:
-                task.cancel()
-            await asyncio.gather(*self._deciding, return_exceptions=True)
+            self._drop_undecided()
 
     async def _stay_registered(self) -> None:
         failures = 0
@@ -325,27 +326,42 @@ class Registration:
             self.log.exception("deciding on job %s failed; declining", job.id)
             accept = Decline("error", str(exc))
         if inspect.isawaitable(accept):
-            task = asyncio.ensure_future(self._answer_later(job, received, accept))
-            self._deciding.add(task)
-            task.add_done_callback(self._deciding.discard)
+            decision = asyncio.ensure_future(accept)
+            self._deciding[job.id] = decision
+            decision.add_done_callback(
+                functools.partial(self._decided, job, received, self._outbox)
+            )
             return
         self._send_answer(job, received, accept)
 
-    async def _answer_later(
-        self, job: proto.Job, received: float, decision: Awaitable[Decision]
+    def _decided(
+        self,
+        job: proto.Job,
+        received: float,
+        outbox: asyncio.Queue[proto.WorkerMessage] | None,
+        decision: asyncio.Future[Decision],
     ) -> None:
-        outbox = self._outbox
-        try:
-            accept = await decision
-        except Exception as exc:
-            self.log.exception("deciding on job %s failed; declining", job.id)
-            accept = Decline("error", str(exc))
+        self._deciding.pop(job.id, None)
+        if decision.cancelled():  # its connection dropped: the server forgot the offer
+            return
+        if (exc := decision.exception()) is not None:
+            self.log.error("deciding on job %s failed; declining", job.id, exc_info=exc)
+            accept: Decision = Decline("error", str(exc))
+        else:
+            accept = decision.result()
         if self._outbox is outbox:  # an offer of a lost connection gets no answer
             self._send_answer(job, received, accept)
 
+    def _drop_undecided(self) -> None:
+        for decision in list(self._deciding.values()):
+            decision.cancel()
+        self._deciding.clear()
+
     def _send_answer(self, job: proto.Job, received: float, accept: Decision) -> None:
         if isinstance(accept, Decline):
-            response = proto.AvailabilityResponse(job_id=job.id, available=False)
+            response = proto.AvailabilityResponse(
+                job_id=job.id, available=False, terminate=accept.terminate
+            )
         else:
             response = proto.AvailabilityResponse(
                 job_id=job.id,
@@ -413,8 +429,7 @@ class Registration:
 
     def _disconnected(self) -> None:
         self._answers.clear()
-        for task in self._deciding:  # their offers died with the connection
-            task.cancel()
+        self._drop_undecided()  # their offers died with the connection
         if self.state.connected:
             self.state.connected = False
             self.state.connected_since = None

@@ -69,6 +69,9 @@ class JobRun:
         self.draining = False  # a drain may be announced before the job starts
         self.stop_reason: str | None = None  # a shutdown that came before the job did
         self.requests: Any = None  # a RequestServer, in the agent's request process
+        # The agent's shutdown_timeout, from the start message: the daemon kills the job
+        # after that long, so no cleanup step may wait longer.
+        self.cleanup_timeout = apps.SHUTDOWN_CALLBACK_TIMEOUT
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -112,6 +115,9 @@ class JobRun:
             log.info("shut down before the job started: %s", exc)
             return True
         logger = logging.getLogger(f"lkrun.job.{start.get('agent', 'agent')}")
+        timeout = start.get("shutdown_timeout")
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            self.cleanup_timeout = float(timeout)
         try:
             self.job = job = self.app.new_job(start, logger)
         except Exception as exc:
@@ -131,7 +137,7 @@ class JobRun:
 
     def grace(self) -> float:
         """How long the job's cleanup may take: short once the daemon is gone."""
-        return ORPHAN_GRACE if self.orphaned else apps.SHUTDOWN_CALLBACK_TIMEOUT
+        return ORPHAN_GRACE if self.orphaned else self.cleanup_timeout
 
 
 class _NotStarted(Exception):
@@ -172,8 +178,12 @@ async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
 
 async def _serve_requests(run: JobRun) -> int:
     """The agent's request process: answer job requests until the daemon says stop."""
+    from lkrun.framework.app import FrameworkApp
     from lkrun.framework.requests import RequestServer
 
+    if not isinstance(run.app, FrameworkApp):
+        run.pipe.send(jobpipe.DONE, ok=False, error="only a livekit-agents app has on_request")
+        return 1
     server = RequestServer(run.app, run.pipe)
     run.requests = server
     run.pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
@@ -198,8 +208,11 @@ def setup_logging() -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(os.environ.get("LKRUN_JOB_LOG_LEVEL", "INFO").upper())
-    # The rtc SDK logs every connection step at INFO; keep the job log about the job.
+    # The rtc SDK logs every connection step at INFO; keep the job log about the job. The
+    # framework and its plugins log what their users expect to see: at the job's level.
     logging.getLogger("livekit").setLevel(logging.WARNING)
+    for name in ("livekit.agents", "livekit.plugins"):
+        logging.getLogger(name).setLevel(root.level)
 
 
 def kill_group_on_sigterm() -> None:

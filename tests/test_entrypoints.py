@@ -254,3 +254,82 @@ def test_apply_app_keeps_an_lkrun_function_as_it_is() -> None:
     resolved = apply_app(Path("agents.toml"), spec, {"framework": "lkrun", "kind": "function"})
     assert resolved.app is not None and resolved.app.summary() == "lkrun function"
     assert resolved.dispatch == "explicit" and resolved.app.applied == ()
+
+
+ENV_APP = """\
+import os
+
+from livekit.agents import AgentServer, JobContext
+
+if "LIVEKIT_API_SECRET" in os.environ:
+    raise RuntimeError("the API secret reached the import check")
+
+server = AgentServer(num_idle_processes=int(os.environ.get("IDLE", "0")))
+
+
+@server.rtc_session()
+async def entrypoint(ctx: JobContext) -> None:
+    pass
+"""
+
+
+def test_the_check_imports_with_each_agents_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LIVEKIT_API_KEY", "key")
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "secret-value")
+    manifest = project(
+        tmp_path,
+        {"envapp": ENV_APP},
+        """\
+        [agents.one]
+        entrypoint = "envapp:server"
+        dispatch = "explicit"
+        env = { IDLE = "1" }
+
+        [agents.two]
+        entrypoint = "envapp:server"
+        dispatch = "explicit"
+        env = { IDLE = "2" }
+        """,
+    )
+    agents = check_entrypoints(manifest).agents
+    assert agents["one"].idle_processes == 1 and agents["two"].idle_processes == 2
+    # An agent that asks for the credentials gets them, in the check as in its jobs.
+    (tmp_path / "agents.toml").write_text(
+        '[agents.one]\nentrypoint = "envapp:server"\ndispatch = "explicit"\n'
+        "pass_credentials = true\n"
+    )
+    with pytest.raises(ManifestError, match="the API secret reached the import check"):
+        check_entrypoints(load_manifest(tmp_path / "agents.toml"))
+
+
+def test_an_unusable_app_setting_is_refused_like_a_manifest_value(tmp_path: Path) -> None:
+    source = PLAIN_SERVER.replace("AgentServer()", "AgentServer(num_idle_processes=-1)")
+    manifest = project(tmp_path, {"bad": source}, '[agents.a]\nentrypoint = "bad:server"\n')
+    with pytest.raises(ManifestError) as info:
+        check_entrypoints(manifest)
+    assert (info.value.agent, info.value.field) == ("a", "idle_processes")
+    assert "the app's setting for it is unusable: must be an integer >= 0, got -1" in str(
+        info.value
+    )
+
+
+def test_pool_clash_from_apps_says_where_the_dispatch_came_from(tmp_path: Path) -> None:
+    manifest = project(
+        tmp_path,
+        {"plain": PLAIN_SERVER},
+        '[agents.a]\nentrypoint = "plain:server"\n[agents.b]\nentrypoint = "plain:server"\n',
+    )
+    with pytest.raises(ManifestError, match='its app names no agent: set dispatch = "explicit"'):
+        check_entrypoints(manifest)
+
+
+def test_a_slow_request_timeout_is_a_warning(tmp_path: Path) -> None:
+    manifest = project(
+        tmp_path,
+        {"app": SERVER_APP},
+        '[agents.named-in-app]\nentrypoint = "app:server"\nrequest_timeout = "5s"\n',
+    )
+    [spec] = check_entrypoints(manifest).agents.values()
+    assert any("LiveKit waits about 3s for an answer" in w for w in spec.app.warnings)  # type: ignore[union-attr]

@@ -586,6 +586,7 @@ def test_unknown_keys_in_agents(body: str, field: str, hint: str) -> None:
         ('pass_credentials = "yes"', "pass_credentials", "must be true or false, got 'yes'"),
         ('request_timeout = "soon"', "request_timeout", "must be a duration such as"),
         ("shutdown_timeout = -1", "shutdown_timeout", "must be a duration such as"),
+        ("request_timeout = 0", "request_timeout", "must be a duration above 0, got 0"),
         ('rooms = "support-*"', "rooms", "must be an array of strings, got 'support-*'"),
         ('rooms = ["a", ""]', "rooms", "must contain only non-empty strings, got ''"),
         ('rooms = ["a", 1]', "rooms", "must contain only non-empty strings, got 1"),

@@ -59,7 +59,7 @@ def _print_status(data: dict[str, Any]) -> None:
             str(a.get("idle_processes", 0)),
             f"{a['load']:.2f}",
             str(a["reconnects"]),
-            a["last_error"] or a.get("warm_error", ""),
+            a["last_error"] or a.get("warm_error") or a.get("request_process_error") or "",
         )
     out.print(table)
     for a in data["agents"]:

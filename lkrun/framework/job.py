@@ -33,7 +33,7 @@ from livekit.agents.job import JobAcceptArguments, JobContext, RunningJobInfo, _
 from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
-from lkrun.apps import JobResult, describe
+from lkrun.apps import JobResult, call, describe
 
 if TYPE_CHECKING:
     from lkrun.framework.app import FrameworkApp
@@ -129,19 +129,32 @@ class FrameworkJob:
         http_context._new_session_ctx()
         reason = ""
         try:
-            entry = asyncio.create_task(_call_entry(app.entrypoint_fnc, ctx), name="entrypoint")
-            entry.add_done_callback(self._entry_done)
-            reason = await self._stopped
-            await self._shut_down(ctx, entry, reason, grace)
+            if self._stopped.done():  # stopped before it began: no entrypoint to run
+                reason = self._stopped.result()
+            else:
+                entry = asyncio.create_task(_call_entry(app.entrypoint_fnc, ctx), name="entry")
+                entry.add_done_callback(self._entry_done)
+                reason = await self._stopped
+                await self._shut_down(ctx, entry, reason, grace)
         finally:
-            for task in [*getattr(ctx, "_pending_tasks", ()), *self._background]:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ctx._on_cleanup(), grace())
-            with contextlib.suppress(Exception):
-                await http_context._close_http_ctx()
+            await self._clean_up(ctx, grace())
             _JobContextVar.reset(token)
         return JobResult(ok=not self.error, error=self.error, reason=reason)
+
+    async def _clean_up(self, ctx: JobContext, timeout: float) -> None:
+        """What the official job process does after the shutdown, each step bounded."""
+        leftovers = [*getattr(ctx, "_pending_tasks", ()), *self._background]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        for what, step in (
+            ("the job context's cleanup", ctx._on_cleanup),
+            ("closing the job's HTTP session", http_context._close_http_ctx),
+        ):
+            try:
+                await asyncio.wait_for(step(), timeout)
+            except Exception as exc:
+                self.log.warning("%s failed: %s", what, describe(exc))
 
     # -- the job's life ----------------------------------------------------------------------
 
@@ -217,12 +230,15 @@ class FrameworkJob:
             await ctx._on_session_end()
         except Exception:
             self.log.exception("the framework's session-end step failed")
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(ctx.room.disconnect(), grace())
+        except Exception as exc:
+            self.log.warning("disconnecting from the room failed: %s", describe(exc))
         await self._run_shutdown_callbacks(ctx, reason, grace())
 
     async def _run_shutdown_callbacks(self, ctx: JobContext, reason: str, timeout: float) -> None:
-        tasks = [asyncio.ensure_future(cb(reason)) for cb in ctx._shutdown_callbacks]
+        # Together, as the official job process runs them; a sync one is tolerated too.
+        tasks = [asyncio.ensure_future(call(cb, reason)) for cb in ctx._shutdown_callbacks]
         if not tasks:
             return
         done, pending = await asyncio.wait(tasks, timeout=timeout)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import ParseDict
 from livekit.agents import JobRequest
@@ -26,13 +26,17 @@ from livekit.agents.job import JobAcceptArguments
 from livekit.protocol import agent as proto
 
 from lkrun import jobpipe
-from lkrun.apps import describe
+from lkrun.apps import call, describe
+
+if TYPE_CHECKING:
+    from lkrun.framework.app import FrameworkApp
+    from lkrun.runner import Pipe
 
 log = logging.getLogger("lkrun.requests")
 
 
 class RequestServer:
-    def __init__(self, app: Any, pipe: Any) -> None:
+    def __init__(self, app: FrameworkApp, pipe: Pipe) -> None:
         self.app = app
         self.pipe = pipe
         self._tasks: set[asyncio.Task[None]] = set()
@@ -69,7 +73,10 @@ class RequestServer:
             return
         request = JobRequest(job=job, on_reject=on_reject, on_accept=on_accept)
         timeout = float(msg.get("timeout") or 2.0)
-        runner = asyncio.ensure_future(self.app.request_fnc(request))
+        if self.app.request_fnc is None:  # e.g. the code lost its on_request since
+            self._send(request_id, {"accept": False, "error": "the app has no on_request"})
+            return
+        runner = asyncio.ensure_future(call(self.app.request_fnc, request))
         try:
             await asyncio.wait(
                 {runner, answered}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED

@@ -323,7 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         print(f"bench: livekit-server at {server.url}", flush=True)
-        view = Server(server.url, server.http_url, server.api_key, server.api_secret)
+        view = Server(
+            server.url,
+            server.http_url,
+            server.api_key,
+            server.api_secret,
+            log_path=folder / "livekit-server.log",
+        )
         asyncio.run(_bench(args, view, registry, results, folder, bench_python))
     except (KeyboardInterrupt, _Stop):
         interrupted = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import datetime
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ class Server:
     http_url: str
     api_key: str
     api_secret: str
+    log_path: Path | None = None  # livekit-server's log, to tell why offers did not come
 
     def env(self) -> dict[str, str]:
         return {
@@ -85,6 +87,7 @@ class Sut(abc.ABC):
         self.proc: Spawned | None = None
         self.notes: list[str] = []
         self.offer_source = ""  # where offer_to_entrypoint_ms read its times
+        self.started_utc = ""  # ISO time of start(), to read the server log from there
 
     @property
     def agent_name(self) -> str:
@@ -170,6 +173,39 @@ class Sut(abc.ABC):
     def why_missing(self, rooms: list[str]) -> str:
         """What the system's own log says about these rooms' jobs, in one line."""
 
+    def server_refusals(self) -> str:
+        """What livekit-server logged about job requests it could not send to this agent.
+
+        A worker that reports itself full (lkrun: machine CPU at ``load_threshold``) or at
+        its target load gets no offer at all; the server logs "failed to send job request"
+        with the agent name, and the host's own log says nothing.
+        """
+        if self.server.log_path is None:
+            return ""
+        needle = f'"agentName": "{self.agent_name}"'
+        count, last = 0, ""
+        try:
+            with open(self.server.log_path, errors="replace") as log:
+                for line in log:
+                    # Lines start with the UTC time, e.g. 2026-01-01T10:00:00.000Z.
+                    if line[: len(self.started_utc)] < self.started_utc:
+                        continue
+                    if "failed to send job request" in line and needle in line:
+                        count += 1
+                        last = line
+        except OSError:
+            return ""
+        if not count:
+            return ""
+        try:
+            error = json.loads(last[last.index("{") :]).get("error", "")
+        except (ValueError, AttributeError):
+            error = ""
+        return (
+            f"livekit-server logged {count} 'failed to send job request' for "
+            f"{self.agent_name} since it started" + (f", last: {error}" if error else "")
+        )
+
     def _log_lines(self, name: str, rooms: list[str]) -> list[str]:
         try:
             text = (self.workdir / name).read_text(errors="replace")
@@ -235,6 +271,7 @@ class LkrunSut(Sut):
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.events_path.unlink(missing_ok=True)
+        self.started_utc = _utc_now()
         self.manifest.write_text(self.manifest_text())
         (self.workdir / "agents.toml").write_text(self.manifest_text())
         self.proc = self.registry.spawn(
@@ -362,8 +399,12 @@ class LkrunSut(Sut):
     def why_missing(self, rooms: list[str]) -> str:
         declined = [_message(x) for x in self._log_lines("daemon.log", rooms) if "declined" in x]
         if declined:
-            return f"lkrun declined {len(declined)} offers, e.g. {declined[-1][:160]}"
-        return "no offer declined in the daemon log"
+            why = f"lkrun declined {len(declined)} offers, e.g. {declined[-1][:160]}"
+        else:
+            offered = len(self._log_lines("daemon.log", rooms))
+            why = f"no offer declined in the daemon log, {offered} lines about these rooms"
+        refusals = self.server_refusals()
+        return f"{why}; {refusals}" if refusals else why
 
     async def failed_jobs(self, rooms: list[str]) -> list[str]:
         wanted = set(rooms)
@@ -372,6 +413,10 @@ class LkrunSut(Sut):
             for job in await self.jobs(include_ended=True)
             if job["room"] in wanted and job["status"] == "failed"
         ]
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _message(line: str) -> str:
@@ -400,6 +445,7 @@ class OfficialSut(Sut):
     async def start(self, timeout: float = 90.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.events_path.unlink(missing_ok=True)
+        self.started_utc = _utc_now()
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         env.update(
             self.server.env(),
@@ -467,9 +513,11 @@ class OfficialSut(Sut):
         lines = self._log_lines("worker.log", rooms)
         requests = sum(1 for x in lines if "received job request" in x)
         refused = sum(1 for x in lines if '"available": false' in x)
-        return f"the worker logged {requests} job requests for these {len(rooms)} rooms" + (
+        why = f"the worker logged {requests} job requests for these {len(rooms)} rooms" + (
             f", {refused} answered unavailable" if refused else ""
         )
+        refusals = self.server_refusals()
+        return f"{why}; {refusals}" if refusals else why
 
     async def failed_jobs(self, rooms: list[str]) -> list[str]:
         # The worker reports failures only in its log (JSON lines at level ERROR).
