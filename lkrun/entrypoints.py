@@ -64,9 +64,7 @@ def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> Manifest:
     for spec in agents:
         groups.setdefault((tuple(spec.env.items()), spec.pass_credentials), []).append(spec)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
-        futures = [
-            pool.submit(_check_group, manifest, group, timeout) for group in groups.values()
-        ]
+        futures = [pool.submit(_check_group, manifest, group, timeout) for group in groups.values()]
         checked = [f.result() for f in futures]  # re-raises a failed check's ManifestError
     found: dict[str, AgentSpec] = {}
     for group in checked:
