@@ -4,9 +4,10 @@ A livekit-agents app may decide per offer whether to take a job (``on_request``)
 user code, so it runs in a process of the agent's own, started like a job process (forked
 from the agent's fork server, or spawned), and kept running: each offer becomes a
 ``request`` message and its ``answer`` decides the reply to LiveKit. An offer that gets no
-answer within ``request_timeout`` is declined, as is every offer while the process is
-(re)starting; each such refusal is logged with its reason. A process that dies is
-restarted with capped backoff.
+answer within ``request_timeout`` is declined, as is every offer while no process is ready;
+each such refusal is logged by the agent with its reason. When the agent's code changes,
+a new process is started while the old one goes on answering, and takes over once ready. A
+process that dies is replaced with capped backoff.
 """
 
 from __future__ import annotations
@@ -51,91 +52,113 @@ class RequestProcess:
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.last_error = ""
-        self._proc: JobProcess | None = None
-        self._ready = False
+        self._serving: JobProcess | None = None  # the process that answers offers now
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[int, tuple[JobProcess, asyncio.Future[dict[str, Any]]]] = {}
         self._restart = asyncio.Event()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._serving is not None
+
+    def restart(self) -> None:
+        """The agent's code changed: answer with a new process once it is ready."""
+        self._restart.set()
 
     async def run(self) -> None:
-        """Keep one request process ready until cancelled."""
+        """Keep one request process answering until cancelled."""
         failures = 0
         try:
             while True:
-                if await self._serve_once():
-                    failures = 0
-                else:
-                    failures += 1
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._restart.wait(), delay if failures else 0)
                 self._restart.clear()
+                proc = await self._start()
+                if proc is None:
+                    failures += 1
+                    await self._pause(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1)))
+                    continue
+                failures = 0
+                old, self._serving = self._serving, proc
+                self.last_error = ""
+                self.log.info("request process %s ready", proc.pid)
+                if old is not None:
+                    self._retire(old, "replaced after a code change")
+                if not await self._serve(proc):
+                    failures += 1
+                    await self._pause(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1)))
         finally:
-            await self._stop("the agent is stopping")
+            serving, self._serving = self._serving, None
+            if serving is not None:
+                self._retire(serving, "the agent is stopping")
+            while self._retiring:
+                await asyncio.gather(*list(self._retiring), return_exceptions=True)
 
-    def restart(self) -> None:
-        """The agent's code changed: answer with a new process from now on."""
-        self._ready = False
-        self._restart.set()
-
-    async def _serve_once(self) -> bool:
-        """Start a process and serve with it until it exits; False if it never got ready."""
+    async def _start(self) -> JobProcess | None:
+        """A new request process, ready; None (the reason recorded) if it did not start."""
         proc = self.factory()
-        proc.on_message = self._on_message
-        self._proc = proc
+        proc.on_message = lambda msg: self._on_message(proc, msg)
         try:
             await proc.spawn()
         except LaunchError as exc:
             self._failed(f"cannot start the request process: {exc}")
-            return False
+            return None
         if not await proc.wait_ready(self.start_timeout):
             outcome = await proc.wait()
             self._failed(f"the request process did not start: {outcome.error}")
-            return False
-        self._ready = not self._restart.is_set()
-        self.last_error = ""
-        self.log.info("request process %s ready", proc.pid)
+            return None
+        return proc
+
+    async def _serve(self, proc: JobProcess) -> bool:
+        """Until the process exits (False) or a restart is asked for (True)."""
         restart = asyncio.ensure_future(self._restart.wait())
         exited = asyncio.ensure_future(proc.wait())
         try:
             await asyncio.wait({restart, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             restart.cancel()
-            self._ready = False
-        if not exited.done():
-            await proc.stop("the agent's code changed", STOP_TIMEOUT)
-        outcome = await exited
-        self._refuse_waiting("the request process exited")
-        if outcome.error:
-            self._failed(f"the request process exited: {outcome.error}")
-        return True
+            if not exited.done():
+                exited.cancel()
+        if self._restart.is_set():
+            return True
+        if self._serving is proc:
+            self._serving = None
+        outcome = exited.result()
+        self._failed(f"the request process exited: {outcome.error or 'no reason given'}")
+        self._refuse(proc, "the request process exited")
+        return False
+
+    async def _pause(self, delay: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._restart.wait(), delay)  # a code change: try now
+
+    def _retire(self, proc: JobProcess, why: str) -> None:
+        """Stop ``proc`` once it has answered what it was asked (it finishes those first)."""
+
+        async def stop() -> None:
+            await proc.stop(why, STOP_TIMEOUT + self.timeout)
+            self._refuse(proc, f"the request process stopped ({why})")
+
+        task = asyncio.create_task(stop(), name=f"retire request process {proc.pid}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _failed(self, why: str) -> None:
         if why != self.last_error:
             self.log.error("%s", why)
         self.last_error = why
-        self._refuse_waiting(why)
 
     async def ask(self, job: proto.Job) -> dict[str, Any]:
         """The request function's answer for ``job``; RequestRefused if there is none."""
-        proc = self._proc
-        if not self._ready or proc is None:
-            raise RequestRefused(
-                "the request process is not ready"
-                + (f": {self.last_error}" if self.last_error else "")
-            )
+        proc = self._serving
+        if proc is None:
+            why = f": {self.last_error}" if self.last_error else ""
+            raise RequestRefused(f"the request process is not ready{why}")
         request_id = next(self._ids)
-        answer = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = answer
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = (proc, answer)
         try:
-            sent = proc.send(
-                jobpipe.REQUEST, id=request_id, job=MessageToDict(job), timeout=self.timeout
-            )
-            if not sent:
+            message = {"id": request_id, "job": MessageToDict(job), "timeout": self.timeout}
+            if not proc.send(jobpipe.REQUEST, **message):
                 raise RequestRefused("the request process is gone")
             try:
                 return await asyncio.wait_for(answer, self.timeout + ANSWER_MARGIN)
@@ -146,22 +169,14 @@ class RequestProcess:
         finally:
             self._waiting.pop(request_id, None)
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
+    def _on_message(self, proc: JobProcess, msg: dict[str, Any]) -> None:
         if msg.get("type") != jobpipe.ANSWER:
             return
-        answer = self._waiting.get(msg.get("id"))  # type: ignore[arg-type]
-        if answer is not None and not answer.done():
-            answer.set_result(msg)
+        waiting = self._waiting.get(msg.get("id"))  # type: ignore[arg-type]
+        if waiting is not None and waiting[0] is proc and not waiting[1].done():
+            waiting[1].set_result(msg)
 
-    def _refuse_waiting(self, why: str) -> None:
-        for answer in self._waiting.values():
-            if not answer.done():
+    def _refuse(self, proc: JobProcess, why: str) -> None:
+        for asked, answer in self._waiting.values():
+            if asked is proc and not answer.done():
                 answer.set_exception(RequestRefused(why))
-
-    async def _stop(self, why: str) -> None:
-        self._ready = False
-        proc = self._proc
-        if proc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(proc.stop(why, STOP_TIMEOUT))
-        self._refuse_waiting(why)

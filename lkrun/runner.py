@@ -189,7 +189,7 @@ async def _serve_requests(run: JobRun) -> int:
     run.pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
     with contextlib.suppress(_NotStarted):
         await run.start_msg  # a shutdown (or stdin EOF) ends this process
-    await server.close()
+    await server.close(run.grace())
     return 0
 
 

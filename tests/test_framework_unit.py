@@ -201,12 +201,23 @@ async def test_request_process_answers_offers(method: str) -> None:
         no = await requests.ask(proto.Job(id="AJ_2", room=models.Room(name="deny-me")))
         assert no["accept"] is False and no["terminate"] is True
         # A request process that dies is replaced; offers meanwhile are declined.
-        first: Any = requests._proc
+        first: Any = requests._serving
         os.kill(first.pid, signal.SIGKILL)
-        await wait_for(lambda: requests._proc is not first and requests.ready, 60,
+        await wait_for(lambda: requests._serving not in (None, first), 60,
                        what="a new request process")  # fmt: skip
         again = await requests.ask(proto.Job(id="AJ_3", room=models.Room(name="lobby")))
         assert again["accept"] is True
+        # A code change: the old process answers until the new one is ready.
+        second: Any = requests._serving
+        requests.restart()
+        answered = 0
+        while requests._serving is second:
+            meanwhile = await requests.ask(proto.Job(id="AJ_4", room=models.Room(name="x")))
+            assert meanwhile["accept"] is True
+            answered += 1
+            await asyncio.sleep(0.05)
+        assert answered > 0 and requests.ready
+        await wait_for(lambda: second.exited, 20, what="the old request process to stop")
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

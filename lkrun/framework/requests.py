@@ -104,7 +104,10 @@ class RequestServer:
     def _send(self, request_id: Any, answer: Mapping[str, Any]) -> None:
         self.pipe.send(jobpipe.ANSWER, id=request_id, **answer)
 
-    async def close(self) -> None:
+    async def close(self, grace: float) -> None:
+        """Finish the requests in hand (each has its own time limit), then stop."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
