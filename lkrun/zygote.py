@@ -68,17 +68,24 @@ class Zygote:
         self.control.send(jobpipe.encode(kind, **fields))
 
     def serve(self) -> int:
-        # SIGCHLD only wakes select(); the loop reaps.
+        # SIGCHLD only wakes the poll; the loop reaps.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self._wake_w)
+        # poll(), not select(): select() cannot watch a descriptor numbered 1024 or more,
+        # which the control socket gets in a daemon that holds hundreds of job pipes. Nor
+        # epoll: its own descriptor would be one more thing every child must close.
+        poller = select.poll()
+        control = self.control.fileno()
+        for fd in (control, self._wake_r):
+            poller.register(fd, select.POLLIN)
         self.send(READY, pid=os.getpid())
         while not (self.retired and not self.children):
-            readable, _, _ = select.select([self.control, self._wake_r], [], [])
-            if self._wake_r in readable:
+            ready = {fd: events for fd, events in poller.poll()}
+            if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
                 self.reap()
-            if self.control in readable and not self.on_request():
+            if control in ready and not self.on_request():
                 return 0  # the daemon is gone; our children get SIGTERM as we exit
         return 0
 

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -334,3 +335,26 @@ async def test_a_livekit_agents_app_with_a_missing_preload_module_still_forks(
         os.killpg(launched.pid, signal.SIGKILL)
     finally:
         await server.close(5)
+
+
+async def test_a_control_socket_numbered_above_1024_works(
+    servers: Callable[[str, str], ForkServer],
+) -> None:
+    # A daemon holding hundreds of job pipes hands its fork server a high descriptor;
+    # select() refuses any at 1024 or above ("filedescriptor out of range").
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard descriptor limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        server = servers("high_fds", COUNTED)
+        proc = await ready_job(server)
+        assert server._sock is not None and server._sock.fileno() >= 1024
+        proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
+        await proc.stop("test over", timeout=10)
+        assert (await proc.wait()).ok
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
