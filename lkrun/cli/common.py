@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from lkrun import __version__, control
 
@@ -23,6 +24,12 @@ app.add_typer(jobs_app, name="jobs")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 # Piped output is read by scripts and grep: don't wrap it at 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+
+
+def cell(value: object) -> Text:
+    """A table cell shown as it is: room names, errors and identities come from clients and
+    jobs, and Rich would read "[link=...]" or "[/x]" in them as markup."""
+    return Text(str(value))
 
 EXIT_USAGE = 2  # bad manifest or bad configuration
 EXIT_FAILURE = 1

@@ -92,11 +92,12 @@ def dispatch(
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     elif running is None:
-        out.print(created.id)
+        out.print(created.id, markup=False)
     else:
         out.print(
             f"{created.id}: job {running.job_id} running after {running.seconds:.2f}s "
-            f"(participant {running.participant_identity})"
+            f"(participant {running.participant_identity})",
+            markup=False,
         )
     if wait and running is None:
         _explain_timeout(agent, room, created.id, limit, control_socket)

@@ -18,6 +18,7 @@ from lkrun.cli.common import (
     SocketOpt,
     age,
     ask_daemon,
+    cell,
     duration_value,
     err,
     fail,
@@ -71,7 +72,7 @@ def _jobs_table(jobs: list[dict[str, Any]], *, usage: bool) -> Table:
         ]
         if usage:
             row += [f"{job.get('cpu_percent') or 0:.0f}%", f"{job.get('memory_mb') or 0:.0f}M"]
-        table.add_row(*row, job["error"] or "")
+        table.add_row(*(cell(value) for value in (*row, job["error"] or "")))
     return table
 
 

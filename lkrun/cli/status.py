@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from lkrun.cli.common import EXIT_FAILURE, JsonOpt, SocketOpt, age, app, ask_daemon, out
+from lkrun.cli.common import EXIT_FAILURE, JsonOpt, SocketOpt, age, app, ask_daemon, cell, out
 
 
 @app.command()
@@ -49,7 +49,7 @@ def _print_status(data: dict[str, Any]) -> None:
         reg = "connected" if a["connected"] else "down"
         if a.get("retiring"):
             reg += " (retiring)"
-        table.add_row(
+        values = (
             a["agent"],
             a["dispatch"],
             reg,
@@ -61,6 +61,7 @@ def _print_status(data: dict[str, Any]) -> None:
             str(a["reconnects"]),
             a["last_error"] or a.get("warm_error") or a.get("request_process_error") or "",
         )
+        table.add_row(*(cell(value) for value in values))
     out.print(table)
     for a in data["agents"]:
         if a.get("app"):
