@@ -161,10 +161,12 @@ def _int_at_least(minimum: int) -> Check:
     return check
 
 
-def _fraction(value: object) -> float:
-    """A number in (0, 1]; NaN fails the comparison and is rejected too."""
+def _threshold(value: object) -> float:
+    """A number in (0, 1], or "off" (infinity: never reached); NaN is rejected too."""
+    if value == "off":
+        return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise _Invalid(f"must be a number > 0 and <= 1, got {_show(value)}")
+        raise _Invalid(f'must be a number > 0 and <= 1, or "off", got {_show(value)}')
     return float(value)
 
 
@@ -436,8 +438,9 @@ class DaemonSettings:
     history_retention: float = field(default=7 * 86400.0, metadata=_check(_duration))
     # A job's log file is rotated at this size (one rotated file is kept).
     job_log_max_mb: int = field(default=5, metadata=_check(_int_at_least(1)))
-    # Machine CPU use (0..1] above which every agent reports itself full.
-    load_threshold: float = field(default=0.75, metadata=_check(_fraction))
+    # Machine CPU use (0..1] above which every agent reports itself full; "off" (inf):
+    # the CPU counts for nothing, only max_jobs and draining make an agent full.
+    load_threshold: float = field(default=0.75, metadata=_check(_threshold))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import namedtuple
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def test_agent_load(
 ) -> None:
     got = agent_load(jobs=jobs, max_jobs=max_jobs, cpu=cpu, load_threshold=0.8, draining=draining)
     assert got == expected
+
+
+def test_cpu_off_counts_only_jobs() -> None:
+    """load_threshold = "off": a machine at 100 % CPU is not full; max_jobs still is."""
+    busy = agent_load(jobs=1, max_jobs=4, cpu=1.0, load_threshold=math.inf, draining=False)
+    assert busy == WorkerLoad(False, 0.17, 1)
+    full = agent_load(jobs=4, max_jobs=4, cpu=1.0, load_threshold=math.inf, draining=False)
+    assert full.full
 
 
 def test_available_load_stays_below_target() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import pickle
 import sys
@@ -417,7 +418,8 @@ def test_bad_memory_limits(value: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [("0.5", 0.5), ("1", 1.0), ("1.0", 1.0), ("1e-3", 0.001)]
+    ("value", "expected"),
+    [("0.5", 0.5), ("1", 1.0), ("1.0", 1.0), ("1e-3", 0.001), ('"off"', math.inf)],
 )
 def test_load_threshold_accepted(value: str, expected: float) -> None:
     daemon = parse(f"[daemon]\nload_threshold = {value}\n" + MINIMAL).daemon
@@ -428,12 +430,13 @@ def test_load_threshold_accepted(value: str, expected: float) -> None:
 @pytest.mark.parametrize(
     ("value", "shown"),
     [("0", "0"), ("0.0", "0.0"), ("-0.5", "-0.5"), ("1.01", "1.01"), ("2", "2"), ("75", "75"),
-     ("nan", "nan"), ("inf", "inf"), ("true", "true"), ('"0.75"', "'0.75'"), ('"75%"', "'75%'")],
+     ("nan", "nan"), ("inf", "inf"), ("true", "true"), ('"0.75"', "'0.75'"), ('"75%"', "'75%'"),
+     ('"OFF"', "'OFF'")],
 )  # fmt: skip
 def test_bad_load_thresholds(value: str, shown: str) -> None:
     text = f"[daemon]\nload_threshold = {value}\n" + MINIMAL
     err = rejects(text, field="daemon.load_threshold")
-    assert err.message == f"must be a number > 0 and <= 1, got {shown}"
+    assert err.message == f'must be a number > 0 and <= 1, or "off", got {shown}'
 
 
 @pytest.mark.parametrize(
