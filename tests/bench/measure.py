@@ -32,6 +32,13 @@ from tests.bench.suts import Server, Sut, SutError
 OBSERVER = "bench-observer"
 MB = 1024 * 1024
 JOINED_POLL = 0.02
+# Before each dispatch and phase: the machine's CPU (%, over SETTLE_WINDOW s) must be below
+# SETTLE_CPU, for up to SETTLE_TIMEOUT s. Starting the next thing while the last one's
+# processes still burn CPU would measure the leftovers (and lkrun reports itself full at
+# 100 % CPU); importing livekit-agents is CPU-heavy.
+SETTLE_CPU = 60.0
+SETTLE_WINDOW = 0.3
+SETTLE_TIMEOUT = 20.0
 
 
 @dataclass
@@ -206,10 +213,25 @@ class Bench:
 
     async def ready_for_next(self) -> None:
         if not await self.sut.wait_idle_ready(60):
-            message = f"fewer than {self.sut.idle} idle processes ready after 60s"
-            self.say(f"warning: {message}")
-            if message not in self.sut.notes:
-                self.sut.notes.append(message)
+            self.note(f"fewer than {self.sut.idle} idle processes ready after 60s")
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until the machine's CPU is below SETTLE_CPU (at most SETTLE_TIMEOUT s)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            busy = await asyncio.to_thread(psutil.cpu_percent, SETTLE_WINDOW)
+            if busy < SETTLE_CPU:
+                return
+            if time.monotonic() > deadline:
+                self.note(f"CPU still at or above {SETTLE_CPU:g}% after {SETTLE_TIMEOUT:g}s")
+                return
+
+    def note(self, message: str) -> None:
+        """A warning now, and once in the run notes."""
+        self.say(f"warning: {message}")
+        if message not in self.sut.notes:
+            self.sut.notes.append(message)
 
     # -- baseline -------------------------------------------------------------------------
 
