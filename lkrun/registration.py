@@ -35,6 +35,7 @@ HEARTBEAT = 10.0  # WebSocket ping interval; the connection is dropped if a pong
 STATUS_REFRESH = 5.0  # resend the worker status this often even if nothing changed
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 15.0
+STABLE_CONNECTION = 30.0  # seconds up after which a lost connection starts the backoff anew
 
 JOB_TYPES = {
     "room": proto.JT_ROOM,
@@ -150,7 +151,6 @@ class Registration:
         while True:
             try:
                 await self._session()
-                failures = 0
             except AuthError:
                 raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
@@ -158,6 +158,11 @@ class Registration:
             except Exception as exc:  # a bug must not end the registration for good
                 self.log.exception("unexpected error in the registration")
                 self.state.last_error = _one_line(exc)
+            # Only a connection that stayed up a while resets the backoff: a server that
+            # accepts and then closes at once must not be hammered several times a second.
+            up_since = self.state.connected_since
+            if up_since is not None and time.time() - up_since >= STABLE_CONNECTION:
+                failures = 0
             self._disconnected()
             delay = backoff(failures)
             failures += 1

@@ -349,3 +349,29 @@ async def test_registration_counts_only_once_the_server_pongs(
     assert server.connections == 2
     assert states == [False]
     assert [again for _, again in handler.registered] == [False]
+
+
+@pytest.mark.parametrize(("up", "stable", "expected"), [(0.0, 30.0, [0, 1, 2, 3]),
+                                                         (0.3, 0.2, [0, 0, 0, 0])])  # fmt: skip
+async def test_backoff_resets_only_after_a_connection_that_lasted(
+    session: Any, monkeypatch: pytest.MonkeyPatch, up: float, stable: float, expected: list[int]
+) -> None:
+    """A server that accepts, confirms and closes at once is not retried at full speed."""
+    monkeypatch.setattr(registration, "STABLE_CONNECTION", stable)
+    seen: list[int] = []
+    original = registration.backoff
+
+    def recording(failures: int) -> float:
+        seen.append(failures)
+        return original(failures)
+
+    monkeypatch.setattr(registration, "backoff", recording)
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        await asyncio.sleep(up)  # then a clean close
+
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, Handler(), session)
+        await run_until(reg, lambda: len(seen) >= 4)
+    assert seen[:4] == expected
