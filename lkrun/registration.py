@@ -126,6 +126,7 @@ class Registration:
         self._outbox: asyncio.Queue[proto.WorkerMessage] | None = None
         # Job status updates must reach the server even across a reconnect.
         self._backlog: deque[proto.WorkerMessage] = deque()
+        self._unwritten: proto.WorkerMessage | None = None  # an update whose write failed
         self._last_load: WorkerLoad | None = None
         self._registered = asyncio.Event()
         self._unsent_updates = 0
@@ -409,8 +410,8 @@ class Registration:
             try:
                 await ws.send_bytes(msg.SerializeToString())
             except Exception:
-                if is_update:
-                    self._backlog.appendleft(msg)
+                if is_update:  # the oldest unsent: first again (see _requeue_job_updates)
+                    self._unwritten = msg
                 raise
             if kind == "availability":
                 self._answered(msg.availability.job_id)
@@ -425,7 +426,10 @@ class Registration:
             self.handler.on_answered(job_id, decision, time.perf_counter() - received)
 
     def _requeue_job_updates(self, outbox: asyncio.Queue[proto.WorkerMessage]) -> None:
-        unsent = []
+        # A job's updates must reach the server in order (RUNNING before SUCCESS): the one
+        # whose write failed, then those still queued behind it.
+        unsent = [self._unwritten] if self._unwritten is not None else []
+        self._unwritten = None
         while not outbox.empty():
             msg = outbox.get_nowait()
             if msg.WhichOneof("message") == "update_job":

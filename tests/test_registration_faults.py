@@ -375,3 +375,21 @@ async def test_backoff_resets_only_after_a_connection_that_lasted(
         reg = make_registration(server.url, Handler(), session)
         await run_until(reg, lambda: len(seen) >= 4)
     assert seen[:4] == expected
+
+
+async def test_job_updates_keep_their_order_when_a_write_fails(session: Any) -> None:
+    class BrokenSocket:
+        async def send_bytes(self, data: bytes) -> None:
+            raise ConnectionResetError("gone")
+
+    reg = make_registration("ws://127.0.0.1:1", Handler(), session)
+    outbox: asyncio.Queue[proto.WorkerMessage] = asyncio.Queue()
+    reg._outbox = outbox
+    reg.state.connected = True
+    reg.update_job("AJ_1", proto.JS_RUNNING)
+    reg.update_job("AJ_1", proto.JS_SUCCESS)
+    with pytest.raises(ConnectionResetError):
+        await reg._write(BrokenSocket(), outbox)  # type: ignore[arg-type]
+    reg._requeue_job_updates(outbox)
+    statuses = [m.update_job.status for m in reg._backlog]
+    assert statuses == [proto.JS_RUNNING, proto.JS_SUCCESS]
