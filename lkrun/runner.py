@@ -36,10 +36,11 @@ ORPHAN_GRACE = 1.0  # how long an orphaned job may take to wrap up before it exi
 
 
 class Pipe:
-    """The protocol channel: writes to the real stdout, reads stdin lines."""
+    """The protocol channel: private copies of the stdout and stdin the daemon gave us."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, in_fd: int = 0) -> None:
         self._out = out
+        self.in_fd = in_fd
 
     def send(self, kind: str, **fields: Any) -> None:
         try:
@@ -55,6 +56,19 @@ def take_protocol_stdout() -> BinaryIO:
     os.dup2(2, 1)  # C extensions and subprocesses writing to fd 1 land in the log
     sys.stdout = sys.stderr
     return os.fdopen(proto_fd, "wb", buffering=0)
+
+
+def take_protocol_stdin() -> int:
+    """Keep the daemon's pipe on a private descriptor; fd 0 becomes /dev/null.
+
+    Whatever user code starts inherits fd 0 (ffmpeg reads it by default): on the daemon's
+    pipe it could swallow a shutdown or drain message. The private copy is not inherited.
+    """
+    proto_fd = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return proto_fd
 
 
 class JobRun:
@@ -144,18 +158,18 @@ class _NotStarted(Exception):
     pass
 
 
-async def _stdin_reader() -> asyncio.StreamReader:
+async def _protocol_reader(fd: int) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
     await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
     )
     return reader
 
 
 async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
     run = JobRun(pipe, app)
-    reader_task = asyncio.ensure_future(run.read_stdin(await _stdin_reader()))
+    reader_task = asyncio.ensure_future(run.read_stdin(await _protocol_reader(pipe.in_fd)))
     try:
         if role == REQUESTS:
             return await _serve_requests(run)
@@ -266,7 +280,7 @@ def load(entrypoint: str, prewarm: str | None, framework: str) -> apps.App:
 
 def become_job_process(parent: int | None) -> Pipe:
     """Set up this process to serve one job; returns the protocol pipe (the real stdout)."""
-    pipe = Pipe(take_protocol_stdout())
+    pipe = Pipe(take_protocol_stdout(), take_protocol_stdin())
     kill_group_on_sigterm()
     # Linux: SIGTERM when the parent dies, even by SIGKILL (stdin EOF is the portable path).
     pdeathsig.set_parent_death_signal(signal.SIGTERM, parent)

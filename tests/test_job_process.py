@@ -159,3 +159,12 @@ async def test_sys_exit_code_is_the_exit_code(make: Make) -> None:
     proc, _ = await start(make, "tests.agents.behaviours:exits_with_3")
     outcome = await asyncio.wait_for(proc.wait(), 30)
     assert not outcome.ok and outcome.exit_code == 3, outcome
+
+
+async def test_what_a_job_starts_cannot_read_the_protocol(make: Make) -> None:
+    # A subprocess that inherits stdin (ffmpeg reads it by default) would swallow the
+    # daemon's shutdown and drain messages if fd 0 were the protocol pipe.
+    proc, lines = await start(make, "tests.agents.behaviours:reports_child_stdin")
+    outcome = await asyncio.wait_for(proc.wait(), 30)
+    assert outcome.ok, outcome
+    assert "child stdin: /dev/null" in lines.lines

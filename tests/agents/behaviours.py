@@ -119,3 +119,13 @@ async def ticker(ctx: JobContext) -> None:
 
 def exits_with_3(ctx: JobContext) -> None:
     sys.exit(3)
+
+
+async def reports_child_stdin(ctx: JobContext) -> None:
+    """Starts a subprocess the careless way (stdin inherited) and logs what its stdin is."""
+    probe = "import os; print('child stdin:', os.readlink('/proc/self/fd/0'))"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    print(out.decode().strip())
