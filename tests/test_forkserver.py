@@ -243,13 +243,15 @@ async def test_job_processes_hold_no_stray_fds(
         for fd in os.listdir(f"/proc/{pid}/fd"):
             if int(fd) > 2:
                 assert _fd_target(pid, int(fd)) not in theirs, (pid, fd)
-    # Nor extra copies of its own pipes: fd 3 is the protocol's (the first stdout), no more.
+    # Nor extra copies of its own pipes: the protocol's stdout and stdin once each, above 2.
     copies = collections.Counter(
         _fd_target(job_pid, int(fd)) for fd in os.listdir(f"/proc/{job_pid}/fd") if int(fd) > 2
     )
-    own = [_fd_target(job_pid, fd) for fd in (0, 2)]
-    assert all(copies[target] == 0 for target in own), copies
-    assert copies[_fd_target(job_pid, 3)] == 1, copies
+    assert _fd_target(job_pid, 0) == "/dev/null"  # the protocol's stdin is private
+    assert copies[_fd_target(job_pid, 2)] == 0, copies
+    for protocol in (3, 4):  # dup'ed from 1 and 0 first thing, so the lowest free ones
+        target = _fd_target(job_pid, protocol)
+        assert target and copies[target] == 1, (protocol, copies)
 
 
 def _fd_target(pid: int, fd: int) -> str:

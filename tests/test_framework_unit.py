@@ -91,7 +91,7 @@ def test_app_decision_fills_in_lkrun_values() -> None:
         identity="a-1", name="agent", metadata="m", attributes=(("x", "1"), ("y", "2"))
     )
     assert _app_decision({"accept": False, "terminate": True}, ours) == Decline(
-        "on_request", "rejected by on_request (terminate)"
+        "on_request", "rejected by on_request (terminate)", terminate=True
     )
 
 
