@@ -252,10 +252,10 @@ class JobProcess:
         done = self._done
         if done is not None and (done.get("ok") or done.get("error")):
             return Outcome(
-                ok=bool(done.get("ok")),
-                error=str(done.get("error", "")),
+                ok=done.get("ok") is True,
+                error=jobpipe.cap(str(done.get("error", ""))),
                 exit_code=returncode,
-                reason=str(done.get("reason", "")),
+                reason=jobpipe.cap(str(done.get("reason", ""))),
             )
         if self._kill_reason:
             return Outcome(ok=False, error=self._kill_reason, exit_code=returncode)
@@ -289,20 +289,28 @@ class JobProcess:
                 return
             try:
                 self._on_message(jobpipe.decode(line))
-            except jobpipe.PipeError as exc:
+            except (ValueError, TypeError, OverflowError) as exc:  # PipeError is a ValueError
+                # One bad message is that message's problem: the next one is read as usual.
                 self.log.warning("job process broke the pipe protocol: %s", exc)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
+        """Each kind once, in the protocol's order: ready, then running, then done."""
         kind = msg["type"]
         if kind == jobpipe.READY:
+            if self.ready.is_set():
+                raise jobpipe.PipeError("ready came twice")
             self.ready.set()
         elif kind == jobpipe.RUNNING:
-            self.started_running = True
+            if not self.ready.is_set() or self.started_running:
+                raise jobpipe.PipeError("running came before ready, or twice")
             ts = msg.get("ts")
             self.running_at = float(ts) if isinstance(ts, (int, float)) else None
+            self.started_running = True
             if self.on_running is not None:
                 self.on_running()
         elif kind == jobpipe.DONE:
+            if self._done is not None:
+                raise jobpipe.PipeError("done came twice")
             self._done = msg
         elif self.on_message is not None:
             self.on_message(msg)

@@ -29,6 +29,15 @@ ANSWER = "answer"  # the request function's decision: {id, accept, terminate, id
 MAX_LINE = 4 * 1024 * 1024
 
 
+# Error and reason texts go to SQLite, LiveKit and the log: one screenful at most.
+MAX_TEXT = 2000
+
+
+def cap(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, saying so."""
+    return text if len(text) <= limit else text[: limit - 14] + " ... (cut off)"
+
+
 class PipeError(ValueError):
     """A line on the pipe that is not a protocol message."""
 

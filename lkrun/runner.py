@@ -88,13 +88,18 @@ class JobRun:
         self.cleanup_timeout = apps.SHUTDOWN_CALLBACK_TIMEOUT
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
+        while True:
             try:
-                msg = jobpipe.decode(line)
-            except jobpipe.PipeError as exc:
-                log.warning("ignoring bad message from daemon: %s", exc)
+                line = await reader.readline()
+            except ValueError:  # over MAX_LINE: that line is dropped, the next one is read
+                log.warning("ignoring an oversized message from the daemon")
                 continue
-            self.handle(msg)
+            if not line:
+                break
+            try:
+                self.handle(jobpipe.decode(line))
+            except (ValueError, TypeError, KeyError) as exc:  # PipeError is a ValueError
+                log.warning("ignoring bad message from daemon: %s", exc)
         self.orphaned = True
         self.request_shutdown("daemon went away")
 
@@ -146,7 +151,8 @@ class JobRun:
         self.pipe.send(jobpipe.RUNNING, ts=time.time())
         result = await job.run(self.grace)
         log.info("job ended: %s", result.reason)
-        self.pipe.send(jobpipe.DONE, ok=result.ok, error=result.error, reason=result.reason)
+        error, reason = jobpipe.cap(result.error), jobpipe.cap(result.reason)
+        self.pipe.send(jobpipe.DONE, ok=result.ok, error=error, reason=reason)
         return result.ok
 
     def grace(self) -> float:

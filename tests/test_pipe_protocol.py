@@ -1,0 +1,131 @@
+"""The job pipe protocol's edge cases, both ends, with scripted streams instead of processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from lkrun import jobpipe
+from lkrun.job_process import JobProcess, Launched, Outcome
+from lkrun.runner import JobRun
+
+
+class FakeStdin:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def line(kind: str, **fields: Any) -> bytes:
+    return jobpipe.encode(kind, **fields)
+
+
+async def scripted_job(*lines: bytes) -> Outcome:
+    """A JobProcess whose process printed ``lines`` on its protocol stdout, then exited 0."""
+    stdout = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
+    for data in lines:
+        stdout.feed_data(data)
+    stdout.feed_eof()
+    stderr = asyncio.StreamReader()
+    stderr.feed_eof()
+
+    async def wait() -> int:
+        return 0
+
+    launched = Launched(999_999_999, FakeStdin(), stdout, stderr, wait, lambda: None)
+
+    async def launcher(role: str = "job") -> Launched:
+        return launched
+
+    log = logging.LoggerAdapter(logging.getLogger("test.pipe"), {})
+    proc = JobProcess(launcher=launcher, log=log)
+    await proc.spawn()
+    return await asyncio.wait_for(proc.wait(), 5)
+
+
+async def test_the_usual_order_succeeds() -> None:
+    outcome = await scripted_job(
+        line("ready", pid=1), line("running", ts=1.0), line("done", ok=True, reason="over")
+    )
+    assert outcome == Outcome(ok=True, exit_code=0, reason="over")
+
+
+async def test_an_out_of_range_number_costs_that_message_only() -> None:
+    too_big = b'{"type": "running", "ts": 1' + b"0" * 400 + b"}\n"
+    outcome = await scripted_job(line("ready"), too_big, line("done", ok=True, reason="r"))
+    assert outcome.ok and outcome.reason == "r"
+
+
+async def test_running_before_ready_or_twice_is_ignored() -> None:
+    started: list[float] = []
+    stdout_lines = (
+        line("running", ts=1.0),
+        line("ready"),
+        line("running", ts=2.0),
+        line("running", ts=3.0),
+        line("done", ok=True),
+    )
+    stdout = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
+    for data in stdout_lines:
+        stdout.feed_data(data)
+    stdout.feed_eof()
+    stderr = asyncio.StreamReader()
+    stderr.feed_eof()
+
+    async def wait() -> int:
+        return 0
+
+    async def launcher(role: str = "job") -> Launched:
+        return Launched(999_999_999, FakeStdin(), stdout, stderr, wait, lambda: None)
+
+    log = logging.LoggerAdapter(logging.getLogger("test.pipe"), {})
+    proc = JobProcess(launcher=launcher, log=log)
+    proc.on_running = lambda: started.append(proc.running_at or 0)
+    await proc.spawn()
+    await proc.wait()
+    assert started == [2.0]  # once, after ready
+
+
+async def test_done_twice_keeps_the_first_and_error_texts_are_capped() -> None:
+    huge = "x" * 1_000_000
+    outcome = await scripted_job(
+        line("ready"), line("done", ok=False, error=huge), line("done", ok=True)
+    )
+    assert not outcome.ok
+    assert len(outcome.error) <= jobpipe.MAX_TEXT and outcome.error.endswith("(cut off)")
+
+
+async def test_a_non_boolean_ok_is_not_a_success() -> None:
+    outcome = await scripted_job(line("ready"), line("done", ok="yes", error="said yes"))
+    assert not outcome.ok and outcome.error == "said yes"
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sent.append((kind, fields))
+
+
+async def test_child_reader_survives_an_oversized_line_and_bad_json() -> None:
+    run = JobRun(FakePipe(), app=None)  # type: ignore[arg-type]
+    reader = asyncio.StreamReader(limit=1024)
+    reader.feed_data(b'{"type": "ping", "pad": "' + b"x" * 5000 + b'"}\n')
+    reader.feed_data(b"not json\n")
+    reader.feed_data(b'{"no type": 1}\n')
+    reader.feed_data(json.dumps({"type": "shutdown", "reason": "stop"}).encode() + b"\n")
+    reader.feed_eof()
+    await asyncio.wait_for(run.read_stdin(reader), 5)
+    # The shutdown after the bad lines still arrived: before any start, it ends the wait.
+    assert run.start_msg.done() and "stop" in str(run.start_msg.exception())
