@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.apps import LIVEKIT_AGENTS
+from lkrun.apps import LIVEKIT_AGENTS, describe
 from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
@@ -243,7 +243,17 @@ class AgentHost:
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
         job = assignment.job
+        if job.id in self._active:
+            self.log.warning("job %s was assigned again while it runs; ignored", job.id)
+            return
         offered_at = self._reserved.pop(job.id, None)
+        if offered_at is None and (not self.accepting or self.job_count() >= self.spec.max_jobs):
+            # Not an offer we hold a slot for (it expired, or came before a reconnect), and
+            # no slot is free: say so at once rather than leave LiveKit waiting.
+            why = "assigned without a reserved slot, and the agent is full or draining"
+            self.log.warning("job %s refused: %s", job.id, why)
+            self.registration.update_job(job.id, proto.JS_FAILED, why)
+            return
         record = JobRecord(
             id=job.id,
             agent=self.spec.name,
@@ -365,8 +375,8 @@ class AgentHost:
             return
         try:
             await self.forkserver.start()
-        except OSError as exc:  # jobs retry; each failure reaches their records
-            self.log.error("cannot start the fork server: %s", exc)
+        except Exception as exc:  # jobs retry; each failure reaches their records
+            self.log.error("cannot start the fork server: %s", describe(exc))
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -557,6 +567,11 @@ class AgentHost:
             outcome = Outcome(ok=False, error=str(exc))
         except OSError as exc:
             outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")
+        except Exception as exc:  # a bug or a bad value must fail the job, not hold its slot
+            self.log.exception("job %s could not be started", record.id)
+            outcome = Outcome(ok=False, error=f"cannot start job process: {describe(exc)}")
+            if (started := self._procs.get(record.id)) is not None:
+                await started.kill(outcome.error)
         finally:
             if timer is not None:
                 timer.cancel()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lkrun import jobpipe, zygote
+from lkrun.apps import describe
 from lkrun.job_process import AppSpec, Launched, LaunchError, python_command
 from lkrun.logs import agent_logger
 
@@ -105,6 +106,8 @@ class ForkServer:
             await self.start()
         except OSError as exc:
             raise LaunchError(f"cannot start the fork server: {exc}") from exc
+        except Exception as exc:  # e.g. ValueError: a NUL byte in the environment
+            raise LaunchError(f"cannot start the fork server: {describe(exc)}") from exc
         pipes: list[tuple[int, int]] = []
         try:
             for _ in range(3):

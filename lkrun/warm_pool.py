@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from lkrun.apps import describe
 from lkrun.job_process import JobProcess
 from lkrun.logs import agent_logger
 
@@ -105,6 +106,9 @@ class WarmPool:
             await proc.spawn()
         except OSError as exc:
             self._failed(f"cannot start a process: {exc}")
+            return
+        except Exception as exc:  # e.g. ValueError: a NUL byte in the environment
+            self._failed(f"cannot start a process: {describe(exc)}")
             return
         if await proc.wait_ready(self.timeout):
             if generation != self._generation:  # a change came while it warmed up

@@ -438,46 +438,59 @@ class Bench:
                     break
                 size = min(s.ramp_step, s.max_jobs_cap - len(held))
                 new = [self.room("max", len(held) + i) for i in range(size)]
-                cpu = await self.settle()
-                started = time.monotonic()
-                sent = await self.dispatch_rooms(new)
-                arrived = await self.wait_agents(sent, timeout=s.visible_timeout)
-                step = {
-                    "target": len(held) + size,
-                    "arrived": len(arrived),
-                    "step_s": round(time.monotonic() - started, 2),
-                    "slowest_s": round(max(arrived.values()), 2) if arrived else None,
-                    "cpu_before_percent": round(cpu, 1),
-                }
+                step, stop = await self._ramp_step(held, new)
                 steps.append(step)
-                missing = [r for r in new if r not in arrived]
-                if missing:
-                    reason = (
-                        f"{len(missing)} of {size} agents not in within "
-                        f"{s.visible_timeout:g}s at {step['target']} jobs "
-                        f"({self.sut.why_missing(missing)})"
-                    )
-                    break
-                still = await asyncio.gather(*(self.lk.agent_in(r) for r in held))
-                gone = [r for r, inside in zip(held, still, strict=True) if not inside]
-                failed = await self.sut.failed_jobs(held + new)
-                if gone or failed:
-                    reason = (
-                        f"at {step['target']} jobs: {len(gone)} held agents gone, "
-                        f"{len(failed)} failed jobs" + (f" ({failed[0][:200]})" if failed else "")
-                    )
+                if stop:
+                    reason = stop
                     break
                 held += new
                 self.say(f"max jobs: {len(held)} held (slowest agent {step['slowest_s']}s)")
+        except SutError as exc:
+            self.sut.check_alive()  # a system that died is a failure, not a stop reason
+            reason = f"with {len(held)} jobs held the system did not answer: {exc}"
+        try:
             return {"held": len(held), "cap": s.max_jobs_cap, "stop_reason": reason, "steps": steps}
         finally:
             await self.cleanup([*held, *(r for r in self.lk.rooms if "-max-" in r)], timeout=180)
 
+    async def _ramp_step(
+        self, held: list[str], new: list[str]
+    ) -> tuple[dict[str, Any], str | None]:
+        """Dispatch ``new`` on top of ``held``: the step's numbers, and why to stop (if so)."""
+        s = self.settings
+        cpu = await self.settle()
+        started = time.monotonic()
+        sent = await self.dispatch_rooms(new)
+        arrived = await self.wait_agents(sent, timeout=s.visible_timeout)
+        step = {
+            "target": len(held) + len(new),
+            "arrived": len(arrived),
+            "step_s": round(time.monotonic() - started, 2),
+            "slowest_s": round(max(arrived.values()), 2) if arrived else None,
+            "cpu_before_percent": round(cpu, 1),
+        }
+        missing = [r for r in new if r not in arrived]
+        if missing:
+            return step, (
+                f"{len(missing)} of {len(new)} agents not in within "
+                f"{s.visible_timeout:g}s at {step['target']} jobs "
+                f"({self.sut.why_missing(missing)})"
+            )
+        still = await asyncio.gather(*(self.lk.agent_in(r) for r in held))
+        gone = [r for r, inside in zip(held, still, strict=True) if not inside]
+        failed = await self.sut.failed_jobs(held + new)
+        if gone or failed:
+            return step, (
+                f"at {step['target']} jobs: {len(gone)} held agents gone, "
+                f"{len(failed)} failed jobs" + (f" ({failed[0][:200]})" if failed else "")
+            )
+        return step, None
+
     # -- all ------------------------------------------------------------------------------
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self, result: dict[str, Any]) -> None:
+        """Run every phase, putting each result into ``result`` as soon as it is done."""
         s = self.settings
-        result: dict[str, Any] = {}
         result["idle"] = await self.idle_baseline()
         self.say(
             f"idle: main RSS {result['idle']['main_rss_mb']} MB, "
@@ -485,13 +498,14 @@ class Bench:
         )
         if s.dispatches > 0:
             result["latency"] = await self.latency()
-        result["memory"] = [await self.memory_at(n) for n in s.concurrency]
+        result["memory"] = []
+        for count in s.concurrency:
+            result["memory"].append(await self.memory_at(count))
         if s.max_jobs_cap > 0:
             result["max_jobs"] = await self.max_jobs()
             self.say(
                 f"max jobs held: {result['max_jobs']['held']} ({result['max_jobs']['stop_reason']})"
             )
-        return result
 
 
 async def run_sut(sut: Sut, lk: LiveKit, settings: Settings) -> dict[str, Any]:
@@ -501,7 +515,7 @@ async def run_sut(sut: Sut, lk: LiveKit, settings: Settings) -> dict[str, Any]:
     try:
         bench.say("starting")
         await sut.start()
-        info.update(await bench.run())
+        await bench.run(info)  # a phase that fails keeps those before it in ``info``
         info["ok"] = True
     except Exception as exc:  # one failed system must not stop the others
         info["ok"] = False

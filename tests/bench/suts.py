@@ -233,8 +233,11 @@ class Sut(abc.ABC):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
-            if await self.active_jobs() == 0:
-                return True
+            try:
+                if await self.active_jobs() == 0:
+                    return True
+            except SutError:
+                pass  # alive but too busy to answer (many jobs ending at once): ask again
             await asyncio.sleep(0.3)
         return False
 

@@ -1,0 +1,97 @@
+"""AgentHost's job bookkeeping without a LiveKit server: offers, assignments, start failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from livekit.protocol import agent as proto
+from livekit.protocol import models
+
+from lkrun.agent_host import AgentHost, HostSettings
+from lkrun.credentials import Credentials
+from lkrun.jobs import JobBook, JobStatus
+from lkrun.manifest import AgentSpec, FrozenMap
+from tests.conftest import REPO, wait_for
+
+MakeHost = Callable[..., AgentHost]
+
+
+@pytest.fixture
+async def make_host() -> AsyncIterator[MakeHost]:
+    hosts: list[AgentHost] = []
+    async with aiohttp.ClientSession() as session:
+
+        def make(**fields: Any) -> AgentHost:
+            spec = AgentSpec(name="a", entrypoint="tests.agents.behaviours:returns_at_once",
+                             **fields)  # fmt: skip
+            host = AgentHost(
+                spec=spec,
+                workdir=Path(REPO),
+                credentials=Credentials("ws://127.0.0.1:1", "key", "secret"),
+                book=JobBook(),
+                session=session,
+                settings=HostSettings(shutdown_timeout=5),
+            )
+            hosts.append(host)
+            return host
+
+        yield make
+        for host in hosts:
+            await host.stop_jobs("test over")
+            if host.forkserver is not None:
+                await host.forkserver.close(5)
+
+
+def offer(host: AgentHost, job_id: str) -> proto.Job:
+    job = proto.Job(id=job_id, room=models.Room(name="r"), type=proto.JT_ROOM)
+    assert not isinstance(host.on_availability(job), asyncio.Future)
+    return job
+
+
+def updates(host: AgentHost) -> list[tuple[str, int, str]]:
+    """Job status updates waiting for a registration (none is connected here)."""
+    reg: Any = host.registration
+    return [(m.update_job.job_id, m.update_job.status, m.update_job.error) for m in reg._backlog]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+async def test_an_unexpected_error_while_starting_fails_the_job_and_frees_its_slot(
+    make_host: MakeHost, method: str
+) -> None:
+    # A NUL byte in the environment: ValueError from the process start, not OSError.
+    host = make_host(start_method=method, env=FrozenMap({"BAD": "a\0b"}))
+    job = offer(host, "AJ_nul")
+    host.on_assignment(proto.JobAssignment(job=job, token="t"))
+    await wait_for(lambda: host.job_count() == 0, 10, what="the slot to be freed")
+    [(job_id, status, error)] = updates(host)
+    assert (job_id, status) == ("AJ_nul", proto.JS_FAILED)
+    assert "embedded null byte" in error
+
+
+async def test_an_assignment_for_a_running_job_is_ignored(make_host: MakeHost) -> None:
+    host = make_host(start_method="spawn")
+    job = offer(host, "AJ_dup")
+    host.on_assignment(proto.JobAssignment(job=job, token="t"))
+    first = host.book.get("AJ_dup")
+    host.on_assignment(proto.JobAssignment(job=job, token="t"))  # again, while it runs
+    assert host.book.get("AJ_dup") is first and host.job_count() == 1
+
+
+async def test_an_assignment_without_a_slot_is_refused_when_full(make_host: MakeHost) -> None:
+    host = make_host(start_method="spawn", max_jobs=1)
+    host.on_assignment(proto.JobAssignment(job=offer(host, "AJ_1"), token="t"))
+    stray = proto.Job(id="AJ_stray", room=models.Room(name="r"))
+    host.on_assignment(proto.JobAssignment(job=stray, token="t"))
+    assert host.book.get("AJ_stray") is None and host.job_count() == 1
+    assert ("AJ_stray", proto.JS_FAILED) in [(j, s) for j, s, _ in updates(host)]
+    # With room to spare, one whose reservation expired is taken.
+    roomy = make_host(start_method="spawn", max_jobs=2)
+    late = proto.Job(id="AJ_late", room=models.Room(name="r"))
+    roomy.on_assignment(proto.JobAssignment(job=late, token="t"))
+    record = roomy.book.get("AJ_late")
+    assert record is not None and record.status in (JobStatus.STARTING, JobStatus.RUNNING)
