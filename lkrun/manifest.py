@@ -285,6 +285,8 @@ def _string_table(key_pattern: re.Pattern[str] | None = None) -> Check:
                 raise _Invalid(f"key {key!r} must match {key_pattern.pattern}")
             if not isinstance(item, str):
                 raise _Invalid(f"value of {key!r} must be a string, got {_show(item)}")
+            if "\0" in item:  # no process can be given it
+                raise _Invalid(f"value of {key!r} must not contain a NUL character")
         return FrozenMap(value)
 
     return check

@@ -605,6 +605,7 @@ def test_unknown_keys_in_agents(body: str, field: str, hint: str) -> None:
         ('env = { 1A = "x" }', "env", "key '1A' must match"),
         ('env = { "A-B" = "x" }', "env", "key 'A-B' must match"),
         ('env = { "" = "x" }', "env", "key '' must match"),
+        ('env = { A = "x\\u0000y" }', "env", "value of 'A' must not contain a NUL character"),
         ("permissions = true", "permissions", "must be a table, got true"),
         ("permissions = { hidden = 1 }", "permissions.hidden", "must be true or false, got 1"),
         ("permissions = { can_publish = 'no' }", "permissions.can_publish", "got 'no'"),
