@@ -265,12 +265,17 @@ class AgentHost:
         )
         self.book.add(record)
         self._active.add(job.id)
+        try:
+            self._claim_process(record)
+        except Exception as exc:  # e.g. the job's log file cannot be opened
+            self.log.exception("job %s could not be given a process", job.id)
+            self._finish(record, Outcome(ok=False, error=f"cannot start job: {describe(exc)}"))
+            return
         self._spawn(self._run_job(record, assignment), name=f"job {job.id}")
 
     def on_termination(self, job_id: str) -> None:
-        if job_id in self._procs:
+        if self.stop_job(job_id, "terminated by LiveKit"):
             self.log.info("job %s terminated by LiveKit", job_id)
-            self.stop_job(job_id, "terminated by LiveKit")
 
     def worker_load(self) -> WorkerLoad:
         return agent_load(
@@ -524,10 +529,11 @@ class AgentHost:
             log=job_logger(job_log, self.spec.name, "warm"),
         )
 
-    async def _job_process(self, record: JobRecord) -> JobProcess:
-        """A warm process if one is ready, else a cold one, bound to this job."""
+    def _claim_process(self, record: JobRecord) -> JobProcess:
+        """A warm process if one is ready, else a cold one (not started yet), bound to this
+        job at once: a stop or kill from now on reaches it, whatever state it is in."""
         proc = self.pool.take()
-        warm = proc is not None
+        record.warm = proc is not None
         if proc is None:
             proc = self._new_process()
         bound = proc
@@ -538,16 +544,18 @@ class AgentHost:
             sink=logs.writer(record.id).write_line if logs is not None else None,
         )
         self._procs[record.id] = proc
-        if not warm:
+        return proc
+
+    async def _started_process(self, record: JobRecord, proc: JobProcess) -> JobProcess:
+        if not record.warm:
             await proc.spawn()
         record.pid = proc.pid
-        record.warm = warm
         self.book.update(record)
         self.log.info(
             "job %s in room %r: %s process %s",
             record.id,
             record.room,
-            "warm" if warm else "cold",
+            "warm" if record.warm else "cold",
             proc.pid,
         )
         return proc
@@ -555,8 +563,9 @@ class AgentHost:
     async def _run_job(self, record: JobRecord, assignment: proto.JobAssignment) -> None:
         timer: asyncio.TimerHandle | None = None
         try:
-            proc = await self._job_process(record)
-            if await proc.wait_ready(self.spec.prewarm_timeout):
+            proc = await self._started_process(record, self._procs[record.id])
+            ready = await proc.wait_ready(self.spec.prewarm_timeout)
+            if ready and not proc.stop_requested:  # a stop before the start: no job at all
                 if self.draining:
                     proc.drain()
                 proc.start(**self._start_message(record, assignment))

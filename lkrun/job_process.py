@@ -128,6 +128,10 @@ class JobProcess:
         )
         self._last_log_line = ""
         self._exited = asyncio.Event()
+        # A stop or kill asked for before the process existed: done as soon as it does.
+        self.stop_reason = ""
+        self._early: asyncio.Task[None] | None = None
+        self._early_stop: tuple[str, float] | None = None
 
     async def spawn(self) -> None:
         """Start the process; OSError (LaunchError with the job's error) if it cannot be."""
@@ -136,6 +140,16 @@ class JobProcess:
         self._waiter = asyncio.create_task(
             self._supervise(self._read_protocol(proc.stdout), self._read_log(proc.stderr))
         )
+        if self._kill_reason:
+            self._early = asyncio.create_task(self._kill_now())
+        elif self._early_stop is not None:
+            reason, timeout = self._early_stop
+            self._early = asyncio.create_task(self.stop(reason, timeout))
+
+    @property
+    def stop_requested(self) -> bool:
+        """A stop or kill was asked for: a job must not be started in this process."""
+        return bool(self.stop_reason or self._kill_reason)
 
     @property
     def exited(self) -> bool:
@@ -172,7 +186,10 @@ class JobProcess:
     async def wait(self) -> Outcome:
         """Wait for the process to exit and its pipes to drain; never raises for job faults."""
         assert self._waiter is not None
-        return await asyncio.shield(self._waiter)
+        outcome = await asyncio.shield(self._waiter)
+        if self._early is not None:
+            await self._early
+        return outcome
 
     async def _supervise(self, *readers: Any) -> Outcome:
         assert self._proc is not None
@@ -211,9 +228,13 @@ class JobProcess:
 
         With ``failure``, the job counts as failed with that error however it ends.
         """
-        if self._proc is None or self.exited:
+        if self.exited:
             return
         self._failure = self._failure or failure
+        self.stop_reason = self.stop_reason or reason
+        if self._proc is None:  # not started yet: spawn() stops it at once
+            self._early_stop = (reason, timeout)
+            return
         self._send(jobpipe.SHUTDOWN, reason=reason)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
@@ -222,12 +243,17 @@ class JobProcess:
 
     async def kill(self, why: str, *, failure: bool = False) -> None:
         """SIGTERM the group, then SIGKILL it if anything is left."""
-        if self._proc is None or self.exited:
+        if self.exited:
             return
         if failure:
             self._failure = self._failure or why
         self._kill_reason = self._kill_reason or why
-        self.log.warning("killing job process %s: %s", self.pid, why)
+        if self._proc is None:  # not started yet: spawn() kills it at once
+            return
+        await self._kill_now()
+
+    async def _kill_now(self) -> None:
+        self.log.warning("killing job process %s: %s", self.pid, self._kill_reason)
         self._signal_group(signal.SIGTERM)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), TERM_GRACE)
@@ -259,6 +285,9 @@ class JobProcess:
             )
         if self._kill_reason:
             return Outcome(ok=False, error=self._kill_reason, exit_code=returncode)
+        if self.stop_reason and not self.started_running:  # asked to stop before its job
+            reason = f"stopped before it started ({self.stop_reason})"
+            return Outcome(ok=True, exit_code=returncode, reason=reason)
         return Outcome(ok=False, error=self._exit_text(returncode), exit_code=returncode)
 
     def _exit_text(self, returncode: int | None) -> str:

@@ -27,8 +27,8 @@ async def make_host() -> AsyncIterator[MakeHost]:
     async with aiohttp.ClientSession() as session:
 
         def make(**fields: Any) -> AgentHost:
-            spec = AgentSpec(name="a", entrypoint="tests.agents.behaviours:returns_at_once",
-                             **fields)  # fmt: skip
+            fields.setdefault("entrypoint", "tests.agents.behaviours:returns_at_once")
+            spec = AgentSpec(name="a", **fields)
             host = AgentHost(
                 spec=spec,
                 workdir=Path(REPO),
@@ -95,3 +95,29 @@ async def test_an_assignment_without_a_slot_is_refused_when_full(make_host: Make
     roomy.on_assignment(proto.JobAssignment(job=late, token="t"))
     record = roomy.book.get("AJ_late")
     assert record is not None and record.status in (JobStatus.STARTING, JobStatus.RUNNING)
+
+
+SLOW = "tests.agents.slow_import:entrypoint"
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("how", ["stop", "kill", "terminate"])
+async def test_a_stop_while_the_process_is_starting_takes_effect(
+    make_host: MakeHost, method: str, how: str
+) -> None:
+    host = make_host(start_method=method, entrypoint=SLOW)
+    host.on_assignment(proto.JobAssignment(job=offer(host, "AJ_slow"), token="t"))
+    if how == "stop":
+        assert host.kill_job("AJ_slow", force=False) == "shutdown requested"
+    elif how == "kill":
+        assert host.kill_job("AJ_slow", force=True) == "killed"
+    else:
+        host.on_termination("AJ_slow")  # LiveKit's JobTermination
+    await wait_for(lambda: host.job_count() == 0, 30, what="the job to end")
+    [(job_id, status, error)] = updates(host)
+    assert job_id == "AJ_slow"
+    if how == "kill":
+        assert status == proto.JS_FAILED and "killed by `lkrun jobs kill --force`" in error
+    else:
+        assert status == proto.JS_SUCCESS
+    assert not any(r.id == "AJ_slow" for r in host.book.active())
