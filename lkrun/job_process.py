@@ -196,7 +196,11 @@ class JobProcess:
         tasks = [asyncio.create_task(r) for r in readers]
         try:
             returncode = await self._proc.wait()
-            # A grandchild may hold the pipes open; don't let it keep the job alive.
+            # The job is over with its leader: what it started goes too (it would hold the
+            # job's pipes and memory, unseen). The group keeps the leader's id while any
+            # member is left, and the leader's pid is free again only after this check.
+            self._signal_group(signal.SIGKILL)
+            # A grandchild that left the group may hold the pipes open: don't wait for it.
             await asyncio.wait(tasks, timeout=TERM_GRACE)
         finally:
             for task in tasks:

@@ -168,3 +168,11 @@ async def test_what_a_job_starts_cannot_read_the_protocol(make: Make) -> None:
     outcome = await asyncio.wait_for(proc.wait(), 30)
     assert outcome.ok, outcome
     assert "child stdin: /dev/null" in lines.lines
+
+
+async def test_what_a_job_started_ends_with_it(make: Make) -> None:
+    proc, lines = await start(make, "tests.agents.behaviours:leaves_a_child")
+    outcome = await asyncio.wait_for(proc.wait(), 30)
+    assert outcome.ok, outcome
+    [helper] = [int(line.split()[-1]) for line in lines.lines if line.startswith("helper pid")]
+    await wait_for(lambda: not pid_alive(helper), 5, what="the job's helper to be gone")

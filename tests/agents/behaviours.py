@@ -129,3 +129,11 @@ async def reports_child_stdin(ctx: JobContext) -> None:
     )
     out, _ = await child.communicate()
     print(out.decode().strip())
+
+
+async def leaves_a_child(ctx: JobContext) -> None:
+    """Starts a long-running helper and returns without stopping it."""
+    child = await asyncio.create_subprocess_exec(
+        "sleep", "60", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    print(f"helper pid {child.pid}")
