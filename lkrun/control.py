@@ -1,6 +1,7 @@
 """The control API: HTTP over a local Unix socket, read by `lkrun jobs` and `lkrun status`.
 
-Only the daemon's user can open the socket (directory 0700, socket 0600).
+Only the daemon's user can open the socket (socket 0600, in a directory of that user that
+nobody else may write to), and the CLI trusts only a daemon of its own user (SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +48,7 @@ def default_socket_path() -> Path:
 
 def _prepare_socket_path(path: Path) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_socket_dir(path.parent)
     if not path.exists():
         return
     if not stat.S_ISSOCK(path.stat().st_mode):
@@ -59,6 +62,48 @@ def _prepare_socket_path(path: Path) -> None:
         raise ControlError(f"another lkrun daemon is already listening on {path}")
     finally:
         probe.close()
+
+
+def check_socket_dir(directory: Path) -> None:
+    """ControlError unless ``directory`` is a real directory of ours that nobody else can
+    write to. In a shared directory such as /tmp, another user could have created it (or a
+    symlink) first, to block the daemon or to answer in its place."""
+    try:
+        info = os.lstat(directory)
+    except OSError as exc:
+        raise ControlError(f"cannot use {directory} for the control socket: {exc}") from exc
+    problem = ""
+    if not stat.S_ISDIR(info.st_mode):
+        problem = "it is not a directory (a symlink?)"
+    elif info.st_uid != os.getuid():
+        problem = f"it belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    elif info.st_mode & 0o022:
+        problem = f"others may write to it (mode {stat.S_IMODE(info.st_mode):o})"
+    if problem:
+        raise ControlError(
+            f"refusing {directory} for the control socket: {problem}; remove it, or set "
+            f"control_socket in [daemon] (or {ENV_SOCKET}) to a directory of your own"
+        )
+
+
+def check_peer(path: Path) -> None:
+    """ControlError unless the process listening on ``path`` runs as this user (Linux)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return  # nobody listening: the request itself reports it
+    finally:
+        probe.close()
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.getuid():
+        raise ControlError(
+            f"refusing the answer on {path}: it comes from pid {pid} of uid {uid}, not from "
+            "an lkrun daemon of this user"
+        )
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
@@ -180,6 +225,7 @@ async def _session(path: Path, timeout: float | None) -> AsyncIterator[aiohttp.C
 
 
 async def _call(path: Path, method: str, route: str, params: dict[str, str] | None = None) -> Any:
+    await asyncio.to_thread(check_peer, path)
     try:
         async with (
             _session(path, 10) as session,
@@ -200,6 +246,7 @@ async def _get(path: Path, route: str, params: dict[str, str] | None = None) -> 
 
 async def stream(path: Path, route: str, params: dict[str, str]) -> AsyncIterator[str]:
     """Lines of a streamed response (job logs with follow)."""
+    await asyncio.to_thread(check_peer, path)
     try:
         async with (
             _session(path, None) as session,
