@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from lkrun import __version__
+from lkrun import __version__, pdeathsig
 from lkrun.agent_host import AgentHost, HostSettings, format_duration
 from lkrun.apps import LIVEKIT_AGENTS
 from lkrun.control import ControlServer
@@ -222,6 +222,8 @@ class Daemon:
         """Run until stopped. Raises FatalError when the daemon cannot go on."""
         self._fatal = asyncio.get_running_loop().create_future()
         self._install_signal_handlers()
+        if not pdeathsig.make_undumpable():
+            log.debug("cannot make the daemon non-dumpable; jobs could read its environment")
         control = ControlServer(self.config.control_socket, self)
         async with aiohttp.ClientSession() as session:
             self._session = session

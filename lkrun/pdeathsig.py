@@ -1,4 +1,5 @@
-"""Linux's parent-death signal: a child that dies with its parent, even one killed by SIGKILL."""
+"""Linux process controls: the parent-death signal (a child that dies with its parent, even
+one killed by SIGKILL), and a daemon that processes of its own user cannot look into."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import sys
 from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 
 
-def _prctl() -> Callable[..., int] | None:
+def libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl(), on Linux only."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -26,7 +29,7 @@ def set_parent_death_signal(sig: signal.Signals, parent: int | None) -> None:
 
     The signal fires when the *thread* that forked exits, so fork from a long-lived thread.
     """
-    prctl = _prctl()
+    prctl = libc_prctl()
     if prctl is None:
         return
     with contextlib.suppress(OSError):
@@ -35,9 +38,23 @@ def set_parent_death_signal(sig: signal.Signals, parent: int | None) -> None:
         os._exit(1)
 
 
+def make_undumpable() -> bool:
+    """Make this process non-dumpable; True if that took effect.
+
+    Every job runs as the daemon's user, and a process of the same user may read another's
+    /proc/PID/environ (where LIVEKIT_API_SECRET usually is) and memory, or ptrace it.
+    Once non-dumpable, those belong to root. Job processes are exec'd, which makes them
+    dumpable again: debugging a job stays possible.
+    """
+    prctl = libc_prctl()
+    if prctl is None:
+        return False
+    return prctl(_PR_SET_DUMPABLE, 0) == 0
+
+
 def preexec(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
     """A Popen ``preexec_fn`` that sets the parent-death signal; None off Linux."""
-    prctl = _prctl()  # resolved in the parent: the child only makes the call
+    prctl = libc_prctl()  # resolved in the parent: the child only makes the call
     if prctl is None:
         return None
     parent = os.getpid()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -90,3 +91,15 @@ def test_the_cli_trusts_no_daemon_of_another_user() -> None:
 def test_no_daemon_is_reported_as_such(tmp_path: Path) -> None:
     with pytest.raises(control.ControlError, match="cannot reach the lkrun daemon"):
         control.request(tmp_path / "nobody.sock", "/v1/status")
+
+
+def test_the_daemon_can_be_made_non_dumpable() -> None:
+    # What keeps same-user job code out of the daemon's /proc/PID/environ and memory.
+    probe = (
+        "import ctypes; from lkrun import pdeathsig; assert pdeathsig.make_undumpable(); "
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.strip() == "0"
