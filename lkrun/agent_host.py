@@ -17,8 +17,9 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.apps import LIVEKIT_AGENTS, describe
+from lkrun.apps import describe
 from lkrun.credentials import SECRET_ENV, Credentials
+from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
 from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
 from lkrun.job_process import (
@@ -46,7 +47,6 @@ job_log = logging.getLogger("lkrun.job")
 # The server waits 10 s for our answer to be followed by an assignment; after that
 # a reserved slot is released.
 ASSIGNMENT_WAIT = 15.0
-AGENT_NAME_ATTRIBUTE = "lk.agent.name"  # what the official worker gives its participants
 
 
 def worker_spec(spec: AgentSpec) -> WorkerSpec:
@@ -164,9 +164,9 @@ class AgentHost:
         identity = self.spec.format_identity(
             job_id=job.id, room=room, participant=job.participant.identity
         )
-        attributes = dict(self.spec.participant_attributes)
-        if self.spec.resolved_framework == LIVEKIT_AGENTS:
-            attributes.setdefault(AGENT_NAME_ATTRIBUTE, self.spec.registered_name)
+        # As the official worker does: clients (and `lkrun dispatch --wait`) tell agents apart.
+        attributes = {AGENT_NAME_ATTRIBUTE: self.spec.registered_name}
+        attributes.update(self.spec.participant_attributes)
         ours = Acceptance(
             identity=identity,
             name=self.spec.display_name(),

@@ -240,8 +240,11 @@ async def _call(path: Path, method: str, route: str, params: dict[str, str] | No
         raise ControlError(f"the lkrun daemon at {path} did not answer properly: {exc}") from exc
 
 
-async def _get(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
+async def get(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
     return await _call(path, "GET", route, params)
+
+
+_get = get  # the tests' name for it
 
 
 async def stream(path: Path, route: str, params: dict[str, str]) -> AsyncIterator[str]:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from livekit import api
+from livekit.protocol import models
 
 from lkrun.credentials import Credentials
+
+# The attribute the official worker, and lkrun, give an agent participant: its agent name.
+AGENT_NAME_ATTRIBUTE = "lk.agent.name"
 
 
 class DispatchError(Exception):
@@ -40,42 +47,101 @@ async def create_dispatch(creds: Credentials, *, room: str, agent: str, metadata
 
 @dataclass(frozen=True)
 class Started:
-    job_id: str
+    job_id: str  # "" when only the agent participant was seen (not an lkrun agent)
     participant_identity: str
     worker_id: str
     seconds: float
+    seen_in: str  # where the start was seen: "this host", "the room" or "the dispatch record"
 
 
 class WaitTimeout(Exception):
     """No job for the dispatch was running in time."""
 
 
-async def wait_running(
-    creds: Credentials, dispatch: Dispatch, *, started: float, timeout: float
-) -> Started:
-    """Poll the server's dispatch state until a job of this dispatch is running.
+LocalJobs = Callable[[], Awaitable[list[dict[str, Any]]]]
+RECORD_EVERY = 10  # polls of the room between two reads of the server's dispatch record
 
-    The server's state, not a local daemon's, so it works whichever host took the job.
-    """
+
+async def wait_running(
+    creds: Credentials,
+    dispatch: Dispatch,
+    *,
+    started: float,
+    timeout: float,
+    local_jobs: LocalJobs | None = None,
+) -> Started:
+    """Poll until a job of this dispatch is running, seen where it shows first: the local
+    daemon's record, the agent participant in the room (whichever host took the job), or
+    the server's dispatch record, which lags: livekit-server fills it only when its agent
+    check ends, up to 5 s after the job started."""
     loop = asyncio.get_running_loop()
+    since_ms = int(time.time() * 1000) - int((loop.time() - started) * 1000) - CLOCK_SLACK_MS
+    polls = 0
     try:
         async with _api(creds) as lkapi:
             while loop.time() - started < timeout:
-                found = await lkapi.agent_dispatch.list_dispatch(room_name=dispatch.room)
-                for job in (j for d in found if d.id == dispatch.id for j in d.state.jobs):
-                    if job.state.status in (api.JobStatus.JS_RUNNING, api.JobStatus.JS_SUCCESS):
-                        return Started(
-                            job_id=job.id,
-                            participant_identity=job.state.participant_identity,
-                            worker_id=job.state.worker_id,
-                            seconds=loop.time() - started,
-                        )
+                found = await _on_this_host(local_jobs, dispatch)
+                found = found or await _in_the_room(lkapi, dispatch, since_ms)
+                if found is None and polls % RECORD_EVERY == 0:
+                    found = await _in_the_record(lkapi, dispatch)
+                if found is not None:
+                    job_id, identity, worker, where = found
+                    return Started(job_id, identity, worker, loop.time() - started, where)
+                polls += 1
                 await asyncio.sleep(0.1)
     except api.TwirpError as exc:
-        raise DispatchError(f"LiveKit at {creds.url} refused ListDispatch: {exc.message}") from exc
+        raise DispatchError(f"LiveKit at {creds.url} refused a request: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise DispatchError(f"cannot reach LiveKit at {creds.url}: {exc}") from exc
     raise WaitTimeout
+
+
+CLOCK_SLACK_MS = 2000  # the server's clock and ours: an agent that joined since then is ours
+Found = tuple[str, str, str, str]  # job id, identity, worker id, where
+
+
+async def _on_this_host(local_jobs: LocalJobs | None, dispatch: Dispatch) -> Found | None:
+    if local_jobs is None:
+        return None
+    try:
+        jobs = await local_jobs()
+    except Exception:  # no local daemon (or an old one): the room tells
+        return None
+    for job in jobs:
+        if job.get("dispatch_id") == dispatch.id and job.get("status") in ("running", "success"):
+            return (
+                str(job["id"]),
+                str(job.get("identity", "")),
+                str(job.get("worker_id", "")),
+                ("this host"),
+            )
+    return None
+
+
+async def _in_the_room(lkapi: api.LiveKitAPI, dispatch: Dispatch, since_ms: int) -> Found | None:
+    try:
+        listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=dispatch.room))
+    except api.TwirpError as exc:
+        if exc.code == api.TwirpErrorCode.NOT_FOUND:  # the room is not there yet
+            return None
+        raise
+    for p in listed.participants:
+        if (
+            p.kind == models.ParticipantInfo.Kind.AGENT
+            and p.attributes.get(AGENT_NAME_ATTRIBUTE) == dispatch.agent
+            and p.joined_at_ms >= since_ms
+        ):
+            return p.attributes.get("lkrun.job_id", ""), p.identity, "", "the room"
+    return None
+
+
+async def _in_the_record(lkapi: api.LiveKitAPI, dispatch: Dispatch) -> Found | None:
+    found = await lkapi.agent_dispatch.list_dispatch(room_name=dispatch.room)
+    for job in (j for d in found if d.id == dispatch.id for j in d.state.jobs):
+        if job.state.status in (api.JobStatus.JS_RUNNING, api.JobStatus.JS_SUCCESS):
+            state = job.state
+            return job.id, state.participant_identity, state.worker_id, "the dispatch record"
+    return None
 
 
 def _api(creds: Credentials) -> api.LiveKitAPI:

@@ -31,6 +31,7 @@ def cell(value: object) -> Text:
     jobs, and Rich would read "[link=...]" or "[/x]" in them as markup."""
     return Text(str(value))
 
+
 EXIT_USAGE = 2  # bad manifest or bad configuration
 EXIT_FAILURE = 1
 

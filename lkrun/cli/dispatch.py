@@ -62,15 +62,23 @@ def dispatch(
     creds = _client_credentials(url, api_key)
     limit = duration_option("--timeout", timeout)
 
+    socket_path = control_socket or control.default_socket_path()
+
+    async def local_jobs() -> list[dict[str, Any]]:
+        return list((await control.get(socket_path, "/v1/jobs", {"all": "0"}))["jobs"])
+
     async def run() -> tuple[Any, Any]:
         started = asyncio.get_running_loop().time()
         created = await create_dispatch(creds, room=room, agent=agent, metadata=metadata)
         if not wait:
             return created, None
         try:
-            return created, await wait_running(creds, created, started=started, timeout=limit)
+            running = await wait_running(
+                creds, created, started=started, timeout=limit, local_jobs=local_jobs
+            )
         except WaitTimeout:
             return created, None
+        return created, running
 
     try:
         created, running = run_async(run())
@@ -84,19 +92,21 @@ def dispatch(
     }
     if running is not None:
         result.update(
-            job_id=running.job_id,
+            job_id=running.job_id or None,
             participant_identity=running.participant_identity,
-            worker_id=running.worker_id,
+            worker_id=running.worker_id or None,
             seconds=round(running.seconds, 3),
+            seen_in=running.seen_in,
         )
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     elif running is None:
         out.print(created.id, markup=False)
     else:
+        job = f"job {running.job_id}" if running.job_id else "a job"
         out.print(
-            f"{created.id}: job {running.job_id} running after {running.seconds:.2f}s "
-            f"(participant {running.participant_identity})",
+            f"{created.id}: {job} running after {running.seconds:.2f}s "
+            f"(participant {running.participant_identity}, seen in {running.seen_in})",
             markup=False,
         )
     if wait and running is None:
