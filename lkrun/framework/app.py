@@ -33,6 +33,9 @@ from lkrun import apps
 from lkrun.apps import LIVEKIT_AGENTS, AppError, Job, call
 from lkrun.framework import compat
 
+# At import, not at the first job: in the fork server, so every job shares it ready.
+from lkrun.framework.job import FrameworkJob
+
 log = logging.getLogger("lkrun.framework")
 
 # Settings lkrun takes from the app: (framework name, lkrun field, conversion).
@@ -247,8 +250,6 @@ class FrameworkApp:
             await call(self.setup_fnc, self.proc)
 
     def new_job(self, start: Mapping[str, Any], logger: logging.Logger) -> Job:
-        from lkrun.framework.job import FrameworkJob
-
         return FrameworkJob(self, start, logger)
 
 
