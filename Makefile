@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint format clean soak
+.PHONY: serve test test-fast lint format clean soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check lkrun tests
 	$(BIN)/pytest -v
+
+# The fast tier: no livekit-server, no lkrun processes (seconds). `make test` runs it all.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check lkrun tests

@@ -47,6 +47,17 @@ class Server:
         }
 
 
+# Tests that need a real livekit-server or start lkrun's processes: `-m "not e2e"` is the
+# fast tier (pure logic, fakes), `make test` runs everything.
+E2E_FIXTURES = frozenset({"livekit_server", "start_daemon", "own_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from lkrun import devserver

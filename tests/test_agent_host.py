@@ -18,6 +18,8 @@ from lkrun.jobs import JobBook, JobStatus
 from lkrun.manifest import AgentSpec, FrozenMap
 from tests.conftest import REPO, wait_for
 
+pytestmark = pytest.mark.e2e  # job processes
+
 MakeHost = Callable[..., AgentHost]
 
 

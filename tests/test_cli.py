@@ -12,6 +12,8 @@ from lkrun import __version__
 from lkrun.devserver import free_tcp_port
 from tests.conftest import REPO, run_cli, unique
 
+pytestmark = pytest.mark.e2e  # the lkrun command in subprocesses
+
 GOOD = """
 [agents.echo]
 entrypoint = "lkrun.examples.echo:entrypoint"

@@ -18,6 +18,9 @@ import pytest
 from lkrun import devserver
 from lkrun.devserver import DevServer, DevServerError
 
+pytestmark = pytest.mark.e2e  # livekit-server processes
+
+
 REPO = Path(__file__).resolve().parent.parent
 VERSION = devserver.LIVEKIT_SERVER_VERSION
 

@@ -11,6 +11,9 @@ import pytest
 from lkrun.entrypoints import apply_app, check_entrypoints
 from lkrun.manifest import AgentSpec, Manifest, ManifestError, Permissions, load_manifest
 
+pytestmark = pytest.mark.e2e  # import check subprocesses
+
+
 SERVER_APP = """\
 from livekit.agents import AgentServer, JobContext, JobProcess, JobRequest, WorkerPermissions
 

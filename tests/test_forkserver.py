@@ -20,6 +20,9 @@ from lkrun.job_process import AppSpec, JobProcess, LaunchError
 from tests.conftest import REPO, livekit_api, pid_alive, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
 
+pytestmark = pytest.mark.e2e  # fork servers and job processes
+
+
 JOB = {"id": "AJ_fork", "room": {"name": "r"}, "type": "JT_ROOM"}
 
 COUNTED = """

@@ -165,6 +165,7 @@ def test_job_context_still_has_what_the_job_runner_reads() -> None:
         assert hasattr(ctx, name), name
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 async def test_request_process_answers_offers(method: str) -> None:
     """The agent's request process, started like a job process, runs the app's on_request."""

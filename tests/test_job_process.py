@@ -19,6 +19,8 @@ from lkrun.forkserver import ForkServer
 from lkrun.job_process import AppSpec, JobProcess, Launcher, LaunchError, SpawnLauncher
 from tests.conftest import REPO, pid_alive, wait_for
 
+pytestmark = pytest.mark.e2e  # job processes
+
 JOB = {"id": "AJ_test", "room": {"name": "r"}, "metadata": "meta", "type": "JT_ROOM"}
 
 

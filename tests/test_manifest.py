@@ -825,6 +825,7 @@ def check_fails(manifest: Manifest, agent: str) -> str:
     return err.message
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = write_project(
         tmp_path,
@@ -837,6 +838,7 @@ def test_check_entrypoints_success(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "proj" not in sys.modules and "solo" not in sys.modules  # never imported here
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_keeps_existing_pythonpath(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -850,22 +852,26 @@ def test_check_entrypoints_keeps_existing_pythonpath(
     check_entrypoints(manifest)
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_missing_module(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"examples.echo": GOOD}, {"echo": "examples.ech:main"})
     message = check_fails(manifest, "echo")
     assert message == "cannot import module 'examples.ech': No module named 'examples.ech'"
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_missing_attribute(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"x.y": GOOD}, {"a": "x.y:main"})
     assert check_fails(manifest, "a") == "module 'x.y' has no attribute 'main'"
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_not_callable(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"x.y": "thing = 42\n"}, {"a": "x.y:thing"})
     assert check_fails(manifest, "a") == "'x.y:thing' is not callable (type int)"
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_module_raises(tmp_path: Path) -> None:
     source = "raise RuntimeError('boom\\nsecond line')\n"
     manifest = write_project(tmp_path, {"bad": source}, {"a": "bad:main"})
@@ -874,16 +880,19 @@ def test_check_entrypoints_module_raises(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_module_exits(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"quits": "import sys\nsys.exit(3)\n"}, {"a": "quits:f"})
     assert check_fails(manifest, "a") == "cannot import module 'quits': SystemExit: 3"
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_syntax_error(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"broken": "def f(:\n"}, {"a": "broken:f"})
     assert check_fails(manifest, "a").startswith("cannot import module 'broken': SyntaxError: ")
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_module_prints_to_stdout(tmp_path: Path) -> None:
     source = """\
     import os, sys
@@ -897,6 +906,7 @@ def test_check_entrypoints_module_prints_to_stdout(tmp_path: Path) -> None:
     check_entrypoints(manifest)
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_reports_first_failure_in_file_order(tmp_path: Path) -> None:
     manifest = write_project(
         tmp_path,
@@ -906,12 +916,14 @@ def test_check_entrypoints_reports_first_failure_in_file_order(tmp_path: Path) -
     assert check_fails(manifest, "second") == "module 'ok' has no attribute 'missing'"
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_background_thread_does_not_block(tmp_path: Path) -> None:
     source = "import threading, time\nthreading.Thread(target=time.sleep, args=(600,)).start()\n"
     manifest = write_project(tmp_path, {"threads": source + GOOD}, {"a": "threads:entrypoint"})
     check_entrypoints(manifest, timeout=30)
 
 
+@pytest.mark.e2e
 def test_check_entrypoints_timeout(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"slow": "import time\ntime.sleep(600)\n"}, {"a": "slow:f"})
     with pytest.raises(ManifestError) as info:
