@@ -75,9 +75,10 @@ def check_socket_dir(directory: Path) -> None:
     problem = ""
     if not stat.S_ISDIR(info.st_mode):
         problem = "it is not a directory (a symlink?)"
-    elif info.st_uid != os.getuid():
+    elif info.st_uid not in (os.getuid(), 0):  # root's own (/tmp, /run) cannot be a trap
         problem = f"it belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
-    elif info.st_mode & 0o022:
+    elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        # With the sticky bit (/tmp) nobody else can remove or replace our socket in it.
         problem = f"others may write to it (mode {stat.S_IMODE(info.st_mode):o})"
     if problem:
         raise ControlError(

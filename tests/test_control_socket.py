@@ -44,6 +44,9 @@ def test_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:
     shared.chmod(0o777)
     with pytest.raises(control.ControlError, match="others may write to it"):
         control._prepare_socket_path(shared / "control.sock")
+    # With the sticky bit, as /tmp has, nobody else may remove or replace what is ours.
+    shared.chmod(0o1777)
+    control._prepare_socket_path(shared / "control.sock")
 
 
 IMPOSTOR = """
