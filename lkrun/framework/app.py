@@ -34,7 +34,7 @@ from lkrun.apps import LIVEKIT_AGENTS, AppError, Job, call
 from lkrun.framework import compat
 
 # At import, not at the first job: in the fork server, so every job shares it ready.
-from lkrun.framework.job import FrameworkJob
+from lkrun.framework.job import FrameworkJob, warm_up_job_path
 
 log = logging.getLogger("lkrun.framework")
 
@@ -248,6 +248,7 @@ class FrameworkApp:
         http_context._set_default_cert_env()
         if self.setup_fnc is not None:
             await call(self.setup_fnc, self.proc)
+        warm_up_job_path(self.proc)
 
     def new_job(self, start: Mapping[str, Any], logger: logging.Logger) -> Job:
         return FrameworkJob(self, start, logger)

@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.json_format import ParseDict
 from livekit import rtc
 from livekit.agents.ipc.inference_executor import InferenceExecutor
-from livekit.agents.job import JobAcceptArguments, JobContext, RunningJobInfo, _JobContextVar
+from livekit.agents.job import (
+    JobAcceptArguments,
+    JobContext,
+    JobProcess,
+    RunningJobInfo,
+    _JobContextVar,
+)
 from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
@@ -79,6 +85,32 @@ def running_job_info(start: Mapping[str, Any]) -> RunningJobInfo:
     }
     known = {f.name for f in dataclasses.fields(RunningJobInfo)}
     return RunningJobInfo(**{k: v for k, v in values.items() if k in known})
+
+
+def warm_up_job_path(proc: JobProcess) -> None:
+    """Build and drop one job context, in a process waiting for its job: the first one after
+    a fork pays for pages copied on write and first-use caches (a couple of milliseconds,
+    measured), which would otherwise fall between the offer and the entrypoint."""
+    try:
+        info = running_job_info(
+            {
+                "job": {"id": "warm-up", "room": {"name": "warm-up"}},
+                "url": "",
+                "token": "",
+                "identity": "warm-up",
+            }
+        )
+        ctx = JobContext(
+            proc=proc,
+            info=info,
+            room=rtc.Room(),
+            on_connect=lambda: None,
+            on_shutdown=lambda reason: None,
+            inference_executor=NoInference(),
+        )
+        ctx._tempdir.cleanup()
+    except Exception as exc:  # only a warm-up: the real job reports its own errors
+        logging.getLogger("lkrun.framework").debug("job warm-up failed: %r", exc)
 
 
 class FrameworkJob:
