@@ -8,6 +8,10 @@
   each job's process tree, and RSS/PSS/CPU of the SUT's main process over the hold.
 - ``max_jobs``: add rooms step by step until an agent is not in within the timeout, an
   already-held agent is gone, or a job fails; the last fully held count.
+
+The same phases run for every workload (``suts.WORKLOADS``): only the agent differs.
+Each phase, ramp step and dispatch starts once the machine's CPU has settled (see
+``SETTLE_CPU``).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 def lkrun_like_load(server: AgentServer) -> float:
-    """The load lkrun reports with max_jobs = 200 and load_threshold = 1.0.
+    """A load shaped like lkrun's (max_jobs = 200), kept below 0.7: never full.
 
     The default load_fnc reports the machine's CPU use; livekit-server sends a worker no
     job while its load is at or above its target load (0.7), so on a busy 2-core machine
@@ -99,7 +99,7 @@ def options() -> WorkerOptions:
         **({"load_fnc": lkrun_like_load} if load == "lkrun" else {}),
         agent_name=os.environ.get("BENCH_AGENT_NAME", "bench-official"),
         num_idle_processes=int(os.environ.get("BENCH_IDLE", "0")),
-        # No CPU-based refusal: lkrun gets load_threshold = 1.0 and max_jobs = 200.
+        # No CPU-based refusal: lkrun gets load_threshold = "off" and max_jobs = 200.
         load_threshold=math.inf,
         # The same patience as lkrun's (120 s) for a slow process start under load.
         initialize_process_timeout=float(os.environ.get("BENCH_INIT_TIMEOUT", "120")),

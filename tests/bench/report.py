@@ -299,8 +299,8 @@ def _how_to_read(settings: dict[str, Any]) -> list[str]:
         "over the hold (100 % = one core).",
         "- **max concurrent jobs held**: rooms added in steps until an agent is not in within "
         "the timeout, a held agent is gone, or a job fails; the last fully held count.",
-        "- Limits: lkrun `max_jobs = 200`, `[daemon] load_threshold = 1.0` (the highest it "
-        'accepts; `agents` also `prewarm_timeout = "120s"`); official '
+        '- Limits: lkrun `max_jobs = 200`, `[daemon] load_threshold = "off"` (the CPU never '
+        'makes it full; `agents` also `prewarm_timeout = "120s"`); official '
         "`load_threshold = inf` (never full), "
         "`initialize_process_timeout = 120`, and "
         + (

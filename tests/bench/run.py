@@ -45,7 +45,7 @@ VARIANTS = ("cold", "warm")
 # The agents workload makes fewer sequential dispatches: keeps `make bench` ~25 minutes.
 WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "join": {"dispatches": 50, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
-    "agents": {"dispatches": 20, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
+    "agents": {"dispatches": 10, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
 }
 
 

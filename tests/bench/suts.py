@@ -255,7 +255,7 @@ class LkrunSut(Sut):
     def manifest_text(self) -> str:
         lines = [
             "[daemon]",
-            "load_threshold = 1.0  # the highest lkrun accepts: never full for CPU below 100%",
+            'load_threshold = "off"  # as the official worker\'s inf: the CPU never makes it full',
             'shutdown_timeout = "5s"',
             "",
             f"[agents.{self.agent_name}]",
