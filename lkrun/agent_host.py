@@ -386,7 +386,8 @@ class AgentHost:
     def stop_accepting(self) -> None:
         self.accepting = False
         self.registration.load_changed()
-        self.pool.configure(self._new_process, 0, self.spec.prewarm_timeout)
+        why = "no longer needed: the agent takes no new jobs (draining or removed)"
+        self.pool.configure(self._new_process, 0, self.spec.prewarm_timeout, why=why)
 
     def drain(self) -> None:
         """Take no new jobs and tell running ones, so they can wrap up."""

@@ -69,16 +69,23 @@ class WarmPool:
         """
         asyncio.get_running_loop().call_later(REFILL_DELAY, self._changed.set)
 
-    def configure(self, factory: Callable[[], JobProcess], size: int, timeout: float) -> None:
-        """New settings (or new code on disk): idle processes are replaced."""
+    def configure(
+        self,
+        factory: Callable[[], JobProcess],
+        size: int,
+        timeout: float,
+        *,
+        why: str = "replaced after a change",
+    ) -> None:
+        """New settings (or new code on disk, or no more jobs): idle processes go."""
         self.factory, self.size, self.timeout = factory, size, timeout
-        self.recycle()
+        self.recycle(why)
 
-    def recycle(self) -> None:
+    def recycle(self, why: str = "replaced after a change") -> None:
         self._generation += 1
         stale, self._ready = self._ready, []
         for proc in stale:
-            self._discard(proc, "replaced after a change")
+            self._discard(proc, why)
         self.failures = 0  # new settings deserve a fresh try
         self._changed.set()
 
