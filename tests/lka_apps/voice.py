@@ -20,23 +20,21 @@ from typing import Any
 import aiohttp
 from livekit import rtc
 from livekit.agents import (
-    DEFAULT_API_CONNECT_OPTIONS,
-    NOT_GIVEN,
     Agent,
     AgentServer,
     AgentSession,
-    APIConnectOptions,
     CloseEvent,
     JobContext,
     JobProcess,
-    NotGivenOr,
     TurnHandlingOptions,
     cli,
     get_job_context,
-    llm,
     room_io,
 )
 from livekit.agents.utils import http_context
+
+# The bench's agent answers the same way; one fake LLM for both (it imports no lkrun either).
+from tests.bench.lka_agent import EchoLLM
 
 
 def log_event(event: str, **fields: Any) -> None:
@@ -50,33 +48,6 @@ def log_event(event: str, **fields: Any) -> None:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
-
-
-class EchoLLM(llm.LLM):
-    """Answers "<prefix>: <last user message>"; the prefix is the job process's userdata."""
-
-    def chat(
-        self,
-        *,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool] | None = None,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-        parallel_tool_calls: NotGivenOr[bool] = NOT_GIVEN,
-        tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
-        extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
-    ) -> EchoLLMStream:
-        return EchoLLMStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
-
-
-class EchoLLMStream(llm.LLMStream):
-    async def _run(self) -> None:
-        user_text = next(
-            (m.text_content or "" for m in reversed(self.chat_ctx.messages()) if m.role == "user"),
-            "",
-        )
-        prefix = get_job_context().proc.userdata["prefix"]
-        delta = llm.ChoiceDelta(role="assistant", content=f"{prefix}: {user_text}")
-        self._event_ch.send_nowait(llm.ChatChunk(id="echo", delta=delta))
 
 
 def prewarm(proc: JobProcess) -> None:
