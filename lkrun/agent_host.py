@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.apps import describe
+from lkrun.child.apps import describe
 from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
 from lkrun.forkserver import ForkServer

@@ -16,9 +16,10 @@ from typing import Any
 
 import aiohttp
 
-from lkrun import __version__, pdeathsig
+from lkrun import __version__
 from lkrun.agent_host import AgentHost, HostSettings, format_duration
-from lkrun.apps import LIVEKIT_AGENTS
+from lkrun.child import pdeathsig
+from lkrun.child.apps import LIVEKIT_AGENTS
 from lkrun.control import ControlServer
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from lkrun import pdeathsig
+from lkrun.child import pdeathsig
 
 LIVEKIT_SERVER_VERSION = "v1.13.5"
 DEV_API_KEY = "devkey"

@@ -1,9 +1,9 @@
 """The entrypoint check: import every agent's code in a subprocess and learn what it is.
 
 The daemon never imports user code itself: a broken or slow module must not take it down.
-The subprocess (lkrun.importcheck) reports, per agent, whether its entrypoint and prewarm
+The subprocess (lkrun.child.importcheck) reports, per agent, whether its entrypoint and prewarm
 load and what the entrypoint is (an lkrun function or a livekit-agents app, see
-lkrun.apps). ``check_entrypoints`` turns that into the manifest the daemon runs: each agent
+lkrun.child.apps). ``check_entrypoints`` turns that into the manifest the daemon runs: each agent
 gets its ``app``, and a livekit-agents app's own settings (agent name, server type,
 permissions, idle processes, limits, timeouts) fill in what the manifest leaves unset.
 """
@@ -166,7 +166,7 @@ def _run_importcheck(
     # long after the check has finished.
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lkrun.importcheck", json.dumps(request)],
+            [sys.executable, "-m", "lkrun.child.importcheck", json.dumps(request)],
             cwd=manifest.workdir,
             env=env,
             stdin=subprocess.DEVNULL,

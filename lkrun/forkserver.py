@@ -1,4 +1,4 @@
-"""The daemon's side of an agent's fork server (lkrun.zygote): start it, ask it for jobs.
+"""The daemon's side of an agent's fork server (lkrun.child.zygote): start it, ask it for jobs.
 
 A ``ForkServer`` is a job process Launcher: each call creates the job's three pipes, hands
 the child's ends to the zygote over its control socket, and returns the daemon's ends once
@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun import jobpipe, zygote
-from lkrun.apps import describe
+from lkrun.child import jobpipe, zygote
+from lkrun.child.apps import describe
 from lkrun.job_process import AppSpec, Launched, LaunchError, python_command
 from lkrun.logs import agent_logger
 
@@ -71,7 +71,9 @@ class ForkServer:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *python_command("lkrun.zygote", self.app, "--control-fd", str(theirs.fileno())),
+                    *python_command(
+                        "lkrun.child.zygote", self.app, "--control-fd", str(theirs.fileno())
+                    ),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lkrun import jobpipe
+from lkrun.child import jobpipe
 
 TERM_GRACE = 2.0  # after SIGTERM to the group, before SIGKILL
 LOG_CHUNK = 65536
@@ -66,7 +66,7 @@ class AppSpec:
 
     entrypoint: str
     prewarm: str = ""
-    framework: str = "auto"  # lkrun.apps: lkrun | livekit-agents | auto
+    framework: str = "auto"  # lkrun.child.apps: lkrun | livekit-agents | auto
 
 
 def python_command(module: str, app: AppSpec, *extra: str) -> list[str]:
@@ -77,7 +77,7 @@ def python_command(module: str, app: AppSpec, *extra: str) -> list[str]:
 
 
 class SpawnLauncher:
-    """``python -m lkrun.runner`` in a new interpreter (``start_method = "spawn"``)."""
+    """``python -m lkrun.child.runner`` in a new interpreter (``start_method = "spawn"``)."""
 
     def __init__(self, *, app: AppSpec, cwd: Path, env: Mapping[str, str]):
         self.app = app
@@ -86,7 +86,7 @@ class SpawnLauncher:
 
     async def __call__(self, role: str = "job") -> Launched:
         proc = await asyncio.create_subprocess_exec(
-            *python_command("lkrun.runner", self.app, "--role", role),
+            *python_command("lkrun.child.runner", self.app, "--role", role),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -100,7 +100,7 @@ class SpawnLauncher:
 
 
 class JobProcess:
-    """One job's process (see lkrun.runner), in its own process group."""
+    """One job's process (see lkrun.child.runner), in its own process group."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The daemon's side of an agent's request process (lkrun.framework.requests).
+"""The daemon's side of an agent's request process (lkrun.child.framework.requests).
 
 A livekit-agents app may decide per offer whether to take a job (``on_request``). That is
 user code, so it runs in a process of the agent's own, started like a job process (forked
@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 
-from lkrun import jobpipe
+from lkrun.child import jobpipe
 from lkrun.job_process import JobProcess, LaunchError
 from lkrun.logs import agent_logger
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from lkrun.apps import describe
+from lkrun.child.apps import describe
 from lkrun.job_process import JobProcess
 from lkrun.logs import agent_logger
 

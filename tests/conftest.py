@@ -249,7 +249,7 @@ def _kill_job_processes(daemon_pid: int) -> None:
         with contextlib.suppress(OSError):
             environ = (proc_dir / "cmdline").read_bytes()
             ours = f"--daemon-pid\0{daemon_pid}\0".encode() in environ
-            if ours and (b"lkrun.runner" in environ or b"lkrun.zygote" in environ):
+            if ours and (b"lkrun.child.runner" in environ or b"lkrun.child.zygote" in environ):
                 os.kill(int(proc_dir.name), signal.SIGKILL)
 
 

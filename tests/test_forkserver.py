@@ -272,10 +272,10 @@ async def test_spawn_start_method_runs_each_job_in_a_new_interpreter(
     await dispatch(livekit_server, room, name)
     job = await job_in_room(daemon, room, "running")
     command = psutil.Process(job["pid"]).cmdline()
-    assert "lkrun.runner" in command
+    assert "lkrun.child.runner" in command
     assert ppid(job["pid"]) == daemon.pid
     assert (await daemon.status())["agents"][0]["fork_server_pid"] is None
-    assert not any("lkrun.zygote" in " ".join(c.cmdline()) for c in _children(daemon.pid))
+    assert not any("lkrun.child.zygote" in " ".join(c.cmdline()) for c in _children(daemon.pid))
 
 
 def _children(pid: int) -> list[psutil.Process]:

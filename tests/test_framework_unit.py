@@ -12,13 +12,13 @@ from livekit.agents import JobContext, JobRequest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun import apps
 from lkrun.agent_host import _app_decision, job_env
+from lkrun.child import apps
+from lkrun.child.framework import compat
+from lkrun.child.framework.app import FrameworkApp
+from lkrun.child.framework.job import running_job_info
+from lkrun.child.framework.requests import RequestServer
 from lkrun.credentials import Credentials
-from lkrun.framework import compat
-from lkrun.framework.app import FrameworkApp
-from lkrun.framework.job import running_job_info
-from lkrun.framework.requests import RequestServer
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance, Decline
 
@@ -145,7 +145,7 @@ def test_job_context_still_has_what_the_job_runner_reads() -> None:
     from livekit.agents import JobProcess
     from livekit.agents.job import JobExecutorType
 
-    from lkrun.framework.job import NoInference
+    from lkrun.child.framework.job import NoInference
 
     async def build() -> JobContext:
         info = running_job_info({"job": {}, "url": "ws://x", "token": "t", "identity": "i"})

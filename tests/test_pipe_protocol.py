@@ -7,9 +7,9 @@ import json
 import logging
 from typing import Any
 
-from lkrun import jobpipe
+from lkrun.child import jobpipe
+from lkrun.child.runner import JobRun
 from lkrun.job_process import JobProcess, Launched, Outcome
-from lkrun.runner import JobRun
 
 
 class FakeStdin:

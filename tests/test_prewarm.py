@@ -34,9 +34,9 @@ def _runner_pids(daemon: Any) -> set[int]:
     for child in psutil.Process(daemon.pid).children():
         try:
             command = " ".join(child.cmdline())
-            if "lkrun.runner" in command:
+            if "lkrun.child.runner" in command:
                 pids.add(child.pid)
-            elif "lkrun.zygote" in command:
+            elif "lkrun.child.zygote" in command:
                 pids.update(p.pid for p in child.children())
         except psutil.Error:  # exited (or a zombie) between listing and reading
             continue

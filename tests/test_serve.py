@@ -100,7 +100,7 @@ async def test_two_agents_each_in_own_subprocess(start_daemon: Any, livekit_serv
     zygotes = set()
     for pid in pids:  # forked by the agent's own fork server, which the daemon started
         cmdline, ppid = proc_info(pid)
-        assert b"lkrun.zygote" in cmdline
+        assert b"lkrun.child.zygote" in cmdline
         zygotes.add(ppid)
         assert proc_info(ppid)[1] == daemon.pid
         assert os.getpgid(pid) == pid  # its own process group

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from lkrun import pdeathsig
+from lkrun.child import pdeathsig
 
 
 def _death_signal_preexec() -> Callable[[], None] | None:

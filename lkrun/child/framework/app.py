@@ -29,14 +29,14 @@ from livekit.agents import AgentServer, JobProcess
 from livekit.agents.job import JobExecutorType
 from livekit.agents.worker import ServerEnvOption, ServerOptions, ServerType
 
-from lkrun import apps
-from lkrun.apps import LIVEKIT_AGENTS, AppError, Job, call
-from lkrun.framework import compat
+from lkrun.child import apps
+from lkrun.child.apps import LIVEKIT_AGENTS, AppError, Job, call
+from lkrun.child.framework import compat
 
 # At import, not at the first job: in the fork server, so every job shares it ready.
-from lkrun.framework.job import FrameworkJob, warm_up_job_path
+from lkrun.child.framework.job import FrameworkJob, warm_up_job_path
 
-log = logging.getLogger("lkrun.framework")
+log = logging.getLogger("lkrun.child.framework")
 
 # Settings lkrun takes from the app: (framework name, lkrun field, conversion).
 _APPLIED: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (

@@ -1,4 +1,4 @@
-"""Import entrypoints in a throwaway process: ``python -m lkrun.importcheck REQUEST``.
+"""Import entrypoints in a throwaway process: ``python -m lkrun.child.importcheck REQUEST``.
 
 REQUEST is a JSON object: ``{"entrypoints": [[spec, framework], ...], "callables": [spec]}``.
 Writes one JSON object to stdout and exits 0::
@@ -6,7 +6,7 @@ Writes one JSON object to stdout and exits 0::
     {"entrypoints": [{"error": null | "one-line error", "app": {...} | null}, ...],
      "callables": {"mod:fn": null | "one-line error"}}
 
-``app`` says what an entrypoint is (lkrun.apps): its framework, its kind and, for a
+``app`` says what an entrypoint is (lkrun.child.apps): its framework, its kind and, for a
 livekit-agents app, the settings found on its server object. The daemon runs this instead
 of importing user code itself. Keep it light: it must not import anything that could shadow
 or slow down the user's modules.
@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from lkrun import apps
+from lkrun.child import apps
 
 _MAX_ERROR = 500
 
@@ -80,7 +80,7 @@ def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
     found = apps.detect(target) if framework == apps.AUTO else framework
     if found == apps.LIVEKIT_AGENTS:
         try:
-            from lkrun.framework.app import FrameworkApp
+            from lkrun.child.framework.app import FrameworkApp
         except ImportError as exc:
             error = f"{spec!r} is a livekit-agents app, which is not installed ({exc}); "
             return {"error": error + apps.INSTALL_HINT, "app": None}

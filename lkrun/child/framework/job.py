@@ -39,10 +39,10 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
-from lkrun.apps import JobResult, call, describe
+from lkrun.child.apps import JobResult, call, describe
 
 if TYPE_CHECKING:
-    from lkrun.framework.app import FrameworkApp
+    from lkrun.child.framework.app import FrameworkApp
 
 ENTRY_GRACE = 5.0  # after a shutdown request, before a still running entrypoint is cancelled
 SESSION_CLOSE_TIMEOUT = 60.0  # the official worker's bound on AgentSession.aclose()
@@ -110,7 +110,7 @@ def warm_up_job_path(proc: JobProcess) -> None:
         )
         ctx._tempdir.cleanup()
     except Exception as exc:  # only a warm-up: the real job reports its own errors
-        logging.getLogger("lkrun.framework").debug("job warm-up failed: %r", exc)
+        logging.getLogger("lkrun.child.framework").debug("job warm-up failed: %r", exc)
 
 
 class FrameworkJob:

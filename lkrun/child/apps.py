@@ -4,7 +4,7 @@ An entrypoint names one of two kinds of app:
 
 - an lkrun app: ``async def entrypoint(ctx: lkrun.context.JobContext)``;
 - a livekit-agents app: an ``AgentServer``, a ``ServerOptions``/``WorkerOptions``, or
-  ``async def entrypoint(ctx: livekit.agents.JobContext)``, run by lkrun.framework with
+  ``async def entrypoint(ctx: livekit.agents.JobContext)``, run by lkrun.child.framework with
   the framework's own JobContext.
 
 The import check finds out which (``detect``) and the daemon passes the answer to every
@@ -133,7 +133,7 @@ def make_app(entrypoint: str, target: Any, warm: Callable[..., Any] | None, fram
         framework = detect(target)
     if framework == LIVEKIT_AGENTS:
         try:
-            from lkrun.framework.app import FrameworkApp
+            from lkrun.child.framework.app import FrameworkApp
         except ImportError as exc:
             raise AppError(f"{entrypoint} needs livekit-agents ({exc}); {INSTALL_HINT}") from exc
         return FrameworkApp.from_target(target, warm, spec=entrypoint)

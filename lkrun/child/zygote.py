@@ -1,4 +1,4 @@
-"""One agent's fork server: ``python -m lkrun.zygote --entrypoint pkg.module:fn --control-fd N``.
+"""One agent's fork server: ``python -m lkrun.child.zygote --entrypoint mod:fn --control-fd N``.
 
 It imports the runner, livekit.rtc and the agent's module once, then forks a child per job
 on the daemon's request. The children share those pages copy-on-write instead of each
@@ -34,7 +34,7 @@ import sys
 import traceback
 from typing import Any
 
-from lkrun import apps, jobpipe, pdeathsig, runner
+from lkrun.child import apps, jobpipe, pdeathsig, runner
 
 FORK = "fork"
 RETIRE = "retire"
@@ -190,7 +190,7 @@ def _preload_app(app: apps.App) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lkrun.zygote")
+    parser = argparse.ArgumentParser(prog="python -m lkrun.child.zygote")
     runner.add_app_arguments(parser)
     parser.add_argument("--control-fd", type=int, required=True)
     args = parser.parse_args(argv)

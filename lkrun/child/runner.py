@@ -1,7 +1,7 @@
-"""Child side of a job: ``python -m lkrun.runner --entrypoint pkg.module:function``.
+"""Child side of a job: ``python -m lkrun.child.runner --entrypoint pkg.module:function``.
 
 The daemon starts one of these per job (``start_method = "spawn"``), or the agent's fork
-server (lkrun.zygote) forks one and calls ``become_job_process`` and ``run_job``. Either way
+server (lkrun.child.zygote) forks one and calls ``become_job_process`` and ``run_job``. Either way
 the job process has the entrypoint's module loaded, says ``ready``, waits for ``start`` on
 stdin, runs the entrypoint, and reports ``running`` and ``done`` on the real stdout. User
 code's ``print()`` goes to stderr, the job's log. EOF on stdin means the daemon is gone:
@@ -24,9 +24,9 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
-from lkrun import apps, jobpipe, pdeathsig
+from lkrun.child import apps, jobpipe, pdeathsig
 
-log = logging.getLogger("lkrun.runner")
+log = logging.getLogger("lkrun.child.runner")
 
 # What a process started for an agent does: run one job, or answer the agent's job requests.
 JOB = "job"
@@ -198,8 +198,8 @@ async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
 
 async def _serve_requests(run: JobRun) -> int:
     """The agent's request process: answer job requests until the daemon says stop."""
-    from lkrun.framework.app import FrameworkApp
-    from lkrun.framework.requests import RequestServer
+    from lkrun.child.framework.app import FrameworkApp
+    from lkrun.child.framework.requests import RequestServer
 
     if not isinstance(run.app, FrameworkApp):
         run.pipe.send(jobpipe.DONE, ok=False, error="only a livekit-agents app has on_request")
@@ -307,7 +307,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lkrun.runner")
+    parser = argparse.ArgumentParser(prog="python -m lkrun.child.runner")
     add_app_arguments(parser)
     parser.add_argument("--role", choices=ROLES, default=JOB)
     args = parser.parse_args(argv)

@@ -25,12 +25,12 @@ from livekit.agents import JobRequest
 from livekit.agents.job import JobAcceptArguments
 from livekit.protocol import agent as proto
 
-from lkrun import jobpipe
-from lkrun.apps import call, describe
+from lkrun.child import jobpipe
+from lkrun.child.apps import call, describe
 
 if TYPE_CHECKING:
-    from lkrun.framework.app import FrameworkApp
-    from lkrun.runner import Pipe
+    from lkrun.child.framework.app import FrameworkApp
+    from lkrun.child.runner import Pipe
 
 log = logging.getLogger("lkrun.requests")
 
