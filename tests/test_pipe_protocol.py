@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from lkrun.child import jobpipe
@@ -30,7 +31,9 @@ def line(kind: str, **fields: Any) -> bytes:
     return jobpipe.encode(kind, **fields)
 
 
-async def scripted_job(*lines: bytes) -> Outcome:
+async def scripted_job(
+    *lines: bytes, on_running: Callable[[JobProcess], None] | None = None
+) -> Outcome:
     """A JobProcess whose process printed ``lines`` on its protocol stdout, then exited 0."""
     stdout = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
     for data in lines:
@@ -49,6 +52,8 @@ async def scripted_job(*lines: bytes) -> Outcome:
 
     log = logging.LoggerAdapter(logging.getLogger("test.pipe"), {})
     proc = JobProcess(launcher=launcher, log=log)
+    if on_running is not None:
+        proc.on_running = lambda: on_running(proc)
     await proc.spawn()
     return await asyncio.wait_for(proc.wait(), 5)
 
@@ -68,31 +73,14 @@ async def test_an_out_of_range_number_costs_that_message_only() -> None:
 
 async def test_running_before_ready_or_twice_is_ignored() -> None:
     started: list[float] = []
-    stdout_lines = (
+    await scripted_job(
         line("running", ts=1.0),
         line("ready"),
         line("running", ts=2.0),
         line("running", ts=3.0),
         line("done", ok=True),
+        on_running=lambda proc: started.append(proc.running_at or 0),
     )
-    stdout = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
-    for data in stdout_lines:
-        stdout.feed_data(data)
-    stdout.feed_eof()
-    stderr = asyncio.StreamReader()
-    stderr.feed_eof()
-
-    async def wait() -> int:
-        return 0
-
-    async def launcher(role: str = "job") -> Launched:
-        return Launched(999_999_999, FakeStdin(), stdout, stderr, wait, lambda: None)
-
-    log = logging.LoggerAdapter(logging.getLogger("test.pipe"), {})
-    proc = JobProcess(launcher=launcher, log=log)
-    proc.on_running = lambda: started.append(proc.running_at or 0)
-    await proc.spawn()
-    await proc.wait()
     assert started == [2.0]  # once, after ready
 
 
