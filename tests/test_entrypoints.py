@@ -125,6 +125,7 @@ def test_server_without_agent_name_means_automatic_dispatch(tmp_path: Path) -> N
     agents = check_entrypoints(manifest).agents
     assert agents["auto"].dispatch == "automatic" and agents["auto"].registered_name == ""
     assert agents["auto"].app.applied == ("dispatch",)  # type: ignore[union-attr]
+    assert agents["auto"].app.warnings == ()  # type: ignore[union-attr]  # nothing to report
     assert agents["pinned"].dispatch == "explicit"
     # Nothing else differs from the framework's defaults: lkrun's own defaults stay.
     assert agents["auto"].idle_processes == 0 and agents["auto"].prewarm_timeout == 60.0

@@ -56,7 +56,6 @@ _IGNORED = {
     "prometheus_port": "lkrun serves /metrics on [daemon] http_addr",
     "job_memory_warn_mb": "only memory_limit_mb is enforced",
     "multiprocessing_context": "set start_method",
-    "http_proxy": "set HTTPS_PROXY in the agent's env",
     "log_level": "set LKRUN_JOB_LOG_LEVEL in the agent's env",
 }
 
