@@ -117,3 +117,17 @@ async def test_child_reader_survives_an_oversized_line_and_bad_json() -> None:
     await asyncio.wait_for(run.read_stdin(reader), 5)
     # The shutdown after the bad lines still arrived: before any start, it ends the wait.
     assert run.start_msg.done() and "stop" in str(run.start_msg.exception())
+
+
+def test_rtc_chatter_on_the_root_logger_stays_out_of_the_job_log() -> None:
+    from lkrun.child.runner import QuietRtc
+
+    def record(path: str, level: int, name: str = "root") -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1, "ignoring byte stream", None, None)
+
+    quiet = QuietRtc()
+    rtc_room = "/venv/site-packages/livekit/rtc/room.py"
+    assert not quiet.filter(record(rtc_room, logging.INFO))
+    assert quiet.filter(record(rtc_room, logging.WARNING))
+    assert quiet.filter(record("/app/agent.py", logging.INFO))  # the user's own root logs
+    assert quiet.filter(record(rtc_room, logging.INFO, name="livekit"))  # its level decides

@@ -222,9 +222,22 @@ def _preload_rtc() -> None:
     FfiClient.instance  # noqa: B018  the property starts the library
 
 
+class QuietRtc(logging.Filter):
+    """Drops what livekit-rtc logs below WARNING through the root logger.
+
+    Some of its messages bypass the "livekit" logger: a job in a room with an AgentSession
+    would log "ignoring byte stream with topic 'lk.agent.session'" ten times a second.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rtc = record.name == "root" and f"{os.sep}livekit{os.sep}rtc{os.sep}" in record.pathname
+        return not rtc or record.levelno >= logging.WARNING
+
+
 def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(QuietRtc())
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(os.environ.get("LKRUN_JOB_LOG_LEVEL", "INFO").upper())
