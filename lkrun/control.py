@@ -245,8 +245,6 @@ async def get(path: Path, route: str, params: dict[str, str] | None = None) -> A
     return await _call(path, "GET", route, params)
 
 
-_get = get  # the tests' name for it
-
 
 async def stream(path: Path, route: str, params: dict[str, str]) -> AsyncIterator[str]:
     """Lines of a streamed response (job logs with follow)."""

@@ -312,19 +312,10 @@ class JobProcess:
         return text
 
     async def _read_protocol(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over MAX_LINE: not ours
-                self.log.warning("job process sent an oversized line; ignored")
-                continue
-            if not line:
-                return
-            try:
-                self._on_message(jobpipe.decode(line))
-            except (ValueError, TypeError, OverflowError) as exc:  # PipeError is a ValueError
-                # One bad message is that message's problem: the next one is read as usual.
-                self.log.warning("job process broke the pipe protocol: %s", exc)
+        def warn(why: str) -> None:
+            self.log.warning("job process broke the pipe protocol: %s", why)
+
+        await jobpipe.read_messages(stream, self._on_message, warn)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         """Each kind once, in the protocol's order: ready, then running, then done."""

@@ -162,7 +162,7 @@ class DaemonProc:
         return self.log_path.read_text(errors="replace")
 
     async def request(self, route: str, params: dict[str, str] | None = None) -> Any:
-        return await control._get(self.socket, route, params)
+        return await control.get(self.socket, route, params)
 
     async def status(self) -> dict[str, Any]:
         return await self.request("/v1/status")

@@ -82,7 +82,7 @@ class Soak:
         )
 
     async def ask(self, route: str, params: dict[str, str] | None = None) -> Any:
-        return await control._get(self.socket, route, params)
+        return await control.get(self.socket, route, params)
 
     async def wait_registered(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -8,7 +8,9 @@ Kept free of heavy imports: the runner imports it before user code.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 # daemon -> child
@@ -54,3 +56,25 @@ def decode(line: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise PipeError(f"not a protocol message: {line[:80]!r}")
     return msg
+
+
+async def read_messages(
+    reader: asyncio.StreamReader,
+    handle: Callable[[dict[str, Any]], None],
+    warn: Callable[[str], None],
+) -> None:
+    """Hand each message on ``reader`` to ``handle`` until EOF. One bad message (too long,
+    not JSON, or one ``handle`` cannot take) costs that message only: ``warn`` says why and
+    the next one is read as usual."""
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # over the reader's limit: that line is dropped
+            warn("an oversized message was ignored")
+            continue
+        if not line:
+            return
+        try:
+            handle(decode(line))
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # PipeError: ValueError
+            warn(f"a bad message was ignored: {exc}")

@@ -88,18 +88,7 @@ class JobRun:
         self.cleanup_timeout = apps.SHUTDOWN_CALLBACK_TIMEOUT
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await reader.readline()
-            except ValueError:  # over MAX_LINE: that line is dropped, the next one is read
-                log.warning("ignoring an oversized message from the daemon")
-                continue
-            if not line:
-                break
-            try:
-                self.handle(jobpipe.decode(line))
-            except (ValueError, TypeError, KeyError) as exc:  # PipeError is a ValueError
-                log.warning("ignoring bad message from daemon: %s", exc)
+        await jobpipe.read_messages(reader, self.handle, lambda why: log.warning("daemon: %s", why))
         self.orphaned = True
         self.request_shutdown("daemon went away")
 
