@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,26 +26,22 @@ from lkrun.job_process import (
     JobProcess,
     Launched,
     Launcher,
-    LaunchError,
-    Outcome,
     SpawnLauncher,
 )
 from lkrun.joblogs import JobLogs
-from lkrun.jobs import JobBook, JobRecord, JobStatus
+from lkrun.jobs import JobBook, JobRecord
 from lkrun.load import WorkerLoad, agent_load
 from lkrun.logs import agent_logger, job_logger
 from lkrun.manifest import AgentSpec
 from lkrun.metrics import Metrics
+from lkrun.offers import not_accepting
 from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
 from lkrun.request_process import RequestProcess, RequestRefused
+from lkrun.supervisor import JobSupervisor, ProcessHandle
 from lkrun.warm_pool import WarmPool
 
 log = logging.getLogger("lkrun.agent")
 job_log = logging.getLogger("lkrun.job")
-
-# The server waits 10 s for our answer to be followed by an assignment; after that
-# a reserved slot is released.
-ASSIGNMENT_WAIT = 15.0
 
 
 def worker_spec(spec: AgentSpec) -> WorkerSpec:
@@ -82,14 +77,6 @@ def job_env(
     return env
 
 
-def format_duration(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
-
-
 @dataclass
 class HostSettings:
     """Daemon-wide knobs every agent shares."""
@@ -120,8 +107,6 @@ class AgentHost:
         self.credentials = credentials
         self.book = book
         self.settings = settings
-        self.accepting = True
-        self.draining = False
         self.registration = Registration(
             label=spec.name,
             spec=worker_spec(spec),
@@ -129,15 +114,21 @@ class AgentHost:
             handler=self,
             session=session,
         )
-        self._reserved: dict[str, float] = {}  # job id -> when we said yes
-        self._accepted: dict[str, Acceptance] = {}  # job id -> what we said yes with
+        self.jobs = JobSupervisor(
+            agent=spec.name,
+            rules=spec,
+            processes=self,
+            reporter=self.registration,
+            book=book,
+            start_message=self._start_message,
+            shutdown_timeout=self._shutdown_timeout,
+            log=self.log,
+            metrics=settings.metrics,
+            job_logs=settings.job_logs,
+        )
         self._deciding: set[asyncio.Task[None]] = set()  # offers the app's on_request weighs
-        self._active: set[str] = set()  # assigned jobs not yet finished
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
-        self._procs: dict[str, JobProcess] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._idle = asyncio.Event()  # no job running or reserved
-        self._idle.set()
         self.forkserver = self._new_forkserver()
         self.pool = WarmPool(
             label=spec.name,
@@ -152,15 +143,11 @@ class AgentHost:
     # -- WorkerHandler -----------------------------------------------------------------
 
     def on_availability(self, job: proto.Job) -> Decision | asyncio.Future[Decision]:
-        self._expire_reservations()
         room = job.room.name
-        if decline := self._decline(room):
+        cpu, threshold = self.settings.cpu(), self.settings.load_threshold
+        if decline := self.jobs.offer(job.id, room, cpu=cpu, load_threshold=threshold):
             self.log.info("declined job %s: %s", job.id, decline.text)
             return decline
-        self._reserved[job.id] = time.time()
-        self._idle.clear()
-        # If no assignment follows, free the slot even when no further offer arrives.
-        asyncio.get_running_loop().call_later(ASSIGNMENT_WAIT + 0.1, self._expire_reservations)
         identity = self.spec.format_identity(
             job_id=job.id, room=room, participant=job.participant.identity
         )
@@ -200,40 +187,20 @@ class AgentHost:
         except RequestRefused as exc:
             decision = Decline("on_request", f"room {room!r}: {exc}")
         finally:
-            if not self.accepting:  # drained or removed while the app was deciding
-                why = f"room {room!r}: not accepting jobs (draining or removed)"
-                decision = Decline("not_accepting", why)
+            if not self.jobs.accepting:  # drained or removed while the app was deciding
+                decision = not_accepting(room)
             if isinstance(decision, Decline) or answer.done():  # no job will follow
-                self._release(job.id)
+                self.jobs.release(job.id)
         if answer.done():
             return
         if isinstance(decision, Decline):
             self.log.info("declined job %s: %s", job.id, decision.text)
         answer.set_result(decision)
 
-    def _release(self, job_id: str) -> None:
-        self._reserved.pop(job_id, None)
-        self._accepted.pop(job_id, None)
-        self._check_idle()
-        self.registration.load_changed()
-
-    def _decline(self, room: str) -> Decline | None:
-        if not self.accepting:
-            return Decline(
-                "not_accepting", f"room {room!r}: not accepting jobs (draining or removed)"
-            )
-        if not self.spec.accepts_room(room):
-            return Decline("rooms", f"room {room!r} matches none of {list(self.spec.rooms)}")
-        if self.job_count() >= self.spec.max_jobs:
-            return Decline("max_jobs", f"room {room!r}: at max_jobs={self.spec.max_jobs}")
-        if (cpu := self.settings.cpu()) >= self.settings.load_threshold:
-            return Decline("cpu", f"room {room!r}: CPU {cpu:.0%} is over load_threshold")
-        return None
-
     def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
         declined = isinstance(decision, Decline)
-        if isinstance(decision, Acceptance) and job_id in self._reserved:
-            self._accepted[job_id] = decision
+        if isinstance(decision, Acceptance):
+            self.jobs.answered(job_id, decision)
         reason = decision.reason if isinstance(decision, Decline) else ""
         self.settings.metrics.offer_answered(self.spec.name, not declined, seconds, reason)
 
@@ -242,39 +209,10 @@ class AgentHost:
             self.settings.metrics.registration_reconnected(self.spec.name)
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
-        job = assignment.job
-        if job.id in self._active:
-            self.log.warning("job %s was assigned again while it runs; ignored", job.id)
-            return
-        offered_at = self._reserved.pop(job.id, None)
-        if offered_at is None and (not self.accepting or self.job_count() >= self.spec.max_jobs):
-            # Not an offer we hold a slot for (it expired, or came before a reconnect), and
-            # no slot is free: say so at once rather than leave LiveKit waiting.
-            why = "assigned without a reserved slot, and the agent is full or draining"
-            self.log.warning("job %s refused: %s", job.id, why)
-            self.registration.update_job(job.id, proto.JS_FAILED, why)
-            return
-        record = JobRecord(
-            id=job.id,
-            agent=self.spec.name,
-            room=job.room.name,
-            dispatch_id=job.dispatch_id,
-            identity=job.state.participant_identity,
-            offered_at=offered_at,
-            worker_id=self.registration.state.worker_id,
-        )
-        self.book.add(record)
-        self._active.add(job.id)
-        try:
-            self._claim_process(record)
-        except Exception as exc:  # e.g. the job's log file cannot be opened
-            self.log.exception("job %s could not be given a process", job.id)
-            self._finish(record, Outcome(ok=False, error=f"cannot start job: {describe(exc)}"))
-            return
-        self._spawn(self._run_job(record, assignment), name=f"job {job.id}")
+        self.jobs.assign(assignment)
 
     def on_termination(self, job_id: str) -> None:
-        if self.stop_job(job_id, "terminated by LiveKit"):
+        if self.jobs.stop(job_id, "terminated by LiveKit"):
             self.log.info("job %s terminated by LiveKit", job_id)
 
     def worker_load(self) -> WorkerLoad:
@@ -283,13 +221,13 @@ class AgentHost:
             max_jobs=self.spec.max_jobs,
             cpu=self.settings.cpu(),
             load_threshold=self.settings.load_threshold,
-            draining=not self.accepting,
+            draining=not self.jobs.accepting,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def job_count(self) -> int:
-        return len(self._active) + len(self._reserved)
+        return self.jobs.count
 
     async def run(self) -> None:
         """Stay registered and keep warm processes until cancelled.
@@ -317,6 +255,7 @@ class AgentHost:
     def update_spec(self, spec: AgentSpec) -> None:
         """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
         old, self.spec = self.spec, spec
+        self.jobs.rules = spec
         self.registration.load_changed()
         if _loaded_fields(old) != _loaded_fields(spec):
             self._replace_forkserver()
@@ -376,7 +315,7 @@ class AgentHost:
         self._spawn(self._start_forkserver())
 
     async def _start_forkserver(self) -> None:
-        if self.forkserver is None or not self.accepting:
+        if self.forkserver is None or not self.jobs.accepting:
             return
         try:
             await self.forkserver.start()
@@ -384,55 +323,39 @@ class AgentHost:
             self.log.error("cannot start the fork server: %s", describe(exc))
 
     def stop_accepting(self) -> None:
-        self.accepting = False
+        self.jobs.accepting = False
         self.registration.load_changed()
         why = "no longer needed: the agent takes no new jobs (draining or removed)"
         self.pool.configure(self._new_process, 0, self.spec.prewarm_timeout, why=why)
 
     def drain(self) -> None:
         """Take no new jobs and tell running ones, so they can wrap up."""
-        self.draining = True
+        self.jobs.drain()
         self.stop_accepting()
-        for proc in self._procs.values():
-            proc.drain()
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        await self.jobs.wait_idle()
 
     async def stop_jobs(self, reason: str) -> None:
         """Ask every job to end, kill what will not, and wait for their records to close."""
-        for job_id in list(self._procs):
-            self.stop_job(job_id, reason)
+        await self.jobs.stop_all(reason)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def kill_jobs(self, why: str) -> None:
         self.settings.shutdown_timeout = 0
-        for proc in list(self._procs.values()):
-            self._spawn(proc.kill(why))
+        self.jobs.kill_all(why)
 
     def owns(self, job_id: str) -> bool:
-        return job_id in self._procs
+        return self.jobs.owns(job_id)
 
     def kill_job(self, job_id: str, *, force: bool) -> str:
         """For `lkrun jobs kill`: ask the job to end (then kill it), or kill it at once."""
-        proc = self._procs[job_id]
         if force:
-            self._spawn(proc.kill("killed by `lkrun jobs kill --force`", failure=True))
+            self.jobs.kill(job_id, "killed by `lkrun jobs kill --force`", failure=True)
             return "killed"
-        self.stop_job(job_id, "stopped by `lkrun jobs kill`")
+        self.jobs.stop(job_id, "stopped by `lkrun jobs kill`")
         return "shutdown requested"
-
-    def stop_job(self, job_id: str, reason: str, *, failure: str = "") -> bool:
-        proc = self._procs.get(job_id)
-        record = self.book.get(job_id)
-        if proc is None or record is None:
-            return False
-        record.status = JobStatus.STOPPING
-        record.stop_reason = record.stop_reason or reason
-        self.book.update(record)
-        self._spawn(proc.stop(reason, self._shutdown_timeout(), failure=failure))
-        return True
 
     def idle_pids(self) -> list[int]:
         """Processes that serve no job yet: the warm processes and the fork server."""
@@ -448,10 +371,9 @@ class AgentHost:
             Target("idle", pid, self._idle_sampler(pid), tree=pid != zygote)
             for pid in self.idle_pids()
         ]
-        for job_id, proc in self._procs.items():
-            record = self.book.get(job_id)
-            if proc.pid is not None and record is not None and not proc.exited:
-                targets.append(Target(job_id, proc.pid, self._sampler(record, proc)))
+        for record, proc in self.jobs.running_processes():
+            if proc.pid is not None:
+                targets.append(Target(record.id, proc.pid, self._sampler(record, proc)))
         return targets
 
     def idle_memory_mb(self) -> float:
@@ -466,7 +388,7 @@ class AgentHost:
 
         return on_sample
 
-    def _sampler(self, record: JobRecord, proc: JobProcess) -> Callable[[Usage], None]:
+    def _sampler(self, record: JobRecord, proc: ProcessHandle) -> Callable[[Usage], None]:
         def on_sample(usage: Usage) -> None:
             record.memory_mb = round(usage.rss_bytes / MB, 1)
             record.peak_memory_mb = max(record.peak_memory_mb, record.memory_mb)
@@ -477,7 +399,7 @@ class AgentHost:
                     f"memory limit exceeded: {record.memory_mb:.0f} MB in "
                     f"{usage.processes} process(es) > memory_limit_mb={limit}"
                 )
-                self._spawn(proc.kill(why, failure=True))
+                self.jobs.kill(record.id, why, failure=True)
 
         return on_sample
 
@@ -530,67 +452,19 @@ class AgentHost:
             log=job_logger(job_log, self.spec.name, "warm"),
         )
 
-    def _claim_process(self, record: JobRecord) -> JobProcess:
-        """A warm process if one is ready, else a cold one (not started yet), bound to this
-        job at once: a stop or kill from now on reaches it, whatever state it is in."""
+    # -- ProcessSource ---------------------------------------------------------------------
+
+    def claim(self) -> tuple[ProcessHandle, bool]:
+        """A warm process if one is ready, else a cold one (not started yet)."""
         proc = self.pool.take()
-        record.warm = proc is not None
-        if proc is None:
-            proc = self._new_process()
-        bound = proc
-        logs = self.settings.job_logs
-        proc.bind(
-            job_logger(job_log, record.agent, record.id),
-            lambda: self._on_running(record, bound),
-            sink=logs.writer(record.id).write_line if logs is not None else None,
-        )
-        self._procs[record.id] = proc
-        return proc
+        return (proc, True) if proc is not None else (self._new_process(), False)
 
-    async def _started_process(self, record: JobRecord, proc: JobProcess) -> JobProcess:
-        if not record.warm:
-            await proc.spawn()
-        record.pid = proc.pid
-        self.book.update(record)
-        self.log.info(
-            "job %s in room %r: %s process %s",
-            record.id,
-            record.room,
-            "warm" if record.warm else "cold",
-            proc.pid,
-        )
-        return proc
+    def replenish(self) -> None:
+        self.pool.replenish()
 
-    async def _run_job(self, record: JobRecord, assignment: proto.JobAssignment) -> None:
-        timer: asyncio.TimerHandle | None = None
-        try:
-            proc = await self._started_process(record, self._procs[record.id])
-            ready = await proc.wait_ready(self.spec.prewarm_timeout)
-            if ready and not proc.stop_requested:  # a stop before the start: no job at all
-                if self.draining:
-                    proc.drain()
-                proc.start(**self._start_message(record, assignment))
-                timer = self._arm_timeout(record)
-            self.pool.replenish()
-            outcome = await proc.wait()
-        except LaunchError as exc:
-            outcome = Outcome(ok=False, error=str(exc))
-        except OSError as exc:
-            outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")
-        except Exception as exc:  # a bug or a bad value must fail the job, not hold its slot
-            self.log.exception("job %s could not be started", record.id)
-            outcome = Outcome(ok=False, error=f"cannot start job process: {describe(exc)}")
-            if (started := self._procs.get(record.id)) is not None:
-                await started.kill(outcome.error)
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._procs.pop(record.id, None)
-            self._accepted.pop(record.id, None)  # when it never got as far as its start
-        self._finish(record, outcome)
-
-    def _start_message(self, record: JobRecord, assignment: proto.JobAssignment) -> dict[str, Any]:
-        answer = self._accepted.pop(record.id, None)
+    def _start_message(
+        self, record: JobRecord, answer: Acceptance | None, assignment: proto.JobAssignment
+    ) -> dict[str, Any]:
         return {
             "job": MessageToDict(assignment.job),
             "url": assignment.url or self.credentials.url,
@@ -606,62 +480,6 @@ class AgentHost:
             "received_at": record.offered_at or 0.0,
             "assigned_at": record.accepted_at,
         }
-
-    def _arm_timeout(self, record: JobRecord) -> asyncio.TimerHandle | None:
-        limit = self.spec.job_timeout
-        if not limit:
-            return None
-        why = f"job exceeded job_timeout={format_duration(limit)}"
-        return asyncio.get_running_loop().call_later(
-            limit, lambda: self.stop_job(record.id, why, failure=why)
-        )
-
-    def _on_running(self, record: JobRecord, proc: JobProcess) -> None:
-        record.status = JobStatus.RUNNING
-        record.started_at = proc.running_at or time.time()
-        self.book.update(record)
-        self.registration.update_job(record.id, proto.JS_RUNNING)
-        metrics = self.settings.metrics
-        metrics.job_started(record.agent, record.warm)
-        if record.offered_at is not None:
-            metrics.offer_to_entrypoint(
-                record.agent, record.warm, max(0.0, record.started_at - record.offered_at)
-            )
-
-    def _finish(self, record: JobRecord, outcome: Outcome) -> None:
-        self._active.discard(record.id)
-        record.exit_code = outcome.exit_code
-        if outcome.reason and not record.stop_reason:
-            record.stop_reason = outcome.reason
-        if outcome.ok:
-            self.book.finish(record, JobStatus.SUCCESS)
-            self.registration.update_job(record.id, proto.JS_SUCCESS)
-            self.log.info(
-                "job %s succeeded (%s)",
-                record.id,
-                record.stop_reason or "done",
-            )
-        else:
-            self.book.finish(record, JobStatus.FAILED, outcome.error)
-            self.registration.update_job(record.id, proto.JS_FAILED, outcome.error)
-            self.log.warning("job %s failed: %s", record.id, outcome.error)
-        self.settings.metrics.job_ended(record.agent, record.status.value)
-        if self.settings.job_logs is not None:
-            self.settings.job_logs.writer(record.id).close()
-        self._check_idle()
-        self.registration.load_changed()
-
-    def _check_idle(self) -> None:
-        if not self._active and not self._reserved:
-            self._idle.set()
-
-    def _expire_reservations(self) -> None:
-        now = time.time()
-        for job_id, when in list(self._reserved.items()):
-            if now - when > ASSIGNMENT_WAIT:
-                del self._reserved[job_id]
-                self._accepted.pop(job_id, None)
-        self._check_idle()
 
 
 def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:

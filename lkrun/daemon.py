@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from lkrun import __version__
-from lkrun.agent_host import AgentHost, HostSettings, format_duration
+from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.child import pdeathsig
 from lkrun.child.apps import LIVEKIT_AGENTS
 from lkrun.control import ControlServer
@@ -33,6 +33,7 @@ from lkrun.manifest import AgentSpec, Manifest, ManifestError, load_manifest
 from lkrun.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.registration import AuthError
 from lkrun.store import JobQuery, StoreError, default_db_path
+from lkrun.supervisor import format_duration
 
 log = logging.getLogger("lkrun.daemon")
 

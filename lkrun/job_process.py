@@ -128,10 +128,7 @@ class JobProcess:
         )
         self._last_log_line = ""
         self._exited = asyncio.Event()
-        # A stop or kill asked for before the process existed: done as soon as it does.
         self.stop_reason = ""
-        self._early: asyncio.Task[None] | None = None
-        self._early_stop: tuple[str, float] | None = None
 
     async def spawn(self) -> None:
         """Start the process; OSError (LaunchError with the job's error) if it cannot be."""
@@ -140,16 +137,6 @@ class JobProcess:
         self._waiter = asyncio.create_task(
             self._supervise(self._read_protocol(proc.stdout), self._read_log(proc.stderr))
         )
-        if self._kill_reason:
-            self._early = asyncio.create_task(self._kill_now())
-        elif self._early_stop is not None:
-            reason, timeout = self._early_stop
-            self._early = asyncio.create_task(self.stop(reason, timeout))
-
-    @property
-    def stop_requested(self) -> bool:
-        """A stop or kill was asked for: a job must not be started in this process."""
-        return bool(self.stop_reason or self._kill_reason)
 
     @property
     def exited(self) -> bool:
@@ -186,10 +173,7 @@ class JobProcess:
     async def wait(self) -> Outcome:
         """Wait for the process to exit and its pipes to drain; never raises for job faults."""
         assert self._waiter is not None
-        outcome = await asyncio.shield(self._waiter)
-        if self._early is not None:
-            await self._early
-        return outcome
+        return await asyncio.shield(self._waiter)
 
     async def _supervise(self, *readers: Any) -> Outcome:
         assert self._proc is not None
@@ -230,15 +214,14 @@ class JobProcess:
     async def stop(self, reason: str, timeout: float, *, failure: str = "") -> None:
         """Ask the job to end; after ``timeout`` seconds end its process group by force.
 
-        With ``failure``, the job counts as failed with that error however it ends.
+        With ``failure``, the job counts as failed with that error however it ends. Only
+        for a spawned process: a stop before that is the supervisor's to keep.
         """
+        assert self._proc is not None, "stop() before spawn()"
         if self.exited:
             return
         self._failure = self._failure or failure
         self.stop_reason = self.stop_reason or reason
-        if self._proc is None:  # not started yet: spawn() stops it at once
-            self._early_stop = (reason, timeout)
-            return
         self._send(jobpipe.SHUTDOWN, reason=reason)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
@@ -247,13 +230,12 @@ class JobProcess:
 
     async def kill(self, why: str, *, failure: bool = False) -> None:
         """SIGTERM the group, then SIGKILL it if anything is left."""
+        assert self._proc is not None, "kill() before spawn()"
         if self.exited:
             return
         if failure:
             self._failure = self._failure or why
         self._kill_reason = self._kill_reason or why
-        if self._proc is None:  # not started yet: spawn() kills it at once
-            return
         await self._kill_now()
 
     async def _kill_now(self) -> None:

@@ -177,6 +177,10 @@ class Registration:
 
     # -- called by the handler's side -------------------------------------------------
 
+    @property
+    def worker_id(self) -> str:
+        return self.state.worker_id
+
     def update_job(self, job_id: str, status: proto.JobStatus.ValueType, error: str = "") -> None:
         msg = proto.WorkerMessage(
             update_job=proto.UpdateJobStatus(job_id=job_id, status=status, error=error)

@@ -1,0 +1,438 @@
+"""One agent's jobs from reservation to end: the only owner of a job's phase.
+
+Everything it acts on is passed in (where processes come from, where statuses go, the job
+book, the clock), so its logic runs in unit tests against scripted fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from livekit.protocol import agent as proto
+
+from lkrun.child.apps import describe
+from lkrun.job_process import LaunchError, Outcome
+from lkrun.joblogs import JobLogs
+from lkrun.jobs import JobBook, JobRecord, JobStatus
+from lkrun.lifecycle import Event, IllegalTransition, Phase, transition
+from lkrun.logs import job_logger
+from lkrun.metrics import Metrics
+from lkrun.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment
+from lkrun.registration import Acceptance, Decline
+
+job_log = logging.getLogger("lkrun.job")
+
+# The server waits 10 s for our answer to be followed by an assignment; after that
+# a reserved slot is released.
+ASSIGNMENT_WAIT = 15.0
+
+
+class ProcessHandle(Protocol):
+    """A job process as the supervisor drives it (lkrun.job_process.JobProcess is one)."""
+
+    pid: int | None
+    running_at: float | None
+
+    @property
+    def exited(self) -> bool: ...
+
+    @property
+    def being_killed(self) -> bool: ...
+
+    def bind(
+        self,
+        log: logging.LoggerAdapter[Any],
+        on_running: Callable[[], None] | None,
+        sink: Callable[[str], None] | None = None,
+    ) -> None: ...
+
+    async def spawn(self) -> None: ...
+    async def wait_ready(self, timeout: float) -> bool: ...
+    def start(self, **payload: Any) -> None: ...
+    def drain(self) -> None: ...
+    async def wait(self) -> Outcome: ...
+    async def stop(self, reason: str, timeout: float, *, failure: str = "") -> None: ...
+    async def kill(self, why: str, *, failure: bool = False) -> None: ...
+
+
+class ProcessSource(Protocol):
+    """Where job processes come from: the warm pool, else a cold one not yet spawned."""
+
+    def claim(self) -> tuple[ProcessHandle, bool]: ...  # the process, and whether it is warm
+
+    def replenish(self) -> None: ...  # a job took its process: make another, in a while
+
+
+class StatusReporter(Protocol):
+    """Where LiveKit hears of jobs (lkrun.registration.Registration is one)."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    def update_job(
+        self, job_id: str, status: proto.JobStatus.ValueType, error: str = ""
+    ) -> None: ...
+
+    def load_changed(self) -> None: ...
+
+
+class SupervisedRules(Rules, Protocol):
+    """The manifest's part of supervision (an AgentSpec is one)."""
+
+    @property
+    def prewarm_timeout(self) -> float: ...
+
+    @property
+    def job_timeout(self) -> float: ...
+
+
+# Builds the job's start message from its record, what we accepted it with, and LiveKit's
+# assignment.
+StartMessage = Callable[[JobRecord, Acceptance | None, proto.JobAssignment], dict[str, Any]]
+
+
+@dataclass
+class StopRequest:
+    reason: str
+    failure: str = ""  # the job counts as failed with this error, however it ends
+    kill: str = ""  # end it by force at once, with this reason
+
+
+@dataclass
+class Job:
+    """One job in the supervisor's hands, whatever its phase."""
+
+    id: str
+    offered_at: float | None  # None: assigned without an offer we took
+    phase: Phase = Phase.RESERVED
+    acceptance: Acceptance | None = None  # what we answered the offer with
+    record: JobRecord | None = None  # from the assignment on
+    process: ProcessHandle | None = None
+    spawned: bool = False  # the process exists: stops and kills go to it directly
+    stop: StopRequest | None = None
+    timer: asyncio.TimerHandle | None = None  # job_timeout
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+class JobSupervisor:
+    """Reserves slots for offers, runs assigned jobs in processes, stops them, reports."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        rules: SupervisedRules,
+        processes: ProcessSource,
+        reporter: StatusReporter,
+        book: JobBook,
+        start_message: StartMessage,
+        shutdown_timeout: Callable[[], float],
+        log: logging.LoggerAdapter[Any],
+        metrics: Metrics | None = None,
+        job_logs: JobLogs | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.agent = agent
+        self.rules = rules
+        self.processes = processes
+        self.reporter = reporter
+        self.book = book
+        self.start_message = start_message
+        self.shutdown_timeout = shutdown_timeout
+        self.log = log
+        self.metrics = metrics
+        self.job_logs = job_logs
+        self.clock = clock
+        self.accepting = True
+        self.draining = False
+        self.jobs: dict[str, Job] = {}  # every job not ENDED
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()  # no job in any phase
+        self._idle.set()
+
+    # -- counting --------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """Jobs that hold a slot: reserved, starting, running or stopping."""
+        return len(self.jobs)
+
+    def in_phase(self, *phases: Phase) -> list[Job]:
+        return [job for job in self.jobs.values() if job.phase in phases]
+
+    def running_processes(self) -> list[tuple[JobRecord, ProcessHandle]]:
+        """Each job with a live process, for sampling its memory and CPU."""
+        return [
+            (job.record, job.process)
+            for job in self.jobs.values()
+            if job.spawned and job.record and job.process and not job.process.exited
+        ]
+
+    def owns(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.phase is not Phase.RESERVED
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # -- offers ----------------------------------------------------------------------------
+
+    def offer(self, job_id: str, room: str, *, cpu: float, load_threshold: float) -> Decline | None:
+        """Weigh an offer; on yes, reserve a slot until the assignment comes or time runs out."""
+        self.expire_reservations()
+        now = Situation(self.count, self.accepting, cpu, load_threshold)
+        if decline := weigh_offer(room, self.rules, now):
+            return decline
+        self.jobs[job_id] = Job(job_id, offered_at=self.clock())
+        self._idle.clear()
+        # If no assignment follows, free the slot even when no further offer arrives.
+        asyncio.get_running_loop().call_later(ASSIGNMENT_WAIT + 0.1, self.expire_reservations)
+        return None
+
+    def answered(self, job_id: str, acceptance: Acceptance) -> None:
+        """What the offer was accepted with: the job's start message carries it."""
+        if (job := self.jobs.get(job_id)) is not None and job.phase is Phase.RESERVED:
+            job.acceptance = acceptance
+
+    def release(self, job_id: str) -> None:
+        """No assignment will follow this offer (declined after all, or its answer was lost)."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.phase is Phase.RESERVED:
+            self._enter(job, Event.RELEASED)
+
+    def expire_reservations(self) -> None:
+        now = self.clock()
+        for job in self.in_phase(Phase.RESERVED):
+            if job.offered_at is not None and now - job.offered_at > ASSIGNMENT_WAIT:
+                self._enter(job, Event.RELEASED)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def assign(self, assignment: proto.JobAssignment) -> None:
+        info = assignment.job
+        job = self.jobs.get(info.id)
+        if job is not None and job.phase is not Phase.RESERVED:
+            self.log.warning("job %s was assigned again while it runs; ignored", info.id)
+            return
+        if job is None:
+            now = Situation(self.count, self.accepting)
+            if why := weigh_unreserved_assignment(self.rules, now):
+                self.log.warning("job %s refused: %s", info.id, why)
+                self.reporter.update_job(info.id, proto.JS_FAILED, why)
+                return
+            job = self.jobs[info.id] = Job(info.id, offered_at=None)
+            self._idle.clear()
+        job.record = record = JobRecord(
+            id=info.id,
+            agent=self.agent,
+            room=info.room.name,
+            dispatch_id=info.dispatch_id,
+            identity=info.state.participant_identity,
+            offered_at=job.offered_at,
+            accepted_at=self.clock(),
+            worker_id=self.reporter.worker_id,
+        )
+        self._enter(job, Event.ASSIGNED)
+        self.book.add(record)
+        try:
+            self._claim_process(job)
+            start = self.start_message(record, job.acceptance, assignment)
+        except Exception as exc:  # e.g. the job's log file cannot be opened
+            self.log.exception("job %s could not be given a process", info.id)
+            self._end(job, Outcome(ok=False, error=f"cannot start job: {describe(exc)}"))
+            return
+        self._spawn(self._run(job, start), name=f"job {info.id}")
+
+    def stop(self, job_id: str, reason: str, *, failure: str = "") -> bool:
+        """Ask a job to end, whatever its phase; False if there is no such job."""
+        return self._request_stop(job_id, StopRequest(reason, failure=failure))
+
+    def kill(self, job_id: str, why: str, *, failure: bool = False) -> bool:
+        """End a job's processes by force, whatever its phase; False if there is no such job."""
+        return self._request_stop(job_id, StopRequest(why, why if failure else "", kill=why))
+
+    def drain(self) -> None:
+        """Take no new jobs and tell running ones, so they can wrap up."""
+        self.draining = True
+        self.accepting = False
+        for job in self.jobs.values():
+            if job.spawned and job.process is not None and job.phase is not Phase.STOPPING:
+                job.process.drain()
+
+    async def stop_all(self, reason: str) -> None:
+        """Ask every job to end, kill what will not, and wait until every one has ended."""
+        for job_id in list(self.jobs):
+            self.stop(job_id, reason)
+        await self.wait_tasks()
+
+    def kill_all(self, why: str) -> None:
+        for job_id in list(self.jobs):
+            self.kill(job_id, why)
+
+    async def wait_tasks(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _enter(self, job: Job, event: Event) -> None:
+        """The one place a job changes phase."""
+        job.phase = transition(job.phase, event)
+        if job.phase is Phase.ENDED:
+            del self.jobs[job.id]
+            if not self.jobs:
+                self._idle.set()
+            self.reporter.load_changed()
+
+    def _request_stop(self, job_id: str, request: StopRequest) -> bool:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if job.phase is Phase.RESERVED:  # terminated before it was assigned: nothing runs
+            self._enter(job, Event.STOP)
+            return True
+        first = job.stop
+        job.stop = _merge(first, request)
+        self._enter(job, Event.STOP)
+        assert job.record is not None
+        job.record.status = JobStatus.STOPPING
+        job.record.stop_reason = job.record.stop_reason or job.stop.reason
+        self.book.update(job.record)
+        if job.spawned:
+            self._stop_process(job, request)
+        # Else the launch is under way: _run finds the job STOPPING once the process exists.
+        return True
+
+    def _stop_process(self, job: Job, request: StopRequest) -> None:
+        proc = job.process
+        assert proc is not None
+        if request.kill:
+            coro = proc.kill(request.kill, failure=bool(request.failure))
+        else:
+            coro = proc.stop(request.reason, self.shutdown_timeout(), failure=request.failure)
+        self._spawn(coro, name=f"stop job {job.id}")
+
+    def _claim_process(self, job: Job) -> None:
+        """A warm process if one is ready, else a cold one (not started yet)."""
+        assert job.record is not None
+        record = job.record
+        proc, record.warm = self.processes.claim()
+        sink = self.job_logs.writer(record.id).write_line if self.job_logs is not None else None
+        proc.bind(job_logger(job_log, record.agent, record.id), lambda: self._on_running(job), sink)
+        job.process = proc
+        job.spawned = record.warm
+
+    async def _run(self, job: Job, start: dict[str, Any]) -> None:
+        proc, record = job.process, job.record
+        assert proc is not None and record is not None
+        try:
+            if not job.spawned:
+                await proc.spawn()
+                job.spawned = True
+                if job.stop is not None:  # asked for while the process was being launched
+                    self._stop_process(job, job.stop)
+            record.pid = proc.pid
+            self.book.update(record)
+            self.log.info(
+                "job %s in room %r: %s process %s",
+                record.id,
+                record.room,
+                "warm" if record.warm else "cold",
+                proc.pid,
+            )
+            ready = await proc.wait_ready(self.rules.prewarm_timeout)
+            if ready and job.phase is Phase.STARTING:  # STOPPING: no job at all
+                if self.draining:
+                    proc.drain()
+                proc.start(**start)
+                job.timer = self._arm_timeout(job)
+            self.processes.replenish()
+            outcome = await proc.wait()
+        except LaunchError as exc:
+            outcome = Outcome(ok=False, error=str(exc))
+        except OSError as exc:
+            outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")
+        except Exception as exc:  # a bug or a bad value must fail the job, not hold its slot
+            self.log.exception("job %s could not be started", record.id)
+            outcome = Outcome(ok=False, error=f"cannot start job process: {describe(exc)}")
+            if job.spawned:
+                await proc.kill(outcome.error)
+        self._end(job, outcome)
+
+    def _arm_timeout(self, job: Job) -> asyncio.TimerHandle | None:
+        limit = self.rules.job_timeout
+        if not limit:
+            return None
+        why = f"job exceeded job_timeout={format_duration(limit)}"
+        return asyncio.get_running_loop().call_later(
+            limit, lambda: self.stop(job.id, why, failure=why)
+        )
+
+    def _on_running(self, job: Job) -> None:
+        if job.phase is Phase.ENDED:
+            return
+        self._enter(job, Event.RUNNING)
+        record, proc = job.record, job.process
+        assert record is not None and proc is not None
+        if job.phase is Phase.RUNNING:
+            record.status = JobStatus.RUNNING
+        record.started_at = proc.running_at or self.clock()
+        self.book.update(record)
+        self.reporter.update_job(record.id, proto.JS_RUNNING)
+        if self.metrics is not None:
+            self.metrics.job_started(record.agent, record.warm)
+            if record.offered_at is not None:
+                wait = max(0.0, record.started_at - record.offered_at)
+                self.metrics.offer_to_entrypoint(record.agent, record.warm, wait)
+
+    def _end(self, job: Job, outcome: Outcome) -> None:
+        record = job.record
+        assert record is not None
+        if job.timer is not None:
+            job.timer.cancel()
+        self._enter(job, Event.EXITED)
+        record.exit_code = outcome.exit_code
+        if outcome.reason and not record.stop_reason:
+            record.stop_reason = outcome.reason
+        if outcome.ok:
+            self.book.finish(record, JobStatus.SUCCESS)
+            self.reporter.update_job(record.id, proto.JS_SUCCESS)
+            self.log.info("job %s succeeded (%s)", record.id, record.stop_reason or "done")
+        else:
+            self.book.finish(record, JobStatus.FAILED, outcome.error)
+            self.reporter.update_job(record.id, proto.JS_FAILED, outcome.error)
+            self.log.warning("job %s failed: %s", record.id, outcome.error)
+        if self.metrics is not None:
+            self.metrics.job_ended(record.agent, record.status.value)
+        if self.job_logs is not None:
+            self.job_logs.writer(record.id).close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _merge(first: StopRequest | None, then: StopRequest) -> StopRequest:
+    """A later request adds to an earlier one: the first reason stays, a failure or a kill
+    sticks."""
+    if first is None:
+        return then
+    return StopRequest(
+        reason=first.reason, failure=first.failure or then.failure, kill=first.kill or then.kill
+    )
+
+
+__all__ = ["IllegalTransition", "JobSupervisor", "ProcessHandle", "ProcessSource"]
