@@ -17,6 +17,8 @@ from typing import Any
 
 from livekit import rtc
 
+from lkrun.child.tasks import BackgroundTasks
+
 ShutdownCallback = Callable[[str], Awaitable[None] | None]
 
 
@@ -79,7 +81,7 @@ class JobContext:
         self._shutdown_reason = ""
         self._drain = asyncio.Event()
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
-        self._background: set[asyncio.Future[Any]] = set()
+        self._background = BackgroundTasks()
         self.room.on("disconnected", self._on_disconnected)
 
     async def connect(self, *, auto_subscribe: bool = True, announce: bool = True) -> None:
@@ -94,9 +96,7 @@ class JobContext:
             self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
         )
         if announce:
-            task = asyncio.ensure_future(self._announce())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self._announce())
 
     async def _announce(self) -> None:
         try:
@@ -136,9 +136,7 @@ class JobContext:
             try:
                 result = callback()
                 if inspect.isawaitable(result):
-                    task = asyncio.ensure_future(result)
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                    self._background.spawn(result)
             except Exception:
                 self.logger.exception("drain callback %r failed", callback)
 

@@ -12,7 +12,6 @@ import os
 import socket
 import stat
 import struct
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from lkrun import paths
 from lkrun.store import STATUSES, JobQuery
 
 ENV_SOCKET = "LKRUN_CONTROL_SOCKET"
@@ -41,9 +41,7 @@ class DaemonView(Protocol):
 def default_socket_path() -> Path:
     if env := os.environ.get(ENV_SOCKET):
         return Path(env)
-    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(runtime) / "lkrun" / "control.sock"
-    return Path(tempfile.gettempdir()) / f"lkrun-{os.getuid()}" / "control.sock"
+    return paths.runtime_dir() / "control.sock"
 
 
 def _prepare_socket_path(path: Path) -> None:
@@ -243,7 +241,6 @@ async def _call(path: Path, method: str, route: str, params: dict[str, str] | No
 
 async def get(path: Path, route: str, params: dict[str, str] | None = None) -> Any:
     return await _call(path, "GET", route, params)
-
 
 
 async def stream(path: Path, route: str, params: dict[str, str]) -> AsyncIterator[str]:

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from lkrun import __version__
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.child import pdeathsig
 from lkrun.child.apps import LIVEKIT_AGENTS
+from lkrun.child.tasks import BackgroundTasks
 from lkrun.control import ControlServer
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
@@ -56,6 +57,11 @@ class DaemonConfig:
     job_log_max_bytes: int = 5 * 1024 * 1024
 
 
+def _background_failed(task: asyncio.Future[Any], exc: BaseException) -> None:
+    name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+    log.error("%s failed", name, exc_info=exc)
+
+
 class FatalError(Exception):
     """The daemon cannot go on (bad credentials, control socket taken, ...)."""
 
@@ -87,7 +93,7 @@ class Daemon:
             job_logs=self.history.logs,
         )
         self._runs: dict[AgentHost, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(on_error=_background_failed)
         self._session: aiohttp.ClientSession | None = None
         self._stop = asyncio.Event()  # first signal: drain
         self._stop_now = asyncio.Event()  # second signal: skip the drain
@@ -259,7 +265,7 @@ class Daemon:
             raise FatalError(str(exc)) from exc
         if lost:
             log.warning("%d job(s) were running when the previous daemon died: marked lost", lost)
-        self._spawn(self.history.prune_forever(), "history pruning")
+        self._tasks.spawn(self.history.prune_forever(), "history pruning")
         await control.start()
         if self.config.http_addr is not None:
             host, port = self.config.http_addr
@@ -272,10 +278,10 @@ class Daemon:
                 self.health.port,
             )
         monitor = JobMonitor(self._monitor_targets)
-        self._spawn(self.cpu.run(), "cpu monitor")
-        self._spawn(monitor.run(), "job monitor")
+        self._tasks.spawn(self.cpu.run(), "cpu monitor")
+        self._tasks.spawn(monitor.run(), "job monitor")
         if self.config.reload:
-            self._spawn(self._watch_manifest(), "manifest watcher")
+            self._tasks.spawn(self._watch_manifest(), "manifest watcher")
 
     async def _until_stop_or_fatal(self) -> bool:
         """True when a stop was requested; False when something fatal happened."""
@@ -331,7 +337,7 @@ class Daemon:
             self.retiring.discard(host)
             host.log.info("old registration closed")
 
-        self._spawn(close_when_idle(), f"retire {host.spec.name}")
+        self._tasks.spawn(close_when_idle(), f"retire {host.spec.name}")
 
     async def _drain(self) -> None:
         self.phase = "draining"
@@ -369,20 +375,10 @@ class Daemon:
             host.stop_accepting()
         await asyncio.gather(*(h.stop_jobs("daemon shutting down") for h in hosts))
         await asyncio.gather(*(h.registration.flush(FLUSH_TIMEOUT) for h in hosts))
-        tasks = [*self._runs.values(), *self._tasks]
-        for task in tasks:
+        runs = list(self._runs.values())
+        for task in runs:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._background_ended)
-
-    def _background_ended(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("%s failed", task.get_name(), exc_info=exc)
+        await asyncio.gather(*runs, self._tasks.close(), return_exceptions=True)
 
     def _monitor_targets(self) -> list[Target]:
         return [t for host in self.all_hosts() for t in host.monitor_targets()]

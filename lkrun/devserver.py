@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import http.client
 import os
-import re
 import shutil
 import signal
 import socket
@@ -23,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from lkrun import paths
 from lkrun.child import pdeathsig
+from lkrun.child.text import last_lines
 
 LIVEKIT_SERVER_VERSION = "v1.13.5"
 DEV_API_KEY = "devkey"
@@ -34,7 +35,6 @@ _MODULE = "github.com/livekit/livekit-server/cmd/server"
 _GO_FALLBACK = Path("/usr/local/go/bin/go")
 _TAIL_LINES = 5
 _TAIL_CHARS = 800
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # --bind only covers HTTP/WS; without these the UDP mux binds every non-loopback
 # interface address (and would advertise 127.0.0.1 while listening elsewhere).
@@ -50,19 +50,8 @@ class DevServerError(Exception):
     """The dev server could not be installed or started; the message is one line."""
 
 
-def cache_dir() -> Path:
-    """$LKRUN_CACHE_DIR, else $XDG_CACHE_HOME/lkrun, else ~/.cache/lkrun."""
-    explicit = os.environ.get("LKRUN_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "lkrun"
-    return Path.home() / ".cache" / "lkrun"
-
-
 def server_binary_path(version: str = LIVEKIT_SERVER_VERSION) -> Path:
-    return cache_dir() / f"livekit-server-{version}" / "server"
+    return paths.cache_dir() / f"livekit-server-{version}" / "server"
 
 
 def ensure_server_binary(
@@ -128,7 +117,7 @@ def _find_go() -> str:
 @contextlib.contextmanager
 def _build_lock(version: str) -> Iterator[None]:
     """Exclusive flock so parallel processes (CI, two terminals) build only once."""
-    directory = cache_dir()
+    directory = paths.cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / f"livekit-server-{version}.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
@@ -159,18 +148,16 @@ def _go_install(go: str, version: str, target: Path) -> None:
         if result.returncode != 0 or not built.is_file():
             raise DevServerError(
                 f"building livekit-server {version} with go install failed "
-                f"(exit {result.returncode}): {_last_lines(result.stdout) or 'no output'}"
+                f"(exit {result.returncode}): {_tail(result.stdout) or 'no output'}"
             )
         os.replace(built, target)
     finally:
         shutil.rmtree(gobin, ignore_errors=True)
 
 
-def _last_lines(text: str, count: int = _TAIL_LINES) -> str:
-    """The last non-empty lines of text as one line, for one-line error messages."""
-    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
-    joined = " | ".join(lines[-count:])
-    return joined if len(joined) <= _TAIL_CHARS else "..." + joined[-_TAIL_CHARS:]
+def _tail(output: str) -> str:
+    """The end of a process's output, for a one-line error message."""
+    return last_lines(output, _TAIL_LINES, _TAIL_CHARS)
 
 
 def _read_from(path: Path, offset: int) -> str:
@@ -234,16 +221,11 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
     # livekit-server ignores a SIGTERM in the ~100 ms after it starts answering, and
     # waits for participants on the first one; its second signal means "stop now".
     for grace in (min(1.0, timeout / 2), timeout):
-        _signal_group(proc, signal.SIGTERM)
+        pdeathsig.signal_group(proc.pid, signal.SIGTERM)
         if _wait_until(proc, min(time.monotonic() + grace, deadline)):
             return
-    _signal_group(proc, signal.SIGKILL)
+    pdeathsig.signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
 
 
 @dataclass
@@ -297,7 +279,7 @@ class DevServer:
         if self.running():
             return
         self._check_ports_free()
-        log_path = self.log_path or cache_dir() / "livekit-server.log"
+        log_path = self.log_path or paths.cache_dir() / "livekit-server.log"
         offset = self._open_log(log_path)
         self._proc = self._spawn(log_path)
         try:
@@ -385,7 +367,7 @@ class DevServer:
     ) -> None:
         reason = self._poll_ready(proc, timeout)
         if reason is not None:
-            tail = _last_lines(_read_from(log_path, offset)) or "no output"
+            tail = _tail(_read_from(log_path, offset)) or "no output"
             raise DevServerError(f"livekit-server {reason} (log: {log_path}): {tail}")
 
     def _poll_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> str | None:

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lkrun.child import pdeathsig
+from lkrun.child.text import last_lines
 from lkrun.credentials import SECRET_ENV
 from lkrun.manifest import (
     AgentSpec,
@@ -188,10 +190,8 @@ def _run_importcheck(
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, AttributeError):
-        proc.kill()  # no process groups (Windows) or the group is already gone
+    if not pdeathsig.signal_group(proc.pid, signal.SIGKILL):
+        proc.kill()  # the group is already gone
     proc.communicate()
 
 
@@ -201,7 +201,7 @@ def _parse_results(manifest: Manifest, code: int, out: bytes, stderr: str) -> di
     except ValueError:
         results = None
     if code != 0 or not isinstance(results, dict):
-        last = stderr.strip().splitlines()[-1:] or ["no output"]
-        message = f"the entrypoint check failed (exit code {code}): {last[0]}"
+        last = last_lines(stderr) or "no output"
+        message = f"the entrypoint check failed (exit code {code}): {last}"
         raise ManifestError(manifest.path, message)
     return results

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun.child import jobpipe, zygote
-from lkrun.child.apps import describe
+from lkrun.child import jobpipe, pdeathsig, zygote
+from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 from lkrun.job_process import AppSpec, Launched, LaunchError, python_command
 from lkrun.logs import agent_logger
 
@@ -55,7 +56,7 @@ class ForkServer:
         # fork request -> (pid, its exit code to come)
         self._requests: dict[int, asyncio.Future[tuple[int, asyncio.Future[int | None]]]] = {}
         self._exits: dict[int, asyncio.Future[int | None]] = {}  # child pid -> exit code
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         self._ended = asyncio.Event()  # no zygote process is running
         self._ended.set()
 
@@ -91,7 +92,7 @@ class ForkServer:
             self._proc, self._sock, self.error = proc, ours, ""
             self._ended.clear()
             asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
-            self._own(self._supervise(proc))
+            self._tasks.spawn(self._supervise(proc))
             self.log.debug("fork server %s started for %s", proc.pid, self.app.entrypoint)
             if self.retired:  # retired while it was starting
                 self._send_retire()
@@ -132,8 +133,7 @@ class ForkServer:
         try:
             return await self._attach(pid, exit_code, stdin, stdout, stderr)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            pdeathsig.signal_group(pid, signal.SIGKILL)
             raise LaunchError(f"cannot attach to forked job process {pid}: {exc}") from exc
 
     async def _fork(self, fds: list[int], role: str) -> tuple[int, asyncio.Future[int | None]]:
@@ -223,8 +223,7 @@ class ForkServer:
             # Its children die with it (parent-death signal), the way they die with the daemon.
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.join()
 
     # -- the zygote's messages ---------------------------------------------------------------
 
@@ -274,7 +273,7 @@ class ForkServer:
 
     async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
-        lines = self._own(self._log_stderr(proc.stderr))
+        lines = self._tasks.spawn(self._log_stderr(proc.stderr))
         code = await proc.wait()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(lines), KILL_GRACE)
@@ -316,9 +315,3 @@ class ForkServer:
             if text:
                 self._last_line = text
                 self.log.info("fork server: %s", text)
-
-    def _own(self, coro: Any) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task

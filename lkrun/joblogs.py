@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
+from lkrun import paths
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 5 * 1024 * 1024
@@ -29,10 +31,7 @@ _LOG_FILE = re.compile(r"(?P<job>[A-Za-z0-9_-]{1,64})\.log(\.1)?")
 
 def default_log_dir() -> Path:
     """$XDG_STATE_HOME/lkrun/logs, else ~/.local/state/lkrun/logs."""
-    state = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG spec says to ignore relative paths here.
-    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
-    return base / "lkrun" / "logs"
+    return paths.state_dir() / "logs"
 
 
 def _timestamp(now: float) -> str:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lkrun.child.text import one_line
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -76,16 +78,12 @@ class ManifestError(Exception):
             parts.append(f"agent {self.agent!r}")
         if self.field is not None:
             parts.append(f"field {self.field!r}")
-        parts.append(_one_line(self.message))
+        parts.append(one_line(self.message))
         return ": ".join(parts)
 
 
 def _rebuild_error(file: str, message: str, agent: str | None, field: str | None) -> ManifestError:
     return ManifestError(file, message, agent=agent, field=field)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.splitlines())
 
 
 # --- checks: each takes a raw TOML value and returns the converted value or raises _Invalid ---

@@ -24,6 +24,7 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun import __version__
+from lkrun.child.text import one_line
 from lkrun.credentials import Credentials
 from lkrun.load import WorkerLoad
 from lkrun.logs import agent_logger
@@ -155,10 +156,10 @@ class Registration:
             except AuthError:
                 raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
-                self.state.last_error = _one_line(exc)
+                self.state.last_error = one_line(exc)
             except Exception as exc:  # a bug must not end the registration for good
                 self.log.exception("unexpected error in the registration")
-                self.state.last_error = _one_line(exc)
+                self.state.last_error = one_line(exc)
             # Only a connection that stayed up a while resets the backoff: a server that
             # accepts and then closes at once must not be hammered several times a second.
             up_since = self.state.connected_since
@@ -458,8 +459,3 @@ def backoff(failures: int) -> float:
     """Capped exponential backoff with jitter, so a fleet does not reconnect in lockstep."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2**failures))
     return random.uniform(ceiling / 2, ceiling)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())

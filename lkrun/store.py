@@ -22,6 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lkrun import paths
+from lkrun.child.text import one_line
+
 logger = logging.getLogger("lkrun.store")
 
 _T = TypeVar("_T")
@@ -94,10 +97,7 @@ class StoreError(Exception):
 
 def default_db_path() -> Path:
     """$XDG_STATE_HOME/lkrun/jobs.db, else ~/.local/state/lkrun/jobs.db."""
-    state = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG spec says to ignore relative paths here.
-    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
-    return base / "lkrun" / "jobs.db"
+    return paths.state_dir() / "jobs.db"
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,6 @@ class JobQuery:
     room: str | None = None  # exact match
     since: float | None = None  # accepted_at >= since
     limit: int = 100  # newest first (accepted_at DESC); 0 or less: no limit
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _column_value(column: str, value: Any) -> Any:
@@ -268,7 +264,7 @@ class JobStore:
             lost = self._open_connections(daemon_alive)
         except (sqlite3.Error, OSError) as exc:
             self._close_connections()
-            raise StoreError(f"cannot open job history {self.path}: {_one_line(exc)}") from exc
+            raise StoreError(f"cannot open job history {self.path}: {one_line(exc)}") from exc
         except StoreError:
             self._close_connections()
             raise
@@ -353,7 +349,7 @@ class JobStore:
         try:
             return future.result()
         except sqlite3.Error as exc:
-            raise StoreError(f"job history {self.path}: {_one_line(exc)}") from exc
+            raise StoreError(f"job history {self.path}: {one_line(exc)}") from exc
 
     # -- the writer thread
 
@@ -408,7 +404,7 @@ class JobStore:
             if first_failure:
                 logger.exception("job history %s: writing %d rows failed", self.path, len(rows))
             else:
-                logger.warning("job history %s: still failing: %s", self.path, _one_line(exc))
+                logger.warning("job history %s: still failing: %s", self.path, one_line(exc))
             return False
         return True
 
@@ -457,4 +453,4 @@ class JobStore:
             try:
                 return self._read_conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"job history {self.path}: {_one_line(exc)}") from exc
+                raise StoreError(f"job history {self.path}: {one_line(exc)}") from exc

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from lkrun.child.text import describe
+
 LKRUN = "lkrun"
 LIVEKIT_AGENTS = "livekit-agents"
 AUTO = "auto"
@@ -67,11 +69,6 @@ class App(Protocol):
         ...
 
     def new_job(self, start: Mapping[str, Any], logger: logging.Logger) -> Job: ...
-
-
-def describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return " ".join(text.split())  # one line, for jobs ls and UpdateJobStatus
 
 
 def load_target(spec: str) -> Any:

@@ -21,25 +21,21 @@ import sys
 from typing import Any
 
 from lkrun.child import apps
+from lkrun.child.text import describe, one_line
 
 _MAX_ERROR = 500
 
 
-def _one_line(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _MAX_ERROR else flat[: _MAX_ERROR - 3] + "..."
-
-
 def _describe(exc: BaseException) -> str:
+    """One line of at most _MAX_ERROR characters."""
     # An ImportError's own text already says what is missing; other errors need their type.
     if isinstance(exc, ImportError) and str(exc):
         text = str(exc)
         missing = getattr(exc, "name", None) or ""
         if missing == "livekit.agents" or missing.startswith("livekit.agents."):
             text += f": the module is a livekit-agents app; {apps.INSTALL_HINT}"
-        return text
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return one_line(text, _MAX_ERROR)
+    return one_line(describe(exc), _MAX_ERROR)
 
 
 class _Failed(Exception):
@@ -53,13 +49,13 @@ def _target(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # user code may call sys.exit() at import
-        raise _Failed(f"cannot import module {module_name!r}: {_one_line(_describe(exc))}") from exc
+        raise _Failed(f"cannot import module {module_name!r}: {_describe(exc)}") from exc
     try:
         return getattr(module, name)
     except AttributeError:
         raise _Failed(f"module {module_name!r} has no attribute {name!r}") from None
     except (Exception, SystemExit) as exc:  # a module-level __getattr__ may raise anything
-        raise _Failed(f"cannot get {spec!r}: {_one_line(_describe(exc))}") from exc
+        raise _Failed(f"cannot get {spec!r}: {_describe(exc)}") from exc
 
 
 def check(spec: str) -> str | None:
@@ -87,7 +83,7 @@ def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
         try:
             return {"error": None, "app": FrameworkApp.from_target(target, None, spec=spec).info()}
         except apps.AppError as exc:
-            return {"error": _one_line(str(exc)), "app": None}
+            return {"error": one_line(str(exc), _MAX_ERROR), "app": None}
     if not callable(target):
         kind = type(target).__name__
         return {"error": f"{spec!r} is not callable (type {kind})", "app": None}

@@ -1,5 +1,6 @@
 """Linux process controls: the parent-death signal (a child that dies with its parent, even
-one killed by SIGKILL), and a daemon that processes of its own user cannot look into."""
+one killed by SIGKILL), a daemon that processes of its own user cannot look into, and
+signalling a process group."""
 
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ def make_undumpable() -> bool:
     if prctl is None:
         return False
     return prctl(_PR_SET_DUMPABLE, 0) == 0
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Send ``sig`` to process group ``pgid`` (the pid of a process started in a new session
+    or group); False if the group is gone or not ours to signal."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def preexec(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:

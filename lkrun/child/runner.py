@@ -25,6 +25,7 @@ import traceback
 from typing import Any, BinaryIO
 
 from lkrun.child import apps, jobpipe, pdeathsig
+from lkrun.child.text import describe
 
 log = logging.getLogger("lkrun.child.runner")
 
@@ -130,7 +131,7 @@ class JobRun:
             self.job = job = self.app.new_job(start, logger)
         except Exception as exc:
             log.error("cannot set up the job", exc_info=exc)
-            error = f"cannot set up the job: {apps.describe(exc)}"
+            error = f"cannot set up the job: {describe(exc)}"
             self.pipe.send(jobpipe.DONE, ok=False, error=error, reason="")
             return False
         if self.draining:
@@ -174,7 +175,7 @@ async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
             await app.prepare()
         except Exception as exc:
             log.error("prewarm failed", exc_info=exc)
-            pipe.send(jobpipe.DONE, ok=False, error=f"prewarm failed: {apps.describe(exc)}")
+            pipe.send(jobpipe.DONE, ok=False, error=f"prewarm failed: {describe(exc)}")
             return 1
         pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
         ok = await run.run()
@@ -245,7 +246,7 @@ def kill_group_on_sigterm() -> None:
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpgid(0) == os.getpid():  # only a group we lead, never the caller's
-            os.killpg(os.getpid(), signal.SIGKILL)
+            pdeathsig.signal_group(os.getpid(), signal.SIGKILL)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -279,7 +280,7 @@ def load(entrypoint: str, prewarm: str | None, framework: str) -> apps.App:
             loaded[what] = apps.load_target(spec) if spec else None
         except Exception as exc:
             traceback.print_exc()
-            raise LoadError(f"cannot load {what} {spec}: {apps.describe(exc)}") from exc
+            raise LoadError(f"cannot load {what} {spec}: {describe(exc)}") from exc
     try:
         return apps.make_app(entrypoint, loaded["entrypoint"], loaded["prewarm"], framework)
     except apps.AppError as exc:

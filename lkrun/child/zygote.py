@@ -35,6 +35,7 @@ import traceback
 from typing import Any
 
 from lkrun.child import apps, jobpipe, pdeathsig, runner
+from lkrun.child.text import describe
 
 FORK = "fork"
 RETIRE = "retire"
@@ -186,7 +187,7 @@ def _preload_app(app: apps.App) -> None:
         shared()
     except Exception as exc:  # e.g. a preload_modules entry that does not import
         traceback.print_exc()
-        raise runner.LoadError(f"cannot preload for the agent: {apps.describe(exc)}") from exc
+        raise runner.LoadError(f"cannot preload for the agent: {describe(exc)}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

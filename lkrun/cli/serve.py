@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lkrun import control, credentials
+from lkrun import control, credentials, paths
 from lkrun.cli.common import (
     EXIT_USAGE,
     SocketOpt,
@@ -166,7 +166,7 @@ def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
         server = devserver.DevServer(binary)
         err.print(
             f"no LiveKit URL configured: starting livekit-server in dev mode at {server.url} "
-            f"(log: {server.log_path or devserver.cache_dir() / 'livekit-server.log'})",
+            f"(log: {server.log_path or paths.cache_dir() / 'livekit-server.log'})",
             markup=False,
         )
         server.start()

@@ -29,12 +29,12 @@ from livekit.agents import AgentServer, JobProcess
 from livekit.agents.job import JobExecutorType
 from livekit.agents.worker import ServerEnvOption, ServerOptions, ServerType
 
-from lkrun.child import apps
 from lkrun.child.apps import LIVEKIT_AGENTS, AppError, Job, call
 from lkrun.child.framework import compat
 
 # At import, not at the first job: in the fork server, so every job shares it ready.
 from lkrun.child.framework.job import FrameworkJob, warm_up_job_path
+from lkrun.child.text import describe
 
 log = logging.getLogger("lkrun.child.framework")
 
@@ -231,7 +231,7 @@ class FrameworkApp:
             try:
                 importlib.import_module(name)
             except ImportError as exc:  # as the official forkserver does: skip it, but say so
-                print(f"lkrun: cannot preload {name}: {apps.describe(exc)}", file=sys.stderr)
+                print(f"lkrun: cannot preload {name}: {describe(exc)}", file=sys.stderr)
 
     # -- in a job process -----------------------------------------------------------------
 

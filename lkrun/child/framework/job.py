@@ -39,7 +39,9 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
-from lkrun.child.apps import JobResult, call, describe
+from lkrun.child.apps import JobResult, call
+from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 
 if TYPE_CHECKING:
     from lkrun.child.framework.app import FrameworkApp
@@ -123,7 +125,7 @@ class FrameworkJob:
         self._stopped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._connected = False
         self._draining = False
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
 
     # -- what the runner calls -------------------------------------------------------------
 
@@ -216,9 +218,7 @@ class FrameworkJob:
             except Exception as exc:  # e.g. no can_update_metadata permission
                 self.log.debug("could not set the %s attribute: %r", key, exc)
 
-        task = asyncio.ensure_future(update())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(update())
 
     def _entry_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():

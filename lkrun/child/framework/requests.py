@@ -26,7 +26,9 @@ from livekit.agents.job import JobAcceptArguments
 from livekit.protocol import agent as proto
 
 from lkrun.child import jobpipe
-from lkrun.child.apps import call, describe
+from lkrun.child.apps import call
+from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 
 if TYPE_CHECKING:
     from lkrun.child.framework.app import FrameworkApp
@@ -39,12 +41,10 @@ class RequestServer:
     def __init__(self, app: FrameworkApp, pipe: Pipe) -> None:
         self.app = app
         self.pipe = pipe
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
 
     def handle(self, msg: Mapping[str, Any]) -> None:
-        task = asyncio.ensure_future(self.answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self.answer(msg))
 
     async def answer(self, msg: Mapping[str, Any]) -> None:
         request_id = msg.get("id")
@@ -106,8 +106,4 @@ class RequestServer:
 
     async def close(self, grace: float) -> None:
         """Finish the requests in hand (each has its own time limit), then stop."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close(grace)
