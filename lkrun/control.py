@@ -20,7 +20,8 @@ import aiohttp
 from aiohttp import web
 
 from lkrun import paths
-from lkrun.store import STATUSES, JobQuery
+from lkrun.job_fields import STATUSES
+from lkrun.store import JobQuery
 
 ENV_SOCKET = "LKRUN_CONTROL_SOCKET"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 
+from lkrun.job_fields import timings
 from lkrun.joblogs import JobLogs
 from lkrun.jobs import JobRecord
 from lkrun.store import JobQuery, JobStore
@@ -80,12 +81,4 @@ class History:
 def _merge(row: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
     if live is not None:
         return live
-    merged = dict(row)
-    ended = merged.get("ended_at") or time.time()
-    accepted = merged.get("accepted_at") or ended
-    merged["age"] = round(ended - accepted, 3)
-    offered, started = merged.get("offered_at"), merged.get("started_at")
-    merged["offer_to_start_ms"] = (
-        round((started - offered) * 1000, 2) if offered and started else None
-    )
-    return merged
+    return {**row, **timings(row)}

@@ -9,6 +9,7 @@ Rows upserted but not yet written are not visible to reads until `flush`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -24,36 +25,16 @@ from typing import Any, TypeVar
 
 from lkrun import paths
 from lkrun.child.text import one_line
+from lkrun.job_fields import ACTIVE_STATUSES, ENDED_STATUSES, STATUSES, JobStatus
+from lkrun.jobs import JobRecord
 
 logger = logging.getLogger("lkrun.store")
 
 _T = TypeVar("_T")
 
-JOB_COLUMNS = (
-    "id",
-    "agent",
-    "room",
-    "dispatch_id",
-    "identity",
-    "status",
-    "pid",
-    "offered_at",
-    "accepted_at",
-    "started_at",
-    "ended_at",
-    "error",
-    "exit_code",
-    "stop_reason",
-    "memory_mb",
-    "peak_memory_mb",
-    "cpu_percent",
-    "warm",
-    "daemon_pid",
-    "worker_id",
-)
-ACTIVE_STATUSES = ("starting", "running", "stopping")
-ENDED_STATUSES = ("success", "failed", "lost")
-STATUSES = ACTIVE_STATUSES + ENDED_STATUSES
+# A job's row: the fields of the daemon's record, and which daemon holds it. _SCHEMA must
+# have them all (tests/test_store.py checks it): a new field needs a migration step.
+JOB_COLUMNS = (*(f.name for f in dataclasses.fields(JobRecord)), "daemon_pid")
 
 SCHEMA_VERSION = 1  # kept in PRAGMA user_version; bump it and add a step in _migrate
 _SCHEMA = """
@@ -217,7 +198,7 @@ def _mark_lost(conn: sqlite3.Connection, now: float, daemon_alive: Callable[[int
     lost = 0
     for pid in dead:
         cursor = conn.execute(
-            "UPDATE jobs SET status = 'lost', ended_at = ?,"
+            f"UPDATE jobs SET status = '{JobStatus.LOST.value}', ended_at = ?,"
             " error = 'the daemon stopped while the job was running (pid '"
             " || IFNULL(daemon_pid, 'unknown') || ')'"
             f" WHERE status IN ({marks}) AND daemon_pid IS ?",

@@ -26,6 +26,7 @@ from lkrun.cli.common import (
     out,
     run_async,
 )
+from lkrun.job_fields import STATUSES
 
 
 def _when(ts: float | None) -> str:
@@ -83,7 +84,7 @@ def jobs_ls(
     ] = False,
     status_filter: Annotated[
         list[str] | None,
-        typer.Option("--status", help="starting, running, stopping, success, failed or lost."),
+        typer.Option("--status", help=f"{', '.join(STATUSES[:-1])} or {STATUSES[-1]}."),
     ] = None,
     agent: Annotated[str | None, typer.Option(help="Only this agent's jobs.")] = None,
     room: Annotated[str | None, typer.Option(help="Only jobs in this room.")] = None,
