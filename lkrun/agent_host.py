@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,15 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.child.apps import describe
-from lkrun.credentials import SECRET_ENV, Credentials
+from lkrun.agent_processes import AgentProcesses
+from lkrun.credentials import Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
 from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
-from lkrun.job_process import (
-    AppSpec,
-    JobProcess,
-    Launched,
-    Launcher,
-    SpawnLauncher,
-)
 from lkrun.joblogs import JobLogs
 from lkrun.jobs import JobBook, JobRecord
 from lkrun.load import WorkerLoad, agent_load
-from lkrun.logs import agent_logger, job_logger
+from lkrun.logs import agent_logger
 from lkrun.manifest import AgentSpec
 from lkrun.metrics import Metrics
 from lkrun.offers import not_accepting
@@ -59,22 +51,6 @@ def worker_spec(spec: AgentSpec) -> WorkerSpec:
             agent=True,
         ),
     )
-
-
-def job_env(
-    spec: AgentSpec, credentials: Credentials, base: Mapping[str, str], workdir: Path
-) -> dict[str, str]:
-    """The job's environment: the daemon's, minus API credentials unless the agent asks for
-    them (``pass_credentials``), plus the agent's own."""
-    env = {k: v for k, v in base.items() if k not in SECRET_ENV}
-    env["LIVEKIT_URL"] = credentials.url
-    if spec.pass_credentials:
-        env["LIVEKIT_API_KEY"] = credentials.api_key
-        env["LIVEKIT_API_SECRET"] = credentials.api_secret
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir), base.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(spec.env)  # the manifest may pass credentials on purpose
-    return env
 
 
 @dataclass
@@ -114,10 +90,17 @@ class AgentHost:
             handler=self,
             session=session,
         )
+        self.processes = AgentProcesses(
+            spec=spec,
+            workdir=workdir,
+            credentials=credentials,
+            log=self.log,
+            shutdown_timeout=self._shutdown_timeout,
+        )
         self.jobs = JobSupervisor(
             agent=spec.name,
             rules=spec,
-            processes=self,
+            processes=self.processes,
             reporter=self.registration,
             book=book,
             start_message=self._start_message,
@@ -128,17 +111,6 @@ class AgentHost:
         )
         self._deciding: set[asyncio.Task[None]] = set()  # offers the app's on_request weighs
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.forkserver = self._new_forkserver()
-        self.pool = WarmPool(
-            label=spec.name,
-            factory=self._new_process,
-            size=spec.idle_processes,
-            timeout=spec.prewarm_timeout,
-        )
-        self.requests = self._new_request_process()
-        self._requests_task: asyncio.Task[None] | None = None
-        self._running = False  # run() is on: helpers may start
 
     # -- WorkerHandler -----------------------------------------------------------------
 
@@ -160,7 +132,7 @@ class AgentHost:
             metadata=self.spec.participant_metadata,
             attributes=tuple(attributes.items()),
         )
-        if self.requests is not None:
+        if self.processes.requests is not None:
             return self._ask_app(job, ours)
         return ours
 
@@ -180,8 +152,10 @@ class AgentHost:
         room = job.room.name
         decision: Decision = Decline("error", f"room {room!r}: no decision was made")
         try:
-            assert self.requests is not None
-            decision = _app_decision(await self.requests.ask(job), ours)
+            requests = self.processes.requests
+            if requests is None:  # the code lost its on_request meanwhile
+                raise RequestRefused("the app no longer has an on_request function")
+            decision = _app_decision(await requests.ask(job), ours)
             if isinstance(decision, Decline):
                 decision = dataclasses.replace(decision, text=f"room {room!r}: {decision.text}")
         except RequestRefused as exc:
@@ -230,103 +204,46 @@ class AgentHost:
         return self.jobs.count
 
     async def run(self) -> None:
-        """Stay registered and keep warm processes until cancelled.
+        """Stay registered and keep the agent's processes until cancelled.
 
         AuthError propagates to the daemon.
         """
-        await self._start_forkserver()
-        pool = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
-        self._running = True
-        self._start_requests()
+        await self.processes.start()
         try:
             await self.registration.run()
         finally:
-            self._running = False
-            helpers = [pool, *self._deciding]
-            if self._requests_task is not None:
-                helpers.append(self._requests_task)
-            for task in helpers:
+            for task in self._deciding:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            if self.forkserver is not None:
-                # Jobs were stopped before this (see Daemon); whatever is left goes with it.
-                await self.forkserver.close(self._shutdown_timeout())
+            await asyncio.gather(*self._deciding, return_exceptions=True)
+            # Jobs were stopped before this (see Daemon).
+            await self.processes.close()
 
     def update_spec(self, spec: AgentSpec) -> None:
         """Apply a changed manifest entry that LiveKit does not see (limits, rooms, env...)."""
-        old, self.spec = self.spec, spec
-        self.jobs.rules = spec
+        self.spec = self.jobs.rules = spec
         self.registration.load_changed()
-        if _loaded_fields(old) != _loaded_fields(spec):
-            self._replace_forkserver()
-        elif self.forkserver is not None:
-            self.forkserver.load_timeout = spec.prewarm_timeout
-        if _process_fields(old) != _process_fields(spec):
-            self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
-        self._sync_requests(restart=_loaded_fields(old) != _loaded_fields(spec))
-
-    def _start_requests(self) -> None:
-        if self.requests is not None and self._requests_task is None and self._running:
-            name = f"request process {self.spec.name}"
-            self._requests_task = asyncio.create_task(self.requests.run(), name=name)
-
-    def _sync_requests(self, *, restart: bool) -> None:
-        """Start or stop the request process as the app gained or lost its on_request."""
-        wanted = self.spec.app is not None and self.spec.app.on_request
-        if wanted and self.requests is None:
-            self.requests = self._new_request_process()
-            self._start_requests()
-        elif not wanted and self.requests is not None:
-            self.requests, task, self._requests_task = None, self._requests_task, None
-            if task is not None:
-                task.cancel()
-                self._spawn(_wait_cancelled(task), name=f"stop request process {self.spec.name}")
-        elif self.requests is not None:
-            self.requests.timeout = self.spec.request_timeout
-            if restart:
-                self.requests.restart()
+        self.processes.update_spec(spec)
 
     def code_changed(self) -> None:
-        """Agent code changed on disk: the fork server and warm processes hold the old code."""
-        if self.forkserver is not None or self.pool.idle:
-            self.log.info("code changed on disk; reloading the agent's module for new jobs")
-            self._replace_forkserver()
-            self.pool.recycle()
-            if self.requests is not None:
-                self.requests.restart()
+        self.processes.code_changed()
 
-    def _new_forkserver(self) -> ForkServer | None:
-        if self.spec.start_method != "forkserver":
-            return None
-        return ForkServer(
-            label=self.spec.name,
-            app=self._app_spec(),
-            cwd=self.workdir,
-            env=self._job_env(),
-            load_timeout=self.spec.prewarm_timeout,
-        )
+    # The status payload reads these.
+    @property
+    def forkserver(self) -> ForkServer | None:
+        return self.processes.forkserver
 
-    def _replace_forkserver(self) -> None:
-        """New jobs fork from a fresh zygote; the old one lives on until its jobs end."""
-        old, self.forkserver = self.forkserver, self._new_forkserver()
-        if old is not None:
-            old.retire()
-            self._spawn(old.close(), name=f"retired fork server {self.spec.name}")
-        self._spawn(self._start_forkserver())
+    @property
+    def pool(self) -> WarmPool:
+        return self.processes.pool
 
-    async def _start_forkserver(self) -> None:
-        if self.forkserver is None or not self.jobs.accepting:
-            return
-        try:
-            await self.forkserver.start()
-        except Exception as exc:  # jobs retry; each failure reaches their records
-            self.log.error("cannot start the fork server: %s", describe(exc))
+    @property
+    def requests(self) -> RequestProcess | None:
+        return self.processes.requests
 
     def stop_accepting(self) -> None:
         self.jobs.accepting = False
         self.registration.load_changed()
-        why = "no longer needed: the agent takes no new jobs (draining or removed)"
-        self.pool.configure(self._new_process, 0, self.spec.prewarm_timeout, why=why)
+        self.processes.stop_warming()
 
     def drain(self) -> None:
         """Take no new jobs and tell running ones, so they can wrap up."""
@@ -339,8 +256,7 @@ class AgentHost:
     async def stop_jobs(self, reason: str) -> None:
         """Ask every job to end, kill what will not, and wait for their records to close."""
         await self.jobs.stop_all(reason)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.processes.wait_tasks()
 
     def kill_jobs(self, why: str) -> None:
         self.settings.shutdown_timeout = 0
@@ -357,19 +273,13 @@ class AgentHost:
         self.jobs.stop(job_id, "stopped by `lkrun jobs kill`")
         return "shutdown requested"
 
-    def idle_pids(self) -> list[int]:
-        """Processes that serve no job yet: the warm processes and the fork server."""
-        pids = [p.pid for p in self.pool.idle if p.pid]
-        if self.forkserver is not None and self.forkserver.pid is not None:
-            pids.append(self.forkserver.pid)
-        return pids
-
     def monitor_targets(self) -> list[Target]:
-        zygote = self.forkserver.pid if self.forkserver is not None else None
+        forkserver = self.processes.forkserver
+        zygote = forkserver.pid if forkserver is not None else None
         targets = [
             # The fork server's descendants are jobs and warm processes: counted as such.
             Target("idle", pid, self._idle_sampler(pid), tree=pid != zygote)
-            for pid in self.idle_pids()
+            for pid in self.processes.idle_pids()
         ]
         for record, proc in self.jobs.running_processes():
             if proc.pid is not None:
@@ -377,7 +287,7 @@ class AgentHost:
         return targets
 
     def idle_memory_mb(self) -> float:
-        pids = self.idle_pids()
+        pids = self.processes.idle_pids()
         for gone in set(self._idle_memory) - set(pids):
             del self._idle_memory[gone]
         return round(sum(self._idle_memory.get(pid, 0.0) for pid in pids), 1)
@@ -403,64 +313,10 @@ class AgentHost:
 
         return on_sample
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _job_env(self) -> dict[str, str]:
-        return job_env(self.spec, self.credentials, os.environ, self.workdir)
-
-    def _app_spec(self) -> AppSpec:
-        spec = self.spec
-        return AppSpec(spec.entrypoint, spec.prewarm, spec.resolved_framework)
-
     def _shutdown_timeout(self) -> float:
         # The third stop signal sets the daemon's to 0: that wins over the agent's own.
         daemon = self.settings.shutdown_timeout
         return 0.0 if daemon == 0 else (self.spec.shutdown_timeout or daemon)
-
-    def _launcher(self) -> Launcher:
-        if self.forkserver is not None:
-            return self.forkserver
-        return SpawnLauncher(app=self._app_spec(), cwd=self.workdir, env=self._job_env())
-
-    async def _launch(self) -> Launched:
-        # Resolved at spawn time, so a process asked for before a reload gets the new code.
-        return await self._launcher()()
-
-    async def _launch_requests(self) -> Launched:
-        return await self._launcher()("requests")
-
-    def _new_request_process(self) -> RequestProcess | None:
-        app = self.spec.app
-        if app is None or not app.on_request:
-            return None
-        return RequestProcess(
-            label=self.spec.name,
-            factory=lambda: JobProcess(
-                launcher=self._launch_requests,
-                log=job_logger(job_log, self.spec.name, "on_request"),
-            ),
-            timeout=self.spec.request_timeout,
-            start_timeout=self.spec.prewarm_timeout,
-        )
-
-    def _new_process(self) -> JobProcess:
-        return JobProcess(
-            launcher=self._launch,
-            log=job_logger(job_log, self.spec.name, "warm"),
-        )
-
-    # -- ProcessSource ---------------------------------------------------------------------
-
-    def claim(self) -> tuple[ProcessHandle, bool]:
-        """A warm process if one is ready, else a cold one (not started yet)."""
-        proc = self.pool.take()
-        return (proc, True) if proc is not None else (self._new_process(), False)
-
-    def replenish(self) -> None:
-        self.pool.replenish()
 
     def _start_message(
         self, record: JobRecord, answer: Acceptance | None, assignment: proto.JobAssignment
@@ -480,27 +336,6 @@ class AgentHost:
             "received_at": record.offered_at or 0.0,
             "assigned_at": record.accepted_at,
         }
-
-
-def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
-    """What a fork server was started with: a change needs a new one."""
-    return (
-        spec.entrypoint,
-        spec.prewarm,
-        spec.env,
-        spec.pass_credentials,
-        spec.start_method,
-        spec.resolved_framework,
-    )
-
-
-def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
-    """What a warm process was started with: a change makes the idle ones stale."""
-    return (*_loaded_fields(spec), spec.idle_processes, spec.prewarm_timeout)
-
-
-async def _wait_cancelled(task: asyncio.Task[None]) -> None:
-    await asyncio.gather(task, return_exceptions=True)
 
 
 def _app_decision(answer: Mapping[str, Any], ours: Acceptance) -> Decision:

@@ -12,7 +12,8 @@ from livekit.agents import JobContext, JobRequest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.agent_host import _app_decision, job_env
+from lkrun.agent_host import _app_decision
+from lkrun.agent_processes import job_env
 from lkrun.child import apps
 from lkrun.child.framework import compat
 from lkrun.child.framework.app import FrameworkApp

@@ -1,0 +1,256 @@
+"""Where one agent's processes come from: its fork server, warm pool and request process.
+
+The supervisor asks for a process per job (``claim``); this module decides whether it is a
+warm one or a cold one, forked from the zygote or spawned, and keeps all three kinds in
+step with the manifest entry and the code on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from lkrun.child.apps import describe
+from lkrun.credentials import SECRET_ENV, Credentials
+from lkrun.forkserver import ForkServer
+from lkrun.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
+from lkrun.logs import job_logger
+from lkrun.manifest import AgentSpec
+from lkrun.request_process import RequestProcess
+from lkrun.warm_pool import WarmPool
+
+job_log = logging.getLogger("lkrun.job")
+
+
+def job_env(
+    spec: AgentSpec, credentials: Credentials, base: Mapping[str, str], workdir: Path
+) -> dict[str, str]:
+    """The job's environment: the daemon's, minus API credentials unless the agent asks for
+    them (``pass_credentials``), plus the agent's own."""
+    env = {k: v for k, v in base.items() if k not in SECRET_ENV}
+    env["LIVEKIT_URL"] = credentials.url
+    if spec.pass_credentials:
+        env["LIVEKIT_API_KEY"] = credentials.api_key
+        env["LIVEKIT_API_SECRET"] = credentials.api_secret
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir), base.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(spec.env)  # the manifest may pass credentials on purpose
+    return env
+
+
+class AgentProcesses:
+    """Job processes for one agent (a ProcessSource for its JobSupervisor)."""
+
+    def __init__(
+        self,
+        *,
+        spec: AgentSpec,
+        workdir: Path,
+        credentials: Credentials,
+        log: logging.LoggerAdapter[Any],
+        shutdown_timeout: Callable[[], float],
+    ) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.credentials = credentials
+        self.log = log
+        self.shutdown_timeout = shutdown_timeout
+        self.wanted = True  # False once the agent takes no more jobs: nothing new is started
+        self._running = False  # between start() and close(): helpers may start
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.forkserver = self._new_forkserver()
+        self.pool = WarmPool(
+            label=spec.name,
+            factory=self._new_process,
+            size=spec.idle_processes,
+            timeout=spec.prewarm_timeout,
+        )
+        self._pool_task: asyncio.Task[None] | None = None
+        self.requests = self._new_request_process()
+        self._requests_task: asyncio.Task[None] | None = None
+
+    # -- ProcessSource ---------------------------------------------------------------------
+
+    def claim(self) -> tuple[JobProcess, bool]:
+        """A warm process if one is ready, else a cold one (not started yet)."""
+        proc = self.pool.take()
+        return (proc, True) if proc is not None else (self._new_process(), False)
+
+    def replenish(self) -> None:
+        self.pool.replenish()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the fork server (awaited: the first job should not wait for its imports),
+        the warm pool and the request process."""
+        await self._start_forkserver()
+        self._pool_task = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
+        self._running = True
+        self._start_requests()
+
+    async def close(self) -> None:
+        """After the jobs were stopped: end every helper and the fork server."""
+        self._running = False
+        helpers = [t for t in (self._pool_task, self._requests_task) if t is not None]
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self.forkserver is not None:
+            # Whatever is left of the jobs goes with it.
+            await self.forkserver.close(self.shutdown_timeout())
+
+    async def wait_tasks(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def stop_warming(self) -> None:
+        """The agent takes no new jobs (draining or removed): idle processes go."""
+        self.wanted = False
+        why = "no longer needed: the agent takes no new jobs (draining or removed)"
+        self.pool.configure(self._new_process, 0, self.spec.prewarm_timeout, why=why)
+
+    def update_spec(self, spec: AgentSpec) -> None:
+        old, self.spec = self.spec, spec
+        reload = _loaded_fields(old) != _loaded_fields(spec)
+        if reload:
+            self._replace_forkserver()
+        elif self.forkserver is not None:
+            self.forkserver.load_timeout = spec.prewarm_timeout
+        if _process_fields(old) != _process_fields(spec):
+            self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
+        self._sync_requests(restart=reload)
+
+    def code_changed(self) -> None:
+        """Agent code changed on disk: the fork server and warm processes hold the old code."""
+        if self.forkserver is not None or self.pool.idle:
+            self.log.info("code changed on disk; reloading the agent's module for new jobs")
+            self._replace_forkserver()
+            self.pool.recycle()
+            if self.requests is not None:
+                self.requests.restart()
+
+    def idle_pids(self) -> list[int]:
+        """Processes that serve no job yet: the warm processes and the fork server."""
+        pids = [p.pid for p in self.pool.idle if p.pid]
+        if self.forkserver is not None and self.forkserver.pid is not None:
+            pids.append(self.forkserver.pid)
+        return pids
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _start_requests(self) -> None:
+        if self.requests is not None and self._requests_task is None and self._running:
+            name = f"request process {self.spec.name}"
+            self._requests_task = asyncio.create_task(self.requests.run(), name=name)
+
+    def _sync_requests(self, *, restart: bool) -> None:
+        """Start or stop the request process as the app gained or lost its on_request."""
+        wanted = self.spec.app is not None and self.spec.app.on_request
+        if wanted and self.requests is None:
+            self.requests = self._new_request_process()
+            self._start_requests()
+        elif not wanted and self.requests is not None:
+            self.requests, task, self._requests_task = None, self._requests_task, None
+            if task is not None:
+                task.cancel()
+                self._spawn(_wait_cancelled(task), name=f"stop request process {self.spec.name}")
+        elif self.requests is not None:
+            self.requests.timeout = self.spec.request_timeout
+            if restart:
+                self.requests.restart()
+
+    def _new_forkserver(self) -> ForkServer | None:
+        if self.spec.start_method != "forkserver":
+            return None
+        return ForkServer(
+            label=self.spec.name,
+            app=self._app_spec(),
+            cwd=self.workdir,
+            env=self._job_env(),
+            load_timeout=self.spec.prewarm_timeout,
+        )
+
+    def _replace_forkserver(self) -> None:
+        """New jobs fork from a fresh zygote; the old one lives on until its jobs end."""
+        old, self.forkserver = self.forkserver, self._new_forkserver()
+        if old is not None:
+            old.retire()
+            self._spawn(old.close(), name=f"retired fork server {self.spec.name}")
+        self._spawn(self._start_forkserver(), name=f"fork server {self.spec.name}")
+
+    async def _start_forkserver(self) -> None:
+        if self.forkserver is None or not self.wanted:
+            return
+        try:
+            await self.forkserver.start()
+        except Exception as exc:  # jobs retry; each failure reaches their records
+            self.log.error("cannot start the fork server: %s", describe(exc))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _job_env(self) -> dict[str, str]:
+        return job_env(self.spec, self.credentials, os.environ, self.workdir)
+
+    def _app_spec(self) -> AppSpec:
+        spec = self.spec
+        return AppSpec(spec.entrypoint, spec.prewarm, spec.resolved_framework)
+
+    def _launcher(self) -> Launcher:
+        if self.forkserver is not None:
+            return self.forkserver
+        return SpawnLauncher(app=self._app_spec(), cwd=self.workdir, env=self._job_env())
+
+    async def _launch(self) -> Launched:
+        # Resolved at spawn time, so a process asked for before a reload gets the new code.
+        return await self._launcher()()
+
+    async def _launch_requests(self) -> Launched:
+        return await self._launcher()("requests")
+
+    def _new_request_process(self) -> RequestProcess | None:
+        app = self.spec.app
+        if app is None or not app.on_request:
+            return None
+        return RequestProcess(
+            label=self.spec.name,
+            factory=lambda: JobProcess(
+                launcher=self._launch_requests,
+                log=job_logger(job_log, self.spec.name, "on_request"),
+            ),
+            timeout=self.spec.request_timeout,
+            start_timeout=self.spec.prewarm_timeout,
+        )
+
+    def _new_process(self) -> JobProcess:
+        return JobProcess(launcher=self._launch, log=job_logger(job_log, self.spec.name, "warm"))
+
+
+def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
+    """What a fork server was started with: a change needs a new one."""
+    return (
+        spec.entrypoint,
+        spec.prewarm,
+        spec.env,
+        spec.pass_credentials,
+        spec.start_method,
+        spec.resolved_framework,
+    )
+
+
+def _process_fields(spec: AgentSpec) -> tuple[Any, ...]:
+    """What a warm process was started with: a change makes the idle ones stale."""
+    return (*_loaded_fields(spec), spec.idle_processes, spec.prewarm_timeout)
+
+
+async def _wait_cancelled(task: asyncio.Task[None]) -> None:
+    await asyncio.gather(task, return_exceptions=True)
