@@ -30,11 +30,18 @@ from lkrun.job_monitor import JobMonitor, Target
 from lkrun.joblogs import default_log_dir
 from lkrun.jobs import JobBook
 from lkrun.load import CpuMonitor
-from lkrun.manifest import AgentSpec, Manifest, ManifestError, load_manifest
+from lkrun.manifest import (
+    AgentSpec,
+    DaemonSettings,
+    Manifest,
+    ManifestError,
+    format_duration,
+    load_manifest,
+    parse_host_port,
+)
 from lkrun.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.registration import AuthError
 from lkrun.store import JobQuery, StoreError, default_db_path
-from lkrun.supervisor import format_duration
 
 log = logging.getLogger("lkrun.daemon")
 
@@ -46,15 +53,9 @@ class DaemonConfig:
     manifest: Manifest
     credentials: Credentials
     control_socket: Path
-    shutdown_timeout: float = 10.0
-    drain_timeout: float = 1800.0
-    http_addr: tuple[str, int] | None = ("127.0.0.1", 8081)
-    load_threshold: float = 0.75
+    # The manifest's [daemon] table, with what the command line overrides.
+    settings: DaemonSettings
     reload: bool = True
-    database: Path | None = None  # None: the XDG state directory
-    log_dir: Path | None = None
-    history_retention: float = 7 * 86400.0
-    job_log_max_bytes: int = 5 * 1024 * 1024
 
 
 def _background_failed(task: asyncio.Future[Any], exc: BaseException) -> None:
@@ -72,10 +73,10 @@ class Daemon:
         self.manifest = config.manifest
         self.metrics = Metrics()
         self.history = History(
-            database=config.database or default_db_path(),
-            log_dir=config.log_dir or default_log_dir(),
-            retention=config.history_retention,
-            log_max_bytes=config.job_log_max_bytes,
+            database=config.settings.database or default_db_path(),
+            log_dir=config.settings.log_dir or default_log_dir(),
+            retention=config.settings.history_retention,
+            log_max_bytes=config.settings.job_log_max_mb * 1024 * 1024,
         )
         self.book = JobBook(on_change=self.history.record)
         self.hosts: dict[str, AgentHost] = {}
@@ -86,8 +87,8 @@ class Daemon:
         self.reloads = 0
         self.health: HealthServer | None = None
         self._settings = HostSettings(
-            shutdown_timeout=config.shutdown_timeout,
-            load_threshold=config.load_threshold,
+            shutdown_timeout=config.settings.shutdown_timeout,
+            load_threshold=config.settings.load_threshold,
             cpu=lambda: self.cpu.value,
             metrics=self.metrics,
             job_logs=self.history.logs,
@@ -267,8 +268,8 @@ class Daemon:
             log.warning("%d job(s) were running when the previous daemon died: marked lost", lost)
         self._tasks.spawn(self.history.prune_forever(), "history pruning")
         await control.start()
-        if self.config.http_addr is not None:
-            host, port = self.config.http_addr
+        if self.config.settings.http_addr:
+            host, port = parse_host_port(self.config.settings.http_addr)
             self.health = HealthServer(host, port, ready=self.readiness)
             self.health.add_route("/metrics", metrics_handler(self.metrics, self._snapshot))
             await self.health.start()
@@ -345,7 +346,7 @@ class Daemon:
         running = sum(h.job_count() for h in hosts)
         log.info(
             "draining: no new jobs; waiting up to %s for %d running job(s) to end",
-            format_duration(self.config.drain_timeout),
+            format_duration(self.config.settings.drain_timeout),
             running,
         )
         for host in hosts:
@@ -359,7 +360,9 @@ class Daemon:
         now = asyncio.create_task(self._stop_now.wait())
         try:
             await asyncio.wait(
-                {idle, now}, timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+                {idle, now},
+                timeout=self.config.settings.drain_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             for task in (idle, now):

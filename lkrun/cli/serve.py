@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,16 @@ from lkrun.cli.common import (
     run_async,
 )
 from lkrun.entrypoints import check_entrypoints
-from lkrun.manifest import Manifest, ManifestError, load_manifest
+from lkrun.manifest import (
+    DaemonSettings,
+    Manifest,
+    ManifestError,
+    format_duration,
+    load_manifest,
+    parse_host_port,
+)
+
+_DEFAULTS = DaemonSettings()
 
 
 def _load(manifest_path: Path) -> Manifest:
@@ -65,18 +75,23 @@ def serve(
     control_socket: SocketOpt = None,
     drain_timeout: Annotated[
         str | None,
-        typer.Option(help="How long jobs may run on after SIGTERM, e.g. 30m [manifest: 30m]."),
+        typer.Option(
+            help="How long jobs may run on after SIGTERM, e.g. 30m "
+            f"[manifest: {format_duration(_DEFAULTS.drain_timeout)}]."
+        ),
     ] = None,
     shutdown_timeout: Annotated[
         str | None,
         typer.Option(
-            help="How long a job gets after a shutdown request, e.g. 10s [manifest: 10s]."
+            help="How long a job gets after a shutdown request, e.g. 10s "
+            f"[manifest: {format_duration(_DEFAULTS.shutdown_timeout)}]."
         ),
     ] = None,
     http_addr: Annotated[
         str | None,
         typer.Option(
-            help="Health endpoint HOST:PORT, or '' to turn it off [manifest: 127.0.0.1:8081]."
+            help="Health endpoint HOST:PORT, or '' to turn it off "
+            f"[manifest: {_DEFAULTS.http_addr}]."
         ),
     ] = None,
     reload: Annotated[
@@ -102,42 +117,32 @@ def serve(
     setup_logging(log_level, log_format)
     loaded = _load(manifest)
     _warn_app_settings(loaded)
-    options = _daemon_options(loaded, drain_timeout, shutdown_timeout, http_addr)
+    settings = _daemon_settings(loaded, drain_timeout, shutdown_timeout, http_addr)
     with ExitStack() as stack:
         creds = _serve_credentials(loaded, url, api_key, stack)
         socket_path = (
             control_socket or loaded.daemon.control_socket or control.default_socket_path()
         )
-        _run_daemon(loaded, creds, socket_path, reload=reload, **options)
+        _run_daemon(loaded, creds, socket_path, settings, reload=reload)
 
 
-def _daemon_options(
+def _daemon_settings(
     manifest: Manifest, drain: str | None, shutdown: str | None, http_addr: str | None
-) -> dict[str, Any]:
-    """[daemon] settings, each overridden by its flag when given."""
-    from lkrun.manifest import parse_host_port
-
-    daemon = manifest.daemon
-    try:
-        addr = daemon.http_addr if http_addr is None else http_addr
-        return {
-            "drain_timeout": (
-                daemon.drain_timeout if drain is None else duration_option("--drain-timeout", drain)
-            ),
-            "shutdown_timeout": (
-                daemon.shutdown_timeout
-                if shutdown is None
-                else duration_option("--shutdown-timeout", shutdown)
-            ),
-            "http_addr": parse_host_port(addr) if addr else None,
-            "load_threshold": daemon.load_threshold,
-            "database": daemon.database,
-            "log_dir": daemon.log_dir,
-            "history_retention": daemon.history_retention,
-            "job_log_max_bytes": daemon.job_log_max_mb * 1024 * 1024,
-        }
-    except ValueError as exc:
-        fail(f"invalid option: {exc}", EXIT_USAGE)
+) -> DaemonSettings:
+    """The manifest's [daemon] settings, each overridden by its flag when given."""
+    overrides: dict[str, Any] = {}
+    if drain is not None:
+        overrides["drain_timeout"] = duration_option("--drain-timeout", drain)
+    if shutdown is not None:
+        overrides["shutdown_timeout"] = duration_option("--shutdown-timeout", shutdown)
+    if http_addr is not None:
+        if http_addr:
+            try:
+                parse_host_port(http_addr)
+            except ValueError as exc:
+                fail(f"invalid option: {exc}", EXIT_USAGE)
+        overrides["http_addr"] = http_addr
+    return dataclasses.replace(manifest.daemon, **overrides)
 
 
 def _serve_credentials(
@@ -177,13 +182,22 @@ def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
 
 
 def _run_daemon(
-    manifest: Manifest, creds: credentials.Credentials, socket_path: Path, **options: Any
+    manifest: Manifest,
+    creds: credentials.Credentials,
+    socket_path: Path,
+    settings: DaemonSettings,
+    *,
+    reload: bool,
 ) -> None:
     from lkrun.daemon import Daemon, DaemonConfig, FatalError
     from lkrun.health import HealthError
 
     config = DaemonConfig(
-        manifest=manifest, credentials=creds, control_socket=socket_path, **options
+        manifest=manifest,
+        credentials=creds,
+        control_socket=socket_path,
+        settings=settings,
+        reload=reload,
     )
     try:
         run_async(Daemon(config).serve())
