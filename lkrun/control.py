@@ -14,7 +14,7 @@ import stat
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import aiohttp
 from aiohttp import web
@@ -30,8 +30,57 @@ class ControlError(Exception):
     """The CLI could not talk to the daemon, or the daemon said no."""
 
 
+class AgentStatus(TypedDict):
+    """One registration of one agent, in GET /v1/status."""
+
+    agent: str
+    dispatch: str  # explicit | automatic
+    registered_name: str  # "" for automatic dispatch
+    rooms: list[str]  # patterns of the rooms it takes; empty: any
+    retiring: bool  # removed or re-registered: finishing its jobs
+    connected: bool
+    worker_id: str
+    server_version: str
+    reconnects: int
+    last_error: str
+    jobs: int
+    max_jobs: int
+    full: bool
+    load: float
+    idle_processes: int
+    idle_memory_mb: float
+    warm_error: str
+    warm_failures: int
+    start_method: str
+    app: str  # what the import check found, one line
+    framework: str
+    request_process_ready: bool | None  # None: no request process
+    request_process_error: str
+    fork_server_pid: int | None
+    fork_server_error: str
+
+
+class DaemonStatus(TypedDict):
+    """GET /v1/status: read by `lkrun status` and by `lkrun dispatch --wait` when no job came."""
+
+    ready: bool
+    not_ready_reason: str
+    pid: int
+    version: str
+    manifest: str
+    url: str
+    uptime: float
+    phase: str  # starting | serving | draining | stopping
+    stopping: bool  # draining or stopping
+    cpu: float
+    reload: bool
+    reloads: int
+    http_port: int | None
+    agents: list[AgentStatus]
+
+
 class DaemonView(Protocol):
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> DaemonStatus: ...
     async def jobs(self, query: JobQuery | None) -> list[dict[str, Any]]: ...
     async def job(self, job_id: str) -> dict[str, Any] | None: ...
     def job_log_tail(self, job_id: str, lines: int) -> list[str]: ...

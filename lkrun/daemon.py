@@ -21,7 +21,7 @@ from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.child import pdeathsig
 from lkrun.child.apps import LIVEKIT_AGENTS
 from lkrun.child.tasks import BackgroundTasks
-from lkrun.control import ControlServer
+from lkrun.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
 from lkrun.health import HealthServer
@@ -106,7 +106,7 @@ class Daemon:
     def all_hosts(self) -> list[AgentHost]:
         return [*self.hosts.values(), *self.retiring]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DaemonStatus:
         ready, reason = self.readiness()
         return {
             "ready": ready,
@@ -125,7 +125,7 @@ class Daemon:
             "agents": [self._agent_status(h) for h in self.all_hosts()],
         }
 
-    def _agent_status(self, host: AgentHost) -> dict[str, Any]:
+    def _agent_status(self, host: AgentHost) -> AgentStatus:
         state = host.registration.state
         load = host.worker_load()
         return {

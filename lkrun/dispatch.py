@@ -12,6 +12,7 @@ import aiohttp
 from livekit import api
 from livekit.protocol import models
 
+from lkrun.control import DaemonStatus
 from lkrun.credentials import Credentials
 
 # The attribute the official worker, and lkrun, give an agent participant: its agent name.
@@ -154,7 +155,7 @@ def _api(creds: Credentials) -> api.LiveKitAPI:
     )
 
 
-def diagnose(agent: str, room: str, local: dict[str, object] | None) -> list[str]:
+def diagnose(agent: str, room: str, local: DaemonStatus | None) -> list[str]:
     """The likely reasons no job started, most specific first, each with how to check it."""
     import fnmatch
 

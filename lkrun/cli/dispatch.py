@@ -118,6 +118,7 @@ def _explain_timeout(
 ) -> NoReturn:
     from lkrun.dispatch import diagnose
 
+    local: control.DaemonStatus | None
     try:
         local = control.request(socket_path or control.default_socket_path(), "/v1/status")
     except control.ControlError:

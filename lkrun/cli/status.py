@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import typer
 from rich.table import Table
 
 from lkrun.cli.common import EXIT_FAILURE, JsonOpt, SocketOpt, age, app, ask_daemon, cell, out
+from lkrun.control import DaemonStatus
 
 
 @app.command()
 def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
     """Show the daemon's agents and registrations; exit 0 only when it is ready."""
-    data = ask_daemon(control_socket, "/v1/status")
+    data: DaemonStatus = ask_daemon(control_socket, "/v1/status")
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
@@ -24,7 +24,7 @@ def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(EXIT_FAILURE)
 
 
-def _print_status(data: dict[str, Any]) -> None:
+def _print_status(data: DaemonStatus) -> None:
     ready = "ready" if data.get("ready") else f"NOT READY ({data.get('not_ready_reason')})"
     out.print(
         f"lkrun {data['version']} pid {data['pid']}, up {age(data['uptime'])}, {ready}; "
