@@ -222,11 +222,6 @@ class Daemon:
 
     # -- running ---------------------------------------------------------------------------
 
-    def request_stop(self, *, now: bool = False) -> None:
-        self._stop.set()
-        if now:
-            self._stop_now.set()
-
     async def serve(self) -> None:
         """Run until stopped. Raises FatalError when the daemon cannot go on."""
         self._fatal = asyncio.get_running_loop().create_future()

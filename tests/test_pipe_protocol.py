@@ -109,7 +109,7 @@ class FakePipe:
 async def test_child_reader_survives_an_oversized_line_and_bad_json() -> None:
     run = JobRun(FakePipe(), app=None)  # type: ignore[arg-type]
     reader = asyncio.StreamReader(limit=1024)
-    reader.feed_data(b'{"type": "ping", "pad": "' + b"x" * 5000 + b'"}\n')
+    reader.feed_data(b'{"type": "start", "pad": "' + b"x" * 5000 + b'"}\n')
     reader.feed_data(b"not json\n")
     reader.feed_data(b'{"no type": 1}\n')
     reader.feed_data(json.dumps({"type": "shutdown", "reason": "stop"}).encode() + b"\n")

@@ -1,7 +1,7 @@
 """The job pipe protocol: newline-delimited JSON between the daemon and a job subprocess.
 
-daemon -> child (stdin):  start, drain, shutdown, ping; request (request process only)
-child -> daemon (stdout): ready, running, done, pong; answer (request process only)
+daemon -> child (stdin):  start, drain, shutdown; request (request process only)
+child -> daemon (stdout): ready, running, done; answer (request process only)
 
 Kept free of heavy imports: the runner imports it before user code.
 """
@@ -17,14 +17,12 @@ from typing import Any
 START = "start"
 DRAIN = "drain"  # the daemon is draining: wrap up, no new work is coming
 SHUTDOWN = "shutdown"
-PING = "ping"
 REQUEST = "request"  # a job offer for the agent's request function: {id, job}
 
 # child -> daemon
 READY = "ready"  # runner and entrypoint module loaded; waiting for start
 RUNNING = "running"  # entrypoint called
 DONE = "done"  # job over: {"ok": bool, "error": str}
-PONG = "pong"
 ANSWER = "answer"  # the request function's decision: {id, accept, terminate, identity, ...}
 
 # A start message carries a job token and metadata; keep room for large metadata.

@@ -95,9 +95,7 @@ class JobRun:
 
     def handle(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
-        if kind == jobpipe.PING:
-            self.pipe.send(jobpipe.PONG, ts=msg.get("ts"))
-        elif kind == jobpipe.START and not self.start_msg.done():
+        if kind == jobpipe.START and not self.start_msg.done():
             self.start_msg.set_result(msg)
         elif kind == jobpipe.SHUTDOWN:
             self.request_shutdown(str(msg.get("reason", "")))

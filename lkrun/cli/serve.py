@@ -108,10 +108,10 @@ def serve(
     With no LiveKit URL configured (flag, manifest or LIVEKIT_URL), a local
     livekit-server is installed and started in dev mode for the daemon's lifetime.
     """
-    from lkrun.logs import setup_logging
+    from lkrun.logs import FORMATS, setup_logging
 
-    if log_format not in (None, "pretty", "json"):
-        fail(f"--log-format must be pretty or json, got {log_format!r}", EXIT_USAGE)
+    if log_format is not None and log_format not in FORMATS:
+        fail(f"--log-format must be {' or '.join(FORMATS)}, got {log_format!r}", EXIT_USAGE)
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         fail(f"--log-level must be debug, info, warning or error, got {log_level!r}", EXIT_USAGE)
     setup_logging(log_level, log_format)
