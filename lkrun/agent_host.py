@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from lkrun.forkserver import ForkServer
 from lkrun.job_monitor import MB, Target, Usage
 from lkrun.joblogs import JobLogs
 from lkrun.jobs import JobBook, JobRecord
-from lkrun.load import WorkerLoad, agent_load
+from lkrun.load import CpuPressure, WorkerLoad, agent_load
 from lkrun.logs import agent_logger
 from lkrun.manifest import AgentSpec
 from lkrun.metrics import Metrics
@@ -58,8 +60,8 @@ class HostSettings:
     """Daemon-wide knobs every agent shares."""
 
     shutdown_timeout: float
-    load_threshold: float = 1.0
-    cpu: Callable[[], float] = lambda: 0.0
+    # The machine's CPU as the load policy sees it; by default it never makes an agent full.
+    cpu: CpuPressure = field(default_factory=lambda: CpuPressure(threshold=math.inf))
     metrics: Metrics = field(default_factory=Metrics)
     job_logs: JobLogs | None = None  # per-job log files
 
@@ -110,14 +112,17 @@ class AgentHost:
             job_logs=settings.job_logs,
         )
         self._deciding: set[asyncio.Task[None]] = set()  # offers the app's on_request weighs
+        self._status: WorkerLoad | None = None  # the last load computed, for its changes
+        self._status_at = time.monotonic()
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
 
     # -- WorkerHandler -----------------------------------------------------------------
 
     def on_availability(self, job: proto.Job) -> Decision | asyncio.Future[Decision]:
         room = job.room.name
-        cpu, threshold = self.settings.cpu(), self.settings.load_threshold
-        if decline := self.jobs.offer(job.id, room, cpu=cpu, load_threshold=threshold):
+        cpu = self.settings.cpu
+        overload = cpu.why() if cpu.overloaded else ""
+        if decline := self.jobs.offer(job.id, room, cpu_overload=overload):
             self.log.info("declined job %s: %s", job.id, decline.text)
             return decline
         identity = self.spec.format_identity(
@@ -190,13 +195,37 @@ class AgentHost:
             self.log.info("job %s terminated by LiveKit", job_id)
 
     def worker_load(self) -> WorkerLoad:
-        return agent_load(
+        cpu = self.settings.cpu
+        load = agent_load(
             jobs=self.job_count(),
             max_jobs=self.spec.max_jobs,
-            cpu=self.settings.cpu(),
-            load_threshold=self.settings.load_threshold,
             draining=not self.jobs.accepting,
+            cpu=cpu.level,
+            load_threshold=cpu.threshold,
+            cpu_overloaded=cpu.overloaded,
         )
+        self._note_status(load)
+        return load
+
+    def _note_status(self, load: WorkerLoad) -> None:
+        """Log each change between AVAILABLE and FULL (and of FULL's reason): while FULL,
+        LiveKit offers the agent nothing and drops a dispatch that finds no other worker."""
+        was, since = self._status, self._status_at
+        self._status, self._status_at = load, time.monotonic()
+        if was is not None and was.full:
+            self.settings.metrics.was_full(self.spec.name, was.reason, self._status_at - since)
+        if was is not None and (was.full, was.reason) == (load.full, load.reason):
+            return
+        if load.full:
+            why = {
+                "draining": "draining or removed from the manifest",
+                "max_jobs": f"{load.job_count} job(s), max_jobs={self.spec.max_jobs}",
+                "cpu": self.settings.cpu.why(),
+            }.get(load.reason, load.reason)
+            level = logging.INFO if load.reason == "draining" else logging.WARNING
+            self.log.log(level, "FULL (%s): LiveKit will offer it no job", why)
+        elif was is not None:
+            self.log.info("AVAILABLE again (%d job(s), load %.2f)", load.job_count, load.load)
 
     # -- lifecycle -----------------------------------------------------------------------
 

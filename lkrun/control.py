@@ -46,6 +46,7 @@ class AgentStatus(TypedDict):
     jobs: int
     max_jobs: int
     full: bool
+    full_reason: str  # "", draining, max_jobs or cpu
     load: float
     idle_processes: int
     idle_memory_mb: float
@@ -73,6 +74,7 @@ class DaemonStatus(TypedDict):
     phase: str  # starting | serving | draining | stopping
     stopping: bool  # draining or stopping
     cpu: float
+    cpu_high_for: float  # seconds the CPU has stayed at or over load_threshold
     reload: bool
     reloads: int
     http_port: int | None

@@ -29,7 +29,7 @@ from lkrun.history import History
 from lkrun.job_monitor import JobMonitor, Target
 from lkrun.joblogs import default_log_dir
 from lkrun.jobs import JobBook
-from lkrun.load import CpuMonitor
+from lkrun.load import CpuMonitor, CpuPressure
 from lkrun.manifest import (
     AgentSpec,
     DaemonSettings,
@@ -88,8 +88,10 @@ class Daemon:
         self.health: HealthServer | None = None
         self._settings = HostSettings(
             shutdown_timeout=config.settings.shutdown_timeout,
-            load_threshold=config.settings.load_threshold,
-            cpu=lambda: self.cpu.value,
+            cpu=CpuPressure(
+                threshold=config.settings.load_threshold,
+                overload_after=config.settings.overload_after,
+            ),
             metrics=self.metrics,
             job_logs=self.history.logs,
         )
@@ -119,6 +121,7 @@ class Daemon:
             "phase": self.phase,
             "stopping": self.phase in ("draining", "stopping"),
             "cpu": round(self.cpu.value, 3),
+            "cpu_high_for": round(self._settings.cpu.high_for(), 1),
             "reload": self.config.reload,
             "reloads": self.reloads,
             "http_port": self.health.port if self.health else None,
@@ -142,6 +145,7 @@ class Daemon:
             "jobs": load.job_count,
             "max_jobs": host.spec.max_jobs,
             "full": load.full,
+            "full_reason": load.reason,
             "load": round(load.load, 3),
             "idle_processes": len(host.pool.idle),
             "idle_memory_mb": host.idle_memory_mb(),
@@ -274,7 +278,7 @@ class Daemon:
                 self.health.port,
             )
         monitor = JobMonitor(self._monitor_targets)
-        self._tasks.spawn(self.cpu.run(), "cpu monitor")
+        self._tasks.spawn(self.cpu.run(self._on_cpu_sample), "cpu monitor")
         self._tasks.spawn(monitor.run(), "job monitor")
         if self.config.reload:
             self._tasks.spawn(self._watch_manifest(), "manifest watcher")
@@ -377,6 +381,13 @@ class Daemon:
         for task in runs:
             task.cancel()
         await asyncio.gather(*runs, self._tasks.close(), return_exceptions=True)
+
+    def _on_cpu_sample(self, value: float) -> None:
+        """Each agent's status goes out when it changes, not at the next periodic refresh:
+        an agent back from FULL gets offers again at once."""
+        self._settings.cpu.observe(value)
+        for host in self.all_hosts():
+            host.registration.load_changed()
 
     def _monitor_targets(self) -> list[Target]:
         return [t for host in self.all_hosts() for t in host.monitor_targets()]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +26,112 @@ class WorkerLoad:
     full: bool
     load: float  # what we send in UpdateWorkerStatus.load
     job_count: int
+    reason: str = ""  # why full: "draining", "max_jobs" or "cpu"
+
+    def differs(self, other: WorkerLoad | None) -> bool:
+        """Worth telling the server: another status or job count, or a load that moved by
+        LOAD_STEP (CPU jitter alone must not turn every sample into an update)."""
+        return (
+            other is None
+            or (self.full, self.job_count, self.reason)
+            != (other.full, other.job_count, other.reason)
+            or abs(self.load - other.load) >= LOAD_STEP
+        )
+
+
+LOAD_STEP = 0.05
 
 
 def agent_load(
-    *, jobs: int, max_jobs: int, cpu: float, load_threshold: float, draining: bool
+    *,
+    jobs: int,
+    max_jobs: int,
+    draining: bool,
+    cpu: float = 0.0,
+    load_threshold: float = math.inf,
+    cpu_overloaded: bool = False,
 ) -> WorkerLoad:
-    """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation."""
-    full = draining or jobs >= max_jobs or cpu >= load_threshold
-    if full:
-        return WorkerLoad(full=True, load=1.0, job_count=jobs)
+    """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation.
+
+    ``cpu`` (smoothed) only raises the load, which steers new jobs to less busy workers;
+    the CPU makes the agent full only when ``cpu_overloaded`` says it stayed high (see
+    CpuPressure), since a worker that reports full gets no job at all, and LiveKit drops a
+    dispatch that finds no available worker.
+    """
+    reason = (
+        "draining"
+        if draining
+        else "max_jobs"
+        if jobs >= max_jobs
+        else "cpu"
+        if cpu_overloaded
+        else ""
+    )
+    if reason:
+        return WorkerLoad(full=True, load=1.0, job_count=jobs, reason=reason)
     utilisation = _clamp(max(jobs / max_jobs, cpu / load_threshold))
     # Rounded so CPU jitter does not turn every refresh into a status update.
     load = min(round(TARGET_LOAD * utilisation, 2), MAX_AVAILABLE_LOAD)
     return WorkerLoad(full=False, load=load, job_count=jobs)
+
+
+class CpuPressure:
+    """CPU samples as the load policy uses them: a level smoothed over ``window`` seconds,
+    and whether the CPU has stayed at or over ``threshold`` for ``overload_after`` seconds.
+
+    A peak of a few seconds (jobs ending, a burst of connects, a fork server importing)
+    is common on small machines and must not make the only worker unavailable.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.75,
+        overload_after: float = 30.0,
+        window: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold  # inf: the CPU never counts as overloaded
+        self.overload_after = overload_after  # inf: never
+        self.window = window
+        self._clock = clock
+        self._samples: deque[tuple[float, float]] = deque()
+        self._high_since: float | None = None  # start of the current run of high samples
+
+    def observe(self, value: float) -> None:
+        now = self._clock()
+        self._samples.append((now, value))
+        while self._samples and now - self._samples[0][0] > self.window:
+            self._samples.popleft()
+        if value < self.threshold:
+            self._high_since = None
+        elif self._high_since is None:
+            self._high_since = now
+
+    @property
+    def last(self) -> float:
+        return self._samples[-1][1] if self._samples else 0.0
+
+    @property
+    def level(self) -> float:
+        """Mean of the samples in the window (0 before the first)."""
+        if not self._samples:
+            return 0.0
+        return sum(v for _, v in self._samples) / len(self._samples)
+
+    def high_for(self) -> float:
+        """Seconds the CPU has been at or over the threshold without a break (0: it is not)."""
+        return 0.0 if self._high_since is None else self._clock() - self._high_since
+
+    @property
+    def overloaded(self) -> bool:
+        return self._high_since is not None and self.high_for() >= self.overload_after
+
+    def why(self) -> str:
+        return (
+            f"CPU at or over load_threshold={self.threshold:.0%} for {self.high_for():.0f}s "
+            f"(now {self.last:.0%})"
+        )
 
 
 def _clamp(value: float) -> float:
@@ -56,7 +151,7 @@ class CpuMonitor:
 
     def __init__(
         self,
-        interval: float = 2.0,
+        interval: float = 1.0,
         *,
         cgroup_root: Path = Path("/sys/fs/cgroup"),
         clock: Callable[[], float] = time.monotonic,
@@ -83,9 +178,11 @@ class CpuMonitor:
         self._value = _clamp((reading.busy - previous.busy) / elapsed)
         return self._value
 
-    async def run(self) -> None:
+    async def run(self, on_sample: Callable[[float], None] | None = None) -> None:
         while True:
-            self.sample()
+            value = self.sample()
+            if on_sample is not None:
+                on_sample(value)
             await asyncio.sleep(self.interval)
 
     def _read_cgroup(self) -> _Reading | None:

@@ -208,6 +208,16 @@ def _duration(value: object) -> float:
         raise _Invalid(str(exc)) from None
 
 
+def _duration_or_off(value: object) -> float:
+    if value == "off":
+        return math.inf
+    try:
+        return parse_duration(value)
+    except ValueError:
+        hint = 'must be a duration such as "30s" or "2m", or "off"'
+        raise _Invalid(f"{hint}, got {_show(value)}") from None
+
+
 def _positive_duration(value: object) -> float:
     seconds = _duration(value)
     if seconds <= 0:
@@ -447,9 +457,13 @@ class DaemonSettings:
     history_retention: float = field(default=7 * 86400.0, metadata=_check(_duration))
     # A job's log file is rotated at this size (one rotated file is kept).
     job_log_max_mb: int = field(default=5, metadata=_check(_int_at_least(1)))
-    # Machine CPU use (0..1] above which every agent reports itself full; "off" (inf):
-    # the CPU counts for nothing, only max_jobs and draining make an agent full.
+    # Machine CPU use (0..1] that counts as busy: it raises the load reported (steering
+    # jobs to less busy workers), and after `overload_after` makes every agent full.
+    # "off" (inf): the CPU counts for nothing, only max_jobs and draining make an agent full.
     load_threshold: float = field(default=0.75, metadata=_check(_threshold))
+    # How long the CPU must stay at or over load_threshold before agents report full;
+    # "off" (inf): never. A short peak must not make the last worker drop dispatches.
+    overload_after: float = field(default=30.0, metadata=_check(_duration_or_off))
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,12 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
     ),
     ("lkrun_agent_load", "gauge", "The load the agent's worker last reported to LiveKit (0..1)."),
     (
+        "lkrun_agent_full_seconds_total",
+        "counter",
+        "Seconds the agent reported itself FULL (LiveKit offers it no job), by reason "
+        "(max_jobs, cpu, draining).",
+    ),
+    (
         "lkrun_job_memory_bytes",
         "gauge",
         "Sum of the resident memory (RSS) of the agent's running job processes, in bytes.",
@@ -75,6 +81,7 @@ _HELP = {name: help_text for name, _, help_text in METRIC_DOCS}
 
 # A fixed set keeps label cardinality bounded whatever text the daemon passes.
 DECLINE_REASONS = frozenset({"rooms", "max_jobs", "cpu", "not_accepting", "error"})
+FULL_REASONS = frozenset({"max_jobs", "cpu", "draining"})
 
 # Answering an offer is in-process bookkeeping: sub-millisecond normally, 100 ms is already bad.
 OFFER_ANSWER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -124,6 +131,7 @@ class Metrics:
         self._offers = self._counter("lkrun_offers_total", "agent", "result")
         self._declines = self._counter("lkrun_offer_declines_total", "agent", "reason")
         self._reconnects = self._counter("lkrun_registration_reconnects_total", "agent")
+        self._full = self._counter("lkrun_agent_full_seconds_total", "agent", "reason")
         self._offer_answer = self._histogram(
             "lkrun_offer_answer_seconds", OFFER_ANSWER_BUCKETS, "agent"
         )
@@ -171,6 +179,10 @@ class Metrics:
         # (JobStatus is a str enum, so JobStatus.SUCCESS compares equal to "success".)
         label = "success" if status == "success" else "failed"
         self._jobs_ended.labels(agent=agent, status=label).inc()
+
+    def was_full(self, agent: str, reason: str, seconds: float) -> None:
+        label = reason if reason in FULL_REASONS else "other"
+        self._full.labels(agent=agent, reason=label).inc(max(0.0, seconds))
 
     def offer_answered(self, agent: str, accepted: bool, seconds: float, reason: str = "") -> None:
         result = "accepted" if accepted else "declined"

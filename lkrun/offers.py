@@ -30,8 +30,7 @@ class Situation:
 
     jobs: int  # reserved, starting, running and stopping jobs
     accepting: bool = True  # False while draining, or once the agent left the manifest
-    cpu: float = 0.0  # the machine's CPU use, 0..1
-    load_threshold: float = 1.0  # inf: CPU never declines
+    cpu_overload: str = ""  # why the CPU counts as overloaded (see CpuPressure); "" if not
 
 
 def not_accepting(room: str) -> Decline:
@@ -46,8 +45,8 @@ def weigh_offer(room: str, rules: Rules, now: Situation) -> Decline | None:
         return Decline("rooms", f"room {room!r} matches none of {list(rules.rooms)}")
     if now.jobs >= rules.max_jobs:
         return Decline("max_jobs", f"room {room!r}: at max_jobs={rules.max_jobs}")
-    if now.cpu >= now.load_threshold:
-        return Decline("cpu", f"room {room!r}: CPU {now.cpu:.0%} is over load_threshold")
+    if now.cpu_overload:
+        return Decline("cpu", f"room {room!r}: {now.cpu_overload}")
     return None
 
 

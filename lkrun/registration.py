@@ -388,7 +388,7 @@ class Registration:
 
     def _send_load(self, *, force: bool) -> None:
         load = self.handler.worker_load()
-        if not force and load == self._last_load:
+        if not force and not load.differs(self._last_load):
             return
         self._last_load = load
         status = proto.WS_FULL if load.full else proto.WS_AVAILABLE

@@ -189,10 +189,10 @@ class JobSupervisor:
 
     # -- offers ----------------------------------------------------------------------------
 
-    def offer(self, job_id: str, room: str, *, cpu: float, load_threshold: float) -> Decline | None:
+    def offer(self, job_id: str, room: str, *, cpu_overload: str = "") -> Decline | None:
         """Weigh an offer; on yes, reserve a slot until the assignment comes or time runs out."""
         self.expire_reservations()
-        now = Situation(self.count, self.accepting, cpu, load_threshold)
+        now = Situation(self.count, self.accepting, cpu_overload)
         if decline := weigh_offer(room, self.rules, now):
             return decline
         self.jobs[job_id] = Job(job_id, offered_at=self.clock())

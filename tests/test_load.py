@@ -16,24 +16,34 @@ CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait guest guest_nice
 
 
 @pytest.mark.parametrize(
-    ("jobs", "max_jobs", "cpu", "draining", "expected"),
+    ("jobs", "max_jobs", "cpu", "overloaded", "draining", "expected"),
     [
-        pytest.param(0, 4, 0.0, False, WorkerLoad(False, 0.0, 0), id="idle"),
-        pytest.param(2, 4, 0.1, False, WorkerLoad(False, 0.35, 2), id="half jobs"),
-        pytest.param(1, 4, 0.4, False, WorkerLoad(False, 0.35, 1), id="half cpu"),
-        pytest.param(4, 4, 0.0, False, WorkerLoad(True, 1.0, 4), id="at max jobs"),
-        pytest.param(5, 4, 0.0, False, WorkerLoad(True, 1.0, 5), id="over max jobs"),
-        pytest.param(0, 4, 0.8, False, WorkerLoad(True, 1.0, 0), id="cpu at threshold"),
-        pytest.param(1, 4, 0.95, False, WorkerLoad(True, 1.0, 1), id="cpu over threshold"),
-        pytest.param(0, 4, 0.0, True, WorkerLoad(True, 1.0, 0), id="draining"),
-        pytest.param(3, 4, 0.799, False, WorkerLoad(False, 0.69, 3), id="nearly full capped"),
-        pytest.param(0, 4, -0.5, False, WorkerLoad(False, 0.0, 0), id="odd cpu clamped"),
+        pytest.param(0, 4, 0.0, False, False, WorkerLoad(False, 0.0, 0), id="idle"),
+        pytest.param(2, 4, 0.1, False, False, WorkerLoad(False, 0.35, 2), id="half jobs"),
+        pytest.param(1, 4, 0.4, False, False, WorkerLoad(False, 0.35, 1), id="half cpu"),
+        pytest.param(4, 4, 0.0, False, False, WorkerLoad(True, 1.0, 4, "max_jobs"), id="max jobs"),
+        pytest.param(5, 4, 0.0, False, False, WorkerLoad(True, 1.0, 5, "max_jobs"), id="over max"),
+        # A busy CPU alone raises the load but leaves the agent available...
+        pytest.param(0, 4, 0.95, False, False, WorkerLoad(False, 0.69, 0), id="cpu peak"),
+        # ...until it has stayed busy (CpuPressure decides).
+        pytest.param(0, 4, 0.95, True, False, WorkerLoad(True, 1.0, 0, "cpu"), id="cpu sustained"),
+        pytest.param(0, 4, 0.0, False, True, WorkerLoad(True, 1.0, 0, "draining"), id="draining"),
+        pytest.param(3, 4, 0.0, True, True, WorkerLoad(True, 1.0, 3, "draining"), id="drain first"),
+        pytest.param(3, 4, 0.799, False, False, WorkerLoad(False, 0.69, 3), id="nearly full"),
+        pytest.param(0, 4, -0.5, False, False, WorkerLoad(False, 0.0, 0), id="odd cpu clamped"),
     ],
 )
 def test_agent_load(
-    jobs: int, max_jobs: int, cpu: float, draining: bool, expected: WorkerLoad
+    jobs: int, max_jobs: int, cpu: float, overloaded: bool, draining: bool, expected: WorkerLoad
 ) -> None:
-    got = agent_load(jobs=jobs, max_jobs=max_jobs, cpu=cpu, load_threshold=0.8, draining=draining)
+    got = agent_load(
+        jobs=jobs,
+        max_jobs=max_jobs,
+        cpu=cpu,
+        load_threshold=0.8,
+        cpu_overloaded=overloaded,
+        draining=draining,
+    )
     assert got == expected
 
 
@@ -49,19 +59,65 @@ def test_available_load_stays_below_target() -> None:
     """Any load at or above TARGET_LOAD would stop the server sending jobs at all."""
     for max_jobs in (1, 2, 3, 7, 100):
         for jobs in range(max_jobs):
-            for step in range(100):
+            for step in range(101):
                 got = agent_load(
-                    jobs=jobs,
-                    max_jobs=max_jobs,
-                    cpu=step / 100,
-                    load_threshold=0.9,
-                    draining=False,
+                    jobs=jobs, max_jobs=max_jobs, cpu=step / 100, load_threshold=0.9, draining=False
                 )
-                assert got.full == (step >= 90)
-                if got.full:
-                    assert got.load == 1.0
-                else:
-                    assert 0.0 <= got.load < TARGET_LOAD
+                assert not got.full
+                assert 0.0 <= got.load < TARGET_LOAD
+
+
+def pressure(clock: FakeClock, **settings: float) -> load.CpuPressure:
+    return load.CpuPressure(clock=clock, **settings)
+
+
+def test_a_single_busy_sample_does_not_overload_the_cpu() -> None:
+    clock = FakeClock()
+    cpu = pressure(clock, threshold=0.75, overload_after=10.0, window=5.0)
+    cpu.observe(1.0)  # one sample at 100 %
+    assert not cpu.overloaded
+    clock.now += 1
+    cpu.observe(0.2)
+    assert not cpu.overloaded and cpu.high_for() == 0.0
+    assert cpu.level == pytest.approx(0.6)  # smoothed over the window
+
+
+def test_a_sustained_busy_cpu_overloads_and_a_dip_starts_over() -> None:
+    clock = FakeClock()
+    cpu = pressure(clock, threshold=0.75, overload_after=10.0, window=5.0)
+    for _ in range(10):
+        cpu.observe(0.9)
+        clock.now += 1
+    assert cpu.high_for() == 10.0 and cpu.overloaded
+    assert "for 10s (now 90%)" in cpu.why()
+    cpu.observe(0.5)  # one sample below: the run is over
+    assert not cpu.overloaded
+    cpu.observe(0.9)
+    clock.now += 9
+    assert not cpu.overloaded
+
+
+def test_overload_off_never_overloads_and_the_window_forgets() -> None:
+    clock = FakeClock()
+    cpu = pressure(clock, threshold=0.75, overload_after=math.inf, window=5.0)
+    for _ in range(100):
+        cpu.observe(1.0)
+        clock.now += 1
+    assert not cpu.overloaded
+    for _ in range(6):
+        cpu.observe(0.0)
+        clock.now += 1
+    assert cpu.level == 0.0  # the busy samples left the window
+    assert not pressure(clock, threshold=math.inf).overloaded
+
+
+def test_a_load_update_is_worth_sending_only_when_it_changed_enough() -> None:
+    base = WorkerLoad(False, 0.30, 1)
+    assert base.differs(None)
+    assert not WorkerLoad(False, 0.33, 1).differs(base)  # CPU jitter
+    assert WorkerLoad(False, 0.36, 1).differs(base)
+    assert WorkerLoad(False, 0.30, 2).differs(base)  # a job more
+    assert WorkerLoad(True, 1.0, 1, "cpu").differs(WorkerLoad(True, 1.0, 1, "max_jobs"))
 
 
 class FakeClock:

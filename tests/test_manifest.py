@@ -930,3 +930,17 @@ def test_check_entrypoints_timeout(tmp_path: Path) -> None:
         check_entrypoints(manifest, timeout=1)
     assert "took longer than 1s" in str(info.value)
     assert str(info.value).startswith(f"{manifest.path}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [('"10s"', 10.0), ("5", 5.0), ('"off"', math.inf), ("0", 0.0)]
+)
+def test_overload_after_accepted(value: str, expected: float) -> None:
+    daemon = parse(f"[daemon]\noverload_after = {value}\n" + MINIMAL).daemon
+    assert daemon.overload_after == expected
+    assert parse(MINIMAL).daemon.overload_after == 30.0
+
+
+def test_bad_overload_after() -> None:
+    err = rejects(f'[daemon]\noverload_after = "soon"\n{MINIMAL}', field="daemon.overload_after")
+    assert err.message == 'must be a duration such as "30s" or "2m", or "off", got \'soon\''

@@ -251,6 +251,7 @@ def exercise_everything(metrics: Metrics) -> None:
     metrics.offer_answered("echo", accepted=False, seconds=0.0002, reason="max_jobs")
     metrics.offer_to_entrypoint("echo", warm=True, seconds=0.01)
     metrics.registration_reconnected("echo")
+    metrics.was_full("echo", "cpu", 1.5)
     metrics.set_snapshot([snap("echo")])
 
 

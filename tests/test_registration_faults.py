@@ -295,12 +295,19 @@ async def test_job_updates_survive_a_reconnect(session: Any) -> None:
     assert update.status == proto.JS_FAILED and update.error == "boom"
 
 
-async def test_worker_status_carries_load_and_full(session: Any) -> None:
+async def test_worker_status_carries_load_and_full(
+    session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registration, "STATUS_REFRESH", 3600.0)  # only changes are sent
+    full_seen = asyncio.Event()
+
     async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
         await server.accept_register(ws)
         with contextlib.suppress(AssertionError):  # the client hangs up at the end
             while True:
-                await server.recv(ws)
+                msg = await server.recv(ws)
+                if msg.HasField("update_worker") and msg.update_worker.status == proto.WS_FULL:
+                    full_seen.set()
 
     handler = Handler()
     async with FakeServer(script) as server:
@@ -317,13 +324,18 @@ async def test_worker_status_carries_load_and_full(session: Any) -> None:
             await reg.wait_registered()
             handler.full = True
             reg.load_changed()
+            await full_seen.wait()
+            handler.full = False  # a job ended: AVAILABLE goes out at once, not at a refresh
+            reg.load_changed()
 
         flipper = asyncio.create_task(flip())
-        await run_until(reg, lambda: any(s.status == proto.WS_FULL for s in statuses()))
+        await run_until(reg, lambda: [s.status for s in statuses()][-1:] == [proto.WS_AVAILABLE]
+                        and len(statuses()) == 3)  # fmt: skip
         await flipper
-    first, *_, last = statuses()
+    first, full, available = statuses()
     assert first.status == proto.WS_AVAILABLE and first.load == 0.0
-    assert last.status == proto.WS_FULL and last.load == pytest.approx(0.5)
+    assert full.status == proto.WS_FULL and full.load == pytest.approx(0.5)
+    assert available.status == proto.WS_AVAILABLE
 
 
 async def test_registration_counts_only_once_the_server_pongs(

@@ -216,7 +216,7 @@ def assignment(job_id: str, room: str = "r") -> proto.JobAssignment:
 
 
 def offer_and_assign(w: World, job_id: str) -> FakeProcess:
-    assert w.sup.offer(job_id, "r", cpu=0.0, load_threshold=1.0) is None
+    assert w.sup.offer(job_id, "r") is None
     w.sup.answered(job_id, Acceptance(identity="i", name="agent-name"))
     w.sup.assign(assignment(job_id))
     return w.procs.made[-1]
@@ -259,10 +259,13 @@ def test_every_phase_but_ended_can_be_left_and_ended_is_final() -> None:
         (Situation(jobs=0, accepting=False), Rules(), "not_accepting"),
         (Situation(jobs=0), Rules(rooms=("other",)), "rooms"),
         (Situation(jobs=2), Rules(max_jobs=2), "max_jobs"),
-        (Situation(jobs=0, cpu=0.8, load_threshold=0.75), Rules(), "cpu"),
-        (Situation(jobs=0, cpu=1.0, load_threshold=float("inf")), Rules(), None),
+        (Situation(jobs=0, cpu_overload="CPU at 100% for 31s"), Rules(), "cpu"),
         # Draining wins over every other reason: it is what the operator asked for.
-        (Situation(jobs=5, accepting=False, cpu=1.0), Rules(rooms=("x",)), "not_accepting"),
+        (
+            Situation(jobs=5, accepting=False, cpu_overload="busy"),
+            Rules(rooms=("x",)),
+            "not_accepting",
+        ),
     ],
 )
 def test_offer_policy(situation: Situation, rules: Rules, reason: str | None) -> None:
@@ -283,7 +286,7 @@ def test_an_unreserved_assignment_is_taken_only_with_room_to_spare() -> None:
 
 async def test_a_job_goes_reserved_starting_running_ended() -> None:
     w = make_world()
-    assert w.sup.offer("J1", "r", cpu=0.0, load_threshold=1.0) is None
+    assert w.sup.offer("J1", "r") is None
     assert phase(w, "J1") is Phase.RESERVED and w.sup.count == 1
     w.sup.answered("J1", Acceptance(identity="i", name="agent-name"))
     w.sup.assign(assignment("J1"))
@@ -326,7 +329,7 @@ async def test_a_stop_while_the_process_is_being_launched_takes_effect_once_it_e
     how: str,
 ) -> None:
     w = make_world()
-    w.sup.offer("J1", "r", cpu=0.0, load_threshold=1.0)
+    w.sup.offer("J1", "r")
     w.procs.warm = []
     proc = FakeProcess()
     proc.spawn_gate.clear()  # the fork server is still importing the module
@@ -418,7 +421,7 @@ async def test_an_exception_while_starting_fails_the_job_and_frees_its_slot(
     error: Exception, text: str
 ) -> None:
     w = make_world()
-    w.sup.offer("J1", "r", cpu=0.0, load_threshold=1.0)
+    w.sup.offer("J1", "r")
     proc = FakeProcess()
     proc.spawn_error = error
     w.procs.claim = lambda: (proc, False)  # type: ignore[method-assign]
@@ -432,7 +435,7 @@ async def test_an_exception_while_starting_fails_the_job_and_frees_its_slot(
 
 async def test_an_exception_before_any_process_fails_the_job() -> None:
     w = make_world()
-    w.sup.offer("J1", "r", cpu=0.0, load_threshold=1.0)
+    w.sup.offer("J1", "r")
 
     def broken() -> tuple[FakeProcess, bool]:
         raise OSError("cannot open the job's log file")
@@ -446,7 +449,7 @@ async def test_an_exception_before_any_process_fails_the_job() -> None:
 
 async def test_a_termination_before_the_assignment_releases_the_slot() -> None:
     w = make_world(max_jobs=1)
-    w.sup.offer("J1", "r", cpu=0.0, load_threshold=1.0)
+    w.sup.offer("J1", "r")
     assert w.sup.stop("J1", "terminated by LiveKit")
     assert w.sup.count == 0 and not w.reporter.updates and not w.procs.made
     assert not w.sup.owns("J1")
@@ -454,11 +457,11 @@ async def test_a_termination_before_the_assignment_releases_the_slot() -> None:
 
 async def test_a_reservation_expires_when_no_assignment_comes() -> None:
     w = make_world(max_jobs=1)
-    w.sup.offer("J1", "r", cpu=0.0, load_threshold=1.0)
-    decline = w.sup.offer("J2", "r", cpu=0.0, load_threshold=1.0)
+    w.sup.offer("J1", "r")
+    decline = w.sup.offer("J2", "r")
     assert decline is not None and decline.reason == "max_jobs"
     w.clock.now += ASSIGNMENT_WAIT + 1
-    assert w.sup.offer("J2", "r", cpu=0.0, load_threshold=1.0) is None  # J1's slot expired
+    assert w.sup.offer("J2", "r") is None  # J1's slot expired
     assert list(w.sup.jobs) == ["J2"]
 
 
@@ -489,7 +492,7 @@ async def test_drain_tells_running_jobs_and_jobs_yet_to_start() -> None:
     loading.ready()
     await settle()
     assert loading.kinds()[-2:] == ["drain", "start"]  # told before its start
-    decline = w.sup.offer("J3", "r", cpu=0.0, load_threshold=1.0)
+    decline = w.sup.offer("J3", "r")
     assert decline is not None and decline.reason == "not_accepting"
 
 
@@ -513,7 +516,7 @@ async def test_stop_all_waits_for_every_job_and_kill_all_reaches_unspawned_ones(
     gated = FakeProcess()
     gated.spawn_gate.clear()
     w.procs.claim = lambda: (gated, False)  # type: ignore[method-assign]
-    w.sup.offer("J2", "r", cpu=0.0, load_threshold=1.0)
+    w.sup.offer("J2", "r")
     w.sup.assign(assignment("J2"))
     await settle()
     w.sup.kill_all("daemon killed")

@@ -57,7 +57,7 @@ def _print_status(data: DaemonStatus) -> None:
             a["server_version"] or "-",
             f"{a['jobs']}/{a['max_jobs']}",
             str(a.get("idle_processes", 0)),
-            f"{a['load']:.2f}",
+            f"FULL ({a.get('full_reason') or '?'})" if a.get("full") else f"{a['load']:.2f}",
             str(a["reconnects"]),
             a["last_error"] or a.get("warm_error") or a.get("request_process_error") or "",
         )
