@@ -18,6 +18,7 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.agent_processes import AgentProcesses
+from lkrun.child.tasks import BackgroundTasks
 from lkrun.credentials import Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
 from lkrun.forkserver import ForkServer
@@ -111,7 +112,7 @@ class AgentHost:
             metrics=settings.metrics,
             job_logs=settings.job_logs,
         )
-        self._deciding: set[asyncio.Task[None]] = set()  # offers the app's on_request weighs
+        self._deciding = BackgroundTasks()  # offers the app's on_request weighs
         self._status: WorkerLoad | None = None  # the last load computed, for its changes
         self._status_at = time.monotonic()
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
@@ -146,9 +147,7 @@ class AgentHost:
         meanwhile. Whoever awaits the answer may give up (its connection dropped): the
         answer is then cancelled and the slot released."""
         answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._decide(job, ours, answer), name=f"offer {job.id}")
-        self._deciding.add(task)
-        task.add_done_callback(self._deciding.discard)
+        self._deciding.spawn(self._decide(job, ours, answer), name=f"offer {job.id}")
         return answer
 
     async def _decide(
@@ -241,9 +240,8 @@ class AgentHost:
         try:
             await self.registration.run()
         finally:
-            for task in self._deciding:
-                task.cancel()
-            await asyncio.gather(*self._deciding, return_exceptions=True)
+            self._deciding.cancel()
+            await self._deciding.join()
             # Jobs were stopped before this (see Daemon).
             await self.processes.close()
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun.child.apps import describe
+from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.forkserver import ForkServer
 from lkrun.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
@@ -61,7 +62,7 @@ class AgentProcesses:
         self.shutdown_timeout = shutdown_timeout
         self.wanted = True  # False once the agent takes no more jobs: nothing new is started
         self._running = False  # between start() and close(): helpers may start
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         self.forkserver = self._new_forkserver()
         self.pool = WarmPool(
             label=spec.name,
@@ -100,15 +101,13 @@ class AgentProcesses:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.join()
         if self.forkserver is not None:
             # Whatever is left of the jobs goes with it.
             await self.forkserver.close(self.shutdown_timeout())
 
     async def wait_tasks(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.join()
 
     def stop_warming(self) -> None:
         """The agent takes no new jobs (draining or removed): idle processes go."""
@@ -160,7 +159,8 @@ class AgentProcesses:
             self.requests, task, self._requests_task = None, self._requests_task, None
             if task is not None:
                 task.cancel()
-                self._spawn(_wait_cancelled(task), name=f"stop request process {self.spec.name}")
+                name = f"stop request process {self.spec.name}"
+                self._tasks.spawn(_wait_cancelled(task), name=name)
         elif self.requests is not None:
             self.requests.timeout = self.spec.request_timeout
             if restart:
@@ -182,8 +182,8 @@ class AgentProcesses:
         old, self.forkserver = self.forkserver, self._new_forkserver()
         if old is not None:
             old.retire()
-            self._spawn(old.close(), name=f"retired fork server {self.spec.name}")
-        self._spawn(self._start_forkserver(), name=f"fork server {self.spec.name}")
+            self._tasks.spawn(old.close(), name=f"retired fork server {self.spec.name}")
+        self._tasks.spawn(self._start_forkserver(), name=f"fork server {self.spec.name}")
 
     async def _start_forkserver(self) -> None:
         if self.forkserver is None or not self.wanted:
@@ -192,11 +192,6 @@ class AgentProcesses:
             await self.forkserver.start()
         except Exception as exc:  # jobs retry; each failure reaches their records
             self.log.error("cannot start the fork server: %s", describe(exc))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _job_env(self) -> dict[str, str]:
         return job_env(self.spec, self.credentials, os.environ, self.workdir)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lkrun.child import jobpipe
+from lkrun.child import jobpipe, pdeathsig
 
 TERM_GRACE = 2.0  # after SIGTERM to the group, before SIGKILL
 LOG_CHUNK = 65536
@@ -249,8 +249,7 @@ class JobProcess:
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self.pid is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        pdeathsig.signal_group(self.pid, sig)
 
     def _send(self, kind: str, **fields: Any) -> None:
         if self._proc is None or self._proc.stdin.is_closing():

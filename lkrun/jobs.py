@@ -5,20 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Any
 
-
-class JobStatus(str, Enum):
-    STARTING = "starting"  # assigned; subprocess starting
-    RUNNING = "running"  # entrypoint called
-    STOPPING = "stopping"  # shutdown requested
-    SUCCESS = "success"
-    FAILED = "failed"
-
-    @property
-    def ended(self) -> bool:
-        return self in (JobStatus.SUCCESS, JobStatus.FAILED)
+from lkrun.job_fields import JobStatus, timings
 
 
 @dataclass
@@ -46,13 +35,7 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value
-        end = self.ended_at if self.ended_at is not None else time.time()
-        data["age"] = round(end - self.accepted_at, 3)
-        data["offer_to_start_ms"] = (
-            round((self.started_at - self.offered_at) * 1000, 2)
-            if self.started_at is not None and self.offered_at is not None
-            else None
-        )
+        data.update(timings(data))
         return data
 
 

@@ -23,6 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 
 from lkrun.child import jobpipe
+from lkrun.child.tasks import BackgroundTasks
 from lkrun.job_process import JobProcess, LaunchError
 from lkrun.logs import agent_logger
 
@@ -56,7 +57,7 @@ class RequestProcess:
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[JobProcess, asyncio.Future[dict[str, Any]]]] = {}
         self._restart = asyncio.Event()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring = BackgroundTasks()
 
     @property
     def ready(self) -> bool:
@@ -90,8 +91,7 @@ class RequestProcess:
             serving, self._serving = self._serving, None
             if serving is not None:
                 self._retire(serving, "the agent is stopping")
-            while self._retiring:
-                await asyncio.gather(*list(self._retiring), return_exceptions=True)
+            await self._retiring.join()
 
     async def _start(self) -> JobProcess | None:
         """A new request process, ready; None (the reason recorded) if it did not start."""
@@ -138,9 +138,7 @@ class RequestProcess:
             await proc.stop(why, STOP_TIMEOUT + self.timeout)
             self._refuse(proc, f"the request process stopped ({why})")
 
-        task = asyncio.create_task(stop(), name=f"retire request process {proc.pid}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring.spawn(stop(), name=f"retire request process {proc.pid}")
 
     def _failed(self, why: str) -> None:
         if why != self.last_error:

@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from livekit.protocol import agent as proto
 
-from lkrun.child.apps import describe
+from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 from lkrun.job_process import LaunchError, Outcome
 from lkrun.joblogs import JobLogs
 from lkrun.jobs import JobBook, JobRecord, JobStatus
-from lkrun.lifecycle import Event, IllegalTransition, Phase, transition
+from lkrun.lifecycle import Event, Phase, transition
 from lkrun.logs import job_logger
+from lkrun.manifest import format_duration
 from lkrun.metrics import Metrics
 from lkrun.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment
 from lkrun.registration import Acceptance, Decline
@@ -118,14 +120,6 @@ class Job:
     timer: asyncio.TimerHandle | None = None  # job_timeout
 
 
-def format_duration(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
-
-
 class JobSupervisor:
     """Reserves slots for offers, runs assigned jobs in processes, stops them, reports."""
 
@@ -158,7 +152,7 @@ class JobSupervisor:
         self.accepting = True
         self.draining = False
         self.jobs: dict[str, Job] = {}  # every job not ENDED
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         self._idle = asyncio.Event()  # no job in any phase
         self._idle.set()
 
@@ -253,7 +247,7 @@ class JobSupervisor:
             self.log.exception("job %s could not be given a process", info.id)
             self._end(job, Outcome(ok=False, error=f"cannot start job: {describe(exc)}"))
             return
-        self._spawn(self._run(job, start), name=f"job {info.id}")
+        self._tasks.spawn(self._run(job, start), name=f"job {info.id}")
 
     def stop(self, job_id: str, reason: str, *, failure: str = "") -> bool:
         """Ask a job to end, whatever its phase; False if there is no such job."""
@@ -282,8 +276,7 @@ class JobSupervisor:
             self.kill(job_id, why)
 
     async def wait_tasks(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.join()
 
     # -- inside ----------------------------------------------------------------------------
 
@@ -322,7 +315,7 @@ class JobSupervisor:
             coro = proc.kill(request.kill, failure=bool(request.failure))
         else:
             coro = proc.stop(request.reason, self.shutdown_timeout(), failure=request.failure)
-        self._spawn(coro, name=f"stop job {job.id}")
+        self._tasks.spawn(coro, name=f"stop job {job.id}")
 
     def _claim_process(self, job: Job) -> None:
         """A warm process if one is ready, else a cold one (not started yet)."""
@@ -419,11 +412,6 @@ class JobSupervisor:
         if self.job_logs is not None:
             self.job_logs.writer(record.id).close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
 
 def _merge(first: StopRequest | None, then: StopRequest) -> StopRequest:
     """A later request adds to an earlier one: the first reason stays, a failure or a kill
@@ -433,6 +421,3 @@ def _merge(first: StopRequest | None, then: StopRequest) -> StopRequest:
     return StopRequest(
         reason=first.reason, failure=first.failure or then.failure, kill=first.kill or then.kill
     )
-
-
-__all__ = ["IllegalTransition", "JobSupervisor", "ProcessHandle", "ProcessSource"]

@@ -7,7 +7,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from lkrun.child.apps import describe
+from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 from lkrun.job_process import JobProcess
 from lkrun.logs import agent_logger
 
@@ -42,7 +43,7 @@ class WarmPool:
         self.last_error = ""
         self._ready: list[JobProcess] = []
         self._watchers: dict[JobProcess, asyncio.Task[None]] = {}
-        self._killing: set[asyncio.Task[None]] = set()
+        self._killing = BackgroundTasks()
         self._changed = asyncio.Event()
         self._generation = 0  # bumped by recycle(): a process started before holds old code
 
@@ -104,7 +105,7 @@ class WarmPool:
             for proc in self._ready:
                 self._discard(proc, "pool closed")
             self._ready = []
-            await asyncio.gather(*self._killing, return_exceptions=True)
+            await self._killing.join()
 
     async def _warm_one(self) -> None:
         generation = self._generation
@@ -161,6 +162,4 @@ class WarmPool:
         watcher = self._watchers.pop(proc, None)
         if watcher is not None:
             watcher.cancel()
-        task = asyncio.ensure_future(proc.kill(why))
-        self._killing.add(task)
-        task.add_done_callback(self._killing.discard)
+        self._killing.spawn(proc.kill(why), name=f"discard warm process {proc.pid}")
