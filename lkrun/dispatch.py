@@ -98,6 +98,94 @@ async def wait_running(
 
 
 CLOCK_SLACK_MS = 2000  # the server's clock and ours: an agent that joined since then is ours
+
+# When a dispatch shows no job by then, the server dropped it: its agent check (5 s, see
+# wait_running) is over, so the record lists every job the dispatch got.
+RETRY_AFTER = 8.0
+RETRIES = 2
+
+# Called as (dropped dispatch, its replacement, seconds since the first was created).
+OnRetry = Callable[[Dispatch, Dispatch, float], None]
+
+
+async def dispatch_and_wait(
+    creds: Credentials,
+    *,
+    room: str,
+    agent: str,
+    metadata: str,
+    timeout: float,
+    local_jobs: LocalJobs | None = None,
+    retry_after: float = RETRY_AFTER,
+    retries: int = RETRIES,
+    on_retry: OnRetry | None = None,
+) -> tuple[Dispatch, Started | None]:
+    """Create a dispatch and wait until its job runs; None if none did within ``timeout``.
+
+    LiveKit drops a dispatch that finds no available worker (every one full, draining, or
+    at load >= 0.7) and never retries it, though CreateDispatch succeeded. So when no job
+    of the dispatch exists ``retry_after`` seconds on, neither on this host nor in the
+    server's record, it is deleted and created again, at most ``retries`` times.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    created = await create_dispatch(creds, room=room, agent=agent, metadata=metadata)
+    left = retries
+    while True:
+        elapsed = loop.time() - started
+        window = min(timeout, elapsed + retry_after) if left else timeout
+        try:
+            running = await wait_running(
+                creds, created, started=started, timeout=window, local_jobs=local_jobs
+            )
+            return created, running
+        except WaitTimeout:
+            pass
+        if loop.time() - started >= timeout:
+            return created, None
+        if await job_exists(creds, created, local_jobs):
+            left = 0  # it got a job that is still starting: wait for it, not for another
+            continue
+        left -= 1
+        await delete_dispatch(creds, created)
+        dropped, created = (
+            created,
+            await create_dispatch(creds, room=room, agent=agent, metadata=metadata),
+        )
+        if on_retry is not None:
+            on_retry(dropped, created, loop.time() - started)
+
+
+async def job_exists(creds: Credentials, dispatch: Dispatch, local_jobs: LocalJobs | None) -> bool:
+    """Whether the dispatch got a job at all, in any state, here or on any host."""
+    if local_jobs is not None:
+        try:
+            if any(j.get("dispatch_id") == dispatch.id for j in await local_jobs()):
+                return True
+        except Exception:  # no local daemon: the record tells
+            pass
+    try:
+        async with _api(creds) as lkapi:
+            found = await lkapi.agent_dispatch.list_dispatch(room_name=dispatch.room)
+    except api.TwirpError as exc:
+        raise DispatchError(f"LiveKit at {creds.url} refused a request: {exc.message}") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise DispatchError(f"cannot reach LiveKit at {creds.url}: {exc}") from exc
+    return any(d.id == dispatch.id and d.state.jobs for d in found)
+
+
+async def delete_dispatch(creds: Credentials, dispatch: Dispatch) -> None:
+    """Delete a dispatch that got no job, so that it cannot get one late as well."""
+    try:
+        async with _api(creds) as lkapi:
+            await lkapi.agent_dispatch.delete_dispatch(dispatch.id, dispatch.room)
+    except api.TwirpError as exc:
+        if exc.code != api.TwirpErrorCode.NOT_FOUND:  # gone already: as good
+            raise DispatchError(f"LiveKit at {creds.url} refused a request: {exc.message}") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise DispatchError(f"cannot reach LiveKit at {creds.url}: {exc}") from exc
+
+
 Found = tuple[str, str, str, str]  # job id, identity, worker id, where
 
 

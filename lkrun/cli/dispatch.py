@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -51,13 +50,21 @@ def dispatch(
         bool, typer.Option("--wait", help="Wait until a job of the dispatch is running.")
     ] = False,
     timeout: Annotated[str, typer.Option(help="With --wait: how long, e.g. 30s.")] = "30s",
+    retries: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="With --wait: how many times to re-create a dispatch that LiveKit dropped "
+            "(no job 8s after it was created: no worker was available).",
+        ),
+    ] = 2,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
     control_socket: SocketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask LiveKit to send AGENT to ROOM (creating the room if needed)."""
-    from lkrun.dispatch import DispatchError, WaitTimeout, create_dispatch, wait_running
+    from lkrun.dispatch import Dispatch, DispatchError, create_dispatch, dispatch_and_wait
 
     creds = _client_credentials(url, api_key)
     limit = duration_option("--timeout", timeout)
@@ -67,18 +74,32 @@ def dispatch(
     async def local_jobs() -> list[dict[str, Any]]:
         return list((await control.get(socket_path, "/v1/jobs", {"all": "0"}))["jobs"])
 
+    tries = 0
+
+    def on_retry(dropped: Dispatch, again: Dispatch, seconds: float) -> None:
+        nonlocal tries
+        tries += 1
+        err.print(
+            f"dispatch {dropped.id} got no job after {seconds:.1f}s: LiveKit dropped it (no "
+            f"worker for {agent!r} was available); deleted it and created {again.id} "
+            f"(retry {tries}/{retries})",
+            markup=False,
+        )
+
     async def run() -> tuple[Any, Any]:
-        started = asyncio.get_running_loop().time()
-        created = await create_dispatch(creds, room=room, agent=agent, metadata=metadata)
         if not wait:
+            created = await create_dispatch(creds, room=room, agent=agent, metadata=metadata)
             return created, None
-        try:
-            running = await wait_running(
-                creds, created, started=started, timeout=limit, local_jobs=local_jobs
-            )
-        except WaitTimeout:
-            return created, None
-        return created, running
+        return await dispatch_and_wait(
+            creds,
+            room=room,
+            agent=agent,
+            metadata=metadata,
+            timeout=limit,
+            local_jobs=local_jobs,
+            retries=retries,
+            on_retry=on_retry,
+        )
 
     try:
         created, running = run_async(run())
@@ -89,6 +110,7 @@ def dispatch(
         "agent": created.agent,
         "room": created.room,
         "metadata": created.metadata,
+        "retries": tries,
     }
     if running is not None:
         result.update(
