@@ -17,23 +17,23 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.agent_processes import AgentProcesses
+from lkrun.api.metrics import Metrics
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.credentials import Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
-from lkrun.forkserver import ForkServer
-from lkrun.job_monitor import MB, Target, Usage
-from lkrun.joblogs import JobLogs
-from lkrun.jobs import JobBook, JobRecord
+from lkrun.jobs.book import JobBook, JobRecord
+from lkrun.jobs.logfiles import JobLogs
 from lkrun.load import CpuPressure, WorkerLoad, agent_load
 from lkrun.logs import agent_logger
 from lkrun.manifest import AgentSpec
-from lkrun.metrics import Metrics
-from lkrun.offers import not_accepting
 from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
-from lkrun.request_process import RequestProcess, RequestRefused
-from lkrun.supervisor import JobSupervisor, ProcessHandle
-from lkrun.warm_pool import WarmPool
+from lkrun.supervision.agent_processes import AgentProcesses
+from lkrun.supervision.forkserver import ForkServer
+from lkrun.supervision.job_monitor import MB, Target, Usage
+from lkrun.supervision.offers import not_accepting
+from lkrun.supervision.request_process import RequestProcess, RequestRefused
+from lkrun.supervision.supervisor import JobSupervisor, ProcessHandle
+from lkrun.supervision.warm_pool import WarmPool
 
 log = logging.getLogger("lkrun.agent")
 job_log = logging.getLogger("lkrun.job")

@@ -18,17 +18,18 @@ import aiohttp
 
 from lkrun import __version__
 from lkrun.agent_host import AgentHost, HostSettings
+from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
+from lkrun.api.health import HealthServer
+from lkrun.api.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.child import pdeathsig
 from lkrun.child.apps import LIVEKIT_AGENTS
 from lkrun.child.tasks import BackgroundTasks
-from lkrun.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
-from lkrun.health import HealthServer
-from lkrun.history import History
-from lkrun.job_monitor import JobMonitor, Target
-from lkrun.joblogs import default_log_dir
-from lkrun.jobs import JobBook
+from lkrun.jobs.book import JobBook
+from lkrun.jobs.history import History
+from lkrun.jobs.logfiles import default_log_dir
+from lkrun.jobs.store import JobQuery, StoreError, default_db_path
 from lkrun.load import CpuMonitor, CpuPressure
 from lkrun.manifest import (
     AgentSpec,
@@ -39,9 +40,8 @@ from lkrun.manifest import (
     load_manifest,
     parse_host_port,
 )
-from lkrun.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.registration import AuthError
-from lkrun.store import JobQuery, StoreError, default_db_path
+from lkrun.supervision.job_monitor import JobMonitor, Target
 
 log = logging.getLogger("lkrun.daemon")
 

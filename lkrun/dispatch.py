@@ -12,7 +12,7 @@ import aiohttp
 from livekit import api
 from livekit.protocol import models
 
-from lkrun.control import DaemonStatus
+from lkrun.api.control import DaemonStatus
 from lkrun.credentials import Credentials
 
 # The attribute the official worker, and lkrun, give an agent participant: its agent name.

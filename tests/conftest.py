@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 
-from lkrun import control
+from lkrun.api import control
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,8 @@ from typing import Any
 import psutil
 from livekit import api
 
-from lkrun import control, devserver
+from lkrun import devserver
+from lkrun.api import control
 
 AGENTS = ("soak-a", "soak-b", "soak-c")
 MANIFEST = "".join(

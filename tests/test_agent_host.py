@@ -14,7 +14,7 @@ from livekit.protocol import models
 
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
-from lkrun.jobs import JobBook, JobStatus
+from lkrun.jobs.book import JobBook, JobStatus
 from lkrun.manifest import AgentSpec, FrozenMap
 from tests.conftest import REPO, wait_for
 

@@ -11,7 +11,7 @@ import pytest
 
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
-from lkrun.jobs import JobBook
+from lkrun.jobs.book import JobBook
 from lkrun.load import CpuPressure
 from lkrun.manifest import AgentSpec
 from tests.conftest import REPO

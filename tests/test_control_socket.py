@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lkrun import control
+from lkrun.api import control
 
 
 def test_our_own_directory_is_used(tmp_path: Path) -> None:

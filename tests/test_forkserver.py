@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
-from lkrun.forkserver import ForkServer
-from lkrun.job_process import AppSpec, JobProcess, LaunchError
+from lkrun.supervision.forkserver import ForkServer
+from lkrun.supervision.job_process import AppSpec, JobProcess, LaunchError
 from tests.conftest import REPO, livekit_api, pid_alive, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
 

@@ -13,7 +13,6 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.agent_host import _app_decision
-from lkrun.agent_processes import job_env
 from lkrun.child import apps
 from lkrun.child.framework import compat
 from lkrun.child.framework.app import FrameworkApp
@@ -22,6 +21,7 @@ from lkrun.child.framework.requests import RequestServer
 from lkrun.credentials import Credentials
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance, Decline
+from lkrun.supervision.agent_processes import job_env
 
 
 class FakePipe:
@@ -174,9 +174,9 @@ async def test_request_process_answers_offers(method: str) -> None:
     import os
     import signal
 
-    from lkrun.forkserver import ForkServer
-    from lkrun.job_process import AppSpec, JobProcess, SpawnLauncher
-    from lkrun.request_process import RequestProcess, RequestRefused
+    from lkrun.supervision.forkserver import ForkServer
+    from lkrun.supervision.job_process import AppSpec, JobProcess, SpawnLauncher
+    from lkrun.supervision.request_process import RequestProcess, RequestRefused
     from tests.conftest import REPO, wait_for
 
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from lkrun.health import HealthError, HealthServer
+from lkrun.api.health import HealthError, HealthServer
 
 
 class Readiness:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from lkrun.job_monitor import TreeSampler, Usage
+from lkrun.supervision.job_monitor import TreeSampler, Usage
 
 
 def test_a_root_is_sampled_with_or_without_its_descendants() -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from lkrun.forkserver import ForkServer
-from lkrun.job_process import AppSpec, JobProcess, Launcher, LaunchError, SpawnLauncher
+from lkrun.supervision.forkserver import ForkServer
+from lkrun.supervision.job_process import AppSpec, JobProcess, Launcher, LaunchError, SpawnLauncher
 from tests.conftest import REPO, pid_alive, wait_for
 
 pytestmark = pytest.mark.e2e  # job processes

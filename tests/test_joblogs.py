@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lkrun.joblogs import JobLogs, JobLogWriter, default_log_dir
+from lkrun.jobs.logfiles import JobLogs, JobLogWriter, default_log_dir
 from tests.conftest import wait_for
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")

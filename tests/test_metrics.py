@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from lkrun.metrics import (
+from lkrun.api.metrics import (
     METRIC_DOCS,
     OFFER_ANSWER_BUCKETS,
     OFFER_TO_ENTRYPOINT_BUCKETS,
@@ -82,7 +82,7 @@ def test_job_started_counts_by_agent_and_warm(metrics: Metrics) -> None:
 
 
 def test_job_ended_counts_by_status(metrics: Metrics) -> None:
-    from lkrun.jobs import JobStatus
+    from lkrun.jobs.book import JobStatus
 
     metrics.job_ended("echo", "success")
     metrics.job_ended("echo", JobStatus.SUCCESS)

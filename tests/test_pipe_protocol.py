@@ -10,7 +10,7 @@ from typing import Any
 
 from lkrun.child import jobpipe
 from lkrun.child.runner import JobRun
-from lkrun.job_process import JobProcess, Launched, Outcome
+from lkrun.supervision.job_process import JobProcess, Launched, Outcome
 
 
 class FakeStdin:

@@ -1,4 +1,4 @@
-"""lkrun.store: the SQLite job history."""
+"""lkrun.jobs.store: the SQLite job history."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from lkrun import store as store_module
-from lkrun.jobs import JobRecord, JobStatus
-from lkrun.store import JOB_COLUMNS, JobQuery, JobStore, StoreError, default_db_path
+from lkrun.jobs import store as store_module
+from lkrun.jobs.book import JobRecord, JobStatus
+from lkrun.jobs.store import JOB_COLUMNS, JobQuery, JobStore, StoreError, default_db_path
 
 NOW = 1_800_000_000.0
 

@@ -13,12 +13,12 @@ import pytest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.job_process import LaunchError, Outcome
-from lkrun.jobs import JobBook, JobRecord, JobStatus
-from lkrun.lifecycle import Event, IllegalTransition, Phase, allowed, transition
-from lkrun.offers import Situation, weigh_offer, weigh_unreserved_assignment
+from lkrun.jobs.book import JobBook, JobRecord, JobStatus
 from lkrun.registration import Acceptance
-from lkrun.supervisor import ASSIGNMENT_WAIT, JobSupervisor
+from lkrun.supervision.job_process import LaunchError, Outcome
+from lkrun.supervision.lifecycle import Event, IllegalTransition, Phase, allowed, transition
+from lkrun.supervision.offers import Situation, weigh_offer, weigh_unreserved_assignment
+from lkrun.supervision.supervisor import ASSIGNMENT_WAIT, JobSupervisor
 
 _pids = itertools.count(1000)
 

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from lkrun import __version__, control
+from lkrun import __version__
+from lkrun.api import control
 
 app = typer.Typer(
     help="Host many LiveKit agents from one manifest, one subprocess per job.",

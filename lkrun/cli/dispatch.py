@@ -9,7 +9,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from lkrun import control, credentials
+from lkrun import credentials
+from lkrun.api import control
 from lkrun.cli.common import (
     EXIT_FAILURE,
     EXIT_USAGE,

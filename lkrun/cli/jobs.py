@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from lkrun import control
+from lkrun.api import control
 from lkrun.cli.common import (
     EXIT_USAGE,
     JsonOpt,
@@ -26,7 +26,7 @@ from lkrun.cli.common import (
     out,
     run_async,
 )
-from lkrun.job_fields import STATUSES
+from lkrun.jobs.fields import STATUSES
 
 
 def _when(ts: float | None) -> str:

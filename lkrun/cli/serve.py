@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lkrun import control, credentials, paths
+from lkrun import credentials, paths
+from lkrun.api import control
 from lkrun.cli.common import (
     EXIT_USAGE,
     SocketOpt,
@@ -189,8 +190,8 @@ def _run_daemon(
     *,
     reload: bool,
 ) -> None:
+    from lkrun.api.health import HealthError
     from lkrun.daemon import Daemon, DaemonConfig, FatalError
-    from lkrun.health import HealthError
 
     config = DaemonConfig(
         manifest=manifest,

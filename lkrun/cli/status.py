@@ -8,8 +8,8 @@ import sys
 import typer
 from rich.table import Table
 
+from lkrun.api.control import DaemonStatus
 from lkrun.cli.common import EXIT_FAILURE, JsonOpt, SocketOpt, age, app, ask_daemon, cell, out
-from lkrun.control import DaemonStatus
 
 
 @app.command()

@@ -20,8 +20,8 @@ import aiohttp
 from aiohttp import web
 
 from lkrun import paths
-from lkrun.job_fields import STATUSES
-from lkrun.store import JobQuery
+from lkrun.jobs.fields import STATUSES
+from lkrun.jobs.store import JobQuery
 
 ENV_SOCKET = "LKRUN_CONTROL_SOCKET"
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import psutil
 
-from lkrun.job_fields import timings
-from lkrun.joblogs import JobLogs
-from lkrun.jobs import JobRecord
-from lkrun.store import JobQuery, JobStore
+from lkrun.jobs.book import JobRecord
+from lkrun.jobs.fields import timings
+from lkrun.jobs.logfiles import JobLogs
+from lkrun.jobs.store import JobQuery, JobStore
 
 log = logging.getLogger("lkrun.history")
 

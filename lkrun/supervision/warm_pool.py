@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
-from lkrun.job_process import JobProcess
 from lkrun.logs import agent_logger
+from lkrun.supervision.job_process import JobProcess
 
 log = logging.getLogger("lkrun.pool")
 

@@ -15,17 +15,17 @@ from typing import Any, Protocol
 
 from livekit.protocol import agent as proto
 
+from lkrun.api.metrics import Metrics
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
-from lkrun.job_process import LaunchError, Outcome
-from lkrun.joblogs import JobLogs
-from lkrun.jobs import JobBook, JobRecord, JobStatus
-from lkrun.lifecycle import Event, Phase, transition
+from lkrun.jobs.book import JobBook, JobRecord, JobStatus
+from lkrun.jobs.logfiles import JobLogs
 from lkrun.logs import job_logger
 from lkrun.manifest import format_duration
-from lkrun.metrics import Metrics
-from lkrun.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment
 from lkrun.registration import Acceptance, Decline
+from lkrun.supervision.job_process import LaunchError, Outcome
+from lkrun.supervision.lifecycle import Event, Phase, transition
+from lkrun.supervision.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment
 
 job_log = logging.getLogger("lkrun.job")
 

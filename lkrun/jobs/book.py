@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lkrun.job_fields import JobStatus, timings
+from lkrun.jobs.fields import JobStatus, timings
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 from lkrun import paths
 from lkrun.child.text import one_line
-from lkrun.job_fields import ACTIVE_STATUSES, ENDED_STATUSES, STATUSES, JobStatus
-from lkrun.jobs import JobRecord
+from lkrun.jobs.book import JobRecord
+from lkrun.jobs.fields import ACTIVE_STATUSES, ENDED_STATUSES, STATUSES, JobStatus
 
 logger = logging.getLogger("lkrun.store")
 

@@ -21,8 +21,8 @@ from typing import Any
 from lkrun.child import jobpipe, pdeathsig, zygote
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
-from lkrun.job_process import AppSpec, Launched, LaunchError, python_command
 from lkrun.logs import agent_logger
+from lkrun.supervision.job_process import AppSpec, Launched, LaunchError, python_command
 
 log = logging.getLogger("lkrun.forkserver")
 

@@ -17,12 +17,12 @@ from typing import Any
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
 from lkrun.credentials import SECRET_ENV, Credentials
-from lkrun.forkserver import ForkServer
-from lkrun.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
 from lkrun.logs import job_logger
 from lkrun.manifest import AgentSpec
-from lkrun.request_process import RequestProcess
-from lkrun.warm_pool import WarmPool
+from lkrun.supervision.forkserver import ForkServer
+from lkrun.supervision.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
+from lkrun.supervision.request_process import RequestProcess
+from lkrun.supervision.warm_pool import WarmPool
 
 job_log = logging.getLogger("lkrun.job")
 

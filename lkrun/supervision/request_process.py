@@ -24,8 +24,8 @@ from livekit.protocol import agent as proto
 
 from lkrun.child import jobpipe
 from lkrun.child.tasks import BackgroundTasks
-from lkrun.job_process import JobProcess, LaunchError
 from lkrun.logs import agent_logger
+from lkrun.supervision.job_process import JobProcess, LaunchError
 
 log = logging.getLogger("lkrun.requests")
 

@@ -1,7 +1,7 @@
 """What every view of a job shares: its statuses, and the fields derived from its times.
 
-The daemon's live records (lkrun.jobs), the job history (lkrun.store, lkrun.history), the
-control API and the CLI all take them from here.
+The daemon's live records (book), the job history (store, history), the control API and
+the CLI all take them from here.
 """
 
 from __future__ import annotations

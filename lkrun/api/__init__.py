@@ -1,0 +1,1 @@
+"""What the daemon serves: the control API (Unix socket), health endpoints and metrics."""
