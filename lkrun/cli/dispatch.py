@@ -111,8 +111,9 @@ def dispatch(
         "agent": created.agent,
         "room": created.room,
         "metadata": created.metadata,
-        "retries": tries,
     }
+    if wait:
+        result["retries"] = tries  # dispatches LiveKit dropped, each created again
     if running is not None:
         result.update(
             job_id=running.job_id or None,
