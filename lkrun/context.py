@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from livekit import rtc
 
 from lkrun.child.tasks import BackgroundTasks
 
 ShutdownCallback = Callable[[str], Awaitable[None] | None]
+# What on_track runs for each subscribed track: handler(track, publication, participant).
+TrackHandler = Callable[
+    [rtc.Track, rtc.RemoteTrackPublication, rtc.RemoteParticipant], Awaitable[None]
+]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class JobContext:
         self._shutdown_reason = ""
         self._drain = asyncio.Event()
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
-        self._background = BackgroundTasks()
+        self._background = BackgroundTasks(on_error=self._task_failed)
         self.room.on("disconnected", self._on_disconnected)
 
     async def connect(self, *, auto_subscribe: bool = True, announce: bool = True) -> None:
@@ -105,6 +110,73 @@ class JobContext:
             )
         except Exception as exc:  # e.g. no can_update_metadata permission: only slower
             self.logger.debug("could not set the lkrun.job_id attribute: %r", exc)
+
+    def create_task(
+        self, coro: Coroutine[Any, Any, _T], *, name: str | None = None
+    ) -> asyncio.Future[_T]:
+        """Run ``coro`` beside the entrypoint for as long as the job lasts.
+
+        The job owns the task: it is cancelled when the job ends (after the shutdown
+        callbacks, before the room disconnects), and an exception it raises is logged
+        rather than lost. For fire-and-forget work from event handlers, such as
+        ``ctx.create_task(ctx.room.local_participant.publish_data(...))``.
+        """
+        return self._background.spawn(coro, name=name)
+
+    def on_track(
+        self,
+        handler: TrackHandler,
+        *,
+        kind: rtc.TrackKind.ValueType | None = None,
+        sources: Collection[rtc.TrackSource.ValueType] = (),
+    ) -> None:
+        """Run ``handler(track, publication, participant)`` as a job task for every remote
+        track subscribed (of ``kind``, from one of ``sources`` if given), those already
+        subscribed included. The task is cancelled when its track is unsubscribed (its
+        participant left, or unpublished it) or the job ends: put cleanup in ``finally``.
+
+        Call it before ``connect()`` so no track is missed.
+        """
+        running: dict[str, asyncio.Future[None]] = {}
+
+        def start(
+            track: rtc.Track, pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
+        ) -> None:
+            if (kind is not None and track.kind != kind) or (sources and pub.source not in sources):
+                return
+            if track.sid in running:
+                return
+            task = self.create_task(handler(track, pub, who), name=f"track {track.sid}")
+            running[track.sid] = task
+            task.add_done_callback(
+                lambda t: running.pop(track.sid, None) if running.get(track.sid) is t else None
+            )
+
+        def stop(
+            track: rtc.Track, pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
+        ) -> None:
+            task = running.pop(track.sid, None)
+            if task is not None:
+                task.cancel()
+
+        self.room.on("track_subscribed", start)
+        self.room.on("track_unsubscribed", stop)
+        for who in self.room.remote_participants.values():
+            for pub in who.track_publications.values():
+                if pub.track is not None and pub.subscribed:
+                    start(pub.track, pub, who)
+
+    def _task_failed(self, task: asyncio.Future[Any], exc: BaseException) -> None:
+        name = task.get_name() if isinstance(task, asyncio.Task) else "a job task"
+        self.logger.error("%s failed", name, exc_info=exc)
+
+    async def _close_tasks(self, grace: float) -> None:
+        """Cancel what the job still runs in the background, and wait for it (bounded)."""
+        self._background.cancel()
+        try:
+            await asyncio.wait_for(self._background.join(), grace)
+        except asyncio.TimeoutError:
+            self.logger.warning("job tasks still running %.1fs after being cancelled", grace)
 
     def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
         """Run ``callback(reason)`` when the job ends, before the room disconnects."""

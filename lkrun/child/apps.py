@@ -199,6 +199,7 @@ class NativeJob:
                 ctx.shutdown("entrypoint returned")
             await stop  # returns at once unless the room is still connected
         await ctx._run_shutdown_callbacks(grace())
+        await ctx._close_tasks(grace())
         if not entry.done():
             entry.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
