@@ -30,3 +30,12 @@ def test_a_root_is_sampled_with_or_without_its_descendants() -> None:
         subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
         parent.kill()
         parent.wait()
+
+
+def test_descendants_come_from_one_map_and_a_cycle_does_not_loop() -> None:
+    from lkrun.supervision.job_monitor import _descendants
+
+    children = {1: [2, 3], 2: [4], 4: [1]}  # 4 -> 1: a pid reused while the table was read
+    assert sorted(_descendants(1, children)) == [1, 2, 3, 4]
+    assert _descendants(1, children)[0] == 1
+    assert _descendants(9, children) == [9]

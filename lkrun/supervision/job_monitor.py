@@ -40,10 +40,15 @@ class TreeSampler:
 
     def sample(self, roots: Iterable[tuple[int, bool]]) -> dict[int, Usage]:
         """Usage of each (pid, with its descendants?) root."""
+        roots = list(roots)
+        # One pass over the process table for every tree: asking each root for its
+        # children scans all of /proc once per job, which at 50 jobs was most of the
+        # daemon's CPU.
+        children = _children_map() if any(tree for _, tree in roots) else {}
         seen: set[int] = set()
         result = {}
         for pid, tree in roots:
-            usage = self._sample_tree(pid, seen, tree)
+            usage = self._sample_tree(pid, seen, children if tree else None)
             if usage is not None:
                 result[pid] = usage
         for gone in set(self._procs) - seen:
@@ -57,23 +62,45 @@ class TreeSampler:
             proc.cpu_percent(None)  # the first call only sets the baseline
         return proc
 
-    def _sample_tree(self, pid: int, seen: set[int], tree: bool) -> Usage | None:
+    def _sample_tree(
+        self, pid: int, seen: set[int], children: dict[int, list[int]] | None
+    ) -> Usage | None:
         try:
-            root = self._process(pid)
-            members = [root, *root.children(recursive=True)] if tree else [root]
+            self._process(pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
+        members = _descendants(pid, children) if children is not None else [pid]
         rss = 0
         cpu = 0.0
         for member in members:
             try:
-                proc = self._process(member.pid)
+                proc = self._process(member)
                 rss += proc.memory_info().rss
                 cpu += proc.cpu_percent(None)
-                seen.add(member.pid)
+                seen.add(member)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue  # exited between listing and reading
         return Usage(rss_bytes=rss, cpu_percent=cpu, processes=len(members))
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid is not None:
+            children.setdefault(ppid, []).append(proc.pid)
+    return children
+
+
+def _descendants(pid: int, children: dict[int, list[int]]) -> list[int]:
+    """``pid`` and every process below it."""
+    found, queue = {pid}, [pid]
+    while queue:
+        for child in children.get(queue.pop(), ()):
+            if child not in found:  # a pid reused mid-scan must not loop
+                found.add(child)
+                queue.append(child)
+    return [pid, *(found - {pid})]
 
 
 class JobMonitor:
