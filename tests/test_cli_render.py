@@ -54,3 +54,13 @@ def test_status_shows_errors_as_they_are(capsys: Any) -> None:
             "url": "ws://x", "manifest": "m", "agents": [agent]}  # fmt: skip
     status._print_status(data)
     assert HOSTILE in capsys.readouterr().out
+
+
+def test_help_keeps_text_in_square_brackets() -> None:
+    from typer.testing import CliRunner
+
+    from lkrun.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    assert "[manifest: 30m]" in result.output and "[default: manifest, then" in result.output

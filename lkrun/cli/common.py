@@ -18,8 +18,12 @@ app = typer.Typer(
     help="Host many LiveKit agents from one manifest, one subprocess per job.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help texts are plain: "[default: ...]" must not be read as Rich markup and vanish.
+    rich_markup_mode=None,
 )
-jobs_app = typer.Typer(help="Inspect the jobs of the running daemon.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Inspect the jobs of the running daemon.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(jobs_app, name="jobs")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
