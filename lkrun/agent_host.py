@@ -20,7 +20,7 @@ from livekit.protocol import models
 from lkrun.api.metrics import Metrics
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.credentials import Credentials
-from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
+from lkrun.dispatch import AGENT_NAME_ATTRIBUTE, DAEMON_ATTRIBUTE
 from lkrun.jobs.book import JobBook, JobRecord
 from lkrun.jobs.logfiles import JobLogs
 from lkrun.load import CpuPressure, WorkerLoad, agent_load
@@ -65,6 +65,7 @@ class HostSettings:
     cpu: CpuPressure = field(default_factory=lambda: CpuPressure(threshold=math.inf))
     metrics: Metrics = field(default_factory=Metrics)
     job_logs: JobLogs | None = None  # per-job log files
+    daemon_name: str = ""  # on each agent participant, so clients see which daemon serves
 
 
 class AgentHost:
@@ -131,6 +132,8 @@ class AgentHost:
         )
         # As the official worker does: clients (and `lkrun dispatch --wait`) tell agents apart.
         attributes = {AGENT_NAME_ATTRIBUTE: self.spec.registered_name}
+        if self.settings.daemon_name:
+            attributes[DAEMON_ATTRIBUTE] = self.settings.daemon_name
         attributes.update(self.spec.participant_attributes)
         ours = Acceptance(
             identity=identity,

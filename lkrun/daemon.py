@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -72,9 +73,13 @@ class Daemon:
         self.config = config
         self.manifest = config.manifest
         self.metrics = Metrics()
+        self.name = config.settings.name or socket.gethostname()
+        self.metrics.set_daemon(self.name, __version__)
+        state = config.settings.state_dir
+        database = state / "jobs.db" if state else default_db_path()
         self.history = History(
-            database=config.settings.database or default_db_path(),
-            log_dir=config.settings.log_dir or default_log_dir(),
+            database=config.settings.database or database,
+            log_dir=config.settings.log_dir or (state / "logs" if state else default_log_dir()),
             retention=config.settings.history_retention,
             log_max_bytes=config.settings.job_log_max_mb * 1024 * 1024,
         )
@@ -94,6 +99,7 @@ class Daemon:
             ),
             metrics=self.metrics,
             job_logs=self.history.logs,
+            daemon_name=self.name,
         )
         self._runs: dict[AgentHost, asyncio.Task[None]] = {}
         self._tasks = BackgroundTasks(on_error=_background_failed)
@@ -114,6 +120,7 @@ class Daemon:
             "ready": ready,
             "not_ready_reason": reason,
             "pid": os.getpid(),
+            "name": self.name,
             "version": __version__,
             "manifest": str(self.manifest.path),
             "url": self.config.credentials.url,
@@ -162,17 +169,22 @@ class Daemon:
 
     def live_jobs(self) -> dict[str, dict[str, Any]]:
         """Jobs this daemon runs now, as the control API shows them."""
-        return {r.id: {**r.to_dict(), "daemon_pid": os.getpid()} for r in self.book.active()}
+        return {
+            r.id: {**r.to_dict(), "daemon_pid": os.getpid(), "daemon": self.name}
+            for r in self.book.active()
+        }
 
     async def jobs(self, query: JobQuery | None) -> list[dict[str, Any]]:
         """Running jobs (no query), or a search of the history."""
         live = self.live_jobs()
         if query is None:
             return sorted(live.values(), key=lambda j: j["accepted_at"], reverse=True)
-        return await self.history.query(query, live)
+        # This daemon's history holds only its own jobs.
+        return [{**j, "daemon": self.name} for j in await self.history.query(query, live)]
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
-        return await self.history.get(job_id, self.live_jobs().get(job_id))
+        found = await self.history.get(job_id, self.live_jobs().get(job_id))
+        return {**found, "daemon": self.name} if found is not None else None
 
     def job_log_tail(self, job_id: str, lines: int) -> list[str]:
         return self.history.logs.tail(job_id, lines)

@@ -17,6 +17,8 @@ from lkrun.credentials import Credentials
 
 # The attribute the official worker, and lkrun, give an agent participant: its agent name.
 AGENT_NAME_ATTRIBUTE = "lk.agent.name"
+# lkrun's: the name of the daemon that runs the job ([daemon] name, else the host name).
+DAEMON_ATTRIBUTE = "lkrun.daemon"
 
 
 class DispatchError(Exception):
@@ -53,6 +55,7 @@ class Started:
     worker_id: str
     seconds: float
     seen_in: str  # where the start was seen: "this host", "the room" or "the dispatch record"
+    daemon: str = ""  # the lkrun daemon that runs it, when known
 
 
 class WaitTimeout(Exception):
@@ -86,8 +89,9 @@ async def wait_running(
                 if found is None and polls % RECORD_EVERY == 0:
                     found = await _in_the_record(lkapi, dispatch)
                 if found is not None:
-                    job_id, identity, worker, where = found
-                    return Started(job_id, identity, worker, loop.time() - started, where)
+                    job_id, identity, worker, where, daemon = found
+                    seconds = loop.time() - started
+                    return Started(job_id, identity, worker, seconds, where, daemon)
                 polls += 1
                 await asyncio.sleep(0.1)
     except api.TwirpError as exc:
@@ -186,7 +190,7 @@ async def delete_dispatch(creds: Credentials, dispatch: Dispatch) -> None:
         raise DispatchError(f"cannot reach LiveKit at {creds.url}: {exc}") from exc
 
 
-Found = tuple[str, str, str, str]  # job id, identity, worker id, where
+Found = tuple[str, str, str, str, str]  # job id, identity, worker id, where, daemon
 
 
 async def _on_this_host(local_jobs: LocalJobs | None, dispatch: Dispatch) -> Found | None:
@@ -202,7 +206,8 @@ async def _on_this_host(local_jobs: LocalJobs | None, dispatch: Dispatch) -> Fou
                 str(job["id"]),
                 str(job.get("identity", "")),
                 str(job.get("worker_id", "")),
-                ("this host"),
+                "this host",
+                str(job.get("daemon", "")),
             )
     return None
 
@@ -220,7 +225,8 @@ async def _in_the_room(lkapi: api.LiveKitAPI, dispatch: Dispatch, since_ms: int)
             and p.attributes.get(AGENT_NAME_ATTRIBUTE) == dispatch.agent
             and p.joined_at_ms >= since_ms
         ):
-            return p.attributes.get("lkrun.job_id", ""), p.identity, "", "the room"
+            job_id = p.attributes.get("lkrun.job_id", "")
+            return job_id, p.identity, "", "the room", p.attributes.get(DAEMON_ATTRIBUTE, "")
     return None
 
 
@@ -229,7 +235,8 @@ async def _in_the_record(lkapi: api.LiveKitAPI, dispatch: Dispatch) -> Found | N
     for job in (j for d in found if d.id == dispatch.id for j in d.state.jobs):
         if job.state.status in (api.JobStatus.JS_RUNNING, api.JobStatus.JS_SUCCESS):
             state = job.state
-            return job.id, state.participant_identity, state.worker_id, "the dispatch record"
+            identity, worker = state.participant_identity, state.worker_id
+            return job.id, identity, worker, "the dispatch record", ""
     return None
 
 

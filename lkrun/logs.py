@@ -47,6 +47,8 @@ class PrettyFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    daemon = ""  # the daemon's name: collectors gather several daemons' lines
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 3),
@@ -54,6 +56,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.daemon:
+            entry["daemon"] = self.daemon
         for key in ("agent", "job_id"):
             if value := getattr(record, key, None):
                 entry[key] = value
@@ -64,6 +68,13 @@ class JsonFormatter(logging.Formatter):
 
 def default_format() -> str:
     return "pretty" if sys.stderr.isatty() else "json"
+
+
+def name_daemon(name: str) -> None:
+    """Put the daemon's name on every JSON log line from now on."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.daemon = name
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:

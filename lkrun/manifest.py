@@ -441,8 +441,14 @@ class LiveKitSettings:
 class DaemonSettings:
     """The ``[daemon]`` table."""
 
+    # This daemon's name in status, job listings, metrics, JSON logs and on its agents'
+    # participants (attribute lkrun.daemon); "": the host name.
+    name: str = field(default="", metadata=_check(_string))
     # A relative path is made relative to the manifest's directory by parse_manifest.
     control_socket: Path | None = field(default=None, metadata=_check(_path))
+    # Where the job history and job logs go unless `database`/`log_dir` say otherwise;
+    # None: $XDG_STATE_HOME/lkrun. One per daemon when several run on one host.
+    state_dir: Path | None = field(default=None, metadata=_check(_path))
     # After SIGTERM, how long running jobs may go on before they are asked to stop (seconds).
     drain_timeout: float = field(default=1800.0, metadata=_check(_duration))
     # How long a job gets after a shutdown request before it is killed (seconds).
@@ -683,7 +689,7 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     # Relative paths in [daemon] are relative to the manifest, not to wherever lkrun runs.
     relative = {
         name: manifest.workdir / value
-        for name in ("control_socket", "database", "log_dir")
+        for name in ("control_socket", "state_dir", "database", "log_dir")
         if (value := getattr(daemon, name)) is not None and not value.is_absolute()
     }
     if relative:

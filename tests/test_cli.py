@@ -173,11 +173,14 @@ async def test_dispatch_wait_reports_the_running_job(
     from tests.helpers import agent_table
 
     name, room = unique("echo"), unique("room")
-    daemon = await start_daemon(agent_table(name))
+    daemon = await start_daemon(agent_table(name), "--name", "host-a")
     result = daemon.cli("dispatch", "--room", room, "--agent", name, "--wait", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["job_id"].startswith("AJ_") and data["seen_in"] == "this host"
+    assert data["daemon"] == "host-a"  # which daemon took it, when several serve the agent
+    assert (await daemon.job(data["job_id"]))["daemon"] == "host-a"
+    assert (await daemon.status())["name"] == "host-a"
     assert data["participant_identity"] == f"{name}-{data['job_id']}"
     # The first dispatch to a new name: the server's dispatch record shows the job only when
     # its 5 s agent check ends; the daemon's own record has it at once.
@@ -194,6 +197,7 @@ async def test_dispatch_wait_reports_the_running_job(
     assert elsewhere.returncode == 0, elsewhere.stderr
     seen = json.loads(elsewhere.stdout)
     assert seen["seen_in"] == "the room" and seen["participant_identity"].startswith(name)
+    assert seen["daemon"] == "host-a"  # the agent participant's lkrun.daemon attribute
 
 
 async def test_dispatch_wait_explains_a_timeout(start_daemon: Any, livekit_server: Any) -> None:

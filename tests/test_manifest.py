@@ -944,3 +944,12 @@ def test_overload_after_accepted(value: str, expected: float) -> None:
 def test_bad_overload_after() -> None:
     err = rejects(f'[daemon]\noverload_after = "soon"\n{MINIMAL}', field="daemon.overload_after")
     assert err.message == 'must be a duration such as "30s" or "2m", or "off", got \'soon\''
+
+
+def test_daemon_name_and_state_dir(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text('[daemon]\nname = "host-a"\nstate_dir = "state"\n' + MINIMAL)
+    daemon = load_manifest(path).daemon
+    assert daemon.name == "host-a"
+    assert daemon.state_dir == tmp_path / "state"  # relative to the manifest
+    assert parse(MINIMAL).daemon.name == "" and parse(MINIMAL).daemon.state_dir is None

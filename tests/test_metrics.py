@@ -184,7 +184,14 @@ GAUGES = {
 
 
 def test_gauge_table_covers_every_gauge() -> None:
-    assert set(GAUGES) == {name for name, kind, _ in METRIC_DOCS if kind == "gauge"}
+    per_agent = {name for name, kind, _ in METRIC_DOCS if kind == "gauge"} - {"lkrun_daemon_info"}
+    assert set(GAUGES) == per_agent
+
+
+def test_daemon_info_names_the_daemon(metrics: Metrics) -> None:
+    metrics.set_daemon("host-a", "0.1.0")
+    labels = {"name": "host-a", "version": "0.1.0"}
+    assert metrics.registry.get_sample_value("lkrun_daemon_info", labels) == 1
 
 
 def test_snapshot_sets_gauges(metrics: Metrics) -> None:
@@ -252,6 +259,7 @@ def exercise_everything(metrics: Metrics) -> None:
     metrics.offer_to_entrypoint("echo", warm=True, seconds=0.01)
     metrics.registration_reconnected("echo")
     metrics.was_full("echo", "cpu", 1.5)
+    metrics.set_daemon("host-a", "0.1.0")
     metrics.set_snapshot([snap("echo")])
 
 

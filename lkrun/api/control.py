@@ -68,6 +68,7 @@ class DaemonStatus(TypedDict):
     not_ready_reason: str
     pid: int
     version: str
+    name: str  # the daemon's ([daemon] name, else the host name)
     manifest: str
     url: str
     uptime: float

@@ -65,6 +65,12 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
     ),
     ("lkrun_agent_load", "gauge", "The load the agent's worker last reported to LiveKit (0..1)."),
     (
+        "lkrun_daemon_info",
+        "gauge",
+        "Always 1; its labels name the daemon (its [daemon] name, else the host name) and "
+        "lkrun's version, to tell daemons apart when several are scraped.",
+    ),
+    (
         "lkrun_agent_full_seconds_total",
         "counter",
         "Seconds the agent reported itself FULL (LiveKit offers it no job), by reason "
@@ -143,6 +149,12 @@ class Metrics:
         self._jobs_max = self._gauge("lkrun_jobs_max")
         self._idle = self._gauge("lkrun_idle_processes")
         self._load = self._gauge("lkrun_agent_load")
+        self._info = Gauge(
+            "lkrun_daemon_info",
+            _HELP["lkrun_daemon_info"],
+            ["name", "version"],
+            registry=self.registry,
+        )
         self._memory = self._gauge("lkrun_job_memory_bytes")
         self._state_gauges = (
             self._up,
@@ -170,6 +182,9 @@ class Metrics:
         return Gauge(name, _HELP[name], ["agent"], registry=self.registry)
 
     # Events.
+
+    def set_daemon(self, name: str, version: str) -> None:
+        self._info.labels(name=name, version=version).set(1)
 
     def job_started(self, agent: str, warm: bool) -> None:
         self._jobs_started.labels(agent=agent, warm=_bool_label(warm)).inc()

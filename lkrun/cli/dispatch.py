@@ -121,6 +121,7 @@ def dispatch(
             worker_id=running.worker_id or None,
             seconds=round(running.seconds, 3),
             seen_in=running.seen_in,
+            daemon=running.daemon or None,
         )
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
@@ -128,9 +129,10 @@ def dispatch(
         out.print(created.id, markup=False)
     else:
         job = f"job {running.job_id}" if running.job_id else "a job"
+        daemon = f", daemon {running.daemon}" if running.daemon else ""
         out.print(
             f"{created.id}: {job} running after {running.seconds:.2f}s "
-            f"(participant {running.participant_identity}, seen in {running.seen_in})",
+            f"(participant {running.participant_identity}{daemon}, seen in {running.seen_in})",
             markup=False,
         )
     if wait and running is None:

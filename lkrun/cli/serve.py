@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -95,6 +96,20 @@ def serve(
             f"[manifest: {_DEFAULTS.http_addr}]."
         ),
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="This daemon's name in status, job listings, metrics and JSON logs, and on "
+            "its agents' participants [manifest, else the host name]."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory for the job history and job logs; one per daemon when several "
+            "run on one host [manifest, else $XDG_STATE_HOME/lkrun]."
+        ),
+    ] = None,
     reload: Annotated[
         bool, typer.Option("--reload/--no-reload", help="Apply manifest edits while running.")
     ] = True,
@@ -109,7 +124,7 @@ def serve(
     With no LiveKit URL configured (flag, manifest or LIVEKIT_URL), a local
     livekit-server is installed and started in dev mode for the daemon's lifetime.
     """
-    from lkrun.logs import FORMATS, setup_logging
+    from lkrun.logs import FORMATS, name_daemon, setup_logging
 
     if log_format is not None and log_format not in FORMATS:
         fail(f"--log-format must be {' or '.join(FORMATS)}, got {log_format!r}", EXIT_USAGE)
@@ -119,6 +134,11 @@ def serve(
     loaded = _load(manifest)
     _warn_app_settings(loaded)
     settings = _daemon_settings(loaded, drain_timeout, shutdown_timeout, http_addr)
+    if name is not None:
+        settings = dataclasses.replace(settings, name=name)
+    if state_dir is not None:
+        settings = dataclasses.replace(settings, state_dir=state_dir.absolute())
+    name_daemon(settings.name or socket.gethostname())
     with ExitStack() as stack:
         creds = _serve_credentials(loaded, url, api_key, stack)
         socket_path = (
