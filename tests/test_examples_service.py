@@ -131,6 +131,7 @@ async def test_bridge_posts_room_events_retries_and_replies(
             assert joined["participant"]["kind"] == "standard"
             assert (joined["room"], joined["job_id"]) == (room_name, job["id"])
             assert joined["bridge"] == bridge.identity and joined["agent"] == name
+            assert joined["room_sid"].startswith("RM_")
 
             # A track published (audio, microphone), then data on the bridge's topic only.
             stop = asyncio.Event()
