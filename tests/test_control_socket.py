@@ -106,3 +106,12 @@ def test_the_daemon_can_be_made_non_dumpable() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.strip() == "0"
+
+
+def test_jobs_all_0_means_the_running_jobs() -> None:
+    from lkrun.api.control import parse_query
+
+    assert parse_query({}) is None
+    assert parse_query({"all": "0"}) is None  # `dispatch --wait` asks this way
+    assert parse_query({"all": "1"}) is not None
+    assert parse_query({"all": "0", "agent": "echo"}) is not None

@@ -164,8 +164,9 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
 
 def parse_query(params: Any) -> JobQuery | None:
     """The /v1/jobs query string; None means "the running jobs"."""
-    keys = {"all", "status", "agent", "room", "since", "limit"}
-    if not keys & set(params):
+    keys = {"status", "agent", "room", "since", "limit"}
+    wants_all = params.get("all", "0") not in ("0", "false", "")  # all=0: the running ones
+    if not wants_all and not keys & set(params):
         return None
     statuses = tuple(s for s in params.get("status", "").split(",") if s)
     if unknown := [s for s in statuses if s not in STATUSES]:
