@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint format clean soak
+.PHONY: serve test test-fast lint format clean soak cluster redis
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,26 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/lkrun serve agents.toml.example
 
-test: $(STAMP)
+test: $(STAMP) redis
 	$(BIN)/ruff check lkrun tests
 	$(BIN)/pytest -v
+
+# The cluster tests and `make cluster` run a throwaway redis-server: use the system's, or
+# install Debian's package when we are root on a machine with apt (CI); else say what to do.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "error: redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)" >&2; \
+	    exit 1; \
+	  fi; }
+
+# Redis, two livekit-server nodes sharing it, and an lkrun daemon on the example manifest
+# registered with each (README, Scaling out); Ctrl-C stops it all.
+cluster: $(STAMP) redis
+	$(BIN)/python -m lkrun.devcluster agents.toml.example
 
 # The fast tier: no livekit-server, no lkrun processes (seconds). `make test` runs it all.
 test-fast: $(STAMP)

@@ -51,7 +51,8 @@ def agent_load(
     load_threshold: float = math.inf,
     cpu_overloaded: bool = False,
 ) -> WorkerLoad:
-    """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation.
+    """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation
+    (its share of max_jobs and the CPU's share of load_threshold, combined).
 
     ``cpu`` (smoothed) only raises the load, which steers new jobs to less busy workers;
     the CPU makes the agent full only when ``cpu_overloaded`` says it stayed high (see
@@ -69,7 +70,10 @@ def agent_load(
     )
     if reason:
         return WorkerLoad(full=True, load=1.0, job_count=jobs, reason=reason)
-    utilisation = _clamp(max(jobs / max_jobs, cpu / load_threshold))
+    # Jobs and CPU both count, always: with max() a busy CPU hid the job count, so daemons
+    # on hosts equally busy (or on one host) reported the same load whatever they ran, and
+    # LiveKit could not spread jobs by it.
+    utilisation = 1 - (1 - _clamp(jobs / max_jobs)) * (1 - _clamp(cpu / load_threshold))
     # Rounded so CPU jitter does not turn every refresh into a status update.
     load = min(round(TARGET_LOAD * utilisation, 2), MAX_AVAILABLE_LOAD)
     return WorkerLoad(full=False, load=load, job_count=jobs)

@@ -19,8 +19,8 @@ CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait guest guest_nice
     ("jobs", "max_jobs", "cpu", "overloaded", "draining", "expected"),
     [
         pytest.param(0, 4, 0.0, False, False, WorkerLoad(False, 0.0, 0), id="idle"),
-        pytest.param(2, 4, 0.1, False, False, WorkerLoad(False, 0.35, 2), id="half jobs"),
-        pytest.param(1, 4, 0.4, False, False, WorkerLoad(False, 0.35, 1), id="half cpu"),
+        pytest.param(2, 4, 0.1, False, False, WorkerLoad(False, 0.39, 2), id="half jobs"),
+        pytest.param(1, 4, 0.4, False, False, WorkerLoad(False, 0.44, 1), id="half cpu"),
         pytest.param(4, 4, 0.0, False, False, WorkerLoad(True, 1.0, 4, "max_jobs"), id="max jobs"),
         pytest.param(5, 4, 0.0, False, False, WorkerLoad(True, 1.0, 5, "max_jobs"), id="over max"),
         # A busy CPU alone raises the load but leaves the agent available...
@@ -45,6 +45,16 @@ def test_agent_load(
         draining=draining,
     )
     assert got == expected
+
+
+def test_jobs_still_count_on_a_busy_cpu() -> None:
+    """Two daemons on equally busy hosts must differ by the jobs they run, or LiveKit
+    cannot spread jobs between them."""
+    loads = [
+        agent_load(jobs=n, max_jobs=40, cpu=0.5, load_threshold=0.75, draining=False).load
+        for n in (0, 4, 8)
+    ]
+    assert loads == sorted(loads) and len(set(loads)) == 3, loads
 
 
 def test_cpu_off_counts_only_jobs() -> None:
