@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -87,6 +87,7 @@ class JobContext:
         self._drain = asyncio.Event()
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
         self._background = BackgroundTasks(on_error=self._task_failed)
+        self._after_connect: list[Callable[[], None]] = []
         self.room.on("disconnected", self._on_disconnected)
 
     async def connect(self, *, auto_subscribe: bool = True, announce: bool = True) -> None:
@@ -100,6 +101,8 @@ class JobContext:
         await self.room.connect(
             self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
         )
+        for hook in self._after_connect:  # e.g. on_track(subscribe=True): who is already in
+            hook()
         if announce:
             self._background.spawn(self._announce())
 
@@ -129,22 +132,27 @@ class JobContext:
         *,
         kind: rtc.TrackKind.ValueType | None = None,
         sources: Collection[rtc.TrackSource.ValueType] = (),
+        identity: str | None = None,
+        subscribe: bool = False,
     ) -> None:
         """Run ``handler(track, publication, participant)`` as a job task for every remote
-        track subscribed (of ``kind``, from one of ``sources`` if given), those already
-        subscribed included. The task is cancelled when its track is unsubscribed (its
-        participant left, or unpublished it) or the job ends: put cleanup in ``finally``.
+        track subscribed (of ``kind``, from one of ``sources``, of the participant
+        ``identity``, each if given), those already subscribed included. The task is
+        cancelled when its track is unsubscribed (its participant left, or unpublished it)
+        or the job ends: put cleanup in ``finally``.
+
+        With ``subscribe``, for ``connect(auto_subscribe=False)``, it also subscribes to
+        every matching publication, present or future, and to nothing else.
 
         Call it before ``connect()`` so no track is missed.
         """
+        wanted = _TrackFilter(kind, frozenset(sources), identity)
         running: dict[str, asyncio.Future[None]] = {}
 
         def start(
             track: rtc.Track, pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
         ) -> None:
-            if (kind is not None and track.kind != kind) or (sources and pub.source not in sources):
-                return
-            if track.sid in running:
+            if not wanted.matches(pub, who) or track.sid in running:
                 return
             task = self.create_task(handler(track, pub, who), name=f"track {track.sid}")
             running[track.sid] = task
@@ -161,10 +169,33 @@ class JobContext:
 
         self.room.on("track_subscribed", start)
         self.room.on("track_unsubscribed", stop)
-        for who in self.room.remote_participants.values():
+        for who, pub in _publications(self.room):
+            if pub.track is not None and pub.subscribed:
+                start(pub.track, pub, who)
+        if subscribe:
+            self._subscribe(wanted)
+
+    def _subscribe(self, wanted: _TrackFilter) -> None:
+        """Subscribe to every publication ``wanted`` matches: those there at connect, and
+        those that come later."""
+
+        def want(pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
+            if wanted.matches(pub, who) and not pub.subscribed:
+                pub.set_subscribed(True)
+
+        def joined(who: rtc.RemoteParticipant) -> None:
             for pub in who.track_publications.values():
-                if pub.track is not None and pub.subscribed:
-                    start(pub.track, pub, who)
+                want(pub, who)
+
+        def everyone() -> None:
+            for who, pub in _publications(self.room):
+                want(pub, who)
+
+        self.room.on("track_published", want)
+        self.room.on("participant_connected", joined)
+        self._after_connect.append(everyone)
+        if self.room.isconnected():
+            everyone()
 
     def _task_failed(self, task: asyncio.Future[Any], exc: BaseException) -> None:
         name = task.get_name() if isinstance(task, asyncio.Task) else "a job task"
@@ -257,6 +288,28 @@ class JobContext:
             await asyncio.wait_for(run_all(), timeout)
         except asyncio.TimeoutError:
             self.logger.warning("shutdown callbacks still running after %.1fs; going on", timeout)
+
+
+@dataclass(frozen=True)
+class _TrackFilter:
+    kind: rtc.TrackKind.ValueType | None
+    sources: frozenset[rtc.TrackSource.ValueType]
+    identity: str | None
+
+    def matches(self, pub: rtc.TrackPublication, who: rtc.RemoteParticipant) -> bool:
+        return (
+            (self.kind is None or pub.kind == self.kind)
+            and (not self.sources or pub.source in self.sources)
+            and (self.identity is None or who.identity == self.identity)
+        )
+
+
+def _publications(
+    room: rtc.Room,
+) -> Iterator[tuple[rtc.RemoteParticipant, rtc.RemoteTrackPublication]]:
+    for who in list(room.remote_participants.values()):
+        for pub in list(who.track_publications.values()):
+            yield who, pub
 
 
 def _reason_name(reason: Any) -> str:

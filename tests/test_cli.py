@@ -87,7 +87,10 @@ def test_bad_manifest_exits_2_with_one_line(tmp_path: Path, case: str, command: 
 def test_check_accepts_the_example_manifest(tmp_path: Path) -> None:
     result = run_cli("check", str(REPO / "agents.toml.example"), env=unreachable_env(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "3 agent(s) OK: echo, greeter, assistant" in result.stdout
+    assert (
+        "8 agent(s) OK: echo, greeter, assistant, level-meter, frame-sampler, relay, webhook, "
+        "recorder" in result.stdout
+    )
     assert "assistant: livekit-agents 1.8." in result.stdout
 
 

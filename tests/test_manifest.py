@@ -176,7 +176,8 @@ def test_defaults() -> None:
 
 def test_example_manifest_in_repo_is_valid() -> None:
     manifest = load_manifest(REPO / "agents.toml.example")
-    assert list(manifest.agents) == ["echo", "greeter", "assistant"]
+    assert list(manifest.agents)[:3] == ["echo", "greeter", "assistant"]
+    assert {"level-meter", "frame-sampler", "relay", "webhook", "recorder"} <= set(manifest.agents)
     assert manifest.agents["assistant"].pass_credentials is True
 
 

@@ -108,8 +108,6 @@ async def entrypoint(ctx: JobContext) -> None:
     async def record(
         track: rtc.Track, publication: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
     ) -> None:
-        if who.identity != target:
-            return
         recording = Recording(directory / f"{stem}-{next(numbers)}.wav")
         ctx.logger.info("recording track %s of %r to %s", track.sid, target, recording.path)
         stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
@@ -122,33 +120,20 @@ async def entrypoint(ctx: JobContext) -> None:
             ctx.logger.info("recorded %s: %.2f s, %d bytes", recording.path, seconds, size)
             await stream.aclose()
 
-    def subscribe(publication: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
-        # Subscribing only to the participant this job is about: with auto-subscribe, every
-        # publisher's job would receive every publisher's audio.
-        if (
-            who.identity == target
-            and publication.kind == rtc.TrackKind.KIND_AUDIO
-            and publication.source == rtc.TrackSource.SOURCE_MICROPHONE
-        ):
-            publication.set_subscribed(True)
-
-    def joined(who: rtc.RemoteParticipant) -> None:
-        for publication in who.track_publications.values():
-            subscribe(publication, who)
-
     def left(who: rtc.RemoteParticipant) -> None:
         if who.identity == target:
             ctx.shutdown(f"{target!r} left the room")
 
-    ctx.on_track(record, kind=rtc.TrackKind.KIND_AUDIO, sources=[rtc.TrackSource.SOURCE_MICROPHONE])
-    ctx.room.on("track_published", subscribe)
-    ctx.room.on("participant_connected", joined)
+    # Only the participant this job is about: with auto-subscribe, every publisher's job
+    # would receive every publisher's audio.
+    microphone = [rtc.TrackSource.SOURCE_MICROPHONE]
+    audio = rtc.TrackKind.KIND_AUDIO
+    ctx.on_track(record, kind=audio, sources=microphone, identity=target, subscribe=True)
     ctx.room.on("participant_disconnected", left)
     await ctx.connect(auto_subscribe=False)
     try:
-        who = await asyncio.wait_for(ctx.wait_for_participant(target), PUBLISHER_WAIT)
+        await asyncio.wait_for(ctx.wait_for_participant(target), PUBLISHER_WAIT)
     except asyncio.TimeoutError:
         ctx.shutdown(f"{target!r} is not in the room")
         return
-    joined(who)
     ctx.logger.info("recorder for %r in room %s, writing to %s", target, ctx.job.room, directory)
