@@ -107,6 +107,9 @@ async def test_prewarm_timeout(start_daemon: Any, livekit_server: Any) -> None:
             idle_processes=1,
             prewarm="tests.agents.behaviours:prewarm_hangs",
             prewarm_timeout="1s",
+            # A fork server must import the module within prewarm_timeout too, which a busy
+            # machine can miss by itself; a spawned process times out on the prewarm alone.
+            start_method="spawn",
         )
     )
 
