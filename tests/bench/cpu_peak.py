@@ -53,6 +53,7 @@ def main() -> None:
     socket = work / "control.sock"
     command = [sys.executable, "-m", "lkrun", "serve", str(work / "agents.toml")]
     command += ["--url", server.url, "--control-socket", str(socket), "--http-addr", ""]
+    command += ["--drain-timeout", "0s"]  # its jobs end with it
     with (work / "daemon.log").open("wb") as log:
         daemon = subprocess.Popen(
             command, env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log
