@@ -5,13 +5,17 @@ second, sends one JSON message on the data topic ``METER_TOPIC`` (default ``leve
 every metered participant::
 
     {"seq": 12, "interval": 0.25,
-     "participants": {"alice": {"rms_dbfs": -20.0, "peak_dbfs": -20.0, "speaking": true}}}
+     "participants": {"alice": {"rms_dbfs": -20.0, "peak_dbfs": -20.0, "speaking": true,
+                                "samples": 576000}}}
 
 Levels are over the samples received in the interval, in dBFS after AES17: the peak is
 ``20*log10(peak/32767)`` and the RMS is ``20*log10(rms*sqrt(2)/32767)``, so a sine of peak
 amplitude A reads the same for both (a full-scale sine is 0 dBFS, a full-scale square wave
 +3 dBFS RMS). Silence reads -100, the floor, never -inf. ``speaking`` is RMS at or above
 ``METER_THRESHOLD`` dBFS, held for ``METER_HANGOVER`` seconds after the last loud interval.
+``samples`` counts the samples metered from that participant since its track came (all
+intervals): a listener that compares its growth with the wall clock (48000 a second) sees
+whether the meter keeps up with the audio (the bench's media workload does).
 
 Messages are sent lossy (unreliable): a lost one is superseded by the next within a fraction
 of a second, and a retransmitted stale level would only delay the fresh ones.
@@ -88,7 +92,7 @@ def rms_dbfs(sum_squares: float, samples: int) -> float:
 class Level:
     """One participant's running sums for the current interval, and its speaking state."""
 
-    __slots__ = ("last_loud", "peak", "samples", "sum_squares", "tracks")
+    __slots__ = ("last_loud", "peak", "samples", "sum_squares", "total", "tracks")
 
     def __init__(self) -> None:
         self.sum_squares = 0.0
@@ -96,6 +100,7 @@ class Level:
         self.peak = 0
         self.tracks = 0  # microphone tracks feeding it; the entry goes with the last one
         self.last_loud = -math.inf
+        self.total = 0  # samples metered since the entry came, never reset
 
     def add(self, pcm: np.ndarray) -> None:
         """Fold in one frame: a dot product and a min/max, cheap enough for every 10 ms."""
@@ -104,6 +109,7 @@ class Level:
         x = pcm.astype(np.float32)
         self.sum_squares += float(np.dot(x, x))
         self.samples += pcm.size
+        self.total += pcm.size
         # max/min of int16 rather than abs(), which overflows on -32768.
         self.peak = max(self.peak, int(pcm.max()), -int(pcm.min()))
 
@@ -152,7 +158,10 @@ async def entrypoint(ctx: JobContext) -> None:
             now = loop.time()
             if now - tick > period:  # fell behind (busy host): skip ahead rather than burst
                 tick = now
-            participants = {who: level.take(now, settings) for who, level in levels.items()}
+            participants = {
+                who: {**level.take(now, settings), "samples": level.total}
+                for who, level in levels.items()
+            }
             if not participants and was_empty:
                 continue  # one empty report after the last track goes, then quiet
             was_empty = not participants

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lkrun import devserver
+from lkrun import paths
 
 AGENTS_VERSION = "1.8.9"
 REQUIREMENTS = (f"livekit-agents=={AGENTS_VERSION}", "psutil", "matplotlib")
@@ -26,7 +26,7 @@ class BenchVenvError(Exception):
 
 
 def venv_dir() -> Path:
-    return devserver.cache_dir() / f"bench-venv-livekit-agents-{AGENTS_VERSION}"
+    return paths.cache_dir() / f"bench-venv-livekit-agents-{AGENTS_VERSION}"
 
 
 def venv_python(directory: Path | None = None) -> Path:

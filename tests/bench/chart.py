@@ -4,7 +4,7 @@
         results/bench-.../results.json [chart.png]
 
 One chart per workload: ``chart.png`` for ``join`` (or the name given), ``chart-agents.png``
-for ``agents``, next to it.
+for ``agents``, next to it; none for ``media`` (its table says it all).
 
 Standalone on purpose: it imports neither lkrun nor the project's packages.
 """
@@ -140,6 +140,8 @@ def main() -> int:
         "join": {"settings": meta.get("settings", {}), "runs": results.get("runs", {})}
     }
     for workload, part in parts.items():
+        if workload == "media":
+            continue  # its figures are in results.md's table: no latency, ramp or memory curve
         name = target if workload == "join" else target.with_name(f"chart-{workload}.png")
         workload_chart(meta, workload, part, name)
     return 0

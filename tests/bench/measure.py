@@ -8,6 +8,13 @@
   each job's process tree, and RSS/PSS/CPU of the SUT's main process over the hold.
 - ``max_jobs``: add rooms step by step until an agent is not in within the timeout, an
   already-held agent is gone, or a job fails; the last fully held count.
+- ``media`` (the media workload, instead of ``memory``): N rooms, each with a tone
+  observer (``tests/bench/tones.py``, in processes of their own) that joins and publishes
+  its track before the meter job is dispatched and starts a 48 kHz tone on it once every
+  meter is in; once every meter reports the tone, a short warm-in,
+  then over the hold: CPU of the job process trees, the main process, the helpers, the
+  observers and the machine; PSS/USS per job; and per job whether it fell behind (see
+  ``tests/bench/media.py``).
 
 The same phases run for every workload (``suts.WORKLOADS``): only the agent differs.
 Each phase, ramp step and dispatch starts once the machine's CPU has settled (see
@@ -30,6 +37,7 @@ import aiohttp
 import psutil
 from livekit import api, rtc
 
+from tests.bench import media
 from tests.bench.procs import descendants
 from tests.bench.suts import Server, Sut, SutError
 
@@ -46,6 +54,9 @@ SETTLE_CPU = 75.0
 SETTLE_TIMEOUT = 15.0
 PHASE_SETTLE = 2.5
 DISPATCH_SETTLE = 0.3
+# Media: seconds between every meter reporting the tone and the start of the hold window
+# (subscriptions and jitter buffers settle; the jobs' start-up is not measured).
+MEDIA_WARM_IN = 3.0
 
 
 @dataclass
@@ -436,6 +447,84 @@ class Bench:
         finally:
             await self.cleanup(rooms)
 
+    # -- media ----------------------------------------------------------------------------
+
+    async def media_at(self, count: int) -> dict[str, Any]:
+        s = self.settings
+        await self.ready_for_next()
+        rooms = [self.room(f"media{count}", i) for i in range(count)]
+        observers = media.ToneObservers(self.lk.server, rooms, self.sut.workdir)
+        result: dict[str, Any] = {"jobs": count}
+        try:
+            await asyncio.gather(*(self.lk.create_room(r) for r in rooms))
+            # Observers and meters join a quiet machine; then the tones start.
+            await observers.start(timeout=60 + 4 * count)
+            result["observer_processes"] = len(observers.procs)
+            sent = await self.dispatch_rooms(rooms)
+            arrived = await self.wait_agents(sent, timeout=60 + 2 * count)
+            result["agents_in"] = len(arrived)
+            if len(arrived) < count:
+                self.say(f"media @{count}: only {len(arrived)} agents came in")
+            await observers.play()
+            deadline = time.monotonic() + 30 + count
+            while (metering := await observers.metering()) < len(arrived):
+                if time.monotonic() > deadline:
+                    self.note(f"media @{count}: {metering} of {len(arrived)} meters reporting")
+                    break
+                self.sut.check_alive()
+                await asyncio.sleep(0.5)
+            result["metering"] = metering
+            await asyncio.sleep(MEDIA_WARM_IN)
+            pids = await self.sut.job_pids(rooms)
+            job_trees = {room: _tree(pid) for room, pid in pids.items()}
+            job_procs = [p for tree in job_trees.values() for p in tree]
+            job_pids = {p.pid for p in job_procs}
+            main = psutil.Process(self.sut.main_pid)
+            helpers = [p for p in descendants(self.sut.main_pid) if p.pid not in job_pids]
+            watchers = [p for pid in observers.pids for p in _tree(pid)]
+            _prime_cpu([main, *job_procs, *helpers, *watchers])
+            psutil.cpu_percent(None)
+            start = time.time()
+            await asyncio.sleep(s.hold)
+            end = time.time()
+            machine = psutil.cpu_percent(None)
+            result["hold_s"] = round(end - start, 2)
+            result["jobs_cpu_percent"] = round(_cpu(job_procs), 2)
+            result["main_cpu_percent"] = round(_cpu([main]), 2)
+            result["helpers_cpu_percent"] = round(_cpu(helpers), 2)
+            result["observers_cpu_percent"] = round(_cpu(watchers), 2)
+            result["machine_cpu_percent"] = round(machine, 1)  # of all cores
+            per_job = [m for m in (tree_memory(t) for t in job_trees.values()) if m["rss"] > 0]
+            result["jobs_sampled"] = len(per_job)
+            result["job_cpu_percent"] = (
+                round(result["jobs_cpu_percent"] / len(per_job), 2) if per_job else None
+            )
+            for key in ("pss", "uss", "rss"):
+                values = [m[key] for m in per_job]
+                result[f"job_{key}_mb"] = round(statistics.fmean(values), 1) if values else None
+            main_mem = tree_memory([main])
+            result["main_rss_mb"] = round(main_mem["rss"], 1)
+            result["main_pss_mb"] = round(main_mem["pss"], 1)
+            reports = await observers.reports()
+            result.update(media.summarise(rooms, reports, start, end))
+            self.say(
+                f"media @{count}: {result['jobs_sampled']} jobs, CPU per job "
+                f"{result['job_cpu_percent']}% (main {result['main_cpu_percent']}%, "
+                f"observers {result['observers_cpu_percent']}%, machine "
+                f"{result['machine_cpu_percent']}%), PSS per job {result['job_pss_mb']} MB; "
+                f"{result['jobs_behind']} behind (slowest {result['min_report_rate']} "
+                f"reports/s, longest gap {result['max_report_gap_s']}s, least audio "
+                f"{result['min_audio_ratio']}x the audio sent; observers sent at least "
+                f"{result['min_sent_ratio']}x real time)"
+            )
+            if result["behind"]:
+                room, why = next(iter(result["behind"].items()))
+                self.note(f"media @{count}: {result['jobs_behind']} behind, e.g. {room}: {why}")
+            return result
+        finally:
+            await observers.close()
+            await self.cleanup(rooms)
+
     # -- max concurrent jobs --------------------------------------------------------------
 
     async def max_jobs(self) -> dict[str, Any]:
@@ -514,9 +603,11 @@ class Bench:
             result["latency"] = await self.latency()
         else:
             await self.warm_up()  # the first dispatch in a while pays the server's agent check
-        result["memory"] = []
+        phase = self.media_at if self.sut.workload == "media" else self.memory_at
+        key = "media" if self.sut.workload == "media" else "memory"
+        result[key] = []
         for count in s.concurrency:
-            result["memory"].append(await self.memory_at(count))
+            result[key].append(await phase(count))
         if s.max_jobs_cap > 0:
             result["max_jobs"] = await self.max_jobs()
             self.say(

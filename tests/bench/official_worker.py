@@ -10,6 +10,8 @@ the agent:
   while the room is connected, like lkrun's ``tests/bench/agents.py``.
 - ``agents``: the ``AgentServer`` of ``tests/bench/lka_agent.py`` (an AgentSession with an
   in-process LLM), the same module lkrun runs, with the settings below applied to it.
+- ``media``: the ``AgentServer`` of ``tests/bench/lka_meter.py`` (the level meter of
+  ``lkrun/examples/level_meter.py`` written against livekit-agents), likewise.
 
 Timestamps come from the worker itself, written as JSON lines to $BENCH_EVENTS:
 
@@ -24,8 +26,8 @@ Timestamps come from the worker itself, written as JSON lines to $BENCH_EVENTS:
 
 Limits: ``load_threshold = inf`` (never reports itself full) and, unless
 ``BENCH_LOAD=default``, a load function shaped like lkrun's (see ``lkrun_like_load``).
-In the ``agents`` workload ``lka_agent.py`` writes the ``prewarm`` and ``entrypoint``
-events itself (the same fields).
+In the ``agents`` and ``media`` workloads ``lka_agent.py`` / ``lka_meter.py`` write the
+``prewarm`` and ``entrypoint`` events themselves (the same fields).
 """
 
 from __future__ import annotations
@@ -134,11 +136,16 @@ def configure(server: AgentServer) -> AgentServer:
 
 
 def make_server() -> AgentServer:
-    if os.environ.get("BENCH_WORKLOAD", "join") == "agents":
-        # This script's folder is sys.path[0]; job processes import it by this name too.
+    workload = os.environ.get("BENCH_WORKLOAD", "join")
+    # This script's folder is sys.path[0]; job processes import them by these names too.
+    if workload == "agents":
         import lka_agent
 
         return configure(lka_agent.server)
+    if workload == "media":
+        import lka_meter
+
+        return configure(lka_meter.server)
     return AgentServer.from_server_options(options())
 
 

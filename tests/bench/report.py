@@ -1,5 +1,5 @@
 """results.md from results.json: per workload, one row per metric, one column per system and
-variant; for the agents workload, the issue's goals next to its table."""
+variant; for the agents and media workloads, the issue's goals next to their tables."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ RATIOS = (("cold", "lkrun-cold", "official-cold"), ("warm", "lkrun-warm", "offic
 TITLES = {
     "join": "Workload `join`: join the room and stay",
     "agents": "Workload `agents`: the same livekit-agents AgentSession on both hosts",
+    "media": "Workload `media`: a level meter per room on a 48 kHz tone",
 }
 DESCRIPTIONS = {
     "join": "lkrun runs `tests/bench/agents.py` (lkrun's own API), the official worker an "
@@ -21,8 +22,20 @@ DESCRIPTIONS = {
     'detection off (lkrun: manifest `entrypoint = "tests.bench.lka_agent:server"`; '
     "official: that `server` with the bench's load settings, `cli.run_app`). The job lasts "
     "until the bench deletes the room.",
+    "media": "Each room has an observer publishing a 48 kHz mono 440 Hz tone at -20 dBFS "
+    "(10 ms frames, paced in real time, from `tests/bench/tones.py` in processes of their "
+    "own, 10 rooms each) and one meter job: lkrun runs its example "
+    "`lkrun/examples/level_meter.py` (lkrun's `JobContext`), the official worker the same "
+    "meter written against `livekit.agents.JobContext` (`tests/bench/lka_meter.py`); both "
+    "publish every microphone's RMS/peak dBFS 4 times a second on data topic `levels`. "
+    "CPU is over the hold window, once every meter reports the tone; 100 % is one core. "
+    "A job **fell behind** if its observer got < 90 % of the reports due, two reports "
+    "more than 0.75 s apart, or the audio it reports having metered grew by < 90 % of "
+    "what its observer sent. The observers' CPU is the load, counted against neither "
+    "system; they join, and the meters are dispatched, before the tones start.",
 }
 PSS_GOAL_JOBS = 50
+MEDIA_GOAL_ROOMS = 50
 
 Getter = Callable[[dict[str, Any]], Any]
 
@@ -70,7 +83,59 @@ def _per_job_total(count: int) -> Getter:
     return get
 
 
-def metric_rows(settings: dict[str, Any]) -> list[tuple[str, Getter]]:
+def _media_at(count: int, key: str) -> Getter:
+    def get(run: dict[str, Any]) -> Any:
+        for level in run.get("media") or []:
+            if level.get("jobs") == count:
+                return level.get(key)
+        return None
+
+    return get
+
+
+def media_rows(settings: dict[str, Any]) -> list[tuple[str, Getter]]:
+    rows: list[tuple[str, Getter]] = [
+        ("idle: main process RSS (MB)", _path("idle", "main_rss_mb")),
+        ("idle: main process CPU (%)", _path("idle", "main_cpu_percent")),
+    ]
+    for count in settings.get("concurrency", []):
+        rows += [
+            (f"@{count} rooms: CPU per job (% of a core)", _media_at(count, "job_cpu_percent")),
+            (f"@{count} rooms: all job processes CPU (%)", _media_at(count, "jobs_cpu_percent")),
+            (f"@{count} rooms: main process CPU (%)", _media_at(count, "main_cpu_percent")),
+            (f"@{count} rooms: helper processes CPU (%)", _media_at(count, "helpers_cpu_percent")),
+            (f"@{count} rooms: PSS per job (MB)", _media_at(count, "job_pss_mb")),
+            (f"@{count} rooms: USS per job (MB)", _media_at(count, "job_uss_mb")),
+            (f"@{count} rooms: main process RSS (MB)", _media_at(count, "main_rss_mb")),
+            (f"@{count} rooms: jobs behind", _media_at(count, "jobs_behind")),
+            (f"@{count} rooms: fewest reports/s of a job", _media_at(count, "min_report_rate")),
+            (
+                f"@{count} rooms: longest gap between reports (s)",
+                _media_at(count, "max_report_gap_s"),
+            ),
+            (
+                f"@{count} rooms: least audio metered (x audio sent)",
+                _media_at(count, "min_audio_ratio"),
+            ),
+            (
+                f"@{count} rooms: least tone sent by an observer (x real time)",
+                _media_at(count, "min_sent_ratio"),
+            ),
+            (
+                f"@{count} rooms: observers CPU, the load (%)",
+                _media_at(count, "observers_cpu_percent"),
+            ),
+            (
+                f"@{count} rooms: machine CPU (% of all cores)",
+                _media_at(count, "machine_cpu_percent"),
+            ),
+        ]
+    return rows
+
+
+def metric_rows(settings: dict[str, Any], workload: str = "join") -> list[tuple[str, Getter]]:
+    if workload == "media":
+        return media_rows(settings)
     rows: list[tuple[str, Getter]] = []
     for name, key in (
         ("dispatch → visible to observer", "dispatch_to_visible_ms"),
@@ -129,7 +194,7 @@ def table(results: dict[str, Any], workload: str = "join") -> str:
     runs = part.get("runs", {})
     header = ["metric", *COLUMNS, *(f"lkrun/official {name}" for name, _, _ in RATIOS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-    for label, get in metric_rows(part.get("settings", {})):
+    for label, get in metric_rows(part.get("settings", {}), workload):
         values = {col: get(runs[col]) if col in runs else None for col in COLUMNS}
         if all(v is None for v in values.values()):
             continue
@@ -197,7 +262,59 @@ def goals(results: dict[str, Any], workload: str = "agents") -> str:
     return "\n".join(lines)
 
 
-def _settings_line(settings: dict[str, Any]) -> str:
+def media_goals(results: dict[str, Any], workload: str = "media") -> str:
+    """The issue's goals for the media workload, per variant run."""
+    part = workloads(results).get(workload, {})
+    runs = part.get("runs", {})
+    counts = part.get("settings", {}).get("concurrency") or [MEDIA_GOAL_ROOMS]
+    rooms = MEDIA_GOAL_ROOMS if MEDIA_GOAL_ROOMS in counts else max(counts)
+    behind = _media_at(rooms, "jobs_behind")
+    cpu = _media_at(rooms, "job_cpu_percent")
+    sampled = _media_at(rooms, "jobs_sampled")
+    lines = [
+        "| goal (from the issue) | target | cold | warm |",
+        "|---|---|---:|---:|",
+    ]
+    no_behind = [f"no job behind at {rooms} rooms", "lkrun: 0 jobs behind"]
+    cheaper = [f"CPU per job at {rooms} rooms", "lkrun ≤ official"]
+    for _, lkrun, official in RATIOS:
+        a, b = runs.get(lkrun), runs.get(official)
+        mine = behind(a) if a else None
+        theirs = behind(b) if b else None
+        if mine is None:
+            no_behind.append("-")
+        else:
+            verdict = "met" if mine == 0 else "missed"
+            other = f", official {theirs}" if theirs is not None else ""
+            no_behind.append(f"lkrun {mine}{other}: {verdict}")
+        x, y = (cpu(a) if a else None), (cpu(b) if b else None)
+        short = {
+            name: f"{sampled(run)} of {rooms}"
+            for name, run in (("lkrun", a), ("official", b))
+            if run and (sampled(run) or 0) < rooms
+        }
+        if short:
+            # CPU over the few jobs still running says nothing about a job's cost.
+            running = ", ".join(f"{name} {n}" for name, n in short.items())
+            cheaper.append(f"no verdict: jobs running {running}")
+        elif isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            cheaper.append(f"{_fmt(x)} vs {_fmt(y)}: {'met' if x <= y else 'missed'}")
+        else:
+            cheaper.append("-")
+    lines += ["| " + " | ".join(no_behind) + " |", "| " + " | ".join(cheaper) + " |"]
+    if rooms != MEDIA_GOAL_ROOMS:
+        lines.append(
+            f"\n(The goals are set at {MEDIA_GOAL_ROOMS} rooms; this run went up to {rooms}.)"
+        )
+    return "\n".join(lines)
+
+
+def _settings_line(settings: dict[str, Any], workload: str = "join") -> str:
+    if workload == "media":
+        return (
+            f"Rooms: {settings.get('concurrency')}, each held {settings.get('hold')} s "
+            "after every meter reported the tone (+3 s warm-in)."
+        )
     return (
         f"{settings.get('dispatches')} sequential dispatches (+{settings.get('warmup')} "
         f"warm-up), memory at {settings.get('concurrency')} concurrent jobs held "
@@ -224,7 +341,9 @@ def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
         if timeouts:
             problems.append(f"- {where}: {timeouts} dispatches never became visible")
         problems += [f"- {where}: {note}" for note in run.get("notes") or []]
-    skipped = [c for c in COLUMNS if c not in runs]
+    # Only the variants this workload ran (media runs warm alone by default).
+    ran = {label.rsplit("-", 1)[-1] for label in runs}
+    skipped = [c for c in COLUMNS if c not in runs and c.rsplit("-", 1)[-1] in ran]
     if skipped:
         problems.append(f"- {workload}: not run: {', '.join(skipped)}")
     return problems
@@ -255,13 +374,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {title(workload)}",
             "",
             DESCRIPTIONS.get(workload, ""),
-            _settings_line(part.get("settings", {})),
+            _settings_line(part.get("settings", {}), workload),
             "",
             table(results, workload),
         ]
         if workload == "agents":
             out += ["", "Goals for this workload (from the issue), from the table above:", ""]
             out.append(goals(results, workload))
+        if workload == "media":
+            out += ["", "Goals for this workload (from the issue), from the table above:", ""]
+            out.append(media_goals(results, workload))
         problems += _problems(workload, part.get("runs", {}))
     out += ["", *_how_to_read(settings)]
     if problems:

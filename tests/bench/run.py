@@ -1,15 +1,16 @@
 """lkrun vs the official LiveKit Agents worker, side by side on one livekit-server.
 
-    python -m tests.bench [--workload join,agents] [--dispatches N] [--concurrency 1,10,50]
-                          [--max-jobs-cap 100] [--systems lkrun,official]
-                          [--variants cold,warm] [--idle 4]
+    python -m tests.bench [--workload join,agents,media] [--dispatches N]
+                          [--concurrency 1,10,50] [--max-jobs-cap 100]
+                          [--systems lkrun,official] [--variants cold,warm] [--idle 4]
 
 Makes (or reuses) the official worker's venv, starts one livekit-server in dev mode on
 free loopback ports, then for each workload (join: join the room and stay; agents: the
-same livekit-agents AgentSession module on both hosts), variant (cold: no prewarmed
-process; warm: --idle of them) and system starts the system, measures (see
-tests/bench/measure.py) and stops it. Writes results.md, results.json, the charts and
-every log to --results (default results/bench-<UTC timestamp>/) and prints the tables.
+same livekit-agents AgentSession module on both hosts; media: a level meter per room on
+a 48 kHz tone), variant (cold: no prewarmed process; warm: --idle of them) and system
+starts the system, measures (see tests/bench/measure.py) and stops it. Writes
+results.md, results.json, the charts and every log to --results (default
+results/bench-<UTC timestamp>/) and prints the tables.
 Everything it starts is stopped on exit, Ctrl-C and errors included.
 """
 
@@ -40,12 +41,36 @@ from tests.bench.procs import Registry
 from tests.bench.suts import REPO, WORKLOADS, LkrunSut, OfficialSut, Server, Sut
 
 SYSTEMS = ("lkrun", "official")
+# The media workload is opt-in (--workload media or all): about 12 minutes more, most of
+# them a 50-room level that keeps both cores of a small machine busy.
+DEFAULT_WORKLOADS = ("join", "agents")
 VARIANTS = ("cold", "warm")
 # Per-workload defaults of the flags that default to None (a flag given applies to all).
-# The agents workload makes fewer sequential dispatches: keeps `make bench` ~25 minutes.
+# The agents workload makes fewer sequential dispatches: keeps `make bench` ~35 minutes.
+# The media workload measures steady state only: no latency series, no ramp, warm only
+# (a prewarmed process changes the start, not the metering), a longer hold.
 WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "join": {"dispatches": 50, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
-    "agents": {"dispatches": 10, "concurrency": [1, 10, 50], "max_jobs_cap": 100},
+    "join": {
+        "dispatches": 50,
+        "concurrency": [1, 10, 50],
+        "max_jobs_cap": 100,
+        "hold": 5.0,
+        "variants": ["cold", "warm"],
+    },
+    "agents": {
+        "dispatches": 10,
+        "concurrency": [1, 10, 50],
+        "max_jobs_cap": 100,
+        "hold": 5.0,
+        "variants": ["cold", "warm"],
+    },
+    "media": {
+        "dispatches": 0,
+        "concurrency": [1, 10, 50],
+        "max_jobs_cap": 0,
+        "hold": 10.0,
+        "variants": ["warm"],
+    },
 }
 
 
@@ -74,7 +99,10 @@ def _choices(allowed: tuple[str, ...], **aliases: list[str]) -> Any:
 
 
 def _per_workload(flag: str) -> str:
-    return ", ".join(f"{w}: {d[flag]}" for w, d in WORKLOAD_DEFAULTS.items())
+    def show(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return "; ".join(f"{w}: {show(d[flag])}" for w, d in WORKLOAD_DEFAULTS.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,10 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workload",
-        type=_choices(WORKLOADS, both=list(WORKLOADS)),
-        default=list(WORKLOADS),
+        type=_choices(WORKLOADS, both=list(DEFAULT_WORKLOADS), all=list(WORKLOADS)),
+        default=list(DEFAULT_WORKLOADS),
         help="comma-separated: join (join the room and stay: lkrun's API vs a livekit-agents "
-        "entrypoint), agents (both run tests/bench/lka_agent.py, an AgentSession), or both",
+        "entrypoint), agents (both run tests/bench/lka_agent.py, an AgentSession), media "
+        "(a tone in each room and a level meter job: lkrun's example vs "
+        "tests/bench/lka_meter.py; opt-in: 50 rooms of audio saturate a 2-core machine), "
+        "both (join,agents) or all",
     )
     parser.add_argument(
         "--dispatches",
@@ -102,9 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency",
         type=_int_list,
         default=None,
-        help=f"memory at these job counts [{_per_workload('concurrency')}]",
+        help=f"memory (media: rooms) at these job counts [{_per_workload('concurrency')}]",
     )
-    parser.add_argument("--hold", type=float, default=5.0, help="seconds to hold before sampling")
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=None,
+        help=f"seconds held and sampled at each count [{_per_workload('hold')}]",
+    )
     parser.add_argument(
         "--max-jobs-cap",
         type=int,
@@ -128,8 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         type=_choices(VARIANTS),
-        default=list(VARIANTS),
-        help="comma-separated: cold (no prewarmed process), warm (--idle of them)",
+        default=None,
+        help="comma-separated: cold (no prewarmed process), warm (--idle of them) "
+        f"[{_per_workload('variants')}]",
     )
     parser.add_argument(
         "--official-load",
@@ -164,7 +201,7 @@ def _settings(args: argparse.Namespace, workload: str) -> Settings:
         dispatches=pick("dispatches"),
         warmup=args.warmup,
         concurrency=pick("concurrency"),
-        hold=args.hold,
+        hold=pick("hold"),
         max_jobs_cap=pick("max_jobs_cap"),
         ramp_step=args.ramp_step,
         visible_timeout=args.visible_timeout,
@@ -185,7 +222,7 @@ def _meta(args: argparse.Namespace, started: str) -> dict[str, Any]:
             "idle": args.idle,
             "official_load": args.official_load,
             "systems": args.systems,
-            "variants": args.variants,
+            "variants": args.variants or "per workload",
             "workloads": args.workload,
         },
     }
@@ -217,7 +254,7 @@ async def _bench(
                     "runs": {},
                 }
                 # Cold pair first, then warm: each comparison is made close together in time.
-                for variant in args.variants:
+                for variant in args.variants or WORKLOAD_DEFAULTS[workload]["variants"]:
                     for system in args.systems:
                         sut = _make_sut(
                             system,

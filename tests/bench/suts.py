@@ -9,8 +9,10 @@ script writes (see ``official_worker.py``).
 Each runs the agent of one workload (``WORKLOADS``): ``join`` (join the room and stay:
 lkrun's own API in ``agents.py``, a livekit-agents entrypoint in ``official_worker.py``)
 or ``agents`` (both run the same livekit-agents module, ``lka_agent.py``: an AgentSession
-with an in-process LLM). The agents workload's events (``events.jsonl``) are written by
-the agent itself on both hosts.
+with an in-process LLM) or ``media`` (a level meter on a 48 kHz tone: lkrun runs its
+example ``lkrun/examples/level_meter.py``, the official worker the same meter written
+against livekit-agents, ``lka_meter.py``). The agents workload's events (``events.jsonl``)
+are written by the agent itself on both hosts.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ from tests.bench.procs import Registry, Spawned, descendants
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_SCRIPT = Path(__file__).resolve().parent / "official_worker.py"
 ACTIVE = ("starting", "running", "stopping")
-WORKLOADS = ("join", "agents")
+WORKLOADS = ("join", "agents", "media")
 # What lkrun's manifest names, per workload (the official worker picks by BENCH_WORKLOAD).
 LKRUN_ENTRYPOINTS = {
     "join": "tests.bench.agents:entrypoint",
     "agents": "tests.bench.lka_agent:server",
+    "media": "lkrun.examples.level_meter:entrypoint",
 }
+# The agent's dispatch name after bench-<system>, per workload.
+NAME_SUFFIXES = {"join": "", "agents": "-lka", "media": "-meter"}
 
 
 class SutError(Exception):
@@ -92,7 +97,7 @@ class Sut(abc.ABC):
     @property
     def agent_name(self) -> str:
         """The dispatch name: one per system and workload, so no leftover takes a job."""
-        return f"bench-{self.system}" + ("-lka" if self.workload == "agents" else "")
+        return f"bench-{self.system}{NAME_SUFFIXES[self.workload]}"
 
     @property
     def label(self) -> str:
