@@ -110,7 +110,8 @@ async def entrypoint(ctx: JobContext) -> None:
     ) -> None:
         recording = Recording(directory / f"{stem}-{next(numbers)}.wav")
         ctx.logger.info("recording track %s of %r to %s", track.sid, target, recording.path)
-        stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+        # 100 ms frames: a tenth of the SDK's per-frame work of its default 10 ms ones.
+        stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=100)
         try:
             async for event in stream:
                 recording.write(bytes(event.frame.data))

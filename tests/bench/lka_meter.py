@@ -113,7 +113,11 @@ class Meter:
     async def meter(self, track: rtc.Track, who: rtc.RemoteParticipant) -> None:
         level = self.levels.setdefault(who.identity, Level())
         level.tracks += 1
-        stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+        # The same frame size as lkrun's meter (see there).
+        frame_ms = max(10, min(100, int(500 / RATE)))
+        stream = rtc.AudioStream(
+            track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=frame_ms
+        )
         try:
             async for event in stream:
                 level.add(np.frombuffer(event.frame.data, dtype=np.int16))
