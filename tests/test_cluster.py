@@ -9,11 +9,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from livekit import api
 
 from lkrun import devcluster, devserver
+from lkrun.api import control
 from tests.conftest import DaemonProc, Server, _kill_job_processes, livekit_api, unique, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -226,3 +228,24 @@ async def test_a_restarted_node_gets_its_daemon_back(cluster: Cluster) -> None:
     node.start()
     await daemon.wait_registered(60)
     await _warm_up(cluster, frozenset({"d1"}))  # d1 takes jobs again, its node restarted
+
+
+async def test_make_cluster_runs_named_daemons_on_their_own_state(tmp_path: Path) -> None:
+    """What `make cluster` starts: each daemon named, on its own node, socket and state dir."""
+    manifest = tmp_path / "agents.toml"
+    manifest.write_text(MANIFEST)
+    with devcluster.running_cluster(manifest, tmp_path / "cluster") as made:
+
+        async def ready(daemon: devcluster.Daemon) -> dict[str, Any] | None:
+            try:
+                status = await control.get(daemon.socket, "/v1/status")
+            except control.ControlError:
+                return None
+            return status if status["ready"] else None
+
+        for daemon, node in zip(made.daemons, made.nodes, strict=True):
+            status = await wait_for(lambda d=daemon: ready(d), 60, what=f"{daemon.name} ready")
+            assert status["name"] == daemon.name and status["url"] == node.url
+            assert (daemon.directory / "state" / "jobs.db").is_file()  # --state-dir
+            assert daemon.running()
+    assert not any(d.running() for d in made.daemons)
