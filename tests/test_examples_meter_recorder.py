@@ -229,6 +229,41 @@ def test_a_recording_is_a_valid_wav_while_it_grows(tmp_path: Path) -> None:
         recorder.Recording(tmp_path / "r.wav")
 
 
+def test_a_recording_rolls_over_to_numbered_valid_files_before_the_limit(tmp_path: Path) -> None:
+    """Issue 17 item 5: past 4 GiB the stdlib's header patch raises and the next write lands
+    on the header. With a limit of 0.3 s of audio per file, 1.25 s of a ramp (every sample
+    distinct) goes to five files, each a valid WAV within the limit, in order, nothing lost."""
+    limit = 44 + 2 * 14400  # 0.3 s of 48 kHz mono int16
+    finished: list[tuple[Path, float, int]] = []
+    first = tmp_path / "alice-AJ_1-1.wav"
+    recording = recorder.Recording(
+        first, max_bytes=limit, finished=lambda *done: finished.append(done)
+    )
+    audio = (np.arange(60000) % 65536 - 32768).astype(np.int16)
+    for frame in np.split(audio, 12):  # 5000 samples at a time: splits fall inside frames
+        recording.write(frame.tobytes())
+    assert recording.close() == (1.25, 5 * 44 + 2 * 60000)
+    paths = [first] + [tmp_path / f"alice-AJ_1-1-part{n}.wav" for n in range(2, 6)]
+    assert recording.paths == paths
+    assert sorted(tmp_path.iterdir()) == sorted(paths)
+    assert [(p, s) for p, s, _ in finished] == [(p, 0.3) for p in paths[:4]] + [(paths[4], 0.05)]
+    assert [size for _, _, size in finished] == [p.stat().st_size for p in paths]
+    assert all(p.stat().st_size <= limit for p in paths)
+    assert np.array_equal(np.concatenate([read_wav(p) for p in paths]), audio)
+
+
+def test_the_file_size_limit_is_a_setting_within_what_wav_can_hold() -> None:
+    assert recorder.max_file_bytes({}) == 4_000_000_000
+    assert recorder.max_file_bytes({"RECORDER_MAX_BYTES": "1_000_000"}) == 1_000_000
+    assert recorder.max_file_bytes({"RECORDER_MAX_BYTES": str(recorder.WAV_MAX_BYTES)}) > 2**32
+    for bad in ("lots", "100", str(2**32 + 9), "1e9"):
+        with pytest.raises(ValueError, match=r"^RECORDER_MAX_BYTES="):
+            recorder.max_file_bytes({"RECORDER_MAX_BYTES": bad})
+    # The largest allowed file's header still fits the RIFF sizes' 32 bits.
+    room = (recorder.WAV_MAX_BYTES - 44) // 2 * 2
+    assert 36 + room <= 0xFFFFFFFF
+
+
 def read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path), "rb") as wav:
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, RATE)
