@@ -18,7 +18,7 @@ import pytest
 from lkrun import paths
 from lkrun.child import pdeathsig
 from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe, last_lines, one_line
+from lkrun.child.text import describe, last_lines, one_line, printable
 
 # --- one-line texts ------------------------------------------------------------------------
 
@@ -43,6 +43,13 @@ def test_last_lines_of_output() -> None:
     assert last_lines(output, 5) == "one | two | three"
     assert last_lines(output, 5, limit=9) == "...o | three"
     assert last_lines("") == ""
+
+
+def test_printable_shows_control_characters_escaped() -> None:
+    assert printable("room\x1b[31m red\x9b\x00\x7f") == "room\\x1b[31m red\\x9b\\x00\\x7f"
+    assert printable("a\nb\r\u202ec\u2028") == "a\\x0ab\\x0d\\u202ec\\u2028"
+    assert printable("tab\tand ünïcode [b]x[/b]") == "tab\tand ünïcode [b]x[/b]"
+    assert printable(42) == "42"
 
 
 # --- background tasks ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from lkrun import __version__
 from lkrun.api import control
+from lkrun.child.text import printable
 
 app = typer.Typer(
     help="Host many LiveKit agents from one manifest, one subprocess per job.",
@@ -26,15 +27,23 @@ jobs_app = typer.Typer(
 )
 app.add_typer(jobs_app, name="jobs")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji either: ":warning:" in a room name is text, not a picture.
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 # Piped output is read by scripts and grep: don't wrap it at 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 400)
 
 
 def cell(value: object) -> Text:
     """A table cell shown as it is: room names, errors and identities come from clients and
-    jobs, and Rich would read "[link=...]" or "[/x]" in them as markup."""
-    return Text(str(value))
+    jobs, and Rich would read "[link=...]" or "[/x]" in them as markup; their control
+    characters are shown escaped (``printable``), never sent to the terminal."""
+    return Text(printable(value))
+
+
+def say(text: object, console: Console | None = None) -> None:
+    """Print one line that may carry text from outside (rooms, jobs, the server): as data,
+    neither Rich markup nor terminal control sequences."""
+    (console or out).print(printable(text), markup=False, emoji=False)
 
 
 EXIT_USAGE = 2  # bad manifest or bad configuration
@@ -60,7 +69,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    say(f"error: {message}", err)  # errors quote agent names, rooms and the server's replies
     raise typer.Exit(code)
 
 

@@ -22,8 +22,8 @@ from lkrun.cli.common import (
     duration_option,
     err,
     fail,
-    out,
     run_async,
+    say,
 )
 
 
@@ -80,11 +80,11 @@ def dispatch(
     def on_retry(dropped: Dispatch, again: Dispatch, seconds: float) -> None:
         nonlocal tries
         tries += 1
-        err.print(
+        say(
             f"dispatch {dropped.id} got no job after {seconds:.1f}s: LiveKit dropped it (no "
             f"worker for {agent!r} was available); deleted it and created {again.id} "
             f"(retry {tries}/{retries})",
-            markup=False,
+            err,
         )
 
     async def run() -> tuple[Any, Any]:
@@ -126,14 +126,13 @@ def dispatch(
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     elif running is None:
-        out.print(created.id, markup=False)
+        say(created.id)
     else:
         job = f"job {running.job_id}" if running.job_id else "a job"
         daemon = f", daemon {running.daemon}" if running.daemon else ""
-        out.print(
+        say(
             f"{created.id}: {job} running after {running.seconds:.2f}s "
-            f"(participant {running.participant_identity}{daemon}, seen in {running.seen_in})",
-            markup=False,
+            f"(participant {running.participant_identity}{daemon}, seen in {running.seen_in})"
         )
     if wait and running is None:
         _explain_timeout(agent, room, created.id, limit, control_socket)
@@ -149,10 +148,7 @@ def _explain_timeout(
         local = control.request(socket_path or control.default_socket_path(), "/v1/status")
     except control.ControlError:
         local = None
-    err.print(
-        f"error: no job of dispatch {dispatch_id} was running after {limit:g}s; most likely:",
-        markup=False,
-    )
+    say(f"error: no job of dispatch {dispatch_id} was running after {limit:g}s; most likely:", err)
     for reason in diagnose(agent, room, local):
-        err.print(f"  - {reason}", markup=False)
+        say(f"  - {reason}", err)
     raise typer.Exit(EXIT_FAILURE)

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from lkrun.api import control
+from lkrun.child.text import printable
 from lkrun.cli.common import (
     EXIT_USAGE,
     JsonOpt,
@@ -25,6 +26,7 @@ from lkrun.cli.common import (
     jobs_app,
     out,
     run_async,
+    say,
 )
 from lkrun.jobs.fields import STATUSES
 
@@ -185,10 +187,10 @@ def jobs_show(
         ("peak memory", f"{job.get('peak_memory_mb') or 0:.0f} MB"),
     ]
     for key, value in fields:
-        out.print(f"{key + ':':<16}{value}", markup=False)
+        say(f"{key + ':':<16}{value}")
     out.print(f"\nlast {len(data['log'])} log line(s):", markup=False)
     for line in data["log"]:
-        out.print(f"  {line}", markup=False)
+        say(f"  {line}")
 
 
 @jobs_app.command("logs")
@@ -198,15 +200,22 @@ def jobs_logs(
         bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")
     ] = False,
     tail: Annotated[int, typer.Option(help="Start with this many of the last lines.")] = 100,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw", help="Print control characters (colours, escapes) as the job wrote them."
+        ),
+    ] = False,
     control_socket: SocketOpt = None,
 ) -> None:
-    """Print (or follow) one job's own log."""
+    """Print (or follow) one job's own log; control characters are shown escaped (\\x1b)."""
     path = control_socket or control.default_socket_path()
     params = {"tail": str(tail), "follow": "1" if follow else "0"}
+    shown = str if raw else printable
 
     async def run() -> None:
         async for line in control.stream(path, f"/v1/jobs/{job_id}/logs", params):
-            sys.stdout.write(line + "\n")
+            sys.stdout.write(shown(line) + "\n")
             sys.stdout.flush()
 
     try:
@@ -232,4 +241,4 @@ def jobs_kill(
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
     else:
-        out.print(f"{job_id}: {data['action']}", markup=False)
+        say(f"{job_id}: {data['action']}")

@@ -9,7 +9,17 @@ import typer
 from rich.table import Table
 
 from lkrun.api.control import DaemonStatus
-from lkrun.cli.common import EXIT_FAILURE, JsonOpt, SocketOpt, age, app, ask_daemon, cell, out
+from lkrun.cli.common import (
+    EXIT_FAILURE,
+    JsonOpt,
+    SocketOpt,
+    age,
+    app,
+    ask_daemon,
+    cell,
+    out,
+    say,
+)
 
 
 @app.command()
@@ -26,10 +36,9 @@ def status(control_socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
 
 def _print_status(data: DaemonStatus) -> None:
     ready = "ready" if data.get("ready") else f"NOT READY ({data.get('not_ready_reason')})"
-    out.print(
+    say(
         f"lkrun {data['version']} pid {data['pid']}, up {age(data['uptime'])}, {ready}; "
-        f"LiveKit {data['url']}, manifest {data['manifest']}",
-        markup=False,
+        f"LiveKit {data['url']}, manifest {data['manifest']}"
     )
     table = Table(box=None, pad_edge=False)
     for column in (
@@ -65,4 +74,4 @@ def _print_status(data: DaemonStatus) -> None:
     out.print(table)
     for a in data["agents"]:
         if a.get("app"):
-            out.print(f"{a['agent']}: {a['app']}", markup=False)
+            say(f"{a['agent']}: {a['app']}")
