@@ -21,15 +21,21 @@ test: $(STAMP) redis
 	$(BIN)/ruff check lkrun tests
 	$(BIN)/pytest -v
 
-# The cluster tests and `make cluster` run a throwaway redis-server: use the system's, or
-# install Debian's package when we are root on a machine with apt (CI); else say what to do.
+# The cluster tests and `make cluster` run a throwaway redis-server: $LKRUN_REDIS_SERVER
+# (as lkrun.devcluster reads it), else the system's, else install Debian's package when we
+# are root on a machine with apt (CI); else say what to do.
 redis:
-	@command -v redis-server >/dev/null || { \
+	@if [ -n "$$LKRUN_REDIS_SERVER" ]; then \
+	  [ -f "$$LKRUN_REDIS_SERVER" ] && [ -x "$$LKRUN_REDIS_SERVER" ] || { \
+	    echo "error: LKRUN_REDIS_SERVER=$$LKRUN_REDIS_SERVER is not an executable file" >&2; exit 1; }; \
+	  exit 0; \
+	fi; \
+	command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing redis-server with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
-	    echo "error: redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)" >&2; \
+	    echo "error: redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) or set LKRUN_REDIS_SERVER" >&2; \
 	    exit 1; \
 	  fi; }
 
@@ -57,8 +63,11 @@ clean:
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak
 
-# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about 15-20
-# minutes at the defaults). Shrink it with e.g. BENCH_ARGS="--dispatches 10 --concurrency 1,5".
+# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about 35
+# minutes at the defaults on 2 cores). Shrink it with e.g.
+# BENCH_ARGS="--dispatches 10 --concurrency 1,5". Everything goes to results/bench-<time>/
+# (ignored by git); results.md and results.json are also copied to benchmarks/bench-<time>/,
+# to commit when the README quotes the run (benchmarks/README.md).
 .PHONY: bench
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench --copy-to benchmarks $(BENCH_ARGS)

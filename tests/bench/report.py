@@ -367,6 +367,8 @@ def markdown(results: dict[str, Any]) -> str:
         "which is better for every row but the last (max jobs, where higher is better). "
         "Absolute times drift on a shared 2-core machine; compare within one run.",
     ]
+    if meta.get("command"):  # runs before the field existed do not name theirs
+        out += ["", f"Command (from the repository's root, in its venv): `{meta['command']}`"]
     problems: list[str] = []
     for workload, part in parts.items():
         out += [

@@ -22,6 +22,8 @@ import datetime
 import json
 import os
 import platform
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base-python", default="python3", help="python that creates the bench venv"
     )
     parser.add_argument("--no-chart", action="store_true", help="skip chart.png")
+    parser.add_argument(
+        "--copy-to",
+        type=Path,
+        default=None,
+        help="also copy results.md and results.json to COPY_TO/<run id>/ (make bench: "
+        "benchmarks/, the folder the README's figures are committed to)",
+    )
     args = parser.parse_args(argv)
     negative = any(
         value is not None and value < 0
@@ -209,9 +218,10 @@ def _settings(args: argparse.Namespace, workload: str) -> Settings:
     )
 
 
-def _meta(args: argparse.Namespace, started: str) -> dict[str, Any]:
+def _meta(args: argparse.Namespace, started: str, command: str) -> dict[str, Any]:
     return {
         "started": started,
+        "command": command,
         "lkrun_version": lkrun_version,
         "livekit_agents_version": benchvenv.AGENTS_VERSION,
         "livekit_server_version": devserver.LIVEKIT_SERVER_VERSION,
@@ -226,6 +236,20 @@ def _meta(args: argparse.Namespace, started: str) -> dict[str, Any]:
             "workloads": args.workload,
         },
     }
+
+
+def _measuring_args(argv: list[str]) -> list[str]:
+    """argv without the flags that only say where results go (with or without '=')."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--results", "--copy-to"):
+            skip = True
+        elif not arg.startswith(("--results=", "--copy-to=")):
+            out.append(arg)
+    return out
 
 
 class _Stop(Exception):
@@ -335,15 +359,27 @@ def _chart(bench_python: Path | None, folder: Path) -> None:
         print(f"bench: chart failed: {result.stderr.strip()[-500:]}", flush=True)
 
 
+def _copy(folder: Path, destination: Path) -> Path:
+    """results.md and results.json (small, no logs) to destination/<run id>/, to commit."""
+    target = destination / folder.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("results.md", "results.json"):
+        shutil.copyfile(folder / name, target / name)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parse_args(given)
     warnings.filterwarnings("ignore", message="The HMAC key is")  # the dev server's secret
     now = datetime.datetime.now(datetime.timezone.utc)
     started = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     folder = args.results or REPO / "results" / f"bench-{now.strftime('%Y%m%dT%H%M%SZ')}"
     folder.mkdir(parents=True, exist_ok=True)
     print(f"bench: results in {folder}", flush=True)
-    results: dict[str, Any] = {"meta": _meta(args, started), "workloads": {}}
+    # Without --results/--copy-to: they change where it writes, not what it measures.
+    command = shlex.join(["python", "-m", "tests.bench", *_measuring_args(given)])
+    results: dict[str, Any] = {"meta": _meta(args, started, command), "workloads": {}}
 
     bench_python: Path | None = None
     need_venv = "official" in args.systems or not args.no_chart
@@ -389,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     charts = sorted(p.name for p in folder.glob("chart*.png"))
     written = ["results.json", *charts]
     print(f"\nbench: {folder / 'results.md'}, {', '.join(written)}", flush=True)
+    if args.copy_to is not None:
+        print(f"bench: results.md and results.json copied to {_copy(folder, args.copy_to)}")
     failed = [label for label, run in runs.items() if not run.get("ok")]
     if interrupted:
         return 130
