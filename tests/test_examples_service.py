@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
+from unittest import mock
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -327,6 +330,96 @@ async def test_replies_are_published_and_bad_ones_ignored() -> None:
             await asyncio.gather(running, return_exceptions=True)
     assert sent == [(b"hi", None, "r"), (b'{"n":1}', ["x"], "t"), (b"\xff", None, "b")]
     assert p.delivered == 4
+    assert p.ignored == {"bad_reply": 1}
+
+
+class SegmentedEndpoint:
+    """Answers each post with the next of ``answers`` (bytes), chunked, in ``segments``
+    writes spaced apart: a reader that takes one read for the body gets the first only."""
+
+    def __init__(self, answers: list[bytes], segments: int = 4) -> None:
+        self.answers = iter(answers)
+        self.segments = segments
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        body = next(self.answers)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        step = max(1, -(-len(body) // self.segments))
+        for start in range(0, len(body), step):
+            if start:
+                # Not a wait for a condition: spaces the segments so that the client sees
+                # them apart (the bridge reads them whole either way).
+                await asyncio.sleep(0.05)
+            await resp.write(body[start : start + step])
+        await resp.write_eof()
+        return resp
+
+
+async def post_all(p: wb.Poster, count: int) -> None:
+    for seq in range(1, count + 1):
+        p.put(event(seq))
+    running = asyncio.create_task(p.run())
+    try:
+        assert await p.flush(20)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_reply_in_several_segments_is_read_whole() -> None:
+    """Issue 17 item 6: the first read of a chunked answer is its first chunk only."""
+    payload = "x" * 12000
+    answer = json.dumps({"reply": {"topic": "t", "payload": payload, "to": ["alice"]}})
+    sent: list[Any] = []
+    async with serving(SegmentedEndpoint([answer.encode()])) as hook:  # type: ignore[arg-type]
+        p = poster(hook.url, sent)
+        await post_all(p, 1)
+    assert sent == [(payload.encode(), ["alice"], "t")]
+    assert p.delivered == 1 and p.ignored == {}
+
+
+async def test_an_answer_too_large_or_not_json_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    big = json.dumps({"reply": {"payload": "y"}, "pad": "z" * wb.RESPONSE_MAX_BYTES}).encode()
+    answers = [big, b"<html>ok</html>", b'{"reply": {"payload": "fine"}}', b""]
+    sent: list[Any] = []
+    caplog.set_level(logging.WARNING, logger="t")
+    async with serving(SegmentedEndpoint(answers)) as hook:  # type: ignore[arg-type]
+        p = poster(hook.url, sent, reply_topic="r")
+        await post_all(p, 4)
+    assert sent == [(b"fine", None, "r")]
+    assert p.delivered == 4 and p.failed == 0
+    assert p.ignored == {"too_large": 1, "not_json": 1}
+    logged = [
+        (r.webhook_answer, r.event_id, r.seq)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if hasattr(r, "webhook_answer")
+    ]
+    assert logged == [("too_large", "e1", 1), ("not_json", "e2", 2)]
+    assert [r.levelno for r in caplog.records if hasattr(r, "webhook_answer")] == [30, 30]
+
+
+async def test_read_body_reads_to_the_end_and_refuses_past_the_limit() -> None:
+    """The same without a server: parts fed one at a time, each read alone."""
+
+    async def body(parts: list[bytes], limit: int) -> bytes | None:
+        protocol = mock.Mock(_reading_paused=False, connected=True)
+        stream = aiohttp.StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
+        reading = asyncio.create_task(wb.read_body(stream, limit))
+        for part in parts:
+            stream.feed_data(part)
+            await asyncio.sleep(0)  # let the reader take this part alone
+        stream.feed_eof()
+        return await reading
+
+    assert await body([b"ab", b"cd", b"ef"], 6) == b"abcdef"
+    assert await body([b"ab", b"cd", b"efg"], 6) is None
+    assert await body([], 6) == b""
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,9 @@ only put the event in a bounded queue (the oldest is dropped, and counted, when 
 one task posts them in order, retrying a failed post with capped exponential backoff, so a
 slow or dead endpoint never holds up the room. An endpoint that answers
 ``{"reply": {"topic": ..., "payload": ..., "to": [...]}}`` has that published in the room.
+The answer is read whole, in however many chunks it comes, up to ``RESPONSE_MAX_BYTES``; one
+over that, not JSON, or with a malformed reply publishes nothing and is logged (a warning
+with the field ``webhook_answer``: ``too_large``, ``not_json`` or ``bad_reply``).
 
 The schema, one object per POST (``Content-Type: application/json``)::
 
@@ -144,6 +147,26 @@ class EventQueue:
         return self._items.popleft()
 
 
+class NotJSON(ValueError):
+    """An endpoint's answer that is not JSON (so it carries no reply)."""
+
+
+async def read_body(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, however many chunks it comes in; None if it is over ``limit`` bytes
+    (what came of it is not kept)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        # read(n) returns what has arrived (one chunk or segment), not n bytes: loop to EOF.
+        chunk = await content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
 @dataclass(frozen=True)
 class Reply:
     topic: str
@@ -157,14 +180,15 @@ def parse_replies(body: bytes, default_topic: str) -> list[Reply]:
     ``reply`` is one object or a list of them: ``topic`` (a string; default
     ``default_topic``), ``payload`` (a string is sent as UTF-8, any other JSON value as its
     JSON text) or ``payload_base64`` (bytes), ``to`` (identities; left out: everybody).
-    Raises ValueError, saying why, for a reply that is not that.
+    Raises NotJSON for a body that is not JSON, ValueError, saying why, for a reply that is
+    not that.
     """
     if not body.strip():
         return []
     try:
         answer = json.loads(body)
-    except (ValueError, RecursionError):
-        return []  # an endpoint may answer anything; only a JSON object can carry replies
+    except (ValueError, RecursionError):  # deep nesting raises RecursionError
+        raise NotJSON("the answer is not JSON") from None
     if not isinstance(answer, dict) or answer.get("reply") is None:
         return []
     items = answer["reply"] if isinstance(answer["reply"], list) else [answer["reply"]]
@@ -211,6 +235,8 @@ class Poster:
         self.queue = EventQueue(settings.queue_size)
         self.delivered = 0
         self.failed = 0  # given up after the last attempt, or refused by the endpoint
+        # Answers whose replies were not published, by why: too_large, not_json, bad_reply.
+        self.ignored: dict[str, int] = {}
         self._send = send
         self._logger = logger
         self._idle = asyncio.Event()
@@ -261,9 +287,9 @@ class Poster:
                     self.settings.url, data=body, allow_redirects=False
                 ) as resp:
                     if 200 <= resp.status < 300:
-                        answer = await resp.content.read(RESPONSE_MAX_BYTES + 1)
+                        answer = await read_body(resp.content, RESPONSE_MAX_BYTES)
                         self.delivered += 1
-                        self._reply(answer, what)
+                        self._reply(answer, event)
                         return
                     problem = f"HTTP {resp.status}"
                     retryable = resp.status in (408, 425, 429) or resp.status >= 500
@@ -291,17 +317,33 @@ class Poster:
             )
             await asyncio.sleep(pause)
 
-    def _reply(self, answer: bytes, what: str) -> None:
-        if len(answer) > RESPONSE_MAX_BYTES:
-            self._logger.warning("webhook answer to %s over %d bytes: ignored", what, len(answer))
+    def _reply(self, answer: bytes | None, event: dict[str, Any]) -> None:
+        if answer is None:
+            self._ignore(event, "too_large", f"over {RESPONSE_MAX_BYTES} bytes")
             return
         try:
             replies = parse_replies(answer, self.settings.reply_topic)
+        except NotJSON as exc:
+            self._ignore(event, "not_json", str(exc), size=len(answer))
+            return
         except ValueError as exc:
-            self._logger.warning("webhook answer to %s: reply ignored: %s", what, exc)
+            self._ignore(event, "bad_reply", str(exc))
             return
         for reply in replies:
             self._send(reply.payload, reply.to, reply.topic)
+
+    def _ignore(self, event: dict[str, Any], why: str, detail: str, **fields: Any) -> None:
+        self.ignored[why] = self.ignored.get(why, 0) + 1
+        self._logger.warning(
+            "webhook %s: answer to %s #%s ignored (%s): %s",
+            self._where,
+            event["event"],
+            event["seq"],
+            why,
+            detail,
+            # For a JSON log handler; the message says the same for people.
+            extra={"webhook_answer": why, "event_id": event["id"], "seq": event["seq"], **fields},
+        )
 
 
 def _seconds(header: str | None) -> float | None:
