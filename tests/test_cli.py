@@ -94,6 +94,43 @@ def test_check_accepts_the_example_manifest(tmp_path: Path) -> None:
     assert "assistant: livekit-agents 1.8." in result.stdout
 
 
+def test_check_json_reports_each_agent(tmp_path: Path) -> None:
+    manifest = tmp_path / "agents.toml"
+    manifest.write_text(
+        GOOD + '[agents.greeter]\nentrypoint = "lkrun.examples.greeter:entrypoint"\n'
+    )
+    result = run_cli("check", "--json", str(manifest), env=unreachable_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["errors"] == []
+    assert [(a["name"], a["ok"], a["error"]) for a in report["agents"]] == [
+        ("echo", True, None),
+        ("greeter", True, None),
+    ]
+    echo = report["agents"][0]
+    assert echo["entrypoint"] == "lkrun.examples.echo:entrypoint"
+    assert (echo["framework"], echo["kind"], echo["app"]) == ("lkrun", "function", "lkrun function")
+
+
+def test_check_json_reports_a_refused_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "agents.toml"
+    manifest.write_text(GOOD + '[agents.bad]\nentrypoint = "lkrun.examples.echo:nothing_here"\n')
+    result = run_cli("check", "--json", str(manifest), env=unreachable_env(tmp_path))
+    assert result.returncode == 2, result
+    report = json.loads(result.stdout)  # JSON on stdout even when refused
+    assert report["ok"] is False
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("bad", "entrypoint")
+    assert "nothing_here" in error["message"]
+    bad = next(a for a in report["agents"] if a["name"] == "bad")
+    assert bad["ok"] is False and "nothing_here" in bad["error"]
+    manifest.write_text("[agents.echo\n")  # not even TOML: no agent to report
+    result = run_cli("check", "--json", str(manifest), env=unreachable_env(tmp_path))
+    assert result.returncode == 2
+    report = json.loads(result.stdout)
+    assert report["agents"] == [] and report["errors"][0]["agent"] is None
+
+
 def test_jobs_ls_without_a_daemon_says_so(tmp_path: Path) -> None:
     env = unreachable_env(tmp_path)
     result = run_cli("jobs", "ls", "--control-socket", str(tmp_path / "none.sock"), env=env)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +16,7 @@ from lkrun import credentials, paths
 from lkrun.api import control
 from lkrun.cli.common import (
     EXIT_USAGE,
+    JsonOpt,
     SocketOpt,
     app,
     duration_option,
@@ -24,6 +27,7 @@ from lkrun.cli.common import (
 )
 from lkrun.entrypoints import check_entrypoints
 from lkrun.manifest import (
+    AgentSpec,
     DaemonSettings,
     Manifest,
     ManifestError,
@@ -44,8 +48,14 @@ def _load(manifest_path: Path) -> Manifest:
 
 
 @app.command()
-def check(manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")]) -> None:
+def check(
+    manifest: Annotated[Path, typer.Argument(help="The agents manifest (TOML).")],
+    as_json: JsonOpt = False,
+) -> None:
     """Validate a manifest, importing each entrypoint in a subprocess, without connecting."""
+    if as_json:
+        _check_json(manifest)
+        return
     loaded = _load(manifest)
     out.print(
         f"{manifest}: {len(loaded.agents)} agent(s) OK: {', '.join(loaded.agents)}", markup=False
@@ -54,6 +64,43 @@ def check(manifest: Annotated[Path, typer.Argument(help="The agents manifest (TO
         app_line = spec.app.summary() if spec.app is not None else spec.framework
         out.print(f"  {spec.name}: {app_line}", markup=False)
     _warn_app_settings(loaded)
+
+
+def _check_json(manifest_path: Path) -> None:
+    """`check --json`: one object, also for a refused manifest (then exit 2). The check
+    stops at the first error, so agents it did not reach have "ok": null."""
+    report: dict[str, Any] = {"manifest": str(manifest_path), "ok": True, "errors": []}
+    try:
+        loaded = load_manifest(manifest_path)
+        # Listed before the import check, so that a refusal still names every agent.
+        report["agents"] = [_agent_report(spec) for spec in loaded.agents.values()]
+        checked = check_entrypoints(loaded)
+        report["agents"] = [_agent_report(spec, ok=True) for spec in checked.agents.values()]
+    except ManifestError as exc:
+        error = {"agent": exc.agent, "field": exc.field, "message": exc.message, "text": str(exc)}
+        report.update(ok=False, errors=[error])
+        for agent in report.setdefault("agents", []):
+            if agent["name"] == exc.agent:
+                agent.update(ok=False, error=exc.message)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    if not report["ok"]:
+        raise typer.Exit(EXIT_USAGE)
+
+
+def _agent_report(spec: AgentSpec, ok: bool | None = None) -> dict[str, Any]:
+    info = spec.app
+    return {
+        "name": spec.name,
+        "entrypoint": spec.entrypoint,
+        "dispatch": spec.dispatch,
+        "framework": info.framework if info is not None else spec.framework,
+        "kind": info.kind if info is not None else None,
+        "version": (info.version or None) if info is not None else None,
+        "app": info.summary() if info is not None else None,
+        "warnings": list(info.warnings) if info is not None else [],
+        "ok": ok,
+        "error": None,
+    }
 
 
 def _warn_app_settings(manifest: Manifest) -> None:
