@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from lkrun import __version__
+from lkrun import __version__, paths
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
@@ -29,8 +29,8 @@ from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
 from lkrun.jobs.book import JobBook
 from lkrun.jobs.history import History
-from lkrun.jobs.logfiles import default_log_dir
-from lkrun.jobs.store import JobQuery, StoreError, default_db_path
+from lkrun.jobs.statelock import StateDirBusy, StateLock
+from lkrun.jobs.store import JobQuery, StoreError
 from lkrun.load import CpuMonitor, CpuPressure
 from lkrun.manifest import (
     AgentSpec,
@@ -69,17 +69,20 @@ class FatalError(Exception):
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, *, state_lock: StateLock | None = None) -> None:
+        """state_lock: the state directory's lock, when the caller took it already (the CLI
+        does, before it starts a dev server); else serve() takes it."""
         self.config = config
+        self._state_lock = state_lock
         self.manifest = config.manifest
         self.metrics = Metrics()
         self.name = config.settings.name or socket.gethostname()
         self.metrics.set_daemon(self.name, __version__)
-        state = config.settings.state_dir
-        database = state / "jobs.db" if state else default_db_path()
+        # One daemon per state directory (StateLock): its history is its own.
+        self.state_dir = state_dir_of(config.settings)
         self.history = History(
-            database=config.settings.database or database,
-            log_dir=config.settings.log_dir or (state / "logs" if state else default_log_dir()),
+            database=config.settings.database or self.state_dir / "jobs.db",
+            log_dir=config.settings.log_dir or self.state_dir / "logs",
             retention=config.settings.history_retention,
             log_max_bytes=config.settings.job_log_max_mb * 1024 * 1024,
         )
@@ -240,6 +243,14 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until stopped. Raises FatalError when the daemon cannot go on."""
+        # Before anything is read, written or bound: a refused daemon touches nothing.
+        lock = self._state_lock or lock_state_dir(self.state_dir)
+        try:
+            await self._serve()
+        finally:
+            lock.release()
+
+    async def _serve(self) -> None:
         self._fatal = asyncio.get_running_loop().create_future()
         self._install_signal_handlers()
         if not pdeathsig.make_undumpable():
@@ -493,6 +504,20 @@ class Daemon:
             log.warning("received %s a third time: killing jobs", sig.name)
             for host in self.all_hosts():
                 host.kill_jobs("daemon received a third stop signal")
+
+
+def state_dir_of(settings: DaemonSettings) -> Path:
+    return settings.state_dir or paths.state_dir()
+
+
+def lock_state_dir(directory: Path) -> StateLock:
+    """The state directory's lock; FatalError (one line) if another daemon holds it."""
+    try:
+        return StateLock.acquire(directory)
+    except StateDirBusy as exc:
+        raise FatalError(str(exc)) from None
+    except OSError as exc:
+        raise FatalError(f"cannot lock the state directory {directory}: {exc}") from exc
 
 
 def _load_checked(path: Path) -> Manifest:

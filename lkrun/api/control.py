@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -98,21 +99,60 @@ def default_socket_path() -> Path:
 
 
 def _prepare_socket_path(path: Path) -> None:
+    """Refuse a path another daemon listens on; remove a socket a dead daemon left."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_socket_dir(path.parent)
-    if not path.exists():
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(path.stat().st_mode):
+    if not stat.S_ISSOCK(found.st_mode):
         raise ControlError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except OSError:
-        path.unlink()  # left behind by a daemon that died
+        # Left behind by a daemon that died; only that file, not one bound since the probe.
+        _unlink_if_same(path, _identity(found))
     else:
         raise ControlError(f"another lkrun daemon is already listening on {path}")
     finally:
         probe.close()
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _unlink_if_same(path: Path, identity: tuple[int, int]) -> bool:
+    """Remove path only if it is still the file we know (same device and inode)."""
+    try:
+        if _identity(os.lstat(path)) != identity:
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A listening socket bound at path, born 0600. Bound here rather than by asyncio, which
+    removes whatever socket is at the path first: that could be another daemon's, bound
+    since our probe."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # no window in which others could connect
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ControlError(f"another lkrun daemon is already listening on {path}") from exc
+        raise ControlError(f"cannot bind the control socket {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
 
 
 def check_socket_dir(directory: Path) -> None:
@@ -190,6 +230,7 @@ class ControlServer:
         self.path = path
         self.view = view
         self._runner: web.AppRunner | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
 
     async def start(self) -> None:
         _prepare_socket_path(self.path)
@@ -199,19 +240,26 @@ class ControlServer:
         app.router.add_get("/v1/jobs/{job_id}", self._job)
         app.router.add_get("/v1/jobs/{job_id}/logs", self._logs)
         app.router.add_post("/v1/jobs/{job_id}/kill", self._kill)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        sock = _bind_unix(self.path)
         try:
-            await web.UnixSite(self._runner, str(self.path)).start()
-        finally:
-            os.umask(old_umask)
+            self._bound = _identity(os.lstat(self.path))
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock).start()
+        except BaseException:
+            sock.close()
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        """Close the server; remove the socket file only if this server bound it and it is
+        still that file (a daemon refused at start must not remove the running one's)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        bound, self._bound = self._bound, None
+        if bound is not None:
+            _unlink_if_same(self.path, bound)
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.view.status())

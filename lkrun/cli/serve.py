@@ -26,6 +26,7 @@ from lkrun.cli.common import (
     run_async,
 )
 from lkrun.entrypoints import check_entrypoints
+from lkrun.jobs.statelock import StateLock
 from lkrun.manifest import (
     AgentSpec,
     DaemonSettings,
@@ -187,11 +188,23 @@ def serve(
         settings = dataclasses.replace(settings, state_dir=state_dir.absolute())
     name_daemon(settings.name or socket.gethostname())
     with ExitStack() as stack:
+        # First: a second daemon on this state directory starts nothing (not even a server).
+        lock = _lock_state_dir(settings)
+        stack.callback(lock.release)
         creds = _serve_credentials(loaded, url, api_key, stack)
         socket_path = (
             control_socket or loaded.daemon.control_socket or control.default_socket_path()
         )
-        _run_daemon(loaded, creds, socket_path, settings, reload=reload)
+        _run_daemon(loaded, creds, socket_path, settings, reload=reload, state_lock=lock)
+
+
+def _lock_state_dir(settings: DaemonSettings) -> StateLock:
+    from lkrun.daemon import FatalError, lock_state_dir, state_dir_of
+
+    try:
+        return lock_state_dir(state_dir_of(settings))
+    except FatalError as exc:
+        fail(str(exc))
 
 
 def _daemon_settings(
@@ -256,6 +269,7 @@ def _run_daemon(
     settings: DaemonSettings,
     *,
     reload: bool,
+    state_lock: StateLock,
 ) -> None:
     from lkrun.api.health import HealthError
     from lkrun.daemon import Daemon, DaemonConfig, FatalError
@@ -268,6 +282,6 @@ def _run_daemon(
         reload=reload,
     )
     try:
-        run_async(Daemon(config).serve())
+        run_async(Daemon(config, state_lock=state_lock).serve())
     except (FatalError, control.ControlError, HealthError) as exc:
         fail(str(exc))
