@@ -110,8 +110,14 @@ def test_the_daemon_can_be_made_non_dumpable() -> None:
 
 def test_jobs_all_0_means_the_running_jobs() -> None:
     from lkrun.api.control import parse_query
+    from lkrun.jobs.store import JobQuery
 
     assert parse_query({}) is None
     assert parse_query({"all": "0"}) is None  # `dispatch --wait` asks this way
-    assert parse_query({"all": "1"}) is not None
-    assert parse_query({"all": "0", "agent": "echo"}) is not None
+    assert parse_query({"all": "1"}) == JobQuery()  # the whole history, newest 100
+    # A filter searches the history even with all=0, and keeps what it filters on.
+    assert parse_query({"all": "0", "agent": "echo"}) == JobQuery(agent="echo")
+    query = {"agent": "echo", "room": "r", "status": "failed,lost", "since": "5", "limit": "3"}
+    assert parse_query(query) == JobQuery(
+        statuses=("failed", "lost"), agent="echo", room="r", since=5.0, limit=3
+    )

@@ -14,10 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from google.protobuf.message import DecodeError
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun import registration
+from lkrun.child.text import one_line
 from lkrun.credentials import Credentials
 from lkrun.load import WorkerLoad
 from lkrun.registration import (
@@ -175,6 +177,31 @@ async def run_until(reg: Registration, condition: Callable[[], bool], timeout: f
         await asyncio.gather(task, return_exceptions=True)
 
 
+def record_session_ends(reg: Registration) -> list[tuple[BaseException | None, str]]:
+    """How each of ``reg``'s connections ended: the exception (None if it returned) and the
+    ``last_error`` that status showed right after."""
+    ended: list[tuple[BaseException | None, str]] = []
+    session = reg._session
+    disconnected = reg._disconnected
+    raised: list[BaseException | None] = []
+
+    async def recorded() -> None:
+        try:
+            await session()
+        except Exception as exc:
+            raised.append(exc)
+            raise
+        raised.append(None)
+
+    def on_disconnect() -> None:
+        ended.append((raised[-1] if raised else None, reg.state.last_error))
+        disconnected()
+
+    reg._session = recorded  # type: ignore[method-assign]
+    reg._disconnected = on_disconnect  # type: ignore[method-assign]
+    return ended
+
+
 def job(job_id: str, room: str) -> proto.Job:
     return proto.Job(id=job_id, room=models.Room(name=room), type=proto.JT_ROOM)
 
@@ -244,9 +271,16 @@ async def test_malformed_frame_reconnects(session: Any) -> None:
     handler = Handler()
     async with FakeServer(script) as server:
         reg = make_registration(server.url, handler, session)
+        ended = record_session_ends(reg)
         await run_until(reg, lambda: server.connections >= 2 and reg.state.connected)
     assert reg.state.reconnects >= 1
-    assert "undecodable" in reg.state.last_error or reg.state.last_error == ""
+    # The first connection ended on the bad frame: a protocol error caused by the decoder,
+    # with the reason shown in status until the registration was confirmed again.
+    first, reason = ended[0]
+    assert isinstance(first, registration.ProtocolError)
+    assert isinstance(first.__cause__, DecodeError)
+    assert reason == one_line(first)
+    assert reg.state.last_error == ""  # cleared by the new registration
     assert [again for _, again in handler.registered][:2] == [False, True]
 
 
