@@ -26,6 +26,7 @@ from lkrun.child import pdeathsig
 from lkrun.child.text import last_lines
 from lkrun.credentials import SECRET_ENV
 from lkrun.manifest import (
+    JOB_LOG_LEVEL_ENV,
     AgentSpec,
     AppInfo,
     FrozenMap,
@@ -33,6 +34,7 @@ from lkrun.manifest import (
     ManifestError,
     check_agent_field,
     check_pools,
+    log_level_problem,
 )
 
 # How long LiveKit waits for the answer to an offer (psrpc's default timeout, less the
@@ -49,6 +51,14 @@ APP_SETTINGS = (
     "prewarm_timeout",
     "shutdown_timeout",
 )
+
+# The framework's names for the settings that have one of their own (lkrun.child.framework.app).
+APP_SETTING_NAMES = {
+    "idle_processes": "num_idle_processes",
+    "memory_limit_mb": "job_memory_limit_mb",
+    "prewarm_timeout": "initialize_process_timeout",
+    "shutdown_timeout": "shutdown_process_timeout",
+}
 
 
 def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> Manifest:
@@ -90,6 +100,7 @@ def _check_group(
     callables = list(dict.fromkeys(a.prewarm for a in agents if a.prewarm))
     request = {"entrypoints": entrypoints, "callables": callables}
     env = _check_env(manifest.workdir, agents[0])
+    _check_log_level(manifest.path, agents[0], env)
     results = _run_importcheck(manifest, request, timeout, env)
     found = dict(zip(entrypoints, _list(results.get("entrypoints")), strict=False))
     prewarms = results.get("callables")
@@ -121,7 +132,8 @@ def apply_app(path: Path, spec: AgentSpec, app: Mapping[str, Any]) -> AgentSpec:
             try:
                 value = check_agent_field(name, settings[name])
             except ValueError as exc:  # validated as strictly as the manifest's own values
-                message = f"the app's setting for it is unusable: {exc}"
+                setting = APP_SETTING_NAMES.get(name, "setting for it")
+                message = f"the app's {setting} is unusable: {exc}"
                 raise ManifestError(path, message, agent=spec.name, field=name) from None
             if getattr(spec, name) != value:
                 changes[name] = value
@@ -159,6 +171,15 @@ def _check_env(workdir: Path, spec: AgentSpec) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
     env.update(spec.env)
     return env
+
+
+def _check_log_level(path: Path, spec: AgentSpec, env: Mapping[str, str]) -> None:
+    """The manifest checks the level its ``env`` sets; jobs also inherit the daemon's."""
+    level = env.get(JOB_LOG_LEVEL_ENV)
+    if level is None or (problem := log_level_problem(level)) is None:
+        return
+    message = f"{JOB_LOG_LEVEL_ENV} in the daemon's environment {problem}; every job would fail"
+    raise ManifestError(path, message, agent=spec.name, field="env")
 
 
 def _run_importcheck(

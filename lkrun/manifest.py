@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import ipaddress
 import keyword
+import logging
 import math
 import re
 import string
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lkrun.child.apps import is_file_source, split_entrypoint
 from lkrun.child.text import one_line
 
 if sys.version_info >= (3, 11):
@@ -323,7 +325,7 @@ def _path(value: object) -> Path:
     return Path(_non_empty_string(value))
 
 
-_ENTRYPOINT_HINT = "must look like 'package.module:function'"
+_ENTRYPOINT_HINT = "must look like 'package.module:function' or 'path/to/file.py:function'"
 
 
 def _is_name(part: str) -> bool:
@@ -336,10 +338,15 @@ def _optional_entrypoint(value: object) -> str:
 
 def _entrypoint(value: object) -> str:
     text = _string(value)
-    module, sep, function = text.partition(":")
-    if not sep or not _is_name(function) or not all(_is_name(p) for p in module.split(".")):
-        raise _Invalid(f"{_ENTRYPOINT_HINT}, got {_show(value)}")
-    return text
+    source, sep, function = text.rpartition(":")
+    if is_file_source(source):
+        if not source.endswith(".py") or source.endswith("/.py") or "\0" in source:
+            raise _Invalid(f"a file entrypoint must name a .py file, got {_show(value)}")
+        if _is_name(function):
+            return text
+    elif sep and _is_name(function) and all(_is_name(p) for p in source.split(".")):
+        return text
+    raise _Invalid(f"{_ENTRYPOINT_HINT}, got {_show(value)}")
 
 
 _IDENTITY_FIELDS = ("agent", "job_id", "room", "participant")
@@ -424,7 +431,26 @@ _JOB_TYPE = _choice("room", "publisher", "participant")
 _START_METHOD = _choice("forkserver", "spawn")
 _FRAMEWORK = _choice("auto", "lkrun", "livekit-agents")
 _ATTRIBUTES = _string_table()
-_ENV = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
+_ENV_TABLE = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
+# The job processes' log level (lkrun.child.runner): a bad one fails every job at its start.
+JOB_LOG_LEVEL_ENV = "LKRUN_JOB_LOG_LEVEL"
+
+
+def log_level_problem(value: str) -> str | None:
+    """Why ``value`` of LKRUN_JOB_LOG_LEVEL would fail every job process, or None."""
+    if isinstance(logging.getLevelName(value.upper()), int):  # a name logging knows
+        return None
+    return f"must be a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL), got {_show(value)}"
+
+
+def _env(value: object) -> Mapping[str, str]:
+    env = _ENV_TABLE(value)
+    level = env.get(JOB_LOG_LEVEL_ENV)
+    if level is not None and (problem := log_level_problem(level)) is not None:
+        raise _Invalid(problem, JOB_LOG_LEVEL_ENV)
+    return env
+
+
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -537,7 +563,7 @@ class AgentSpec:
     )
     permissions: Permissions = field(default=Permissions(), metadata=_check(_PERMISSIONS))
     namespace: str = field(default="", metadata=_check(_string))
-    env: Mapping[str, str] = field(default_factory=FrozenMap, metadata=_check(_ENV))
+    env: Mapping[str, str] = field(default_factory=FrozenMap, metadata=_check(_env))
     # Resident memory (MiB) of a job's process tree above which the job is killed; 0: no limit.
     memory_limit_mb: int = field(default=0, metadata=_check(_int_at_least(0)))
     # Seconds a job may run before it is stopped; 0: no limit.
@@ -548,7 +574,7 @@ class AgentSpec:
     # ctx.userdata.
     prewarm: str = field(default="", metadata=_check(_optional_entrypoint))
     # How long loading the module and running prewarm may take.
-    prewarm_timeout: float = field(default=60.0, metadata=_check(_duration))
+    prewarm_timeout: float = field(default=60.0, metadata=_check(_positive_duration))
     # "forkserver": jobs are forked from a process that imported the module once (less
     # memory, millisecond starts); "spawn": each job is a new interpreter, for modules that
     # start threads at import time (threads do not survive a fork).
@@ -583,11 +609,12 @@ class AgentSpec:
 
     @property
     def module(self) -> str:
-        return self.entrypoint.partition(":")[0]
+        """The entrypoint's module, or its file (an absolute path once parsed)."""
+        return split_entrypoint(self.entrypoint)[0]
 
     @property
     def function(self) -> str:
-        return self.entrypoint.partition(":")[2]
+        return split_entrypoint(self.entrypoint)[1]
 
     def accepts_room(self, room: str) -> bool:
         return not self.rooms or any(fnmatch.fnmatchcase(room, glob) for glob in self.rooms)
@@ -694,7 +721,29 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     }
     if relative:
         manifest = dataclasses.replace(manifest, daemon=dataclasses.replace(daemon, **relative))
-    return manifest
+    files = {name: _with_files(path, manifest.workdir, spec) for name, spec in agents.items()}
+    return dataclasses.replace(manifest, agents=FrozenMap(files))
+
+
+_FILE_FIELDS = ("entrypoint", "prewarm")
+
+
+def _with_files(path: str | Path, workdir: Path, spec: AgentSpec) -> AgentSpec:
+    """``spec`` with its file entrypoint and prewarm made absolute (relative paths are
+    relative to the manifest) and checked to exist: every process that imports them gets
+    the same file, wherever it runs."""
+    changes = {}
+    for name in _FILE_FIELDS:
+        source, function = split_entrypoint(getattr(spec, name))
+        if not is_file_source(source):
+            continue
+        file = workdir / source
+        if not file.is_file():
+            shown = source if source == str(file) else f"{source} (looked for {file})"
+            message = f"no such file: {shown}" if not file.exists() else f"not a file: {shown}"
+            raise ManifestError(path, message, agent=spec.name, field=name)
+        changes[name] = f"{file}:{function}"
+    return dataclasses.replace(spec, **changes) if changes else spec
 
 
 def load_manifest(path: str | Path) -> Manifest:

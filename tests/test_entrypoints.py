@@ -314,9 +314,51 @@ def test_an_unusable_app_setting_is_refused_like_a_manifest_value(tmp_path: Path
     with pytest.raises(ManifestError) as info:
         check_entrypoints(manifest)
     assert (info.value.agent, info.value.field) == ("a", "idle_processes")
-    assert "the app's setting for it is unusable: must be an integer >= 0, got -1" in str(
-        info.value
+    assert info.value.message == (
+        "the app's num_idle_processes is unusable: must be an integer >= 0, got -1"
     )
+
+
+def test_an_app_initialize_process_timeout_of_zero_is_refused(tmp_path: Path) -> None:
+    # Issue 17 item 9: every start of such an agent would time out at once.
+    source = PLAIN_SERVER.replace("AgentServer()", "AgentServer(initialize_process_timeout=0)")
+    manifest = project(tmp_path, {"zero": source}, '[agents.a]\nentrypoint = "zero:server"\n')
+    with pytest.raises(ManifestError) as info:
+        check_entrypoints(manifest)
+    err = info.value
+    assert (err.file, err.agent, err.field) == (manifest.path, "a", "prewarm_timeout")
+    assert err.message == (
+        "the app's initialize_process_timeout is unusable: must be a duration above 0, got 0.0"
+    )
+    assert "\n" not in str(err)
+    # The manifest's own value wins over the app's, so setting it is the way out.
+    (tmp_path / "agents.toml").write_text(
+        '[agents.a]\nentrypoint = "zero:server"\nprewarm_timeout = "5s"\n'
+    )
+    [spec] = check_entrypoints(load_manifest(tmp_path / "agents.toml")).agents.values()
+    assert spec.prewarm_timeout == 5.0
+
+
+def test_a_bad_job_log_level_in_the_daemons_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Jobs inherit the daemon's environment: a level there fails every job as one in env does.
+    monkeypatch.setenv("LKRUN_JOB_LOG_LEVEL", "verbose")
+    manifest = project(
+        tmp_path, {"plain": PLAIN_SERVER}, '[agents.a]\nentrypoint = "plain:server"\n'
+    )
+    with pytest.raises(ManifestError) as info:
+        check_entrypoints(manifest)
+    assert (info.value.agent, info.value.field) == ("a", "env")
+    assert (
+        "LKRUN_JOB_LOG_LEVEL in the daemon's environment must be a log level" in info.value.message
+    )
+    # The agent's own env overrides the daemon's.
+    (tmp_path / "agents.toml").write_text(
+        '[agents.a]\nentrypoint = "plain:server"\nenv = { LKRUN_JOB_LOG_LEVEL = "debug" }\n'
+    )
+    [spec] = check_entrypoints(load_manifest(tmp_path / "agents.toml")).agents.values()
+    assert spec.env["LKRUN_JOB_LOG_LEVEL"] == "debug"
 
 
 def test_pool_clash_from_apps_says_where_the_dispatch_came_from(tmp_path: Path) -> None:

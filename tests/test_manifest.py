@@ -591,6 +591,16 @@ def test_unknown_keys_in_agents(body: str, field: str, hint: str) -> None:
         ('request_timeout = "soon"', "request_timeout", "must be a duration such as"),
         ("shutdown_timeout = -1", "shutdown_timeout", "must be a duration such as"),
         ("request_timeout = 0", "request_timeout", "must be a duration above 0, got 0"),
+        # Issue 17 item 9: values every job would fail with.
+        ("prewarm_timeout = 0", "prewarm_timeout", "must be a duration above 0, got 0"),
+        ('prewarm_timeout = "0s"', "prewarm_timeout", "must be a duration above 0, got '0s'"),
+        (
+            'env = { LKRUN_JOB_LOG_LEVEL = "verbose" }',
+            "env.LKRUN_JOB_LOG_LEVEL",
+            "must be a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL), got 'verbose'",
+        ),
+        ('env = { LKRUN_JOB_LOG_LEVEL = "10" }', "env.LKRUN_JOB_LOG_LEVEL", "got '10'"),
+        ('env = { LKRUN_JOB_LOG_LEVEL = "" }', "env.LKRUN_JOB_LOG_LEVEL", "got ''"),
         ('rooms = "support-*"', "rooms", "must be an array of strings, got 'support-*'"),
         ('rooms = ["a", ""]', "rooms", "must contain only non-empty strings, got ''"),
         ('rooms = ["a", 1]', "rooms", "must contain only non-empty strings, got 1"),
@@ -617,6 +627,12 @@ def test_bad_agent_values(body: str, field: str, message: str) -> None:
     assert message in err.message
 
 
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error", "CRITICAL", "WARN"])
+def test_job_log_levels_accepted(level: str) -> None:
+    spec = parse(agent_with(f'env = {{ LKRUN_JOB_LOG_LEVEL = "{level}", OTHER = "verbose" }}'))
+    assert dict(spec.agents["echo"].env) == {"LKRUN_JOB_LOG_LEVEL": level, "OTHER": "verbose"}
+
+
 def test_entrypoint_is_required() -> None:
     err = rejects("[agents.echo]\nmax_jobs = 2\n", agent="echo", field="entrypoint")
     assert err.message == "is required"
@@ -625,12 +641,19 @@ def test_entrypoint_is_required() -> None:
 @pytest.mark.parametrize(
     "entrypoint",
     ["", "mod", "mod:", ":fn", "a..b:f", ".a:f", "a.:f", "1mod:f", "m:f:g", "m:f()", "m:class",
-     "my-pkg:f", "m :f", "m.f"],
+     "my-pkg:f", "m :f", "m.f", "agents/x.py", "agents/x.py:", "x.py:f-g", "x.py:class"],
 )  # fmt: skip
 def test_bad_entrypoints(entrypoint: str) -> None:
     text = f'[agents.echo]\nentrypoint = "{entrypoint}"\n'
     err = rejects(text, agent="echo", field="entrypoint")
-    assert err.message.startswith("must look like 'package.module:function', got ")
+    expected = "must look like 'package.module:function' or 'path/to/file.py:function', got "
+    assert err.message.startswith(expected)
+
+
+@pytest.mark.parametrize("entrypoint", ["agents/run:main", "agents/x.txt:main", "a/.py:main"])
+def test_a_file_entrypoint_names_a_py_file(entrypoint: str) -> None:
+    err = rejects(f'[agents.echo]\nentrypoint = "{entrypoint}"\n', agent="echo", field="entrypoint")
+    assert err.message == f"a file entrypoint must name a .py file, got {entrypoint!r}"
 
 
 def test_entrypoint_must_be_a_string() -> None:

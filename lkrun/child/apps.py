@@ -18,12 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import logging
+import re
 import sys
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 from lkrun.child.text import describe
@@ -72,10 +76,92 @@ class App(Protocol):
 
 
 def load_target(spec: str) -> Any:
-    """Import ``module:attribute`` and return the attribute, whatever it is."""
-    module_name, _, name = spec.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, name)
+    """Import ``module:attribute`` or ``path/to/file.py:attribute`` and return the
+    attribute, whatever it is."""
+    source, name = split_entrypoint(spec)
+    return getattr(import_source(source), name)
+
+
+# Modules loaded from a file are registered under this prefix and the file's stem: not
+# "__main__", so that the file's ``if __name__ == "__main__":`` block (the official CLI's
+# ``cli.run_app(server)``) stays out, and not the bare stem, which may shadow a package.
+FILE_MODULE_PREFIX = "__lkrun_entry__"
+_file_modules: dict[Path, str] = {}  # resolved path -> its name in sys.modules
+
+
+def split_entrypoint(spec: str) -> tuple[str, str]:
+    """``(module or file, attribute)`` of an entrypoint; a file's path may contain ':'."""
+    source, _, name = spec.rpartition(":")
+    return source, name
+
+
+def is_file_source(source: str) -> bool:
+    """Whether an entrypoint's module part names a file rather than a module."""
+    return source.endswith(".py") or "/" in source
+
+
+def import_source(source: str) -> ModuleType:
+    """The module an entrypoint's ``source`` names: a dotted module, or a ``.py`` file."""
+    if is_file_source(source):
+        return import_file(Path(source))
+    return importlib.import_module(source)
+
+
+def import_file(path: Path) -> ModuleType:
+    """Import a script the way ``python file.py start`` runs it: its directory first on
+    sys.path, so the modules beside it import; once per file and process."""
+    path = path.resolve()
+    known = _file_modules.get(path)
+    if known is not None and known in sys.modules:
+        return sys.modules[known]
+    if not path.is_file():
+        raise FileNotFoundError("no such file")
+    directory = str(path.parent)
+    if not sys.path or sys.path[0] != directory:
+        sys.path.insert(0, directory)
+    name = _file_module_name(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {str(path)!r} as a Python module", path=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs, as import does: dataclasses look it up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _file_modules[path] = name
+    return module
+
+
+def _file_module_name(path: Path) -> str:
+    base = FILE_MODULE_PREFIX + re.sub(r"\W", "_", path.stem)
+    name, n = base, 1
+    while name in sys.modules:  # another file with the same stem
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def import_error_hint(exc: ImportError) -> str:
+    """What to install when ``exc`` says livekit-agents or one of its plugins is missing."""
+    missing = getattr(exc, "name", None) or ""
+    if not (missing == "livekit" or missing.startswith(("livekit.agents", "livekit.plugins"))):
+        return ""
+    if not _importable("livekit.agents"):
+        # "from livekit import agents" says only "cannot import name 'agents' from 'livekit'".
+        return f"the module is a livekit-agents app; {INSTALL_HINT}"
+    plugin = missing.split(".")
+    if plugin[:2] == ["livekit", "plugins"] and len(plugin) > 2:
+        return f"install the plugin with: pip install livekit-plugins-{plugin[2].replace('_', '-')}"
+    return ""
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent that does not import, or an import hook refusing it
+        return False
 
 
 def detect(target: Any) -> str:

@@ -14,7 +14,6 @@ or slow down the user's modules.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -30,11 +29,11 @@ def _describe(exc: BaseException) -> str:
     """One line of at most _MAX_ERROR characters."""
     # An ImportError's own text already says what is missing; other errors need their type.
     if isinstance(exc, ImportError) and str(exc):
-        text = str(exc)
-        missing = getattr(exc, "name", None) or ""
-        if missing == "livekit.agents" or missing.startswith("livekit.agents."):
-            text += f": the module is a livekit-agents app; {apps.INSTALL_HINT}"
+        hint = apps.import_error_hint(exc)
+        text = f"{exc}: {hint}" if hint else str(exc)
         return one_line(text, _MAX_ERROR)
+    if isinstance(exc, FileNotFoundError) and str(exc):
+        return one_line(str(exc), _MAX_ERROR)
     return one_line(describe(exc), _MAX_ERROR)
 
 
@@ -43,17 +42,18 @@ class _Failed(Exception):
 
 
 def _target(spec: str) -> Any:
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
+    source, name = apps.split_entrypoint(spec)
+    if not source or not name:
         raise _Failed(f"{spec!r} is not of the form 'module:function'")
+    what = f"{'file' if apps.is_file_source(source) else 'module'} {source!r}"
     try:
-        module = importlib.import_module(module_name)
+        module = apps.import_source(source)
     except (Exception, SystemExit) as exc:  # user code may call sys.exit() at import
-        raise _Failed(f"cannot import module {module_name!r}: {_describe(exc)}") from exc
+        raise _Failed(f"cannot import {what}: {_describe(exc)}") from exc
     try:
         return getattr(module, name)
     except AttributeError:
-        raise _Failed(f"module {module_name!r} has no attribute {name!r}") from None
+        raise _Failed(f"{what} has no attribute {name!r}") from None
     except (Exception, SystemExit) as exc:  # a module-level __getattr__ may raise anything
         raise _Failed(f"cannot get {spec!r}: {_describe(exc)}") from exc
 
