@@ -162,6 +162,12 @@ async def test_relay_rejects_a_bad_setting_naming_it(
 
 # The logic alone, with a fake clock and a fake room (fast tier).
 
+PACKET_BYTES = 15_000  # LiveKit's data packet holds about 15 KiB: a larger publish fails
+
+
+def strict_json(name: str) -> Any:
+    raise AssertionError(f"{name} is not JSON")
+
 
 class FakeRoom:
     def __init__(self, *present: str) -> None:
@@ -171,7 +177,10 @@ class FakeRoom:
 
     def send(self, data: bytes, to: list[str], topic: str) -> None:
         assert to, "an empty destination list would reach everybody"
-        self.sent.append((topic, to, json.loads(data)))
+        # What every receiver must be able to read: one data packet of strict JSON (a
+        # browser's JSON.parse throws on NaN and Infinity, which Python's json would take).
+        assert len(data) <= PACKET_BYTES, f"{len(data)} bytes: over a data packet"
+        self.sent.append((topic, to, json.loads(data, parse_constant=strict_json)))
 
     def relay(self, **settings: Any) -> relay.Relay:
         return relay.Relay(
@@ -283,3 +292,55 @@ def test_bad_settings_name_the_variable(env: dict[str, str], error: str) -> None
 def test_defaults() -> None:
     s = relay.Settings.from_env({})
     assert (s.topic, s.rate, s.burst, s.out_topic) == ("relay", 5.0, 10, "relay.out")
+
+
+def test_numbers_json_cannot_carry_are_refused_and_the_sender_told() -> None:
+    """Issue 17 item 12: NaN, Infinity, 1e999 came out as NaN/Infinity, which JSON.parse
+    refuses in every browser. Refused in an envelope; as plain text they are just text."""
+    room = FakeRoom("a", "b")
+    r = room.relay()
+    for bad in (b'{"payload": NaN}', b'{"payload": [1, -Infinity]}', b'{"payload": 1e999}'):
+        r.on_message("a", "relay", bad)
+    r.on_message("a", "relay", b'{"payload": {"n": 1.5e300}, "x": Infinity}')  # anywhere in it
+    r.on_message("a", "relay", b"NaN")
+    r.on_message("a", "relay", b"[1e999]")
+    r.on_message("a", "relay", b'{"payload": [1.5, -0.0, 1e308]}')
+    assert [body["error"] for _, body in room.on("relay.error")] == ["bad_envelope"] * 4
+    assert "NaN" in room.on("relay.error")[0][1]["message"]
+    assert [body for _, body in room.on("relay.out")] == [
+        {"from": "a", "kind": "text", "payload": "NaN"},
+        {"from": "a", "kind": "text", "payload": "[1e999]"},
+        {"from": "a", "kind": "json", "payload": [1.5, -0.0, 1e308]},
+    ]
+    assert r.senders["a"].invalid == 4 and r.senders["a"].relayed == 3
+
+
+def test_a_message_too_large_once_relayed_is_refused_and_the_sender_told() -> None:
+    """8 KiB of control characters is 48 KiB escaped: past a data packet, the publish failed
+    and the sender heard nothing. Binary data (base64, 4/3) still fits."""
+    room = FakeRoom("a", "b")
+    r = room.relay()  # RELAY_MAX_BYTES 8192
+    r.on_message("a", "relay", b"\x01" * 8192)
+    r.on_message("a", "relay", b'"' * 8000)  # plain text: each quote escaped, 2 bytes
+    r.on_message("a", "relay", bytes(range(128, 256)) * 64)  # not UTF-8: base64
+    errors = [body for _, body in room.on("relay.error")]
+    assert [e["error"] for e in errors] == ["too_large", "too_large"]
+    assert errors[0]["relayed_bytes"] > 6 * 8192 and errors[0]["packet_max_bytes"] <= PACKET_BYTES
+    assert [body["kind"] for _, body in room.on("relay.out")] == ["bytes"]
+    assert r.senders["a"].invalid == 2 and r.senders["a"].relayed == 1
+
+
+def test_notices_and_summaries_fit_in_a_packet() -> None:
+    room = FakeRoom("a", "b")
+    r = room.relay(max_bytes=60_000)  # a setting may allow long envelopes
+    absent = [f"{n:04d}" + "z" * 200 for n in range(100)]
+    r.on_message("a", "relay", json.dumps({"payload": 1, "to": ["b", *absent]}).encode())
+    [(_, notice)] = room.on("relay.error")
+    assert notice == {"error": "not_in_room", "message": "not in the room", "truncated": True}
+    assert room.on("relay.out") == [
+        (["b"], {"from": "a", "kind": "json", "payload": 1, "to": ["b"]})
+    ]
+    room.present = ["a", "b", *absent]  # 102 present, long identities
+    r.on_message("a", "relay.summary", b"")
+    [(_, summary)] = room.on("relay.summary")
+    assert summary["truncated"] is True and 0 < len(summary["participants"]) < 100

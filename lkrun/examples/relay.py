@@ -17,6 +17,11 @@ What goes out on ``<topic>.out`` (one JSON object)::
 
     {"from": "alice", "kind": "text"|"bytes"|"json", "payload": ..., "to": [...] (if named)}
 
+What goes out is always valid JSON (RFC 8259) that fits in one data packet: an envelope
+whose payload holds a number JSON cannot carry (``NaN``, ``Infinity``, ``1e999``, which
+browsers' ``JSON.parse`` refuses) is refused, and so is a message that, wrapped and escaped,
+would be over ``PACKET_MAX_BYTES``; the sender is told on ``<topic>.error`` either way.
+
 ``from`` is the identity LiveKit authenticated for the sender, never a field of the message,
 so it cannot be forged. The payload is the sender's data, passed on as data: this agent never
 interprets it, and a receiver should not either (no eval, no markup).
@@ -39,7 +44,11 @@ from livekit import rtc
 from lkrun.context import JobContext
 
 NOTICE_WINDOW = 5.0  # seconds: at most one rate-limit notice per sender in this time
-SUMMARY_MAX_PARTICIPANTS = 100  # keeps the summary inside one data packet
+SUMMARY_MAX_PARTICIPANTS = 100  # a summary lists at most these (fewer if they do not fit)
+# What the relay publishes in one message at most: a LiveKit data packet holds about 15 KiB,
+# and a larger publish fails. Escaping can make a relayed message ~6x its input
+# (a control character becomes \u0001), base64 4/3.
+PACKET_MAX_BYTES = 15_000
 
 
 @dataclass(frozen=True)
@@ -221,14 +230,33 @@ class Relay:
         out: dict[str, Any] = {"from": identity, "kind": kind, "payload": payload}
         if named is not None:
             out["to"] = recipients
-        self._send(_dumps(out), recipients, self.settings.out_topic)
+        try:
+            encoded = _dumps(out)
+        except (ValueError, RecursionError):  # parse() took it, so nesting at the very limit
+            sender.invalid += 1
+            self._error(identity, "bad_envelope", "the payload is nested too deeply to relay")
+            return
+        if len(encoded) > PACKET_MAX_BYTES:
+            sender.invalid += 1
+            self._error(
+                identity,
+                "too_large",
+                f"{len(encoded)} bytes once relayed, over the data packet's {PACKET_MAX_BYTES}",
+                max_bytes=self.settings.max_bytes,
+                relayed_bytes=len(encoded),
+                packet_max_bytes=PACKET_MAX_BYTES,
+            )
+            return
+        self._send(encoded, recipients, self.settings.out_topic)
         sender.relayed += 1
         for who in recipients:
             self.sender(who).delivered += 1
 
     def _error(self, identity: str, code: str, message: str, **details: Any) -> None:
-        notice = {"error": code, "message": message, **details}
-        self._send(_dumps(notice), [identity], self.settings.error_topic)
+        encoded = _dumps({"error": code, "message": message, **details})
+        if len(encoded) > PACKET_MAX_BYTES:  # e.g. a long list of absent identities
+            encoded = _dumps({"error": code, "message": message, "truncated": True})
+        self._send(encoded, [identity], self.settings.error_topic)
 
     def summary(self) -> bytes:
         present = set(self._present())
@@ -250,35 +278,61 @@ class Relay:
         totals = {
             key: sum(r[key] for r in rows) for key in ("received", "relayed", "dropped", "invalid")
         }
-        return _dumps(
-            {
-                "room": self.room,
-                "uptime": round(self._clock() - self._started, 3),
-                "rate": self.settings.rate,
-                "burst": self.settings.burst,
-                "participants": rows[:SUMMARY_MAX_PARTICIPANTS],
-                "truncated": len(rows) > SUMMARY_MAX_PARTICIPANTS,
-                "totals": totals,
-            }
-        )
+        head = {
+            "room": self.room,
+            "uptime": round(self._clock() - self._started, 3),
+            "rate": self.settings.rate,
+            "burst": self.settings.burst,
+        }
+        shown = min(len(rows), SUMMARY_MAX_PARTICIPANTS)
+        while True:  # long identities: fewer rows, so that the summary fits in one packet
+            encoded = _dumps(
+                {
+                    **head,
+                    "participants": rows[:shown],
+                    "truncated": shown < len(rows),
+                    "totals": totals,
+                }
+            )
+            if len(encoded) <= PACKET_MAX_BYTES or shown == 0:
+                return encoded
+            shown //= 2
 
 
 def parse(data: bytes) -> tuple[str, Any, list[str] | None]:
     """(kind, payload, named destinations or None) of a message sent to the relay.
 
     A JSON object with a ``payload`` key is an envelope; anything else is a plain message.
-    Raises ValueError for an envelope whose ``to`` is not a list of identities.
+    Raises ValueError for an envelope whose ``to`` is not a list of identities, or that holds
+    a number JSON cannot carry (``NaN``, ``Infinity``, one past a double's range).
     """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes", base64.b64encode(data).decode("ascii"), None
+    non_finite: list[str] = []  # Python's json takes them; what it would emit, browsers refuse
+
+    def constant(name: str) -> float:
+        non_finite.append(name)
+        return math.nan
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            non_finite.append(literal)
+        return value
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=constant, parse_float=number)
     except (ValueError, RecursionError):  # deep nesting raises RecursionError
         return "text", text, None
     if not isinstance(value, dict) or "payload" not in value:
-        return "text", text, None
+        return "text", text, None  # relayed as the text it is: a string is always valid JSON
+    if non_finite:
+        raise ValueError(
+            f"{non_finite[0][:32]!r} is not a JSON number (NaN, Infinity or out of range): "
+            f"send it as a string"
+        )
     to = value.get("to")
     if to is None:
         return "json", value["payload"], None
@@ -300,7 +354,10 @@ def decode_bytes(message: Mapping[str, Any]) -> bytes:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # allow_nan=False: never NaN/Infinity on the wire (parse() keeps them out; this makes sure).
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 async def entrypoint(ctx: JobContext) -> None:
