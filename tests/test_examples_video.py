@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from lkrun.examples.frame_sampler import (
     FrameRate,
     LatestFrame,
     SampleClock,
+    SampleFailures,
     Settings,
     analyse,
     colour_name,
@@ -148,6 +150,59 @@ async def test_a_slow_processor_drops_frames_instead_of_queueing() -> None:
     assert latest.skipped == latest.received - latest.taken - (latest._item is not None)
     assert latest.skipped > 300
     assert clock.overruns >= len(samples) - 1  # each overran its 0.05 s tick (the last cut)
+
+
+async def test_a_failed_publish_does_not_end_the_sampling(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17 item 14: one failed publish (the room reconnecting) ended the sampler task
+    for good while the track stayed subscribed. Now it is logged, and the next frame is
+    sampled and published."""
+    latest: LatestFrame[int] = LatestFrame()
+    published: list[int] = []
+    attempts: list[int] = []
+
+    async def publish_failing_once(frame: int) -> None:
+        attempts.append(frame)
+        if len(attempts) == 1:
+            raise ConnectionError("engine is reconnecting")  # what publish_data may raise
+        published.append(frame)
+
+    failures = SampleFailures(logging.getLogger("t.sampler"), "track TR_x")
+    caplog.set_level(logging.INFO, logger="t.sampler")
+    sampler = asyncio.create_task(
+        sample_newest(latest, SampleClock(fps=1000), publish_failing_once, failures)
+    )
+    try:
+        latest.put(1)
+        await wait_for(lambda: attempts == [1], 5, what="the first attempt")
+        latest.put(2)
+        await wait_for(lambda: published == [2], 5, what="the next sample published")
+        assert not sampler.done()
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    assert (failures.total, failures.streak) == (1, 0)
+    warned = [r for r in caplog.records if hasattr(r, "sample_failures")]
+    assert [(r.levelno, r.sample_failures) for r in warned] == [(logging.WARNING, 1)]  # type: ignore[attr-defined]
+
+
+def test_a_run_of_failures_is_logged_sparingly() -> None:
+    logger = logging.getLogger("t.sampler.quiet")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        failures = SampleFailures(logger, "track TR_y")
+        for _ in range(150):
+            failures.failed(RuntimeError("no room"))
+        failures.succeeded()
+        failures.failed(RuntimeError("again"))
+    finally:
+        logger.removeHandler(handler)
+    logged = [getattr(r, "sample_failures", None) for r in records]
+    assert logged == [1, 10, 100, None, 1]  # None: the recovery line
+    assert (failures.total, failures.streak) == (151, 1)
 
 
 # -- end to end ------------------------------------------------------------------------------

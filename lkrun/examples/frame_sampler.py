@@ -7,7 +7,9 @@ the frame rate received, mean brightness, dominant colour, and how many frames w
 Video arrives faster than most analysis runs, so the sampler never queues frames: a reader
 task drains the track continuously and keeps only the newest frame in a one-slot mailbox
 (``LatestFrame``); the sampler takes whatever is newest at its own rate. A slow analysis
-therefore costs skipped frames, never a growing backlog or stale reports.
+therefore costs skipped frames, never a growing backlog or stale reports. A sample that
+fails (a publish while the room reconnects, say) is logged and the sampler goes on: its
+``seq`` is missing from what clients receive.
 
 Settings (the agent's ``env`` table):
 
@@ -137,20 +139,63 @@ class FrameRate:
 
 
 async def sample_newest(
-    latest: LatestFrame[_T], clock: SampleClock, process: Callable[[_T], Awaitable[None]]
+    latest: LatestFrame[_T],
+    clock: SampleClock,
+    process: Callable[[_T], Awaitable[None]],
+    failures: SampleFailures | None = None,
 ) -> None:
     """Take the newest item at most once per ``clock`` tick and ``await process(item)``.
 
     Runs until cancelled. A process slower than a tick delays the next sample rather than
     queueing anything: the ticks it overran are skipped (not made up in a burst) and counted
-    in ``clock.overruns``, and the items that arrived meanwhile in ``latest.skipped``.
+    in ``clock.overruns``, and the items that arrived meanwhile in ``latest.skipped``. With
+    ``failures``, a process that raises is reported there and sampling goes on; without, the
+    error ends the loop.
     """
     while True:
         item = await latest.take()
         started = time.monotonic()
-        await process(item)
+        try:
+            await process(item)
+        except Exception as exc:
+            if failures is None:
+                raise
+            failures.failed(exc)
+        else:
+            if failures is not None:
+                failures.succeeded()
         now = time.monotonic()
         await asyncio.sleep(clock.next_delay(started, now))
+
+
+class SampleFailures:
+    """Counts samples that failed and logs them without flooding: the first of a run of
+    failures, then the 10th, 100th, ... of the run, and the first success after it."""
+
+    def __init__(self, logger: Any, what: str) -> None:
+        self._logger = logger
+        self._what = what
+        self.total = 0  # samples failed so far
+        self.streak = 0  # failed in a row, up to now
+
+    def failed(self, exc: Exception) -> None:
+        self.total += 1
+        self.streak += 1
+        if math.log10(self.streak).is_integer():
+            self._logger.warning(
+                "%s: sample failed (%d in a row, %d in all), going on: %s: %s",
+                self._what,
+                self.streak,
+                self.total,
+                type(exc).__name__,
+                exc,
+                extra={"sample_failures": self.streak, "sample_failures_total": self.total},
+            )
+
+    def succeeded(self) -> None:
+        if self.streak:
+            self._logger.info("%s: sampling again after %d failed", self._what, self.streak)
+            self.streak = 0
 
 
 class SampleClock:
@@ -314,7 +359,12 @@ async def sample_track(
 
     ctx.logger.info("sampling %s's %s track %s", who.identity, source_name(pub.source), track.sid)
     reader = ctx.create_task(read(), name=f"read {track.sid}")
-    sampler = ctx.create_task(sample_newest(latest, clock, process), name=f"sample {track.sid}")
+    # A failed sample (a publish while the room reconnects) must not end the track's sampling:
+    # nothing would start it again while the track stays subscribed.
+    failures = SampleFailures(ctx.logger, f"track {track.sid}")
+    sampler = ctx.create_task(
+        sample_newest(latest, clock, process, failures), name=f"sample {track.sid}"
+    )
     try:
         # Until the track ends (end of stream) or one of the two fails (the job logs it).
         await asyncio.wait({reader, sampler}, return_when=asyncio.FIRST_COMPLETED)
@@ -323,8 +373,9 @@ async def sample_track(
         sampler.cancel()
         await stream.aclose()
         ctx.logger.info(
-            "stopped sampling track %s: %d samples of %d frames",
+            "stopped sampling track %s: %d samples of %d frames, %d failed",
             track.sid,
             latest.taken,
             latest.received,
+            failures.total,
         )
