@@ -188,6 +188,34 @@ class DaemonProc:
 
         return await wait_for(ready, timeout, what="every agent registered")
 
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include ``labels`` (0 if none)."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        port = (await self.status())["http_port"]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            text = await resp.text()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every row of the daemon's job history, read from its database (also after the
+        daemon has exited)."""
+        import sqlite3
+
+        path = self.dir / "state" / "lkrun" / "jobs.db"
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(row) for row in conn.execute("SELECT * FROM jobs")]
+
     async def http(self, path: str) -> tuple[int, dict[str, Any]]:
         """GET a path of the daemon's health endpoint."""
         import aiohttp

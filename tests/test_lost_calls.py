@@ -39,6 +39,7 @@ async def test_a_cpu_peak_loses_no_dispatch(start_daemon: Any, livekit_server: A
     name = unique("steady")
     # The defaults: load_threshold 0.75, overload_after 30s.
     daemon = await start_daemon(agent_table(name, TICKER, max_jobs=20))
+    worker_ids = {(await daemon.status())["agents"][0]["worker_id"]}
     rooms = [unique("peak") for _ in range(6)]
     with busy_cpu():
 
@@ -51,7 +52,12 @@ async def test_a_cpu_peak_loses_no_dispatch(start_daemon: Any, livekit_server: A
             assert not (await daemon.status())["agents"][0]["full"]
         for room in rooms:
             await job_in_room(daemon, room, "running")
-    assert "FULL" not in daemon.log()
+    # Never FULL at any moment: as LiveKit recorded the worker's statuses, and as the
+    # daemon counts the time it spent FULL.
+    worker_ids.add((await daemon.status())["agents"][0]["worker_id"])
+    for worker_id in worker_ids:
+        assert "WS_FULL" not in livekit_server.worker_statuses(worker_id)
+    assert await daemon.metric("lkrun_agent_full_seconds_total", agent=name) == 0
 
 
 async def test_dispatch_wait_recreates_a_dispatch_the_server_dropped(

@@ -165,7 +165,9 @@ async def test_max_jobs_reports_full_and_frees(start_daemon: Any, livekit_server
     await dispatch(livekit_server, third, name)
     await job_in_room(daemon, third, "running")
     assert all(j["room"] != second for j in await daemon.jobs())
-    assert f"room {second!r}" not in daemon.log()  # never even offered
+    # Never even offered: two offers in all (the first and the third room), none declined.
+    assert await daemon.metric("lkrun_offers_total", agent=name, result="accepted") == 2
+    assert await daemon.metric("lkrun_offers_total", agent=name, result="declined") == 0
 
 
 async def test_deleting_dispatch_ends_job_as_success(
