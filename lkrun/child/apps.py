@@ -151,10 +151,13 @@ def import_error_hint(exc: ImportError) -> str:
     if not _importable("livekit.agents"):
         # "from livekit import agents" says only "cannot import name 'agents' from 'livekit'".
         return f"the module is a livekit-agents app; {INSTALL_HINT}"
-    plugin = missing.split(".")
-    if plugin[:2] == ["livekit", "plugins"] and len(plugin) > 2:
-        return f"install the plugin with: pip install livekit-plugins-{plugin[2].replace('_', '-')}"
-    return ""
+    parts = missing.split(".")
+    if parts[:2] != ["livekit", "plugins"]:
+        return ""
+    # "from livekit.plugins import x" names only livekit.plugins (and x in name_from, 3.12+).
+    plugin = parts[2] if len(parts) > 2 else getattr(exc, "name_from", None)
+    package = "livekit-plugins-" + (plugin.replace("_", "-") if plugin else "<name>")
+    return f"a livekit-agents plugin is missing; install it with: pip install {package}"
 
 
 def _importable(name: str) -> bool:
@@ -292,6 +295,7 @@ class NativeJob:
                 await entry
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ctx.room.disconnect(), grace())
+        error = ctx._failure or error  # e.g. the room was gone (lkrun.context.RoomGoneError)
         return JobResult(ok=not error, error=error, reason=ctx.shutdown_reason)
 
 
