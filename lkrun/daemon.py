@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from lkrun.api.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.child import pdeathsig
 from lkrun.child.apps import LIVEKIT_AGENTS
 from lkrun.child.tasks import BackgroundTasks
+from lkrun.child.text import describe
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
 from lkrun.jobs.book import JobBook
@@ -32,6 +33,7 @@ from lkrun.jobs.history import History
 from lkrun.jobs.statelock import StateDirBusy, StateLock
 from lkrun.jobs.store import JobQuery, StoreError
 from lkrun.load import CpuMonitor, CpuPressure
+from lkrun.logs import loop_error
 from lkrun.manifest import (
     AgentSpec,
     DaemonSettings,
@@ -47,6 +49,10 @@ from lkrun.supervision.job_monitor import JobMonitor, Target
 log = logging.getLogger("lkrun.daemon")
 
 FLUSH_TIMEOUT = 2.0  # time given to final job status updates before the sockets close
+WATCH_RETRY = 1.0  # after the manifest watch failed; doubles up to WATCH_RETRY_CAP
+WATCH_RETRY_CAP = 60.0
+
+Changes = set[tuple[Any, str]]  # watchfiles' (change, path) pairs
 
 
 @dataclass(frozen=True)
@@ -417,29 +423,66 @@ class Daemon:
 
     # -- hot reload --------------------------------------------------------------------------
 
-    async def _watch_manifest(self) -> None:
-        """Reload on manifest edits; replace warm processes when Python code changes."""
-        from watchfiles import DefaultFilter, awatch
+    async def _watch_manifest(
+        self,
+        watch: Callable[[Path, Callable[[Any, str], bool]], AsyncIterator[Changes]] | None = None,
+        *,
+        retry: float = WATCH_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Reload on manifest edits; replace warm processes when Python code changes.
 
+        An error (in the watch itself, or in applying one change) is logged and the watch
+        goes on, after a backoff when the watch failed: hot reload must not turn itself
+        off silently. `watch` and `sleep` are for tests."""
         path = self.manifest.path.resolve()
-        ignore = DefaultFilter()  # .venv, .git, __pycache__ and the like
+        watch = watch or _watchfiles
+        failures = 0
+        while True:
+            problem: Exception
+            try:
+                # Watch the directory: editors replace files by renaming, which ends a file
+                # watch.
+                async for changes in watch(path.parent, _relevant_to(path)):
+                    failures = 0
+                    await self._on_changes(path, changes)
+                problem = RuntimeError("the file watch ended")
+            except Exception as exc:
+                problem = exc
+            failures += 1
+            delay = min(WATCH_RETRY_CAP, retry * 2 ** (failures - 1))
+            log.error(
+                "watching the manifest failed (%d in a row); watching again in %.1fs: %s",
+                failures,
+                delay,
+                describe(problem),
+                extra=loop_error("manifest watcher", problem, failures, delay),
+            )
+            await sleep(delay)
 
-        def relevant(change: Any, changed: str) -> bool:
-            return ignore(change, changed) and (Path(changed) == path or changed.endswith(".py"))
-
-        # Watch the directory: editors replace files by renaming, which ends a file watch.
-        async for changes in awatch(path.parent, watch_filter=relevant):
-            if self.phase != "serving":
-                continue
-            manifest_changed = any(Path(changed) == path for _, changed in changes)
-            code_changed = any(changed.endswith(".py") for _, changed in changes)
+    async def _on_changes(self, path: Path, changes: Changes) -> None:
+        """One batch of file changes; its errors are logged here, the watch goes on."""
+        if self.phase != "serving":
+            return
+        manifest_changed = any(Path(changed) == path for _, changed in changes)
+        code_changed = any(changed.endswith(".py") for _, changed in changes)
+        try:
             if manifest_changed:
                 await self.reload()
             elif code_changed and self._hosts_apps():
                 await self._reread_apps()
-            if code_changed:
+            # The check above takes seconds: a drain may have begun meanwhile.
+            if code_changed and self.phase == "serving":
                 for host in self.hosts.values():
                     host.code_changed()
+        except Exception as exc:
+            log.error(
+                "applying a change to %s failed; the watch goes on: %s",
+                path.parent,
+                describe(exc),
+                exc_info=exc,
+                extra=loop_error("manifest watcher", exc, 1, 0.0),
+            )
 
     def _hosts_apps(self) -> bool:
         return any(h.spec.resolved_framework == LIVEKIT_AGENTS for h in self.hosts.values())
@@ -451,6 +494,8 @@ class Daemon:
         except ManifestError as exc:
             log.error("agent code changed but does not load; new jobs will fail: %s", exc)
             return
+        if self._stopped_meanwhile():
+            return
         self._apply(manifest)
         self.manifest = manifest
 
@@ -461,9 +506,20 @@ class Daemon:
         except ManifestError as exc:
             log.error("manifest change rejected, keeping the running configuration: %s", exc)
             return False
+        if self._stopped_meanwhile():
+            return False
         self._apply(manifest)
         self.manifest = manifest
         self.reloads += 1
+        return True
+
+    def _stopped_meanwhile(self) -> bool:
+        """Whether a drain or a stop began during the import check (it takes seconds): then
+        nothing is applied, or an agent could register, or a warm pool regrow, while the
+        daemon drains."""
+        if self.phase == "serving":
+            return False
+        log.info("the daemon is %s: the changed configuration is not applied", self.phase)
         return True
 
     def _apply(self, manifest: Manifest) -> None:
@@ -518,6 +574,25 @@ def lock_state_dir(directory: Path) -> StateLock:
         raise FatalError(str(exc)) from None
     except OSError as exc:
         raise FatalError(f"cannot lock the state directory {directory}: {exc}") from exc
+
+
+def _relevant_to(manifest: Path) -> Callable[[Any, str], bool]:
+    """The changes that matter: the manifest itself and Python files, minus .venv, .git,
+    __pycache__ and the like."""
+    from watchfiles import DefaultFilter
+
+    ignore = DefaultFilter()
+
+    def relevant(change: Any, changed: str) -> bool:
+        return ignore(change, changed) and (Path(changed) == manifest or changed.endswith(".py"))
+
+    return relevant
+
+
+def _watchfiles(directory: Path, relevant: Callable[[Any, str], bool]) -> AsyncIterator[Changes]:
+    from watchfiles import awatch
+
+    return awatch(directory, watch_filter=relevant)
 
 
 def _load_checked(path: Path) -> Manifest:

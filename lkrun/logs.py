@@ -1,7 +1,8 @@
 """Logging for the daemon: pretty for people, JSON lines for collectors; set up by the CLI only.
 
 Every line about an agent or a job carries `agent` and `job_id`, as text in the pretty
-format and as fields in JSON.
+format and as fields in JSON; a record's `fields` (extra={"fields": {...}}) are more JSON
+fields.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import logging
 import sys
 from typing import Any
+
+from lkrun.child.text import describe
 
 FORMATS = ("pretty", "json")
 
@@ -61,9 +64,23 @@ class JsonFormatter(logging.Formatter):
         for key in ("agent", "job_id"):
             if value := getattr(record, key, None):
                 entry[key] = value
+        for key, value in getattr(record, "fields", {}).items():
+            entry.setdefault(key, value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def loop_error(loop: str, exc: BaseException, failures: int, retry_in: float) -> dict[str, Any]:
+    """`extra` for the line a background loop logs when a round fails and it goes on: in
+    JSON, `loop`, `error`, `failures` (in a row) and `retry_in` (seconds) as fields."""
+    fields = {
+        "loop": loop,
+        "error": describe(exc),
+        "failures": failures,
+        "retry_in": round(retry_in, 3),
+    }
+    return {"fields": fields}
 
 
 def default_format() -> str:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from lkrun import daemon as daemon_module
+from lkrun.child.apps import LIVEKIT_AGENTS
+from lkrun.manifest import Manifest, load_manifest
 from tests.conftest import livekit_api, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
+from tests.test_daemon_loops import make_daemon
 
 
 async def agent_status(daemon: Any, name: str, retiring: bool = False) -> dict[str, Any] | None:
@@ -126,3 +136,85 @@ async def test_no_reload_ignores_edits(start_daemon: Any, livekit_server: Any) -
     status = await daemon.status()
     assert [a["agent"] for a in status["agents"]] == [name]
     assert status["reloads"] == 0 and status["reload"] is False
+
+
+# -- a reload that races a drain (issue 17, item 3): fast, with a fake import check ----------
+
+
+class _FakeHost:
+    """Stands for a running agent: counts the warm-process replacements asked of it."""
+
+    def __init__(self) -> None:
+        self.spec = SimpleNamespace(resolved_framework=LIVEKIT_AGENTS)
+        self.code_changes = 0
+
+    def code_changed(self) -> None:
+        self.code_changes += 1
+
+    # What a drain asks of a host.
+    def job_count(self) -> int:
+        return 0
+
+    def drain(self) -> None:
+        pass
+
+    async def wait_idle(self) -> None:
+        pass
+
+
+class _BlockingCheck:
+    """The import check (lkrun.daemon._load_checked), held until the test lets it finish."""
+
+    def __init__(self, result: Manifest) -> None:
+        self.result = result
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, path: Path) -> Manifest:
+        self.started.set()
+        assert self.release.wait(10), "the test never released the import check"
+        return self.result
+
+
+@pytest.mark.parametrize("edit", ["manifest", "code"])
+async def test_a_drain_during_the_import_check_applies_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str
+) -> None:
+    daemon = make_daemon(tmp_path)
+    daemon.phase = "serving"
+    host = _FakeHost()
+    daemon.hosts = {"echo": host}  # type: ignore[dict-item]
+    before = daemon.manifest
+    (tmp_path / "agents.toml").write_text(agent_table("echo") + agent_table("added"))
+    check = _BlockingCheck(load_manifest(tmp_path / "agents.toml"))
+    monkeypatch.setattr(daemon_module, "_load_checked", check)
+    applied: list[Manifest] = []
+    monkeypatch.setattr(daemon, "_apply", applied.append)
+
+    changed = str(before.path.resolve()) if edit == "manifest" else str(tmp_path / "agent.py")
+    handling = asyncio.create_task(
+        daemon._on_changes(before.path.resolve(), {(2, changed), (2, str(tmp_path / "x.py"))})
+    )
+    assert await asyncio.to_thread(check.started.wait, 10)
+    await daemon._drain()  # what SIGTERM starts, while the check runs
+    check.release.set()
+    await asyncio.wait_for(handling, 10)
+
+    assert applied == []  # no agent added, re-registered or updated in place
+    assert host.code_changes == 0  # no warm pool replaced (regrown) while draining
+    assert daemon.manifest is before and daemon.reloads == 0
+    assert daemon.phase == "draining"
+
+
+async def test_a_reload_while_serving_still_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = make_daemon(tmp_path)
+    daemon.phase = "serving"
+    (tmp_path / "agents.toml").write_text(agent_table("echo") + agent_table("added"))
+    new = load_manifest(tmp_path / "agents.toml")
+    monkeypatch.setattr(daemon_module, "_load_checked", lambda path: new)
+    applied: list[Manifest] = []
+    monkeypatch.setattr(daemon, "_apply", applied.append)
+    assert await daemon.reload() is True
+    assert applied == [new] and daemon.manifest is new and daemon.reloads == 1

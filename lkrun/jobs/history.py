@@ -6,20 +6,23 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from lkrun.child.text import describe
 from lkrun.jobs.book import JobRecord
 from lkrun.jobs.fields import timings
 from lkrun.jobs.logfiles import JobLogs
 from lkrun.jobs.store import JobQuery, JobStore
+from lkrun.logs import loop_error
 
 log = logging.getLogger("lkrun.history")
 
 PRUNE_INTERVAL = 3600.0
+PRUNE_RETRY = 60.0  # after a failed round; doubles up to PRUNE_INTERVAL
 
 
 def lkrun_daemon_alive(pid: int) -> bool:
@@ -68,14 +71,43 @@ class History:
         self.store.flush(0.5)  # what just happened should show
         return read(arg)
 
-    async def prune_forever(self) -> None:
+    async def prune_forever(
+        self,
+        *,
+        interval: float = PRUNE_INTERVAL,
+        retry: float = PRUNE_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Prune every `interval`. A failed round ("database is locked", a disk error) is
+        logged and tried again after `retry`, doubling up to `interval`: one error must not
+        end pruning for the daemon's life, or history and logs grow without bound."""
+        failures = 0
         while True:
-            cutoff = time.time() - self.retention
-            jobs = await asyncio.to_thread(self.store.prune, cutoff)
-            files = await asyncio.to_thread(self.logs.remove_older_than, cutoff)
-            if jobs or files:
-                log.info("pruned %d old job(s) and %d log file(s) from history", jobs, files)
-            await asyncio.sleep(PRUNE_INTERVAL)
+            try:
+                await self.prune_once()
+            except Exception as exc:
+                failures += 1
+                delay = min(interval, retry * 2 ** (failures - 1))
+                log.error(
+                    "pruning the job history failed (%d in a row); next try in %.0fs: %s",
+                    failures,
+                    delay,
+                    describe(exc),
+                    extra=loop_error("history pruning", exc, failures, delay),
+                )
+            else:
+                failures, delay = 0, interval
+            await sleep(delay)
+
+    async def prune_once(self) -> None:
+        cutoff = time.time() - self.retention
+        # Which logs are still being written is read here, on the loop that changes it,
+        # not in the thread that deletes.
+        active = self.logs.active()
+        jobs = await asyncio.to_thread(self.store.prune, cutoff)
+        files = await asyncio.to_thread(self.logs.remove_older_than, cutoff, active)
+        if jobs or files:
+            log.info("pruned %d old job(s) and %d log file(s) from history", jobs, files)
 
 
 def _merge(row: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:

@@ -133,23 +133,26 @@ class JobLogs:
 
     def prune(self, keep: Iterable[str]) -> int:
         """Delete the log files of jobs not in `keep` (nor still being written); count files."""
-        kept = set(keep) | self._active()
+        kept = set(keep) | self.active()
         return self._delete(lambda job, _path: job not in kept)
 
-    def remove_older_than(self, cutoff: float) -> int:
+    def remove_older_than(self, cutoff: float, active: set[str] | None = None) -> int:
         """Delete log files last modified before `cutoff` (epoch seconds); count files.
 
-        Files of jobs still being written are kept: a quiet job's log is still wanted.
+        Files of jobs still being written (`active`, default: active()) are kept: a quiet
+        job's log is still wanted. From another thread, pass active() read on the loop.
         """
-        active = self._active()
+        keep = self.active() if active is None else active
 
         def old(job: str, path: Path) -> bool:
-            return job not in active and path.stat().st_mtime < cutoff
+            return job not in keep and path.stat().st_mtime < cutoff
 
         return self._delete(old)
 
-    def _active(self) -> set[str]:
-        return {job for job, w in self._writers.items() if not w.closed}
+    def active(self) -> set[str]:
+        """Jobs whose log is open for writing. Call it on the thread that writes (the
+        loop): the writers change there."""
+        return {job for job, w in list(self._writers.items()) if not w.closed}
 
     def _delete(self, should_delete: Callable[[str, Path], bool]) -> int:
         """Delete our log files (and nothing else in the directory) that match; count them."""
