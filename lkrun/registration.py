@@ -13,9 +13,9 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 from google.protobuf.message import DecodeError
@@ -30,6 +30,8 @@ from lkrun.load import WorkerLoad
 from lkrun.logs import agent_logger
 
 log = logging.getLogger("lkrun.registration")
+
+_T = TypeVar("_T")
 
 REGISTER_TIMEOUT = 10.0
 HEARTBEAT = 10.0  # WebSocket ping interval; the connection is dropped if a pong is late
@@ -102,7 +104,7 @@ class RegistrationState:
     server_version: str = ""
     reconnects: int = 0
     last_error: str = ""
-    connected_since: float | None = None
+    connected_since: float | None = None  # time.monotonic(): only durations are taken of it
 
 
 class Registration:
@@ -163,7 +165,7 @@ class Registration:
             # Only a connection that stayed up a while resets the backoff: a server that
             # accepts and then closes at once must not be hammered several times a second.
             up_since = self.state.connected_since
-            if up_since is not None and time.time() - up_since >= STABLE_CONNECTION:
+            if up_since is not None and time.monotonic() - up_since >= STABLE_CONNECTION:
                 failures = 0
             self._disconnected()
             delay = backoff(failures)
@@ -276,7 +278,7 @@ class Registration:
         if self.state.connected:
             return
         self.state.connected = True
-        self.state.connected_since = time.time()
+        self.state.connected_since = time.monotonic()
         self.state.last_error = ""
         self._registered.set()
         if self._outbox is not None:
@@ -320,13 +322,20 @@ class Registration:
         if kind == "availability":
             self._answer(msg.availability.job, received)
         elif kind == "assignment":
-            self.handler.on_assignment(msg.assignment)
+            self._tell(self.handler.on_assignment, msg.assignment, msg.assignment.job.id)
         elif kind == "termination":
-            self.handler.on_termination(msg.termination.job_id)
+            self._tell(self.handler.on_termination, msg.termination.job_id, msg.termination.job_id)
         elif kind == "pong":
             self._confirmed()
         elif kind == "go_away":
             self.log.info("server asked us to go away: %s", msg.go_away.reason)
+
+    def _tell(self, callback: Callable[[_T], None], arg: _T, job_id: str) -> None:
+        """A handler's fault concerns one job: it must not drop the connection of them all."""
+        try:
+            callback(arg)
+        except Exception:
+            self.log.exception("handling a message about job %s failed", job_id)
 
     def _answer(self, job: proto.Job, received: float) -> None:
         # Answer at once: the server gives up on us after a few seconds.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import resource
@@ -363,3 +364,38 @@ async def test_a_control_socket_numbered_above_1024_works(
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_warm_process_still_loading_when_its_agent_goes_is_killed(tmp_path: Path) -> None:
+    # Its prewarm hangs: the process is forked and loading, not yet in the pool's ready set.
+    from lkrun.supervision.warm_pool import WarmPool
+
+    server = ForkServer(
+        label="test",
+        app=AppSpec(
+            "tests.agents.behaviours:returns_at_once", "tests.agents.behaviours:prewarm_hangs"
+        ),
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        load_timeout=30,
+    )
+    log = logging.LoggerAdapter(logging.getLogger("t"), {})
+    pool = WarmPool(
+        label="test", factory=lambda: JobProcess(launcher=server, log=log), size=1, timeout=60
+    )
+    task = asyncio.create_task(pool.run())
+    try:
+
+        def loading() -> list[psutil.Process]:
+            zygote = server.pid
+            return psutil.Process(zygote).children() if zygote is not None else []
+
+        [child] = await wait_for(loading, 30, what="a warm process to be forked")
+        task.cancel()  # the agent is retired while its warm process loads
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        await wait_for(lambda: not pid_alive(child.pid), 10, what="the warm process to end")
+    finally:
+        task.cancel()
+        # With nothing left running, the zygote exits at once instead of at the timeout.
+        await asyncio.wait_for(server.close(timeout=60), 10)

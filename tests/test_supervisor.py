@@ -178,15 +178,17 @@ class World:
     procs: FakeProcesses
     reporter: FakeReporter
     book: JobBook
-    clock: Clock
+    clock: Clock  # the wall clock: records' timestamps
+    mono: Clock  # the monotonic clock: durations
     rules: Rules
 
 
-def make_world(**rules: Any) -> World:
-    procs, reporter, book, clock, spec = (
+def make_world(job_logs: Any = None, **rules: Any) -> World:
+    procs, reporter, book, clock, mono, spec = (
         FakeProcesses(),
         FakeReporter(),
         JobBook(),
+        Clock(),
         Clock(),
         Rules(**rules),
     )
@@ -205,9 +207,11 @@ def make_world(**rules: Any) -> World:
         start_message=start_message,
         shutdown_timeout=lambda: 5.0,
         log=logging.LoggerAdapter(logging.getLogger("test.supervisor")),
+        job_logs=job_logs,
         clock=clock,
+        monotonic=mono,
     )
-    return World(sup, procs, reporter, book, clock, spec)
+    return World(sup, procs, reporter, book, clock, mono, spec)
 
 
 def assignment(job_id: str, room: str = "r") -> proto.JobAssignment:
@@ -460,9 +464,64 @@ async def test_a_reservation_expires_when_no_assignment_comes() -> None:
     w.sup.offer("J1", "r")
     decline = w.sup.offer("J2", "r")
     assert decline is not None and decline.reason == "max_jobs"
-    w.clock.now += ASSIGNMENT_WAIT + 1
+    w.mono.now += ASSIGNMENT_WAIT + 1
     assert w.sup.offer("J2", "r") is None  # J1's slot expired
     assert list(w.sup.jobs) == ["J2"]
+
+
+async def test_a_reservation_expires_on_time_when_the_wall_clock_steps_back() -> None:
+    w = make_world(max_jobs=1)
+    w.sup.offer("J1", "r")
+    w.clock.now -= 3600  # NTP stepped the clock back an hour
+    w.mono.now += ASSIGNMENT_WAIT + 1
+    assert w.sup.offer("J2", "r") is None  # J1's slot expired all the same
+    assert list(w.sup.jobs) == ["J2"]
+    w.clock.now += 7200  # and forward: a fresh reservation does not expire early
+    assert w.sup.offer("J3", "r") is not None
+
+
+async def test_a_repeated_offer_is_declined_and_keeps_the_first_reservation() -> None:
+    w = make_world(max_jobs=3)
+    assert w.sup.offer("J1", "r") is None
+    w.mono.now += 5
+    decline = w.sup.offer("J1", "r")
+    assert decline is not None and decline.reason == "duplicate"
+    assert "J1" in decline.text and "'r'" in decline.text
+    assert w.sup.count == 1 and w.sup.jobs["J1"].reserved_at == 1000.0
+    w.sup.assign(assignment("J1"))  # the one assignment gets the one slot
+    assert phase(w, "J1") is Phase.STARTING
+    decline = w.sup.offer("J1", "r")  # and once it starts, too
+    assert decline is not None and decline.reason == "duplicate" and w.sup.count == 1
+
+
+class BrokenJobLogs:
+    """Job log files that cannot be opened for some job ids (nor closed)."""
+
+    def writer(self, job_id: str) -> Any:
+        raise ValueError(f"odd job id {job_id!r}")
+
+
+@pytest.mark.parametrize("warm", [True, False])
+async def test_a_failure_after_the_process_is_claimed_ends_it_and_raises_nothing(
+    warm: bool,
+) -> None:
+    w = make_world(job_logs=BrokenJobLogs())
+    warm_proc = FakeProcess(spawned=True)
+    if warm:
+        w.procs.warm.append(warm_proc)
+    assert w.sup.offer("J/odd", "r") is None
+    w.sup.assign(assignment("J/odd"))  # must not raise into the registration's reader
+    await settle()
+    assert w.sup.count == 0
+    [(job_id, status, error)] = w.reporter.updates
+    assert (job_id, status) == ("J/odd", proto.JS_FAILED) and "odd job id" in error
+    proc = w.procs.made[-1]
+    if warm:
+        assert proc is warm_proc and proc.kinds() == ["kill"] and proc.exited
+    else:
+        assert proc.kinds() == []  # a cold one was never started: nothing to end
+    assert w.procs.replenished == 1  # the pool makes another
+    await asyncio.wait_for(w.sup.wait_tasks(), 1)
 
 
 async def test_assignments_that_would_overwrite_or_overfill_are_refused() -> None:

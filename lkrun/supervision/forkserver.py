@@ -130,11 +130,18 @@ class ForkServer:
         finally:
             for fd in child_ends:
                 os.close(fd)
+        return await self._attach_or_kill(pid, exit_code, stdin, stdout, stderr)
+
+    async def _attach_or_kill(
+        self, pid: int, exit_code: asyncio.Future[int | None], *fds: int
+    ) -> Launched:
         try:
-            return await self._attach(pid, exit_code, stdin, stdout, stderr)
-        except OSError as exc:
+            return await self._attach(pid, exit_code, *fds)
+        except BaseException as exc:  # cancelled too: nobody else knows of this process
             pdeathsig.signal_group(pid, signal.SIGKILL)
-            raise LaunchError(f"cannot attach to forked job process {pid}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise LaunchError(f"cannot attach to forked job process {pid}: {exc}") from exc
+            raise
 
     async def _fork(self, fds: list[int], role: str) -> tuple[int, asyncio.Future[int | None]]:
         if self._sock is None:  # it died since start()
@@ -257,6 +264,9 @@ class ForkServer:
             answer = self._requests.get(msg["id"])
             if answer is not None and not answer.done():
                 answer.set_result((pid, exit_code))
+            else:  # its launch was cancelled or timed out: nobody will run or end it
+                self.log.debug("killing process %s: nobody waits for it any more", pid)
+                pdeathsig.signal_group(pid, signal.SIGKILL)
         elif kind == zygote.FORK_FAILED:
             answer = self._requests.get(msg["id"])
             if answer is not None and not answer.done():

@@ -31,6 +31,7 @@ class Situation:
     jobs: int  # reserved, starting, running and stopping jobs
     accepting: bool = True  # False while draining, or once the agent left the manifest
     cpu_overload: str = ""  # why the CPU counts as overloaded (see CpuPressure); "" if not
+    starting: str = ""  # why a job would not start at the agent's normal speed yet; "" if it would
 
 
 def not_accepting(room: str) -> Decline:
@@ -41,6 +42,8 @@ def weigh_offer(room: str, rules: Rules, now: Situation) -> Decline | None:
     """Why the agent declines a job in ``room``, or None: it takes it (and reserves a slot)."""
     if not now.accepting:
         return not_accepting(room)
+    if now.starting:
+        return Decline("starting", f"room {room!r}: starting ({now.starting})")
     if not rules.accepts_room(room):
         return Decline("rooms", f"room {room!r} matches none of {list(rules.rooms)}")
     if now.jobs >= rules.max_jobs:

@@ -102,7 +102,13 @@ class RequestProcess:
         except LaunchError as exc:
             self._failed(f"cannot start the request process: {exc}")
             return None
-        if not await proc.wait_ready(self.start_timeout):
+        try:
+            ready = await proc.wait_ready(self.start_timeout)
+        except asyncio.CancelledError:
+            # Not serving yet, so run()'s cleanup does not know it: end it here.
+            self._retiring.spawn(proc.kill("the agent stopped while it was starting"))
+            raise
+        if not ready:
             outcome = await proc.wait()
             self._failed(f"the request process did not start: {outcome.error}")
             return None

@@ -110,7 +110,8 @@ class Job:
     """One job in the supervisor's hands, whatever its phase."""
 
     id: str
-    offered_at: float | None  # None: assigned without an offer we took
+    offered_at: float | None  # wall clock, for the record; None: assigned without an offer
+    reserved_at: float = 0.0  # monotonic clock: when its reservation expires
     phase: Phase = Phase.RESERVED
     acceptance: Acceptance | None = None  # what we answered the offer with
     record: JobRecord | None = None  # from the assignment on
@@ -137,6 +138,7 @@ class JobSupervisor:
         metrics: Metrics | None = None,
         job_logs: JobLogs | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent = agent
         self.rules = rules
@@ -148,7 +150,8 @@ class JobSupervisor:
         self.log = log
         self.metrics = metrics
         self.job_logs = job_logs
-        self.clock = clock
+        self.clock = clock  # timestamps in records; durations use ``monotonic``
+        self.monotonic = monotonic
         self.accepting = True
         self.draining = False
         self.jobs: dict[str, Job] = {}  # every job not ENDED
@@ -183,13 +186,18 @@ class JobSupervisor:
 
     # -- offers ----------------------------------------------------------------------------
 
-    def offer(self, job_id: str, room: str, *, cpu_overload: str = "") -> Decline | None:
+    def offer(
+        self, job_id: str, room: str, *, cpu_overload: str = "", starting: str = ""
+    ) -> Decline | None:
         """Weigh an offer; on yes, reserve a slot until the assignment comes or time runs out."""
         self.expire_reservations()
-        now = Situation(self.count, self.accepting, cpu_overload)
+        if job_id in self.jobs:  # LiveKit repeated an offer: one job must not hold two slots
+            phase = self.jobs[job_id].phase.value
+            return Decline("duplicate", f"room {room!r}: job {job_id} is already here ({phase})")
+        now = Situation(self.count, self.accepting, cpu_overload, starting)
         if decline := weigh_offer(room, self.rules, now):
             return decline
-        self.jobs[job_id] = Job(job_id, offered_at=self.clock())
+        self.jobs[job_id] = Job(job_id, offered_at=self.clock(), reserved_at=self.monotonic())
         self._idle.clear()
         # If no assignment follows, free the slot even when no further offer arrives.
         asyncio.get_running_loop().call_later(ASSIGNMENT_WAIT + 0.1, self.expire_reservations)
@@ -207,9 +215,10 @@ class JobSupervisor:
             self._enter(job, Event.RELEASED)
 
     def expire_reservations(self) -> None:
-        now = self.clock()
+        # The monotonic clock: a wall clock stepped back would hold the slot until it caught up.
+        now = self.monotonic()
         for job in self.in_phase(Phase.RESERVED):
-            if job.offered_at is not None and now - job.offered_at > ASSIGNMENT_WAIT:
+            if now - job.reserved_at > ASSIGNMENT_WAIT:
                 self._enter(job, Event.RELEASED)
 
     # -- jobs ------------------------------------------------------------------------------
@@ -239,12 +248,13 @@ class JobSupervisor:
             worker_id=self.reporter.worker_id,
         )
         self._enter(job, Event.ASSIGNED)
-        self.book.add(record)
         try:
+            self.book.add(record)
             self._claim_process(job)
             start = self.start_message(record, job.acceptance, assignment)
         except Exception as exc:  # e.g. the job's log file cannot be opened
             self.log.exception("job %s could not be given a process", info.id)
+            self._abandon_process(job, f"its job {info.id} could not start")
             self._end(job, Outcome(ok=False, error=f"cannot start job: {describe(exc)}"))
             return
         self._tasks.spawn(self._run(job, start), name=f"job {info.id}")
@@ -322,10 +332,20 @@ class JobSupervisor:
         assert job.record is not None
         record = job.record
         proc, record.warm = self.processes.claim()
+        # Ours from here: whatever fails next, _abandon_process ends it.
+        job.process, job.spawned = proc, record.warm
         sink = self.job_logs.writer(record.id).write_line if self.job_logs is not None else None
         proc.bind(job_logger(job_log, record.agent, record.id), lambda: self._on_running(job), sink)
-        job.process = proc
-        job.spawned = record.warm
+
+    def _abandon_process(self, job: Job, why: str) -> None:
+        """A claimed process that will run no job: kill it (a warm one lives already) and
+        let the pool make another."""
+        proc = job.process
+        if proc is None:
+            return
+        if job.spawned and not proc.exited:
+            self._tasks.spawn(proc.kill(why), name=f"kill unused process {proc.pid}")
+        self.processes.replenish()
 
     async def _run(self, job: Job, start: dict[str, Any]) -> None:
         proc, record = job.process, job.record
@@ -410,7 +430,10 @@ class JobSupervisor:
         if self.metrics is not None:
             self.metrics.job_ended(record.agent, record.status.value)
         if self.job_logs is not None:
-            self.job_logs.writer(record.id).close()
+            try:
+                self.job_logs.writer(record.id).close()
+            except Exception:  # the job has ended either way; its caller must go on
+                self.log.exception("cannot close the log of job %s", record.id)
 
 
 def _merge(first: StopRequest | None, then: StopRequest) -> StopRequest:

@@ -111,14 +111,15 @@ class WarmPool:
         generation = self._generation
         proc = self.factory()
         try:
-            await proc.spawn()
-        except OSError as exc:
-            self._failed(f"cannot start a process: {exc}")
+            ready = await self._start(proc)
+        except asyncio.CancelledError:
+            # Not in the ready set yet, so nobody else would end it: it would outlive us.
+            if proc.pid is not None:
+                self._discard(proc, "the pool closed while it was starting")
+            raise
+        if ready is None:
             return
-        except Exception as exc:  # e.g. ValueError: a NUL byte in the environment
-            self._failed(f"cannot start a process: {describe(exc)}")
-            return
-        if await proc.wait_ready(self.timeout):
+        if ready:
             if generation != self._generation:  # a change came while it warmed up
                 self._discard(proc, "replaced after a change")
                 return
@@ -134,6 +135,18 @@ class WarmPool:
         if "did not load its entrypoint" in error:
             error = f"prewarm took longer than prewarm_timeout={self.timeout:g}s"
         self._failed(error)
+
+    async def _start(self, proc: JobProcess) -> bool | None:
+        """Spawn ``proc`` and wait until it is ready: whether it is, None if it never ran."""
+        try:
+            await proc.spawn()
+        except OSError as exc:
+            self._failed(f"cannot start a process: {exc}")
+            return None
+        except Exception as exc:  # e.g. ValueError: a NUL byte in the environment
+            self._failed(f"cannot start a process: {describe(exc)}")
+            return None
+        return await proc.wait_ready(self.timeout)
 
     def _failed(self, error: str) -> None:
         self.failures += 1
