@@ -306,10 +306,12 @@ class AgentHost:
     def monitor_targets(self) -> list[Target]:
         forkserver = self.processes.forkserver
         zygote = forkserver.pid if forkserver is not None else None
+        idle = self.processes.idle_pids()
+        self._forget_idle_memory(idle)  # each round: warm processes come and go all day
         targets = [
             # The fork server's descendants are jobs and warm processes: counted as such.
             Target("idle", pid, self._idle_sampler(pid), tree=pid != zygote)
-            for pid in self.processes.idle_pids()
+            for pid in idle
         ]
         for record, proc in self.jobs.running_processes():
             if proc.pid is not None:
@@ -318,9 +320,13 @@ class AgentHost:
 
     def idle_memory_mb(self) -> float:
         pids = self.processes.idle_pids()
-        for gone in set(self._idle_memory) - set(pids):
-            del self._idle_memory[gone]
+        self._forget_idle_memory(pids)
         return round(sum(self._idle_memory.get(pid, 0.0) for pid in pids), 1)
+
+    def _forget_idle_memory(self, idle: list[int]) -> None:
+        """Drop the samples of processes no longer idle (taken by a job, or gone)."""
+        for gone in set(self._idle_memory) - set(idle):
+            del self._idle_memory[gone]
 
     def _idle_sampler(self, pid: int) -> Callable[[Usage], None]:
         def on_sample(usage: Usage) -> None:

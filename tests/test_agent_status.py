@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from lkrun.credentials import Credentials
 from lkrun.jobs.book import JobBook
 from lkrun.load import CpuPressure
 from lkrun.manifest import AgentSpec
+from lkrun.supervision.job_monitor import MB, Usage
 from tests.conftest import REPO
 
 
@@ -91,3 +93,21 @@ async def test_max_jobs_and_draining_make_the_agent_full_at_once(
     host.stop_accepting()
     assert host.worker_load().reason == "draining"
     assert caplog.text.count("FULL") == 2 and caplog.text.count("AVAILABLE again") == 1
+
+
+async def test_idle_memory_keeps_only_the_processes_still_idle(
+    session: aiohttp.ClientSession,
+) -> None:
+    host = make_host(session, CpuPressure(threshold=0.75))
+    idle = [101]
+    host.processes.idle_pids = lambda: list(idle)  # type: ignore[method-assign]
+    for _ in range(50):  # a day of warm processes, each sampled, then taken by a job
+        [target] = host.monitor_targets()
+        target.on_sample(Usage(rss_bytes=40 * MB, cpu_percent=0.0, processes=1))
+        idle[0] += 1
+    host.monitor_targets()  # the monitor's next round; nobody asked for /v1/status
+    internal: Any = host
+    assert list(internal._idle_memory) == []  # pid 151 is idle but not sampled yet
+    [target] = host.monitor_targets()
+    target.on_sample(Usage(rss_bytes=40 * MB, cpu_percent=0.0, processes=1))
+    assert host.idle_memory_mb() == 40.0
