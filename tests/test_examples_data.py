@@ -344,3 +344,31 @@ def test_notices_and_summaries_fit_in_a_packet() -> None:
     r.on_message("a", "relay.summary", b"")
     [(_, summary)] = room.on("relay.summary")
     assert summary["truncated"] is True and 0 < len(summary["participants"]) < 100
+
+
+async def test_relay_tells_the_sender_what_it_cannot_relay_and_relays_up_to_a_packet(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    """Issue 17 item 12 against the real server: a message that escaping would take past a
+    data packet, and an envelope with NaN, are refused with a notice (they used to fail the
+    publish or reach clients as invalid JSON); one just under the packet limit arrives."""
+    name, room_name = unique("relay"), unique("room")
+    env = {"RELAY_MAX_BYTES": "12000"}
+    daemon = await start_daemon(CPU_OFF + agent_table(name, RELAY, env=env))
+    async with rooms(livekit_server, room_name, 2) as (a, b):
+        await dispatch(livekit_server, room_name, name)
+        agent = await wait_for_participant(a, f"{name}-", timeout=30)
+        await wait_for_participant(b, f"{name}-", timeout=30)
+        await job_in_room(daemon, room_name, "running")
+        A, B = Inbox(a, agent.identity), Inbox(b, agent.identity)
+        await A.send(b"\x01" * 8192)  # 48 KiB escaped
+        await A.send(b'{"payload": NaN}')
+        binary = bytes(range(128, 256)) * 87  # 11136 bytes, 14848 in base64
+        await A.send(binary)
+        await wait_for(lambda: B.on("relay.out"), 30, what="the large binary message")
+        await wait_for(lambda: len(A.on("relay.error")) == 2, 30, what="two notices")
+    [out] = B.on("relay.out")
+    assert relay.decode_bytes(out) == binary
+    errors = A.on("relay.error")
+    assert [e["error"] for e in errors] == ["too_large", "bad_envelope"]
+    assert errors[0]["relayed_bytes"] > relay.PACKET_MAX_BYTES
