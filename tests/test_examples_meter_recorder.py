@@ -384,3 +384,44 @@ async def test_killing_the_recorder_mid_recording_leaves_a_valid_wav(
     print(f"{line} | tone {loud_span(pcm):.3f} s")
     assert pcm.size >= RATE
     assert abs(dominant_hz(pcm) - 440) <= 3
+
+
+async def test_a_recording_over_the_size_limit_goes_on_in_numbered_parts(
+    start_daemon: Any, livekit_server: Any, tmp_path: Path
+) -> None:
+    """Issue 17 item 5 end to end: with RECORDER_MAX_BYTES at one second of audio, 2.5 s of
+    tone is in -1.wav, -1-part2.wav, ... each a valid WAV within the limit, each reported,
+    together the whole tone."""
+    name, room_name, directory = unique("recorder"), unique("rec"), tmp_path / "recordings"
+    limit = 44 + 2 * RATE
+    manifest = CPU_OFF + agent_table(
+        name,
+        RECORDER,
+        job_type="publisher",
+        env={"RECORDER_DIR": str(directory), "RECORDER_MAX_BYTES": str(limit)},
+    )
+    daemon = await start_daemon(manifest)
+    async with observer(livekit_server, room_name) as room:
+        tone = Tone(room, amplitude=0.25)
+        await recording_started(room, tone, livekit_server, name)
+        await tone.play(2.5)
+        await room.local_participant.unpublish_track(tone.track.sid)
+        job = await job_in_room(daemon, room_name, "running")
+        first = (
+            directory / f"{recorder.safe_name(room.local_participant.identity)}-{job['id']}-1.wav"
+        )
+
+        def reported() -> list[Path] | None:
+            paths = sorted(directory.glob("*.wav"), key=lambda p: (len(p.name), p.name))
+            lines = [recorded_line(daemon.log(), p) for p in paths]
+            return paths if len(paths) >= 3 and all(lines) else None
+
+        paths = await wait_for(reported, 30, what="every part closed and reported")
+        await tone.stop()
+    assert paths[:3] == [first, recorder.part_path(first, 2), recorder.part_path(first, 3)]
+    assert paths == [recorder.part_path(first, n) for n in range(1, len(paths) + 1)]
+    assert [p.stat().st_size for p in paths[:-1]] == [limit] * (len(paths) - 1)
+    pcm = np.concatenate([read_wav(p) for p in paths])
+    print(f"{len(paths)} parts, {pcm.size / RATE:.3f} s, tone {loud_span(pcm):.3f} s")
+    assert abs(loud_span(pcm) - 2.5) <= 0.3
+    assert abs(dominant_hz(pcm) - 440) <= 3
