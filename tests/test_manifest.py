@@ -17,6 +17,7 @@ import pytest
 from lkrun.entrypoints import check_entrypoints
 from lkrun.manifest import (
     AgentSpec,
+    AppInfo,
     DaemonSettings,
     FrozenMap,
     LiveKitSettings,
@@ -863,8 +864,12 @@ def test_check_entrypoints_success(tmp_path: Path, monkeypatch: pytest.MonkeyPat
          "cls": "solo:Agent"},
     )  # fmt: skip
     monkeypatch.chdir("/")  # imports are relative to the manifest, not to the cwd
-    check_entrypoints(manifest)
+    checked = check_entrypoints(manifest)
     assert "proj" not in sys.modules and "solo" not in sys.modules  # never imported here
+    assert list(checked.agents) == ["echo", "again", "cls"]
+    for spec in checked.agents.values():
+        assert spec.app == AppInfo(framework="lkrun", kind="function")
+        assert spec == dataclasses.replace(manifest.agents[spec.name], app=spec.app)
 
 
 @pytest.mark.e2e
@@ -878,7 +883,9 @@ def test_check_entrypoints_keeps_existing_pythonpath(
     app.mkdir()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(lib), os.environ.get("PYTHONPATH", "")]))
     manifest = write_project(app, {"uses": "import helper\n" + GOOD}, {"a": "uses:entrypoint"})
-    check_entrypoints(manifest)
+    # Without lib on the check's PYTHONPATH, "import helper" would fail the check.
+    [spec] = check_entrypoints(manifest).agents.values()
+    assert spec.app == AppInfo(framework="lkrun", kind="function")
 
 
 @pytest.mark.e2e
@@ -932,7 +939,9 @@ def test_check_entrypoints_module_prints_to_stdout(tmp_path: Path) -> None:
         pass
     """
     manifest = write_project(tmp_path, {"noisy": source}, {"a": "noisy:entrypoint"})
-    check_entrypoints(manifest)
+    # The result still parses: what the module printed went to stderr, not into it.
+    [spec] = check_entrypoints(manifest).agents.values()
+    assert spec.app == AppInfo(framework="lkrun", kind="function")
 
 
 @pytest.mark.e2e
@@ -949,7 +958,9 @@ def test_check_entrypoints_reports_first_failure_in_file_order(tmp_path: Path) -
 def test_check_entrypoints_background_thread_does_not_block(tmp_path: Path) -> None:
     source = "import threading, time\nthreading.Thread(target=time.sleep, args=(600,)).start()\n"
     manifest = write_project(tmp_path, {"threads": source + GOOD}, {"a": "threads:entrypoint"})
-    check_entrypoints(manifest, timeout=30)
+    # A check still waiting for the thread would be killed at the timeout and raise.
+    [spec] = check_entrypoints(manifest, timeout=30).agents.values()
+    assert spec.app == AppInfo(framework="lkrun", kind="function")
 
 
 @pytest.mark.e2e
