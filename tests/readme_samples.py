@@ -230,6 +230,8 @@ def main() -> int:
             session = Session(env, port)
             print("## Check\n", flush=True)
             session.run("check", MANIFEST)
+            for extra in sorted(REPO.glob("agents-*.toml.example")):  # e.g. the framework's
+                session.run("check", extra.name)
             with daemon(env, folder, port) as proc:
                 wait_for(lambda: ready(session, proc), 120, "the daemon to be ready")
                 quick_start(session)
