@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from lkrun import __version__, paths
+from lkrun import __version__, paths, reaper
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
@@ -43,6 +43,7 @@ from lkrun.manifest import (
     load_manifest,
     parse_host_port,
 )
+from lkrun.reaper import OrphanReaper
 from lkrun.registration import AuthError
 from lkrun.supervision.job_monitor import JobMonitor, Target
 
@@ -63,6 +64,9 @@ class DaemonConfig:
     # The manifest's [daemon] table, with what the command line overrides.
     settings: DaemonSettings
     reload: bool = True
+    # Processes of this process started before the daemon, which it waits for itself (the
+    # dev server): never reaped as orphans.
+    own_children: tuple[int, ...] = ()
 
 
 def _background_failed(task: asyncio.Future[Any], exc: BaseException) -> None:
@@ -117,6 +121,8 @@ class Daemon:
         self._stop_now = asyncio.Event()  # second signal: skip the drain
         self._fatal: asyncio.Future[FatalError] | None = None
         self._signals = 0
+        self._checks = 0  # import checks under way (their Popen waits for its own child)
+        self.reaper = OrphanReaper(self._waited_for, paused=lambda: self._checks > 0)
 
     # -- the view the control API and health read ----------------------------------------
 
@@ -218,6 +224,10 @@ class Daemon:
         down = [name for name, h in self.hosts.items() if not h.registration.state.connected]
         if down:
             return False, f"not registered with LiveKit: {', '.join(down)}"
+        # The same readiness as each agent's worker status (FULL, "starting"): see AgentHost.
+        waiting = [f"{name} ({why})" for name, h in self.hosts.items() if (why := h.not_ready())]
+        if waiting:
+            return False, "; ".join(waiting)
         return True, ""
 
     def _snapshot(self) -> list[AgentSnapshot]:
@@ -306,11 +316,26 @@ class Daemon:
                 host,
                 self.health.port,
             )
+        self._start_reaper()
         monitor = JobMonitor(self._monitor_targets)
         self._tasks.spawn(self.cpu.run(self._on_cpu_sample), "cpu monitor")
         self._tasks.spawn(monitor.run(), "job monitor")
         if self.config.reload:
             self._tasks.spawn(self._watch_manifest(), "manifest watcher")
+
+    def _start_reaper(self) -> None:
+        """Adopt the orphans of jobs, fork servers and import checks, and reap them: as a
+        container's PID 1 the daemon gets them anyway, and nobody else would reap them."""
+        if not reaper.become_subreaper() and os.getpid() != 1:
+            log.debug("not a child subreaper (not Linux?): orphans go to init")
+            return
+        self._tasks.spawn(self.reaper.run(), "orphan reaper")
+
+    def _waited_for(self) -> set[int]:
+        """Children whose exit statuses the daemon's own code waits for."""
+        pids = {t.pid for t in self._monitor_targets()}
+        pids.update(self.config.own_children)
+        return pids
 
     async def _until_stop_or_fatal(self) -> bool:
         """True when a stop was requested; False when something fatal happened."""
@@ -487,10 +512,20 @@ class Daemon:
     def _hosts_apps(self) -> bool:
         return any(h.spec.resolved_framework == LIVEKIT_AGENTS for h in self.hosts.values())
 
+    async def _check_manifest(self) -> Manifest:
+        """Load and import-check the manifest (a subprocess, in a thread). Orphans are not
+        reaped meanwhile: the check's own child may be a zombie its Popen has yet to wait
+        for."""
+        self._checks += 1
+        try:
+            return await asyncio.to_thread(_load_checked, self.manifest.path)
+        finally:
+            self._checks -= 1
+
     async def _reread_apps(self) -> None:
         """A livekit-agents app carries settings in its code: check it again and apply them."""
         try:
-            manifest = await asyncio.to_thread(_load_checked, self.manifest.path)
+            manifest = await self._check_manifest()
         except ManifestError as exc:
             log.error("agent code changed but does not load; new jobs will fail: %s", exc)
             return
@@ -502,7 +537,7 @@ class Daemon:
     async def reload(self) -> bool:
         """Re-read the manifest and reconcile; an invalid one is reported and ignored."""
         try:
-            manifest = await asyncio.to_thread(_load_checked, self.manifest.path)
+            manifest = await self._check_manifest()
         except ManifestError as exc:
             log.error("manifest change rejected, keeping the running configuration: %s", exc)
             return False

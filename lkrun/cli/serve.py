@@ -191,11 +191,19 @@ def serve(
         # First: a second daemon on this state directory starts nothing (not even a server).
         lock = _lock_state_dir(settings)
         stack.callback(lock.release)
-        creds = _serve_credentials(loaded, url, api_key, stack)
+        creds, children = _serve_credentials(loaded, url, api_key, stack)
         socket_path = (
             control_socket or loaded.daemon.control_socket or control.default_socket_path()
         )
-        _run_daemon(loaded, creds, socket_path, settings, reload=reload, state_lock=lock)
+        _run_daemon(
+            loaded,
+            creds,
+            socket_path,
+            settings,
+            reload=reload,
+            own_children=children,
+            state_lock=lock,
+        )
 
 
 def _lock_state_dir(settings: DaemonSettings) -> StateLock:
@@ -228,7 +236,8 @@ def _daemon_settings(
 
 def _serve_credentials(
     manifest: Manifest, url: str | None, api_key: str | None, stack: ExitStack
-) -> credentials.Credentials:
+) -> tuple[credentials.Credentials, tuple[int, ...]]:
+    """The credentials, and the pid of the dev server started for them (if one was)."""
     try:
         creds = credentials.resolve(
             url=url,
@@ -240,11 +249,11 @@ def _serve_credentials(
     except credentials.CredentialsError as exc:
         fail(str(exc), EXIT_USAGE)
     if creds is not None:
-        return creds
+        return creds, ()
     return _start_dev_server(stack)
 
 
-def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
+def _start_dev_server(stack: ExitStack) -> tuple[credentials.Credentials, tuple[int, ...]]:
     from lkrun import devserver
 
     try:
@@ -259,7 +268,8 @@ def _start_dev_server(stack: ExitStack) -> credentials.Credentials:
     except devserver.DevServerError as exc:
         fail(str(exc))
     stack.callback(server.stop)
-    return credentials.Credentials(server.url, server.api_key, server.api_secret)
+    creds = credentials.Credentials(server.url, server.api_key, server.api_secret)
+    return creds, (server.pid,) if server.pid is not None else ()
 
 
 def _run_daemon(
@@ -269,6 +279,7 @@ def _run_daemon(
     settings: DaemonSettings,
     *,
     reload: bool,
+    own_children: tuple[int, ...],
     state_lock: StateLock,
 ) -> None:
     from lkrun.api.health import HealthError
@@ -280,6 +291,7 @@ def _run_daemon(
         control_socket=socket_path,
         settings=settings,
         reload=reload,
+        own_children=own_children,
     )
     try:
         run_async(Daemon(config, state_lock=state_lock).serve())
