@@ -41,9 +41,10 @@ METRICS = re.compile(r"^lkrun_(jobs_started|jobs_ended|offers)_total")
 class Session:
     """Runs `lkrun` against one daemon and prints what the README quotes."""
 
-    def __init__(self, env: dict[str, str], http_port: int) -> None:
+    def __init__(self, env: dict[str, str], http_port: int, log: Path) -> None:
         self.env = env
         self.http_port = http_port
+        self.log = log
 
     def run(self, *args: str, comment: str = "", show: bool = True) -> str:
         result = subprocess.run(
@@ -134,7 +135,8 @@ def manifest_copy(folder: Path) -> None:
 def daemon(env: dict[str, str], folder: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     manifest_copy(folder)
     with (folder / "daemon.log").open("ab") as log:
-        serve = ["serve", MANIFEST, "--http-addr", f"127.0.0.1:{port}"]
+        # pretty: the README quotes one of its lines (Daemon logs)
+        serve = ["serve", MANIFEST, "--http-addr", f"127.0.0.1:{port}", "--log-format", "pretty"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "lkrun", *serve, "--state-dir", str(folder / "state")],
             cwd=folder,
@@ -186,11 +188,20 @@ def cli_session(s: Session) -> None:
     job = s.running("echo", "demo")[0]["id"]
     s.run("jobs", "show", job, "--lines", "3")
     s.run("jobs", "logs", job, "--tail", "3")
+    daemon_log_line(s, job)
     s.run("jobs", "kill", job)
     wait_for(lambda: not s.running("echo", "demo"), 30, "the killed job to end")
     s.run("jobs", "ls", "--all")
     print("## Metrics\n", flush=True)
     s.metrics()
+
+
+def daemon_log_line(s: Session, job: str) -> None:
+    """The daemon's pretty log line for the job's own 'ready' line (Daemon logs)."""
+    lines = s.log.read_text(errors="replace").splitlines()
+    found = [line for line in lines if job in line and "echo ready" in line]
+    print("## Daemon log (--log-format pretty)\n", flush=True)
+    print((found[0] if found else "(no line of the job found)") + "\n", flush=True)
 
 
 def retry_at_max_jobs(s: Session) -> None:
@@ -227,7 +238,7 @@ def main() -> int:
             env = dict(
                 os.environ, **server_env(server), LKRUN_CONTROL_SOCKET=str(folder / "c.sock")
             )
-            session = Session(env, port)
+            session = Session(env, port, folder / "daemon.log")
             print("## Check\n", flush=True)
             session.run("check", MANIFEST)
             for extra in sorted(REPO.glob("agents-*.toml.example")):  # e.g. the framework's

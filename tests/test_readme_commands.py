@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -77,3 +78,21 @@ def test_bench_copies_results_to_commit(tmp_path: Path) -> None:
     assert target == tmp_path / "benchmarks" / "bench-20270101T000000Z"
     assert sorted(p.name for p in target.iterdir()) == ["results.json", "results.md"]
     assert json.loads((target / "results.json").read_text()) == {"meta": {}}
+
+
+def test_readme_quotes_only_committed_runs() -> None:
+    """A run id the README quotes has its results.md and results.json under benchmarks/."""
+    readme = (REPO / "README.md").read_text()
+    for run_id in set(re.findall(r"bench(?:-[a-z]+)?-\d{8}T\d{6}Z", readme)):
+        for name in ("results.md", "results.json"):
+            assert (REPO / "benchmarks" / run_id / name).is_file(), f"{run_id}/{name}"
+
+
+def test_readme_documents_every_lkrun_variable() -> None:
+    """Each LKRUN_* variable the code reads is in the README (tests' own names aside)."""
+    readme = (REPO / "README.md").read_text()
+    names: set[str] = set()
+    for path in [*(REPO / "lkrun").rglob("*.py"), REPO / "Makefile"]:
+        names |= set(re.findall(r"\bLKRUN_[A-Z_]+\b", path.read_text()))
+    assert names >= {"LKRUN_LIVEKIT_SERVER", "LKRUN_CACHE_DIR", "LKRUN_JOB_LOG_LEVEL"}
+    assert sorted(name for name in names if f"`{name}`" not in readme) == []
