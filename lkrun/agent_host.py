@@ -100,6 +100,7 @@ class AgentHost:
             credentials=credentials,
             log=self.log,
             shutdown_timeout=self._shutdown_timeout,
+            on_readiness=self.registration.load_changed,
         )
         self.jobs = JobSupervisor(
             agent=spec.name,
@@ -124,7 +125,8 @@ class AgentHost:
         room = job.room.name
         cpu = self.settings.cpu
         overload = cpu.why() if cpu.overloaded else ""
-        if decline := self.jobs.offer(job.id, room, cpu_overload=overload):
+        starting = self.processes.not_ready()
+        if decline := self.jobs.offer(job.id, room, cpu_overload=overload, starting=starting):
             self.log.info("declined job %s: %s", job.id, decline.text)
             return decline
         identity = self.spec.format_identity(
@@ -205,9 +207,19 @@ class AgentHost:
             cpu=cpu.level,
             load_threshold=cpu.threshold,
             cpu_overloaded=cpu.overloaded,
+            starting=bool(self.processes.not_ready()),
         )
         self._note_status(load)
         return load
+
+    def not_ready(self) -> str:
+        """Why this agent cannot take a job at its normal speed now ("" when it can): what
+        /readyz and `lkrun status` say; its worker status is FULL ("starting") meanwhile."""
+        if not self.registration.state.connected:
+            return "not registered with LiveKit"
+        if why := self.processes.not_ready():
+            return f"starting: {why}"
+        return ""
 
     def _note_status(self, load: WorkerLoad) -> None:
         """Log each change between AVAILABLE and FULL (and of FULL's reason): while FULL,
@@ -223,8 +235,9 @@ class AgentHost:
                 "draining": "draining or removed from the manifest",
                 "max_jobs": f"{load.job_count} job(s), max_jobs={self.spec.max_jobs}",
                 "cpu": self.settings.cpu.why(),
+                "starting": f"starting: {self.processes.not_ready()}",
             }.get(load.reason, load.reason)
-            level = logging.INFO if load.reason == "draining" else logging.WARNING
+            level = logging.INFO if load.reason in ("draining", "starting") else logging.WARNING
             self.log.log(level, "FULL (%s): LiveKit will offer it no job", why)
         elif was is not None:
             self.log.info("AVAILABLE again (%d job(s), load %.2f)", load.job_count, load.load)

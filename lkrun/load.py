@@ -26,7 +26,7 @@ class WorkerLoad:
     full: bool
     load: float  # what we send in UpdateWorkerStatus.load
     job_count: int
-    reason: str = ""  # why full: "draining", "max_jobs" or "cpu"
+    reason: str = ""  # why full: "draining", "starting", "max_jobs" or "cpu"
 
     def differs(self, other: WorkerLoad | None) -> bool:
         """Worth telling the server: another status or job count, or a load that moved by
@@ -50,6 +50,7 @@ def agent_load(
     cpu: float = 0.0,
     load_threshold: float = math.inf,
     cpu_overloaded: bool = False,
+    starting: bool = False,
 ) -> WorkerLoad:
     """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation
     (its share of max_jobs and the CPU's share of load_threshold, combined).
@@ -57,11 +58,14 @@ def agent_load(
     ``cpu`` (smoothed) only raises the load, which steers new jobs to less busy workers;
     the CPU makes the agent full only when ``cpu_overloaded`` says it stayed high (see
     CpuPressure), since a worker that reports full gets no job at all, and LiveKit drops a
-    dispatch that finds no available worker.
+    dispatch that finds no available worker. While ``starting`` (its code is still loading,
+    or what answers its offers is not up) it is full too: a job would wait, or be declined.
     """
     reason = (
         "draining"
         if draining
+        else "starting"
+        if starting
         else "max_jobs"
         if jobs >= max_jobs
         else "cpu"

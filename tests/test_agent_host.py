@@ -45,8 +45,18 @@ async def make_host() -> AsyncIterator[MakeHost]:
         yield make
         for host in hosts:
             await host.stop_jobs("test over")
+            await host.processes.close()
             if host.forkserver is not None:
                 await host.forkserver.close(5)
+
+
+async def started(host: AgentHost, *, wait: bool = True) -> AgentHost:
+    """Its processes started (as AgentHost.run does before it registers), and with
+    ``wait``, ready: until then it declines every offer ("starting")."""
+    await host.processes.start()
+    if wait:
+        await wait_for(lambda: not host.processes.not_ready(), 30, what="the agent to be ready")
+    return host
 
 
 def offer(host: AgentHost, job_id: str) -> proto.Job:
@@ -66,7 +76,7 @@ async def test_an_unexpected_error_while_starting_fails_the_job_and_frees_its_sl
     make_host: MakeHost, method: str
 ) -> None:
     # A NUL byte in the environment: ValueError from the process start, not OSError.
-    host = make_host(start_method=method, env=FrozenMap({"BAD": "a\0b"}))
+    host = await started(make_host(start_method=method, env=FrozenMap({"BAD": "a\0b"})))
     job = offer(host, "AJ_nul")
     host.on_assignment(proto.JobAssignment(job=job, token="t"))
     await wait_for(lambda: host.job_count() == 0, 10, what="the slot to be freed")
@@ -76,7 +86,7 @@ async def test_an_unexpected_error_while_starting_fails_the_job_and_frees_its_sl
 
 
 async def test_an_assignment_for_a_running_job_is_ignored(make_host: MakeHost) -> None:
-    host = make_host(start_method="spawn")
+    host = await started(make_host(start_method="spawn"))
     job = offer(host, "AJ_dup")
     host.on_assignment(proto.JobAssignment(job=job, token="t"))
     first = host.book.get("AJ_dup")
@@ -85,14 +95,14 @@ async def test_an_assignment_for_a_running_job_is_ignored(make_host: MakeHost) -
 
 
 async def test_an_assignment_without_a_slot_is_refused_when_full(make_host: MakeHost) -> None:
-    host = make_host(start_method="spawn", max_jobs=1)
+    host = await started(make_host(start_method="spawn", max_jobs=1))
     host.on_assignment(proto.JobAssignment(job=offer(host, "AJ_1"), token="t"))
     stray = proto.Job(id="AJ_stray", room=models.Room(name="r"))
     host.on_assignment(proto.JobAssignment(job=stray, token="t"))
     assert host.book.get("AJ_stray") is None and host.job_count() == 1
     assert ("AJ_stray", proto.JS_FAILED) in [(j, s) for j, s, _ in updates(host)]
     # With room to spare, one whose reservation expired is taken.
-    roomy = make_host(start_method="spawn", max_jobs=2)
+    roomy = await started(make_host(start_method="spawn", max_jobs=2))
     late = proto.Job(id="AJ_late", room=models.Room(name="r"))
     roomy.on_assignment(proto.JobAssignment(job=late, token="t"))
     record = roomy.book.get("AJ_late")
@@ -107,8 +117,11 @@ SLOW = "tests.agents.slow_import:entrypoint"
 async def test_a_stop_while_the_process_is_starting_takes_effect(
     make_host: MakeHost, method: str, how: str
 ) -> None:
-    host = make_host(start_method=method, entrypoint=SLOW)
-    host.on_assignment(proto.JobAssignment(job=offer(host, "AJ_slow"), token="t"))
+    # Not ready (its fork server imports for 1.5 s): an offer would be declined, but an
+    # assignment LiveKit makes anyway is taken while the module loads.
+    host = await started(make_host(start_method=method, entrypoint=SLOW), wait=False)
+    job = proto.Job(id="AJ_slow", room=models.Room(name="r"), type=proto.JT_ROOM)
+    host.on_assignment(proto.JobAssignment(job=job, token="t"))
     if how == "stop":
         assert host.kill_job("AJ_slow", force=False) == "shutdown requested"
     elif how == "kill":

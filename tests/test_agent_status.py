@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,24 @@ def make_host(session: aiohttp.ClientSession, cpu: CpuPressure, **fields: object
     )
 
 
+Start = Callable[[AgentHost], Awaitable[AgentHost]]
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Start]:
+    """Start a host's processes (spawn, no warm process: nothing loads, so ready at once)."""
+    hosts: list[AgentHost] = []
+
+    async def start(host: AgentHost) -> AgentHost:
+        hosts.append(host)
+        await host.processes.start()
+        return host
+
+    yield start
+    for host in hosts:
+        await host.processes.close()
+
+
 def full_seconds(host: AgentHost, reason: str) -> float:
     value = host.settings.metrics.registry.get_sample_value(
         "lkrun_agent_full_seconds_total", {"agent": "a", "reason": reason}
@@ -53,11 +71,11 @@ def full_seconds(host: AgentHost, reason: str) -> float:
 
 
 async def test_a_cpu_peak_leaves_the_agent_available_and_a_sustained_one_does_not(
-    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+    session: aiohttp.ClientSession, start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock()
     cpu = CpuPressure(threshold=0.75, overload_after=10.0, clock=clock)
-    host = make_host(session, cpu)
+    host = await start(make_host(session, cpu))
     caplog.set_level(logging.INFO, logger="lkrun.agent")
     cpu.observe(1.0)  # a peak: both cores busy for a sample
     load = host.worker_load()
@@ -79,9 +97,9 @@ async def test_a_cpu_peak_leaves_the_agent_available_and_a_sustained_one_does_no
 
 
 async def test_max_jobs_and_draining_make_the_agent_full_at_once(
-    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+    session: aiohttp.ClientSession, start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    host = make_host(session, CpuPressure(threshold=0.75), max_jobs=1)
+    host = await start(make_host(session, CpuPressure(threshold=0.75), max_jobs=1))
     caplog.set_level(logging.INFO, logger="lkrun.agent")
     assert not host.worker_load().full
     assert host.jobs.offer("J1", "r") is None  # the one slot is reserved

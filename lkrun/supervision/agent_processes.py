@@ -54,14 +54,18 @@ class AgentProcesses:
         credentials: Credentials,
         log: logging.LoggerAdapter[Any],
         shutdown_timeout: Callable[[], float],
+        on_readiness: Callable[[], None] = lambda: None,
     ) -> None:
         self.spec = spec
+        self.on_readiness = on_readiness  # not_ready() may have changed
         self.workdir = workdir
         self.credentials = credentials
         self.log = log
         self.shutdown_timeout = shutdown_timeout
         self.wanted = True  # False once the agent takes no more jobs: nothing new is started
         self._running = False  # between start() and close(): helpers may start
+        self._started = False  # start() was called
+        self._loaded = False  # the code was loaded once since start(): see not_ready()
         self._tasks = BackgroundTasks()
         self.forkserver = self._new_forkserver()
         self.pool = WarmPool(
@@ -69,6 +73,7 @@ class AgentProcesses:
             factory=self._new_process,
             size=spec.idle_processes,
             timeout=spec.prewarm_timeout,
+            on_change=self._helper_changed,
         )
         self._pool_task: asyncio.Task[None] | None = None
         self.requests = self._new_request_process()
@@ -87,12 +92,43 @@ class AgentProcesses:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the fork server (awaited: the first job should not wait for its imports),
-        the warm pool and the request process."""
+        """Start the fork server, the warm pool and the request process; they load while
+        the agent registers, reporting itself not ready (not_ready()) until they have."""
         await self._start_forkserver()
         self._pool_task = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
-        self._running = True
+        self._running = self._started = True
         self._start_requests()
+        self._helper_changed()
+
+    def not_ready(self) -> str:
+        """Why a job would not start at this agent's normal speed now, "" once it would.
+
+        Until the code has loaded once (the fork server imported the module, and the first
+        warm process is ready when idle_processes > 0; either may fail instead: jobs then
+        fail with its error, as they would later), and whenever the request process that
+        answers offers is not up. A reload later does not count: the jobs that come during
+        it wait for the new code rather than be turned away.
+        """
+        if not self._loaded:
+            return self._loading() or "not started"
+        if self.requests is not None and not self.requests.ready:
+            error = self.requests.last_error
+            return "its request process is " + (f"not ready: {error}" if error else "starting")
+        return ""
+
+    def _loading(self) -> str:
+        if not self._started:
+            return ""
+        if self.forkserver is not None and self.forkserver.loading:
+            return f"the fork server is importing {self.spec.entrypoint}"
+        if self.pool.warming_first:
+            return "its first warm process is starting"
+        return ""
+
+    def _helper_changed(self) -> None:
+        if not self._loaded and self._started and not self._loading():
+            self._loaded = True
+        self.on_readiness()
 
     async def close(self) -> None:
         """After the jobs were stopped: end every helper and the fork server."""
@@ -175,6 +211,7 @@ class AgentProcesses:
             cwd=self.workdir,
             env=self._job_env(),
             load_timeout=self.spec.prewarm_timeout,
+            on_change=self._helper_changed,
         )
 
     def _replace_forkserver(self) -> None:
@@ -224,6 +261,7 @@ class AgentProcesses:
             ),
             timeout=self.spec.request_timeout,
             start_timeout=self.spec.prewarm_timeout,
+            on_change=self._helper_changed,
         )
 
     def _new_process(self) -> JobProcess:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,11 @@ class ForkServer:
         cwd: Path,
         env: Mapping[str, str],
         load_timeout: float,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.log = agent_logger(log, label)
+        self.on_change = on_change  # it loaded, failed to, or exited: readiness may differ
+        self.loaded = False  # the running zygote has imported the module and forks at once
         self.app = app
         self.cwd = cwd
         self.env = dict(env)
@@ -63,6 +66,15 @@ class ForkServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def loading(self) -> bool:
+        """A zygote runs and is still importing the module: a fork now waits for that."""
+        return self._proc is not None and not self.loaded and not self.error
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     async def start(self) -> None:
         """Start the zygote unless it runs; it loads the module while the daemon goes on."""
@@ -89,7 +101,7 @@ class ForkServer:
             finally:
                 theirs.close()
             ours.setblocking(False)
-            self._proc, self._sock, self.error = proc, ours, ""
+            self._proc, self._sock, self.error, self.loaded = proc, ours, "", False
             self._ended.clear()
             asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
             self._tasks.spawn(self._supervise(proc))
@@ -278,8 +290,11 @@ class ForkServer:
         elif kind == zygote.FAILED:
             self.error = str(msg["error"])
             self.log.error("fork server cannot load the agent: %s", self.error)
+            self._changed()
         elif kind == zygote.READY:
             self.log.debug("fork server %s ready", msg.get("pid"))
+            self.loaded = True
+            self._changed()
 
     async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -289,7 +304,7 @@ class ForkServer:
             await asyncio.wait_for(asyncio.shield(lines), KILL_GRACE)
         self._on_readable()  # what it said before exiting (e.g. why it failed) comes first
         self._close_socket()
-        self._proc = None
+        self._proc, self.loaded = None, False
         why = self.error or f"the fork server exited with code {code}"
         if not self.error and self._last_line:
             why += f" (last log line: {self._last_line[:200]})"
@@ -305,6 +320,7 @@ class ForkServer:
                 "fork server %s exited with code %s; the next job starts a new one", proc.pid, code
             )
         self._ended.set()
+        self._changed()
 
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None

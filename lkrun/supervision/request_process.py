@@ -47,8 +47,10 @@ class RequestProcess:
         factory: Callable[[], JobProcess],
         timeout: float,
         start_timeout: float,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.log = agent_logger(log, label)
+        self.on_change = on_change  # ``ready`` changed
         self.factory = factory
         self.timeout = timeout
         self.start_timeout = start_timeout
@@ -62,6 +64,13 @@ class RequestProcess:
     @property
     def ready(self) -> bool:
         return self._serving is not None
+
+    def _serve_with(self, proc: JobProcess | None) -> JobProcess | None:
+        """Make ``proc`` the one that answers (None: none does); the one it replaces."""
+        old, self._serving = self._serving, proc
+        if (old is None) != (proc is None) and self.on_change is not None:
+            self.on_change()
+        return old
 
     def restart(self) -> None:
         """The agent's code changed: answer with a new process once it is ready."""
@@ -79,8 +88,8 @@ class RequestProcess:
                     await self._pause(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1)))
                     continue
                 failures = 0
-                old, self._serving = self._serving, proc
                 self.last_error = ""
+                old = self._serve_with(proc)
                 self.log.info("request process %s ready", proc.pid)
                 if old is not None:
                     self._retire(old, "replaced after a code change")
@@ -88,7 +97,7 @@ class RequestProcess:
                     failures += 1
                     await self._pause(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1)))
         finally:
-            serving, self._serving = self._serving, None
+            serving = self._serve_with(None)
             if serving is not None:
                 self._retire(serving, "the agent is stopping")
             await self._retiring.join()
@@ -126,10 +135,10 @@ class RequestProcess:
                 exited.cancel()
         if self._restart.is_set():
             return True
-        if self._serving is proc:
-            self._serving = None
         outcome = exited.result()
         self._failed(f"the request process exited: {outcome.error or 'no reason given'}")
+        if self._serving is proc:
+            self._serve_with(None)
         self._refuse(proc, "the request process exited")
         return False
 

@@ -33,8 +33,11 @@ class WarmPool:
         factory: Callable[[], JobProcess],
         size: int,
         timeout: float,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.label = label
+        self.on_change = on_change  # called once the first process is ready or has failed
+        self.settled = False  # a first process was ready, or failed: the pool's start is over
         self.log = agent_logger(log, label)
         self.factory = factory
         self.size = size
@@ -50,6 +53,17 @@ class WarmPool:
     @property
     def idle(self) -> list[JobProcess]:
         return list(self._ready)
+
+    @property
+    def warming_first(self) -> bool:
+        """Its first process is on its way: a job now would start cold."""
+        return self.size > 0 and not self.settled
+
+    def _settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            if self.on_change is not None:
+                self.on_change()
 
     def take(self) -> JobProcess | None:
         """A ready process for a job, or None (the caller starts a cold one)."""
@@ -129,6 +143,7 @@ class WarmPool:
             self.last_error = ""
             self._ready.append(proc)
             self._watchers[proc] = asyncio.create_task(self._watch(proc))
+            self._settle()
             return
         outcome = await proc.wait()
         error = outcome.error
@@ -153,6 +168,7 @@ class WarmPool:
         if error != self.last_error:  # once per cause, not once per attempt
             self.log.error("a warm process failed to start: %s", error)
             self.last_error = error
+        self._settle()  # jobs will not wait for a pool that cannot fill
 
     async def _backoff(self) -> None:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
