@@ -96,3 +96,28 @@ def test_readme_documents_every_lkrun_variable() -> None:
         names |= set(re.findall(r"\bLKRUN_[A-Z_]+\b", path.read_text()))
     assert names >= {"LKRUN_LIVEKIT_SERVER", "LKRUN_CACHE_DIR", "LKRUN_JOB_LOG_LEVEL"}
     assert sorted(name for name in names if f"`{name}`" not in readme) == []
+
+
+@pytest.mark.e2e
+def test_readme_systemd_unit_parses(tmp_path: Path) -> None:
+    """systemd reads every setting of the README's unit (a trailing comment on a line makes it
+    ignore the setting: KillMode=mixed and TimeoutStopSec were lost that way)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    readme = (REPO / "README.md").read_text()
+    unit = re.search(r"```ini\n(.*?)```", readme, re.S)
+    assert unit is not None
+    assert "KillMode=mixed" in unit.group(1)
+    path = tmp_path / "lkrun.service"
+    path.write_text(unit.group(1))
+    result = subprocess.run(
+        [analyze, "verify", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    ignored = [line for line in result.stderr.splitlines() if "ignoring" in line]
+    assert ignored == []
