@@ -25,6 +25,11 @@ TrackHandler = Callable[
     [rtc.Track, rtc.RemoteTrackPublication, rtc.RemoteParticipant], Awaitable[None]
 ]
 _T = TypeVar("_T")
+SID_TIMEOUT = 5.0  # how long the room's sid may take to arrive after a connect
+
+
+class RoomGoneError(Exception):
+    """The room the job was assigned no longer exists: joining it made a new one."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class JobContext:
         self._callbacks: list[ShutdownCallback] = []
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
+        self._failure = ""  # why the job failed, if the context found out (see connect)
         self._drain = asyncio.Event()
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
         self._background = BackgroundTasks(on_error=self._task_failed)
@@ -101,6 +107,11 @@ class JobContext:
         await self.room.connect(
             self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
         )
+        if gone := await room_gone(self.room, self.job.room, self.job.room_sid, self.logger):
+            self._failure = gone
+            self.shutdown(gone)  # the first reason is the one recorded, before "disconnected"
+            await self.room.disconnect()
+            raise RoomGoneError(gone)
         for hook in self._after_connect:  # e.g. on_track(subscribe=True): who is already in
             hook()
         if announce:
@@ -310,6 +321,27 @@ def _publications(
     for who in list(room.remote_participants.values()):
         for pub in list(who.track_publications.values()):
             yield who, pub
+
+
+async def room_gone(room: rtc.Room, name: str, assigned_sid: str, logger: logging.Logger) -> str:
+    """Why the room just joined is not the one the job was assigned, or "" if it is.
+
+    A room deleted between the assignment and the join is created anew by the join, under a
+    new sid; a job there would wait for ever in an empty room.
+    """
+    if not assigned_sid:  # nothing to compare with
+        return ""
+    try:
+        joined = await asyncio.wait_for(room.sid, SID_TIMEOUT)
+    except asyncio.TimeoutError:
+        logger.warning("the room's sid did not arrive within %gs; not checked", SID_TIMEOUT)
+        return ""
+    if joined == assigned_sid:
+        return ""
+    return (
+        f"room {name!r} was deleted before the agent joined "
+        f"(assigned sid {assigned_sid}, joined {joined})"
+    )
 
 
 def _reason_name(reason: Any) -> str:

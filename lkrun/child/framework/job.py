@@ -42,6 +42,7 @@ from livekit.protocol import agent as proto
 from lkrun.child.apps import JobResult, call
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
+from lkrun.context import room_gone
 
 if TYPE_CHECKING:
     from lkrun.child.framework.app import FrameworkApp
@@ -202,11 +203,25 @@ class FrameworkJob:
 
     def _on_connect(self) -> None:
         self._connected = True
+        self._background.spawn(self._check_room())
         # Besides telling clients which job serves them, an attribute change makes LiveKit
         # announce the agent at once instead of in its next 3-second batch.
         self._set_attribute(JOB_ID_ATTRIBUTE, self.info.job.id)
         if self._draining:
             self._set_attribute(DRAINING_ATTRIBUTE, "true")
+
+    async def _check_room(self) -> None:
+        """Leave at once a room that is not the one assigned: it was deleted, and the join
+        made it anew (the framework's connect gives no way to refuse it before)."""
+        assert self.ctx is not None
+        room, job = self.ctx.room, self.info.job
+        if gone := await room_gone(room, job.room.name, job.room.sid, self.log):
+            self.error = gone
+            self._stop(gone)  # before the disconnect, whose own reason would come first
+            try:
+                await room.disconnect()
+            except Exception as exc:
+                self.log.warning("disconnecting from the room failed: %s", describe(exc))
 
     def _set_attribute(self, key: str, value: str) -> None:
         assert self.ctx is not None
@@ -225,7 +240,7 @@ class FrameworkJob:
             return
         if (exc := task.exception()) is not None:
             self.log.error("entrypoint failed", exc_info=exc)
-            self.error = describe(exc)
+            self.error = self.error or describe(exc)  # e.g. a room gone, which made it raise
             self._stop(f"entrypoint failed: {self.error}")
             return
         ctx = self.ctx

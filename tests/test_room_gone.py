@@ -1,0 +1,60 @@
+"""A job whose room was deleted before its agent joined (issue 17, item 16).
+
+Joining with the job's token would create the room anew (a new sid) and the job would run
+for ever in an empty room. The job must end at once, failed, saying why, and leave the room
+it created, empty, to the server's empty_timeout: end to end against a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit import api
+
+from tests.conftest import livekit_api, unique, wait_for
+from tests.helpers import agent_table, dispatch, job_in_room, status_is
+
+CPU_OFF = '[daemon]\nload_threshold = "off"\n'
+
+
+@pytest.mark.parametrize(
+    "entrypoint",
+    ["tests.agents.late_join:connects_when_told", "tests.lka_apps.late_join:entrypoint"],
+    ids=["lkrun", "livekit-agents"],
+)
+async def test_job_whose_room_was_deleted_fails_and_does_not_keep_it(
+    start_daemon: Any, livekit_server: Any, tmp_path: Path, entrypoint: str
+) -> None:
+    name, room_name = unique("late"), unique("gone")
+    go = tmp_path / "go"
+    daemon = await start_daemon(CPU_OFF + agent_table(name, entrypoint))
+    async with livekit_api(livekit_server) as lk:
+        created = await lk.room.create_room(api.CreateRoomRequest(name=room_name))
+        await dispatch(livekit_server, room_name, name, metadata=str(go))
+        job = await job_in_room(daemon, room_name, "running")  # waiting for the go file
+        await lk.room.delete_room(api.DeleteRoomRequest(room=room_name))
+    go.touch()
+
+    await wait_for(lambda: status_is(daemon, job["id"], "failed"), 30, what="a failure")
+    listing = daemon.cli("jobs", "ls", "--all", "--json")
+    [listed] = [j for j in json.loads(listing.stdout) if j["id"] == job["id"]]
+    said = re.search(
+        rf"room {re.escape(repr(room_name))} was deleted before the agent joined "
+        rf"\(assigned sid {created.sid}, joined (\w+)\)$",
+        listed["error"],
+    )
+    assert said is not None, listed["error"]
+    assert said[1] != created.sid  # the join made a new room
+
+    # The join made a new room (auto_create): the agent left it at once, so the server's
+    # empty_timeout closes it; nobody is in it meanwhile.
+    async with livekit_api(livekit_server) as lk:
+        listed_rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=[room_name]))
+        for room in listed_rooms.rooms:
+            assert room.sid == said[1]
+            present = await lk.room.list_participants(api.ListParticipantsRequest(room=room_name))
+            assert not present.participants, [p.identity for p in present.participants]
