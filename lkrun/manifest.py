@@ -619,12 +619,21 @@ class AgentSpec:
     def accepts_room(self, room: str) -> bool:
         return not self.rooms or any(fnmatch.fnmatchcase(room, glob) for glob in self.rooms)
 
+    @property
+    def _framework_defaults(self) -> bool:
+        """A livekit-agents app gets the official worker's identity and name unless the
+        manifest sets them: clients written against that worker look for its form."""
+        return self.resolved_framework == "livekit-agents"
+
     def format_identity(self, *, job_id: str, room: str, participant: str = "") -> str:
-        return self.identity.format(
-            agent=self.name, job_id=job_id, room=room, participant=participant
-        )
+        template = self.identity
+        if self._framework_defaults and "identity" not in self.explicit:
+            template = "agent-{job_id}"
+        return template.format(agent=self.name, job_id=job_id, room=room, participant=participant)
 
     def display_name(self) -> str:
+        if self._framework_defaults and "participant_name" not in self.explicit:
+            return ""
         return self.participant_name or self.name
 
 

@@ -91,7 +91,7 @@ async def test_agent_session_app_answers_on_the_transcription_topic(
     async with observer(livekit_server, room_name) as room:
         transcripts = Transcripts(room)
         await dispatch(livekit_server, room_name, name)
-        agent = await wait_for_participant(room, f"{name}-")
+        agent = await wait_for_participant(room, "agent-")
         assert agent.attributes.get("lk.agent.name") == name  # as the official worker sets it
         await wait_for(
             lambda: "lk.agent.state" in agent.attributes, 30, what="the AgentSession to start"
@@ -99,6 +99,9 @@ async def test_agent_session_app_answers_on_the_transcription_topic(
         await room.local_participant.send_text("hello lkrun", topic="lk.chat")
         await wait_for(lambda: transcripts.has("echo: hello lkrun"), 30, what="the agent's reply")
         job = await job_in_room(daemon, room_name, "running")
+        # The official worker's identity and (empty) name: the manifest sets neither.
+        assert (agent.identity, agent.name) == (f"agent-{job['id']}", "")
+        assert job["identity"] == agent.identity
 
         # `lkrun jobs kill` asks the job to shut down: the framework's order follows.
         killed = daemon.cli("jobs", "kill", job["id"])
@@ -250,7 +253,7 @@ async def test_drain_marks_the_agent_then_shuts_the_job_down(
     daemon = await start_daemon(manifest)
     async with observer(livekit_server, room_name) as room:
         await dispatch(livekit_server, room_name, name)
-        agent = await wait_for_participant(room, f"{name}-")
+        agent = await wait_for_participant(room, "agent-")
         job = await job_in_room(daemon, room_name, "running")
         daemon.signal(signal.SIGTERM)
         await wait_for(

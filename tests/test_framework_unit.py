@@ -19,9 +19,10 @@ from lkrun.child.framework.app import FrameworkApp
 from lkrun.child.framework.job import running_job_info
 from lkrun.child.framework.requests import RequestServer
 from lkrun.credentials import Credentials
-from lkrun.manifest import AgentSpec
+from lkrun.manifest import AgentSpec, parse_manifest
 from lkrun.registration import Acceptance, Decline
 from lkrun.supervision.agent_processes import job_env
+from tests.helpers import agent_table
 
 
 class FakePipe:
@@ -94,6 +95,25 @@ def test_app_decision_fills_in_lkrun_values() -> None:
     assert _app_decision({"accept": False, "terminate": True}, ours) == Decline(
         "on_request", "rejected by on_request (terminate)", terminate=True
     )
+
+
+def test_framework_apps_get_the_official_identity_and_name_unless_the_manifest_sets_them() -> None:
+    def spec(framework: str, **fields: str) -> AgentSpec:
+        manifest = parse_manifest(
+            agent_table("helper", "m:f", framework=framework, **fields), "agents.toml"
+        )
+        return manifest.agents["helper"]
+
+    for framework, identity, name in (
+        ("livekit-agents", "agent-AJ_1", ""),  # as the official worker
+        ("lkrun", "helper-AJ_1", "helper"),
+    ):
+        got = spec(framework)
+        assert got.format_identity(job_id="AJ_1", room="r") == identity
+        assert got.display_name() == name
+    chosen = spec("livekit-agents", identity="{agent}-{room}-{job_id}", participant_name="Hi")
+    assert chosen.format_identity(job_id="AJ_1", room="r") == "helper-r-AJ_1"
+    assert chosen.display_name() == "Hi"
 
 
 def test_job_environment_has_the_secret_only_when_asked() -> None:

@@ -36,6 +36,9 @@ async def test_job_whose_room_was_deleted_fails_and_does_not_keep_it(
         created = await lk.room.create_room(api.CreateRoomRequest(name=room_name))
         await dispatch(livekit_server, room_name, name, metadata=str(go))
         job = await job_in_room(daemon, room_name, "running")  # waiting for the go file
+        # Each kind's default identity (item 20): the official worker's form for its apps.
+        prefix = name if entrypoint.startswith("tests.agents.") else "agent"
+        assert job["identity"] == f"{prefix}-{job['id']}"
         await lk.room.delete_room(api.DeleteRoomRequest(room=room_name))
     go.touch()
 
