@@ -59,3 +59,40 @@ async def test_full_and_not_ready_until_the_fork_server_has_loaded(
     job = await job_in_room(daemon, room, "success")
     # Forked from a loaded zygote: no import on the way (it took 0.5-3.6 s when there was).
     assert job["started_at"] - job["offered_at"] < 0.4, job
+
+
+GATE = "tests.lka_apps.gatekeeper:server"  # livekit-agents app with on_request
+
+
+async def test_an_on_request_app_is_full_until_its_request_process_answers(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name = unique("gate")
+    daemon = await start_daemon(CPU_OFF + agent_table(name, GATE), wait=False)
+    seen: list[tuple[bool, str, bool | None]] = []  # while registered: ready, why full, requests
+
+    async def ready() -> dict[str, Any] | None:
+        try:
+            status = await daemon.status()
+        except Exception:  # the control socket is not up yet
+            return None
+        for agent in status["agents"]:
+            if agent["connected"]:
+                seen.append((status["ready"], agent["full_reason"], agent["request_process_ready"]))
+        return status if status["ready"] else None
+
+    status = await wait_for(ready, 90, interval=0.05, what="the daemon to be ready")
+    [agent] = status["agents"]
+    assert agent["request_process_ready"] is True and not agent["full"]
+    # Registered before its request process was up, it said so: FULL and not ready.
+    assert seen[0][:2] == (False, "starting"), seen
+    assert all(not ok and why == "starting" for ok, why, up in seen if not up), seen
+    await wait_for(
+        lambda: livekit_server.worker_statuses(agent["worker_id"]) == ["WS_FULL", "WS_AVAILABLE"],
+        10,
+        what="the server to see the worker FULL, then AVAILABLE",
+    )
+    room = unique("room")  # at once: its offer is answered by on_request, not declined
+    await dispatch(livekit_server, room, name)
+    job = await job_in_room(daemon, room)
+    assert job["agent"] == name
