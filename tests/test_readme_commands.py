@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import readme_samples
 from tests.bench import report, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,3 +122,28 @@ def test_readme_systemd_unit_parses(tmp_path: Path) -> None:
     )
     ignored = [line for line in result.stderr.splitlines() if "ignoring" in line]
     assert ignored == []
+
+
+def test_readme_samples_replace_only_marked_blocks(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n```console\n$ keep\n```\n"
+        "<!-- samples:cli -->\n```console\n$ lkrun old\nold\n```\n<!-- /samples:cli -->\n"
+        "<!-- samples:gone -->\n```text\nstays\n```\n<!-- /samples:gone -->\n"
+    )
+    missing = readme_samples.write_readme({"cli": ["$ lkrun status\nready", "$ lkrun x"]}, readme)
+    assert missing == ["gone"]
+    assert readme.read_text() == (
+        "intro\n```console\n$ keep\n```\n"
+        "<!-- samples:cli -->\n```console\n$ lkrun status\nready\n\n$ lkrun x\n```\n"
+        "<!-- /samples:cli -->\n"
+        "<!-- samples:gone -->\n```text\nstays\n```\n<!-- /samples:gone -->\n"
+    )
+
+
+def test_readme_samples_markers_pair_up() -> None:
+    """Every samples marker of the README opens a block that readme_samples can replace."""
+    readme = (REPO / "README.md").read_text()
+    opened = re.findall(r"<!-- samples:([a-z-]+) -->", readme)
+    assert sorted(m["name"] for m in readme_samples.BLOCK.finditer(readme)) == sorted(opened)
+    assert {"quick-start", "cli", "metrics"} <= set(opened)
