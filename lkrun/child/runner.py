@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from lkrun.child import apps, jobpipe, pdeathsig
@@ -139,7 +141,7 @@ class JobRun:
         self.pipe.send(jobpipe.RUNNING, ts=time.time())
         result = await job.run(self.grace)
         log.info("job ended: %s", result.reason)
-        error, reason = jobpipe.cap(result.error), jobpipe.cap(result.reason)
+        error, reason = with_credentials_hint(result.error), jobpipe.cap(result.reason)
         self.pipe.send(jobpipe.DONE, ok=result.ok, error=error, reason=reason)
         return result.ok
 
@@ -150,6 +152,27 @@ class JobRun:
 
 class _NotStarted(Exception):
     pass
+
+
+CREDENTIALS = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+CREDENTIALS_HINT = (
+    " (the job has no LiveKit credentials: set pass_credentials = true in the agent's "
+    "manifest entry)"
+)
+# LiveKit's texts name the parameter (api_key) or the variable; "Deepgram API key" is not ours.
+_API_KEY_WORDS = re.compile(r"\bapi_(key|secret)\b|\bLIVEKIT_API_(KEY|SECRET)\b")
+_OTHER_KEY = re.compile(r"\b(?!LIVEKIT_)[A-Z][A-Z0-9]*_API_(KEY|SECRET)\b")
+
+
+def with_credentials_hint(error: str, env: Mapping[str, str] = os.environ) -> str:
+    """``error`` (capped), saying how to fix it in lkrun's terms when it is about LiveKit's
+    API key and the job was given none: the framework's own text tells the user to set an
+    environment variable, which the daemon has but passes on only with pass_credentials.
+    An error naming another service's key (OPENAI_API_KEY...) is left as it is."""
+    about_ours = _API_KEY_WORDS.search(error) and not _OTHER_KEY.search(error)
+    if not about_ours or all(env.get(name) for name in CREDENTIALS):
+        return jobpipe.cap(error)
+    return jobpipe.cap(error, jobpipe.MAX_TEXT - len(CREDENTIALS_HINT)) + CREDENTIALS_HINT
 
 
 async def _protocol_reader(fd: int) -> asyncio.StreamReader:
@@ -173,7 +196,8 @@ async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
             await app.prepare()
         except Exception as exc:
             log.error("prewarm failed", exc_info=exc)
-            pipe.send(jobpipe.DONE, ok=False, error=f"prewarm failed: {describe(exc)}")
+            error = with_credentials_hint(f"prewarm failed: {describe(exc)}")
+            pipe.send(jobpipe.DONE, ok=False, error=error)
             return 1
         pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
         ok = await run.run()
