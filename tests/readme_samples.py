@@ -290,8 +290,10 @@ def collect(folder: Path) -> dict[str, list[str]]:
     try:
         port = http_port()
         env = dict(os.environ, **server_env(server))
-        # The default state directory ($XDG_STATE_HOME/lkrun) and a socket of its own.
-        env.update(XDG_STATE_HOME=str(folder), LKRUN_CONTROL_SOCKET=str(folder / "c.sock"))
+        # The default state directory ($XDG_STATE_HOME/lkrun) and a socket of its own. Not
+        # folder/lkrun: `python -m lkrun` run in folder would import that directory.
+        state = str(folder / "state")
+        env.update(XDG_STATE_HOME=state, LKRUN_CONTROL_SOCKET=str(folder / "c.sock"))
         session = Session(env, port, folder)
         checks(session)
         with daemon(env, folder, port) as proc:
