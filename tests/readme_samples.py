@@ -200,6 +200,27 @@ def checks(s: Session) -> None:
         s.run("check", extra.name)
 
 
+def validation(s: Session) -> None:
+    """A misspelt key: refused before anything connects (Validation)."""
+    s.start("validation")
+    bad = s.folder / "bad"
+    bad.mkdir()
+    manifest = '[agents.echo]\nentrypoint = "lkrun.examples.echo:entrypoint"\nmax_job = 8\n'
+    (bad / "agents.toml").write_text(manifest)
+    result = subprocess.run(
+        [sys.executable, "-m", "lkrun", "serve", "agents.toml"],
+        cwd=bad,
+        env=s.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = f"{result.stdout}{result.stderr}(exit status {result.returncode})"
+    s.show(["lkrun", "serve", "agents.toml"], output)
+
+
 def quick_start(s: Session) -> None:
     s.start("quick-start")
     s.run("dispatch", "--room", "demo", "--agent", "echo")
@@ -296,6 +317,7 @@ def collect(folder: Path) -> dict[str, list[str]]:
         env.update(XDG_STATE_HOME=state, LKRUN_CONTROL_SOCKET=str(folder / "c.sock"))
         session = Session(env, port, folder)
         checks(session)
+        validation(session)
         with daemon(env, folder, port) as proc:
             wait_for(lambda: ready(session, proc), 120, "the daemon to be ready")
             quick_start(session)
