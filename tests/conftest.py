@@ -58,6 +58,58 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
+# Every way a test can start a process ends in one of these: subprocess (its own binding of
+# fork_exec; asyncio's subprocesses go through subprocess.Popen) and multiprocessing call
+# _posixsubprocess.fork_exec, the rest are the os module's own.
+_SPAWNERS = (
+    ("subprocess", "_fork_exec"),
+    ("_posixsubprocess", "fork_exec"),
+    ("os", "fork"),
+    ("os", "forkpty"),
+    ("os", "posix_spawn"),
+    ("os", "posix_spawnp"),
+    ("os", "system"),
+)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """A test not marked e2e that starts a process fails: the mark is what `-m "not e2e"`
+    relies on, so it must follow what a test does, not only the fixtures it names."""
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    import importlib
+
+    started: list[str] = []
+
+    def refuse(what: str) -> Callable[..., Any]:
+        def spawn(*_args: Any, **_kwargs: Any) -> Any:
+            started.append(what)
+            pytest.fail(f"{request.node.nodeid} starts a process ({what}) but is not marked e2e")
+
+        return spawn
+
+    for module, name in _SPAWNERS:
+        target = importlib.import_module(module)
+        if hasattr(target, name):
+            monkeypatch.setattr(target, name, refuse(f"{module}.{name}"))
+    yield
+    call = getattr(request.node, "call_report", None)
+    if started and (call is None or call.passed):  # the code under test caught the failure
+        pytest.fail(f"{request.node.nodeid} tried to start processes ({', '.join(started)})")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.call_report = report  # type: ignore[attr-defined]
+    return report
+
+
 @pytest.fixture(scope="session")
 def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from lkrun import devserver

@@ -65,6 +65,7 @@ while True:
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
 
+@pytest.mark.e2e  # a daemon stand-in run as another user
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to listen as another user")
 @pytest.mark.skipif(SYSTEM_PYTHON is None, reason="another user needs a python it may run")
 def test_the_cli_trusts_no_daemon_of_another_user() -> None:
@@ -96,6 +97,7 @@ def test_no_daemon_is_reported_as_such(tmp_path: Path) -> None:
         control.request(tmp_path / "nobody.sock", "/v1/status")
 
 
+@pytest.mark.e2e  # a python subprocess
 def test_the_daemon_can_be_made_non_dumpable() -> None:
     # What keeps same-user job code out of the daemon's /proc/PID/environ and memory.
     probe = (

@@ -108,6 +108,7 @@ def test_state_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
     again.release()
 
 
+@pytest.mark.e2e  # a child process
 def test_state_lock_is_not_inherited_by_children(tmp_path: Path) -> None:
     """A child started while the lock is held (a job, a fork server) must not keep it."""
     state = tmp_path / "state"

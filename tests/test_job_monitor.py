@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lkrun.supervision.job_monitor import TreeSampler, Usage
 
 
+@pytest.mark.e2e  # a real process tree
 def test_a_root_is_sampled_with_or_without_its_descendants() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"]

@@ -12,10 +12,13 @@ import sys
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import livekit_api, pid_alive, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
+
+pytestmark = pytest.mark.e2e  # daemons and the lkrun command, each in a process of its own
 
 TICKER = "tests.agents.behaviours:ticker"
 

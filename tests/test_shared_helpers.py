@@ -138,6 +138,7 @@ def test_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 # --- process groups -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # a process group of two
 def test_signal_group_reaches_the_whole_group() -> None:
     script = (
         "import subprocess, sys, time\n"
