@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from lkrun.child.text import describe
+from lkrun.child.text import describe, printable
 
 FORMATS = ("pretty", "json")
 
@@ -43,7 +43,8 @@ class PrettyFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         time = self.formatTime(record, self.datefmt)
-        text = f"{time} {record.levelname:<7} {_context(record)}{record.getMessage()}"
+        # Job output and room names reach a terminal here: their control characters escaped.
+        text = f"{time} {record.levelname:<7} {_context(record)}{printable(record.getMessage())}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

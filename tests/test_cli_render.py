@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -211,3 +212,16 @@ def test_errors_escape_control_characters(monkeypatch: pytest.MonkeyPatch) -> No
     result = invoke(["jobs", "show", "AJ_1"])
     assert result.exit_code == 1
     assert_shown_escaped(result.output)
+
+
+def test_serve_pretty_log_escapes_job_output() -> None:
+    """`lkrun serve` on a terminal prints its jobs' output lines through this formatter."""
+    import logging
+
+    from lkrun.logs import JsonFormatter, PrettyFormatter
+
+    record = logging.LogRecord("lkrun.job", logging.INFO, __file__, 1, "%s", (ESCAPES,), None)
+    record.agent, record.job_id = "echo", "AJ_1"
+    assert_shown_escaped(PrettyFormatter().format(record))
+    # JSON lines keep the text as it was: json.dumps escapes it, a collector gets it back.
+    assert json.loads(JsonFormatter().format(record))["msg"] == ESCAPES
