@@ -44,15 +44,19 @@ def become_subreaper() -> bool:
 
 def own_children() -> set[int]:
     """This process's children, from every thread's /proc/self/task/<tid>/children (a child
-    belongs to the thread that forked it, or the one the kernel re-parented it to)."""
+    belongs to the thread that forked it, or the one the kernel re-parented it to); from a
+    scan of every process where the kernel lacks those files."""
     found: set[int] = set()
-    try:
-        tasks = list(Path("/proc/self/task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            found.update(int(pid) for pid in (task / "children").read_text().split())
+    readable = False
+    with contextlib.suppress(OSError):
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                found.update(int(pid) for pid in (task / "children").read_text().split())
+                readable = True
+    if not readable:
+        import psutil
+
+        found = {p.pid for p in psutil.Process().children()}
     return found
 
 
