@@ -100,7 +100,7 @@ class AgentHost:
             credentials=credentials,
             log=self.log,
             shutdown_timeout=self._shutdown_timeout,
-            on_readiness=self.registration.load_changed,
+            on_readiness=self._processes_changed,
         )
         self.jobs = JobSupervisor(
             agent=spec.name,
@@ -118,6 +118,7 @@ class AgentHost:
         self._status: WorkerLoad | None = None  # the last load computed, for its changes
         self._status_at = time.monotonic()
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
+        self._readiness_moved = asyncio.Event()  # the processes' not_ready() may have changed
 
     # -- WorkerHandler -----------------------------------------------------------------
 
@@ -220,6 +221,21 @@ class AgentHost:
         if why := self.processes.not_ready():
             return f"starting: {why}"
         return ""
+
+    async def wait_ready(self) -> None:
+        """Until not_ready() is "": registered, and the processes ready."""
+        while True:
+            self._readiness_moved.clear()
+            if not self.registration.state.connected:
+                await self.registration.wait_registered()
+            elif not self.processes.not_ready():
+                return
+            else:
+                await self._readiness_moved.wait()
+
+    def _processes_changed(self) -> None:
+        self._readiness_moved.set()
+        self.registration.load_changed()
 
     def _note_status(self, load: WorkerLoad) -> None:
         """Log each change between AVAILABLE and FULL (and of FULL's reason): while FULL,

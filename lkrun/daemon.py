@@ -50,6 +50,7 @@ from lkrun.supervision.job_monitor import JobMonitor, Target
 log = logging.getLogger("lkrun.daemon")
 
 FLUSH_TIMEOUT = 2.0  # time given to final job status updates before the sockets close
+HANDOVER_TIMEOUT = 120.0  # longest an old registration waits for its replacement to be ready
 WATCH_RETRY = 1.0  # after the manifest watch failed; doubles up to WATCH_RETRY_CAP
 WATCH_RETRY_CAP = 60.0
 
@@ -393,6 +394,27 @@ class Daemon:
 
         self._tasks.spawn(close_when_idle(), f"retire {host.spec.name}")
 
+    def _hand_over(self, old: AgentHost, new: AgentHost) -> None:
+        """Re-register make-before-break: the old registration keeps taking jobs until the
+        new one can start them at its normal speed (or HANDOVER_TIMEOUT), since LiveKit
+        drops a dispatch that finds no available worker, and a new registration is FULL
+        ("starting") while its code loads."""
+        old.log.info("settings LiveKit sees changed; re-registering")
+        self.retiring.add(old)  # listed and drained with the others meanwhile
+
+        async def hand_over() -> None:
+            try:
+                await asyncio.wait_for(new.wait_ready(), HANDOVER_TIMEOUT)
+            except asyncio.TimeoutError:
+                new.log.warning(
+                    "not ready after %s: closing the old registration anyway",
+                    format_duration(HANDOVER_TIMEOUT),
+                )
+            if self.phase == "serving":  # else the drain or the stop has it
+                self._retire(old, "the new registration is ready")
+
+        self._tasks.spawn(hand_over(), f"hand over {new.spec.name}")
+
     async def _drain(self) -> None:
         self.phase = "draining"
         hosts = self.all_hosts()
@@ -568,8 +590,7 @@ class Daemon:
             elif host.spec == spec:
                 continue
             elif host.spec.registration_key() != spec.registration_key():
-                self._retire(self.hosts.pop(name), "settings LiveKit sees changed; re-registering")
-                self._add_host(spec)
+                self._hand_over(self.hosts.pop(name), self._add_host(spec))
             else:
                 changed = ", ".join(_changed_fields(host.spec, spec))
                 host.log.info("changes applied in place: %s", changed)

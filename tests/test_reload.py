@@ -36,7 +36,8 @@ async def test_add_and_remove_agents_while_a_job_runs(
 
     # Add b and remove a in one edit.
     daemon.manifest_path.write_text(agent_table(b))
-    await wait_for(lambda: _connected(daemon, b), 30, what="the new agent to register")
+    # A new agent takes jobs once registered and loaded (FULL "starting" until then).
+    await wait_for(lambda: _ready(daemon, b), 30, what="the new agent to be ready")
     await dispatch(livekit_server, room_b, b)
     await job_in_room(daemon, room_b, "running")
 
@@ -57,9 +58,9 @@ async def test_add_and_remove_agents_while_a_job_runs(
     assert "removed from the manifest" in daemon.log()
 
 
-async def _connected(daemon: Any, name: str) -> bool:
+async def _ready(daemon: Any, name: str) -> bool:
     agent = await agent_status(daemon, name)
-    return agent is not None and agent["connected"]
+    return agent is not None and agent["connected"] and not agent["full"]
 
 
 async def test_limit_change_applies_in_place(start_daemon: Any, livekit_server: Any) -> None:

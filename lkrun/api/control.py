@@ -47,7 +47,7 @@ class AgentStatus(TypedDict):
     jobs: int
     max_jobs: int
     full: bool
-    full_reason: str  # "", draining, max_jobs or cpu
+    full_reason: str  # "", draining, starting, max_jobs or cpu
     load: float
     idle_processes: int
     idle_memory_mb: float
