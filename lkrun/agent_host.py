@@ -27,6 +27,7 @@ from lkrun.load import CpuPressure, WorkerLoad, agent_load
 from lkrun.logs import agent_logger
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
+from lkrun.rooms import RoomJanitor
 from lkrun.supervision.agent_processes import AgentProcesses
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_monitor import MB, Target, Usage
@@ -113,6 +114,7 @@ class AgentHost:
             log=self.log,
             metrics=settings.metrics,
             job_logs=settings.job_logs,
+            rooms=RoomJanitor(credentials),
         )
         self._deciding = BackgroundTasks()  # offers the app's on_request weighs
         self._status: WorkerLoad | None = None  # the last load computed, for its changes

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from livekit import rtc
 
+from lkrun.child.jobpipe import RoomGone
 from lkrun.child.tasks import BackgroundTasks
 
 ShutdownCallback = Callable[[str], Awaitable[None] | None]
@@ -90,6 +91,7 @@ class JobContext:
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
         self._failure = ""  # why the job failed, if the context found out (see connect)
+        self._room_gone: RoomGone | None = None  # the daemon's to clean up (see connect)
         self._drain = asyncio.Event()
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
         self._background = BackgroundTasks(on_error=self._task_failed)
@@ -108,10 +110,10 @@ class JobContext:
             self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
         )
         if gone := await room_gone(self.room, self.job.room, self.job.room_sid, self.logger):
-            self._failure = gone
-            self.shutdown(gone)  # the first reason is the one recorded, before "disconnected"
+            self._failure, self._room_gone = str(gone), gone
+            self.shutdown(str(gone))  # the first reason is recorded, before "disconnected"
             await self.room.disconnect()
-            raise RoomGoneError(gone)
+            raise RoomGoneError(str(gone))
         for hook in self._after_connect:  # e.g. on_track(subscribe=True): who is already in
             hook()
         if announce:
@@ -323,25 +325,24 @@ def _publications(
             yield who, pub
 
 
-async def room_gone(room: rtc.Room, name: str, assigned_sid: str, logger: logging.Logger) -> str:
-    """Why the room just joined is not the one the job was assigned, or "" if it is.
+async def room_gone(
+    room: rtc.Room, name: str, assigned_sid: str, logger: logging.Logger
+) -> RoomGone | None:
+    """How the room just joined is not the one the job was assigned, or None if it is.
 
     A room deleted between the assignment and the join is created anew by the join, under a
     new sid; a job there would wait for ever in an empty room.
     """
     if not assigned_sid:  # nothing to compare with
-        return ""
+        return None
     try:
         joined = await asyncio.wait_for(room.sid, SID_TIMEOUT)
     except asyncio.TimeoutError:
         logger.warning("the room's sid did not arrive within %gs; not checked", SID_TIMEOUT)
-        return ""
+        return None
     if joined == assigned_sid:
-        return ""
-    return (
-        f"room {name!r} was deleted before the agent joined "
-        f"(assigned sid {assigned_sid}, joined {joined})"
-    )
+        return None
+    return RoomGone(room=name, assigned_sid=assigned_sid, joined_sid=joined)
 
 
 def _reason_name(reason: Any) -> str:

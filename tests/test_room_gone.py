@@ -1,8 +1,8 @@
 """A job whose room was deleted before its agent joined (issue 17, item 16).
 
 Joining with the job's token would create the room anew (a new sid) and the job would run
-for ever in an empty room. The job must end at once, failed, saying why, and leave the room
-it created, empty, to the server's empty_timeout: end to end against a real server.
+for ever in an empty room. The job must end at once, failed, saying why, and the daemon
+deletes the room the join made (only agents were in it): end to end against a real server.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ CPU_OFF = '[daemon]\nload_threshold = "off"\n'
     ["tests.agents.late_join:connects_when_told", "tests.lka_apps.late_join:entrypoint"],
     ids=["lkrun", "livekit-agents"],
 )
-async def test_job_whose_room_was_deleted_fails_and_does_not_keep_it(
+async def test_job_whose_room_was_deleted_fails_and_does_not_bring_it_back(
     start_daemon: Any, livekit_server: Any, tmp_path: Path, entrypoint: str
 ) -> None:
     name, room_name = unique("late"), unique("gone")
     go = tmp_path / "go"
-    daemon = await start_daemon(CPU_OFF + agent_table(name, entrypoint))
+    daemon = await start_daemon(CPU_OFF + agent_table(name, entrypoint), "--log-format", "json")
     async with livekit_api(livekit_server) as lk:
         created = await lk.room.create_room(api.CreateRoomRequest(name=room_name))
         await dispatch(livekit_server, room_name, name, metadata=str(go))
@@ -53,11 +53,20 @@ async def test_job_whose_room_was_deleted_fails_and_does_not_keep_it(
     assert said is not None, listed["error"]
     assert said[1] != created.sid  # the join made a new room
 
-    # The join made a new room (auto_create): the agent left it at once, so the server's
-    # empty_timeout closes it; nobody is in it meanwhile.
+    # The join made a new room (auto_create): the daemon deletes it, as only agents were in it.
     async with livekit_api(livekit_server) as lk:
-        listed_rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=[room_name]))
-        for room in listed_rooms.rooms:
-            assert room.sid == said[1]
-            present = await lk.room.list_participants(api.ListParticipantsRequest(room=room_name))
-            assert not present.participants, [p.identity for p in present.participants]
+
+        async def room_is_gone() -> bool:
+            listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[room_name]))
+            return not listed.rooms
+
+        await wait_for(room_is_gone, 30, what=f"room {room_name} deleted")
+
+    def deletion() -> dict[str, Any] | None:
+        lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        ours = (e for e in lines if e.get("logger") == "lkrun.rooms" and e.get("room") == room_name)
+        return next(ours, None)
+
+    said_deleted = await wait_for(deletion, 10, what="the daemon's line about the room")
+    assert said_deleted["deleted"] is True and said_deleted["job_id"] == job["id"]
+    assert (said_deleted["assigned_sid"], said_deleted["joined_sid"]) == (created.sid, said[1])

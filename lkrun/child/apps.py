@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from lkrun.child.jobpipe import RoomGone
 from lkrun.child.text import describe
 
 LKRUN = "lkrun"
@@ -51,6 +52,7 @@ class JobResult:
     ok: bool
     error: str = ""  # why it failed, one line
     reason: str = ""  # why it ended
+    room_gone: RoomGone | None = None  # the room was deleted: the daemon may delete the new one
 
 
 class Job(Protocol):
@@ -296,7 +298,8 @@ class NativeJob:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ctx.room.disconnect(), grace())
         error = ctx._failure or error  # e.g. the room was gone (lkrun.context.RoomGoneError)
-        return JobResult(ok=not error, error=error, reason=ctx.shutdown_reason)
+        reason, gone = ctx.shutdown_reason, ctx._room_gone
+        return JobResult(ok=not error, error=error, reason=reason, room_gone=gone)
 
 
 async def call(func: Callable[..., Any], *args: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 # daemon -> child
@@ -22,7 +23,7 @@ REQUEST = "request"  # a job offer for the agent's request function: {id, job}
 # child -> daemon
 READY = "ready"  # runner and entrypoint module loaded; waiting for start
 RUNNING = "running"  # entrypoint called
-DONE = "done"  # job over: {"ok": bool, "error": str}
+DONE = "done"  # job over: {"ok", "error", "reason"; "room_gone" when the room was (RoomGone)}
 ANSWER = "answer"  # the request function's decision: {id, accept, terminate, identity, ...}
 
 # A start message carries a job token and metadata; keep room for large metadata.
@@ -36,6 +37,36 @@ MAX_TEXT = 2000
 def cap(text: str, limit: int = MAX_TEXT) -> str:
     """``text`` cut to ``limit`` characters, saying so."""
     return text if len(text) <= limit else text[: limit - 14] + " ... (cut off)"
+
+
+@dataclass(frozen=True)
+class RoomGone:
+    """The room a job joined is not the one it was assigned: deleted meanwhile, the join made
+    it anew. The daemon may then delete what the join made (lkrun.rooms)."""
+
+    room: str
+    assigned_sid: str
+    joined_sid: str
+
+    def __str__(self) -> str:
+        return (
+            f"room {self.room!r} was deleted before the agent joined "
+            f"(assigned sid {self.assigned_sid}, joined {self.joined_sid})"
+        )
+
+    def fields(self) -> dict[str, str]:
+        """As the done message carries it."""
+        return {"room": self.room, "assigned_sid": self.assigned_sid, "joined_sid": self.joined_sid}
+
+    @classmethod
+    def parse(cls, value: Any) -> RoomGone | None:
+        """From a done message's ``room_gone``; None unless it is well formed."""
+        if not isinstance(value, dict):
+            return None
+        found = [value.get(key) for key in ("room", "assigned_sid", "joined_sid")]
+        if not all(isinstance(text, str) and text for text in found):
+            return None
+        return cls(*found)
 
 
 class PipeError(ValueError):

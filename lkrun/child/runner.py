@@ -142,7 +142,9 @@ class JobRun:
         result = await job.run(self.grace)
         log.info("job ended: %s", result.reason)
         error, reason = with_credentials_hint(result.error), jobpipe.cap(result.reason)
-        self.pipe.send(jobpipe.DONE, ok=result.ok, error=error, reason=reason)
+        # The room the join made anew, as data: the daemon may delete it (lkrun.rooms).
+        gone = {"room_gone": result.room_gone.fields()} if result.room_gone else {}
+        self.pipe.send(jobpipe.DONE, ok=result.ok, error=error, reason=reason, **gone)
         return result.ok
 
     def grace(self) -> float:

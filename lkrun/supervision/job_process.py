@@ -27,6 +27,7 @@ class Outcome:
     error: str = ""
     exit_code: int | None = None  # negative: killed by that signal
     reason: str = ""  # why the job stopped, as the runner saw it
+    room_gone: jobpipe.RoomGone | None = None  # its room was deleted; the join made a new one
 
 
 class LaunchError(OSError):
@@ -258,15 +259,17 @@ class JobProcess:
             self._proc.stdin.write(jobpipe.encode(kind, **fields))
 
     def _outcome(self, returncode: int | None) -> Outcome:
-        if self._failure:
-            return Outcome(ok=False, error=self._failure, exit_code=returncode)
         done = self._done
+        gone = jobpipe.RoomGone.parse(done.get("room_gone")) if done is not None else None
+        if self._failure:
+            return Outcome(ok=False, error=self._failure, exit_code=returncode, room_gone=gone)
         if done is not None and (done.get("ok") or done.get("error")):
             return Outcome(
                 ok=done.get("ok") is True,
                 error=jobpipe.cap(str(done.get("error", ""))),
                 exit_code=returncode,
                 reason=jobpipe.cap(str(done.get("reason", ""))),
+                room_gone=gone,
             )
         if self._kill_reason:
             return Outcome(ok=False, error=self._kill_reason, exit_code=returncode)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from livekit.protocol import agent as proto
 
 from lkrun.api.metrics import Metrics
+from lkrun.child.jobpipe import RoomGone
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
 from lkrun.jobs.book import JobBook, JobRecord, JobStatus
@@ -83,6 +84,12 @@ class StatusReporter(Protocol):
     def load_changed(self) -> None: ...
 
 
+class RoomCleaner(Protocol):
+    """Deletes a room a job's join made anew (lkrun.rooms.RoomJanitor is one)."""
+
+    async def remove_recreated(self, gone: RoomGone, *, agent: str, job_id: str) -> bool: ...
+
+
 class SupervisedRules(Rules, Protocol):
     """The manifest's part of supervision (an AgentSpec is one)."""
 
@@ -115,6 +122,7 @@ class Job:
     phase: Phase = Phase.RESERVED
     acceptance: Acceptance | None = None  # what we answered the offer with
     record: JobRecord | None = None  # from the assignment on
+    room_sid: str = ""  # the assigned room's, from the assignment on
     process: ProcessHandle | None = None
     spawned: bool = False  # the process exists: stops and kills go to it directly
     stop: StopRequest | None = None
@@ -137,6 +145,7 @@ class JobSupervisor:
         log: logging.LoggerAdapter[Any],
         metrics: Metrics | None = None,
         job_logs: JobLogs | None = None,
+        rooms: RoomCleaner | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -150,6 +159,7 @@ class JobSupervisor:
         self.log = log
         self.metrics = metrics
         self.job_logs = job_logs
+        self.rooms = rooms
         self.clock = clock  # timestamps in records; durations use ``monotonic``
         self.monotonic = monotonic
         self.accepting = True
@@ -247,6 +257,7 @@ class JobSupervisor:
             accepted_at=self.clock(),
             worker_id=self.reporter.worker_id,
         )
+        job.room_sid = info.room.sid
         self._enter(job, Event.ASSIGNED)
         try:
             self.book.add(record)
@@ -427,6 +438,8 @@ class JobSupervisor:
             self.book.finish(record, JobStatus.FAILED, outcome.error)
             self.reporter.update_job(record.id, proto.JS_FAILED, outcome.error)
             self.log.warning("job %s failed: %s", record.id, outcome.error)
+            if outcome.room_gone is not None:
+                self._remove_room(job, outcome.room_gone)
         if self.metrics is not None:
             self.metrics.job_ended(record.agent, record.status.value)
         if self.job_logs is not None:
@@ -434,6 +447,17 @@ class JobSupervisor:
                 self.job_logs.writer(record.id).close()
             except Exception:  # the job has ended either way; its caller must go on
                 self.log.exception("cannot close the log of job %s", record.id)
+
+    def _remove_room(self, job: Job, gone: RoomGone) -> None:
+        """Delete the room the job's join made anew, in the background (lkrun.rooms)."""
+        record = job.record
+        assert record is not None
+        if self.rooms is None or not job.room_sid:
+            return
+        # The room and its assigned sid as the daemon was told; the job says which it joined.
+        ours = RoomGone(record.room, job.room_sid, gone.joined_sid)
+        coro = self.rooms.remove_recreated(ours, agent=record.agent, job_id=record.id)
+        self._tasks.spawn(coro, name=f"delete room {record.room!r}")
 
 
 def _merge(first: StopRequest | None, then: StopRequest) -> StopRequest:

@@ -40,6 +40,7 @@ from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
 from lkrun.child.apps import JobResult, call
+from lkrun.child.jobpipe import RoomGone
 from lkrun.child.tasks import BackgroundTasks
 from lkrun.child.text import describe
 from lkrun.context import room_gone
@@ -122,6 +123,7 @@ class FrameworkJob:
         self.log = logger
         self.info = running_job_info(start)
         self.error = ""
+        self.room_gone: RoomGone | None = None  # the daemon's to clean up (see _check_room)
         self.ctx: JobContext | None = None
         self._stopped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._connected = False
@@ -174,7 +176,9 @@ class FrameworkJob:
         finally:
             await self._clean_up(ctx, grace())
             _JobContextVar.reset(token)
-        return JobResult(ok=not self.error, error=self.error, reason=reason)
+        return JobResult(
+            ok=not self.error, error=self.error, reason=reason, room_gone=self.room_gone
+        )
 
     async def _clean_up(self, ctx: JobContext, timeout: float) -> None:
         """What the official job process does after the shutdown, each step bounded."""
@@ -216,8 +220,8 @@ class FrameworkJob:
         assert self.ctx is not None
         room, job = self.ctx.room, self.info.job
         if gone := await room_gone(room, job.room.name, job.room.sid, self.log):
-            self.error = gone
-            self._stop(gone)  # before the disconnect, whose own reason would come first
+            self.error, self.room_gone = str(gone), gone
+            self._stop(str(gone))  # before the disconnect, whose own reason would come first
             try:
                 await room.disconnect()
             except Exception as exc:

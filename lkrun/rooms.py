@@ -1,0 +1,113 @@
+"""Deleting the room a job's join made anew (issue 17, item 16).
+
+A room deleted between LiveKit's assignment and the agent's join is created again by the
+join (the server's auto_create), under a new sid. The job notices, leaves and fails at once
+(lkrun.context.room_gone), but the room would stay until the server's empty_timeout, and a
+client could join it meanwhile. The daemon, which has the API key, deletes it: only if it is
+the room that join made (the sid the job joined, not the one it was assigned) and nobody but
+agents is in it, so that it is purely our own side effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import aiohttp
+from livekit import api
+from livekit.protocol import models
+
+from lkrun.child.jobpipe import RoomGone
+from lkrun.child.text import describe
+from lkrun.credentials import Credentials
+
+log = logging.getLogger("lkrun.rooms")
+
+AGENT = models.ParticipantInfo.Kind.AGENT
+API_TIMEOUT = 5.0  # a clean-up, not worth holding the daemon's shutdown for long
+
+
+def keep_reason(
+    gone: RoomGone, room: models.Room | None, participants: Sequence[models.ParticipantInfo]
+) -> str:
+    """Why the room now named ``gone.room`` must not be deleted, or "" if it may be.
+
+    The rule: it is the room the job's join made (its sid is the joined one, so not the
+    assigned one) and no one but agents is in it.
+    """
+    if room is None:
+        return "it is gone already"
+    if room.sid == gone.assigned_sid:
+        return "it is the room the job was assigned"
+    if room.sid != gone.joined_sid:
+        return f"it is another room (sid {room.sid}) than the one the job's join made"
+    others = [p.identity for p in participants if p.kind != AGENT]
+    if others:
+        return f"participants other than agents are in it: {', '.join(others[:5])}"
+    return ""
+
+
+class RoomJanitor:
+    """Deletes the rooms jobs' joins made anew, through LiveKit's room service."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+
+    async def remove_recreated(self, gone: RoomGone, *, agent: str, job_id: str) -> bool:
+        """Delete the room ``gone`` describes if ``keep_reason`` allows; whether it was.
+        Never raises for LiveKit's faults: the job has ended either way."""
+        fields = {
+            "agent": agent,
+            "job_id": job_id,
+            "fields": {
+                "room": gone.room,
+                "assigned_sid": gone.assigned_sid,
+                "joined_sid": gone.joined_sid,
+            },
+        }
+        try:
+            async with self._api() as lkapi:
+                why_not = await self._check(lkapi, gone)
+                if not why_not:
+                    await lkapi.room.delete_room(api.DeleteRoomRequest(room=gone.room))
+        except (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            fields["fields"]["error"] = describe(exc)
+            log.warning("could not delete room %r, made anew by a join", gone.room, extra=fields)
+            return False
+        fields["fields"]["deleted"] = not why_not
+        if why_not:
+            fields["fields"]["kept"] = why_not
+            log.info("room %r, made anew by a join, kept: %s", gone.room, why_not, extra=fields)
+            return False
+        log.info(
+            "deleted room %r (sid %s), which the job's join had made anew after the assigned "
+            "room (sid %s) was deleted",
+            gone.room,
+            gone.joined_sid,
+            gone.assigned_sid,
+            extra=fields,
+        )
+        return True
+
+    async def _check(self, lkapi: api.LiveKitAPI, gone: RoomGone) -> str:
+        listed = await lkapi.room.list_rooms(api.ListRoomsRequest(names=[gone.room]))
+        room = next((r for r in listed.rooms if r.name == gone.room), None)
+        if room is None:
+            return keep_reason(gone, None, [])
+        try:
+            people = await lkapi.room.list_participants(api.ListParticipantsRequest(room=gone.room))
+        except api.TwirpError as exc:
+            if exc.code == api.TwirpErrorCode.NOT_FOUND:  # deleted meanwhile: as good
+                return keep_reason(gone, None, [])
+            raise
+        return keep_reason(gone, room, people.participants)
+
+    def _api(self) -> api.LiveKitAPI:
+        return api.LiveKitAPI(
+            url=self.credentials.http_url,
+            api_key=self.credentials.api_key,
+            api_secret=self.credentials.api_secret,
+            timeout=aiohttp.ClientTimeout(total=API_TIMEOUT),
+            failover=False,  # region failover is a LiveKit Cloud feature; stay on this URL
+        )
