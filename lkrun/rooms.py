@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 from livekit import api
@@ -25,7 +26,7 @@ from lkrun.credentials import Credentials
 log = logging.getLogger("lkrun.rooms")
 
 AGENT = models.ParticipantInfo.Kind.AGENT
-API_TIMEOUT = 5.0  # a clean-up, not worth holding the daemon's shutdown for long
+API_TIMEOUT = 5.0  # for the whole clean-up: not worth holding the daemon's shutdown for long
 
 
 def keep_reason(
@@ -57,28 +58,22 @@ class RoomJanitor:
     async def remove_recreated(self, gone: RoomGone, *, agent: str, job_id: str) -> bool:
         """Delete the room ``gone`` describes if ``keep_reason`` allows; whether it was.
         Never raises for LiveKit's faults: the job has ended either way."""
-        fields = {
-            "agent": agent,
-            "job_id": job_id,
-            "fields": {
-                "room": gone.room,
-                "assigned_sid": gone.assigned_sid,
-                "joined_sid": gone.joined_sid,
-            },
-        }
+        data: dict[str, Any] = gone.fields()  # the JSON log line's fields
+        extra = {"agent": agent, "job_id": job_id, "fields": data}
         try:
-            async with self._api() as lkapi:
+            # Three calls at most, bounded together: a daemon's shutdown waits for this.
+            async with asyncio.timeout(API_TIMEOUT), self._api() as lkapi:
                 why_not = await self._check(lkapi, gone)
                 if not why_not:
                     await lkapi.room.delete_room(api.DeleteRoomRequest(room=gone.room))
         except (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            fields["fields"]["error"] = describe(exc)
-            log.warning("could not delete room %r, made anew by a join", gone.room, extra=fields)
+            data.update(deleted=False, error=describe(exc))
+            log.warning("could not delete room %r, made anew by a join", gone.room, extra=extra)
             return False
-        fields["fields"]["deleted"] = not why_not
+        data["deleted"] = not why_not
         if why_not:
-            fields["fields"]["kept"] = why_not
-            log.info("room %r, made anew by a join, kept: %s", gone.room, why_not, extra=fields)
+            data["kept"] = why_not
+            log.info("room %r, made anew by a join, kept: %s", gone.room, why_not, extra=extra)
             return False
         log.info(
             "deleted room %r (sid %s), which the job's join had made anew after the assigned "
@@ -86,7 +81,7 @@ class RoomJanitor:
             gone.room,
             gone.joined_sid,
             gone.assigned_sid,
-            extra=fields,
+            extra=extra,
         )
         return True
 
@@ -108,6 +103,5 @@ class RoomJanitor:
             url=self.credentials.http_url,
             api_key=self.credentials.api_key,
             api_secret=self.credentials.api_secret,
-            timeout=aiohttp.ClientTimeout(total=API_TIMEOUT),
             failover=False,  # region failover is a LiveKit Cloud feature; stay on this URL
         )

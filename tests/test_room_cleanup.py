@@ -167,8 +167,11 @@ class FakeRoomService:
     rooms: list[models.Room]
     participants: list[models.ParticipantInfo]
     deleted: list[str] = field(default_factory=list)
+    fails: bool = False
 
     async def list_rooms(self, request: api.ListRoomsRequest) -> api.ListRoomsResponse:
+        if self.fails:
+            raise api.TwirpError(api.TwirpErrorCode.UNAVAILABLE, "down", status=503)
         found = [r for r in self.rooms if r.name in request.names]
         return api.ListRoomsResponse(rooms=found)
 
@@ -215,3 +218,13 @@ async def test_the_janitor_deletes_only_what_the_rule_allows(
         service = FakeRoomService(state, [])
         assert not await janitor(service).remove_recreated(GONE, agent="a", job_id="J1")
         assert service.deleted == []
+
+
+async def test_the_janitor_says_when_livekit_fails_and_raises_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = FakeRoomService([room("RM_joined")], [], fails=True)
+    assert not await janitor(down).remove_recreated(GONE, agent="a", job_id="J1")
+    [line] = [r for r in caplog.records if r.name == "lkrun.rooms"]
+    assert line.levelno == logging.WARNING and line.fields["deleted"] is False  # type: ignore[attr-defined]
+    assert down.deleted == []
