@@ -74,7 +74,7 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
         "lkrun_agent_full_seconds_total",
         "counter",
         "Seconds the agent reported itself FULL (LiveKit offers it no job), by reason "
-        "(max_jobs, cpu, draining).",
+        "(starting, max_jobs, cpu, draining).",
     ),
     (
         "lkrun_job_memory_bytes",
