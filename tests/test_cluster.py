@@ -154,13 +154,18 @@ def share(served: dict[str, str], daemon: str) -> float:
 
 
 async def test_jobs_spread_over_both_daemons(cluster: Cluster) -> None:
+    """Each dispatch waits for the one before it to run: the server then knows both loads,
+    and picks the daemon that runs fewer jobs. A burst would test the server instead: every
+    request of the burst sees the same loads, and a tie goes to the first node to answer
+    (0.725/0.275 seen on a loaded 2-core machine)."""
     rooms = [unique("spread") for _ in range(40)]
     for index, room in enumerate(rooms):
         await cluster.dispatch(index % 2, room)  # through both nodes
-    served = await served_by(cluster, rooms, 120)
+        await served_by(cluster, [room], 30)
+    served = await served_by(cluster, rooms, 30)
     shares = {d: share(served, d) for d in ("d1", "d2")}
     print(f"spread of 40 jobs: {shares}")
-    assert all(0.3 <= s <= 0.7 for s in shares.values()), shares
+    assert all(0.4 <= s <= 0.6 for s in shares.values()), shares
 
 
 async def test_a_killed_daemon_s_calls_go_to_the_other_and_show_lost(cluster: Cluster) -> None:
