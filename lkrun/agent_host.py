@@ -18,7 +18,6 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.api.metrics import Metrics
-from lkrun.child.tasks import BackgroundTasks
 from lkrun.credentials import Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE, DAEMON_ATTRIBUTE
 from lkrun.jobs.book import JobBook, JobRecord
@@ -28,6 +27,7 @@ from lkrun.logs import agent_logger
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
 from lkrun.rooms import RoomJanitor
+from lkrun.shared.tasks import BackgroundTasks
 from lkrun.supervision.agent_processes import AgentProcesses
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_monitor import MB, Target, Usage

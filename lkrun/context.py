@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from livekit import rtc
 
-from lkrun.child.jobpipe import RoomGone
-from lkrun.child.tasks import BackgroundTasks
+from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.tasks import BackgroundTasks
 
 ShutdownCallback = Callable[[str], Awaitable[None] | None]
 # What on_track runs for each subscribed track: handler(track, publication, participant).

@@ -22,10 +22,7 @@ from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
 from lkrun.api.metrics import AgentSnapshot, Metrics, metrics_handler
-from lkrun.child import pdeathsig
 from lkrun.child.apps import LIVEKIT_AGENTS
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
 from lkrun.jobs.book import JobBook
@@ -45,6 +42,9 @@ from lkrun.manifest import (
 )
 from lkrun.reaper import OrphanReaper
 from lkrun.registration import AuthError
+from lkrun.shared import pdeathsig
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 from lkrun.supervision.job_monitor import JobMonitor, Target
 
 log = logging.getLogger("lkrun.daemon")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lkrun import devserver
-from lkrun.child import pdeathsig
+from lkrun.shared import pdeathsig
 
 REDIS_HINT = (
     "redis-server was not found on PATH; install it (Debian/Ubuntu: "

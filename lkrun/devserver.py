@@ -23,8 +23,8 @@ from pathlib import Path
 from types import TracebackType
 
 from lkrun import paths
-from lkrun.child import pdeathsig
-from lkrun.child.text import last_lines
+from lkrun.shared import pdeathsig
+from lkrun.shared.text import last_lines
 
 LIVEKIT_SERVER_VERSION = "v1.13.5"
 DEV_API_KEY = "devkey"

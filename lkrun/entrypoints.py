@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun.child import pdeathsig
-from lkrun.child.text import last_lines
 from lkrun.credentials import SECRET_ENV
 from lkrun.manifest import (
     JOB_LOG_LEVEL_ENV,
@@ -36,6 +34,8 @@ from lkrun.manifest import (
     check_pools,
     log_level_problem,
 )
+from lkrun.shared import pdeathsig
+from lkrun.shared.text import last_lines
 
 # How long LiveKit waits for the answer to an offer (psrpc's default timeout, less the
 # time spent choosing a worker).

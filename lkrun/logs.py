@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from lkrun.child.text import describe, printable
+from lkrun.shared.text import describe, printable
 
 FORMATS = ("pretty", "json")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lkrun.child.apps import is_file_source, split_entrypoint
-from lkrun.child.text import one_line
+from lkrun.shared.text import one_line
 
 if sys.version_info >= (3, 11):
     import tomllib

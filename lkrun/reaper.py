@@ -26,7 +26,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-from lkrun.child import pdeathsig
+from lkrun.shared import pdeathsig
 
 log = logging.getLogger("lkrun.reaper")
 

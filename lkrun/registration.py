@@ -24,10 +24,10 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun import __version__
-from lkrun.child.text import one_line
 from lkrun.credentials import Credentials
 from lkrun.load import WorkerLoad
 from lkrun.logs import agent_logger
+from lkrun.shared.text import one_line
 
 log = logging.getLogger("lkrun.registration")
 

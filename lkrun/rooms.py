@@ -19,9 +19,9 @@ import aiohttp
 from livekit import api
 from livekit.protocol import models
 
-from lkrun.child.jobpipe import RoomGone
-from lkrun.child.text import describe
 from lkrun.credentials import Credentials
+from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.text import describe
 
 log = logging.getLogger("lkrun.rooms")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from lkrun.child import jobpipe
 from lkrun.child.runner import CREDENTIALS_HINT, with_credentials_hint
+from lkrun.shared import jobpipe
 from tests.conftest import unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from lkrun.child.text import printable
 from lkrun.cli import jobs, status
+from lkrun.shared.text import printable
 
 HOSTILE = "[link=https://example.invalid]click[/link] [/INST] [bold red]x"
 

@@ -101,7 +101,7 @@ def test_no_daemon_is_reported_as_such(tmp_path: Path) -> None:
 def test_the_daemon_can_be_made_non_dumpable() -> None:
     # What keeps same-user job code out of the daemon's /proc/PID/environ and memory.
     probe = (
-        "import ctypes; from lkrun.child import pdeathsig; assert pdeathsig.make_undumpable(); "
+        "import ctypes; from lkrun.shared import pdeathsig; assert pdeathsig.make_undumpable(); "
         "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
     )
     out = subprocess.run(

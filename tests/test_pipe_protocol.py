@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from lkrun.child import jobpipe
 from lkrun.child.runner import JobRun
+from lkrun.shared import jobpipe
 from lkrun.supervision.job_process import JobProcess, Launched, Outcome
 
 

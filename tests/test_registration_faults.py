@@ -19,7 +19,6 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun import registration
-from lkrun.child.text import one_line
 from lkrun.credentials import Credentials
 from lkrun.load import WorkerLoad
 from lkrun.registration import (
@@ -30,6 +29,7 @@ from lkrun.registration import (
     Registration,
     WorkerSpec,
 )
+from lkrun.shared.text import one_line
 
 Script = Callable[[web.WebSocketResponse, "FakeServer"], Awaitable[None]]
 

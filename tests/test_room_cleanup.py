@@ -17,10 +17,10 @@ from livekit import api
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.child import jobpipe
-from lkrun.child.jobpipe import RoomGone
 from lkrun.credentials import Credentials
 from lkrun.rooms import RoomJanitor, keep_reason
+from lkrun.shared import jobpipe
+from lkrun.shared.jobpipe import RoomGone
 from lkrun.supervision.job_process import JobProcess, Outcome
 from tests.test_supervisor import make_world, settle
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from lkrun import paths
-from lkrun.child import pdeathsig
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe, last_lines, one_line, printable
+from lkrun.shared import pdeathsig
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe, last_lines, one_line, printable
 
 # --- one-line texts ------------------------------------------------------------------------
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from lkrun.child.jobpipe import RoomGone
-from lkrun.child.text import describe
+from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.text import describe
 
 LKRUN = "lkrun"
 LIVEKIT_AGENTS = "livekit-agents"

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from lkrun.child import apps
-from lkrun.child.text import describe, one_line
+from lkrun.shared.text import describe, one_line
 
 _MAX_ERROR = 500
 

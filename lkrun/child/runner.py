@@ -26,8 +26,9 @@ import traceback
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from lkrun.child import apps, jobpipe, pdeathsig
-from lkrun.child.text import describe
+from lkrun.child import apps
+from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared.text import describe
 
 log = logging.getLogger("lkrun.child.runner")
 

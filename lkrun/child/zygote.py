@@ -34,8 +34,9 @@ import sys
 import traceback
 from typing import Any
 
-from lkrun.child import apps, jobpipe, pdeathsig, runner
-from lkrun.child.text import describe
+from lkrun.child import apps, runner
+from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared.text import describe
 
 FORK = "fork"
 RETIRE = "retire"

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from lkrun import __version__
 from lkrun.api import control
-from lkrun.child.text import printable
+from lkrun.shared.text import printable
 
 app = typer.Typer(
     help="Host many LiveKit agents from one manifest, one subprocess per job.",

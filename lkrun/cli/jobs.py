@@ -12,7 +12,6 @@ import typer
 from rich.table import Table
 
 from lkrun.api import control
-from lkrun.child.text import printable
 from lkrun.cli.common import (
     EXIT_USAGE,
     JsonOpt,
@@ -29,6 +28,7 @@ from lkrun.cli.common import (
     say,
 )
 from lkrun.jobs.fields import STATUSES
+from lkrun.shared.text import printable
 
 
 def _when(ts: float | None) -> str:

@@ -12,12 +12,12 @@ from typing import Any
 
 import psutil
 
-from lkrun.child.text import describe
 from lkrun.jobs.book import JobRecord
 from lkrun.jobs.fields import timings
 from lkrun.jobs.logfiles import JobLogs
 from lkrun.jobs.store import JobQuery, JobStore
 from lkrun.logs import loop_error
+from lkrun.shared.text import describe
 
 log = logging.getLogger("lkrun.history")
 

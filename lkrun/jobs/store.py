@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lkrun import paths
-from lkrun.child.text import one_line
 from lkrun.jobs.book import JobRecord
 from lkrun.jobs.fields import ACTIVE_STATUSES, ENDED_STATUSES, STATUSES, JobStatus
+from lkrun.shared.text import one_line
 
 logger = logging.getLogger("lkrun.store")
 

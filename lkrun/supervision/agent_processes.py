@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
 from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.logs import job_logger
 from lkrun.manifest import AgentSpec
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
 from lkrun.supervision.request_process import RequestProcess

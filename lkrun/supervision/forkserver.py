@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun.child import jobpipe, pdeathsig, zygote
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
+from lkrun.child import zygote
 from lkrun.logs import agent_logger
+from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 from lkrun.supervision.job_process import AppSpec, Launched, LaunchError, python_command
 
 log = logging.getLogger("lkrun.forkserver")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lkrun.child import jobpipe, pdeathsig
+from lkrun.shared import jobpipe, pdeathsig
 
 TERM_GRACE = 2.0  # after SIGTERM to the group, before SIGKILL
 LOG_CHUNK = 65536

@@ -22,9 +22,9 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 
-from lkrun.child import jobpipe
-from lkrun.child.tasks import BackgroundTasks
 from lkrun.logs import agent_logger
+from lkrun.shared import jobpipe
+from lkrun.shared.tasks import BackgroundTasks
 from lkrun.supervision.job_process import JobProcess, LaunchError
 
 log = logging.getLogger("lkrun.requests")

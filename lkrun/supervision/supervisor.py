@@ -16,14 +16,14 @@ from typing import Any, Protocol
 from livekit.protocol import agent as proto
 
 from lkrun.api.metrics import Metrics
-from lkrun.child.jobpipe import RoomGone
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
 from lkrun.jobs.book import JobBook, JobRecord, JobStatus
 from lkrun.jobs.logfiles import JobLogs
 from lkrun.logs import job_logger
 from lkrun.manifest import format_duration
 from lkrun.registration import Acceptance, Decline
+from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 from lkrun.supervision.job_process import LaunchError, Outcome
 from lkrun.supervision.lifecycle import Event, Phase, transition
 from lkrun.supervision.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment

@@ -7,9 +7,9 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
 from lkrun.logs import agent_logger
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 from lkrun.supervision.job_process import JobProcess
 
 log = logging.getLogger("lkrun.pool")

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lkrun.child import pdeathsig
+from lkrun.shared import pdeathsig
 from tests.bench.suts import REPO, Server
 
 ROOMS_PER_PROCESS = 10

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from lkrun.child import pdeathsig
+from lkrun.shared import pdeathsig
 
 
 def _death_signal_preexec() -> Callable[[], None] | None:

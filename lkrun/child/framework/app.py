@@ -34,7 +34,7 @@ from lkrun.child.framework import compat
 
 # At import, not at the first job: in the fork server, so every job shares it ready.
 from lkrun.child.framework.job import FrameworkJob, warm_up_job_path
-from lkrun.child.text import describe
+from lkrun.shared.text import describe
 
 log = logging.getLogger("lkrun.child.framework")
 

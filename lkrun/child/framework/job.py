@@ -40,10 +40,10 @@ from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
 from lkrun.child.apps import JobResult, call
-from lkrun.child.jobpipe import RoomGone
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
 from lkrun.context import room_gone
+from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 
 if TYPE_CHECKING:
     from lkrun.child.framework.app import FrameworkApp

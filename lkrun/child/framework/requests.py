@@ -25,10 +25,10 @@ from livekit.agents import JobRequest
 from livekit.agents.job import JobAcceptArguments
 from livekit.protocol import agent as proto
 
-from lkrun.child import jobpipe
 from lkrun.child.apps import call
-from lkrun.child.tasks import BackgroundTasks
-from lkrun.child.text import describe
+from lkrun.shared import jobpipe
+from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 
 if TYPE_CHECKING:
     from lkrun.child.framework.app import FrameworkApp

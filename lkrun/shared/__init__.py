@@ -1,0 +1,10 @@
+"""Helpers both sides import: the daemon and the processes it starts (job processes, fork
+servers, the import check, the request process).
+
+They live here rather than in either side's package so that the promise each package makes
+about its imports holds: ``lkrun.child`` needs nothing of the daemon, and the daemon may use
+the pipe protocol (``jobpipe``), process controls (``pdeathsig``), task ownership
+(``tasks``) and text helpers (``text``) without reaching into the child side. Modules here
+import only the standard library (tests/test_layout.py checks it), so they load under any
+interpreter an agent runs on.
+"""
