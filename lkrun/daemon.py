@@ -22,7 +22,7 @@ from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
 from lkrun.api.metrics import AgentSnapshot, Metrics, metrics_handler
-from lkrun.child.apps import LIVEKIT_AGENTS
+from lkrun.child.appkind import LIVEKIT_AGENTS
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
 from lkrun.jobs.book import JobBook

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lkrun import daemon as daemon_module
-from lkrun.child.apps import LIVEKIT_AGENTS
+from lkrun.child.appkind import LIVEKIT_AGENTS
 from lkrun.manifest import Manifest, load_manifest
 from tests.conftest import livekit_api, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is

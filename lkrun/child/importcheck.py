@@ -6,10 +6,10 @@ Writes one JSON object to stdout and exits 0::
     {"entrypoints": [{"error": null | "one-line error", "app": {...} | null}, ...],
      "callables": {"mod:fn": null | "one-line error"}}
 
-``app`` says what an entrypoint is (lkrun.child.apps): its framework, its kind and, for a
-livekit-agents app, the settings found on its server object. The daemon runs this instead
-of importing user code itself. Keep it light: it must not import anything that could shadow
-or slow down the user's modules.
+``app`` says what an entrypoint is (its app kind's ``info()``, lkrun.child.appkind): its
+framework, its kind and, for a livekit-agents app, the settings found on its server object.
+The daemon runs this instead of importing user code itself. Keep it light: it must not
+import anything that could shadow or slow down the user's modules.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import os
 import sys
 from typing import Any
 
-from lkrun.child import apps
+from lkrun.child import apps, kinds
+from lkrun.child.appkind import AppError
 from lkrun.shared.text import describe, one_line
 
 _MAX_ERROR = 500
@@ -73,21 +74,11 @@ def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
         target = _target(spec)
     except _Failed as exc:
         return {"error": str(exc), "app": None}
-    found = apps.detect(target) if framework == apps.AUTO else framework
-    if found == apps.LIVEKIT_AGENTS:
-        try:
-            from lkrun.child.framework.app import FrameworkApp
-        except ImportError as exc:
-            error = f"{spec!r} is a livekit-agents app, which is not installed ({exc}); "
-            return {"error": error + apps.INSTALL_HINT, "app": None}
-        try:
-            return {"error": None, "app": FrameworkApp.from_target(target, None, spec=spec).info()}
-        except apps.AppError as exc:
-            return {"error": one_line(str(exc), _MAX_ERROR), "app": None}
-    if not callable(target):
-        kind = type(target).__name__
-        return {"error": f"{spec!r} is not callable (type {kind})", "app": None}
-    return {"error": None, "app": {"framework": apps.LKRUN, "kind": "function"}}
+    try:
+        app = kinds.make_app(spec, target, None, framework)
+    except AppError as exc:
+        return {"error": one_line(str(exc), _MAX_ERROR), "app": None}
+    return {"error": None, "app": app.info()}
 
 
 def main(request: str) -> None:

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from lkrun.child import apps
+from lkrun.child import appkind, apps, kinds
 from lkrun.shared import jobpipe, pdeathsig
 from lkrun.shared.text import describe
 
@@ -78,18 +78,18 @@ def take_protocol_stdin() -> int:
 class JobRun:
     """Drives one job: reads the daemon's messages and runs the app's job."""
 
-    def __init__(self, pipe: Pipe, app: apps.App) -> None:
+    def __init__(self, pipe: Pipe, app: appkind.App) -> None:
         self.pipe = pipe
         self.app = app
-        self.job: apps.Job | None = None
+        self.job: appkind.Job | None = None
         self.start_msg: asyncio.Future[dict[str, Any]] = asyncio.Future()
         self.orphaned = False
         self.draining = False  # a drain may be announced before the job starts
         self.stop_reason: str | None = None  # a shutdown that came before the job did
-        self.requests: Any = None  # a RequestServer, in the agent's request process
+        self.requests: appkind.Requests | None = None  # in the agent's request process
         # The agent's shutdown_timeout, from the start message: the daemon kills the job
         # after that long, so no cleanup step may wait longer.
-        self.cleanup_timeout = apps.SHUTDOWN_CALLBACK_TIMEOUT
+        self.cleanup_timeout = appkind.SHUTDOWN_CALLBACK_TIMEOUT
 
     async def read_stdin(self, reader: asyncio.StreamReader) -> None:
         await jobpipe.read_messages(reader, self.handle, lambda why: log.warning("daemon: %s", why))
@@ -187,7 +187,7 @@ async def _protocol_reader(fd: int) -> asyncio.StreamReader:
     return reader
 
 
-async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
+async def serve_job(pipe: Pipe, app: appkind.App, role: str = JOB) -> int:
     run = JobRun(pipe, app)
     reader_task = asyncio.ensure_future(run.read_stdin(await _protocol_reader(pipe.in_fd)))
     try:
@@ -213,13 +213,11 @@ async def serve_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
 
 async def _serve_requests(run: JobRun) -> int:
     """The agent's request process: answer job requests until the daemon says stop."""
-    from lkrun.child.framework.app import FrameworkApp
-    from lkrun.child.framework.requests import RequestServer
-
-    if not isinstance(run.app, FrameworkApp):
-        run.pipe.send(jobpipe.DONE, ok=False, error="only a livekit-agents app has on_request")
+    try:
+        server = run.app.request_server(run.pipe)
+    except appkind.AppError as exc:  # an app kind without a request function
+        run.pipe.send(jobpipe.DONE, ok=False, error=str(exc))
         return 1
-    server = RequestServer(run.app, run.pipe)
     run.requests = server
     run.pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
     with contextlib.suppress(_NotStarted):
@@ -297,7 +295,7 @@ class LoadError(Exception):
     """The agent's app cannot be loaded; the text says which part and why."""
 
 
-def load(entrypoint: str, prewarm: str | None, framework: str) -> apps.App:
+def load(entrypoint: str, prewarm: str | None, framework: str) -> appkind.App:
     """Import the agent's module(s); LoadError (traceback on stderr) if that fails."""
     loaded: dict[str, Any] = {}
     for what, spec in (("entrypoint", entrypoint), ("prewarm", prewarm)):
@@ -307,8 +305,8 @@ def load(entrypoint: str, prewarm: str | None, framework: str) -> apps.App:
             traceback.print_exc()
             raise LoadError(f"cannot load {what} {spec}: {describe(exc)}") from exc
     try:
-        return apps.make_app(entrypoint, loaded["entrypoint"], loaded["prewarm"], framework)
-    except apps.AppError as exc:
+        return kinds.make_app(entrypoint, loaded["entrypoint"], loaded["prewarm"], framework)
+    except appkind.AppError as exc:
         raise LoadError(str(exc)) from exc
 
 
@@ -322,7 +320,7 @@ def become_job_process(parent: int | None) -> Pipe:
     return pipe
 
 
-def run_job(pipe: Pipe, app: apps.App, role: str = JOB) -> int:
+def run_job(pipe: Pipe, app: appkind.App, role: str = JOB) -> int:
     return _run_loop(serve_job(pipe, app, role))
 
 
@@ -330,7 +328,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments the runner and the fork server share (see job_process.python_command)."""
     parser.add_argument("--entrypoint", required=True)
     parser.add_argument("--prewarm")
-    parser.add_argument("--framework", choices=(apps.AUTO, *apps.FRAMEWORKS), default=apps.AUTO)
+    parser.add_argument(
+        "--framework", choices=(appkind.AUTO, *appkind.FRAMEWORKS), default=appkind.AUTO
+    )
     parser.add_argument("--daemon-pid", type=int)
 
 

@@ -34,7 +34,7 @@ import sys
 import traceback
 from typing import Any
 
-from lkrun.child import apps, runner
+from lkrun.child import appkind, runner
 from lkrun.shared import jobpipe, pdeathsig
 from lkrun.shared.text import describe
 
@@ -58,7 +58,7 @@ def thread_count() -> int:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket, app: apps.App) -> None:
+    def __init__(self, control: socket.socket, app: appkind.App) -> None:
         self.control = control
         self.app = app
         self.children: set[int] = set()
@@ -179,13 +179,10 @@ def preload() -> None:
         import uvloop  # noqa: F401
 
 
-def _preload_app(app: apps.App) -> None:
+def _preload_app(app: appkind.App) -> None:
     """What the app's own framework shares between its jobs (livekit-agents' preloads)."""
-    shared = getattr(app, "preload", None)
-    if shared is None:
-        return
     try:
-        shared()
+        app.preload()
     except Exception as exc:  # e.g. a preload_modules entry that does not import
         traceback.print_exc()
         raise runner.LoadError(f"cannot preload for the agent: {describe(exc)}") from exc

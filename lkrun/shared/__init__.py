@@ -8,3 +8,9 @@ the pipe protocol (``jobpipe``), process controls (``pdeathsig``), task ownershi
 import only the standard library (tests/test_layout.py checks it), so they load under any
 interpreter an agent runs on.
 """
+
+# The child side: what the processes the daemon starts import of lkrun, as paths relative
+# to the lkrun package directory. It imports nothing of the rest of lkrun (the daemon side)
+# nor anything the daemon needs (tests/test_layout.py), so these files alone, put on
+# sys.path as an ``lkrun`` package, run jobs under another interpreter.
+CHILD_SIDE = ("__init__.py", "context.py", "child", "shared")

@@ -29,11 +29,12 @@ from livekit.agents import AgentServer, JobProcess
 from livekit.agents.job import JobExecutorType
 from livekit.agents.worker import ServerEnvOption, ServerOptions, ServerType
 
-from lkrun.child.apps import LIVEKIT_AGENTS, AppError, Job, call
+from lkrun.child.appkind import LIVEKIT_AGENTS, AppError, Job, Requests, Sender, call
 from lkrun.child.framework import compat
 
 # At import, not at the first job: in the fork server, so every job shares it ready.
 from lkrun.child.framework.job import FrameworkJob, warm_up_job_path
+from lkrun.child.framework.requests import RequestServer
 from lkrun.shared.text import describe
 
 log = logging.getLogger("lkrun.child.framework")
@@ -251,6 +252,13 @@ class FrameworkApp:
 
     def new_job(self, start: Mapping[str, Any], logger: logging.Logger) -> Job:
         return FrameworkJob(self, start, logger)
+
+    # -- in the agent's request process ----------------------------------------------------
+
+    def request_server(self, sender: Sender) -> Requests:
+        """Answers with ``request_fnc``; each request says so if the app has none (the code
+        may have lost its on_request since the check)."""
+        return RequestServer(self, sender)
 
 
 def _server_of(func: Callable[..., Any]) -> AgentServer | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from livekit.agents import version as _version
 
-from lkrun.child.apps import AppError
+from lkrun.child.appkind import AppError
 
 TESTED_SERIES = (1, 8)
 VERSION = _version.__version__

@@ -39,7 +39,7 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
-from lkrun.child.apps import JobResult, call
+from lkrun.child.appkind import JobResult, call
 from lkrun.context import room_gone
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks

@@ -25,20 +25,19 @@ from livekit.agents import JobRequest
 from livekit.agents.job import JobAcceptArguments
 from livekit.protocol import agent as proto
 
-from lkrun.child.apps import call
+from lkrun.child.appkind import Sender, call
 from lkrun.shared import jobpipe
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 
 if TYPE_CHECKING:
     from lkrun.child.framework.app import FrameworkApp
-    from lkrun.child.runner import Pipe
 
 log = logging.getLogger("lkrun.requests")
 
 
 class RequestServer:
-    def __init__(self, app: FrameworkApp, pipe: Pipe) -> None:
+    def __init__(self, app: FrameworkApp, pipe: Sender) -> None:
         self.app = app
         self.pipe = pipe
         self._tasks = BackgroundTasks()
