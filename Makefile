@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/lkrun serve agents.toml.example
 
-test: $(STAMP) redis
+test: $(STAMP) redis node-deps
 	$(BIN)/ruff check lkrun tests
 	$(BIN)/pytest -v
 
@@ -43,6 +43,13 @@ redis:
 # registered with each (README, Scaling out); Ctrl-C stops it all.
 cluster: $(STAMP) redis
 	$(BIN)/python -m lkrun.devcluster agents.toml.example
+
+# The Node example's npm dependencies (examples/node/echo), installed once per package-lock.json
+# under ~/.cache/lkrun/node and linked into the example; a notice instead where node is not
+# installed (its tests then skip, saying so).
+.PHONY: node-deps
+node-deps: $(STAMP)
+	$(BIN)/python -m tests.node_deps examples/node/echo
 
 # The fast tier: no livekit-server, no lkrun processes (seconds). `make test` runs it all.
 test-fast: $(STAMP)

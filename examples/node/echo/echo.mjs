@@ -60,4 +60,4 @@ lines.on('line', (line) => {
 lines.on('close', () => end('daemon went away')); // stdin EOF: the daemon is gone
 
 // Everything slow (loading the native library) is done: it may wait here for its job.
-send('ready', { pid: process.pid, ts: Date.now() / 1000, warm: true });
+send('ready', { protocol: 1, pid: process.pid, ts: Date.now() / 1000, warm: true });
