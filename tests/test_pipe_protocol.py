@@ -131,3 +131,61 @@ def test_rtc_chatter_on_the_root_logger_stays_out_of_the_job_log() -> None:
     assert quiet.filter(record(rtc_room, logging.WARNING))
     assert quiet.filter(record("/app/agent.py", logging.INFO))  # the user's own root logs
     assert quiet.filter(record(rtc_room, logging.INFO, name="livekit"))  # its level decides
+
+
+async def test_a_ready_of_another_protocol_version_is_refused_with_a_clear_error() -> None:
+    outcome = await scripted_job(
+        line("ready", protocol=2), line("running", ts=1.0), line("done", ok=True)
+    )
+    assert not outcome.ok
+    assert outcome.error == (
+        "job process speaks job protocol 2; this lkrun speaks 1 (docs/protocol.md)"
+    )
+
+
+async def test_a_ready_without_a_version_is_version_1() -> None:
+    outcome = await scripted_job(line("ready"), line("running"), line("done", ok=True))
+    assert outcome.ok
+
+
+def test_only_the_integer_1_is_version_1() -> None:
+    assert jobpipe.speaks_ours({"type": "ready", "protocol": 1})
+    assert jobpipe.speaks_ours({"type": "ready"})
+    for other in (2, 0, "1", 1.0, True, None):
+        assert not jobpipe.speaks_ours({"type": "ready", "protocol": other}), other
+
+
+async def test_the_start_message_carries_the_protocol_version() -> None:
+    stdin = FakeStdin()
+    stdout = asyncio.StreamReader()
+    stderr = asyncio.StreamReader()
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def launcher(role: str = "job") -> Launched:
+        return Launched(999_999_999, stdin, stdout, stderr, lambda: exited, lambda: None)
+
+    proc = JobProcess(launcher=launcher, log=logging.LoggerAdapter(logging.getLogger("t"), {}))
+    await proc.spawn()
+    proc.start(job={"id": "AJ_1"}, url="ws://x", token="t", identity="i")
+    assert json.loads(stdin.written[0]) == {
+        "type": "start",
+        "protocol": 1,
+        "job": {"id": "AJ_1"},
+        "url": "ws://x",
+        "token": "t",
+        "identity": "i",
+    }
+    for stream in (stdout, stderr):
+        stream.feed_eof()
+    exited.set_result(0)
+    await asyncio.wait_for(proc.wait(), 5)
+
+
+async def test_the_runner_refuses_a_start_of_another_protocol_version() -> None:
+    pipe = FakePipe()
+    run = JobRun(pipe, app=None)  # type: ignore[arg-type]
+    run.handle({"type": "start", "protocol": 2, "job": {}})
+    assert await asyncio.wait_for(run.run(), 5) is False
+    kind, fields = pipe.sent[-1]
+    assert kind == "done" and fields["ok"] is False
+    assert fields["error"] == "the daemon speaks job protocol 2; this runner 1"

@@ -124,6 +124,11 @@ class JobRun:
         except _NotStarted as exc:
             log.info("shut down before the job started: %s", exc)
             return True
+        if not jobpipe.speaks_ours(start):  # it would mean something else by what it sent
+            version = start.get("protocol")
+            error = f"the daemon speaks job protocol {version!r}; this runner {jobpipe.PROTOCOL}"
+            self.pipe.send(jobpipe.DONE, ok=False, error=error, reason="")
+            return False
         logger = logging.getLogger(f"lkrun.job.{start.get('agent', 'agent')}")
         timeout = start.get("shutdown_timeout")
         if isinstance(timeout, (int, float)) and timeout > 0:
@@ -202,7 +207,9 @@ async def serve_job(pipe: Pipe, app: appkind.App, role: str = JOB) -> int:
             error = with_credentials_hint(f"prewarm failed: {describe(exc)}")
             pipe.send(jobpipe.DONE, ok=False, error=error)
             return 1
-        pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
+        # warm: this process waits for its start for as long as it takes (docs/protocol.md).
+        ready = {"protocol": jobpipe.PROTOCOL, "pid": os.getpid(), "ts": time.time()}
+        pipe.send(jobpipe.READY, **ready, warm=True)
         ok = await run.run()
     finally:
         reader_task.cancel()
@@ -219,7 +226,7 @@ async def _serve_requests(run: JobRun) -> int:
         run.pipe.send(jobpipe.DONE, ok=False, error=str(exc))
         return 1
     run.requests = server
-    run.pipe.send(jobpipe.READY, pid=os.getpid(), ts=time.time())
+    run.pipe.send(jobpipe.READY, protocol=jobpipe.PROTOCOL, pid=os.getpid(), ts=time.time())
     with contextlib.suppress(_NotStarted):
         await run.start_msg  # a shutdown (or stdin EOF) ends this process
     await server.close(run.grace())

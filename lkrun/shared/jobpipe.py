@@ -3,7 +3,9 @@
 daemon -> child (stdin):  start, drain, shutdown; request (request process only)
 child -> daemon (stdout): ready, running, done; answer (request process only)
 
-Kept free of heavy imports: the runner imports it before user code.
+Its specification, version ``PROTOCOL``, is docs/protocol.md; ``lkrun protocol-test``
+(lkrun.conformance) checks a program against it. Kept free of heavy imports: the runner
+imports it before user code.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# The version of the protocol, carried as "protocol" by start and ready. A field or a kind
+# of message the receiver may ignore is added without a new version; anything else
+# (a field's meaning, the order, a message a peer must understand) makes a new one.
+PROTOCOL = 1
+
 # daemon -> child
 START = "start"
 DRAIN = "drain"  # the daemon is draining: wrap up, no new work is coming
@@ -21,7 +28,7 @@ SHUTDOWN = "shutdown"
 REQUEST = "request"  # a job offer for the agent's request function: {id, job}
 
 # child -> daemon
-READY = "ready"  # runner and entrypoint module loaded; waiting for start
+READY = "ready"  # loaded, waiting for start: {"protocol", "pid", "ts", "warm"}
 RUNNING = "running"  # entrypoint called
 DONE = "done"  # job over: {"ok", "error", "reason"; "room_gone" when the room was (RoomGone)}
 ANSWER = "answer"  # the request function's decision: {id, accept, terminate, identity, ...}
@@ -67,6 +74,13 @@ class RoomGone:
         if not all(isinstance(text, str) and text for text in found):
             return None
         return cls(*found)
+
+
+def speaks_ours(msg: dict[str, Any]) -> bool:
+    """Whether a peer's ``ready`` (or ``start``) speaks this version of the protocol. Without
+    the field it is version 1, as lkrun's runners wrote ready before the field was added."""
+    version = msg.get("protocol", 1)
+    return type(version) is int and version == PROTOCOL  # not True, not 1.0
 
 
 class PipeError(ValueError):

@@ -117,6 +117,9 @@ class JobProcess:
         self.sink: Callable[[str], None] | None = None  # the job's own log file
         # Messages beyond the job protocol (a request process's answers).
         self.on_message: Callable[[dict[str, Any]], None] | None = None
+        # Told why each line the protocol drops was dropped (lkrun.conformance lists them).
+        self.on_violation: Callable[[str], None] | None = None
+        self.ready_message: dict[str, Any] | None = None  # as received: its version, warm
         self.pid: int | None = None
         self.ready = asyncio.Event()
         self.started_running = False
@@ -129,6 +132,7 @@ class JobProcess:
         )
         self._last_log_line = ""
         self._exited = asyncio.Event()
+        self._refusal: asyncio.Future[None] | None = None  # killing a process we refused
         self.stop_reason = ""
 
     async def spawn(self) -> None:
@@ -147,6 +151,11 @@ class JobProcess:
     def being_killed(self) -> bool:
         return bool(self._kill_reason)
 
+    @property
+    def done_message(self) -> dict[str, Any] | None:
+        """The job's ``done`` as received, if it sent one."""
+        return self._done
+
     def bind(
         self,
         log: logging.LoggerAdapter[Any],
@@ -159,7 +168,7 @@ class JobProcess:
         self.sink = sink
 
     def start(self, **payload: Any) -> None:
-        self._send(jobpipe.START, **payload)
+        self._send(jobpipe.START, protocol=jobpipe.PROTOCOL, **payload)
 
     def drain(self) -> None:
         self._send(jobpipe.DRAIN)
@@ -298,6 +307,8 @@ class JobProcess:
     async def _read_protocol(self, stream: asyncio.StreamReader) -> None:
         def warn(why: str) -> None:
             self.log.warning("job process broke the pipe protocol: %s", why)
+            if self.on_violation is not None:
+                self.on_violation(why)
 
         await jobpipe.read_messages(stream, self._on_message, warn)
 
@@ -305,8 +316,15 @@ class JobProcess:
         """Each kind once, in the protocol's order: ready, then running, then done."""
         kind = msg["type"]
         if kind == jobpipe.READY:
-            if self.ready.is_set():
+            if self.ready_message is not None:
                 raise jobpipe.PipeError("ready came twice")
+            self.ready_message = msg
+            if not jobpipe.speaks_ours(msg):  # it would misread what we send: no job for it
+                self._refuse(
+                    f"job process speaks job protocol {msg.get('protocol')!r}; this lkrun "
+                    f"speaks {jobpipe.PROTOCOL} (docs/protocol.md)"
+                )
+                return
             self.ready.set()
         elif kind == jobpipe.RUNNING:
             if not self.ready.is_set() or self.started_running:
@@ -322,6 +340,11 @@ class JobProcess:
             self._done = msg
         elif self.on_message is not None:
             self.on_message(msg)
+
+    def _refuse(self, why: str) -> None:
+        """End a process the daemon cannot talk to; its job fails with ``why``."""
+        self._failure = self._failure or why
+        self._refusal = asyncio.ensure_future(self.kill(why, failure=True))
 
     async def _read_log(self, stream: asyncio.StreamReader) -> None:
         pending = b""
