@@ -568,7 +568,7 @@ def test_unknown_keys_outside_agents(text: str, field: str, hint: str) -> None:
         ("memory_limit = 1", "memory_limit", "did you mean 'memory_limit_mb'?"),
         ("job_timout = 1", "job_timout", "did you mean 'job_timeout'?"),
         ("room = []", "room", "did you mean 'rooms'?"),
-        ("xyzzy = 1", "xyzzy", "allowed: entrypoint, dispatch,"),
+        ("xyzzy = 1", "xyzzy", "allowed: entrypoint, command, dispatch,"),
         ("name = 'x'", "name", "did you mean"),  # the name is the table key, not a setting
         ("permissions = { can_publsh = true }", "permissions.can_publsh", "'can_publish'"),
         ("[agents.echo.permissions]\nhiden = true", "permissions.hiden", "'hidden'"),
@@ -641,7 +641,9 @@ def test_job_log_levels_accepted(level: str) -> None:
 
 def test_entrypoint_is_required() -> None:
     err = rejects("[agents.echo]\nmax_jobs = 2\n", agent="echo", field="entrypoint")
-    assert err.message == "is required"
+    assert err.message == (
+        'is required (or command = ["program", ...] for an agent in another language)'
+    )
 
 
 @pytest.mark.parametrize(

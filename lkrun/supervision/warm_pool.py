@@ -34,8 +34,13 @@ class WarmPool:
         size: int,
         timeout: float,
         on_change: Callable[[], None] | None = None,
+        require_warm: bool = False,
     ) -> None:
         self.label = label
+        # Keep a process idle only if its ready message says "warm": true (a command
+        # agent's program, docs/protocol.md); lkrun's own runner always waits for its start.
+        self.require_warm = require_warm
+        self.cold_only = ""  # why no process is kept idle after all (its program said so)
         self.on_change = on_change  # called once the first process is ready or has failed
         self.settled = False  # a first process was ready, or failed: the pool's start is over
         self.log = agent_logger(log, label)
@@ -58,6 +63,11 @@ class WarmPool:
     def warming_first(self) -> bool:
         """Its first process is on its way: a job now would start cold."""
         return self.size > 0 and not self.settled
+
+    @property
+    def wanted(self) -> int:
+        """How many idle processes it keeps: none once the program said it cannot wait."""
+        return 0 if self.cold_only else self.size
 
     def _settle(self) -> None:
         if not self.settled:
@@ -98,6 +108,7 @@ class WarmPool:
 
     def recycle(self, why: str = "replaced after a change") -> None:
         self._generation += 1
+        self.cold_only = ""  # new code or settings may say otherwise
         stale, self._ready = self._ready, []
         for proc in stale:
             self._discard(proc, why)
@@ -108,7 +119,7 @@ class WarmPool:
         """Keep the pool full until cancelled; then kill the idle processes."""
         try:
             while True:
-                if len(self._ready) < self.size:
+                if len(self._ready) < self.wanted:
                     if self.failures:
                         await self._backoff()
                     await self._warm_one()
@@ -137,6 +148,9 @@ class WarmPool:
             if generation != self._generation:  # a change came while it warmed up
                 self._discard(proc, "replaced after a change")
                 return
+            if self.require_warm and not _says_warm(proc):
+                self._go_cold(proc)
+                return
             if self.failures:
                 self.log.info("warm processes start again")
             self.failures = 0
@@ -162,6 +176,18 @@ class WarmPool:
             self._failed(f"cannot start a process: {describe(exc)}")
             return None
         return await proc.wait_ready(self.timeout)
+
+    def _go_cold(self, proc: JobProcess) -> None:
+        """The program cannot be started ahead: each job starts its own process."""
+        self.cold_only = 'its ready message does not say "warm": true'
+        self.log.warning(
+            "idle_processes=%d is not used: %s, so each job starts its own process "
+            "(docs/protocol.md)",
+            self.size,
+            self.cold_only,
+        )
+        self._discard(proc, f"not kept idle: {self.cold_only}")
+        self._settle()
 
     def _failed(self, error: str) -> None:
         self.failures += 1
@@ -192,3 +218,9 @@ class WarmPool:
         if watcher is not None:
             watcher.cancel()
         self._killing.spawn(proc.kill(why), name=f"discard warm process {proc.pid}")
+
+
+def _says_warm(proc: JobProcess) -> bool:
+    """Its ready said ``"warm": true``: it waits for its start message as long as that takes."""
+    ready = proc.ready_message
+    return ready is not None and ready.get("warm") is True

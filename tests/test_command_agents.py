@@ -1,0 +1,305 @@
+"""Command agents (manifest ``command``): a program in another language that speaks the job
+pipe protocol is hosted like a Python agent. End to end with the Node echo example
+(examples/node/echo, @livekit/rtc-node) against the real livekit-server; the manifest
+rules and the warm pool's rule for programs without a livekit-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lkrun.entrypoints import check_entrypoints
+from lkrun.manifest import ManifestError, parse_manifest
+from lkrun.supervision.warm_pool import WarmPool
+from tests.conftest import livekit_api, observer, pid_alive, unique, wait_for, wait_for_participant
+from tests.helpers import dispatch, echo_roundtrip, job_in_room, status_is
+from tests.node_deps import NODE_ECHO, ensure_node_modules, node_missing
+from tests.test_supervisor import FakeProcess, settle
+
+CPU_OFF = '[daemon]\nload_threshold = "off"\n\n'  # a busy shared machine must not refuse jobs
+needs_node = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "node is here")
+
+
+@pytest.fixture(scope="session")
+def node_echo() -> Path:
+    """The Node echo program, its npm dependencies installed (cached under ~/.cache/lkrun)."""
+    ensure_node_modules(NODE_ECHO)
+    return NODE_ECHO / "echo.mjs"
+
+
+def node_agent(name: str, program: Path, **fields: Any) -> str:
+    lines = [f"[agents.{name}]", f'command = ["node", "{program}"]']
+    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def node_pids() -> Iterator[list[int]]:
+    """Pids of Node job processes a test saw: none may outlive it."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b"echo.mjs" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_node
+async def test_node_agent_joins_and_echoes_from_a_warm_process(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
+) -> None:
+    name, room_name = unique("node"), unique("room")
+    daemon = await start_daemon(CPU_OFF + node_agent(name, node_echo, idle_processes=1))
+    agent = (await daemon.status())["agents"][0]
+    assert agent["framework"] == "command"
+    assert agent["app"].startswith("command: ") and agent["app"].endswith(str(node_echo))
+    # Its ready said "warm": true, so a process waits for the first job.
+    await wait_for(
+        lambda: _idle(daemon), 30, what="a warm Node process"
+    )  # the pool fills in the background
+    async with observer(livekit_server, room_name) as room:
+        dispatch_id = await dispatch(livekit_server, room_name, name)
+        participant = await wait_for_participant(room, f"{name}-", timeout=30)
+        job = await job_in_room(daemon, room_name, "running")
+        node_pids.append(job["pid"])
+        assert job["warm"] is True and job["identity"] == participant.identity
+        assert await echo_roundtrip(room, participant.identity, b"hello node") == b"hello node"
+        async with livekit_api(livekit_server) as lk:
+            await lk.agent_dispatch.delete_dispatch(dispatch_id, room_name)
+        await wait_for(lambda: status_is(daemon, job["id"], "success"), 20, what="its end")
+    ended = await daemon.job(job["id"])
+    assert ended is not None and ended["error"] == "" and ended["exit_code"] == 0
+    assert ended["stop_reason"] == "terminated by LiveKit"
+    assert not pid_alive(job["pid"])
+    # Its log is its stderr: the SDK's own logger went there too, not onto the protocol.
+    logs = daemon.cli("jobs", "logs", job["id"])
+    assert logs.returncode == 0 and f"echo ready in room {room_name}" in logs.stdout
+    assert "broke the pipe protocol" not in daemon.log()
+
+
+async def _idle(daemon: Any) -> bool:
+    return (await daemon.status())["agents"][0]["idle_processes"] == 1
+
+
+@needs_node
+async def test_jobs_kill_ends_a_node_job(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
+) -> None:
+    name, r1, r2 = unique("node"), unique("r1"), unique("r2")
+    daemon = await start_daemon(CPU_OFF + node_agent(name, node_echo))
+    await dispatch(livekit_server, r1, name)
+    await dispatch(livekit_server, r2, name)
+    gentle = await job_in_room(daemon, r1, "running")
+    forced = await job_in_room(daemon, r2, "running")
+    node_pids += [gentle["pid"], forced["pid"]]
+    assert gentle["warm"] is False  # no idle_processes: started when the job came
+
+    assert daemon.cli("jobs", "kill", gentle["id"]).returncode == 0
+    await wait_for(lambda: status_is(daemon, gentle["id"], "success"), 20, what="a clean stop")
+    ended = await daemon.job(gentle["id"])
+    assert ended is not None and ended["stop_reason"] == "stopped by `lkrun jobs kill`"
+    assert ended["exit_code"] == 0  # it said done and exited when asked
+
+    assert daemon.cli("jobs", "kill", forced["id"], "--force").returncode == 0
+    await wait_for(lambda: status_is(daemon, forced["id"], "failed"), 20, what="the kill")
+    killed = await daemon.job(forced["id"])
+    assert killed is not None and killed["error"] == "killed by `lkrun jobs kill --force`"
+    assert killed["exit_code"] == -signal.SIGTERM
+    assert not pid_alive(gentle["pid"]) and not pid_alive(forced["pid"])
+
+
+@needs_node
+async def test_a_draining_daemon_lets_its_node_job_finish(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
+) -> None:
+    name, room_name, later = unique("node"), unique("room"), unique("later")
+    daemon = await start_daemon(CPU_OFF + node_agent(name, node_echo))
+    async with observer(livekit_server, room_name) as room:
+        dispatch_id = await dispatch(livekit_server, room_name, name)
+        participant = await wait_for_participant(room, f"{name}-", timeout=30)
+        job = await job_in_room(daemon, room_name, "running")
+        node_pids.append(job["pid"])
+
+        daemon.signal(signal.SIGTERM)
+        code, body = await wait_for(lambda: _draining(daemon), 10, what="the drain")
+        assert (code, body["reason"]) == (503, "draining")
+        # No new job while draining; the running one still serves.
+        await dispatch(livekit_server, later, name)
+        assert await echo_roundtrip(room, participant.identity, b"still here") == b"still here"
+        assert daemon.proc.poll() is None
+
+        async with livekit_api(livekit_server) as lk:
+            await lk.agent_dispatch.delete_dispatch(dispatch_id, room_name)
+        assert await daemon.wait_exit(30) == 0
+    assert not pid_alive(job["pid"])
+    history = daemon.history()
+    assert [(j["id"], j["status"], j["error"]) for j in history] == [(job["id"], "success", "")]
+
+
+async def _draining(daemon: Any) -> tuple[int, dict[str, Any]] | None:
+    code, body = await daemon.http("/readyz")
+    return (code, body) if code == 503 else None
+
+
+@needs_node
+async def test_a_node_job_over_its_memory_limit_is_killed(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
+) -> None:
+    # Node with the SDK loaded needs well over 20 MB: the first sample is over the limit.
+    name, room_name = unique("node"), unique("room")
+    daemon = await start_daemon(CPU_OFF + node_agent(name, node_echo, memory_limit_mb=20))
+    await dispatch(livekit_server, room_name, name)
+    failed = await job_in_room(daemon, room_name, "failed")
+    node_pids.append(failed["pid"])
+    assert re.fullmatch(
+        r"memory limit exceeded: \d+ MB in \d+ process\(es\) > memory_limit_mb=20", failed["error"]
+    ), failed
+    assert failed["peak_memory_mb"] > 20
+    assert not pid_alive(failed["pid"])
+
+
+@needs_node
+async def test_a_node_job_dies_with_its_daemon(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
+) -> None:
+    name, room_name = unique("node"), unique("room")
+    daemon = await start_daemon(CPU_OFF + node_agent(name, node_echo))
+    await dispatch(livekit_server, room_name, name)
+    job = await job_in_room(daemon, room_name, "running")
+    node_pids.append(job["pid"])
+    daemon.signal(signal.SIGKILL)
+    # The parent-death signal (SIGTERM) ends it at once; stdin EOF would too.
+    await wait_for(lambda: not pid_alive(job["pid"]), 5, interval=0.05, what="the job to die")
+
+
+# -- the manifest ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "message"),
+    [
+        (
+            'command = ["node", "a.mjs"]\nentrypoint = "m:f"',
+            "entrypoint",
+            "cannot be set with command",
+        ),
+        ('command = ["node", "a.mjs"]\nprewarm = "m:f"', "prewarm", "cannot be set with command"),
+        (
+            'command = ["node", "a.mjs"]\nframework = "lkrun"',
+            "framework",
+            "cannot be set with command",
+        ),
+        (
+            'command = ["node", "a.mjs"]\nstart_method = "spawn"',
+            "start_method",
+            "cannot be set with command",
+        ),
+        ('command = ["node", "a.mjs"]\npython = "/usr/bin/python3"', "python", "cannot be set"),
+        ("command = []", "command", "must be a non-empty array of strings"),
+        ('command = "node a.mjs"', "command", "must be a non-empty array of strings"),
+        ('command = ["node", ""]', "command", "must contain only non-empty strings"),
+        ('command = ["./no-such-program"]', "command", "no such program: ./no-such-program"),
+        ("max_jobs = 2", "entrypoint", 'is required (or command = ["program", ...]'),
+    ],
+)
+def test_command_fields_are_checked(table: str, field: str, message: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(f"[agents.n]\n{table}\n", "agents.toml")
+    error = caught.value
+    assert (error.agent, error.field) == ("n", field)
+    assert str(error).startswith(f"agents.toml: agent 'n': field '{field}': {message}"), error
+    assert "\n" not in str(error)
+
+
+def test_a_command_program_is_found_relative_to_the_manifest(tmp_path: Path) -> None:
+    program = tmp_path / "bin" / "agent"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n")
+    manifest_path = tmp_path / "agents.toml"
+    text = '[agents.n]\ncommand = ["bin/agent", "--flag", "file.txt"]\nidle_processes = 1\n'
+    with pytest.raises(ManifestError, match=r"field 'command': not executable: bin/agent"):
+        parse_manifest(text, manifest_path)
+    program.chmod(0o755)
+    spec = parse_manifest(text, manifest_path).agents["n"]
+    # The program made absolute; its arguments as given (it runs in the manifest's directory).
+    assert spec.command == (str(program), "--flag", "file.txt")
+    assert spec.start_method == "spawn" and spec.idle_processes == 1
+    checked = check_entrypoints(parse_manifest(text, manifest_path)).agents["n"]
+    assert checked.app is not None and checked.app.framework == "command"
+    assert checked.app.summary() == f"command: {program} --flag file.txt"
+
+
+def test_a_bare_program_name_is_looked_up_on_the_jobs_path(tmp_path: Path) -> None:
+    (tmp_path / "tool").write_text("#!/bin/sh\n")
+    (tmp_path / "tool").chmod(0o755)
+    text = '[agents.n]\ncommand = ["tool", "x"]\nenv = {{ PATH = "{path}" }}\n'
+    checked = check_entrypoints(parse_manifest(text.format(path=tmp_path), "agents.toml"))
+    assert checked.agents["n"].app is not None
+    assert checked.agents["n"].app.command == (str(tmp_path / "tool"), "x")
+    with pytest.raises(ManifestError) as caught:
+        check_entrypoints(parse_manifest(text.format(path="/nonexistent"), "agents.toml"))
+    assert str(caught.value) == (
+        "agents.toml: agent 'n': field 'command': cannot run tool: not found on PATH (/nonexistent)"
+    )
+
+
+# -- warm processes -------------------------------------------------------------------------
+
+
+def _programs(made: list[FakeProcess], ready: dict[str, Any]) -> Any:
+    def factory() -> FakeProcess:
+        proc = FakeProcess()
+        proc.ready_message = ready  # type: ignore[attr-defined]  as JobProcess records it
+        made.append(proc)
+        return proc
+
+    return factory
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_a_program_that_does_not_say_warm_is_started_per_job() -> None:
+    made: list[FakeProcess] = []
+    pool = WarmPool(
+        label="n", factory=_programs(made, {"type": "ready"}), size=2, timeout=60, require_warm=True
+    )
+    task = asyncio.create_task(pool.run())
+    await settle()
+    [first] = made
+    first.ready()
+    await settle()
+    # Not kept: it did not say it waits for its start. No second one is started.
+    assert first.kinds() == ["spawn", "kill"] and pool.idle == [] and len(made) == 1
+    assert pool.settled and not pool.warming_first and pool.wanted == 0
+    pool.recycle("new code")  # a change may bring a program that says otherwise
+    await settle()
+    assert len(made) == 2
+    await _cancel(task)
+
+
+async def test_a_program_that_says_warm_is_kept_idle() -> None:
+    made: list[FakeProcess] = []
+    ready = {"type": "ready", "protocol": 1, "warm": True}
+    pool = WarmPool(
+        label="n", factory=_programs(made, ready), size=2, timeout=60, require_warm=True
+    )
+    task = asyncio.create_task(pool.run())
+    for expected in (1, 2):
+        await settle()
+        assert len(made) == expected
+        made[-1].ready()
+    await settle()
+    assert pool.idle == made and all(p.kinds() == ["spawn"] for p in made)
+    await _cancel(task)
