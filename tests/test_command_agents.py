@@ -167,6 +167,20 @@ async def test_a_node_job_over_its_memory_limit_is_killed(
 
 
 @needs_node
+async def test_a_node_job_past_its_timeout_fails(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
+) -> None:
+    name, room_name = unique("node"), unique("room")
+    daemon = await start_daemon(CPU_OFF + node_agent(name, node_echo, job_timeout="2s"))
+    await dispatch(livekit_server, room_name, name)
+    failed = await job_in_room(daemon, room_name, "failed")
+    node_pids.append(failed["pid"])
+    assert failed["error"] == "job exceeded job_timeout=2s", failed
+    assert failed["exit_code"] == 0  # it stopped when asked, and still counts as failed
+    assert failed["stop_reason"] == "job exceeded job_timeout=2s"
+
+
+@needs_node
 async def test_a_node_job_dies_with_its_daemon(
     start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int]
 ) -> None:
