@@ -9,6 +9,7 @@ Returning without connecting ends the job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping
@@ -96,6 +97,7 @@ class JobContext:
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
         self._background = BackgroundTasks(on_error=self._task_failed)
         self._after_connect: list[Callable[[], None]] = []
+        self._joining: asyncio.Future[None] | None = None  # the room's connect (see _leave)
         self.room.on("disconnected", self._on_disconnected)
 
     async def connect(self, *, auto_subscribe: bool = True, announce: bool = True) -> None:
@@ -106,9 +108,9 @@ class JobContext:
         participant to the room at once; a participant that publishes nothing is otherwise
         announced in the server's next 3-second batch.
         """
-        await self.room.connect(
-            self._url, self._token, rtc.RoomOptions(auto_subscribe=auto_subscribe)
-        )
+        options = rtc.RoomOptions(auto_subscribe=auto_subscribe)
+        self._joining = asyncio.ensure_future(self.room.connect(self._url, self._token, options))
+        await asyncio.shield(self._joining)  # a job that ends meanwhile still leaves: _leave
         if gone := await room_gone(self.room, self.job.room, self.job.room_sid, self.logger):
             self._failure, self._room_gone = str(gone), gone
             self.shutdown(str(gone))  # the first reason is recorded, before "disconnected"
@@ -213,6 +215,15 @@ class JobContext:
     def _task_failed(self, task: asyncio.Future[Any], exc: BaseException) -> None:
         name = task.get_name() if isinstance(task, asyncio.Task) else "a job task"
         self.logger.error("%s failed", name, exc_info=exc)
+
+    async def _leave(self, grace: float) -> None:
+        """Leave the room, also when the job ended while it was joining: a join cut short
+        leaves a participant that nobody drives in the room until the server times it out
+        (some 20 s). So the join ends first (bounded), then the room is left."""
+        if self._joining is not None and not self._joining.done():
+            with contextlib.suppress(Exception):  # a join that fails has nothing to leave
+                await asyncio.wait_for(asyncio.shield(self._joining), grace)
+        await asyncio.wait_for(self.room.disconnect(), grace)
 
     async def _close_tasks(self, grace: float) -> None:
         """Cancel what the job still runs in the background, and wait for it (bounded)."""

@@ -88,7 +88,7 @@ class NativeJob:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await entry
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(ctx.room.disconnect(), grace())
+            await ctx._leave(grace())
         error = ctx._failure or error  # e.g. the room was gone (lkrun.context.RoomGoneError)
         reason, gone = ctx.shutdown_reason, ctx._room_gone
         return JobResult(ok=not error, error=error, reason=reason, room_gone=gone)
