@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -81,6 +82,34 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
         "gauge",
         "Sum of the resident memory (RSS) of the agent's running job processes, in bytes.",
     ),
+    (
+        "lkrun_inference_up",
+        "gauge",
+        "1 while the inference process of an agent environment (by interpreter) is up.",
+    ),
+    (
+        "lkrun_inference_memory_bytes",
+        "gauge",
+        "Memory of the inference process of an agent environment, by interpreter and kind "
+        "(rss, pss), in bytes.",
+    ),
+    (
+        "lkrun_inference_requests_total",
+        "counter",
+        "Inference requests the inference process answered, by interpreter, method and "
+        "result (ok or error).",
+    ),
+    (
+        "lkrun_inference_request_seconds",
+        "histogram",
+        "Time the inference process took to answer a request (queue and run), in seconds.",
+    ),
+    (
+        "lkrun_inference_restarts_total",
+        "counter",
+        "Times the inference process of an agent environment ended on its own (or failed to "
+        "start) and was started again.",
+    ),
 ]
 
 _HELP = {name: help_text for name, _, help_text in METRIC_DOCS}
@@ -91,6 +120,8 @@ FULL_REASONS = frozenset({"max_jobs", "cpu", "draining"})
 
 # Answering an offer is in-process bookkeeping: sub-millisecond normally, 100 ms is already bad.
 OFFER_ANSWER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+# A local model answers in milliseconds (the turn detector's: tens); a queue makes seconds.
+INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # Warm starts should land in milliseconds, cold ones (interpreter + imports) in seconds.
 OFFER_TO_ENTRYPOINT_BUCKETS = (
     0.001,
@@ -164,6 +195,25 @@ class Metrics:
             self._load,
             self._memory,
         )
+        self._inference_up = Gauge(
+            "lkrun_inference_up",
+            _HELP["lkrun_inference_up"],
+            ["interpreter"],
+            registry=self.registry,
+        )
+        self._inference_memory = Gauge(
+            "lkrun_inference_memory_bytes",
+            _HELP["lkrun_inference_memory_bytes"],
+            ["interpreter", "kind"],
+            registry=self.registry,
+        )
+        self._inference_requests = self._counter(
+            "lkrun_inference_requests_total", "interpreter", "method", "result"
+        )
+        self._inference_seconds = self._histogram(
+            "lkrun_inference_request_seconds", INFERENCE_BUCKETS, "interpreter"
+        )
+        self._inference_restarts = self._counter("lkrun_inference_restarts_total", "interpreter")
         # Agents that currently have gauge series, so vanished ones can be removed.
         self._snapshot_agents: set[str] = set()
         # Two scrapes at once must not interleave their set-and-remove passes.
@@ -213,7 +263,35 @@ class Metrics:
     def registration_reconnected(self, agent: str) -> None:
         self._reconnects.labels(agent=agent).inc()
 
+    def inference_request(self, interpreter: str, method: str, seconds: float, ok: bool) -> None:
+        result = "ok" if ok else "error"
+        self._inference_requests.labels(interpreter=interpreter, method=method, result=result).inc()
+        self._inference_seconds.labels(interpreter=interpreter).observe(seconds)
+
+    def inference_restarted(self, interpreter: str) -> None:
+        self._inference_restarts.labels(interpreter=interpreter).inc()
+
     # State.
+
+    def inference_state(self, interpreter: str, *, up: bool) -> None:
+        self._inference_up.labels(interpreter=interpreter).set(1 if up else 0)
+        if not up:
+            for kind in ("rss", "pss"):
+                self._inference_memory.labels(interpreter=interpreter, kind=kind).set(0)
+
+    def inference_memory(self, interpreter: str, rss: int, pss: int) -> None:
+        self._inference_memory.labels(interpreter=interpreter, kind="rss").set(rss)
+        self._inference_memory.labels(interpreter=interpreter, kind="pss").set(pss)
+
+    def inference_gone(self, interpreter: str) -> None:
+        """Its process was stopped for good: its gauges go (the counters stay)."""
+        for gauge, labels in (
+            (self._inference_up, ((interpreter,),)),
+            (self._inference_memory, ((interpreter, "rss"), (interpreter, "pss"))),
+        ):
+            for values in labels:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*values)
 
     def set_snapshot(self, agents: Iterable[AgentSnapshot]) -> None:
         """Set the per-agent gauges to the snapshot; drop the series of agents not in it."""

@@ -1,0 +1,222 @@
+"""An agent environment's inference process: ``python -m lkrun.child.framework.inference_proc
+--socket PATH --runner METHOD=SOURCE:CLASS ...``.
+
+It does what the official worker's inference process does (livekit-agents
+``ipc/inference_proc_lazy_main.py``): it imports each runner class, makes one instance of
+each, calls its ``initialize()`` (load the model), then answers ``run(data)`` calls in a
+pool of threads, as many as there are CPUs. The difference is who asks: every job of every
+agent of this environment, over a unix socket (the wire is in
+lkrun.child.framework.inference), instead of the jobs of one worker over its pipes.
+
+To the daemon, on stdout (JSON lines): ``ready`` {pid, runners, failed, seconds} once the
+socket is listening; then ``stats`` {done: [[method, seconds, ok], ...]} about twice a
+second while requests come. stderr is its log. It exits when stdin reaches EOF (the daemon
+is gone) and on SIGTERM; it dies with the daemon (parent-death signal) too.
+
+A runner that cannot be imported or whose ``initialize()`` raises does not stop the others:
+its requests get that error, and ``ready`` lists it under ``failed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from livekit.agents.inference_runner import _InferenceRunner
+
+from lkrun.child import apps
+from lkrun.child.framework import inference
+from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared.text import describe, one_line
+
+READY = "ready"
+STATS = "stats"
+STATS_INTERVAL = 0.5
+BACKLOG = 256
+
+
+def load_runner(method: str, source: str) -> _InferenceRunner:
+    """An instance of the runner class ``source`` names (``module:qualname``)."""
+    module_name, _, qualname = source.rpartition(":")
+    target: Any = apps.import_source(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    if not (isinstance(target, type) and issubclass(target, _InferenceRunner)):
+        raise TypeError(f"{source} is not an _InferenceRunner class")
+    declared = getattr(target, "INFERENCE_METHOD", None)
+    if declared != method:
+        raise TypeError(f"{source}.INFERENCE_METHOD is {declared!r}, not {method!r}")
+    return target()
+
+
+class InferenceServer:
+    def __init__(self, runners: dict[str, _InferenceRunner], failed: dict[str, str]) -> None:
+        self.runners = runners
+        self.failed = failed
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        self.done: list[list[Any]] = []  # [method, seconds, ok] since the last stats line
+
+    async def answer(self, message: dict[str, Any]) -> bytes:
+        """The answer line to one request."""
+        request_id, method = message["id"], message.get("method")
+        started = time.perf_counter()
+        ok = False
+        try:
+            runner = self.runners.get(method) if isinstance(method, str) else None
+            if runner is None:
+                return inference.encode_error(request_id, self._unknown(method))
+            data = message.get("data") or b""
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.pool, runner.run, data)
+            if result is not None and not isinstance(result, bytes):
+                kind = type(result).__name__
+                return inference.encode_error(request_id, f"{method}.run returned a {kind}")
+            ok = True
+            return inference.encode_answer(request_id, result)
+        except Exception as exc:
+            traceback.print_exc()
+            return inference.encode_error(request_id, one_line(describe(exc), 2000))
+        finally:
+            self.done.append([str(method), round(time.perf_counter() - started, 6), ok])
+
+    def _unknown(self, method: Any) -> str:
+        if isinstance(method, str) and method in self.failed:
+            return f"runner {method} is unavailable: {self.failed[method]}"
+        known = ", ".join(sorted(self.runners)) or "none"
+        return f"unknown inference method {method!r} (this inference process runs: {known})"
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One job's connection: its requests run concurrently, answers in any order."""
+        lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def handle(message: dict[str, Any]) -> None:
+            line = await self.answer(message)
+            async with lock:
+                writer.write(line)
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+
+        try:
+            while line := await reader.readline():
+                try:
+                    message = inference.decode(line)
+                except inference.WireError as exc:
+                    print(f"lkrun inference: dropping a connection: {exc}", file=sys.stderr)
+                    return
+                task = asyncio.create_task(handle(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except (OSError, ValueError):  # a reset, or a line over the limit
+            return
+        finally:
+            for task in tasks:
+                task.cancel()
+            writer.close()
+
+
+def bind(path: str) -> socket.socket:
+    """Listen at ``path``; a socket file left there by a previous inference process goes."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(sock: socket.socket, server: InferenceServer, out: BinaryIO) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_stdin() -> None:
+        try:
+            if not os.read(0, 4096):
+                stop.set()  # the daemon is gone
+        except OSError:
+            stop.set()
+
+    loop.add_reader(0, on_stdin)
+    listener = await asyncio.start_unix_server(
+        server.serve_connection, sock=sock, limit=inference.MAX_LINE
+    )
+    async with listener:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
+            if server.done:
+                done, server.done = server.done, []
+                _send(out, STATS, done=done)
+
+
+def _send(out: BinaryIO, kind: str, **fields: Any) -> None:
+    out.write(jobpipe.encode(kind, **fields))
+    out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lkrun.child.framework.inference_proc")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--runner", action="append", default=[], metavar="METHOD=SOURCE:CLASS")
+    parser.add_argument("--daemon-pid", type=int)
+    args = parser.parse_args(argv)
+
+    pdeathsig.set_parent_death_signal(signal.SIGTERM, args.daemon_pid)
+    # stdout is the daemon's channel: what runners print goes to the log (stderr).
+    out = os.fdopen(os.dup(1), "wb")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    sys.path.insert(0, os.getcwd())
+
+    started = time.perf_counter()
+    runners: dict[str, _InferenceRunner] = {}
+    failed: dict[str, str] = {}
+    for item in args.runner:
+        method, _, source = item.partition("=")
+        try:
+            runner = load_runner(method, source)
+            runner.initialize()
+        except (Exception, SystemExit) as exc:  # one broken runner does not stop the others
+            traceback.print_exc()
+            failed[method] = one_line(f"{source}: {describe(exc)}", 500)
+            print(f"lkrun inference: runner {method} failed: {failed[method]}", file=sys.stderr)
+            continue
+        runners[method] = runner
+    server = InferenceServer(runners, failed)
+    sock = bind(args.socket)
+    _send(
+        out,
+        READY,
+        pid=os.getpid(),
+        runners=sorted(runners),
+        failed=failed,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    try:
+        asyncio.run(serve(sock, server, out))
+    finally:
+        server.pool.shutdown(wait=False, cancel_futures=True)
+    # A runner's thread may still be busy: do not wait for it.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

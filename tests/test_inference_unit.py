@@ -1,0 +1,396 @@
+"""The framework's shared inference process, in pieces and without processes.
+
+The wire between a job and the inference process, the job's executor against an in-process
+unix server (concurrent requests, errors, the process dying with requests in flight), the
+inference process's own server with fake runners, the import graph that tells which agent
+registers which runner, and the daemon's bookkeeping of leases, readiness and statistics.
+The processes themselves run in tests/test_inference.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from livekit.agents.inference_runner import _InferenceRunner
+
+from lkrun.child.framework import inference
+from lkrun.child.framework.inference import (
+    InferenceUnavailable,
+    NoInference,
+    SocketInference,
+    WireError,
+)
+from lkrun.child.framework.inference_proc import InferenceServer, load_runner
+from lkrun.child.importgraph import ImportGraph
+from lkrun.supervision import inference as supervision
+from lkrun.supervision.inference import InferenceProcess, InferenceProcesses, Lease
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def unix_server(path: Path, handler: Handler) -> AsyncIterator[asyncio.Server]:
+    server = await asyncio.start_unix_server(handler, path=str(path))
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def short_socket(tmp_path: Path) -> Path:
+    # pytest's tmp_path can be longer than a unix socket path may be (108 bytes).
+    return tmp_path / "s" if len(str(tmp_path)) < 90 else Path(f"/tmp/lkrun-test-{id(tmp_path)}.s")
+
+
+# -- the wire -------------------------------------------------------------------------------
+
+
+def test_requests_and_answers_round_trip_with_binary_data() -> None:
+    data = bytes(range(256))
+    request = inference.decode(inference.encode_request(7, "m", data))
+    assert request == {"id": 7, "method": "m", "data": data}
+    assert inference.decode(inference.encode_answer(7, b"\x00ok")) == {"id": 7, "data": b"\x00ok"}
+    assert inference.decode(inference.encode_answer(8, None)) == {"id": 8, "data": None}
+    assert inference.decode(inference.encode_error(9, "boom")) == {"id": 9, "error": "boom"}
+    assert inference.encode_request(1, "m", b"x").endswith(b"\n")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json\n",
+        b"[1, 2]\n",
+        b'{"method": "m"}\n',
+        b'{"id": "1"}\n',
+        b'{"id": 1, "data": "%%%"}\n',
+        b'{"id": 1, "data": 5}\n',
+        b'{"id": 1, "method": 3}\n',
+        b'{"id": 1, "error": {}}\n',
+    ],
+)
+def test_malformed_lines_are_wire_errors(line: bytes) -> None:
+    with pytest.raises(WireError):
+        inference.decode(line)
+
+
+# -- the job's executor ----------------------------------------------------------------------
+
+
+async def test_concurrent_requests_on_one_connection_are_matched_by_id(tmp_path: Path) -> None:
+    path = short_socket(tmp_path)
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = inference.decode(await reader.readline())
+        second = inference.decode(await reader.readline())
+        # Answered in the other order: the executor must not rely on it.
+        for message in (second, first):
+            writer.write(inference.encode_answer(message["id"], message["data"] + b"!"))
+        await writer.drain()
+        await reader.read()
+
+    async with unix_server(path, handler):
+        executor = SocketInference(str(path))
+        answers = await asyncio.gather(
+            executor.do_inference("m", b"one"), executor.do_inference("m", b"two")
+        )
+        await executor.aclose()
+    assert answers == [b"one!", b"two!"]
+    assert connections == 1
+
+
+async def test_an_error_answer_raises_with_the_method_and_the_error(tmp_path: Path) -> None:
+    path = short_socket(tmp_path)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        message = inference.decode(await reader.readline())
+        writer.write(inference.encode_error(message["id"], "model not loaded"))
+        await writer.drain()
+        await reader.read()
+
+    async with unix_server(path, handler):
+        executor = SocketInference(str(path))
+        with pytest.raises(RuntimeError, match="inference of eou failed: model not loaded"):
+            await executor.do_inference("eou", b"{}")
+        await executor.aclose()
+
+
+async def test_requests_in_flight_fail_at_once_when_the_process_dies(tmp_path: Path) -> None:
+    """Fake: a server that takes the requests and closes the connection, as a killed
+    inference process does. The requests fail at once instead of waiting forever; the next
+    call connects again and is answered."""
+    path = short_socket(tmp_path)
+    answered = False
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not answered:
+            await reader.readline()
+            await reader.readline()
+            writer.close()  # dies with both requests unanswered
+            return
+        message = inference.decode(await reader.readline())
+        writer.write(inference.encode_answer(message["id"], b"again"))
+        await writer.drain()
+        await reader.read()
+
+    async with unix_server(path, handler):
+        executor = SocketInference(str(path))
+        began = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                executor.do_inference("m", b"1"),
+                executor.do_inference("m", b"2"),
+                return_exceptions=True,
+            ),
+            5,
+        )
+        assert time.monotonic() - began < 2
+        for result in results:
+            assert isinstance(result, InferenceUnavailable), result
+            assert "closed the connection" in str(result)
+        answered = True
+        assert await executor.do_inference("m", b"3") == b"again"
+        await executor.aclose()
+
+
+async def test_no_process_listening_fails_at_once(tmp_path: Path) -> None:
+    executor = SocketInference(str(short_socket(tmp_path)))
+    with pytest.raises(InferenceUnavailable, match="cannot reach the inference process"):
+        await asyncio.wait_for(executor.do_inference("m", b""), 5)
+
+
+async def test_a_closed_executor_refuses_and_no_inference_says_why() -> None:
+    executor = SocketInference("/nonexistent")
+    await executor.aclose()
+    with pytest.raises(InferenceUnavailable, match="the job is over"):
+        await executor.do_inference("m", b"")
+    with pytest.raises(InferenceUnavailable, match="registers an _InferenceRunner"):
+        await NoInference().do_inference("m", b"")
+
+
+def test_the_job_gets_a_socket_executor_only_with_a_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(inference.SOCKET_ENV, raising=False)
+    assert isinstance(inference.executor_for_job(), NoInference)
+    monkeypatch.setenv(inference.SOCKET_ENV, "/run/x.sock")
+    executor = inference.executor_for_job()
+    assert isinstance(executor, SocketInference) and executor.path == "/run/x.sock"
+    assert supervision.SOCKET_ENV == inference.SOCKET_ENV  # the daemon sets what jobs read
+
+
+# -- the inference process's server, with fake runners -------------------------------------
+
+
+class SlowEcho(_InferenceRunner):
+    INFERENCE_METHOD = "test_slow_echo"
+
+    def initialize(self) -> None:
+        pass
+
+    def run(self, data: bytes) -> bytes | None:
+        request = json.loads(data)
+        time.sleep(request.get("sleep", 0))
+        return data if request.get("echo", True) else None
+
+
+async def test_the_server_runs_requests_of_one_connection_concurrently(tmp_path: Path) -> None:
+    server = InferenceServer({"echo": SlowEcho()}, {"broken": "cannot load: no model file"})
+    path = short_socket(tmp_path)
+    async with unix_server(path, server.serve_connection):
+        executor = SocketInference(str(path))
+        began = time.monotonic()
+        slow = asyncio.ensure_future(executor.do_inference("echo", b'{"sleep": 0.5}'))
+        fast = await executor.do_inference("echo", b'{"sleep": 0}')
+        assert fast == b'{"sleep": 0}' and not slow.done()  # not queued behind the slow one
+        assert await slow == b'{"sleep": 0.5}'
+        assert time.monotonic() - began < 2
+        assert await executor.do_inference("echo", b'{"echo": false}') is None
+        with pytest.raises(RuntimeError, match="runner broken is unavailable: cannot load"):
+            await executor.do_inference("broken", b"{}")
+        with pytest.raises(RuntimeError, match=r"unknown inference method 'nope'.*runs: echo"):
+            await executor.do_inference("nope", b"{}")
+        with pytest.raises(RuntimeError, match="JSONDecodeError"):
+            await executor.do_inference("echo", b"not json")
+        await executor.aclose()
+    outcomes = [(method, ok) for method, _, ok in server.done]
+    assert sorted(outcomes) == sorted(
+        [
+            ("echo", True),
+            ("echo", True),
+            ("echo", True),
+            ("broken", False),
+            ("nope", False),
+            ("echo", False),
+        ]
+    )
+    server.pool.shutdown()
+
+
+def test_a_runner_class_is_checked_against_its_method() -> None:
+    source = f"{__name__}:SlowEcho"
+    assert isinstance(load_runner("test_slow_echo", source), SlowEcho)
+    with pytest.raises(TypeError, match="INFERENCE_METHOD is 'test_slow_echo', not 'other'"):
+        load_runner("other", source)
+    with pytest.raises(TypeError, match="not an _InferenceRunner class"):
+        load_runner("x", f"{__name__}:short_socket")
+
+
+# -- which agent registers which runner -----------------------------------------------------
+
+
+def test_each_agent_is_credited_with_the_runners_its_imports_register(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two agents import one plugin: the second import registers nothing, yet both get its
+    runner; an agent that does not import it gets none."""
+    monkeypatch.setattr(_InferenceRunner, "registered_runners", {})
+    package = tmp_path / "h6graph"
+    (package / "plugins").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "plugins" / "__init__.py").write_text("from . import eou\n")
+    (package / "plugins" / "eou.py").write_text(
+        "from livekit.agents.inference_runner import _InferenceRunner\n"
+        "class Runner(_InferenceRunner):\n"
+        "    INFERENCE_METHOD = 'h6_eou'\n"
+        "    def initialize(self): pass\n"
+        "    def run(self, data): return data\n"
+        "_InferenceRunner.register_runner(Runner)\n"
+    )
+    (package / "agent_a.py").write_text("from h6graph.plugins.eou import Runner\n")
+    (package / "agent_b.py").write_text("from h6graph import plugins\n")
+    (package / "agent_c.py").write_text("import json\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = ImportGraph()
+    graph.install()
+    try:
+        for name in ("agent_a", "agent_b", "agent_c"):
+            __import__(f"h6graph.{name}")
+    finally:
+        graph.uninstall()
+        for name in [m for m in sys.modules if m.startswith("h6graph")]:
+            del sys.modules[name]
+    runner = [{"method": "h6_eou", "class": "h6graph.plugins.eou:Runner"}]
+    assert inference.registered_runners(graph.reach("h6graph.agent_a")) == runner
+    assert inference.registered_runners(graph.reach("h6graph.agent_b")) == runner
+    assert inference.registered_runners(graph.reach("h6graph.agent_c")) == []
+    assert inference.registered_runners(None) == runner
+
+
+# -- the daemon's bookkeeping ----------------------------------------------------------------
+
+
+def process(tmp_path: Path) -> InferenceProcess:
+    return InferenceProcess(
+        interpreter="/venv/bin/python", socket_path=tmp_path / "s", cwd=tmp_path, env={}
+    )
+
+
+def test_an_agent_waits_until_the_process_is_up_with_its_runners(tmp_path: Path) -> None:
+    proc = process(tmp_path)
+    changes: list[str] = []
+    first = Lease("a", {"m1": "plug:R1"}, lambda: changes.append("a"))
+    proc.add(first)
+    assert first.waiting and proc.runners == {"m1": "plug:R1"}
+    proc._restart.clear()  # as the supervising task does when it starts the process
+    proc._on_message({"type": "ready", "pid": 1, "runners": ["m1"], "failed": {}, "seconds": 0})
+    assert not first.waiting and proc.ready and changes == ["a"]
+
+    # A second agent with the same runner shares the process as it runs.
+    same = Lease("b", {"m1": "plug:R1"}, lambda: changes.append("b"))
+    proc.add(same)
+    assert not same.waiting and not proc._restart.is_set()
+
+    # One with a runner the process lacks makes it start again with both; it waits.
+    more = Lease("c", {"m2": "plug:R2"}, lambda: changes.append("c"))
+    proc.add(more)
+    assert more.waiting and proc._restart.is_set()
+    assert proc.runners == {"m1": "plug:R1", "m2": "plug:R2"}
+    assert [a for a in proc.command() if a.startswith("--runner")] == [
+        "--runner=m1=plug:R1",
+        "--runner=m2=plug:R2",
+    ]
+    # A runner that failed to load does not keep its agent waiting: its jobs get the error.
+    proc._on_message({"type": "ready", "runners": ["m1"], "failed": {"m2": "no model"}})
+    assert not more.waiting
+    assert proc.status()["failed_runners"] == {"m2": "no model"}
+    assert proc.status()["agents"] == ["a", "b", "c"]
+
+
+def test_a_failed_start_releases_the_waiting_agents(tmp_path: Path) -> None:
+    proc = process(tmp_path)
+    lease = Lease("a", {"m1": "plug:R1"}, lambda: None)
+    proc.add(lease)
+    proc._settle_leases(failed=True)
+    assert not lease.waiting
+
+
+def test_statistics_give_counts_and_latency(tmp_path: Path) -> None:
+    proc = process(tmp_path)
+    proc.add(Lease("a", {"m1": "plug:R1"}, lambda: None))
+    done = [["m1", 0.001 * n, n != 7] for n in range(1, 11)] + [["bogus", "x", True]]
+    proc._on_message({"type": "stats", "done": done})
+    status = proc.status()
+    assert (status["requests"], status["errors"]) == (10, 1)
+    latency = status["latency_ms"]
+    assert latency["samples"] == 10
+    assert latency["p50"] == 6.0 and latency["max"] == 10.0 and latency["mean"] == 5.5
+    assert process(tmp_path).status()["latency_ms"] is None
+
+
+async def test_one_process_per_interpreter_until_its_last_agent_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fake: the supervising task waits instead of starting a process."""
+    runs: list[str] = []
+    stopped: list[str] = []
+
+    async def fake_run(self: InferenceProcess) -> None:
+        runs.append(self.interpreter)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.append(self.interpreter)
+
+    monkeypatch.setattr(InferenceProcess, "run", fake_run)
+    registry = InferenceProcesses(workdir=tmp_path, base_env={"LIVEKIT_API_SECRET": "s", "A": "1"})
+    a = registry.attach("a", "/env1/bin/python", {"m": "p:R"})
+    b = registry.attach("b", "/env1/bin/python", {"m": "p:R"})
+    c = registry.attach("c", "/env2/bin/python", {"m": "p:R"})
+    await asyncio.sleep(0)
+    assert a.process is b.process and a.process is not c.process
+    assert runs == ["/env1/bin/python", "/env2/bin/python"]
+    assert a.socket_path == str(registry.socket_path("/env1/bin/python"))
+    assert a.socket_path != c.socket_path and len(a.socket_path) < 100
+    assert a.process is not None
+    assert "LIVEKIT_API_SECRET" not in a.process.env and a.process.env["A"] == "1"
+    assert str(tmp_path) in a.process.env["PYTHONPATH"]
+
+    a.release()
+    await asyncio.sleep(0)
+    assert stopped == [] and len(registry.status()) == 2
+    b.release()
+    b.release()  # twice is harmless
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert stopped == ["/env1/bin/python"]
+    assert [s["interpreter"] for s in registry.status()] == ["/env2/bin/python"]
+
+    # Started again for a new agent, at the same socket path.
+    d = registry.attach("d", "/env1/bin/python", {"m": "p:R"})
+    assert d.socket_path == a.socket_path
+    socket_dir = Path(d.socket_path).parent
+    await asyncio.sleep(0)
+    await registry.close()
+    assert sorted(stopped) == ["/env1/bin/python", "/env1/bin/python", "/env2/bin/python"]
+    assert not socket_dir.exists()
