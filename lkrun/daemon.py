@@ -33,6 +33,7 @@ from lkrun.load import CpuMonitor, CpuPressure
 from lkrun.logs import loop_error
 from lkrun.manifest import (
     AgentSpec,
+    AppInfo,
     DaemonSettings,
     Manifest,
     ManifestError,
@@ -154,6 +155,7 @@ class Daemon:
     def _agent_status(self, host: AgentHost) -> AgentStatus:
         state = host.registration.state
         load = host.worker_load()
+        app = host.spec.app
         return {
             "agent": host.spec.name,
             "dispatch": host.spec.dispatch,
@@ -177,6 +179,10 @@ class Daemon:
             "start_method": host.spec.start_method,
             "app": host.spec.app.summary() if host.spec.app is not None else "",
             "framework": host.spec.resolved_framework,
+            "framework_version": _framework_version(app),
+            "python": host.spec.interpreter,
+            "python_version": app.python_version if app is not None else "",
+            "livekit_version": app.livekit_version if app is not None else "",
             "request_process_ready": host.requests.ready if host.requests else None,
             "request_process_error": host.requests.last_error if host.requests else "",
             "fork_server_pid": host.forkserver.pid if host.forkserver is not None else None,
@@ -616,6 +622,11 @@ class Daemon:
             log.warning("received %s a third time: killing jobs", sig.name)
             for host in self.all_hosts():
                 host.kill_jobs("daemon received a third stop signal")
+
+
+def _framework_version(app: AppInfo | None) -> str:
+    """livekit-agents' version as the import check found it, for that framework's apps."""
+    return app.version if app is not None and app.framework == LIVEKIT_AGENTS else ""
 
 
 def state_dir_of(settings: DaemonSettings) -> Path:

@@ -16,12 +16,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lkrun import __version__, interpreter
 from lkrun.credentials import SECRET_ENV
 from lkrun.manifest import (
     JOB_LOG_LEVEL_ENV,
@@ -74,7 +74,8 @@ def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> Manifest:
     agents = list(manifest.agents.values())
     groups: dict[tuple[Any, ...], list[AgentSpec]] = {}
     for spec in agents:
-        groups.setdefault((tuple(spec.env.items()), spec.pass_credentials), []).append(spec)
+        key = (tuple(spec.env.items()), spec.pass_credentials, spec.python)
+        groups.setdefault(key, []).append(spec)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = [pool.submit(_check_group, manifest, group, timeout) for group in groups.values()]
         checked = [f.result() for f in futures]  # re-raises a failed check's ManifestError
@@ -99,9 +100,12 @@ def _check_group(
     entrypoints = list(dict.fromkeys((a.entrypoint, a.framework) for a in agents))
     callables = list(dict.fromkeys(a.prewarm for a in agents if a.prewarm))
     request = {"entrypoints": entrypoints, "callables": callables}
-    env = _check_env(manifest.workdir, agents[0])
+    env = _check_env(manifest.path, manifest.workdir, agents[0])
     _check_log_level(manifest.path, agents[0], env)
-    results = _run_importcheck(manifest, request, timeout, env)
+    results = _run_importcheck(manifest, request, timeout, env, agents[0])
+    runtime = results.get("env")
+    runtime = runtime if isinstance(runtime, dict) else {}
+    _check_runtime(manifest.path, agents[0], runtime)
     found = dict(zip(entrypoints, _list(results.get("entrypoints")), strict=False))
     prewarms = results.get("callables")
     prewarms = prewarms if isinstance(prewarms, dict) else {}
@@ -109,22 +113,66 @@ def _check_group(
     for spec in agents:
         entry = found.get((spec.entrypoint, spec.framework)) or {"error": "was not checked"}
         if entry.get("error") is not None:
-            raise ManifestError(
-                manifest.path, str(entry["error"]), agent=spec.name, field="entrypoint"
-            )
+            error = _without_framework(spec, str(entry["error"]), runtime)
+            field = "python" if error != entry["error"] else "entrypoint"
+            raise ManifestError(manifest.path, error, agent=spec.name, field=field)
         if spec.prewarm and (error := prewarms.get(spec.prewarm, "was not checked")) is not None:
             raise ManifestError(manifest.path, str(error), agent=spec.name, field="prewarm")
-        resolved[spec.name] = apply_app(manifest.path, spec, entry.get("app") or {})
+        resolved[spec.name] = apply_app(manifest.path, spec, entry.get("app") or {}, runtime)
     return resolved
+
+
+def _check_runtime(path: Path, spec: AgentSpec, runtime: Mapping[str, Any]) -> None:
+    """What every agent needs of its interpreter: this daemon's lkrun (the child side the
+    daemon put on its path) and livekit's rtc; one line naming what to install if not."""
+    python = spec.interpreter
+    version = runtime.get("lkrun")
+    if version != __version__:
+        where = runtime.get("lkrun_path") or "?"
+        message = (
+            f"python {python} imports lkrun {version} from {where}, not this daemon's "
+            f"{__version__}: does the interpreter ignore PYTHONPATH (a wrapper with -E or -I)?"
+        )
+        raise ManifestError(path, message, agent=spec.name, field="python")
+    if runtime.get("livekit") is None:
+        why = runtime.get("livekit_error") or "not found"
+        message = (
+            f"python {python} cannot import livekit (rtc): {why}; "
+            f"{interpreter.install_hint(python, 'livekit')}"
+        )
+        raise ManifestError(path, message, agent=spec.name, field="python")
+
+
+def _without_framework(spec: AgentSpec, error: str, runtime: Mapping[str, Any]) -> str:
+    """An entrypoint error that comes down to livekit-agents missing from an agent's own
+    env, said in its terms: the child's hint (``pip install 'lkrun[agents]'``) is for the
+    daemon's env. Any other error as it is."""
+    missing = runtime.get("livekit_agents") is None and (
+        "livekit.agents" in error or "livekit-agents" in error
+    )
+    if spec.python is None or not missing:
+        return error
+    python = spec.interpreter
+    return (
+        f"python {python} cannot import livekit.agents, which {spec.entrypoint} needs; "
+        f"{interpreter.install_hint(python, 'livekit-agents')}"
+    )
 
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def apply_app(path: Path, spec: AgentSpec, app: Mapping[str, Any]) -> AgentSpec:
+def apply_app(
+    path: Path,
+    spec: AgentSpec,
+    app: Mapping[str, Any],
+    runtime: Mapping[str, Any] | None = None,
+) -> AgentSpec:
     """``spec`` with ``app`` (what the import check found) and the app's settings applied
-    wherever the manifest does not set the field itself."""
+    wherever the manifest does not set the field itself; ``runtime`` is what the check
+    found of the interpreter (its ``env`` report)."""
+    runtime = runtime or {}
     settings = app.get("settings") or {}
     changes: dict[str, Any] = {}
     for name in APP_SETTINGS:
@@ -159,17 +207,24 @@ def apply_app(path: Path, spec: AgentSpec, app: Mapping[str, Any]) -> AgentSpec:
         on_session_end=bool(app.get("on_session_end")),
         applied=tuple(changes),
         warnings=tuple(warnings),
+        python_version=str(runtime.get("python_version") or ""),
+        livekit_version=str(runtime.get("livekit") or ""),
     )
     return dataclasses.replace(spec, **changes, app=info)
 
 
-def _check_env(workdir: Path, spec: AgentSpec) -> dict[str, str]:
+def _check_env(path: Path, workdir: Path, spec: AgentSpec) -> dict[str, str]:
     """The environment the agent's jobs get, as far as it is known before connecting."""
     secret = () if spec.pass_credentials else SECRET_ENV
     env = {k: v for k, v in os.environ.items() if k not in secret}
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
     env.update(spec.env)
+    if spec.python is not None:  # as lkrun.supervision.agent_processes.job_env does
+        try:
+            interpreter.own_python_env(env, workdir=workdir, agent_env=spec.env)
+        except interpreter.ChildSideError as exc:
+            raise ManifestError(path, str(exc), agent=spec.name, field="python") from None
     return env
 
 
@@ -183,20 +238,29 @@ def _check_log_level(path: Path, spec: AgentSpec, env: Mapping[str, str]) -> Non
 
 
 def _run_importcheck(
-    manifest: Manifest, request: dict[str, Any], timeout: float, env: dict[str, str]
+    manifest: Manifest,
+    request: dict[str, Any],
+    timeout: float,
+    env: dict[str, str],
+    spec: AgentSpec,
 ) -> dict[str, Any]:
+    """Run the check under ``spec``'s interpreter (that of every agent of the group)."""
     # stderr goes to a file, not a pipe: a process spawned by user code could hold a pipe open
     # long after the check has finished.
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lkrun.child.importcheck", json.dumps(request)],
-            cwd=manifest.workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=errors,
-            start_new_session=True,  # so a timeout can kill whatever user code started too
-        )
+        try:
+            proc = subprocess.Popen(
+                [spec.interpreter, "-m", "lkrun.child.importcheck", json.dumps(request)],
+                cwd=manifest.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                start_new_session=True,  # so a timeout can kill whatever user code started too
+            )
+        except OSError as exc:  # e.g. not an executable format, or it vanished since parsing
+            message = f"cannot run python {spec.interpreter}: {exc.strerror or exc}"
+            raise ManifestError(manifest.path, message, agent=spec.name, field="python") from None
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -207,7 +271,7 @@ def _run_importcheck(
             raise ManifestError(manifest.path, message) from None
         errors.seek(0)
         stderr = errors.read().decode("utf-8", "replace")
-    return _parse_results(manifest, proc.returncode, out, stderr)
+    return _parse_results(manifest, proc.returncode, out, stderr, spec)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -216,7 +280,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.communicate()
 
 
-def _parse_results(manifest: Manifest, code: int, out: bytes, stderr: str) -> dict[str, Any]:
+def _parse_results(
+    manifest: Manifest, code: int, out: bytes, stderr: str, spec: AgentSpec
+) -> dict[str, Any]:
     try:
         results = json.loads(out)
     except ValueError:
@@ -224,5 +290,10 @@ def _parse_results(manifest: Manifest, code: int, out: bytes, stderr: str) -> di
     if code != 0 or not isinstance(results, dict):
         last = last_lines(stderr) or "no output"
         message = f"the entrypoint check failed (exit code {code}): {last}"
-        raise ManifestError(manifest.path, message)
+        if spec.python is None:
+            raise ManifestError(manifest.path, message)
+        # Under an agent's own interpreter, most likely the interpreter is the cause (a
+        # Python older than lkrun's child side supports, one that ignores PYTHONPATH).
+        message = f"python {spec.interpreter}: {message}"
+        raise ManifestError(manifest.path, message, agent=spec.name, field="python")
     return results

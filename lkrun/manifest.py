@@ -15,6 +15,7 @@ import ipaddress
 import keyword
 import logging
 import math
+import os
 import re
 import string
 import sys
@@ -525,6 +526,11 @@ class AppInfo:
     on_session_end: bool = False
     applied: tuple[str, ...] = ()  # manifest fields whose value came from the app
     warnings: tuple[str, ...] = ()
+    # The version of the interpreter the check ran the code under (AgentSpec.interpreter)
+    # and of the livekit (rtc) it imported. Facts about the env, not the app: a reload
+    # compares AgentSpec.python, and a host keeps showing what its processes loaded.
+    python_version: str = field(default="", compare=False)
+    livekit_version: str = field(default="", compare=False)
 
     def summary(self) -> str:
         """One line for `lkrun check` and `lkrun status`."""
@@ -581,6 +587,9 @@ class AgentSpec:
     start_method: str = field(default="forkserver", metadata=_check(_START_METHOD))
     # The API the entrypoint is written for: "lkrun", "livekit-agents", or "auto" (detected).
     framework: str = field(default="auto", metadata=_check(_FRAMEWORK))
+    # The interpreter that runs the agent's code (typically a virtualenv's bin/python),
+    # relative to the manifest; None: the daemon's own (lkrun.interpreter).
+    python: Path | None = field(default=None, metadata=_check(_path))
     # Pass LIVEKIT_API_KEY and LIVEKIT_API_SECRET to the job's environment (off: a job could
     # then mint a token for any room of the project).
     pass_credentials: bool = field(default=False, metadata=_check(_boolean))
@@ -601,6 +610,11 @@ class AgentSpec:
     def registration_key(self) -> tuple[Any, ...]:
         """What LiveKit sees of this agent: when it changes, the worker must register anew."""
         return (self.registered_name, self.job_type, self.namespace, self.permissions)
+
+    @property
+    def interpreter(self) -> str:
+        """The Python that runs the agent's code: its own ``python``, else the daemon's."""
+        return str(self.python) if self.python is not None else sys.executable
 
     @property
     def resolved_framework(self) -> str:
@@ -731,6 +745,7 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     if relative:
         manifest = dataclasses.replace(manifest, daemon=dataclasses.replace(daemon, **relative))
     files = {name: _with_files(path, manifest.workdir, spec) for name, spec in agents.items()}
+    files = {name: _with_python(path, manifest.workdir, spec) for name, spec in files.items()}
     return dataclasses.replace(manifest, agents=FrozenMap(files))
 
 
@@ -753,6 +768,29 @@ def _with_files(path: str | Path, workdir: Path, spec: AgentSpec) -> AgentSpec:
             raise ManifestError(path, message, agent=spec.name, field=name)
         changes[name] = f"{file}:{function}"
     return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def _with_python(path: str | Path, workdir: Path, spec: AgentSpec) -> AgentSpec:
+    """``spec`` with its ``python`` made absolute (``~`` expanded; relative to the manifest)
+    and checked to be an executable file. Symlinks are kept as they are: a virtualenv's
+    bin/python is a link to the base interpreter, and the link's path is what makes it
+    the env's."""
+    if spec.python is None:
+        return spec
+    given = spec.python.expanduser()
+    python = given if given.is_absolute() else workdir / given
+    shown = str(spec.python) if python == spec.python else f"{spec.python} (looked for {python})"
+    problem = ""
+    if not python.exists():
+        problem = "no such file" if not python.is_symlink() else "a broken symlink"
+    elif python.is_dir():
+        problem = "a directory, not an interpreter (e.g. venv/bin/python)"
+    elif not os.access(python, os.X_OK):
+        problem = "not executable"
+    if problem:
+        message = f"{problem}: {shown}; give the path of a Python interpreter"
+        raise ManifestError(path, message, agent=spec.name, field="python")
+    return dataclasses.replace(spec, python=python)
 
 
 def load_manifest(path: str | Path) -> Manifest:

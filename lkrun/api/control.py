@@ -56,6 +56,10 @@ class AgentStatus(TypedDict):
     start_method: str
     app: str  # what the import check found, one line
     framework: str
+    framework_version: str  # livekit-agents' version, for its apps; "" otherwise
+    python: str  # the interpreter that runs its code (manifest ``python``, else the daemon's)
+    python_version: str
+    livekit_version: str  # of livekit (rtc) in that interpreter
     request_process_ready: bool | None  # None: no request process
     request_process_error: str
     fork_server_pid: int | None

@@ -4,7 +4,9 @@ REQUEST is a JSON object: ``{"entrypoints": [[spec, framework], ...], "callables
 Writes one JSON object to stdout and exits 0::
 
     {"entrypoints": [{"error": null | "one-line error", "app": {...} | null}, ...],
-     "callables": {"mod:fn": null | "one-line error"}}
+     "callables": {"mod:fn": null | "one-line error"},
+     "env": {"python": ..., "python_version": ..., "lkrun": version, "lkrun_path": ...,
+             "livekit": version | null, "livekit_error": ..., "livekit_agents": version | null}}
 
 ``app`` says what an entrypoint is (its app kind's ``info()``, lkrun.child.appkind): its
 framework, its kind and, for a livekit-agents app, the settings found on its server object.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from typing import Any
 
@@ -81,6 +84,39 @@ def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
     return {"error": None, "app": app.info()}
 
 
+def environment() -> dict[str, Any]:
+    """The interpreter this check runs under and what it imports of lkrun and LiveKit: the
+    daemon refuses another lkrun than its own, and an env without livekit
+    (lkrun.entrypoints), and shows the versions in `check` and `status`."""
+    import lkrun
+
+    report: dict[str, Any] = {
+        "python": sys.executable,
+        "python_version": platform.python_version(),
+        "lkrun": lkrun.__version__,
+        "lkrun_path": os.path.dirname(lkrun.__file__),
+        "livekit": None,
+        "livekit_error": None,
+    }
+    try:  # after the entrypoints: usually imported by them already, so free
+        from livekit import rtc
+
+        report["livekit"] = rtc.__version__
+    except Exception as exc:  # ImportError, or OSError from its native library
+        report["livekit_error"] = one_line(exc, _MAX_ERROR)  # no hint: the daemon gives it
+    framework = sys.modules.get("livekit.agents")
+    version = getattr(framework, "__version__", None)
+    if version is None:
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("livekit-agents")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+    report["livekit_agents"] = version
+    return report
+
+
 def main(request: str) -> None:
     # User code may print while imported: keep the real stdout for the result only and send
     # everything else (Python-level and fd-level writes) to stderr.
@@ -93,6 +129,7 @@ def main(request: str) -> None:
     results = {
         "entrypoints": [describe_entrypoint(s, f) for s, f in wanted.get("entrypoints", [])],
         "callables": {spec: check(spec) for spec in wanted.get("callables", [])},
+        "env": environment(),
     }
     with os.fdopen(result_fd, "w", encoding="utf-8") as out:
         json.dump(results, out)

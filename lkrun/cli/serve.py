@@ -63,6 +63,7 @@ def check(
     )
     for spec in loaded.agents.values():
         app_line = spec.app.summary() if spec.app is not None else spec.framework
+        app_line += f"; {python_line(spec)}"
         out.print(f"  {spec.name}: {app_line}", markup=False)
     _warn_app_settings(loaded)
 
@@ -98,10 +99,23 @@ def _agent_report(spec: AgentSpec, ok: bool | None = None) -> dict[str, Any]:
         "kind": info.kind if info is not None else None,
         "version": (info.version or None) if info is not None else None,
         "app": info.summary() if info is not None else None,
+        "python": spec.interpreter,
+        "python_version": (info.python_version or None) if info is not None else None,
+        "livekit_version": (info.livekit_version or None) if info is not None else None,
         "warnings": list(info.warnings) if info is not None else [],
         "ok": ok,
         "error": None,
     }
+
+
+def python_line(spec: AgentSpec) -> str:
+    """The interpreter an agent's code runs under, and the versions the check found."""
+    info = spec.app
+    details = ""
+    if info is not None:
+        found = [info.python_version, info.livekit_version and f"livekit {info.livekit_version}"]
+        details = ", ".join(part for part in found if part)
+    return f"python {spec.interpreter}" + (f" ({details})" if details else "")
 
 
 def _warn_app_settings(manifest: Manifest) -> None:

@@ -73,5 +73,8 @@ def _print_status(data: DaemonStatus) -> None:
         table.add_row(*(cell(value) for value in values))
     out.print(table)
     for a in data["agents"]:
-        if a.get("app"):
-            say(f"{a['agent']}: {a['app']}")
+        found = [a.get("python_version"), a.get("livekit_version")]
+        found[1] = found[1] and f"livekit {found[1]}"
+        details = ", ".join(part for part in found if part)
+        python = f"python {a.get('python')}" + (f" ({details})" if details else "")
+        say(f"{a['agent']}: " + "; ".join(part for part in (a.get("app"), python) if part))

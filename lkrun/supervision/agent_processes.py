@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lkrun import interpreter
 from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.logs import job_logger
 from lkrun.manifest import AgentSpec
@@ -40,6 +41,8 @@ def job_env(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir), base.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(spec.env)  # the manifest may pass credentials on purpose
+    if spec.python is not None:  # lkrun's child side comes first; the daemon's path stays out
+        interpreter.own_python_env(env, workdir=workdir, agent_env=spec.env)
     return env
 
 
@@ -235,7 +238,8 @@ class AgentProcesses:
 
     def _app_spec(self) -> AppSpec:
         spec = self.spec
-        return AppSpec(spec.entrypoint, spec.prewarm, spec.resolved_framework)
+        python = str(spec.python) if spec.python is not None else ""
+        return AppSpec(spec.entrypoint, spec.prewarm, spec.resolved_framework, python)
 
     def _launcher(self) -> Launcher:
         if self.forkserver is not None:
@@ -277,6 +281,7 @@ def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
         spec.pass_credentials,
         spec.start_method,
         spec.resolved_framework,
+        spec.python,
     )
 
 

@@ -68,11 +68,13 @@ class AppSpec:
     entrypoint: str
     prewarm: str = ""
     framework: str = "auto"  # lkrun.child.apps: lkrun | livekit-agents | auto
+    python: str = ""  # the agent's interpreter (manifest ``python``); "": the daemon's
 
 
 def python_command(module: str, app: AppSpec, *extra: str) -> list[str]:
-    """``python -m module`` for one agent: a runner (one job) or a zygote (its fork server)."""
-    command = [sys.executable, "-m", module, "--entrypoint", app.entrypoint]
+    """``python -m module`` for one agent: a runner (one job) or a zygote (its fork server),
+    under the agent's interpreter."""
+    command = [app.python or sys.executable, "-m", module, "--entrypoint", app.entrypoint]
     command += ["--framework", app.framework, "--daemon-pid", str(os.getpid()), *extra]
     return command + (["--prewarm", app.prewarm] if app.prewarm else [])
 

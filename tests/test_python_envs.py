@@ -1,0 +1,337 @@
+"""Agents on their own Python (manifest ``python``): validation, the child side's delivery,
+and, against a real livekit-server, an agent in a venv whose packages conflict with the
+daemon's served beside one on the daemon's env, each reporting what it imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+from livekit import rtc
+
+import lkrun
+from lkrun import interpreter
+from lkrun.credentials import Credentials
+from lkrun.manifest import ManifestError, parse_manifest
+from lkrun.shared import CHILD_SIDE
+from lkrun.supervision.agent_processes import job_env
+from lkrun.supervision.job_process import AppSpec, python_command
+from tests.conftest import Server, observer, run_cli, unique, wait_for, wait_for_participant
+from tests.envs import EnvFactory, PythonEnv
+from tests.helpers import agent_table, dispatch
+
+REPORTER = Path(__file__).parent / "agents" / "env_report.py"
+# Older than the daemon's livekit (1.1.x) and numpy (2.x): pip could not install these
+# beside the daemon's packages, so only an env of its own can run an agent that pins them.
+OLD_LIVEKIT = "1.0.25"
+OLD_NUMPY = "1.26.4"
+
+
+def old_env(python_env: EnvFactory) -> PythonEnv:
+    return python_env(
+        "lk-old",
+        [f"livekit=={OLD_LIVEKIT}", f"numpy=={OLD_NUMPY}"],
+        imports=["livekit.rtc", "numpy"],
+    )
+
+
+def manifest_at(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agents.toml"
+    path.write_text(text)
+    return path
+
+
+def parse(tmp_path: Path, python: str) -> ManifestError | Path | None:
+    path = manifest_at(tmp_path, agent_table("a", "m:f", python=python))
+    try:
+        spec = parse_manifest(path.read_text(), path).agents["a"]
+    except ManifestError as exc:
+        return exc
+    return spec.python
+
+
+def executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+# -- the manifest field ------------------------------------------------------------------
+
+
+def test_python_is_relative_to_the_manifest_and_keeps_the_symlink(tmp_path: Path) -> None:
+    real = executable(tmp_path / "base" / "python3.11")
+    link = tmp_path / "venv" / "bin" / "python"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real)
+    # A venv's python is a link to the base interpreter: resolving it would leave the venv.
+    assert parse(tmp_path, "venv/bin/python") == link
+    assert parse(tmp_path, str(link)) == link
+
+
+def test_python_expands_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    python = executable(tmp_path / "envs" / "x" / "bin" / "python")
+    assert parse(tmp_path, "~/envs/x/bin/python") == python
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda p: None, "no such file: venv/bin/python (looked for {p})"),
+        (lambda p: p.mkdir(parents=True), "a directory, not an interpreter"),
+        (lambda p: (p.parent.mkdir(parents=True), p.write_text("")), "not executable: "),
+        (lambda p: (p.parent.mkdir(parents=True), p.symlink_to(p.parent / "gone")), "a broken"),
+    ],
+    ids=["missing", "directory", "not-executable", "broken-link"],
+)
+def test_a_bad_python_is_refused_in_one_line(tmp_path: Path, make: object, problem: str) -> None:
+    target = tmp_path / "venv" / "bin" / "python"
+    make(target)
+    error = parse(tmp_path, "venv/bin/python")
+    assert isinstance(error, ManifestError)
+    assert (error.agent, error.field) == ("a", "python")
+    assert problem.format(p=target) in error.message
+    assert "\n" not in str(error) and str(error).startswith(f"{tmp_path / 'agents.toml'}: ")
+
+
+# -- the child side's delivery -----------------------------------------------------------
+
+
+def test_the_child_side_is_copied_whole_and_alone(tmp_path: Path) -> None:
+    directory = interpreter.child_side_dir(roots=[tmp_path])
+    assert directory.parent == tmp_path / "child"
+    assert directory.name.startswith(f"{lkrun.__version__}-")
+    package = Path(lkrun.__file__).parent
+    copied = sorted(p.relative_to(directory / "lkrun") for p in directory.rglob("*.py"))
+    expected = sorted(
+        p.relative_to(package)
+        for member in CHILD_SIDE
+        for p in (
+            (package / member).rglob("*.py") if (package / member).is_dir() else [package / member]
+        )
+    )
+    assert copied == expected
+    assert not (directory / "lkrun" / "daemon.py").exists()  # the daemon side stays out
+    for rel in copied:
+        assert (directory / "lkrun" / rel).read_bytes() == (package / rel).read_bytes()
+    # Reused as it is: nothing is written twice, and no temporary directory is left.
+    marker = directory / "lkrun" / "__pycache__"
+    marker.mkdir()
+    assert interpreter.child_side_dir(roots=[tmp_path]) == directory and marker.exists()
+    assert [p.name for p in (tmp_path / "child").iterdir()] == [directory.name]
+
+
+def test_the_copy_is_named_by_its_content(tmp_path: Path) -> None:
+    package = Path(lkrun.__file__).parent
+    first, second = tmp_path / "one" / "lkrun", tmp_path / "two" / "lkrun"
+    for copy in (first, second):
+        for rel in interpreter.child_files(package):
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            (copy / rel).write_bytes((package / rel).read_bytes())
+    (second / "context.py").write_text("# changed\n")
+    roots = [tmp_path / "cache"]
+    one = interpreter.child_side_dir(first, roots)
+    two = interpreter.child_side_dir(second, roots)
+    assert one != two and (two / "lkrun" / "context.py").read_text() == "# changed\n"
+
+
+def test_the_copy_falls_back_when_the_cache_is_not_writable(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")  # cannot hold a child/ directory, whoever we run as
+    directory = interpreter.child_side_dir(roots=[blocked, tmp_path / "state"])
+    assert directory.parent == tmp_path / "state" / "child"
+    with pytest.raises(interpreter.ChildSideError, match="cannot write lkrun's child side"):
+        interpreter.child_side_dir(roots=[blocked])
+
+
+def test_own_python_jobs_get_the_child_side_first_and_not_the_daemons_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LKRUN_CACHE_DIR", str(tmp_path / "cache"))
+    python = executable(tmp_path / "venv" / "bin" / "python")
+    path = manifest_at(tmp_path, agent_table("a", "m:f", python=str(python)))
+    spec = parse_manifest(path.read_text(), path).agents["a"]
+    base = {"PYTHONPATH": "/daemon/site", "PYTHONHOME": "/daemon/home", "HOME": "/h"}
+    credentials = Credentials("ws://x", "key", "secret")
+    env = job_env(spec, credentials, base, tmp_path)
+    child = interpreter.child_side_dir()
+    assert child.parent == tmp_path / "cache" / "child"
+    assert env["PYTHONPATH"] == os.pathsep.join([str(child), str(tmp_path)])
+    assert "PYTHONHOME" not in env and env["HOME"] == "/h"
+    # The agent's own PYTHONPATH comes after the child side.
+    path.write_text(agent_table("a", "m:f", python=str(python), env={"PYTHONPATH": "/lib"}))
+    spec = parse_manifest(path.read_text(), path).agents["a"]
+    env = job_env(spec, credentials, base, tmp_path)
+    assert env["PYTHONPATH"] == os.pathsep.join([str(child), "/lib"])
+    # Its processes (fork server, jobs, request process) start under its interpreter.
+    app = AppSpec(spec.entrypoint, python=str(spec.python))
+    assert python_command("lkrun.child.zygote", app)[0] == str(python)
+    assert python_command("lkrun.child.runner", AppSpec("m:f"))[0] == sys.executable
+    # An agent on the daemon's python keeps the daemon's path, as before.
+    path.write_text(agent_table("a", "m:f"))
+    spec = parse_manifest(path.read_text(), path).agents["a"]
+    env = job_env(spec, credentials, base, tmp_path)
+    assert env["PYTHONPATH"] == os.pathsep.join([str(tmp_path), "/daemon/site"])
+
+
+# -- against real interpreters and a real livekit-server ---------------------------------
+
+
+def check_json(manifest: Path) -> tuple[int, dict[str, object]]:
+    result = run_cli("check", "--json", str(manifest), cwd=manifest.parent)
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_an_env_without_livekit_fails_check_in_one_line(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    bare = python_env("bare")
+    manifest = manifest_at(
+        tmp_path,
+        agent_table("fine", f"{REPORTER}:entrypoint")
+        + agent_table("lacking", f"{REPORTER}:entrypoint", python=str(bare.python)),
+    )
+    code, report = check_json(manifest)
+    assert code == 2 and report["ok"] is False
+    [error] = report["errors"]  # type: ignore[misc]
+    hint = f"run {bare.python} -m pip install livekit"
+    assert error["agent"] == "lacking" and error["field"] == "python"
+    assert error["message"].startswith(f"python {bare.python} cannot import livekit (rtc): ")
+    assert error["message"].endswith(hint) and "\n" not in error["text"]
+    agents = {a["name"]: a for a in report["agents"]}  # type: ignore[attr-defined]
+    assert agents["lacking"]["python"] == str(bare.python)
+    # The same line, plain, from `lkrun check`.
+    result = run_cli("check", str(manifest), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {error['text']}"
+
+
+def test_an_interpreter_that_imports_another_lkrun_is_refused(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    bare = python_env("bare")
+    # An lkrun of another version, which a wrapper puts on the path instead of the daemon's.
+    other = tmp_path / "other"
+    for rel in interpreter.child_files():
+        (other / "lkrun" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / "lkrun" / rel).write_bytes((Path(lkrun.__file__).parent / rel).read_bytes())
+    (other / "lkrun" / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={other} exec {bare.python} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    manifest = manifest_at(tmp_path, agent_table("a", f"{REPORTER}:entrypoint", python="python"))
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]  # type: ignore[misc]
+    assert error["field"] == "python"
+    assert error["message"].startswith(
+        f"python {wrapper} imports lkrun 0.0.1 from {other / 'lkrun'}, "
+        f"not this daemon's {lkrun.__version__}"
+    )
+
+
+async def attributes_of(room: rtc.Room, prefix: str) -> dict[str, str]:
+    participant = await wait_for_participant(room, prefix, timeout=60)
+    await wait_for(lambda: participant.attributes.get("python"), 30, what=f"{prefix} reporting")
+    return dict(participant.attributes)
+
+
+async def test_agents_on_conflicting_envs_serve_side_by_side(
+    python_env: EnvFactory, start_daemon: Callable[..., Any], livekit_server: Server
+) -> None:
+    env = old_env(python_env)
+    manifest = (
+        agent_table("old", f"{REPORTER}:entrypoint", python=str(env.python))
+        + agent_table(
+            "cold", f"{REPORTER}:entrypoint", python=str(env.python), start_method="spawn"
+        )
+        + agent_table("here", f"{REPORTER}:entrypoint")
+    )
+    daemon = await start_daemon(manifest)
+    status = {a["agent"]: a for a in (await daemon.status())["agents"]}
+    assert status["old"]["python"] == str(env.python)
+    assert status["old"]["livekit_version"] == OLD_LIVEKIT
+    assert status["here"]["python"] == sys.executable
+    assert status["here"]["livekit_version"] == rtc.__version__
+    room = unique("envs")
+    async with observer(livekit_server, room) as lk:
+        for agent in ("old", "cold", "here"):
+            await dispatch(livekit_server, room, agent)
+        old = await attributes_of(lk, "old-")
+        spawned = await attributes_of(lk, "cold-")
+        here = await attributes_of(lk, "here-")
+        # All three are in the room at once, each on what its own env holds.
+        identities = [p.identity for p in lk.remote_participants.values()]
+        for prefix in ("old-", "cold-", "here-"):
+            assert any(identity.startswith(prefix) for identity in identities), identities
+    for reported in (old, spawned):
+        assert reported["python"] == str(env.python)
+        assert (reported["livekit"], reported["numpy"]) == (OLD_LIVEKIT, OLD_NUMPY)
+        # lkrun's child side came from the daemon's copy, and the daemon's packages are
+        # out of sight.
+        assert reported["lkrun"].startswith(str(lkrun_cache() / "child"))
+        assert reported["sees_daemon_packages"] == "false"
+    assert here["python"] == sys.executable
+    assert (here["livekit"], here["numpy"]) == (rtc.__version__, numpy.__version__)
+    assert here["lkrun"] == lkrun.__file__ and here["sees_daemon_packages"] == "true"
+    # `lkrun status` names each agent's interpreter.
+    text = daemon.cli("status").stdout
+    assert f"old: lkrun function; python {env.python} (" in text
+    assert f"livekit {OLD_LIVEKIT}" in text
+
+
+def program_of(pid: int) -> str:
+    """The program a process was started as (its argv[0]); "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def lkrun_cache() -> Path:
+    from lkrun import paths
+
+    return paths.cache_dir()
+
+
+async def test_a_changed_python_restarts_the_agents_processes(
+    python_env: EnvFactory, start_daemon: Callable[..., Any]
+) -> None:
+    env = old_env(python_env)
+    daemon = await start_daemon(agent_table("a", f"{REPORTER}:entrypoint"))
+
+    async def fork_server() -> tuple[int, str] | None:
+        [agent] = (await daemon.status())["agents"]
+        pid = agent["fork_server_pid"]
+        if pid is None:
+            return None
+        command = program_of(pid)
+        return (pid, command) if command else None
+
+    before = await wait_for(fork_server, 30, what="the fork server")
+    assert before[1] == sys.executable
+    daemon.manifest_path.write_text(
+        agent_table("a", f"{REPORTER}:entrypoint", python=str(env.python))
+    )
+    after = await wait_for(
+        lambda: _changed(fork_server, before), 60, what="a fork server under the env's python"
+    )
+    assert after[1] == str(env.python)
+    [agent] = (await daemon.status())["agents"]
+    assert agent["python"] == str(env.python) and agent["livekit_version"] == OLD_LIVEKIT
+
+
+async def _changed(
+    probe: Callable[[], Awaitable[tuple[int, str] | None]], before: tuple[int, str]
+) -> tuple[int, str] | None:
+    now = await probe()
+    return now if now is not None and now != before else None
