@@ -183,9 +183,37 @@ GAUGES = {
 }
 
 
+# Gauges not per agent: the daemon's, and each inference process's (by interpreter).
+OTHER_GAUGES = {"lkrun_daemon_info", "lkrun_inference_up", "lkrun_inference_memory_bytes"}
+
+
 def test_gauge_table_covers_every_gauge() -> None:
-    per_agent = {name for name, kind, _ in METRIC_DOCS if kind == "gauge"} - {"lkrun_daemon_info"}
+    per_agent = {name for name, kind, _ in METRIC_DOCS if kind == "gauge"} - OTHER_GAUGES
     assert set(GAUGES) == per_agent
+
+
+def test_inference_metrics_by_interpreter(metrics: Metrics) -> None:
+    py = "/venv/bin/python"
+    metrics.inference_state(py, up=True)
+    metrics.inference_memory(py, rss=100, pss=60)
+    metrics.inference_request(py, "eou", 0.004, ok=True)
+    metrics.inference_request(py, "eou", 0.2, ok=False)
+    metrics.inference_restarted(py)
+    assert value(metrics, "lkrun_inference_up", interpreter=py) == 1
+    assert value(metrics, "lkrun_inference_memory_bytes", interpreter=py, kind="pss") == 60
+    assert value(metrics, "lkrun_inference_memory_bytes", interpreter=py, kind="rss") == 100
+    ok = {"interpreter": py, "method": "eou", "result": "ok"}
+    assert value(metrics, "lkrun_inference_requests_total", **ok) == 1
+    assert value(metrics, "lkrun_inference_requests_total", **{**ok, "result": "error"}) == 1
+    assert value(metrics, "lkrun_inference_request_seconds_count", interpreter=py) == 2
+    assert value(metrics, "lkrun_inference_restarts_total", interpreter=py) == 1
+    metrics.inference_state(py, up=False)  # down: no memory to speak of
+    assert value(metrics, "lkrun_inference_memory_bytes", interpreter=py, kind="pss") == 0
+    metrics.inference_gone(py)  # stopped for good: its gauges go, its counters stay
+    assert value(metrics, "lkrun_inference_up", interpreter=py) is None
+    assert value(metrics, "lkrun_inference_memory_bytes", interpreter=py, kind="rss") is None
+    assert value(metrics, "lkrun_inference_restarts_total", interpreter=py) == 1
+    metrics.inference_gone(py)  # twice is harmless
 
 
 def test_daemon_info_names_the_daemon(metrics: Metrics) -> None:
@@ -261,6 +289,10 @@ def exercise_everything(metrics: Metrics) -> None:
     metrics.was_full("echo", "cpu", 1.5)
     metrics.set_daemon("host-a", "0.1.0")
     metrics.set_snapshot([snap("echo")])
+    metrics.inference_state("/venv/bin/python", up=True)
+    metrics.inference_memory("/venv/bin/python", rss=100, pss=60)
+    metrics.inference_request("/venv/bin/python", "eou", 0.004, ok=True)
+    metrics.inference_restarted("/venv/bin/python")
 
 
 def test_render_parses_and_contains_every_metric(metrics: Metrics) -> None:
