@@ -1,4 +1,4 @@
-"""Pieces of livekit-agents hosting that need no server: requests, credentials, compat."""
+"""Pieces of livekit-agents hosting that need no server: requests, credentials."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.agent_host import _app_decision
-from lkrun.child import apps
-from lkrun.child.framework import compat
 from lkrun.child.framework.app import FrameworkApp
 from lkrun.child.framework.job import running_job_info
 from lkrun.child.framework.requests import RequestServer
@@ -147,17 +145,6 @@ def test_running_job_info_from_a_start_message() -> None:
     assert info.accept_arguments.identity == "agent-1" and info.accept_arguments.name == "Agent"
     assert info.accept_arguments.attributes == {"a": "b"}
     assert info.worker_id == "AW_1" and info.received_at == 1.5 and not info.fake_job
-
-
-def test_compat_knows_what_it_needs() -> None:
-    assert compat.missing() == []
-    assert compat.untested_warning() is None  # the pinned series
-
-
-def test_compat_names_a_missing_private_part(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compat, "PRIVATE", (*compat.PRIVATE, ("livekit.agents.job", "_Gone")))
-    with pytest.raises(apps.AppError, match=r"lacks what lkrun needs.*livekit.agents.job._Gone"):
-        compat.check()
 
 
 def test_job_context_still_has_what_the_job_runner_reads() -> None:

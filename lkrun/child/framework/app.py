@@ -159,7 +159,7 @@ class FrameworkApp:
             session_end_timeout=float(source.value("session_end_timeout") or 300.0),
             agent_name=name,
             job_type="publisher" if server_type == ServerType.PUBLISHER else "room",
-            preload_modules=list(source.value("preload_modules") or []),
+            preload_modules=compat.preload_modules(server, "_"),
         )
         app._read_settings(source)
         return app
@@ -176,7 +176,7 @@ class FrameworkApp:
             session_end_timeout=float(options.session_end_timeout),
             agent_name=name,
             job_type="publisher" if options.worker_type == ServerType.PUBLISHER else "room",
-            preload_modules=list(options.preload_modules or []),
+            preload_modules=compat.preload_modules(options),
         )
         app._read_settings(source)
         return app
@@ -228,7 +228,8 @@ class FrameworkApp:
         packages = [p.package for p in Plugin.registered_plugins] + self.preload_modules
         # The framework's own warm-up last (av, the rtc library, local inference models...):
         # no threads, no event loop, so it is safe before fork.
-        for name in [*dict.fromkeys(packages), "livekit.agents.ipc._preload"]:
+        warm_up = compat.preload_module()
+        for name in [*dict.fromkeys(packages), *([warm_up] if warm_up else [])]:
             try:
                 importlib.import_module(name)
             except ImportError as exc:  # as the official forkserver does: skip it, but say so
@@ -238,14 +239,13 @@ class FrameworkApp:
 
     async def prepare(self) -> None:
         """Once per job process, before READY: the JobProcess and the setup function."""
-        from livekit.agents.utils import http_context
-
         proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("HTTP_PROXY") or None
         self.proc = JobProcess(
             executor_type=JobExecutorType.PROCESS, user_arguments=None, http_proxy=proxy
         )
-        importlib.import_module("livekit.agents.ipc._preload")  # no-op after the fork server
-        http_context._set_default_cert_env()
+        if warm_up := compat.preload_module():
+            importlib.import_module(warm_up)  # no-op after the fork server
+        compat.set_default_cert_env()
         if self.setup_fnc is not None:
             await call(self.setup_fnc, self.proc)
         warm_up_job_path(self.proc)

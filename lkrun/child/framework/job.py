@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +39,7 @@ from livekit.agents.utils import http_context
 from livekit.protocol import agent as proto
 
 from lkrun.child.appkind import JobResult, call
+from lkrun.child.framework import compat
 from lkrun.context import room_gone
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
@@ -87,7 +87,7 @@ def running_job_info(start: Mapping[str, Any]) -> RunningJobInfo:
         "assigned_at": float(start.get("assigned_at") or 0.0),
         "launched_at": time.time(),
     }
-    known = {f.name for f in dataclasses.fields(RunningJobInfo)}
+    known = compat.running_job_info_fields()
     return RunningJobInfo(**{k: v for k, v in values.items() if k in known})
 
 
@@ -187,7 +187,7 @@ class FrameworkJob:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
         for what, step in (
-            ("the job context's cleanup", ctx._on_cleanup),
+            ("the job context's cleanup", lambda: compat.cleanup_job(ctx)),
             ("closing the job's HTTP session", http_context._close_http_ctx),
         ):
             try:
