@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from lkrun import __version__, paths, reaper
+from lkrun import __version__, interpreter, paths, reaper
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
@@ -645,13 +645,20 @@ def lock_state_dir(directory: Path) -> StateLock:
 
 def _relevant_to(manifest: Path) -> Callable[[Any, str], bool]:
     """The changes that matter: the manifest itself and Python files, minus .venv, .git,
-    __pycache__ and the like."""
+    __pycache__ and the like, and minus agents' Python environments kept beside the
+    manifest (packages installed there are not code changes)."""
     from watchfiles import DefaultFilter
 
     ignore = DefaultFilter()
 
     def relevant(change: Any, changed: str) -> bool:
-        return ignore(change, changed) and (Path(changed) == manifest or changed.endswith(".py"))
+        if not ignore(change, changed):
+            return False
+        if Path(changed) == manifest:
+            return True
+        return changed.endswith(".py") and not interpreter.in_python_env(
+            Path(changed), manifest.parent
+        )
 
     return relevant
 

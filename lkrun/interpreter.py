@@ -141,3 +141,18 @@ def own_python_env(
 def install_hint(python: str, package: str) -> str:
     """How to install ``package`` into the env of the interpreter ``python``."""
     return f"run {python} -m pip install {package}"
+
+
+def in_python_env(path: Path, top: Path) -> bool:
+    """Whether ``path`` lies in a Python environment below ``top``: a virtualenv (a
+    directory holding pyvenv.cfg) or any site-packages. Its files change when packages are
+    installed, which is not agent code changing: a reload in the middle of a pip install
+    would load half of it. Not cached: a venv made later must count too."""
+    if "site-packages" in path.parts:
+        return True
+    for parent in path.parents:
+        if parent == top or top not in parent.parents:
+            return False
+        if (parent / "pyvenv.cfg").is_file():
+            return True
+    return False

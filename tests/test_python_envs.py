@@ -186,7 +186,7 @@ def test_own_python_jobs_get_the_child_side_first_and_not_the_daemons_path(
 # -- against real interpreters and a real livekit-server ---------------------------------
 
 
-def check_json(manifest: Path) -> tuple[int, dict[str, object]]:
+def check_json(manifest: Path) -> tuple[int, dict[str, Any]]:
     result = run_cli("check", "--json", str(manifest), cwd=manifest.parent)
     return result.returncode, json.loads(result.stdout)
 
@@ -202,17 +202,36 @@ def test_an_env_without_livekit_fails_check_in_one_line(
     )
     code, report = check_json(manifest)
     assert code == 2 and report["ok"] is False
-    [error] = report["errors"]  # type: ignore[misc]
+    [error] = report["errors"]
     hint = f"run {bare.python} -m pip install livekit"
     assert error["agent"] == "lacking" and error["field"] == "python"
     assert error["message"].startswith(f"python {bare.python} cannot import livekit (rtc): ")
     assert error["message"].endswith(hint) and "\n" not in error["text"]
-    agents = {a["name"]: a for a in report["agents"]}  # type: ignore[attr-defined]
+    agents = {a["name"]: a for a in report["agents"]}
     assert agents["lacking"]["python"] == str(bare.python)
     # The same line, plain, from `lkrun check`.
     result = run_cli("check", str(manifest), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {error['text']}"
+
+
+def test_a_framework_app_in_an_env_without_livekit_agents_says_what_to_install(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    env = old_env(python_env)  # livekit, but no livekit-agents
+    app = tmp_path / "voice.py"
+    app.write_text("from livekit.agents import AgentServer\n\nserver = AgentServer()\n")
+    manifest = manifest_at(
+        tmp_path, agent_table("voice", "voice.py:server", python=str(env.python))
+    )
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("voice", "python")
+    assert error["message"] == (
+        f"python {env.python} cannot import livekit.agents, which {app}:server needs; "
+        f"run {env.python} -m pip install livekit-agents"
+    )
 
 
 def test_an_interpreter_that_imports_another_lkrun_is_refused(
@@ -231,7 +250,7 @@ def test_an_interpreter_that_imports_another_lkrun_is_refused(
     manifest = manifest_at(tmp_path, agent_table("a", f"{REPORTER}:entrypoint", python="python"))
     code, report = check_json(manifest)
     assert code == 2
-    [error] = report["errors"]  # type: ignore[misc]
+    [error] = report["errors"]
     assert error["field"] == "python"
     assert error["message"].startswith(
         f"python {wrapper} imports lkrun 0.0.1 from {other / 'lkrun'}, "
@@ -335,3 +354,18 @@ async def _changed(
 ) -> tuple[int, str] | None:
     now = await probe()
     return now if now is not None and now != before else None
+
+
+def test_installing_into_an_env_beside_the_manifest_is_no_code_change(tmp_path: Path) -> None:
+    from lkrun.daemon import _relevant_to
+
+    manifest = manifest_at(tmp_path, agent_table("a", "m:f"))
+    relevant = _relevant_to(manifest)
+    venv = tmp_path / "envs" / "support"
+    venv.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert relevant(2, str(tmp_path / "agents" / "support.py"))  # the agent's own code
+    assert not relevant(2, str(venv / "lib" / "python3.11" / "site-packages" / "x" / "m.py"))
+    assert not relevant(2, str(venv / "bin" / "tool.py"))
+    assert not relevant(2, str(tmp_path / "conda" / "lib" / "site-packages" / "m.py"))
+    assert relevant(2, str(manifest))
