@@ -14,6 +14,7 @@ naming the agent, its interpreter, the version and the names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -84,11 +85,10 @@ async def test_two_framework_versions_serve_at_once(
         assert status[names[v]]["python"] == str(envs[v].python)
 
     rooms = {v: unique("versions") for v in versions}
-    async with (
-        observer(livekit_server, rooms[versions[0]]) as first,
-        observer(livekit_server, rooms[versions[1]]) as second,
-    ):
-        observers = dict(zip(versions, (first, second), strict=True))
+    async with contextlib.AsyncExitStack() as stack:
+        observers = {
+            v: await stack.enter_async_context(observer(livekit_server, rooms[v])) for v in versions
+        }
         transcripts = {v: Transcripts(observers[v]) for v in versions}
         await asyncio.gather(*(dispatch(livekit_server, rooms[v], names[v]) for v in versions))
         agents: dict[str, rtc.RemoteParticipant] = {}
