@@ -30,6 +30,7 @@ from lkrun.rooms import RoomJanitor
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.supervision.agent_processes import AgentProcesses
 from lkrun.supervision.forkserver import ForkServer
+from lkrun.supervision.inference import InferenceProcesses
 from lkrun.supervision.job_monitor import MB, Target, Usage
 from lkrun.supervision.offers import not_accepting
 from lkrun.supervision.request_process import RequestProcess, RequestRefused
@@ -67,6 +68,8 @@ class HostSettings:
     metrics: Metrics = field(default_factory=Metrics)
     job_logs: JobLogs | None = None  # per-job log files
     daemon_name: str = ""  # on each agent participant, so clients see which daemon serves
+    # One inference process per interpreter, for apps that register inference runners.
+    inference: InferenceProcesses | None = None
 
 
 class AgentHost:
@@ -102,6 +105,7 @@ class AgentHost:
             log=self.log,
             shutdown_timeout=self._shutdown_timeout,
             on_readiness=self._processes_changed,
+            inference=settings.inference,
         )
         self.jobs = JobSupervisor(
             agent=spec.name,

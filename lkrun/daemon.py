@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from lkrun.registration import AuthError
 from lkrun.shared import pdeathsig
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
+from lkrun.supervision.inference import InferenceProcesses
 from lkrun.supervision.job_monitor import JobMonitor, Target
 
 log = logging.getLogger("lkrun.daemon")
@@ -106,6 +107,10 @@ class Daemon:
         self.cpu = CpuMonitor()
         self.reloads = 0
         self.health: HealthServer | None = None
+        # The framework's shared inference processes, one per agent interpreter.
+        self.inference = InferenceProcesses(
+            workdir=self.manifest.workdir, metrics=self.metrics, env_for=self._inference_env
+        )
         self._settings = HostSettings(
             shutdown_timeout=config.settings.shutdown_timeout,
             cpu=CpuPressure(
@@ -115,6 +120,7 @@ class Daemon:
             metrics=self.metrics,
             job_logs=self.history.logs,
             daemon_name=self.name,
+            inference=self.inference,
         )
         self._runs: dict[AgentHost, asyncio.Task[None]] = {}
         self._tasks = BackgroundTasks(on_error=_background_failed)
@@ -150,6 +156,7 @@ class Daemon:
             "reloads": self.reloads,
             "http_port": self.health.port if self.health else None,
             "agents": [self._agent_status(h) for h in self.all_hosts()],
+            "inference": self.inference.status(),
         }
 
     def _agent_status(self, host: AgentHost) -> AgentStatus:
@@ -342,6 +349,7 @@ class Daemon:
         """Children whose exit statuses the daemon's own code waits for."""
         pids = {t.pid for t in self._monitor_targets()}
         pids.update(self.config.own_children)
+        pids.update(self.inference.pids())
         return pids
 
     async def _until_stop_or_fatal(self) -> bool:
@@ -463,6 +471,7 @@ class Daemon:
         for task in runs:
             task.cancel()
         await asyncio.gather(*runs, self._tasks.close(), return_exceptions=True)
+        await self.inference.close()  # after every agent: their jobs used it to the end
 
     def _on_cpu_sample(self, value: float) -> None:
         """Each agent's status goes out when it changes, not at the next periodic refresh:
@@ -470,6 +479,13 @@ class Daemon:
         self._settings.cpu.observe(value)
         for host in self.all_hosts():
             host.registration.load_changed()
+
+    def _inference_env(
+        self, python: str, env: dict[str, str], agent_env: Mapping[str, str]
+    ) -> None:
+        """An inference process on an agent's own interpreter: lkrun's child side first on
+        its path, the daemon's own path left out (as for that agent's jobs)."""
+        interpreter.own_python_env(env, workdir=self.manifest.workdir, agent_env=agent_env)
 
     def _monitor_targets(self) -> list[Target]:
         return [t for host in self.all_hosts() for t in host.monitor_targets()]

@@ -209,8 +209,18 @@ def apply_app(
         warnings=tuple(warnings),
         python_version=str(runtime.get("python_version") or ""),
         livekit_version=str(runtime.get("livekit") or ""),
+        runners=_runners(app.get("runners")),
     )
     return dataclasses.replace(spec, **changes, app=info)
+
+
+def _runners(found: Any) -> tuple[tuple[str, str], ...]:
+    """The inference runners the check found, as (method, class) pairs."""
+    return tuple(
+        (str(r["method"]), str(r["class"]))
+        for r in _list(found)
+        if isinstance(r, dict) and r.get("method") and r.get("class")
+    )
 
 
 def _check_env(path: Path, workdir: Path, spec: AgentSpec) -> dict[str, str]:

@@ -531,6 +531,9 @@ class AppInfo:
     # compares AgentSpec.python, and a host keeps showing what its processes loaded.
     python_version: str = field(default="", compare=False)
     livekit_version: str = field(default="", compare=False)
+    # The inference runners the app's code registers, (method, "module:Class") pairs: its
+    # environment's shared inference process runs them (lkrun.supervision.inference).
+    runners: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> str:
         """One line for `lkrun check` and `lkrun status`."""
@@ -548,6 +551,8 @@ class AppInfo:
         ]
         if self.applied:
             parts.append("from the app: " + ", ".join(self.applied))
+        if self.runners:
+            parts.append("inference runners: " + ", ".join(m for m, _ in self.runners))
         return f"{text} ({'; '.join(parts)})" if parts else text
 
 

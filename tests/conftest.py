@@ -330,7 +330,15 @@ def _kill_job_processes(daemon_pid: int) -> None:
         with contextlib.suppress(OSError):
             environ = (proc_dir / "cmdline").read_bytes()
             ours = f"--daemon-pid\0{daemon_pid}\0".encode() in environ
-            if ours and (b"lkrun.child.runner" in environ or b"lkrun.child.zygote" in environ):
+            ours = ours and any(
+                module in environ
+                for module in (
+                    b"lkrun.child.runner",
+                    b"lkrun.child.zygote",
+                    b"lkrun.child.framework.inference_proc",
+                )
+            )
+            if ours:
                 os.kill(int(proc_dir.name), signal.SIGKILL)
 
 

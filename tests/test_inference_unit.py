@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -292,7 +293,10 @@ def test_each_agent_is_credited_with_the_runners_its_imports_register(
 
 def process(tmp_path: Path) -> InferenceProcess:
     return InferenceProcess(
-        interpreter="/venv/bin/python", socket_path=tmp_path / "s", cwd=tmp_path, env={}
+        interpreter="/venv/bin/python",
+        socket_path=tmp_path / "s",
+        cwd=tmp_path,
+        make_env=lambda leases: {},
     )
 
 
@@ -372,9 +376,7 @@ async def test_one_process_per_interpreter_until_its_last_agent_goes(
     assert runs == ["/env1/bin/python", "/env2/bin/python"]
     assert a.socket_path == str(registry.socket_path("/env1/bin/python"))
     assert a.socket_path != c.socket_path and len(a.socket_path) < 100
-    assert a.process is not None
-    assert "LIVEKIT_API_SECRET" not in a.process.env and a.process.env["A"] == "1"
-    assert str(tmp_path) in a.process.env["PYTHONPATH"]
+    assert a.process is not None and a.process.leases == [a, b]
 
     a.release()
     await asyncio.sleep(0)
@@ -394,3 +396,29 @@ async def test_one_process_per_interpreter_until_its_last_agent_goes(
     await registry.close()
     assert sorted(stopped) == ["/env1/bin/python", "/env1/bin/python", "/env2/bin/python"]
     assert not socket_dir.exists()
+
+
+def test_the_process_gets_what_its_agents_jobs_share_of_their_environment(
+    tmp_path: Path,
+) -> None:
+    registry = InferenceProcesses(
+        workdir=tmp_path,
+        base_env={"LIVEKIT_API_SECRET": "s", "PYTHONPATH": "/daemon", "HOME": "/root"},
+        env_for=lambda python, env, own: env.update(OWN=python, OWN_PATH=own.get("PYTHONPATH", "")),
+    )
+    python = sys.executable
+    plain = Lease("a", {}, lambda: None)
+    # No agent sets anything: the daemon's environment, without the API secret, and the
+    # manifest's directory first on the path (as a job gets it).
+    env = registry.env(python, [plain])
+    assert "LIVEKIT_API_SECRET" not in env and env["HOME"] == "/root"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/daemon"]
+    # The agents' env tables: PYTHONPATH entries joined, anything else the first one's.
+    one = Lease("b", {}, lambda: None, env={"PYTHONPATH": "/src/b", "HF_HOME": "/models/b"})
+    two = Lease("c", {}, lambda: None, env={"PYTHONPATH": "/src/c:/src/b", "HF_HOME": "/m/c"})
+    env = registry.env(python, [plain, one, two])
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/src/b", "/src/c"]
+    assert env["HF_HOME"] == "/models/b"
+    # Another interpreter: adapted for it, with the agents' path.
+    env = registry.env("/other/bin/python", [one])
+    assert env["OWN"] == "/other/bin/python" and env["OWN_PATH"] == "/src/b"

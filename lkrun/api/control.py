@@ -85,6 +85,9 @@ class DaemonStatus(TypedDict):
     reloads: int
     http_port: int | None
     agents: list[AgentStatus]
+    # The framework's shared inference processes, one per interpreter that needs one
+    # (lkrun.supervision.inference.InferenceProcess.status).
+    inference: list[dict[str, Any]]
 
 
 class DaemonView(Protocol):

@@ -9,7 +9,8 @@ Writes one JSON object to stdout and exits 0::
              "livekit": version | null, "livekit_error": ..., "livekit_agents": version | null}}
 
 ``app`` says what an entrypoint is (its app kind's ``info()``, lkrun.child.appkind): its
-framework, its kind and, for a livekit-agents app, the settings found on its server object.
+framework, its kind and, for a livekit-agents app, the settings found on its server object
+and the inference runners its code registers (``runners``: [{method, class}]).
 The daemon runs this instead of importing user code itself. Keep it light: it must not
 import anything that could shadow or slow down the user's modules.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 from lkrun.child import apps, kinds
 from lkrun.child.appkind import AppError
+from lkrun.child.importgraph import ImportGraph
 from lkrun.shared.text import describe, one_line
 
 _MAX_ERROR = 500
@@ -81,7 +83,24 @@ def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
         app = kinds.make_app(spec, target, None, framework)
     except AppError as exc:
         return {"error": one_line(str(exc), _MAX_ERROR), "app": None}
-    return {"error": None, "app": app.info()}
+    info = app.info()
+    if info.get("framework") == apps.LIVEKIT_AGENTS:
+        info["runners"] = _runners(spec)
+    return {"error": None, "app": info}
+
+
+# Every import statement user code runs, from main() on: agents of one env are checked in
+# one process, so a plugin two agents import registers its runners during the first only.
+_imports = ImportGraph()
+
+
+def _runners(spec: str) -> list[dict[str, str]]:
+    """The inference runners the app's code registers: those whose class comes from a
+    module its entrypoint's module imports (lkrun.child.framework.inference)."""
+    from lkrun.child.framework.inference import registered_runners
+
+    module = apps.import_source(apps.split_entrypoint(spec)[0])  # imported: from the cache
+    return registered_runners(_imports.reach(module.__name__))
 
 
 def environment() -> dict[str, Any]:
@@ -126,6 +145,7 @@ def main(request: str) -> None:
     sys.stdout = sys.stderr
     sys.path.insert(0, os.getcwd())
     wanted = json.loads(request)
+    _imports.install()
     results = {
         "entrypoints": [describe_entrypoint(s, f) for s, f in wanted.get("entrypoints", [])],
         "callables": {spec: check(spec) for spec in wanted.get("callables", [])},

@@ -103,6 +103,11 @@ def _agent_report(spec: AgentSpec, ok: bool | None = None) -> dict[str, Any]:
         "python_version": (info.python_version or None) if info is not None else None,
         "livekit_version": (info.livekit_version or None) if info is not None else None,
         "warnings": list(info.warnings) if info is not None else [],
+        # The inference runners its code registers (its env's inference process runs them).
+        "runners": [
+            {"method": method, "class": source}
+            for method, source in (info.runners if info is not None else ())
+        ],
         "ok": ok,
         "error": None,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -78,3 +79,23 @@ def _print_status(data: DaemonStatus) -> None:
         details = ", ".join(part for part in found if part)
         python = f"python {a.get('python')}" + (f" ({details})" if details else "")
         say(f"{a['agent']}: " + "; ".join(part for part in (a.get("app"), python) if part))
+    for inf in data.get("inference") or ():
+        say(_inference_line(inf))
+
+
+def _inference_line(inf: dict[str, Any]) -> str:
+    """One inference process: whose, its state, memory and request latency."""
+    state = f"pid {inf['pid']}" if inf.get("ready") else "NOT UP"
+    restarts = f"{inf['restarts']} restart(s)"
+    if inf.get("last_error"):
+        restarts += f" (last: {inf['last_error']})"
+    latency = inf.get("latency_ms")
+    timing = f", p50 {latency['p50']:g} ms, p95 {latency['p95']:g} ms" if latency else ""
+    failed = inf.get("failed_runners") or {}
+    broken = f"; failed runners: {', '.join(failed)}" if failed else ""
+    return (
+        f"inference process for {inf['interpreter']} ({', '.join(inf['agents'])}): {state}, "
+        f"runners {', '.join(inf['runners'])}{broken}; RSS {inf['rss_mb']:g} MB, "
+        f"PSS {inf['pss_mb']:g} MB; {inf['requests']} request(s), {inf['errors']} error(s)"
+        f"{timing}; {restarts}"
+    )

@@ -21,6 +21,7 @@ from lkrun.manifest import AgentSpec
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.forkserver import ForkServer
+from lkrun.supervision.inference import SOCKET_ENV, InferenceProcesses, Lease, runners_of
 from lkrun.supervision.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
 from lkrun.supervision.request_process import RequestProcess
 from lkrun.supervision.warm_pool import WarmPool
@@ -58,8 +59,13 @@ class AgentProcesses:
         log: logging.LoggerAdapter[Any],
         shutdown_timeout: Callable[[], float],
         on_readiness: Callable[[], None] = lambda: None,
+        inference: InferenceProcesses | None = None,
     ) -> None:
         self.spec = spec
+        # The daemon's inference processes: one per interpreter, for agents whose code
+        # registers inference runners (None: this agent's jobs get no inference executor).
+        self.inference = inference
+        self._inference_lease: Lease | None = None
         self.on_readiness = on_readiness  # not_ready() may have changed
         self.workdir = workdir
         self.credentials = credentials
@@ -97,6 +103,7 @@ class AgentProcesses:
     async def start(self) -> None:
         """Start the fork server, the warm pool and the request process; they load while
         the agent registers, reporting itself not ready (not_ready()) until they have."""
+        self._sync_inference()  # first: a model may take longest to load
         await self._start_forkserver()
         self._pool_task = asyncio.create_task(self.pool.run(), name=f"warm pool {self.spec.name}")
         self._running = self._started = True
@@ -126,6 +133,9 @@ class AgentProcesses:
             return f"the fork server is importing {self.spec.entrypoint}"
         if self.pool.warming_first:
             return "its first warm process is starting"
+        lease = self._inference_lease
+        if lease is not None and lease.waiting:
+            return f"its inference process is loading {', '.join(sorted(lease.runners))}"
         return ""
 
     def _helper_changed(self) -> None:
@@ -144,6 +154,7 @@ class AgentProcesses:
         if self.forkserver is not None:
             # Whatever is left of the jobs goes with it.
             await self.forkserver.close(self.shutdown_timeout())
+        self._release_inference()  # its last agent gone, it stops
 
     async def wait_tasks(self) -> None:
         await self._tasks.join()
@@ -161,6 +172,8 @@ class AgentProcesses:
             self._replace_forkserver()
         elif self.forkserver is not None:
             self.forkserver.load_timeout = spec.prewarm_timeout
+        if self._running:
+            self._sync_inference()
         if _process_fields(old) != _process_fields(spec):
             self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
         self._sync_requests(restart=reload)
@@ -234,7 +247,40 @@ class AgentProcesses:
             self.log.error("cannot start the fork server: %s", describe(exc))
 
     def _job_env(self) -> dict[str, str]:
-        return job_env(self.spec, self.credentials, os.environ, self.workdir)
+        env = job_env(self.spec, self.credentials, os.environ, self.workdir)
+        if self.inference is not None and runners_of(self.spec.app):
+            # Fixed per interpreter, so it is known before the inference process runs.
+            env[SOCKET_ENV] = str(self.inference.socket_path(self.spec.interpreter))
+        return env
+
+    def _sync_inference(self) -> None:
+        """Use the inference process of this agent's interpreter while its code registers
+        runners; a change of runners or interpreter moves to the right one."""
+        if self.inference is None:
+            return
+        runners = runners_of(self.spec.app)
+        lease = self._inference_lease
+        if lease is not None and lease.process is not None:
+            same = (lease.runners, lease.env) == (runners, dict(self.spec.env))
+            if same and lease.process.interpreter == self.spec.interpreter:
+                return
+        new = None
+        if runners:  # kept while draining too: the running jobs use it
+            new = self.inference.attach(
+                self.spec.name,
+                self.spec.interpreter,
+                runners,
+                self._helper_changed,
+                env=self.spec.env,
+            )
+        self._inference_lease = new
+        if lease is not None:  # after the new one: a process both use goes on running
+            lease.release()
+
+    def _release_inference(self) -> None:
+        lease, self._inference_lease = self._inference_lease, None
+        if lease is not None:
+            lease.release()
 
     def _app_spec(self) -> AppSpec:
         spec = self.spec
@@ -282,6 +328,7 @@ def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
         spec.start_method,
         spec.resolved_framework,
         spec.python,
+        runners_of(spec.app),  # the job environment names the inference socket
     )
 
 

@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class Lease:
     agent: str
     runners: dict[str, str]  # method -> class source, as the import check found them
     on_change: Callable[[], None]
+    env: dict[str, str] = field(default_factory=dict)  # the agent's manifest ``env``
     process: InferenceProcess | None = None
     # The agent waits (FULL "starting") until the process is up with its runners, or
     # failed to start (its jobs then get that error, as with a fork server that failed).
@@ -117,14 +118,15 @@ class InferenceProcess:
         interpreter: str,
         socket_path: Path,
         cwd: Path,
-        env: Mapping[str, str],
+        make_env: Callable[[Sequence[Lease]], dict[str, str]],
         metrics: Metrics | None = None,
         initialize_timeout: float = INITIALIZE_TIMEOUT,
     ) -> None:
         self.interpreter = interpreter
         self.socket_path = socket_path
         self.cwd = cwd
-        self.env = dict(env)
+        self.make_env = make_env  # its environment, from its agents' when it starts
+        self.env: dict[str, str] = {}
         self.metrics = metrics
         self.initialize_timeout = initialize_timeout
         self.runners: dict[str, str] = {}  # what the next process loads: every lease's
@@ -238,6 +240,7 @@ class InferenceProcess:
         self._restart.clear()
         self._ready.clear()
         command = self.command()  # with the runners known now: a later change restarts it
+        self.env = self.make_env(self.leases)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command,
@@ -419,10 +422,11 @@ class InferenceProcesses:
         workdir: Path,
         metrics: Metrics | None = None,
         base_env: Mapping[str, str] | None = None,
-        env_for: Callable[[str, dict[str, str]], None] | None = None,
+        env_for: Callable[[str, dict[str, str], Mapping[str, str]], None] | None = None,
     ) -> None:
-        """``env_for(interpreter, env)`` adapts the environment for an interpreter that is
-        not the daemon's (lkrun's child side on its path)."""
+        """``env_for(interpreter, env, agent_env)`` adapts the environment for an
+        interpreter that is not the daemon's (lkrun's child side on its path; its agents'
+        PYTHONPATH, if they set one, in ``agent_env``)."""
         self.workdir = workdir
         self.metrics = metrics
         self.base_env = dict(os.environ if base_env is None else base_env)
@@ -441,15 +445,34 @@ class InferenceProcesses:
         digest = hashlib.sha256(interpreter.encode()).hexdigest()[:12]
         return self._dir / f"{digest}.sock"
 
-    def env(self, interpreter: str) -> dict[str, str]:
-        """The daemon's environment without the API credentials (it runs plugin code, as
-        jobs do), the manifest's directory on the path."""
+    def env(self, interpreter: str, leases: Sequence[Lease]) -> dict[str, str]:
+        """The environment of the inference process of ``interpreter``: what its agents'
+        jobs get, as far as they share it. The daemon's environment without the API
+        credentials (it runs plugin code, as jobs do), plus the agents' manifest ``env``:
+        their PYTHONPATH entries joined (so it imports what each agent imports), any other
+        variable as the first agent sets it."""
         env = {k: v for k, v in self.base_env.items() if k not in SECRET_ENV}
-        path = [str(self.workdir), self.base_env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        paths: list[str] = []
+        for lease in leases:
+            for name, value in lease.env.items():
+                if name == "PYTHONPATH":
+                    paths += [p for p in value.split(os.pathsep) if p and p not in paths]
+                elif env.setdefault(name, value) != value and name not in self.base_env:
+                    log.warning(
+                        "agent %s sets %s=%r, but the shared inference process of %s gets "
+                        "another agent's value",
+                        lease.agent,
+                        name,
+                        value,
+                        interpreter,
+                    )
         env["PYTHONUNBUFFERED"] = "1"
         if interpreter != sys.executable and self.env_for is not None:
-            self.env_for(interpreter, env)
+            own = {"PYTHONPATH": os.pathsep.join(paths)} if paths else {}
+            self.env_for(interpreter, env, own)
+        else:
+            path = paths or [str(self.workdir), self.base_env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         return env
 
     def attach(
@@ -458,21 +481,23 @@ class InferenceProcesses:
         interpreter: str,
         runners: Mapping[str, str],
         on_change: Callable[[], None] = lambda: None,
+        env: Mapping[str, str] | None = None,
     ) -> Lease:
-        """Use the inference process of ``interpreter``, starting it if none runs."""
+        """Use the inference process of ``interpreter``, starting it if none runs; ``env``
+        is the agent's manifest ``env``."""
         process = self._processes.get(interpreter)
         if process is None:
             process = InferenceProcess(
                 interpreter=interpreter,
                 socket_path=self.socket_path(interpreter),
                 cwd=self.workdir,
-                env=self.env(interpreter),
+                make_env=lambda leases, python=interpreter: self.env(python, leases),
                 metrics=self.metrics,
             )
             self._processes[interpreter] = process
             name = f"inference process {interpreter}"
             self._runs[process] = asyncio.create_task(process.run(), name=name)
-        lease = Lease(agent=agent, runners=dict(runners), on_change=on_change)
+        lease = Lease(agent=agent, runners=dict(runners), on_change=on_change, env=dict(env or {}))
         lease._release = self._release
         process.add(lease)
         return lease

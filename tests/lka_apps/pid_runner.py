@@ -4,8 +4,8 @@ It is written against the framework's runner API the way that plugin is: a runne
 (``_InferenceRunner`` with an ``INFERENCE_METHOD``, ``initialize()`` and ``run()``)
 registered on import, and a model object that a job builds and that calls the runner
 through ``get_job_context().inference_executor``. Its answer proves who answered: the pid
-of the process that ran it, how many requests that process has run, and whether its
-``initialize()`` ran there.
+and interpreter of the process that ran it, how many requests that process has run, and
+whether its ``initialize()`` ran there.
 
 ``run()`` takes a JSON object: ``{"text": ...}`` is echoed back; ``{"sleep": seconds}``
 holds the answer that long (a request in flight, for the tests), after writing the pid to the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -51,6 +52,7 @@ class PidRunner(_InferenceRunner):
             count = next(self._counter)
         answer = {
             "pid": os.getpid(),
+            "python": sys.executable,
             "count": count,
             "initialized_here": self._initialized_in == os.getpid(),
             "text": request.get("text"),

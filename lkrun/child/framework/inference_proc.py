@@ -9,9 +9,10 @@ agent of this environment, over a unix socket (the wire is in
 lkrun.child.framework.inference), instead of the jobs of one worker over its pipes.
 
 To the daemon, on stdout (JSON lines): ``ready`` {pid, runners, failed, seconds} once the
-socket is listening; then ``stats`` {done: [[method, seconds, ok], ...]} about twice a
-second while requests come. stderr is its log. It exits when stdin reaches EOF (the daemon
-is gone) and on SIGTERM; it dies with the daemon (parent-death signal) too.
+socket is listening; then ``stats`` {done: [[method, seconds, ok], ...]} as requests are
+answered (those of one turn of its event loop together). stderr is its log. It exits when
+stdin reaches EOF (the daemon is gone) and on SIGTERM; it dies with the daemon
+(parent-death signal) too.
 
 A runner that cannot be imported or whose ``initialize()`` raises does not stop the others:
 its requests get that error, and ``ready`` lists it under ``failed``.
@@ -41,7 +42,6 @@ from lkrun.shared.text import describe, one_line
 
 READY = "ready"
 STATS = "stats"
-STATS_INTERVAL = 0.5
 BACKLOG = 256
 
 
@@ -60,11 +60,33 @@ def load_runner(method: str, source: str) -> _InferenceRunner:
 
 
 class InferenceServer:
-    def __init__(self, runners: dict[str, _InferenceRunner], failed: dict[str, str]) -> None:
+    def __init__(
+        self,
+        runners: dict[str, _InferenceRunner],
+        failed: dict[str, str],
+        out: BinaryIO | None = None,
+    ) -> None:
         self.runners = runners
         self.failed = failed
+        self.out = out  # the daemon's channel; None: keep the statistics (tests)
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
         self.done: list[list[Any]] = []  # [method, seconds, ok] since the last stats line
+        self._flushing = False
+
+    def _answered(self, method: str, seconds: float, ok: bool) -> None:
+        """Counted at once: the answers that finish in one turn of the loop go out in one
+        stats line at its end, so none is lost if the process is killed just after."""
+        self.done.append([method, round(seconds, 6), ok])
+        if self.out is not None and not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        done, self.done = self.done, []
+        if done and self.out is not None:
+            with contextlib.suppress(OSError):  # the daemon is gone: stdin's EOF ends us
+                _send(self.out, STATS, done=done)
 
     async def answer(self, message: dict[str, Any]) -> bytes:
         """The answer line to one request."""
@@ -87,7 +109,7 @@ class InferenceServer:
             traceback.print_exc()
             return inference.encode_error(request_id, one_line(describe(exc), 2000))
         finally:
-            self.done.append([str(method), round(time.perf_counter() - started, 6), ok])
+            self._answered(str(method), time.perf_counter() - started, ok)
 
     def _unknown(self, method: Any) -> str:
         if isinstance(method, str) and method in self.failed:
@@ -141,7 +163,7 @@ def bind(path: str) -> socket.socket:
     return sock
 
 
-async def serve(sock: socket.socket, server: InferenceServer, out: BinaryIO) -> None:
+async def serve(sock: socket.socket, server: InferenceServer) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -157,12 +179,7 @@ async def serve(sock: socket.socket, server: InferenceServer, out: BinaryIO) -> 
         server.serve_connection, sock=sock, limit=inference.MAX_LINE
     )
     async with listener:
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
-            if server.done:
-                done, server.done = server.done, []
-                _send(out, STATS, done=done)
+        await stop.wait()
 
 
 def _send(out: BinaryIO, kind: str, **fields: Any) -> None:
@@ -199,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lkrun inference: runner {method} failed: {failed[method]}", file=sys.stderr)
             continue
         runners[method] = runner
-    server = InferenceServer(runners, failed)
+    server = InferenceServer(runners, failed, out)
     sock = bind(args.socket)
     _send(
         out,
@@ -210,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=round(time.perf_counter() - started, 3),
     )
     try:
-        asyncio.run(serve(sock, server, out))
+        asyncio.run(serve(sock, server))
     finally:
         server.pool.shutdown(wait=False, cancel_futures=True)
     # A runner's thread may still be busy: do not wait for it.

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import ParseDict
 from livekit import rtc
-from livekit.agents.ipc.inference_executor import InferenceExecutor
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
@@ -40,6 +39,7 @@ from livekit.protocol import agent as proto
 
 from lkrun.child.appkind import JobResult, call
 from lkrun.child.framework import compat
+from lkrun.child.framework.inference import NoInference, close_executor, executor_for_job
 from lkrun.context import room_gone
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
@@ -52,17 +52,6 @@ ENTRY_GRACE = 5.0  # after a shutdown request, before a still running entrypoint
 SESSION_CLOSE_TIMEOUT = 60.0  # the official worker's bound on AgentSession.aclose()
 DRAINING_ATTRIBUTE = "lkrun.draining"
 JOB_ID_ATTRIBUTE = "lkrun.job_id"
-
-
-class NoInference(InferenceExecutor):
-    """The official worker runs local models (e.g. the turn detector plugin's) in a separate
-    inference process; lkrun has none yet, so a job that asks gets a clear error."""
-
-    async def do_inference(self, method: str, data: bytes) -> bytes | None:
-        raise RuntimeError(
-            f"local inference ({method}) is not available under lkrun: it has no shared "
-            "inference process; use a model that runs in the job process"
-        )
 
 
 def running_job_info(start: Mapping[str, Any]) -> RunningJobInfo:
@@ -159,7 +148,9 @@ class FrameworkJob:
             room=room,
             on_connect=self._on_connect,
             on_shutdown=lambda reason: self._stop(reason or "user requested"),
-            inference_executor=NoInference(),
+            # The agent env's shared inference process, when the agent's code registers
+            # inference runners (lkrun.child.framework.inference).
+            inference_executor=executor_for_job(),
         )
         ctx._on_setup()
         token = _JobContextVar.set(ctx)
@@ -189,6 +180,7 @@ class FrameworkJob:
         for what, step in (
             ("the job context's cleanup", lambda: compat.cleanup_job(ctx)),
             ("closing the job's HTTP session", http_context._close_http_ctx),
+            ("closing its inference connection", lambda: close_executor(ctx.inference_executor)),
         ):
             try:
                 await asyncio.wait_for(step(), timeout)
