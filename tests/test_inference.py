@@ -286,3 +286,60 @@ async def test_each_environment_has_its_own_inference_process(
             assert answer["python"] == found[agent]["interpreter"]
             job = await job_in_room(daemon, room, "running")
             assert daemon.cli("jobs", "kill", job["id"]).returncode == 0
+
+
+LOCAL_RUNNER = """
+from livekit.agents.inference_runner import _InferenceRunner
+
+from tests.lka_apps.pid_runner import PidRunner
+
+
+class LocalRunner(PidRunner):
+    INFERENCE_METHOD = "lkrun_test_local"
+
+
+_InferenceRunner.register_runner(LocalRunner)
+"""
+LOCAL_APP = (
+    "import local_runner  # noqa: F401\nfrom tests.lka_apps.inference_app import entrypoint\n"
+)
+
+
+async def test_a_runner_edited_on_disk_is_loaded_again(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    """A runner written beside the agents: editing it starts the inference process again
+    (a restart asked for, not a failure); editing the agent's own module does not."""
+    daemon = await start_daemon(
+        CPU_OFF + agent_table(unique("inf-local"), "local_app:entrypoint"),
+        files={"local_runner.py": LOCAL_RUNNER, "local_app.py": LOCAL_APP},
+    )
+    [before] = (await daemon.status())["inference"]
+    # Its module imports the test plugin, which registers its own runner as well.
+    assert before["runners"] == ["lkrun_test_local", METHOD]
+
+    async def fork_server() -> int | None:
+        [agent] = (await daemon.status())["agents"]
+        return agent["fork_server_pid"]
+
+    zygote = await fork_server()
+    (daemon.dir / "local_app.py").write_text(LOCAL_APP + "# edited\n")
+
+    async def reloaded() -> bool:
+        pid = await fork_server()
+        return pid is not None and pid != zygote
+
+    await wait_for(reloaded, 60, what="the agent's code to be loaded again")
+    [same] = (await daemon.status())["inference"]
+    assert same["pid"] == before["pid"]
+
+    (daemon.dir / "local_runner.py").write_text(LOCAL_RUNNER + "# edited\n")
+
+    async def restarted() -> dict[str, Any] | None:
+        found = (await daemon.status())["inference"]
+        ready = found and found[0]["ready"] and found[0]["pid"] != before["pid"]
+        return found[0] if ready else None
+
+    after = await wait_for(restarted, 60, what="the inference process to start again")
+    assert after["restarts"] == 0 and not pid_alive(before["pid"])
+    assert inference_processes(daemon.pid) == [after["pid"]]

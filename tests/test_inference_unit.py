@@ -422,3 +422,45 @@ def test_the_process_gets_what_its_agents_jobs_share_of_their_environment(
     # Another interpreter: adapted for it, with the agents' path.
     env = registry.env("/other/bin/python", [one])
     assert env["OWN"] == "/other/bin/python" and env["OWN_PATH"] == "/src/b"
+
+
+def test_a_changed_runner_source_starts_the_process_again(tmp_path: Path) -> None:
+    runner_file = tmp_path / "my_runner.py"
+    runner_file.write_text("# a runner beside the agents\n")
+    other = tmp_path / "agent.py"
+    other.write_text("# the agent\n")
+    proc = process(tmp_path)
+    proc.add(Lease("a", {"m1": "my_runner:R"}, lambda: None))
+    proc._restart.clear()  # as the supervising task does when it starts the process
+    proc._on_message({"type": "ready", "runners": ["m1"], "files": [str(runner_file)]})
+    os.utime(other, (1, 1))  # the agent's own code: not the process's business
+    assert not proc.code_changed() and not proc._restart.is_set()
+    os.utime(runner_file, (2, 2))
+    assert proc.code_changed() and proc._restart.is_set()
+
+
+def test_status_prints_one_line_per_inference_process() -> None:
+    from lkrun.cli.status import _inference_line
+
+    line = _inference_line(
+        {
+            "interpreter": "/venv/bin/python",
+            "pid": 42,
+            "ready": True,
+            "agents": ["a", "b"],
+            "runners": ["lk_end_of_utterance_en"],
+            "failed_runners": {},
+            "restarts": 1,
+            "last_error": "process 41 exited with code -9",
+            "rss_mb": 119.5,
+            "pss_mb": 90.3,
+            "requests": 6,
+            "errors": 0,
+            "latency_ms": {"p50": 0.7, "p95": 0.8, "max": 0.8, "mean": 0.6, "samples": 6},
+        }
+    )
+    assert line == (
+        "inference process for /venv/bin/python (a, b): pid 42, runners "
+        "lk_end_of_utterance_en; RSS 119.5 MB, PSS 90.3 MB; 6 request(s), 0 error(s), "
+        "p50 0.7 ms, p95 0.8 ms; 1 restart(s) (last: process 41 exited with code -9)"
+    )

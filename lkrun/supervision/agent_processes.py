@@ -186,6 +186,9 @@ class AgentProcesses:
             self.pool.recycle()
             if self.requests is not None:
                 self.requests.restart()
+        lease = self._inference_lease
+        if lease is not None and lease.process is not None:
+            lease.process.code_changed()  # only if a runner's own source changed
 
     def idle_pids(self) -> list[int]:
         """Processes that serve no job yet: the warm processes and the fork server."""

@@ -141,6 +141,7 @@ class InferenceProcess:
         self.rss_bytes = 0
         self.pss_bytes = 0
         self.requests = _Requests()
+        self._files: dict[str, float] = {}  # the runners' source files -> mtime at its start
         self._restart = asyncio.Event()  # the runners changed: start a new process now
         self._ready = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
@@ -313,6 +314,7 @@ class InferenceProcess:
         if kind == "ready":
             self.ready, self.up_since = True, time.time()
             self.served = [str(m) for m in msg.get("runners") or ()]
+            self._files = {str(f): _mtime(str(f)) for f in msg.get("files") or ()}
             failed = msg.get("failed")
             self.failed = (
                 {str(k): str(v) for k, v in failed.items()} if isinstance(failed, dict) else {}
@@ -391,6 +393,23 @@ class InferenceProcess:
                 self._last_line = text
                 log.info("inference process %s: %s", pid, text)
 
+    def code_changed(self) -> bool:
+        """Code changed on disk (the daemon's watch): start again if the source of a runner
+        class changed since the process loaded it (a runner written beside the agents, or a
+        plugin installed anew); in-flight requests fail as when it dies. Several agents
+        saying so at once make one restart."""
+        changed = [f for f, mtime in self._files.items() if _mtime(f) != mtime]
+        if not changed or self._restart.is_set():
+            return bool(changed)
+        log.info(
+            "inference process of %s: %s changed on disk; starting it again",
+            self.interpreter,
+            ", ".join(changed),
+        )
+        self._files = {}
+        self._restart.set()
+        return True
+
     # -- what status shows ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -411,6 +430,13 @@ class InferenceProcess:
             "errors": self.requests.errors,
             "latency_ms": self.requests.latency_ms(),
         }
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1.0  # gone: a change too
 
 
 class InferenceProcesses:

@@ -8,7 +8,7 @@ pool of threads, as many as there are CPUs. The difference is who asks: every jo
 agent of this environment, over a unix socket (the wire is in
 lkrun.child.framework.inference), instead of the jobs of one worker over its pipes.
 
-To the daemon, on stdout (JSON lines): ``ready`` {pid, runners, failed, seconds} once the
+To the daemon, on stdout (JSON lines): ``ready`` {pid, runners, failed, seconds, files} once the
 socket is listening; then ``stats`` {done: [[method, seconds, ok], ...]} as requests are
 answered (those of one turn of its event loop together). stderr is its log. It exits when
 stdin reaches EOF (the daemon is gone) and on SIGTERM; it dies with the daemon
@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -182,6 +182,13 @@ async def serve(sock: socket.socket, server: InferenceServer) -> None:
         await stop.wait()
 
 
+def _files_of(runners: Iterable[_InferenceRunner]) -> list[str]:
+    """The source files of the runner classes: when one changes, the daemon starts the
+    process again (lkrun.supervision.inference.InferenceProcess.code_changed)."""
+    files = {getattr(sys.modules.get(type(r).__module__), "__file__", None) for r in runners}
+    return sorted(str(f) for f in files if f)
+
+
 def _send(out: BinaryIO, kind: str, **fields: Any) -> None:
     out.write(jobpipe.encode(kind, **fields))
     out.flush()
@@ -225,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runners=sorted(runners),
         failed=failed,
         seconds=round(time.perf_counter() - started, 3),
+        files=_files_of(runners.values()),
     )
     try:
         asyncio.run(serve(sock, server))
