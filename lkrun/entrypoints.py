@@ -24,6 +24,7 @@ from typing import Any
 from lkrun import __version__, interpreter
 from lkrun.credentials import SECRET_ENV
 from lkrun.manifest import (
+    COMMAND,
     JOB_LOG_LEVEL_ENV,
     AgentSpec,
     AppInfo,
@@ -32,6 +33,7 @@ from lkrun.manifest import (
     ManifestError,
     check_agent_field,
     check_pools,
+    find_program,
     log_level_problem,
 )
 from lkrun.shared import pdeathsig
@@ -71,14 +73,20 @@ def check_entrypoints(manifest: Manifest, *, timeout: float = 60.0) -> Manifest:
     importing it must not hand it what its jobs would not have. Agents that share an
     environment share one subprocess.
     """
-    agents = list(manifest.agents.values())
+    agents = [spec for spec in manifest.agents.values() if not spec.command]
     groups: dict[tuple[Any, ...], list[AgentSpec]] = {}
     for spec in agents:
         key = (tuple(spec.env.items()), spec.pass_credentials, spec.python)
         groups.setdefault(key, []).append(spec)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
+    # A command agent runs no Python of ours: its program is looked up, not imported.
+    checked = [
+        {spec.name: check_command(manifest, spec)}
+        for spec in manifest.agents.values()
+        if spec.command
+    ]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
         futures = [pool.submit(_check_group, manifest, group, timeout) for group in groups.values()]
-        checked = [f.result() for f in futures]  # re-raises a failed check's ManifestError
+        checked += [f.result() for f in futures]  # re-raises a failed check's ManifestError
     found: dict[str, AgentSpec] = {}
     for group in checked:
         found.update(group)
@@ -157,6 +165,18 @@ def _without_framework(spec: AgentSpec, error: str, runtime: Mapping[str, Any]) 
         f"python {python} cannot import livekit.agents, which {spec.entrypoint} needs; "
         f"{interpreter.install_hint(python, 'livekit-agents')}"
     )
+
+
+def check_command(manifest: Manifest, spec: AgentSpec) -> AgentSpec:
+    """A command agent's program, found as its jobs will find it (a bare name on the job's
+    PATH): ``spec`` with its app filled in, or ManifestError naming the program."""
+    env = {**os.environ, **spec.env}
+    program, problem = find_program(spec.command[0], env.get("PATH"))
+    if problem:
+        message = f"cannot run {spec.command[0]}: {problem}"
+        raise ManifestError(manifest.path, message, agent=spec.name, field="command")
+    info = AppInfo(framework=COMMAND, kind=COMMAND, command=(program, *spec.command[1:]))
+    return dataclasses.replace(spec, app=info)
 
 
 def _list(value: Any) -> list[Any]:

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import re
+import shlex
+import shutil
 import string
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -287,6 +289,20 @@ def _choice(*allowed: str) -> Check:
     return check
 
 
+def _command(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(
+            'must be a non-empty array of strings such as ["node", "agent.mjs"], '
+            f"got {_show(value)}"
+        )
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise _Invalid(f"must contain only non-empty strings, got {_show(item)}")
+        if "\0" in item:  # no process can be given it
+            raise _Invalid(f"must not contain a NUL character, got {_show(item)}")
+    return tuple(value)
+
+
 def _list_of_non_empty_strings(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise _Invalid(f"must be an array of strings, got {_show(value)}")
@@ -426,6 +442,8 @@ class FrozenMap(Mapping[K, V]):
         return (FrozenMap, (self._data,))
 
 
+# The framework of an agent that runs its own program (``command``), not a Python entrypoint.
+COMMAND = "command"
 _URL = _starts_with("ws://", "wss://", "http://", "https://")
 _DISPATCH = _choice("explicit", "automatic")
 _JOB_TYPE = _choice("room", "publisher", "participant")
@@ -517,8 +535,8 @@ _PERMISSIONS = _table_of(Permissions)
 class AppInfo:
     """What the entrypoint turned out to be, found by the import check (lkrun.entrypoints)."""
 
-    framework: str  # lkrun | livekit-agents
-    kind: str  # function | AgentServer | ServerOptions
+    framework: str  # lkrun | livekit-agents | command
+    kind: str  # function | AgentServer | ServerOptions | command
     version: str = ""  # of livekit-agents
     agent_name: str | None = None  # the name the app's own server object gives; None: none
     setup: bool = False  # a setup (prewarm) function: the app's or the manifest's
@@ -531,6 +549,9 @@ class AppInfo:
     # compares AgentSpec.python, and a host keeps showing what its processes loaded.
     python_version: str = field(default="", compare=False)
     livekit_version: str = field(default="", compare=False)
+    # A command agent's program and arguments, the program as found (on PATH or made
+    # absolute); () for a Python agent.
+    command: tuple[str, ...] = ()
     # The inference runners the app's code registers, (method, "module:Class") pairs: its
     # environment's shared inference process runs them (lkrun.supervision.inference).
     runners: tuple[tuple[str, str], ...] = ()
@@ -539,6 +560,8 @@ class AppInfo:
         """One line for `lkrun check` and `lkrun status`."""
         if self.framework == "lkrun":
             return "lkrun function"
+        if self.framework == COMMAND:
+            return f"command: {shlex.join(self.command)}"
         text = f"livekit-agents {self.version} {self.kind}".replace("  ", " ")
         parts = [
             name
@@ -561,7 +584,12 @@ class AgentSpec:
     """One ``[agents.NAME]`` table; ``name`` is its key."""
 
     name: str
-    entrypoint: str = field(metadata=_check(_entrypoint))
+    # Required unless ``command`` is given (checked by _agent).
+    entrypoint: str = field(default="", metadata=_check(_entrypoint))
+    # A program that speaks the job pipe protocol (docs/protocol.md) instead of a Python
+    # entrypoint: ["node", "agent.mjs"]. Run in the manifest's directory; a program given as
+    # a path is relative to it, a bare name is looked up on PATH.
+    command: tuple[str, ...] = field(default=(), metadata=_check(_command))
     dispatch: str = field(default="explicit", metadata=_check(_DISPATCH))
     job_type: str = field(default="room", metadata=_check(_JOB_TYPE))
     rooms: tuple[str, ...] = field(default=(), metadata=_check(_list_of_non_empty_strings))
@@ -750,6 +778,7 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     if relative:
         manifest = dataclasses.replace(manifest, daemon=dataclasses.replace(daemon, **relative))
     files = {name: _with_files(path, manifest.workdir, spec) for name, spec in agents.items()}
+    files = {name: _with_command(path, manifest.workdir, spec) for name, spec in files.items()}
     files = {name: _with_python(path, manifest.workdir, spec) for name, spec in files.items()}
     return dataclasses.replace(manifest, agents=FrozenMap(files))
 
@@ -798,6 +827,47 @@ def _with_python(path: str | Path, workdir: Path, spec: AgentSpec) -> AgentSpec:
     return dataclasses.replace(spec, python=python)
 
 
+def _with_command(path: str | Path, workdir: Path, spec: AgentSpec) -> AgentSpec:
+    """``spec`` with its command's program made absolute when it is given as a path
+    (relative to the manifest; ``~`` expanded) and checked to be an executable file. A bare
+    name stays as it is: the check and each launch find it on the job's PATH (find_program)."""
+    if not spec.command:
+        return spec
+    # Each job is a process of its own (or a warm one started ahead): no fork server.
+    spec = dataclasses.replace(spec, start_method="spawn")
+    program, *args = spec.command
+    given = Path(program).expanduser()
+    if "/" not in program and given == Path(program):
+        return spec
+    file = given if given.is_absolute() else workdir / given
+    if problem := program_problem(file):
+        shown = program if str(file) == program else f"{program} (looked for {file})"
+        raise ManifestError(path, f"{problem}: {shown}", agent=spec.name, field="command")
+    return dataclasses.replace(spec, command=(str(file), *args))
+
+
+def find_program(program: str, path: str | None = None) -> tuple[str, str]:
+    """A command's program as it will be run: ``(file, "")``, or ``(program, why not)``.
+    A bare name is looked up on ``path`` (the job's PATH), a path is taken as it is."""
+    if "/" in program:
+        return program, program_problem(Path(program))
+    found = shutil.which(program, path=path if path is not None else os.defpath)
+    if found is None:
+        return program, "not found on PATH" + (f" ({path})" if path else "")
+    return found, ""
+
+
+def program_problem(file: Path) -> str:
+    """Why ``file`` cannot be run as a program ("" if it can)."""
+    if not file.exists():
+        return "no such program" if not file.is_symlink() else "a broken symlink"
+    if file.is_dir():
+        return "a directory, not a program"
+    if not os.access(file, os.X_OK):
+        return "not executable"
+    return ""
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate the manifest at ``path``."""
     try:
@@ -835,9 +905,31 @@ def _agent(path: str | Path, name: str, table: object) -> AgentSpec:
     if not isinstance(table, dict):
         raise ManifestError(path, f"must be a table, got {_show(table)}", agent=name)
     try:
-        return _build(AgentSpec, table, name=name, explicit=frozenset(table))
+        spec = _build(AgentSpec, table, name=name, explicit=frozenset(table))
     except _Invalid as exc:
         raise ManifestError(path, exc.message, agent=name, field=exc.key) from None
+    _check_program_kind(path, spec)
+    return spec
+
+
+# What only a Python agent has: a command agent runs its own program instead.
+PYTHON_ONLY = ("entrypoint", "prewarm", "framework", "start_method", "python")
+
+
+def _check_program_kind(path: str | Path, spec: AgentSpec) -> None:
+    """An agent is a Python entrypoint or a ``command``, never both nor neither."""
+    if not spec.command:
+        if "entrypoint" not in spec.explicit:
+            message = 'is required (or command = ["program", ...] for an agent in another language)'
+            raise ManifestError(path, message, agent=spec.name, field="entrypoint")
+        return
+    for name in PYTHON_ONLY:
+        if name in spec.explicit:
+            message = (
+                "cannot be set with command: a command agent runs its own program, "
+                "which speaks the job pipe protocol (docs/protocol.md)"
+            )
+            raise ManifestError(path, message, agent=spec.name, field=name)
 
 
 def check_pools(path: str | Path, agents: Iterable[AgentSpec]) -> None:

@@ -63,7 +63,8 @@ def check(
     )
     for spec in loaded.agents.values():
         app_line = spec.app.summary() if spec.app is not None else spec.framework
-        app_line += f"; {python_line(spec)}"
+        if not spec.command:  # a command agent runs no Python of ours
+            app_line += f"; {python_line(spec)}"
         out.print(f"  {spec.name}: {app_line}", markup=False)
     _warn_app_settings(loaded)
 
@@ -93,13 +94,14 @@ def _agent_report(spec: AgentSpec, ok: bool | None = None) -> dict[str, Any]:
     info = spec.app
     return {
         "name": spec.name,
-        "entrypoint": spec.entrypoint,
+        "entrypoint": spec.entrypoint or None,
+        "command": list(spec.command) or None,
         "dispatch": spec.dispatch,
         "framework": info.framework if info is not None else spec.framework,
         "kind": info.kind if info is not None else None,
         "version": (info.version or None) if info is not None else None,
         "app": info.summary() if info is not None else None,
-        "python": spec.interpreter,
+        "python": None if spec.command else spec.interpreter,
         "python_version": (info.python_version or None) if info is not None else None,
         "livekit_version": (info.livekit_version or None) if info is not None else None,
         "warnings": list(info.warnings) if info is not None else [],

@@ -22,7 +22,14 @@ from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.inference import SOCKET_ENV, InferenceProcesses, Lease, runners_of
-from lkrun.supervision.job_process import AppSpec, JobProcess, Launched, Launcher, SpawnLauncher
+from lkrun.supervision.job_process import (
+    AppSpec,
+    CommandLauncher,
+    JobProcess,
+    Launched,
+    Launcher,
+    SpawnLauncher,
+)
 from lkrun.supervision.request_process import RequestProcess
 from lkrun.supervision.warm_pool import WarmPool
 
@@ -83,6 +90,7 @@ class AgentProcesses:
             size=spec.idle_processes,
             timeout=spec.prewarm_timeout,
             on_change=self._helper_changed,
+            require_warm=bool(spec.command),
         )
         self._pool_task: asyncio.Task[None] | None = None
         self.requests = self._new_request_process()
@@ -175,6 +183,7 @@ class AgentProcesses:
         if self._running:
             self._sync_inference()
         if _process_fields(old) != _process_fields(spec):
+            self.pool.require_warm = bool(spec.command)
             self.pool.configure(self._new_process, spec.idle_processes, spec.prewarm_timeout)
         self._sync_requests(restart=reload)
 
@@ -222,7 +231,7 @@ class AgentProcesses:
                 self.requests.restart()
 
     def _new_forkserver(self) -> ForkServer | None:
-        if self.spec.start_method != "forkserver":
+        if self.spec.start_method != "forkserver" or self.spec.command:
             return None
         return ForkServer(
             label=self.spec.name,
@@ -293,6 +302,8 @@ class AgentProcesses:
     def _launcher(self) -> Launcher:
         if self.forkserver is not None:
             return self.forkserver
+        if self.spec.command:
+            return CommandLauncher(command=self.spec.command, cwd=self.workdir, env=self._job_env())
         return SpawnLauncher(app=self._app_spec(), cwd=self.workdir, env=self._job_env())
 
     async def _launch(self) -> Launched:
@@ -325,6 +336,7 @@ def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
     """What a fork server was started with: a change needs a new one."""
     return (
         spec.entrypoint,
+        spec.command,
         spec.prewarm,
         spec.env,
         spec.pass_credentials,

@@ -8,11 +8,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lkrun.manifest import find_program
 from lkrun.shared import jobpipe, pdeathsig
 
 TERM_GRACE = 2.0  # after SIGTERM to the group, before SIGKILL
@@ -96,6 +97,41 @@ class SpawnLauncher:
             cwd=self.cwd,
             env=self.env,
             start_new_session=True,  # its own group, so stop() reaches what user code started
+            limit=jobpipe.MAX_LINE,
+        )
+        assert proc.stdin and proc.stdout and proc.stderr
+        return Launched(proc.pid, proc.stdin, proc.stdout, proc.stderr, proc.wait, proc.stdin.close)
+
+
+class CommandLauncher:
+    """An agent's own program (manifest ``command``) that speaks the job pipe protocol.
+
+    As a runner is: in its own session and process group, given the job's environment,
+    in the manifest's directory, and sent SIGTERM when the daemon dies (Linux; stdin EOF
+    tells it everywhere), so no job outlives its daemon.
+    """
+
+    def __init__(self, *, command: Sequence[str], cwd: Path, env: Mapping[str, str]):
+        self.command = tuple(command)
+        self.cwd = cwd
+        self.env = dict(env)
+
+    async def __call__(self, role: str = "job") -> Launched:
+        if role != "job":  # only a livekit-agents app answers job requests
+            raise LaunchError(f"a command agent has no {role} process")
+        program, problem = find_program(self.command[0], self.env.get("PATH"))
+        if problem:
+            raise LaunchError(f"cannot start {self.command[0]}: {problem}")
+        proc = await asyncio.create_subprocess_exec(
+            program,
+            *self.command[1:],
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.cwd,
+            env=self.env,
+            start_new_session=True,  # its own group, so stop() reaches what it started
+            preexec_fn=pdeathsig.preexec(signal.SIGTERM),
             limit=jobpipe.MAX_LINE,
         )
         assert proc.stdin and proc.stdout and proc.stderr
