@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -251,6 +252,8 @@ async def test_the_inference_process_dies_with_the_daemon(
     await wait_for(
         lambda: not pid_alive(inference["pid"]), 10, what="the inference process to exit"
     )
+    # What a killed daemon cannot clean up: its socket directory (under the temp dir).
+    shutil.rmtree(Path(inference["socket"]).parent)
 
 
 async def test_each_environment_has_its_own_inference_process(
