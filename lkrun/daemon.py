@@ -187,7 +187,8 @@ class Daemon:
             "app": host.spec.app.summary() if host.spec.app is not None else "",
             "framework": host.spec.resolved_framework,
             "framework_version": _framework_version(app),
-            "python": host.spec.interpreter,
+            # A command agent runs its own program: no Python interpreter of ours.
+            "python": "" if host.spec.command else host.spec.interpreter,
             "python_version": app.python_version if app is not None else "",
             "livekit_version": app.livekit_version if app is not None else "",
             "request_process_ready": host.requests.ready if host.requests else None,

@@ -61,6 +61,10 @@ async def test_node_agent_joins_and_echoes_from_a_warm_process(
     agent = (await daemon.status())["agents"][0]
     assert agent["framework"] == "command"
     assert agent["app"].startswith("command: ") and agent["app"].endswith(str(node_echo))
+    assert agent["python"] == "" and agent["fork_server_pid"] is None  # none of ours runs it
+    status = daemon.cli("status")
+    assert status.returncode == 0 and f"{name}: command: " in status.stdout
+    assert "; python" not in status.stdout
     # Its ready said "warm": true, so a process waits for the first job.
     await wait_for(
         lambda: _idle(daemon), 30, what="a warm Node process"

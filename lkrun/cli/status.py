@@ -77,7 +77,9 @@ def _print_status(data: DaemonStatus) -> None:
         found = [a.get("python_version"), a.get("livekit_version")]
         found[1] = found[1] and f"livekit {found[1]}"
         details = ", ".join(part for part in found if part)
-        python = f"python {a.get('python')}" + (f" ({details})" if details else "")
+        python = ""
+        if a.get("python"):  # "" for a command agent
+            python = f"python {a['python']}" + (f" ({details})" if details else "")
         say(f"{a['agent']}: " + "; ".join(part for part in (a.get("app"), python) if part))
     for inf in data.get("inference") or ():
         say(_inference_line(inf))
