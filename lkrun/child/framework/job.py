@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from google.protobuf.json_format import ParseDict
 from livekit import rtc
@@ -45,8 +45,16 @@ from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 
-if TYPE_CHECKING:
-    from lkrun.child.framework.app import FrameworkApp
+
+class HostedApp(Protocol):
+    """What a job needs of its app (lkrun.child.framework.app.FrameworkApp): typed by shape,
+    so that this module and the app's do not import each other."""
+
+    entrypoint_fnc: Callable[..., Any]
+    session_end_fnc: Callable[..., Any] | None
+    session_end_timeout: float
+    proc: JobProcess | None
+
 
 ENTRY_GRACE = 5.0  # after a shutdown request, before a still running entrypoint is cancelled
 SESSION_CLOSE_TIMEOUT = 60.0  # the official worker's bound on AgentSession.aclose()
@@ -107,7 +115,7 @@ def warm_up_job_path(proc: JobProcess) -> None:
 
 
 class FrameworkJob:
-    def __init__(self, app: FrameworkApp, start: Mapping[str, Any], logger: logging.Logger):
+    def __init__(self, app: HostedApp, start: Mapping[str, Any], logger: logging.Logger):
         self.app = app
         self.log = logger
         self.info = running_job_info(start)

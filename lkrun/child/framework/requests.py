@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from google.protobuf.json_format import ParseDict
 from livekit.agents import JobRequest
@@ -30,14 +30,18 @@ from lkrun.shared import jobpipe
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 
-if TYPE_CHECKING:
-    from lkrun.child.framework.app import FrameworkApp
+
+class RequestingApp(Protocol):
+    """What the request server needs of its app (FrameworkApp), typed by shape: no cycle."""
+
+    request_fnc: Callable[..., Any] | None
+
 
 log = logging.getLogger("lkrun.requests")
 
 
 class RequestServer:
-    def __init__(self, app: FrameworkApp, pipe: Sender) -> None:
+    def __init__(self, app: RequestingApp, pipe: Sender) -> None:
         self.app = app
         self.pipe = pipe
         self._tasks = BackgroundTasks()
