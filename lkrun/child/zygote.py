@@ -36,18 +36,18 @@ from typing import Any
 
 from lkrun.child import appkind, runner
 from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared.forkwire import (
+    EXITED,
+    FAILED,
+    FDS_PER_CHILD,
+    FORK,
+    FORK_FAILED,
+    FORKED,
+    PACKET,
+    READY,
+    RETIRE,
+)
 from lkrun.shared.text import describe
-
-FORK = "fork"
-RETIRE = "retire"
-READY = "ready"
-FAILED = "failed"
-FORKED = "forked"
-FORK_FAILED = "fork_failed"
-EXITED = "exited"
-
-PACKET = 65536
-FDS_PER_CHILD = 3  # stdin, stdout, stderr
 
 
 def thread_count() -> int:

@@ -18,9 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lkrun.child import zygote
 from lkrun.logs import agent_logger
-from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared import forkwire, jobpipe, pdeathsig
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.job_process import AppSpec, Launched, LaunchError, python_command
@@ -168,7 +167,7 @@ class ForkServer:
         self._requests[request] = answer
         try:
             try:
-                packet = jobpipe.encode(zygote.FORK, id=request, role=role)
+                packet = jobpipe.encode(forkwire.FORK, id=request, role=role)
                 socket.send_fds(self._sock, [packet], fds)
             except OSError as exc:
                 raise LaunchError(f"cannot reach the fork server: {exc}") from exc
@@ -231,7 +230,7 @@ class ForkServer:
     def _send_retire(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.send(jobpipe.encode(zygote.RETIRE))
+                self._sock.send(jobpipe.encode(forkwire.RETIRE))
 
     async def close(self, timeout: float | None = None) -> None:
         """Retire, wait up to ``timeout`` for the jobs to end, then kill what is left."""
@@ -251,7 +250,7 @@ class ForkServer:
         sock = self._sock
         while sock is not None and sock is self._sock:
             try:
-                data = sock.recv(zygote.PACKET)
+                data = sock.recv(forkwire.PACKET)
             except BlockingIOError:
                 return
             except ConnectionResetError:
@@ -270,7 +269,7 @@ class ForkServer:
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
-        if kind == zygote.FORKED:
+        if kind == forkwire.FORKED:
             pid = int(msg["pid"])
             # Its exit may be in the same read: the answer carries the future, not a lookup.
             exit_code = self._exits[pid] = asyncio.get_running_loop().create_future()
@@ -280,19 +279,19 @@ class ForkServer:
             else:  # its launch was cancelled or timed out: nobody will run or end it
                 self.log.debug("killing process %s: nobody waits for it any more", pid)
                 pdeathsig.signal_group(pid, signal.SIGKILL)
-        elif kind == zygote.FORK_FAILED:
+        elif kind == forkwire.FORK_FAILED:
             answer = self._requests.get(msg["id"])
             if answer is not None and not answer.done():
                 answer.set_exception(LaunchError(str(msg["error"])))
-        elif kind == zygote.EXITED:
+        elif kind == forkwire.EXITED:
             exit_code = self._exits.pop(int(msg["pid"]), None)
             if exit_code is not None and not exit_code.done():
                 exit_code.set_result(int(msg["code"]))
-        elif kind == zygote.FAILED:
+        elif kind == forkwire.FAILED:
             self.error = str(msg["error"])
             self.log.error("fork server cannot load the agent: %s", self.error)
             self._changed()
-        elif kind == zygote.READY:
+        elif kind == forkwire.READY:
             self.log.debug("fork server %s ready", msg.get("pid"))
             self.loaded = True
             self._changed()
