@@ -4,7 +4,7 @@
         results/bench-.../results.json [chart.png]
 
 One chart per workload: ``chart.png`` for ``join`` (or the name given), ``chart-agents.png``
-for ``agents``, next to it; none for ``media`` (its table says it all).
+for ``agents``, next to it; none for ``media``, ``venv`` and ``node`` (their tables say it all).
 
 Standalone on purpose: it imports neither lkrun nor the project's packages.
 """
@@ -140,8 +140,10 @@ def main() -> int:
         "join": {"settings": meta.get("settings", {}), "runs": results.get("runs", {})}
     }
     for workload, part in parts.items():
-        if workload == "media":
-            continue  # its figures are in results.md's table: no latency, ramp or memory curve
+        if workload not in ("join", "agents"):
+            # media, venv, node: their figures are in results.md's tables (no ramp, and
+            # venv and node compare lkrun with itself, which ORDER's columns do not name).
+            continue
         name = target if workload == "join" else target.with_name(f"chart-{workload}.png")
         workload_chart(meta, workload, part, name)
     return 0

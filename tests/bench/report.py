@@ -1,5 +1,5 @@
 """results.md from results.json: per workload, one row per metric, one column per system and
-variant; for the agents and media workloads, the issue's goals next to their tables."""
+variant; for the agents, media and venv workloads, the issues' goals next to their tables."""
 
 from __future__ import annotations
 
@@ -7,11 +7,28 @@ from collections.abc import Callable
 from typing import Any
 
 COLUMNS = ("lkrun-cold", "lkrun-warm", "official-cold", "official-warm")
+# (variant, numerator, denominator) of each ratio column.
 RATIOS = (("cold", "lkrun-cold", "official-cold"), ("warm", "lkrun-warm", "official-warm"))
+# The workloads that compare lkrun with itself (issue 18): the reference system, the one
+# compared with it, the ratio's name (compared / reference) and the columns' names.
+PAIRS: dict[str, tuple[str, str, str, dict[str, str]]] = {
+    "venv": (
+        "lkrun",
+        "lkrun-venv",
+        "own venv/daemon's",
+        {"lkrun": "daemon's env", "lkrun-venv": "own venv"},
+    ),
+    "node": ("lkrun", "node", "Node/Python", {"lkrun": "Python echo", "node": "Node echo"}),
+}
+# Issue 18: an agent on its own interpreter stays within 10 % of the same agent on the
+# daemon's (offer -> entrypoint, PSS per job): own venv / daemon's env <= 1.10.
+VENV_GOAL = 1.10
 TITLES = {
     "join": "Workload `join`: join the room and stay",
     "agents": "Workload `agents`: the same livekit-agents AgentSession on both hosts",
     "media": "Workload `media`: a level meter per room on a 48 kHz tone",
+    "venv": "Workload `venv`: the same AgentSession on the daemon's interpreter and on its own",
+    "node": "Workload `node`: the Node echo next to the Python echo",
 }
 DESCRIPTIONS = {
     "join": "lkrun runs `tests/bench/agents.py` (lkrun's own API), the official worker an "
@@ -33,6 +50,21 @@ DESCRIPTIONS = {
     "more than 0.75 s apart, or the audio it reports having metered grew by < 90 % of "
     "what its observer sent. The observers' CPU is the load, counted against neither "
     "system; they join, and the meters are dispatched, before the tones start.",
+    "venv": "lkrun alone, twice: `tests/bench/lka_agent.py` (the `agents` workload's "
+    "AgentSession) on the daemon's interpreter, and the same agent with the manifest's "
+    "`python` set to another virtualenv's interpreter (the bench venv: livekit-agents and "
+    "livekit at the daemon's versions), so only the interpreter differs; lkrun's child "
+    "side reaches it as a copy on its PYTHONPATH. Each agent has its own fork server "
+    "either way. Ratios are own venv / daemon's env: 1.10 or less meets the issue's goal.",
+    "node": "lkrun alone, twice: the Python echo `lkrun/examples/echo.py` (lkrun's "
+    "`JobContext`, forked from its agent's fork server, or a warm process) and the Node "
+    "echo `examples/node/echo/echo.mjs` on `@livekit/rtc-node`, a `command` agent (a new "
+    "`node` process per job, or a warm one started ahead: no fork server). Both join the "
+    "room, set an attribute (so the server announces them at once) and echo data. "
+    "**offer → entrypoint** is `offered_at` → `started_at` of `lkrun jobs ls --json "
+    "--all` for both: the daemon's receipt of the offer to the time stamped in the job's "
+    "`running` message (Python: the entrypoint called; Node: the start message handled). "
+    "Ratios are Node / Python.",
 }
 PSS_GOAL_JOBS = 50
 MEDIA_GOAL_ROOMS = 50
@@ -133,6 +165,34 @@ def media_rows(settings: dict[str, Any]) -> list[tuple[str, Getter]]:
     return rows
 
 
+def columns(workload: str) -> tuple[str, ...]:
+    """The run labels a workload's table shows, in order."""
+    if workload in PAIRS:
+        base, other = PAIRS[workload][:2]
+        return (f"{base}-cold", f"{base}-warm", f"{other}-cold", f"{other}-warm")
+    return COLUMNS
+
+
+def ratios(workload: str) -> tuple[tuple[str, str, str], ...]:
+    """(variant, numerator, denominator) of a workload's ratio columns."""
+    if workload in PAIRS:
+        base, other = PAIRS[workload][:2]
+        return tuple((v, f"{other}-{v}", f"{base}-{v}") for v in ("cold", "warm"))
+    return RATIOS
+
+
+def ratio_name(workload: str) -> str:
+    return PAIRS[workload][2] if workload in PAIRS else "lkrun/official"
+
+
+def column_name(workload: str, label: str) -> str:
+    """A run label as its table's header says it (e.g. node's lkrun-cold: Python echo cold)."""
+    if workload not in PAIRS:
+        return label
+    system, variant = label.rsplit("-", 1)
+    return f"{PAIRS[workload][3].get(system, system)} {variant}"
+
+
 def metric_rows(settings: dict[str, Any], workload: str = "join") -> list[tuple[str, Getter]]:
     if workload == "media":
         return media_rows(settings)
@@ -164,6 +224,8 @@ def metric_rows(settings: dict[str, Any], workload: str = "join") -> list[tuple[
         rows += [
             (f"@{count} jobs: PSS per job (MB)", _at(count, "job_pss_mb")),
             (f"@{count} jobs: USS per job (MB)", _at(count, "job_uss_mb")),
+            # Resident memory, as the job records' memory_mb counts it.
+            (f"@{count} jobs: RSS per job (MB)", _at(count, "job_rss_mb")),
             (f"@{count} jobs: PSS of everything / jobs (MB)", _per_job_total(count)),
             (f"@{count} jobs: main process RSS (MB)", _at(count, "main_rss_mb")),
             (f"@{count} jobs: main process PSS (MB)", _at(count, "main_pss_mb")),
@@ -192,14 +254,21 @@ def _ratio(a: Any, b: Any) -> str:
 def table(results: dict[str, Any], workload: str = "join") -> str:
     part = workloads(results).get(workload, {})
     runs = part.get("runs", {})
-    header = ["metric", *COLUMNS, *(f"lkrun/official {name}" for name, _, _ in RATIOS)]
+    shown, pairs = columns(workload), ratios(workload)
+    header = [
+        "metric",
+        *(column_name(workload, c) for c in shown),
+        *(f"{ratio_name(workload)} {name}" for name, _, _ in pairs),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for label, get in metric_rows(part.get("settings", {}), workload):
-        values = {col: get(runs[col]) if col in runs else None for col in COLUMNS}
+        if workload not in PAIRS and "RSS per job" in label:
+            continue  # the lkrun-vs-official tables as they were
+        values = {col: get(runs[col]) if col in runs else None for col in shown}
         if all(v is None for v in values.values()):
             continue
-        cells = [label, *(_fmt(values[c]) for c in COLUMNS)]
-        cells += [_ratio(values[a], values[b]) for _, a, b in RATIOS]
+        cells = [label, *(_fmt(values[c]) for c in shown)]
+        cells += [_ratio(values[a], values[b]) for _, a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -262,6 +331,31 @@ def goals(results: dict[str, Any], workload: str = "agents") -> str:
     return "\n".join(lines)
 
 
+def venv_goals(results: dict[str, Any], workload: str = "venv") -> str:
+    """Issue 18's goal: an agent on its own interpreter within 10 % of the same agent on the
+    daemon's, for offer -> entrypoint p50 and PSS per job at each count, cold and warm."""
+    part = workloads(results).get(workload, {})
+    runs = part.get("runs", {})
+    rows: list[tuple[str, Getter]] = [
+        ("offer → entrypoint p50", _path("latency", "offer_to_entrypoint_ms", "p50"))
+    ]
+    for count in part.get("settings", {}).get("concurrency") or []:
+        rows.append((f"PSS per job at {count} jobs", _at(count, "job_pss_mb")))
+    target = f"own venv ≤ {VENV_GOAL:.2f} x daemon's env"
+    lines = [
+        "| goal (issue 18) | target | cold: own venv/daemon's | warm: own venv/daemon's |",
+        "|---|---|---:|---:|",
+    ]
+    for name, get in rows:
+        cells = [name, target]
+        for _, mine, reference in ratios(workload):
+            a = get(runs[mine]) if mine in runs else None
+            b = get(runs[reference]) if reference in runs else None
+            cells.append(_goal_cell(a, b, VENV_GOAL))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def media_goals(results: dict[str, Any], workload: str = "media") -> str:
     """The issue's goals for the media workload, per variant run."""
     part = workloads(results).get(workload, {})
@@ -315,17 +409,22 @@ def _settings_line(settings: dict[str, Any], workload: str = "join") -> str:
             f"Rooms: {settings.get('concurrency')}, each held {settings.get('hold')} s "
             "after every meter reported the tone (+3 s warm-in)."
         )
+    ramp = (
+        f"max-jobs ramp +{settings.get('ramp_step')} up to {settings.get('max_jobs_cap')} "
+        f"({settings.get('visible_timeout')} s per agent)"
+        if settings.get("max_jobs_cap")
+        else "no max-jobs ramp"
+    )
     return (
         f"{settings.get('dispatches')} sequential dispatches (+{settings.get('warmup')} "
         f"warm-up), memory at {settings.get('concurrency')} concurrent jobs held "
-        f"{settings.get('hold')} s, max-jobs ramp +{settings.get('ramp_step')} up to "
-        f"{settings.get('max_jobs_cap')} ({settings.get('visible_timeout')} s per agent)."
+        f"{settings.get('hold')} s, {ramp}."
     )
 
 
 def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
     problems = []
-    for label in COLUMNS:
+    for label in columns(workload):
         run = runs.get(label)
         if run is None:
             continue
@@ -343,7 +442,7 @@ def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
         problems += [f"- {where}: {note}" for note in run.get("notes") or []]
     # Only the variants this workload ran (media runs warm alone by default).
     ran = {label.rsplit("-", 1)[-1] for label in runs}
-    skipped = [c for c in COLUMNS if c not in runs and c.rsplit("-", 1)[-1] in ran]
+    skipped = [c for c in columns(workload) if c not in runs and c.rsplit("-", 1)[-1] in ran]
     if skipped:
         problems.append(f"- {workload}: not run: {', '.join(skipped)}")
     return problems
@@ -353,20 +452,46 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     settings = meta.get("settings", {})
     parts = workloads(results)
+    official = any(w not in PAIRS for w in parts) or not parts
+    if official:
+        heading = f"lkrun vs livekit-agents {meta.get('livekit_agents_version', '?')}"
+    else:  # venv and node alone: lkrun against itself
+        heading = "lkrun: an agent on its own interpreter, and the Node echo"
+    extra = "".join(
+        f" {name} {meta[key]}."
+        for name, key in (("Second interpreter:", "second_interpreter"), ("Node:", "node"))
+        if meta.get(key)
+    )
     out = [
-        f"# lkrun vs livekit-agents {meta.get('livekit_agents_version', '?')}, "
-        f"{meta.get('started', '')}",
+        f"# {heading}, {meta.get('started', '')}",
         "",
         f"Machine: {meta.get('cpus', '?')} CPUs, {meta.get('memory_gib', '?')} GiB; "
         f"livekit-server {meta.get('livekit_server_version', '?')} (dev mode, loopback); "
-        f"lkrun {meta.get('lkrun_version', '?')}; Python {meta.get('python', '?')}. "
+        f"lkrun {meta.get('lkrun_version', '?')}; Python {meta.get('python', '?')}; "
+        f"livekit-agents {meta.get('livekit_agents_version', '?')}.{extra} "
         f"Warm = {settings.get('idle')} prewarmed processes "
         "(lkrun `idle_processes`, official `num_idle_processes`); cold = 0.",
         "",
-        "Ratios are lkrun / official: below 1 means lkrun is lower (faster, smaller), "
-        "which is better for every row but the last (max jobs, where higher is better). "
-        "Absolute times drift on a shared 2-core machine; compare within one run.",
+        (
+            "Ratios are lkrun / official (venv and node: as their tables say): below 1 "
+            "means lkrun is lower (faster, smaller), which is better for every row but "
+            "max jobs, where higher is better. "
+            if official
+            else "Ratios are as each table says (compared / reference): below 1 means "
+            "lower (faster, smaller). "
+        )
+        + "Absolute times drift on a shared 2-core machine; compare within one run.",
     ]
+    moments = (("at the start", "load_average_start"), ("at the end", "load_average_end"))
+    load = [f"{when} {' / '.join(map(str, meta[key]))}" for when, key in moments if meta.get(key)]
+    if load:
+        cpus = meta.get("cpus", "?")
+        out += [
+            "",
+            f"Load average (1 / 5 / 15 min, {cpus} CPUs: {cpus} is a busy machine) "
+            f"{', '.join(load)}, the bench's own load included.",
+        ]
+    out += [f"\nNote: {note}" for note in meta.get("notes") or []]
     if meta.get("command"):  # runs before the field existed do not name theirs
         out += ["", f"Command (from the repository's root, in its venv): `{meta['command']}`"]
     problems: list[str] = []
@@ -386,14 +511,40 @@ def markdown(results: dict[str, Any]) -> str:
         if workload == "media":
             out += ["", "Goals for this workload (from the issue), from the table above:", ""]
             out.append(media_goals(results, workload))
+        if workload == "venv":
+            out += ["", "Issue 18's goal for this workload, from the table above:", ""]
+            out.append(venv_goals(results, workload))
         problems += _problems(workload, part.get("runs", {}))
-    out += ["", *_how_to_read(settings)]
+    out += ["", *_how_to_read(settings, list(parts))]
     if problems:
         out += ["", "## Run notes", "", *problems]
     return "\n".join(out) + "\n"
 
 
-def _how_to_read(settings: dict[str, Any]) -> list[str]:
+def _how_to_read(settings: dict[str, Any], ran: list[str] | None = None) -> list[str]:
+    extra: list[str] = []
+    if "venv" in (ran or []):
+        extra.append(
+            "- **venv**: offer → entrypoint from the agent's entrypoint events, as in the "
+            "`agents` workload (`RunningJobInfo.received_at`, the daemon's `offered_at`, to "
+            "the entrypoint's `time.time()`). The goal compares each cell of the own-venv "
+            "run with the daemon's-env run of the same variant: own venv / daemon's ≤ "
+            f"{VENV_GOAL:.2f} is met. p50s of a few milliseconds (warm) move by more than "
+            "10 % between runs on a busy machine: read a miss there with the p95 and the "
+            "cold row. At 1 job the own venv's job has about 10 MB more USS (half of it in "
+            "PSS): the pages of `liblivekit_ffi.so` the job touches are shared with the "
+            "bench's own observers, which run the daemon env's copy of that file, and with "
+            "no one on another venv (smaps); with a few jobs they share them among "
+            "themselves. In production neither job shares them at 1 job."
+        )
+    if "node" in (ran or []):
+        extra.append(
+            "- **node**: the Node echo's warm processes are `node` processes started ahead "
+            "(the helpers' PSS, at idle, is the warm pool), the Python echo's are forks of "
+            "its fork server. RSS per job counts shared pages in full (what the job "
+            "records' `memory_mb` shows); PSS splits them among the processes that map "
+            "them."
+        )
     return [
         "## How to read it",
         "",
@@ -436,4 +587,5 @@ def _how_to_read(settings: dict[str, Any]) -> list[str]:
             else "its default `load_fnc` (machine CPU use): livekit-server offers it no job "
             "while that is at or above 0.7."
         ),
+        *extra,
     ]

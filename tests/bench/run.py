@@ -1,14 +1,17 @@
 """lkrun vs the official LiveKit Agents worker, side by side on one livekit-server.
 
-    python -m tests.bench [--workload join,agents,media] [--dispatches N]
+    python -m tests.bench [--workload join,agents,media,venv,node] [--dispatches N]
                           [--concurrency 1,10,50] [--max-jobs-cap 100]
-                          [--systems lkrun,official] [--variants cold,warm] [--idle 4]
+                          [--systems lkrun,official,lkrun-venv,node]
+                          [--variants cold,warm] [--idle 4]
 
 Makes (or reuses) the official worker's venv, starts one livekit-server in dev mode on
 free loopback ports, then for each workload (join: join the room and stay; agents: the
 same livekit-agents AgentSession module on both hosts; media: a level meter per room on
-a 48 kHz tone), variant (cold: no prewarmed process; warm: --idle of them) and system
-starts the system, measures (see tests/bench/measure.py) and stops it. Writes
+a 48 kHz tone; venv: that AgentSession on lkrun with the daemon's interpreter and with
+another virtualenv's; node: the Python echo and the Node echo on lkrun), variant (cold: no
+prewarmed process; warm: --idle of them) and system starts the system, measures (see
+tests/bench/measure.py) and stops it. Writes
 results.md, results.json, the charts and every log to --results (default
 results/bench-<UTC timestamp>/) and prints the tables.
 Everything it starts is stopped on exit, Ctrl-C and errors included.
@@ -37,15 +40,29 @@ import psutil
 
 from lkrun import __version__ as lkrun_version
 from lkrun import devserver
+from tests import node_deps
 from tests.bench import benchvenv, report
 from tests.bench.measure import LiveKit, Settings, run_sut
 from tests.bench.procs import Registry
-from tests.bench.suts import REPO, WORKLOADS, LkrunSut, OfficialSut, Server, Sut
+from tests.bench.suts import NODE_ECHO, REPO, WORKLOADS, LkrunSut, OfficialSut, Server, Sut
 
-SYSTEMS = ("lkrun", "official")
+SYSTEMS = ("lkrun", "official", "lkrun-venv", "node")
+# The systems each workload compares, in the order they run (a pair close together in
+# time). venv and node compare lkrun with itself: an agent on the daemon's interpreter
+# with the same agent on another virtualenv's (the manifest's python), and the Python echo
+# with the Node echo (a command agent).
+WORKLOAD_SYSTEMS: dict[str, tuple[str, ...]] = {
+    "join": ("lkrun", "official"),
+    "agents": ("lkrun", "official"),
+    "media": ("lkrun", "official"),
+    "venv": ("lkrun", "lkrun-venv"),
+    "node": ("lkrun", "node"),
+}
 # The media workload is opt-in (--workload media or all): about 12 minutes more, most of
-# them a 50-room level that keeps both cores of a small machine busy.
+# them a 50-room level that keeps both cores of a small machine busy. venv and node
+# (--workload envs) are opt-in too: lkrun against itself, about 14 minutes together.
 DEFAULT_WORKLOADS = ("join", "agents")
+ENVS_WORKLOADS = ("venv", "node")
 VARIANTS = ("cold", "warm")
 # Per-workload defaults of the flags that default to None (a flag given applies to all).
 # The agents workload makes fewer sequential dispatches: keeps `make bench` ~35 minutes.
@@ -72,6 +89,22 @@ WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_jobs_cap": 0,
         "hold": 10.0,
         "variants": ["warm"],
+    },
+    # Short on purpose (issue 18's checks, a few minutes each): the per-job start and
+    # memory, no ramp (max jobs is the agents workload's question).
+    "venv": {
+        "dispatches": 20,
+        "concurrency": [1, 10],
+        "max_jobs_cap": 0,
+        "hold": 5.0,
+        "variants": ["cold", "warm"],
+    },
+    "node": {
+        "dispatches": 20,
+        "concurrency": [1, 10],
+        "max_jobs_cap": 0,
+        "hold": 5.0,
+        "variants": ["cold", "warm"],
     },
 }
 
@@ -116,13 +149,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workload",
-        type=_choices(WORKLOADS, both=list(DEFAULT_WORKLOADS), all=list(WORKLOADS)),
+        type=_choices(
+            WORKLOADS,
+            both=list(DEFAULT_WORKLOADS),
+            envs=list(ENVS_WORKLOADS),
+            all=list(WORKLOADS),
+        ),
         default=list(DEFAULT_WORKLOADS),
         help="comma-separated: join (join the room and stay: lkrun's API vs a livekit-agents "
         "entrypoint), agents (both run tests/bench/lka_agent.py, an AgentSession), media "
         "(a tone in each room and a level meter job: lkrun's example vs "
         "tests/bench/lka_meter.py; opt-in: 50 rooms of audio saturate a 2-core machine), "
-        "both (join,agents) or all",
+        "venv (lka_agent.py on lkrun, on the daemon's interpreter and on the bench venv's "
+        "via the manifest's python; opt-in), node (the Python echo and the Node echo on "
+        "lkrun; opt-in), both (join,agents), envs (venv,node) or all",
     )
     parser.add_argument(
         "--dispatches",
@@ -161,7 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--systems",
         type=_choices(SYSTEMS),
         default=list(SYSTEMS),
-        help="comma-separated: lkrun, official",
+        help="comma-separated: lkrun, official, lkrun-venv, node; each workload runs those "
+        "of its own (join, agents, media: lkrun, official; venv: lkrun, lkrun-venv; node: "
+        "lkrun, node)",
     )
     parser.add_argument(
         "--variants",
@@ -184,6 +226,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base-python", default="python3", help="python that creates the bench venv"
     )
     parser.add_argument("--no-chart", action="store_true", help="skip chart.png")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for results.md's header, e.g. what else ran on the machine (repeatable; "
+        "not part of the recorded command)",
+    )
     parser.add_argument(
         "--copy-to",
         type=Path,
@@ -218,6 +267,37 @@ def _settings(args: argparse.Namespace, workload: str) -> Settings:
     )
 
 
+def systems_for(workload: str, chosen: list[str]) -> list[str]:
+    """The systems ``workload`` runs, of those chosen (``--systems``), in its order."""
+    return [system for system in WORKLOAD_SYSTEMS[workload] if system in chosen]
+
+
+def _runs(args: argparse.Namespace, system: str) -> bool:
+    """Whether any workload of this run runs ``system``."""
+    return any(system in systems_for(w, args.systems) for w in args.workload)
+
+
+def _node_version() -> str:
+    """``node --version`` and the Node echo's @livekit/rtc-node (its package.json pin)."""
+    try:
+        node = subprocess.run(
+            ["node", "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        node = ""
+    try:
+        package = json.loads((NODE_ECHO.parent / "package.json").read_text())
+        rtc = package.get("dependencies", {}).get("@livekit/rtc-node", "?")
+    except (OSError, ValueError):
+        rtc = "?"
+    return f"node {node or '?'}, @livekit/rtc-node {rtc}"
+
+
 def _meta(args: argparse.Namespace, started: str, command: str) -> dict[str, Any]:
     return {
         "started": started,
@@ -228,6 +308,9 @@ def _meta(args: argparse.Namespace, started: str, command: str) -> dict[str, Any
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        # How busy the machine was besides the bench (the bench adds to it too).
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "notes": list(args.note),
         "settings": {
             "idle": args.idle,
             "official_load": args.official_load,
@@ -239,15 +322,16 @@ def _meta(args: argparse.Namespace, started: str, command: str) -> dict[str, Any
 
 
 def _measuring_args(argv: list[str]) -> list[str]:
-    """argv without the flags that only say where results go (with or without '=')."""
+    """argv without the flags that only say where results go or annotate them (with or
+    without '=')."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--results", "--copy-to"):
+        elif arg in ("--results", "--copy-to", "--note"):
             skip = True
-        elif not arg.startswith(("--results=", "--copy-to=")):
+        elif not arg.startswith(("--results=", "--copy-to=", "--note=")):
             out.append(arg)
     return out
 
@@ -279,7 +363,7 @@ async def _bench(
                 }
                 # Cold pair first, then warm: each comparison is made close together in time.
                 for variant in args.variants or WORKLOAD_DEFAULTS[workload]["variants"]:
-                    for system in args.systems:
+                    for system in systems_for(workload, args.systems):
                         sut = _make_sut(
                             system,
                             variant,
@@ -321,11 +405,18 @@ def _make_sut(
         "registry": registry,
         "workload": workload,
     }
+    # Short: the control socket's path must fit AF_UNIX's limit.
+    short = tmp / f"{workload[0]}-{label}"
     if system == "lkrun":
-        # Short: the control socket's path must fit AF_UNIX's limit.
-        return LkrunSut(tmpdir=tmp / f"{workload[0]}-{label}", **common)
+        return LkrunSut(tmpdir=short, **common)
+    if system == "node":
+        return LkrunSut(tmpdir=short, system=system, command=["node", str(NODE_ECHO)], **common)
     if bench_python is None:
         return None
+    if system == "lkrun-venv":
+        # The bench venv: livekit-agents 1.8.9 and livekit as the daemon's own, another
+        # virtualenv. The same agent, only the interpreter differs.
+        return LkrunSut(tmpdir=short, system=system, python=bench_python, **common)
     return OfficialSut(
         python=bench_python,
         http_port=devserver.free_tcp_port(),
@@ -382,9 +473,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": _meta(args, started, command), "workloads": {}}
 
     bench_python: Path | None = None
-    need_venv = "official" in args.systems or not args.no_chart
+    need_venv = _runs(args, "official") or _runs(args, "lkrun-venv") or not args.no_chart
     if need_venv:
         bench_python = benchvenv.ensure(args.base_python, log=folder / "bench-venv.log")
+    if _runs(args, "lkrun-venv"):
+        results["meta"]["second_interpreter"] = str(bench_python)
+    if _runs(args, "node"):
+        if why := node_deps.node_missing():
+            print(f"bench: no node system: {why}", flush=True)
+            args.systems = [s for s in args.systems if s != "node"]
+            results["meta"]["settings"]["systems"] = args.systems
+            results["meta"]["notes"].append(f"the node system did not run: {why}")
+        else:
+            node_deps.ensure_node_modules(NODE_ECHO.parent)  # cached under ~/.cache/lkrun
+            results["meta"]["node"] = _node_version()
 
     registry = Registry()
     server = devserver.DevServer.on_free_ports(
@@ -411,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         registry.stop_all()
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+    results["meta"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     _write(results, folder)
     runs = {
         f"{workload}/{label}": run

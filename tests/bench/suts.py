@@ -13,6 +13,12 @@ with an in-process LLM) or ``media`` (a level meter on a 48 kHz tone: lkrun runs
 example ``lkrun/examples/level_meter.py``, the official worker the same meter written
 against livekit-agents, ``lka_meter.py``). The agents workload's events (``events.jsonl``)
 are written by the agent itself on both hosts.
+
+Two workloads compare lkrun with itself (issue 18), each with a system of its own:
+``venv`` runs ``lka_agent.py`` on the daemon's interpreter (``lkrun``) and, with the
+manifest's ``python``, on another virtualenv's (``lkrun-venv``); ``node`` runs the Python
+echo ``lkrun/examples/echo.py`` (``lkrun``) and the Node echo ``examples/node/echo/echo.mjs``,
+a ``command`` agent (``node``).
 """
 
 from __future__ import annotations
@@ -36,15 +42,22 @@ from tests.bench.procs import Registry, Spawned, descendants
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_SCRIPT = Path(__file__).resolve().parent / "official_worker.py"
 ACTIVE = ("starting", "running", "stopping")
-WORKLOADS = ("join", "agents", "media")
-# What lkrun's manifest names, per workload (the official worker picks by BENCH_WORKLOAD).
+NODE_ECHO = REPO / "examples" / "node" / "echo" / "echo.mjs"
+WORKLOADS = ("join", "agents", "media", "venv", "node")
+# What lkrun's manifest names, per workload (the official worker picks by BENCH_WORKLOAD;
+# the node system of the node workload runs NODE_ECHO instead).
 LKRUN_ENTRYPOINTS = {
     "join": "tests.bench.agents:entrypoint",
     "agents": "tests.bench.lka_agent:server",
     "media": "lkrun.examples.level_meter:entrypoint",
+    "venv": "tests.bench.lka_agent:server",
+    "node": "lkrun.examples.echo:entrypoint",
 }
+# Workloads whose agent is tests/bench/lka_agent.py: it writes events.jsonl and preloads
+# livekit-agents in the fork server (hence the official worker's prewarm timeout).
+LKA_WORKLOADS = ("agents", "venv")
 # The agent's dispatch name after bench-<system>, per workload.
-NAME_SUFFIXES = {"join": "", "agents": "-lka", "media": "-meter"}
+NAME_SUFFIXES = {"join": "", "agents": "-lka", "media": "-meter", "venv": "-env", "node": "-echo"}
 
 
 class SutError(Exception):
@@ -120,7 +133,7 @@ class Sut(abc.ABC):
         """SIGTERM (twice for lkrun: skip the drain), then SIGKILL whatever is left."""
         if self.proc is not None:
             proc, self.proc = self.proc, None
-            signals = 2 if self.system == "lkrun" else 1
+            signals = 2 if isinstance(self, LkrunSut) else 1
             await asyncio.to_thread(proc.stop, signals=signals, timeout=20)
             self.registry.forget(proc)
 
@@ -248,10 +261,25 @@ class Sut(abc.ABC):
 
 
 class LkrunSut(Sut):
+    """An lkrun daemon serving one agent: the workload's entrypoint on the daemon's
+    interpreter, or on ``python`` (the manifest's ``python``, system ``lkrun-venv``), or a
+    ``command`` agent (system ``node``)."""
+
     system = "lkrun"
 
-    def __init__(self, *, tmpdir: Path, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        tmpdir: Path,
+        system: str = "lkrun",
+        python: Path | None = None,
+        command: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.system = system  # before super(): it names the agent
         super().__init__(**kwargs)
+        self.python = python
+        self.command = command or []
         self.tmpdir = tmpdir  # manifest and control socket (short path for AF_UNIX)
         self.socket = tmpdir / "ctl.sock"
         self.manifest = tmpdir / "agents.toml"
@@ -264,13 +292,20 @@ class LkrunSut(Sut):
             'shutdown_timeout = "5s"',
             "",
             f"[agents.{self.agent_name}]",
-            f'entrypoint = "{LKRUN_ENTRYPOINTS[self.workload]}"',
-            'dispatch = "explicit"',
-            "max_jobs = 200",
         ]
+        if self.command:
+            lines.append(f"command = {json.dumps(self.command)}")
+        else:
+            lines.append(f'entrypoint = "{LKRUN_ENTRYPOINTS[self.workload]}"')
+        if self.python is not None:
+            # The daemon's PYTHONPATH is not passed to another interpreter: the agent's env
+            # names the repository, where tests.bench.lka_agent is.
+            lines.append(f"python = {json.dumps(str(self.python))}")
+            lines.append(f"env = {{ PYTHONPATH = {json.dumps(str(REPO))} }}")
+        lines += ['dispatch = "explicit"', "max_jobs = 200"]
         if self.idle > 0:
             lines.append(f"idle_processes = {self.idle}")
-        if self.workload == "agents":
+        if self.workload in LKA_WORKLOADS:
             # The official worker's initialize_process_timeout in the bench.
             lines.append('prewarm_timeout = "120s"')
         return "\n".join(lines) + "\n"
@@ -316,7 +351,7 @@ class LkrunSut(Sut):
         # Job history and job logs go to $XDG_STATE_HOME/lkrun by default: keep the
         # bench's out of the user's own.
         env = dict(os.environ, PYTHONPATH=str(REPO), XDG_STATE_HOME=str(self.tmpdir / "state"))
-        if self.workload == "agents":
+        if self.workload in LKA_WORKLOADS:
             # Job processes inherit the daemon's environment; the app's agent_name is the
             # manifest key (else check and serve warn that they differ).
             env.update(BENCH_EVENTS=str(self.events_path), BENCH_AGENT_NAME=self.agent_name)
