@@ -93,6 +93,7 @@ class Daemon:
         self.metrics.set_daemon(self.name, __version__)
         # One daemon per state directory (StateLock): its history is its own.
         self.state_dir = state_dir_of(config.settings)
+        interpreter.configure(self.state_dir)  # as `lkrun serve` did before its check
         self.history = History(
             database=config.settings.database or self.state_dir / "jobs.db",
             log_dir=config.settings.log_dir or self.state_dir / "logs",

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -123,11 +124,146 @@ def test_the_child_side_is_copied_whole_and_alone(tmp_path: Path) -> None:
     assert not (directory / "lkrun" / "daemon.py").exists()  # the daemon side stays out
     for rel in copied:
         assert (directory / "lkrun" / rel).read_bytes() == (package / rel).read_bytes()
+    # Nobody else may write to any of it, whatever the umask; the interpreters' __pycache__
+    # directories are made with it, so that none makes them writable by others.
+    for path in [directory, *directory.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+    assert (directory / "lkrun" / "child" / "framework" / "__pycache__").is_dir()
     # Reused as it is: nothing is written twice, and no temporary directory is left.
-    marker = directory / "lkrun" / "__pycache__"
-    marker.mkdir()
+    marker = directory / "lkrun" / "__pycache__" / "context.cpython-311.pyc"
+    marker.write_bytes(b"")
     assert interpreter.child_side_dir(roots=[tmp_path]) == directory and marker.exists()
-    assert [p.name for p in (tmp_path / "child").iterdir()] == [directory.name]
+    assert sorted(p.name for p in (tmp_path / "child").iterdir()) == [
+        directory.name,
+        f"{directory.name}.lock",  # held while this process lives: no other prunes it
+    ]
+
+
+def plant_copy(root: Path) -> Path:
+    """A directory where the child side's copy for this build goes, filled by someone else
+    (before any daemon made it): the daemon's files, as a start."""
+    name, contents = interpreter._read(interpreter.PACKAGE)
+    target = root / "child" / name
+    for rel, data in contents.items():
+        (target / "lkrun" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / "lkrun" / rel).write_bytes(data)
+    return target
+
+
+def is_intact(directory: Path) -> bool:
+    package = Path(lkrun.__file__).parent
+    copied = sorted(
+        p.relative_to(directory / "lkrun")
+        for p in directory.rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+    return copied == interpreter.child_files() and all(
+        (directory / "lkrun" / rel).read_bytes() == (package / rel).read_bytes() for rel in copied
+    )
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda t: (t / "lkrun" / "__init__.py").write_text("import os  # runs first\n"),
+        lambda t: (t / "lkrun" / "child" / "sitecustomize.py").write_text("pass\n"),
+        lambda t: (t / "lkrun" / "context.py").unlink(),
+        lambda t: (t / "lkrun" / "context.py").chmod(0o666),
+        lambda t: (t / "lkrun" / "shared").chmod(0o777),
+        lambda t: (
+            (t / "lkrun" / "context.py").unlink(),
+            (t / "lkrun" / "context.py").symlink_to(Path(lkrun.__file__).parent / "context.py"),
+        ),
+    ],
+    ids=["changed", "extra-file", "missing-file", "writable-file", "writable-dir", "symlink"],
+)
+def test_a_copy_found_in_place_is_used_only_if_intact(tmp_path: Path, tamper: Any) -> None:
+    planted = plant_copy(tmp_path)
+    tamper(planted)
+    directory = interpreter.child_side_dir(roots=[tmp_path])
+    assert directory == planted and is_intact(directory)
+    assert not (directory / "lkrun" / "child" / "sitecustomize.py").exists()
+    # What was found there is gone, not kept beside it.
+    assert sorted(p.name for p in (tmp_path / "child").iterdir()) == [
+        directory.name,
+        f"{directory.name}.lock",
+    ]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make files of another user")
+def test_a_copy_of_another_user_is_replaced_and_their_directory_refused(tmp_path: Path) -> None:
+    planted = plant_copy(tmp_path / "cache")
+    os.chown(planted / "lkrun" / "child" / "runner.py", 4242, 4242)
+    directory = interpreter.child_side_dir(roots=[tmp_path / "cache"])
+    assert is_intact(directory)
+    assert (directory / "lkrun" / "child" / "runner.py").stat().st_uid == os.getuid()
+    # A child/ directory another user made: they could swap the copy after it was checked.
+    theirs = tmp_path / "theirs"
+    (theirs / "child").mkdir(parents=True)
+    os.chown(theirs / "child", 4242, 4242)
+    directory = interpreter.child_side_dir(roots=[theirs, tmp_path / "state"])
+    assert directory.parent == tmp_path / "state" / "child"
+    with pytest.raises(interpreter.ChildSideError) as caught:
+        interpreter.child_side_dir(roots=[theirs])
+    assert f"refusing {theirs / 'child'}: it belongs to uid 4242" in str(caught.value)
+
+
+@pytest.mark.parametrize("where", ["root", "child"])
+def test_a_copy_root_others_may_write_to_is_refused(tmp_path: Path, where: str) -> None:
+    shared = tmp_path / "shared"
+    (shared / "child").mkdir(parents=True)
+    (shared if where == "root" else shared / "child").chmod(0o777)
+    directory = interpreter.child_side_dir(roots=[shared, tmp_path / "state"])
+    assert directory.parent == tmp_path / "state" / "child"
+    assert not any((shared / "child").iterdir())  # nothing was written there
+    with pytest.raises(interpreter.ChildSideError, match="others may write to it"):
+        interpreter.child_side_dir(roots=[shared])
+
+
+def test_the_copy_goes_to_the_cache_else_the_daemons_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LKRUN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)  # the runtime dir would be in /tmp
+    monkeypatch.setattr(interpreter, "_state_dir", [])
+    assert interpreter._roots() == [tmp_path / "cache"]
+    interpreter.configure(tmp_path / "state")  # as `lkrun serve --state-dir` and `check` do
+    assert interpreter._roots() == [tmp_path / "cache", tmp_path / "state"]
+
+
+def test_a_new_copy_prunes_what_other_builds_left(tmp_path: Path) -> None:
+    home = tmp_path / "child"
+    day = interpreter.PRUNE_AFTER
+
+    def made(name: str, ago: float) -> Path:
+        path = home / name
+        (path / "lkrun").mkdir(parents=True)
+        os.utime(path, (time.time() - ago, time.time() - ago))
+        return path
+
+    old = made("0.0.9-00000000000000aa", 2 * day)
+    recent = made("0.0.9-00000000000000bb", 60)  # perhaps a daemon of an older build
+    held = made("0.0.9-00000000000000cc", 2 * day)
+    stale = made(".0.0.9-00000000000000dd.x1y2z3", 2 * interpreter.STALE_TEMPORARY)
+    writing = made(".0.0.9-00000000000000ee.a1b2c3", 1)  # another daemon writing now
+    unrelated = made("notes", 2 * day)
+    lock = home / f"{held.name}.lock"
+    interpreter._hold(lock)  # as a running daemon of that build holds its copy
+    try:
+        directory = interpreter.child_side_dir(roots=[tmp_path])
+    finally:
+        os.close(interpreter._held.pop(lock))
+    left = {p.name for p in home.iterdir()}
+    assert left == {
+        directory.name,
+        f"{directory.name}.lock",
+        recent.name,
+        held.name,
+        lock.name,
+        writing.name,
+        unrelated.name,
+    }
+    assert old.name not in left and stale.name not in left
 
 
 def test_the_copy_is_named_by_its_content(tmp_path: Path) -> None:

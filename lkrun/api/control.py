@@ -164,20 +164,11 @@ def _bind_unix(path: Path) -> socket.socket:
 
 def check_socket_dir(directory: Path) -> None:
     """ControlError unless ``directory`` is a real directory of ours that nobody else can
-    write to. In a shared directory such as /tmp, another user could have created it (or a
-    symlink) first, to block the daemon or to answer in its place."""
+    write to (lkrun.paths.unsafe_dir)."""
     try:
-        info = os.lstat(directory)
+        problem = paths.unsafe_dir(directory)
     except OSError as exc:
         raise ControlError(f"cannot use {directory} for the control socket: {exc}") from exc
-    problem = ""
-    if not stat.S_ISDIR(info.st_mode):
-        problem = "it is not a directory (a symlink?)"
-    elif info.st_uid not in (os.getuid(), 0):  # root's own (/tmp, /run) cannot be a trap
-        problem = f"it belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
-    elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
-        # With the sticky bit (/tmp) nobody else can remove or replace our socket in it.
-        problem = f"others may write to it (mode {stat.S_IMODE(info.st_mode):o})"
     if problem:
         raise ControlError(
             f"refusing {directory} for the control socket: {problem}; remove it, or set "

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lkrun import credentials, paths
+from lkrun import credentials, interpreter, paths
 from lkrun.api import control
 from lkrun.cli.common import (
     EXIT_USAGE,
@@ -40,11 +40,20 @@ from lkrun.manifest import (
 _DEFAULTS = DaemonSettings()
 
 
-def _load(manifest_path: Path) -> Manifest:
+def _load(manifest_path: Path, state_dir: Path | None = None) -> Manifest:
+    """The manifest, its entrypoints checked; ``state_dir``: the daemon's (--state-dir)."""
     try:
-        manifest = check_entrypoints(load_manifest(manifest_path))
+        manifest = _configured(load_manifest(manifest_path), state_dir)
+        manifest = check_entrypoints(manifest)
     except ManifestError as exc:
         fail(str(exc), EXIT_USAGE)
+    return manifest
+
+
+def _configured(manifest: Manifest, state_dir: Path | None = None) -> Manifest:
+    """Before the first check: lkrun's child side is read from disk now, and its copy for
+    agents on their own Python may go to the daemon's state directory."""
+    interpreter.configure(state_dir or manifest.daemon.state_dir or paths.state_dir())
     return manifest
 
 
@@ -74,7 +83,7 @@ def _check_json(manifest_path: Path) -> None:
     stops at the first error, so agents it did not reach have "ok": null."""
     report: dict[str, Any] = {"manifest": str(manifest_path), "ok": True, "errors": []}
     try:
-        loaded = load_manifest(manifest_path)
+        loaded = _configured(load_manifest(manifest_path))
         # Listed before the import check, so that a refusal still names every agent.
         report["agents"] = [_agent_report(spec) for spec in loaded.agents.values()]
         checked = check_entrypoints(loaded)
@@ -200,7 +209,7 @@ def serve(
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         fail(f"--log-level must be debug, info, warning or error, got {log_level!r}", EXIT_USAGE)
     setup_logging(log_level, log_format)
-    loaded = _load(manifest)
+    loaded = _load(manifest, state_dir.absolute() if state_dir is not None else None)
     _warn_app_settings(loaded)
     settings = _daemon_settings(loaded, drain_timeout, shutdown_timeout, http_addr)
     if name is not None:
