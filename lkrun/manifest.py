@@ -545,10 +545,11 @@ class AppInfo:
     applied: tuple[str, ...] = ()  # manifest fields whose value came from the app
     warnings: tuple[str, ...] = ()
     # The version of the interpreter the check ran the code under (AgentSpec.interpreter)
-    # and of the livekit (rtc) it imported. Facts about the env, not the app: a reload
-    # compares AgentSpec.python, and a host keeps showing what its processes loaded.
-    python_version: str = field(default="", compare=False)
-    livekit_version: str = field(default="", compare=False)
+    # and of the livekit (rtc) it imported. Facts about the env: a reload that finds them
+    # (or ``version``) changed, after a pip install into the env, replaces the agent's
+    # processes (lkrun.supervision.agent_processes), so status shows what they loaded.
+    python_version: str = ""
+    livekit_version: str = ""
     # A command agent's program and arguments, the program as found (on PATH or made
     # absolute); () for a Python agent.
     command: tuple[str, ...] = ()

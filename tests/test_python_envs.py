@@ -20,9 +20,10 @@ from livekit import rtc
 import lkrun
 from lkrun import interpreter
 from lkrun.credentials import Credentials
+from lkrun.entrypoints import apply_app
 from lkrun.manifest import ManifestError, parse_manifest
 from lkrun.shared import CHILD_SIDE
-from lkrun.supervision.agent_processes import job_env
+from lkrun.supervision.agent_processes import _loaded_fields, _process_fields, job_env
 from lkrun.supervision.job_process import AppSpec, python_command
 from tests.conftest import Server, observer, run_cli, unique, wait_for, wait_for_participant
 from tests.envs import EnvFactory, PythonEnv
@@ -490,6 +491,64 @@ async def _changed(
 ) -> tuple[int, str] | None:
     now = await probe()
     return now if now is not None and now != before else None
+
+
+def test_a_changed_env_under_the_same_python_is_a_change_that_replaces_processes(
+    tmp_path: Path,
+) -> None:
+    python = executable(tmp_path / "venv" / "bin" / "python")
+    path = manifest_at(tmp_path, agent_table("a", "m:server", python=str(python)))
+    spec = parse_manifest(path.read_text(), path).agents["a"]
+    app = {"framework": "livekit-agents", "kind": "AgentServer", "version": "1.8.9"}
+    runtime = {"python_version": "3.11.7", "livekit": "1.1.0"}
+    before = apply_app(path, spec, app, runtime)
+    # What a pip install into the env (or a rebuilt one) changes under the same ``python``.
+    for after in (
+        apply_app(path, spec, {**app, "version": "1.8.10"}, runtime),
+        apply_app(path, spec, app, {**runtime, "python_version": "3.11.9"}),
+        apply_app(path, spec, app, {**runtime, "livekit": "1.1.1"}),
+    ):
+        assert after != before  # the daemon applies it (Daemon._apply: host.update_spec)
+        assert _loaded_fields(after) != _loaded_fields(before)  # a new fork server
+        assert _process_fields(after) != _process_fields(before)  # new warm processes
+    assert _loaded_fields(apply_app(path, spec, app, runtime)) == _loaded_fields(before)
+
+
+def swap_to(wrapper: Path, python: Path | str) -> None:
+    """``wrapper`` runs ``python``: one ``python`` path of the manifest whose packages change
+    under it, as with a pip install into the env."""
+    wrapper.write_text(f'#!/bin/sh\nexec {python} "$@"\n')
+    wrapper.chmod(0o755)
+
+
+async def test_new_packages_in_an_agents_env_replace_its_processes_on_reload(
+    python_env: EnvFactory, start_daemon: Callable[..., Any], tmp_path: Path
+) -> None:
+    env = old_env(python_env)
+    wrapper = tmp_path / "agent-python"
+    swap_to(wrapper, env.python)
+    manifest = agent_table("a", f"{REPORTER}:entrypoint", python=str(wrapper))
+    daemon = await start_daemon(manifest)
+
+    async def fork_server() -> tuple[int, str] | None:
+        [agent] = (await daemon.status())["agents"]
+        pid = agent["fork_server_pid"]
+        command = program_of(pid) if pid is not None else ""
+        return (pid, command) if command else None
+
+    before = await wait_for(fork_server, 30, what="the fork server")
+    assert before[1] == str(env.python)
+    [agent] = (await daemon.status())["agents"]
+    assert agent["livekit_version"] == OLD_LIVEKIT
+    swap_to(wrapper, sys.executable)  # livekit and numpy of the daemon's env, same Python
+    daemon.manifest_path.write_text(manifest)  # unchanged: only saved again, a reload
+    after = await wait_for(
+        lambda: _changed(fork_server, before), 60, what="a fork server on the new packages"
+    )
+    assert after[1] == sys.executable
+    [agent] = (await daemon.status())["agents"]
+    assert agent["python"] == str(wrapper) and agent["livekit_version"] == rtc.__version__
+    await wait_for(lambda: program_of(before[0]) == "", 30, what="the old fork server to exit")
 
 
 def test_installing_into_an_env_beside_the_manifest_is_no_code_change(tmp_path: Path) -> None:

@@ -333,7 +333,10 @@ class AgentProcesses:
 
 
 def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
-    """What a fork server was started with: a change needs a new one."""
+    """What a fork server was started with: a change needs a new one. That includes what
+    the import check found of the agent's env: a pip install into it changes the versions
+    under the same ``python``, and its running processes hold the old packages."""
+    app = spec.app
     return (
         spec.entrypoint,
         spec.command,
@@ -344,6 +347,9 @@ def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
         spec.resolved_framework,
         spec.python,
         runners_of(spec.app),  # the job environment names the inference socket
+        app.version if app is not None else "",  # livekit-agents
+        app.python_version if app is not None else "",
+        app.livekit_version if app is not None else "",
     )
 
 
