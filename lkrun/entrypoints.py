@@ -113,7 +113,7 @@ def _check_group(
     results = _run_importcheck(manifest, request, timeout, env, agents[0])
     runtime = results.get("env")
     runtime = runtime if isinstance(runtime, dict) else {}
-    _check_runtime(manifest.path, agents[0], runtime)
+    _check_runtime(manifest.path, agents[0], runtime, _own_lkrun(agents[0]))
     found = dict(zip(entrypoints, _list(results.get("entrypoints")), strict=False))
     prewarms = results.get("callables")
     prewarms = prewarms if isinstance(prewarms, dict) else {}
@@ -130,18 +130,36 @@ def _check_group(
     return resolved
 
 
-def _check_runtime(path: Path, spec: AgentSpec, runtime: Mapping[str, Any]) -> None:
-    """What every agent needs of its interpreter: this daemon's lkrun (the child side the
-    daemon put on its path) and livekit's rtc; one line naming what to install if not."""
+def _own_lkrun(spec: AgentSpec) -> Path:
+    """The lkrun package the agent's processes must import: the child side's copy for an
+    agent on its own Python (put first on its PYTHONPATH), else the daemon's own."""
+    if spec.python is not None:
+        return interpreter.child_side_dir() / "lkrun"  # made already, by _check_env
+    return interpreter.PACKAGE
+
+
+def _check_runtime(
+    path: Path, spec: AgentSpec, runtime: Mapping[str, Any], own_lkrun: Path
+) -> None:
+    """What every agent needs of its interpreter: this daemon's lkrun (``own_lkrun``: the
+    copy the daemon put on its path, or the daemon's package; the version alone does not
+    tell, it is the same across commits) and livekit's rtc; one line naming what to
+    install if not."""
     python = spec.interpreter
     version = runtime.get("lkrun")
-    if version != __version__:
-        where = runtime.get("lkrun_path") or "?"
+    where = str(runtime.get("lkrun_path") or "?")
+    if version != __version__ or os.path.realpath(where) != os.path.realpath(own_lkrun):
+        cause = (
+            "does the interpreter ignore PYTHONPATH (a wrapper with -E or -I)?"
+            if spec.python is not None
+            else "is there another lkrun in the manifest's directory or on PYTHONPATH?"
+        )
         message = (
             f"python {python} imports lkrun {version} from {where}, not this daemon's "
-            f"{__version__}: does the interpreter ignore PYTHONPATH (a wrapper with -E or -I)?"
+            f"{__version__} from {own_lkrun}: {cause}"
         )
-        raise ManifestError(path, message, agent=spec.name, field="python")
+        field = "python" if spec.python is not None else None
+        raise ManifestError(path, message, agent=spec.name, field=field)
     if runtime.get("livekit") is None:
         why = runtime.get("livekit_error") or "not found"
         message = (

@@ -376,11 +376,7 @@ def test_an_interpreter_that_imports_another_lkrun_is_refused(
 ) -> None:
     bare = python_env("bare")
     # An lkrun of another version, which a wrapper puts on the path instead of the daemon's.
-    other = tmp_path / "other"
-    for rel in interpreter.child_files():
-        (other / "lkrun" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (other / "lkrun" / rel).write_bytes((Path(lkrun.__file__).parent / rel).read_bytes())
-    (other / "lkrun" / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    other = copy_of_lkrun(tmp_path / "other", "0.0.1").parent
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={other} exec {bare.python} "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
@@ -393,6 +389,73 @@ def test_an_interpreter_that_imports_another_lkrun_is_refused(
         f"python {wrapper} imports lkrun 0.0.1 from {other / 'lkrun'}, "
         f"not this daemon's {lkrun.__version__}"
     )
+
+
+def copy_of_lkrun(directory: Path, version: str = lkrun.__version__) -> Path:
+    """An lkrun package (the child side) of ``version`` under ``directory``."""
+    for rel in interpreter.child_files():
+        (directory / "lkrun" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / "lkrun" / rel).write_bytes((Path(lkrun.__file__).parent / rel).read_bytes())
+    if version != lkrun.__version__:
+        (directory / "lkrun" / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    return directory / "lkrun"
+
+
+def test_an_interpreter_that_imports_another_lkrun_of_the_same_version_is_refused(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    # lkrun's version is the same across commits: an older checkout's child side, which a
+    # wrapper puts first on the path, says 0.1.0 too.
+    bare = python_env("bare")
+    other = copy_of_lkrun(tmp_path / "other")
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={other.parent} exec {bare.python} "$@"\n')
+    wrapper.chmod(0o755)
+    manifest = manifest_at(tmp_path, agent_table("a", f"{REPORTER}:entrypoint", python="python"))
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("a", "python")
+    assert error["message"].startswith(
+        f"python {wrapper} imports lkrun {lkrun.__version__} from {other}, not this daemon's "
+        f"{lkrun.__version__} from {interpreter.child_side_dir() / 'lkrun'}"
+    )
+
+
+@pytest.mark.e2e  # lkrun check
+def test_an_agent_on_the_daemons_python_must_import_the_daemons_lkrun(tmp_path: Path) -> None:
+    # An lkrun package on the path the agent's env sets comes first on its jobs' path: its
+    # child side, not the daemon's, would run the jobs.
+    other = copy_of_lkrun(tmp_path / "lib")
+    manifest = manifest_at(
+        tmp_path, agent_table("a", f"{REPORTER}:entrypoint", env={"PYTHONPATH": str(other.parent)})
+    )
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("a", None)
+    assert error["message"] == (
+        f"python {sys.executable} imports lkrun {lkrun.__version__} from {other}, not this "
+        f"daemon's {lkrun.__version__} from {interpreter.PACKAGE}: is there another lkrun in "
+        "the manifest's directory or on PYTHONPATH?"
+    )
+
+
+def test_the_child_side_is_read_when_the_daemon_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An lkrun upgraded on disk under a running daemon reaches no agent's processes, not
+    # even those of an agent a reload adds later (the daemon's side is still the old one).
+    package = copy_of_lkrun(tmp_path / "installed")
+    monkeypatch.setattr(interpreter, "PACKAGE", package)
+    monkeypatch.setattr(interpreter, "_state_dir", [])
+    interpreter.configure(tmp_path / "state")  # the daemon starts (serve, check, Daemon)
+    started_with = (package / "context.py").read_bytes()
+    (package / "context.py").write_text("# upgraded on disk\n")
+    (package / "child" / "new_module.py").write_text("# upgraded on disk\n")
+    directory = interpreter.child_side_dir(package, roots=[tmp_path / "cache"])
+    assert (directory / "lkrun" / "context.py").read_bytes() == started_with
+    assert not (directory / "lkrun" / "child" / "new_module.py").exists()
 
 
 async def attributes_of(room: rtc.Room, prefix: str) -> dict[str, str]:
