@@ -37,6 +37,7 @@ class FakeProcess:
         self._ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._exit: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.started = False
+        self.running_timeout = 0.0
         self.changed = asyncio.Event()
 
     # -- ProcessHandle
@@ -61,9 +62,10 @@ class FakeProcess:
     async def wait_ready(self, timeout: float) -> bool:
         return await self._ready
 
-    def start(self, **payload: Any) -> None:
+    def start(self, *, running_timeout: float = 0.0, **payload: Any) -> None:
         assert self.pid is not None
         self.started = True
+        self.running_timeout = running_timeout
         self.sent.append(("start", payload))
 
     def drain(self) -> None:
@@ -304,6 +306,7 @@ async def test_a_job_goes_reserved_starting_running_ended() -> None:
     proc.ready()
     await settle()
     assert proc.sent[-1] == ("start", {"job": "J1", "name": "agent-name", "token": "tok"})
+    assert proc.running_timeout == 10.0  # the agent's prewarm_timeout, from start to running
     assert w.procs.replenished == 1
     proc.running()
     assert phase(w, "J1") is Phase.RUNNING and record.status is JobStatus.RUNNING

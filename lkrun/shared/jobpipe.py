@@ -101,6 +101,28 @@ def decode(line: bytes) -> dict[str, Any]:
     return msg
 
 
+async def read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next line on ``reader`` (at EOF the rest without its newline, b"" if none), or
+    None for a line over the reader's limit, dropped through its newline. StreamReader's
+    readline drops only what it has buffered of such a line: the rest would arrive as a
+    line of its own, which may well be a message."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:  # EOF
+        return exc.partial
+    except asyncio.LimitOverrunError as exc:
+        consumed = exc.consumed
+    while True:  # drop the line: what is buffered of it, then on to its newline
+        await reader.readexactly(consumed)
+        try:
+            await reader.readuntil(b"\n")
+            return None
+        except asyncio.IncompleteReadError:  # EOF within the line: the next read says so
+            return None
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+
+
 async def read_messages(
     reader: asyncio.StreamReader,
     handle: Callable[[dict[str, Any]], None],
@@ -110,9 +132,8 @@ async def read_messages(
     not JSON, or one ``handle`` cannot take) costs that message only: ``warn`` says why and
     the next one is read as usual."""
     while True:
-        try:
-            line = await reader.readline()
-        except ValueError:  # over the reader's limit: that line is dropped
+        line = await read_line(reader)
+        if line is None:
             warn("an oversized message was ignored")
             continue
         if not line:

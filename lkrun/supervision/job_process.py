@@ -160,6 +160,7 @@ class JobProcess:
         self.ready_message: dict[str, Any] | None = None  # as received: its version, warm
         self.pid: int | None = None
         self.ready = asyncio.Event()
+        self.start_sent = False
         self.started_running = False
         self._proc: Launched | None = None
         self._waiter: asyncio.Task[Outcome] | None = None
@@ -170,7 +171,9 @@ class JobProcess:
         )
         self._last_log_line = ""
         self._exited = asyncio.Event()
-        self._refusal: asyncio.Future[None] | None = None  # killing a process we refused
+        # Killing a process the daemon will not talk to; _supervise awaits it.
+        self._refusal: asyncio.Task[None] | None = None
+        self._running_timer: asyncio.TimerHandle | None = None  # start -> running
         self.stop_reason = ""
 
     async def spawn(self) -> None:
@@ -205,8 +208,30 @@ class JobProcess:
         self.on_running = on_running
         self.sink = sink
 
-    def start(self, **payload: Any) -> None:
-        self._send(jobpipe.START, protocol=jobpipe.PROTOCOL, **payload)
+    def start(self, *, running_timeout: float = 0.0, **payload: Any) -> None:
+        """Send the job. A start the protocol cannot carry (over ``jobpipe.MAX_LINE``: the
+        room's or the participant's metadata and attributes are not capped) fails the job
+        and ends the process, which would otherwise wait for it, holding the job's slot.
+        With ``running_timeout``, a process that has not reported ``running`` that long
+        after its start is killed and the job fails."""
+        line = jobpipe.encode(jobpipe.START, protocol=jobpipe.PROTOCOL, **payload)
+        if len(line) > jobpipe.MAX_LINE:
+            self._refuse(
+                f"the job's start message is {len(line)} bytes, over the job protocol's limit "
+                f"of {jobpipe.MAX_LINE} (docs/protocol.md): the room's, the dispatch's or the "
+                "participant's metadata or attributes are too large"
+            )
+            return
+        self.start_sent = True
+        self._write(line)
+        if running_timeout > 0:
+            self._running_timer = asyncio.get_running_loop().call_later(
+                running_timeout, self._not_running, running_timeout
+            )
+
+    def _not_running(self, timeout: float) -> None:
+        if not (self.started_running or self.exited or self.stop_reason):  # a stop has its own
+            self._refuse(f"job process did not report running within {timeout:g}s of its start")
 
     def drain(self) -> None:
         self._send(jobpipe.DRAIN)
@@ -240,6 +265,10 @@ class JobProcess:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._proc.close()
             self._exited.set()
+            if self._running_timer is not None:
+                self._running_timer.cancel()
+            if self._refusal is not None:  # it ends now that _exited is set; its errors surface
+                await self._refusal
         return self._outcome(returncode)
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -300,10 +329,13 @@ class JobProcess:
         pdeathsig.signal_group(self.pid, sig)
 
     def _send(self, kind: str, **fields: Any) -> None:
+        self._write(jobpipe.encode(kind, **fields))
+
+    def _write(self, line: bytes) -> None:
         if self._proc is None or self._proc.stdin.is_closing():
             return
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._proc.stdin.write(jobpipe.encode(kind, **fields))
+            self._proc.stdin.write(line)
 
     def _outcome(self, returncode: int | None) -> Outcome:
         done = self._done
@@ -365,8 +397,8 @@ class JobProcess:
                 return
             self.ready.set()
         elif kind == jobpipe.RUNNING:
-            if not self.ready.is_set() or self.started_running:
-                raise jobpipe.PipeError("running came before ready, or twice")
+            if not (self.ready.is_set() and self.start_sent) or self.started_running:
+                raise jobpipe.PipeError("running came before its start, or twice")
             ts = msg.get("ts")
             self.running_at = float(ts) if isinstance(ts, (int, float)) else None
             self.started_running = True
@@ -382,7 +414,10 @@ class JobProcess:
     def _refuse(self, why: str) -> None:
         """End a process the daemon cannot talk to; its job fails with ``why``."""
         self._failure = self._failure or why
-        self._refusal = asyncio.ensure_future(self.kill(why, failure=True))
+        if self._refusal is None and not self.exited:
+            self._refusal = asyncio.create_task(
+                self.kill(why, failure=True), name=f"kill {self.pid}"
+            )
 
     async def _read_log(self, stream: asyncio.StreamReader) -> None:
         pending = b""
