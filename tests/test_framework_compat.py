@@ -18,9 +18,9 @@ from livekit import rtc
 from livekit.agents import AgentServer, JobContext, JobProcess
 from livekit.agents.job import JobExecutorType
 
-from lkrun.child import kinds
+from lkrun.child import apps, importcheck, kinds
 from lkrun.child.appkind import AppError
-from lkrun.child.framework import compat
+from lkrun.child.framework import compat, job
 from lkrun.child.framework.inference import NoInference
 from lkrun.child.framework.job import running_job_info
 
@@ -170,6 +170,48 @@ async def test_instance_attributes_are_there() -> None:
             assert [name for name in wanted if not hasattr(obj, name)] == []
     finally:
         ctx._tempdir.cleanup()
+
+
+APP = """
+from livekit.agents import AgentServer, JobContext
+
+server = AgentServer()
+
+
+@server.rtc_session()
+async def entrypoint(ctx: JobContext) -> None:
+    pass
+"""
+
+
+def test_the_import_check_names_job_context_attributes_a_version_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    spec = f"{tmp_path / 'app.py'}:server"
+    assert job.missing_job_attributes() == []  # this version has them all
+    assert importcheck.describe_entrypoint(spec, "auto")["error"] is None
+    # A version whose JobContext no longer sets one of them: jobs would fail when they shut
+    # down (FrameworkJob._clean_up reads _pending_tasks...).
+    wanted = compat.INSTANCE_ATTRIBUTES["JobContext"]
+    monkeypatch.setattr(
+        compat,
+        "INSTANCE_ATTRIBUTES",
+        {**compat.INSTANCE_ATTRIBUTES, "JobContext": (*wanted, "_gone_in_this_version")},
+    )
+    job.missing_job_attributes.cache_clear()
+    try:
+        result = importcheck.describe_entrypoint(spec, "auto")
+    finally:
+        job.missing_job_attributes.cache_clear()
+    assert result["app"] is None
+    error = result["error"]
+    assert "\n" not in error
+    assert error.startswith(f"livekit-agents {compat.VERSION} (under {sys.executable}) lacks 1 ")
+    assert error.endswith(": livekit.agents.job.JobContext._gone_in_this_version")
+    # A job process or a fork server builds none before its job (make_app's default).
+    target = apps.load_target(spec)
+    assert kinds.make_app(spec, target, None, "auto").framework == "livekit-agents"
 
 
 # -- NEEDED is complete: every livekit.agents name the shim uses is listed --------------------

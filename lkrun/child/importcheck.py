@@ -80,7 +80,7 @@ def describe_entrypoint(spec: str, framework: str) -> dict[str, Any]:
     except _Failed as exc:
         return {"error": str(exc), "app": None}
     try:
-        app = kinds.make_app(spec, target, None, framework)
+        app = kinds.make_app(spec, target, None, framework, thorough=True)
     except AppError as exc:
         return {"error": one_line(str(exc), _MAX_ERROR), "app": None}
     info = app.info()

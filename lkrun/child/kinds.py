@@ -71,9 +71,20 @@ def _from_package(value: Any, package: str) -> bool:
     return isinstance(name, str) and (name == package or name.startswith(package + "."))
 
 
-def make_app(entrypoint: str, target: Any, warm: Callable[..., Any] | None, framework: str) -> App:
+def make_app(
+    entrypoint: str,
+    target: Any,
+    warm: Callable[..., Any] | None,
+    framework: str,
+    *,
+    thorough: bool = False,
+) -> App:
     """Wrap what ``entrypoint`` names (``target``) in its app kind, ``framework`` (or the one
-    ``detect`` finds for AUTO); AppError, on one line, if it is not something lkrun can run."""
+    ``detect`` finds for AUTO); AppError, on one line, if it is not something lkrun can run.
+
+    ``thorough`` (the import check): also build a throwaway framework JobContext and name
+    the attributes lkrun reads off it that it lacks (not in a fork server or a job process,
+    see lkrun.child.framework.job.missing_job_attributes)."""
     if framework == AUTO:
         framework = detect(target)
     if framework == LIVEKIT_AGENTS:
@@ -84,6 +95,11 @@ def make_app(entrypoint: str, target: Any, warm: Callable[..., Any] | None, fram
 
             compat.check()
             from lkrun.child.framework.app import FrameworkApp
+
+            if thorough:
+                from lkrun.child.framework.job import missing_job_attributes
+
+                compat.check(gone=missing_job_attributes())
         except ImportError as exc:
             raise AppError(
                 f"{entrypoint!r} is a livekit-agents app, which is not installed ({exc}); "

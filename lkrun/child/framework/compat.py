@@ -67,7 +67,9 @@ class Need:
 # What the shim takes from livekit.agents, in every version it hosts. A name that only
 # some versions have is not here: it is behind one of the functions further down.
 # (Instance attributes of a JobContext or an AgentServer cannot be read off the class; they
-# are listed in INSTANCE_ATTRIBUTES and tested on real objects in the unit tests.)
+# are listed in INSTANCE_ATTRIBUTES. The import check builds a throwaway JobContext and
+# names those it lacks (job.missing_job_attributes); an AgentServer's are read through
+# server_attribute, which names the one that is gone.)
 NEEDED: tuple[Need, ...] = (
     # app.py: what an entrypoint may name, and the settings read off it
     Need("livekit.agents", "AgentServer"),
@@ -125,6 +127,13 @@ def missing(
         except (ImportError, AttributeError):
             gone.append(str(need))
     return gone
+
+
+def missing_attributes(obj: Any) -> list[str]:
+    """The INSTANCE_ATTRIBUTES of ``obj``'s class that ``obj`` lacks, named for check()."""
+    cls = type(obj)
+    wanted = INSTANCE_ATTRIBUTES.get(cls.__name__, ())
+    return [f"{cls.__module__}.{cls.__name__}.{name}" for name in wanted if not hasattr(obj, name)]
 
 
 def series(version: str) -> str:

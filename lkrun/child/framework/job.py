@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from livekit import rtc
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
+    JobExecutorType,
     JobProcess,
     RunningJobInfo,
     _JobContextVar,
@@ -93,25 +95,57 @@ def warm_up_job_path(proc: JobProcess) -> None:
     a fork pays for pages copied on write and first-use caches (a couple of milliseconds,
     measured), which would otherwise fall between the offer and the entrypoint."""
     try:
-        info = running_job_info(
-            {
-                "job": {"id": "warm-up", "room": {"name": "warm-up"}},
-                "url": "",
-                "token": "",
-                "identity": "warm-up",
-            }
-        )
-        ctx = JobContext(
-            proc=proc,
-            info=info,
-            room=rtc.Room(),
-            on_connect=lambda: None,
-            on_shutdown=lambda reason: None,
-            inference_executor=NoInference(),
-        )
-        ctx._tempdir.cleanup()
+        throwaway_context(proc)._tempdir.cleanup()
     except Exception as exc:  # only a warm-up: the real job reports its own errors
         logging.getLogger("lkrun.child.framework").debug("job warm-up failed: %r", exc)
+
+
+def throwaway_context(proc: JobProcess) -> JobContext:
+    """A JobContext for no job, built as a real job's is (its tempdir is the caller's to
+    clean up)."""
+    info = running_job_info(
+        {
+            "job": {"id": "warm-up", "room": {"name": "warm-up"}},
+            "url": "",
+            "token": "",
+            "identity": "warm-up",
+        }
+    )
+    return JobContext(
+        proc=proc,
+        info=info,
+        room=rtc.Room(),
+        on_connect=lambda: None,
+        on_shutdown=lambda reason: None,
+        inference_executor=NoInference(),
+    )
+
+
+@functools.cache
+def missing_job_attributes() -> list[str]:
+    """The attributes lkrun reads off a JobContext (compat.INSTANCE_ATTRIBUTES) that this
+    version's lacks, found on a throwaway one: they are set in its __init__, so NEEDED cannot
+    name them, and a job would fail only when it shuts down.
+
+    For the import check only: it needs an event loop (rtc.Room) and takes milliseconds, which
+    a fork server must not have before it forks and a job should not spend before its job.
+    """
+
+    async def probe() -> list[str]:
+        proc = JobProcess(
+            executor_type=JobExecutorType.PROCESS, user_arguments=None, http_proxy=None
+        )
+        try:
+            ctx = throwaway_context(proc)
+        except Exception as exc:  # its constructor changed
+            return [f"livekit.agents.job.JobContext as lkrun builds it ({describe(exc)})"]
+        try:
+            return compat.missing_attributes(ctx)
+        finally:
+            if (tempdir := getattr(ctx, "_tempdir", None)) is not None:
+                tempdir.cleanup()
+
+    return asyncio.run(probe())
 
 
 class FrameworkJob:
