@@ -217,15 +217,31 @@ def test_the_import_check_names_job_context_attributes_a_version_lacks(
 # -- NEEDED is complete: every livekit.agents name the shim uses is listed --------------------
 
 
+# Besides the shim, the child-side modules that deal with framework apps before the shim
+# is loaded (telling the kind, the install hints, the import check).
+FRAMEWORK_AWARE = ("kinds.py", "importcheck.py", "apps.py")
+
+
+def _scanned() -> list[Path]:
+    shim = [path for path in sorted(SHIM.glob("*.py")) if path.name != "compat.py"]
+    return shim + [SHIM.parent / name for name in FRAMEWORK_AWARE]
+
+
 def _shim_uses() -> set[str]:
     """``module.name`` for each ``from livekit.agents... import name`` in the shim, and
     ``module.attr`` for each private attribute read off the http_context module and
-    ``JobContext.attr`` for each read off a job context (``ctx``, ``self.ctx``)."""
+    ``JobContext.attr`` for each read off a job context (``ctx``, ``self.ctx``), and
+    ``livekit.agents.attr`` for each attribute read off a module named ``agents``."""
     used: set[str] = set()
-    for path in sorted(SHIM.glob("*.py")):
-        if path.name == "compat.py":
-            continue
+    for path in _scanned():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "agents"
+                and not node.attr.startswith("__")
+            ):
+                used.add(f"livekit.agents.{node.attr}")
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "livekit.agents"
             ):
@@ -254,8 +270,31 @@ def test_needed_lists_every_name_the_shim_uses() -> None:
     }
     uses = _shim_uses()
     assert "livekit.agents.job._JobContextVar" in uses  # the scan sees the shim
+    assert {p.name for p in _scanned()} >= {"kinds.py", "job.py", "app.py"}
     unlisted = sorted(u for u in uses if u not in listed | instance | on_class)
     assert unlisted == [], f"add these to compat.NEEDED or INSTANCE_ATTRIBUTES: {unlisted}"
+
+
+def test_the_scan_sees_names_read_off_the_agents_module() -> None:
+    assert "livekit.agents.WorkerOptions" not in _shim_uses()  # kinds.py goes through compat
+    assert {str(n) for n in (*compat.APP_TYPES, compat.JOB_CONTEXT)} <= {
+        str(n) for n in compat.NEEDED
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        ("server = AgentServer()", "livekit-agents"),
+        ("server = WorkerOptions(entrypoint_fnc=lambda ctx: None)", "livekit-agents"),
+        ("async def server(ctx: JobContext) -> None: ...", "livekit-agents"),
+        ("import lkrun.context\nasync def server(ctx: lkrun.context.JobContext): ...", "lkrun"),
+    ],
+)
+def test_detect_tells_the_kind_through_compat(tmp_path: Path, source: str, kind: str) -> None:
+    app = tmp_path / f"app_{abs(hash(source))}.py"
+    app.write_text(f"from livekit.agents import AgentServer, JobContext, WorkerOptions\n{source}\n")
+    assert kinds.detect(apps.load_target(f"{app}:server")) == kind
 
 
 def test_a_long_list_of_missing_names_is_cut_with_a_count() -> None:

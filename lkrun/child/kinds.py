@@ -33,14 +33,16 @@ def detect(target: Any) -> str:
     then by what its module imported. A module that never imported livekit.agents is an
     lkrun app. The manifest's ``framework`` field settles the cases this cannot.
     """
-    agents = sys.modules.get("livekit.agents")
-    if agents is None:
+    if "livekit.agents" not in sys.modules:
         return LKRUN
-    if isinstance(target, (agents.AgentServer, agents.WorkerOptions)):
+    # Imported already, so compat costs nothing more; it knows the names of each version.
+    from lkrun.child.framework import compat
+
+    if isinstance(target, compat.app_types()):
         return LIVEKIT_AGENTS
     hint = _first_parameter_type(target)
     if hint is not None:
-        if hint is agents.JobContext:
+        if hint is compat.job_context_type():
             return LIVEKIT_AGENTS
         native = sys.modules.get("lkrun.context")
         if native is not None and hint is native.JobContext:

@@ -118,15 +118,46 @@ def missing(
     import_module: Callable[[str], ModuleType] = importlib.import_module,
 ) -> list[str]:
     """The names of ``needs`` (default ``NEEDED``) this livekit-agents lacks."""
-    gone = []
-    for need in NEEDED if needs is None else needs:
-        try:
-            value: Any = import_module(need.module)
-            for part in filter(None, need.path.split(".")):
-                value = getattr(value, part)
-        except (ImportError, AttributeError):
-            gone.append(str(need))
-    return gone
+    return [
+        str(need) for need in (NEEDED if needs is None else needs) if not _has(need, import_module)
+    ]
+
+
+_MISSING = object()
+
+
+def _get(need: Need, import_module: Callable[[str], ModuleType] = importlib.import_module) -> Any:
+    """What ``need`` names in this livekit-agents, _MISSING if it lacks it."""
+    try:
+        value: Any = import_module(need.module)
+        for part in filter(None, need.path.split(".")):
+            value = getattr(value, part)
+    except (ImportError, AttributeError):
+        return _MISSING
+    return value
+
+
+def _has(need: Need, import_module: Callable[[str], ModuleType]) -> bool:
+    return _get(need, import_module) is not _MISSING
+
+
+# What an entrypoint may name as a whole app (WorkerOptions is ServerOptions' older name),
+# and the type of a bare entrypoint's parameter: lkrun.child.kinds.detect tells the app kind
+# by them.
+APP_TYPES = (Need("livekit.agents", "AgentServer"), Need("livekit.agents.worker", "ServerOptions"))
+JOB_CONTEXT = Need("livekit.agents.job", "JobContext")
+
+
+def app_types() -> tuple[type, ...]:
+    """The classes of a whole framework app, those this version has (check() names the
+    others)."""
+    return tuple(value for need in APP_TYPES if (value := _get(need)) is not _MISSING)
+
+
+def job_context_type() -> type | None:
+    """The framework's JobContext, None if this version lacks it (check() says so)."""
+    value = _get(JOB_CONTEXT)
+    return None if value is _MISSING else value
 
 
 def missing_attributes(obj: Any) -> list[str]:
