@@ -60,7 +60,7 @@ WORKLOAD_SYSTEMS: dict[str, tuple[str, ...]] = {
 }
 # The media workload is opt-in (--workload media or all): about 12 minutes more, most of
 # them a 50-room level that keeps both cores of a small machine busy. venv and node
-# (--workload envs) are opt-in too: lkrun against itself, about 14 minutes together.
+# (--workload envs) are opt-in too: lkrun against itself, about 10 minutes together.
 DEFAULT_WORKLOADS = ("join", "agents")
 ENVS_WORKLOADS = ("venv", "node")
 VARIANTS = ("cold", "warm")
