@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/lkrun serve agents.toml.example
 
-test: $(STAMP) redis node-deps
+test: $(STAMP) redis node-deps test-envs
 	$(BIN)/ruff check lkrun tests
 	$(BIN)/pytest -v
 
@@ -50,6 +50,14 @@ cluster: $(STAMP) redis
 .PHONY: node-deps
 node-deps: $(STAMP)
 	$(BIN)/python -m tests.node_deps examples/node/echo
+
+# The virtualenvs the tests run agents in (tests/envs.py ENVS: a bare interpreter, livekit and
+# numpy older than the daemon's, each livekit-agents version in compat.TESTED), built once from
+# the package index and cached under ~/.cache/lkrun/envs, before pytest: the tests only reuse
+# them, so pip's minutes do not count against a test's timeout.
+.PHONY: test-envs
+test-envs: $(STAMP)
+	$(BIN)/python -m tests.envs --all
 
 # The fast tier: no livekit-server, no lkrun processes (seconds). `make test` runs it all.
 test-fast: $(STAMP)

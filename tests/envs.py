@@ -11,10 +11,14 @@ never reused; a lock file per env keeps two pytest processes from building the s
 The env is moved after it is built, so the scripts pip wrote into its bin/ name the
 temporary path in their ``#!`` line: run tools as ``env.python -m pip``, never ``bin/pip``.
 
-The ``python_env`` fixture (session-scoped, e2e) is this function::
+Every env the tests use is declared once, in ``ENVS`` below, and ``make test`` builds them
+all before pytest runs (``python -m tests.envs --all``): building one takes a minute or more
+(pip, from the package index), which must not count against a test's timeout. The
+``python_env`` fixture (session-scoped, e2e) takes one of those declarations and refuses any
+other, so the list stays complete::
 
     def test_x(python_env):
-        env = python_env("lk-1.0", ["livekit==1.0.25"], imports=["livekit.rtc"])
+        env = python_env(OLD)
         env.python  # Path of its bin/python, for a manifest's ``python = ...``
 """
 
@@ -36,11 +40,39 @@ from pathlib import Path
 import pytest
 
 from lkrun import paths
+from lkrun.child.framework import compat
 
 # Bump when the way an env is built changes: every cached env is built again.
 RECIPE = 1
 MANIFEST = "lkrun-test-env.json"  # written last into a built env: what it holds
 BUILD_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A test env: its name, what pip installs into it, what must import once it has."""
+
+    name: str
+    requirements: tuple[str, ...] = ()
+    imports: tuple[str, ...] = ()
+
+
+def framework_env(version: str) -> EnvSpec:
+    return EnvSpec(f"lka-{version}", (f"livekit-agents=={version}",), ("livekit.agents",))
+
+
+# Older than the daemon's livekit (1.1.x) and numpy (2.x): pip could not install these
+# beside the daemon's packages, so only an env of its own can run an agent that pins them.
+OLD_LIVEKIT = "1.0.25"
+OLD_NUMPY = "1.26.4"
+BARE = EnvSpec("bare")  # an interpreter with nothing installed (no pip)
+OLD = EnvSpec(
+    "lk-old", (f"livekit=={OLD_LIVEKIT}", f"numpy=={OLD_NUMPY}"), ("livekit.rtc", "numpy")
+)
+# One env per livekit-agents version lkrun is tested with.
+FRAMEWORKS = {version: framework_env(version) for version in compat.TESTED}
+# Every env the tests use: `make test` builds them before pytest (python -m tests.envs --all).
+ENVS = (BARE, OLD, *FRAMEWORKS.values())
 
 
 class EnvBuildError(Exception):
@@ -164,14 +196,33 @@ def _run(command: list[str], timeout: float = 120.0) -> str:
     return result.stdout
 
 
-EnvFactory = Callable[..., PythonEnv]  # ensure_env's signature
+EnvFactory = Callable[[EnvSpec], PythonEnv]
+
+
+def declared_env(spec: EnvSpec, ensure: Callable[..., PythonEnv] = ensure_env) -> PythonEnv:
+    """The env ``spec`` declares, which must be one of ENVS (so that `make test` built it);
+    built here only when pytest runs without make (then its time counts against the
+    test's)."""
+    if spec not in ENVS:
+        raise LookupError(f"{spec} is not in tests.envs.ENVS: declare it there, so make builds it")
+    return ensure(spec.name, spec.requirements, imports=spec.imports)
 
 
 @pytest.fixture(scope="session")
 def python_env() -> EnvFactory:
-    """``ensure_env``: a cached test virtualenv by name and requirements (see this module)."""
-    return ensure_env
+    """A cached test virtualenv, by one of the declarations in ENVS (see this module)."""
+    return declared_env
 
 
-if __name__ == "__main__":  # python -m tests.envs NAME REQUIREMENT...: build one by hand
-    print(ensure_env(sys.argv[1], sys.argv[2:]).python)
+def main(argv: Sequence[str], ensure: Callable[..., PythonEnv] = ensure_env) -> list[PythonEnv]:
+    """``--all``: build (or find) every env of ENVS; ``NAME REQUIREMENT...``: one by hand."""
+    if list(argv) == ["--all"]:
+        return [declared_env(spec, ensure) for spec in ENVS]
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m tests.envs --all | NAME [REQUIREMENT...]")
+    return [ensure(argv[0], argv[1:])]
+
+
+if __name__ == "__main__":
+    for built in main(sys.argv[1:]):
+        print(built.python)

@@ -24,7 +24,7 @@ from livekit import rtc
 
 from lkrun.child.framework import compat
 from tests.conftest import observer, run_cli, unique, wait_for, wait_for_participant
-from tests.envs import EnvFactory, PythonEnv
+from tests.envs import FRAMEWORKS, EnvFactory, PythonEnv
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
 from tests.test_framework_apps import CPU_OFF, Transcripts, events
 
@@ -32,7 +32,7 @@ APP = Path(__file__).parent / "lka_apps" / "versions.py"
 
 
 def agents_env(python_env: EnvFactory, version: str) -> PythonEnv:
-    return python_env(f"lka-{version}", [f"livekit-agents=={version}"], imports=["livekit.agents"])
+    return python_env(FRAMEWORKS[version])
 
 
 def same_dir(a: str | Path, b: str | Path) -> bool:

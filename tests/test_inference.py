@@ -34,6 +34,7 @@ from tests.conftest import (
     wait_for,
     wait_for_participant,
 )
+from tests.envs import FRAMEWORKS
 from tests.helpers import agent_table, dispatch, job_in_room
 
 CPU_OFF = '[daemon]\nload_threshold = "off"\n'
@@ -261,7 +262,7 @@ async def test_each_environment_has_its_own_inference_process(
 ) -> None:
     """An agent on its own interpreter (manifest ``python``) gets the inference process of
     that environment, started with that interpreter: two environments, two processes."""
-    env = python_env("lka-1.8.9", ["livekit-agents==1.8.9"], imports=["livekit.agents"])
+    env = python_env(FRAMEWORKS["1.8.9"])
     here, there = unique("inf-here"), unique("inf-there")
     daemon = await start_daemon(
         CPU_OFF

@@ -26,22 +26,14 @@ from lkrun.shared import CHILD_SIDE
 from lkrun.supervision.agent_processes import _loaded_fields, _process_fields, job_env
 from lkrun.supervision.job_process import AppSpec, python_command
 from tests.conftest import Server, observer, run_cli, unique, wait_for, wait_for_participant
-from tests.envs import EnvFactory, PythonEnv
+from tests.envs import BARE, OLD, OLD_LIVEKIT, OLD_NUMPY, EnvFactory, PythonEnv
 from tests.helpers import agent_table, dispatch
 
 REPORTER = Path(__file__).parent / "agents" / "env_report.py"
-# Older than the daemon's livekit (1.1.x) and numpy (2.x): pip could not install these
-# beside the daemon's packages, so only an env of its own can run an agent that pins them.
-OLD_LIVEKIT = "1.0.25"
-OLD_NUMPY = "1.26.4"
 
 
 def old_env(python_env: EnvFactory) -> PythonEnv:
-    return python_env(
-        "lk-old",
-        [f"livekit=={OLD_LIVEKIT}", f"numpy=={OLD_NUMPY}"],
-        imports=["livekit.rtc", "numpy"],
-    )
+    return python_env(OLD)
 
 
 def manifest_at(tmp_path: Path, text: str) -> Path:
@@ -331,7 +323,7 @@ def check_json(manifest: Path) -> tuple[int, dict[str, Any]]:
 def test_an_env_without_livekit_fails_check_in_one_line(
     python_env: EnvFactory, tmp_path: Path
 ) -> None:
-    bare = python_env("bare")
+    bare = python_env(BARE)
     manifest = manifest_at(
         tmp_path,
         agent_table("fine", f"{REPORTER}:entrypoint")
@@ -374,7 +366,7 @@ def test_a_framework_app_in_an_env_without_livekit_agents_says_what_to_install(
 def test_an_interpreter_that_imports_another_lkrun_is_refused(
     python_env: EnvFactory, tmp_path: Path
 ) -> None:
-    bare = python_env("bare")
+    bare = python_env(BARE)
     # An lkrun of another version, which a wrapper puts on the path instead of the daemon's.
     other = copy_of_lkrun(tmp_path / "other", "0.0.1").parent
     wrapper = tmp_path / "python"
@@ -406,7 +398,7 @@ def test_an_interpreter_that_imports_another_lkrun_of_the_same_version_is_refuse
 ) -> None:
     # lkrun's version is the same across commits: an older checkout's child side, which a
     # wrapper puts first on the path, says 0.1.0 too.
-    bare = python_env("bare")
+    bare = python_env(BARE)
     other = copy_of_lkrun(tmp_path / "other")
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={other.parent} exec {bare.python} "$@"\n')
