@@ -28,8 +28,16 @@ ROOT = Path(lkrun.__file__).parent
 # What the child side may import besides the standard library and itself: the LiveKit SDK
 # (not livekit.api, which brings aiohttp) everywhere, livekit-agents and what it brings in
 # child/framework only, and optional speed-ups inside a function that can do without them.
-THIRD_PARTY = ("livekit.rtc", "livekit.protocol")
-FRAMEWORK_ONLY = ("livekit.agents", "livekit.plugins", "livekit.api", "google.protobuf")
+# livekit.protocol is the separate livekit-protocol package, which livekit-agents brings and
+# an env with only ``livekit`` lacks.
+THIRD_PARTY = ("livekit.rtc",)
+FRAMEWORK_ONLY = (
+    "livekit.agents",
+    "livekit.plugins",
+    "livekit.api",
+    "livekit.protocol",
+    "google.protobuf",
+)
 OPTIONAL = ("uvloop",)
 # What the daemon needs and a job process must not: an agent's env need not have them.
 DAEMON_ONLY = (
@@ -210,12 +218,36 @@ def test_the_child_side_set_names_what_exists() -> None:
 
 
 def test_the_child_side_imports_nothing_of_the_daemon() -> None:
-    modules = all_modules()
-    child = {module_name(p) for p in child_side_files()}
+    assert wrong_imports(ROOT) == []
+
+
+def test_the_import_rules_catch_a_framework_only_import_outside_the_framework(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "lkrun"
+    for rel, text in {
+        "__init__.py": "",
+        "context.py": "",
+        "shared/__init__.py": "",
+        "child/__init__.py": "",
+        "child/runner.py": "from livekit import rtc\nfrom livekit.protocol import agent\n",
+        "child/framework/__init__.py": "",
+        "child/framework/job.py": "from livekit.protocol import agent\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    assert wrong_imports(root) == ["lkrun/child/runner.py:2 imports livekit.protocol.agent"]
+
+
+def wrong_imports(root: Path) -> list[str]:
+    """Each import of the child side under ``root`` that it may not make."""
+    modules = all_modules(root)
+    files = child_side_files(root)
+    child = {module_name(p, root) for p in files}
     wrong = []
-    for path in child_side_files():
-        in_framework = within(module_name(path), ["lkrun.child.framework"])
-        for imp in imports(path, modules):
+    for path in files:
+        in_framework = within(module_name(path, root), ["lkrun.child.framework"])
+        for imp in imports(path, modules, root):
             top = imp.module.split(".")[0]
             if top == "lkrun":
                 ok = imp.module in child
@@ -230,8 +262,8 @@ def test_the_child_side_imports_nothing_of_the_daemon() -> None:
             else:
                 ok = within(imp.module, OPTIONAL) and imp.deferred
             if not ok:
-                wrong.append(f"{path.relative_to(ROOT.parent)}:{imp.line} imports {imp.module}")
-    assert not wrong, "\n".join(wrong)
+                wrong.append(f"{path.relative_to(root.parent)}:{imp.line} imports {imp.module}")
+    return wrong
 
 
 def test_shared_imports_only_the_standard_library() -> None:
@@ -328,7 +360,9 @@ def test_a_copy_of_the_child_side_imports_without_the_daemon(tmp_path: Path) -> 
         "from lkrun.context import JobContext\n\n\n"
         "async def entrypoint(ctx: JobContext) -> None:\n    pass\n"
     )
-    code = BLOCKER.format(blocked=list(DAEMON_ONLY), copy=str(copy)) + textwrap.dedent(PROBE)
+    # Also what an env with only ``livekit`` lacks.
+    blocked = [*DAEMON_ONLY, "livekit.protocol"]
+    code = BLOCKER.format(blocked=blocked, copy=str(copy)) + textwrap.dedent(PROBE)
     proc = subprocess.run(
         [sys.executable, "-I", "-c", code],
         cwd=tmp_path,
