@@ -107,6 +107,14 @@ def test_an_untested_series_is_a_warning(version: str, warned: bool) -> None:
         assert "1.7.x, 1.8.x" in warning
 
 
+def test_the_version_is_read_when_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "VERSION", "1.6.10")
+    warning = compat.untested_warning()
+    assert warning is not None and warning.startswith("livekit-agents 1.6.10 is not a version")
+    with pytest.raises(AppError, match=r"^livekit-agents 1\.6\.10 \(under "):
+        compat.check(gone=["livekit.agents.job.Gone"])
+
+
 def test_series() -> None:
     assert compat.series("1.8.9") == "1.8"
     assert compat.series("1.10.0.dev3") == "1.10"

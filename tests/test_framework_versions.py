@@ -161,3 +161,54 @@ def test_a_version_without_the_names_lkrun_needs_fails_check_in_one_line(
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line == f"error: {error['text']}" and "agent 'future'" in line
+
+
+# livekit.agents of the env, with this directory's version.py in place of its own: the real
+# package's __init__ runs with both directories on its __path__, this one first.
+SHADOWED_INIT = """
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_real = next(
+    found
+    for found in (os.path.join(entry, "livekit", "agents") for entry in sys.path)
+    if os.path.isfile(os.path.join(found, "__init__.py")) and os.path.abspath(found) != _here
+)
+__path__.append(_real)
+with open(os.path.join(_real, "__init__.py")) as _file:
+    exec(compile(_file.read(), os.path.join(_real, "__init__.py"), "exec"))
+"""
+
+
+def test_an_untested_version_is_a_warning_in_check_json(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    # A real livekit-agents that says it is 1.6.10: a series lkrun was not tested with, whose
+    # every name lkrun needs is there (1.6 has them all).
+    env = agents_env(python_env, compat.TESTED[-1])
+    shadow = tmp_path / "shadow" / "livekit" / "agents"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(SHADOWED_INIT)
+    (shadow / "version.py").write_text('__version__ = "1.6.10"\n')
+    (tmp_path / "app.py").write_text(
+        "from livekit.agents import AgentServer, JobContext\n\n"
+        "server = AgentServer()\n\n\n"
+        "@server.rtc_session()\nasync def entrypoint(ctx: JobContext) -> None:\n    pass\n"
+    )
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        agent_table(
+            "older",
+            "app.py:server",
+            python=str(env.python),
+            env={"PYTHONPATH": str(shadow.parent.parent)},
+        )
+    )
+    code, report = check_json(path)
+    assert code == 0, report
+    [agent] = report["agents"]
+    assert (agent["ok"], agent["framework"], agent["version"]) == (True, "livekit-agents", "1.6.10")
+    [warning] = agent["warnings"]
+    assert warning.startswith("livekit-agents 1.6.10 is not a version lkrun was tested with (")
+    assert ", ".join(f"{s}.x" for s in compat.tested_series()) in warning

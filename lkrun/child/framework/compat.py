@@ -182,9 +182,11 @@ def _supported() -> str:
     return "lkrun is tested with livekit-agents " + ", ".join(TESTED)
 
 
-def check(version: str = VERSION, gone: list[str] | None = None) -> None:
+def check(version: str | None = None, gone: list[str] | None = None) -> None:
     """AppError unless this livekit-agents has every name lkrun needs; one line naming the
-    version, the interpreter (an agent may have its own) and what is missing."""
+    version (default: VERSION, read when called), the interpreter (an agent may have its
+    own) and what is missing."""
+    version = VERSION if version is None else version
     gone = missing() if gone is None else gone
     if gone:
         raise AppError(
@@ -204,8 +206,10 @@ def _names(names: list[str], budget: int = 240) -> str:
     return ", ".join(shown)
 
 
-def untested_warning(version: str = VERSION) -> str | None:
-    """A warning for a version outside the tested series (it has every needed name)."""
+def untested_warning(version: str | None = None) -> str | None:
+    """A warning for a version (default: VERSION, read when called) outside the tested
+    series (it has every needed name)."""
+    version = VERSION if version is None else version
     if series(version) in tested_series():
         return None
     return (
