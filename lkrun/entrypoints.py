@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ from lkrun.manifest import (
     find_program,
     log_level_problem,
 )
-from lkrun.shared import pdeathsig
+from lkrun.shared import DAEMON_PYTHON_ENV, pdeathsig
 from lkrun.shared.text import last_lines
 
 # How long LiveKit waits for the answer to an offer (psrpc's default timeout, less the
@@ -267,6 +268,7 @@ def _check_env(path: Path, workdir: Path, spec: AgentSpec) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in secret}
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
+    env[DAEMON_PYTHON_ENV] = sys.executable  # as job_env: its install hints
     env.update(spec.env)
     if spec.python is not None:  # as lkrun.supervision.agent_processes.job_env does
         try:

@@ -19,14 +19,16 @@ from livekit import rtc
 
 import lkrun
 from lkrun import interpreter
+from lkrun.child import appkind, apps
+from lkrun.child.framework import compat
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import apply_app
 from lkrun.manifest import ManifestError, parse_manifest
-from lkrun.shared import CHILD_SIDE
+from lkrun.shared import CHILD_SIDE, DAEMON_PYTHON_ENV
 from lkrun.supervision.agent_processes import _loaded_fields, _process_fields, job_env
 from lkrun.supervision.job_process import AppSpec, python_command
 from tests.conftest import Server, observer, run_cli, unique, wait_for, wait_for_participant
-from tests.envs import BARE, OLD, OLD_LIVEKIT, OLD_NUMPY, EnvFactory, PythonEnv
+from tests.envs import BARE, FRAMEWORKS, OLD, OLD_LIVEKIT, OLD_NUMPY, EnvFactory, PythonEnv
 from tests.helpers import agent_table, dispatch
 
 REPORTER = Path(__file__).parent / "agents" / "env_report.py"
@@ -296,6 +298,7 @@ def test_own_python_jobs_get_the_child_side_first_and_not_the_daemons_path(
     assert child.parent == tmp_path / "cache" / "child"
     assert env["PYTHONPATH"] == os.pathsep.join([str(child), str(tmp_path)])
     assert "PYTHONHOME" not in env and env["HOME"] == "/h"
+    assert env[DAEMON_PYTHON_ENV] == sys.executable  # for the job's install hints
     # The agent's own PYTHONPATH comes after the child side.
     path.write_text(agent_table("a", "m:f", python=str(python), env={"PYTHONPATH": "/lib"}))
     spec = parse_manifest(path.read_text(), path).agents["a"]
@@ -310,6 +313,24 @@ def test_own_python_jobs_get_the_child_side_first_and_not_the_daemons_path(
     spec = parse_manifest(path.read_text(), path).agents["a"]
     env = job_env(spec, credentials, base, tmp_path)
     assert env["PYTHONPATH"] == os.pathsep.join([str(tmp_path), "/daemon/site"])
+
+
+def test_install_hints_name_the_pip_of_an_agents_own_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plugin = ModuleNotFoundError("No module named 'livekit.plugins.x'", name="livekit.plugins.x")
+    # A process under the daemon's interpreter: its env is the daemon's.
+    monkeypatch.setenv(DAEMON_PYTHON_ENV, sys.executable)
+    assert apps.import_error_hint(plugin).endswith(": pip install livekit-plugins-x")
+    assert appkind.framework_install_hint() == "install it with: pip install 'lkrun[agents]'"
+    # Under an agent's own python: that interpreter's pip, and no lkrun (the env needs none).
+    monkeypatch.setenv(DAEMON_PYTHON_ENV, "/opt/lkrun/venv/bin/python")
+    assert apps.import_error_hint(plugin).endswith(
+        f"install it with: {sys.executable} -m pip install livekit-plugins-x"
+    )
+    assert appkind.framework_install_hint() == (
+        f"install it with: {sys.executable} -m pip install livekit-agents"
+    )
 
 
 # -- against real interpreters and a real livekit-server ---------------------------------
@@ -360,6 +381,27 @@ def test_a_framework_app_in_an_env_without_livekit_agents_says_what_to_install(
     assert error["message"] == (
         f"python {env.python} cannot import livekit.agents, which {app}:server needs; "
         f"run {env.python} -m pip install livekit-agents"
+    )
+
+
+def test_a_missing_plugin_in_an_agents_env_says_to_install_it_there(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    env = python_env(FRAMEWORKS[compat.TESTED[-1]])
+    (tmp_path / "voice.py").write_text(
+        "from livekit.agents import AgentServer\nimport livekit.plugins.silero_x\n\n"
+        "server = AgentServer()\n"
+    )
+    manifest = manifest_at(
+        tmp_path, agent_table("voice", "voice.py:server", python=str(env.python))
+    )
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("voice", "entrypoint")
+    assert (
+        f"a livekit-agents plugin is missing; install it with: {env.python} -m pip install "
+        in (error["message"])
     )
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import sys
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from lkrun.shared import DAEMON_PYTHON_ENV
 from lkrun.shared.jobpipe import RoomGone
 
 LKRUN = "lkrun"
@@ -28,7 +31,7 @@ LIVEKIT_AGENTS = "livekit-agents"
 AUTO = "auto"
 FRAMEWORKS = (LKRUN, LIVEKIT_AGENTS)
 
-INSTALL_HINT = "install it with: pip install 'lkrun[agents]'"
+INSTALL_HINT = "install it with: pip install 'lkrun[agents]'"  # in the daemon's env
 
 SHUTDOWN_CALLBACK_TIMEOUT = 10.0
 
@@ -100,6 +103,29 @@ class App(Protocol):
     def request_server(self, sender: Sender) -> Requests:
         """The agent's request function as a request process; AppError if it has none."""
         ...
+
+
+def _own_python() -> bool:
+    """Whether this process runs under an interpreter other than the daemon's (an agent's
+    ``python``)."""
+    daemons = os.environ.get(DAEMON_PYTHON_ENV)
+    return bool(daemons) and daemons != sys.executable
+
+
+def pip_install(requirement: str) -> str:
+    """The command that installs ``requirement`` where this process's code runs: pip, in the
+    daemon's env; this interpreter's own pip under an agent's own Python."""
+    if _own_python():
+        return f"{sys.executable} -m pip install {requirement}"
+    return f"pip install {requirement}"
+
+
+def framework_install_hint() -> str:
+    """What to install for a livekit-agents app: lkrun's extra in the daemon's env, the
+    framework itself in an agent's own env (which needs no lkrun)."""
+    if _own_python():
+        return f"install it with: {pip_install('livekit-agents')}"
+    return INSTALL_HINT
 
 
 async def call(func: Callable[..., Any], *args: Any) -> Any:

@@ -21,10 +21,11 @@ from typing import Any
 # The kinds' names and their error, for the code that loads apps (defined in appkind).
 from lkrun.child.appkind import AUTO as AUTO
 from lkrun.child.appkind import FRAMEWORKS as FRAMEWORKS
-from lkrun.child.appkind import INSTALL_HINT
+from lkrun.child.appkind import INSTALL_HINT as INSTALL_HINT
 from lkrun.child.appkind import LIVEKIT_AGENTS as LIVEKIT_AGENTS
 from lkrun.child.appkind import LKRUN as LKRUN
 from lkrun.child.appkind import AppError as AppError
+from lkrun.child.appkind import framework_install_hint, pip_install
 
 
 def load_target(spec: str) -> Any:
@@ -102,14 +103,14 @@ def import_error_hint(exc: ImportError) -> str:
         return ""
     if not _importable("livekit.agents"):
         # "from livekit import agents" says only "cannot import name 'agents' from 'livekit'".
-        return f"the module is a livekit-agents app; {INSTALL_HINT}"
+        return f"the module is a livekit-agents app; {framework_install_hint()}"
     parts = missing.split(".")
     if parts[:2] != ["livekit", "plugins"]:
         return ""
     # "from livekit.plugins import x" names only livekit.plugins (and x in name_from, 3.12+).
     plugin = parts[2] if len(parts) > 2 else getattr(exc, "name_from", None)
     package = "livekit-plugins-" + (plugin.replace("_", "-") if plugin else "<name>")
-    return f"a livekit-agents plugin is missing; install it with: pip install {package}"
+    return f"a livekit-agents plugin is missing; install it with: {pip_install(package)}"
 
 
 def _importable(name: str) -> bool:

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from lkrun.child.appkind import AUTO, INSTALL_HINT, LIVEKIT_AGENTS, LKRUN, App, AppError
+from lkrun.child.appkind import AUTO, LIVEKIT_AGENTS, LKRUN, App, AppError, framework_install_hint
 from lkrun.child.native import NativeApp
 
 
@@ -105,7 +105,7 @@ def make_app(
         except ImportError as exc:
             raise AppError(
                 f"{entrypoint!r} is a livekit-agents app, which is not installed ({exc}); "
-                + INSTALL_HINT
+                + framework_install_hint()
             ) from exc
         return FrameworkApp.from_target(target, warm, spec=entrypoint)
     if not callable(target):

@@ -14,3 +14,8 @@ interpreter an agent runs on.
 # nor anything the daemon needs (tests/test_layout.py), so these files alone, put on
 # sys.path as an ``lkrun`` package, run jobs under another interpreter.
 CHILD_SIDE = ("__init__.py", "context.py", "child", "shared")
+
+# The daemon's own interpreter (sys.executable), in the environment of every process it starts
+# for an agent: a process under another one (an agent's ``python``) says what to install with
+# that interpreter's pip, not the daemon's (lkrun.child.appkind.pip_install).
+DAEMON_PYTHON_ENV = "LKRUN_DAEMON_PYTHON"

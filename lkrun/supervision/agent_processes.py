@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from lkrun import interpreter
 from lkrun.credentials import SECRET_ENV, Credentials
 from lkrun.logs import job_logger
 from lkrun.manifest import AgentSpec
+from lkrun.shared import DAEMON_PYTHON_ENV
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.forkserver import ForkServer
@@ -48,6 +50,7 @@ def job_env(
         env["LIVEKIT_API_SECRET"] = credentials.api_secret
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir), base.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env[DAEMON_PYTHON_ENV] = sys.executable  # its install hints name the agent's own pip
     env.update(spec.env)  # the manifest may pass credentials on purpose
     if spec.python is not None:  # lkrun's child side comes first; the daemon's path stays out
         interpreter.own_python_env(env, workdir=workdir, agent_env=spec.env)
