@@ -22,7 +22,6 @@ from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
 from lkrun.api.metrics import AgentSnapshot, Metrics, metrics_handler
-from lkrun.child.appkind import LIVEKIT_AGENTS
 from lkrun.credentials import Credentials
 from lkrun.entrypoints import check_entrypoints
 from lkrun.jobs.book import JobBook
@@ -44,6 +43,7 @@ from lkrun.manifest import (
 from lkrun.reaper import OrphanReaper
 from lkrun.registration import AuthError
 from lkrun.shared import pdeathsig
+from lkrun.shared.entrypoint import LIVEKIT_AGENTS
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.inference import InferenceProcesses

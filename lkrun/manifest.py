@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lkrun.child.apps import is_file_source, split_entrypoint
+from lkrun.shared.entrypoint import (
+    AUTO,
+    FRAMEWORKS,
+    LIVEKIT_AGENTS,
+    LKRUN,
+    is_file_source,
+    split_entrypoint,
+)
 from lkrun.shared.text import one_line
 
 if sys.version_info >= (3, 11):
@@ -448,7 +455,7 @@ _URL = _starts_with("ws://", "wss://", "http://", "https://")
 _DISPATCH = _choice("explicit", "automatic")
 _JOB_TYPE = _choice("room", "publisher", "participant")
 _START_METHOD = _choice("forkserver", "spawn")
-_FRAMEWORK = _choice("auto", "lkrun", "livekit-agents")
+_FRAMEWORK = _choice(AUTO, *FRAMEWORKS)
 _ATTRIBUTES = _string_table()
 _ENV_TABLE = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
 # The job processes' log level (lkrun.child.runner): a bad one fails every job at its start.
@@ -559,7 +566,7 @@ class AppInfo:
 
     def summary(self) -> str:
         """One line for `lkrun check` and `lkrun status`."""
-        if self.framework == "lkrun":
+        if self.framework == LKRUN:
             return "lkrun function"
         if self.framework == COMMAND:
             return f"command: {shlex.join(self.command)}"
@@ -620,7 +627,7 @@ class AgentSpec:
     # start threads at import time (threads do not survive a fork).
     start_method: str = field(default="forkserver", metadata=_check(_START_METHOD))
     # The API the entrypoint is written for: "lkrun", "livekit-agents", or "auto" (detected).
-    framework: str = field(default="auto", metadata=_check(_FRAMEWORK))
+    framework: str = field(default=AUTO, metadata=_check(_FRAMEWORK))
     # The interpreter that runs the agent's code (typically a virtualenv's bin/python),
     # relative to the manifest; None: the daemon's own (lkrun.interpreter).
     python: Path | None = field(default=None, metadata=_check(_path))
@@ -671,7 +678,7 @@ class AgentSpec:
     def _framework_defaults(self) -> bool:
         """A livekit-agents app gets the official worker's identity and name unless the
         manifest sets them: clients written against that worker look for its form."""
-        return self.resolved_framework == "livekit-agents"
+        return self.resolved_framework == LIVEKIT_AGENTS
 
     def format_identity(self, *, job_id: str, room: str, participant: str = "") -> str:
         template = self.identity

@@ -266,6 +266,22 @@ def wrong_imports(root: Path) -> list[str]:
     return wrong
 
 
+def test_the_daemon_side_imports_nothing_of_the_child_package() -> None:
+    """What both sides need (entrypoint parsing, the framework names, the fork server's
+    messages) is in lkrun.shared; the daemon starts child modules by name only
+    (``python -m lkrun.child.runner``), never imports them, not even in a function."""
+    modules = all_modules()
+    child = {module_name(p) for p in child_side_files()}
+    wrong = []
+    for name, path in modules.items():
+        if name in child or within(name, ["lkrun.examples"]):  # agents' code, not the daemon
+            continue
+        for imp in imports(path, modules):
+            if within(imp.module, ["lkrun.child"]) and not imp.type_only:
+                wrong.append(f"{path.relative_to(ROOT.parent)}:{imp.line} imports {imp.module}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_shared_imports_only_the_standard_library() -> None:
     modules = all_modules()
     shared = sorted((ROOT / "shared").rglob("*.py"))

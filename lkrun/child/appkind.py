@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lkrun.shared import DAEMON_PYTHON_ENV
-from lkrun.shared.jobpipe import RoomGone
 
-LKRUN = "lkrun"
-LIVEKIT_AGENTS = "livekit-agents"
-AUTO = "auto"
-FRAMEWORKS = (LKRUN, LIVEKIT_AGENTS)
+# The kinds' names, which the daemon uses too (defined in lkrun.shared.entrypoint).
+from lkrun.shared.entrypoint import AUTO as AUTO
+from lkrun.shared.entrypoint import FRAMEWORKS as FRAMEWORKS
+from lkrun.shared.entrypoint import LIVEKIT_AGENTS as LIVEKIT_AGENTS
+from lkrun.shared.entrypoint import LKRUN as LKRUN
+from lkrun.shared.jobpipe import RoomGone
 
 INSTALL_HINT = "install it with: pip install 'lkrun[agents]'"  # in the daemon's env
 

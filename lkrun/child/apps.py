@@ -4,8 +4,8 @@ livekit-agents.
 
 The runner, the fork server, the import check and the framework's inference process load
 user code with these functions; which app kind the loaded object is, lkrun.child.kinds
-decides. This module imports only the standard library and lkrun.child.appkind, so every
-part of the child side may use it.
+decides. This module imports only the standard library, lkrun.child.appkind and lkrun.shared, so
+every part of the child side may use it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from lkrun.child.appkind import LKRUN as LKRUN
 from lkrun.child.appkind import AppError as AppError
 from lkrun.child.appkind import framework_install_hint, pip_install
 
+# How an entrypoint reads, as the daemon parses it too (defined in lkrun.shared.entrypoint).
+from lkrun.shared.entrypoint import is_file_source as is_file_source
+from lkrun.shared.entrypoint import split_entrypoint as split_entrypoint
+
 
 def load_target(spec: str) -> Any:
     """Import ``module:attribute`` or ``path/to/file.py:attribute`` and return the
@@ -40,17 +44,6 @@ def load_target(spec: str) -> Any:
 # ``cli.run_app(server)``) stays out, and not the bare stem, which may shadow a package.
 FILE_MODULE_PREFIX = "__lkrun_entry__"
 _file_modules: dict[Path, str] = {}  # resolved path -> its name in sys.modules
-
-
-def split_entrypoint(spec: str) -> tuple[str, str]:
-    """``(module or file, attribute)`` of an entrypoint; a file's path may contain ':'."""
-    source, _, name = spec.rpartition(":")
-    return source, name
-
-
-def is_file_source(source: str) -> bool:
-    """Whether an entrypoint's module part names a file rather than a module."""
-    return source.endswith(".py") or "/" in source
 
 
 def import_source(source: str) -> ModuleType:
