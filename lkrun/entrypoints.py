@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,11 @@ from lkrun.manifest import (
 )
 from lkrun.shared import DAEMON_PYTHON_ENV, pdeathsig
 from lkrun.shared.text import last_lines
+
+# What an agent's interpreter must have (as pyproject.toml requires of the daemon's): the
+# child side uses Python 3.10's language, and the rtc API of livekit 1.0.
+MINIMUM_PYTHON = (3, 10)
+MINIMUM_LIVEKIT = (1, 0)
 
 # How long LiveKit waits for the answer to an offer (psrpc's default timeout, less the
 # time spent choosing a worker).
@@ -142,11 +148,18 @@ def _own_lkrun(spec: AgentSpec) -> Path:
 def _check_runtime(
     path: Path, spec: AgentSpec, runtime: Mapping[str, Any], own_lkrun: Path
 ) -> None:
-    """What every agent needs of its interpreter: this daemon's lkrun (``own_lkrun``: the
-    copy the daemon put on its path, or the daemon's package; the version alone does not
-    tell, it is the same across commits) and livekit's rtc; one line naming what to
-    install if not."""
+    """What every agent needs of its interpreter: Python 3.10 or later, this daemon's lkrun
+    (``own_lkrun``: the copy the daemon put on its path, or the daemon's package; the
+    version alone does not tell, it is the same across commits) and livekit's rtc 1.0 or
+    later; one line naming what to install if not."""
     python = spec.interpreter
+    if _older(str(runtime.get("python_version") or ""), MINIMUM_PYTHON):
+        message = (
+            f"python {python} is Python {runtime['python_version']}; lkrun's child side needs "
+            f"{_dotted(MINIMUM_PYTHON)} or later: install a newer Python and make the agent's "
+            "env with it"
+        )
+        raise ManifestError(path, message, agent=spec.name, field="python")
     version = runtime.get("lkrun")
     where = str(runtime.get("lkrun_path") or "?")
     if version != __version__ or os.path.realpath(where) != os.path.realpath(own_lkrun):
@@ -168,6 +181,24 @@ def _check_runtime(
             f"{interpreter.install_hint(python, 'livekit')}"
         )
         raise ManifestError(path, message, agent=spec.name, field="python")
+    if _older(str(runtime["livekit"]), MINIMUM_LIVEKIT):
+        wanted = f"'livekit>={_dotted(MINIMUM_LIVEKIT)}'"
+        message = (
+            f"python {python} imports livekit {runtime['livekit']}; lkrun needs "
+            f"{_dotted(MINIMUM_LIVEKIT)} or later: {interpreter.install_hint(python, wanted)}"
+        )
+        raise ManifestError(path, message, agent=spec.name, field="python")
+
+
+def _older(version: str, minimum: tuple[int, int]) -> bool:
+    """Whether ``version`` ("3.9.18", "0.18.1") is below ``minimum``; False if it does not
+    start with two numbers (not known to be too old)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return match is not None and (int(match[1]), int(match[2])) < minimum
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
 
 
 def _without_framework(spec: AgentSpec, error: str, runtime: Mapping[str, Any]) -> str:
@@ -344,6 +375,9 @@ def _parse_results(
             raise ManifestError(manifest.path, message)
         # Under an agent's own interpreter, most likely the interpreter is the cause (a
         # Python older than lkrun's child side supports, one that ignores PYTHONPATH).
-        message = f"python {spec.interpreter}: {message}"
+        message = (
+            f"python {spec.interpreter}: {message} (lkrun's child side needs Python "
+            f"{_dotted(MINIMUM_PYTHON)} or later)"
+        )
         raise ManifestError(manifest.path, message, agent=spec.name, field="python")
     return results

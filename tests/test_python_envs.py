@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -363,6 +365,71 @@ def test_an_env_without_livekit_fails_check_in_one_line(
     result = run_cli("check", str(manifest), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {error['text']}"
+
+
+def old_python() -> Path:
+    """An interpreter older than 3.10 that runs (pyenv's, or on PATH: a pyenv shim may not
+    run); the test skips without one."""
+    candidates = [
+        *sorted(Path.home().glob(".pyenv/versions/3.[89].*/bin/python3.[89]")),
+        *(Path(p) for name in ("python3.9", "python3.8") if (p := shutil.which(name))),
+    ]
+    for python in candidates:
+        probe = subprocess.run([str(python), "-c", "pass"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return python
+    pytest.skip("no Python older than 3.10 here (python3.9, python3.8, ~/.pyenv/versions)")
+
+
+@pytest.mark.e2e  # lkrun check
+def test_a_python_older_than_3_10_fails_check_in_one_line(tmp_path: Path) -> None:
+    python = old_python()
+    manifest = manifest_at(
+        tmp_path, agent_table("legacy", f"{REPORTER}:entrypoint", python=str(python))
+    )
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("legacy", "python")
+    version = run_python(python, "import platform; print(platform.python_version())")
+    assert error["message"] == (
+        f"python {python} is Python {version}; lkrun's child side needs 3.10 or later: "
+        "install a newer Python and make the agent's env with it"
+    )
+
+
+def test_a_livekit_older_than_1_0_fails_check_in_one_line(
+    python_env: EnvFactory, tmp_path: Path
+) -> None:
+    bare = python_env(BARE)
+    # What the env's livekit says of itself is all the check reads of it.
+    rtc_dir = tmp_path / "site" / "livekit" / "rtc"
+    rtc_dir.mkdir(parents=True)
+    (rtc_dir / "__init__.py").write_text('__version__ = "0.18.1"\n')
+    manifest = manifest_at(
+        tmp_path,
+        agent_table(
+            "legacy",
+            f"{REPORTER}:entrypoint",
+            python=str(bare.python),
+            env={"PYTHONPATH": str(tmp_path / "site")},
+        ),
+    )
+    code, report = check_json(manifest)
+    assert code == 2
+    [error] = report["errors"]
+    assert (error["agent"], error["field"]) == ("legacy", "python")
+    assert error["message"] == (
+        f"python {bare.python} imports livekit 0.18.1; lkrun needs 1.0 or later: "
+        f"run {bare.python} -m pip install 'livekit>=1.0'"
+    )
+
+
+def run_python(python: Path, code: str) -> str:
+    result = subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return result.stdout.strip()
 
 
 def test_a_framework_app_in_an_env_without_livekit_agents_says_what_to_install(
