@@ -50,6 +50,10 @@ PADDING = "x-protocol-test-padding"
 WARM_HOLD = 1.0  # how long a process that says warm is kept waiting for its start
 DRAIN_HOLD = 2.0  # how long a drained job is watched before it is shut down
 EOF_LIMIT = 5.0  # how soon a process must exit once its stdin is closed (the daemon is gone)
+# How soon after it exited its participant must be gone from the room. A leave shows in the
+# server's room API at once; a participant whose program just vanished is kept by the server
+# until its own timeout, far longer.
+LEAVE_LIMIT = 3.0
 POLL = 0.1
 
 # Lines that are not protocol messages, and a message of a kind no version has: the
@@ -133,7 +137,8 @@ class Subject:
         self.running = asyncio.Event()
         self.proc = JobProcess(launcher=self._launch, log=kit.job_log, on_running=self.running.set)
         self.proc.sink = self._log_line
-        self.proc.on_violation = lambda why: kit.violations.append(f"{why} ({scenario})")
+        self.proc.on_violation = self._violation
+        self.violations: list[str] = []  # what the daemon dropped of what it wrote, and why
         self.identity = f"{AGENT}-{scenario}-{uuid.uuid4().hex[:6]}"
         self.started = False  # it was sent its start
         self._outcome: asyncio.Future[Outcome] | None = None
@@ -141,6 +146,10 @@ class Subject:
     async def _launch(self, role: str = "job") -> Launched:
         self.launched = await self.kit.launcher(role)
         return self.launched
+
+    def _violation(self, why: str) -> None:
+        self.violations.append(why)
+        self.kit.violations.append(f"{why} ({self.scenario})")
 
     def _log_line(self, line: str) -> None:
         if self.kit.on_log is not None:
@@ -442,12 +451,13 @@ class Kit:
                 Check("warm", SKIPPED, "ready does not say warm: the daemon starts it per job")
             )
             return
+        before = len(subject.violations)
         outcome = await subject.exits_within(WARM_HOLD)
         if outcome is not None:
             why = f"said warm, but exited while waiting for a start: {subject.said(outcome)}"
             self.add(Check("warm", FAILED, why))
-        elif subject.running.is_set():
-            self.add(Check("warm", FAILED, "said warm, but sent running before any start"))
+        elif said := subject.violations[before:]:  # a running with no start, say
+            self.add(Check("warm", FAILED, f"said warm, but while it waited: {said[0]}"))
         else:
             self.add(Check("warm", PASSED, f"waited {WARM_HOLD:g}s for its start"))
 
@@ -465,13 +475,21 @@ class Kit:
         return Check("joins", FAILED, f"{subject.identity} not in the room within {timeout:g}s")
 
     async def leaves(self, subject: Subject) -> Check:
-        timeout = self.settings.join_timeout
-        deadline = time.monotonic() + timeout
+        """Its participant is gone soon after it exited: it left, the server did not time
+        it out."""
+        if await self.gone(subject):
+            return Check("leaves", PASSED, "its participant left the room with the job")
+        why = f"still in the room {LEAVE_LIMIT:g}s after it exited: it did not leave"
+        return Check("leaves", FAILED, why)
+
+    async def gone(self, subject: Subject) -> bool:
+        """Whether its participant is not in the room within LEAVE_LIMIT (it exited)."""
+        deadline = time.monotonic() + LEAVE_LIMIT
         while time.monotonic() < deadline:
             if subject.identity not in await self.participants():
-                return Check("leaves", PASSED, "its participant left the room with the job")
+                return True
             await asyncio.sleep(POLL)
-        return Check("leaves", FAILED, f"still in the room {timeout:g}s after it exited")
+        return False
 
     async def participants(self) -> set[str]:
         assert self.lkapi is not None
@@ -493,11 +511,12 @@ class Kit:
             if subject is None:
                 return
             reason = "protocol-test: stopped before its start"
+            before = len(subject.violations)
             check = await subject.shut_down(
                 name, reason, self.settings.shutdown_timeout, " before its start"
             )
-            if check.status == PASSED and subject.running.is_set():
-                check = Check(name, FAILED, "sent running with no start")
+            if check.status == PASSED and (said := subject.violations[before:]):
+                check = Check(name, FAILED, f"with no start: {said[0]}")
             self.add(check)
 
     async def shutdown_before_running(self) -> None:
@@ -508,7 +527,12 @@ class Kit:
             subject.start()  # and the shutdown at once, before any running could come
             reason = "protocol-test: stopped as it starts"
             timeout = self.settings.shutdown_timeout
-            self.add(await subject.shut_down(name, reason, timeout, " right after its start"))
+            check = await subject.shut_down(name, reason, timeout, " right after its start")
+            if check.status == PASSED and not await self.gone(subject):
+                # It joined, or went on joining after the shutdown, and did not leave.
+                why = f"its participant is still in the room {LEAVE_LIMIT:g}s after it exited"
+                check = Check(name, FAILED, f"{why}: a join under way must end, then leave")
+            self.add(check)
 
     async def sigterm(self) -> None:
         name = "sigterm"

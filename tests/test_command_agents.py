@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -86,7 +87,42 @@ async def test_node_agent_joins_and_echoes_from_a_warm_process(
     # Its log is its stderr: the SDK's own logger went there too, not onto the protocol.
     logs = daemon.cli("jobs", "logs", job["id"])
     assert logs.returncode == 0 and f"echo ready in room {room_name}" in logs.stdout
-    assert "broke the pipe protocol" not in daemon.log()
+    # That nothing but messages reached its stdout (no line the daemon dropped) is counted
+    # by the conformance kit's stdout check: tests/test_conformance.py runs it on this echo.
+
+
+@needs_node
+@pytest.mark.e2e
+async def test_the_node_echo_refuses_a_start_of_another_protocol_version(node_echo: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_echo),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert (ready["type"], ready["protocol"]) == ("ready", 1)
+        start = {"type": "start", "protocol": 2, "job": {"id": "AJ_1"}, "url": "ws://x"}
+        proc.stdin.write(json.dumps(start).encode() + b"\n")
+        out = await asyncio.wait_for(proc.stdout.read(), 30)  # until it exits
+        said = [json.loads(line) for line in out.splitlines()]
+        # No job (no running, no join): a failed done that names both versions.
+        assert said == [
+            {
+                "type": "done",
+                "ok": False,
+                "error": "the daemon speaks job protocol 2; this program speaks 1",
+                "reason": "",
+            }
+        ]
+        assert await asyncio.wait_for(proc.wait(), 10) == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def _idle(daemon: Any) -> bool:

@@ -1,7 +1,7 @@
 """`lkrun protocol-test`, the job protocol's conformance kit, run as a user runs it against the
-real livekit-server: lkrun's own runner and a plain-Python implementation pass every check;
-programs that break one rule each (tests/agents/protocol_breakers/) fail the check for it,
-with a line that says why."""
+real livekit-server: lkrun's own runner, the Node echo example and a plain-Python
+implementation pass every check; programs that break one rule each
+(tests/agents/protocol_breakers/) fail the check for it, with a line that says why."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from lkrun.credentials import Credentials
 from lkrun.devserver import free_tcp_port
 from lkrun.shared import jobpipe
 from tests.conftest import REPO, Server, run_cli
+from tests.node_deps import NODE_ECHO, ensure_node_modules, node_missing
 
 BREAKERS = REPO / "tests" / "agents" / "protocol_breakers"
 RUNNER = [sys.executable, "-m", "lkrun.child.runner", "--entrypoint"]
+NODE_ECHO_COMMAND = ["node", str(NODE_ECHO / "echo.mjs")]
+needs_node = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "node is here")
 
 
 def kit(server: Server, *command: str, options: tuple[str, ...] = ()) -> tuple[int, str, str]:
@@ -46,11 +49,14 @@ def statuses(report: dict[str, Any]) -> dict[str, str]:
     [
         pytest.param([*RUNNER, "lkrun.examples.echo:entrypoint"], id="lkrun-runner"),
         pytest.param([sys.executable, str(BREAKERS / "speaker.py")], id="plain-python"),
+        pytest.param(NODE_ECHO_COMMAND, id="node-echo", marks=needs_node),
     ],
 )
 def test_a_program_that_speaks_the_protocol_passes_every_check(
     livekit_server: Server, command: list[str]
 ) -> None:
+    if command == NODE_ECHO_COMMAND:
+        ensure_node_modules(NODE_ECHO)  # npm ci once, cached under ~/.cache/lkrun/node
     report = kit_json(livekit_server, *command)
     assert report["protocol"] == 1 and report["command"] == command
     assert [c["name"] for c in report["checks"]] == list(conformance.CHECKS)
@@ -92,6 +98,50 @@ def test_a_program_that_breaks_the_protocol_fails_with_a_clear_line(
     if breaker == "garbage":  # the kit pins a fault down: its only one fails that one check
         assert len(failed) == 1, failed
     assert lines[-1].endswith("skipped") and " 0 failed" not in lines[-1]
+
+
+# Breakers of the rules the kit tries by fault, each with exactly the checks it must fail
+# (every other one passes), the check that names it and the start of what that one says.
+FAULTS = {
+    "ignores_sigterm": ({"sigterm"}, "sigterm", "still running 2s after SIGTERM to its group"),
+    "ignores_eof": (
+        {"eof-before-start", "eof"},
+        "eof",
+        "still running 5s after its stdin closed while running",
+    ),
+    "exits_on_bad_line": (
+        {"garbage", "oversized"},
+        "garbage",
+        "no job to test: exited without running: exited without done; the daemon records: "
+        "job process exited with code 1",
+    ),
+    # Given a minute to join: the leave is still judged on its own short limit, not on that.
+    "never_leaves": (
+        {"leaves", "shutdown-before-running"},
+        "leaves",
+        "still in the room 3s after it exited: it did not leave",
+    ),
+    "fails_on_drain": (
+        {"drain"},
+        "drain",
+        "after drain: the daemon records: drained: the job failed",
+    ),
+}
+
+
+@pytest.mark.parametrize("breaker", sorted(FAULTS))
+def test_a_program_that_mishandles_a_fault_fails_that_check(
+    livekit_server: Server, breaker: str
+) -> None:
+    failing, check, reason = FAULTS[breaker]
+    options = ("--shutdown-timeout", "2s", "--join-timeout", "60s")
+    script = str(BREAKERS / f"{breaker}.py")
+    report = kit_json(livekit_server, sys.executable, script, options=options)
+    found = statuses(report)
+    assert not report["ok"] and set(found) == set(conformance.CHECKS)
+    assert {name for name, status in found.items() if status != "passed"} == failing, found
+    detail = next(c["detail"] for c in report["checks"] if c["name"] == check)
+    assert detail.startswith(reason), detail
 
 
 def test_without_a_ready_nothing_else_is_tried(livekit_server: Server) -> None:
@@ -139,6 +189,7 @@ def test_the_program_gets_the_environment_the_daemon_gives_an_agent(tmp_path: Pa
         "LIVEKIT_URL": "ws://lk:7880",
         "PYTHONPATH": str(tmp_path),
         "PYTHONUNBUFFERED": "1",
+        "LKRUN_DAEMON_PYTHON": sys.executable,
     }
     passing = dataclasses.replace(settings, pass_credentials=True)
     env = conformance.job_env(passing)

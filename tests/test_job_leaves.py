@@ -22,11 +22,13 @@ class HeldJoinRoom:
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.joining = asyncio.Event()  # connect() was called
         self.release = asyncio.Event()
         self.connected = False
 
     async def connect(self, url: str, token: str, options: Any = None) -> None:
         self.events.append("connect")
+        self.joining.set()
         await self.release.wait()
         self.connected = True
         self.events.append("joined")
@@ -45,18 +47,21 @@ async def test_a_job_shut_down_while_it_joins_finishes_joining_then_leaves() -> 
     job = JobInfo.from_dict({"id": "AJ_1", "room": {"name": "r"}})
     ctx = JobContext(job=job, url="ws://x", token="t", identity="agent", logger=log)
     room = ctx.room = HeldJoinRoom()  # type: ignore[assignment]
-    joining = asyncio.Event()
+    given_up = asyncio.Event()  # the job's end cancelled its entrypoint, still in connect()
 
     async def entrypoint(ctx: JobContext) -> None:
-        joining.set()
-        await ctx.connect(announce=False)
+        try:
+            await ctx.connect(announce=False)
+        except asyncio.CancelledError:
+            given_up.set()
+            raise
         await asyncio.Event().wait()  # the job runs until it is shut down
 
     run = asyncio.ensure_future(NativeJob(entrypoint, ctx, log).run(lambda: 5.0))
-    await asyncio.wait_for(joining.wait(), 5)
-    await asyncio.sleep(0)  # connect() is under way
+    await asyncio.wait_for(room.joining.wait(), 5)  # connect() is under way
     ctx.shutdown("stopped while joining")
-    asyncio.get_running_loop().call_later(0.05, room.release.set)  # the join completes late
+    await asyncio.wait_for(given_up.wait(), 5)
+    room.release.set()  # the join completes late: after the job has begun to end
     result = await asyncio.wait_for(run, 5)
     assert room.events == ["connect", "joined", "left"]
     assert result.ok and result.reason == "stopped while joining"
@@ -72,7 +77,7 @@ async def test_a_join_that_never_completes_is_waited_for_no_longer_than_the_grac
         await ctx.connect(announce=False)
 
     run = asyncio.ensure_future(NativeJob(entrypoint, ctx, log).run(lambda: 0.2))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(room.joining.wait(), 5)  # connect() is under way
     ctx.shutdown("stopped while joining")
     result = await asyncio.wait_for(run, 5)  # not held by the join that never ends
     assert room.events == ["connect"]

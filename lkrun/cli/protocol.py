@@ -8,7 +8,9 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from lkrun import credentials
 from lkrun.cli.common import (
@@ -29,8 +31,17 @@ from lkrun.shared import jobpipe
 DEV_URL = "http://127.0.0.1:7880"
 
 
+class _CommandAfterDashes(TyperCommand):
+    """Its usage line as the command is typed (Typer would show a required list argument as
+    ``{CMD}...``)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [self.options_metavar or "[OPTIONS]", "--", "CMD", "[ARGS]..."]
+
+
 @app.command(
     "protocol-test",
+    cls=_CommandAfterDashes,
     context_settings={"allow_interspersed_args": False},
 )
 def protocol_test(

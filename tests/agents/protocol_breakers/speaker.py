@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +32,15 @@ class Speaker:
     junk_on_stdout: bool = False  # prints to stdout like a careless library
     obeys_shutdown: bool = True
     sends_done: bool = True
+    obeys_sigterm: bool = True  # False: SIGTERM is ignored (SIG_IGN)
+    obeys_eof: bool = True  # False: goes on when its stdin closes (the daemon is gone)
+    survives_bad_lines: bool = True  # False: exits 1 at a line that is not a message
+    leaves_room: bool = True  # False: exits without leaving its room
+    obeys_drain: bool = True  # False: takes drain for a failure and ends its job with one
 
     def __post_init__(self) -> None:
+        if not self.obeys_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # The protocol keeps private copies of fds 0 and 1; fd 1 becomes the log, fd 0 nothing.
         self.out = os.fdopen(os.dup(1), "wb", buffering=0)
         self.in_fd = os.dup(0)
@@ -42,16 +50,22 @@ class Speaker:
         self.started: asyncio.Future[dict[str, Any]] | None = None
         self.stop: asyncio.Event | None = None
         self.reason = ""
+        self.error = ""
 
     def send(self, kind: str, **fields: Any) -> None:
         with contextlib.suppress(BrokenPipeError):
             self.out.write(json.dumps({"type": kind, **fields}).encode() + b"\n")
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, error: str = "") -> None:
         assert self.stop is not None
         if not self.stop.is_set():
-            self.reason = reason
+            self.reason, self.error = reason, error
             self.stop.set()
+
+    def bad_line(self, why: str) -> None:
+        log(why)
+        if not self.survives_bad_lines:
+            os._exit(1)
 
     async def read(self, reader: asyncio.StreamReader) -> None:
         assert self.started is not None
@@ -59,23 +73,27 @@ class Speaker:
             try:
                 line = await reader.readline()
             except ValueError:
-                log("dropped a line over the size limit")
+                self.bad_line("dropped a line over the size limit")
                 continue
             if not line:
-                return self.end("daemon went away")
+                if self.obeys_eof:
+                    self.end("daemon went away")
+                return
             try:
                 msg = json.loads(line)
                 kind = msg["type"]
                 assert isinstance(kind, str)
             except (ValueError, TypeError, KeyError, AssertionError):
-                log(f"dropped a line that is not a message: {line[:40]!r}")
+                self.bad_line(f"dropped a line that is not a message: {line[:40]!r}")
                 continue
             if kind == "start" and not self.started.done():
                 self.started.set_result(msg)
             elif kind == "shutdown" and self.obeys_shutdown:
                 self.end(str(msg.get("reason", "")))
-            elif kind == "drain":
+            elif kind == "drain" and self.obeys_drain:
                 log("the daemon is draining")
+            elif kind == "drain":
+                self.end("drained", "drained: the job failed")
 
     async def main(self) -> int:
         from livekit import rtc  # the slow part, before ready
@@ -102,11 +120,14 @@ class Speaker:
         await stopped  # the job lasts until it is told to stop (or the daemon is gone)
         with contextlib.suppress(Exception):  # a join under way ends first, then it leaves
             await asyncio.wait_for(joining, 5)
-        await room.disconnect()
+        if self.leaves_room:
+            await room.disconnect()
         reading.cancel()
         if self.sends_done:
-            self.send("done", ok=True, error="", reason=self.reason)
-        return 0
+            self.send("done", ok=not self.error, error=self.error, reason=self.reason)
+        if not self.leaves_room:
+            os._exit(0)  # at once: nothing of the SDK's may say goodbye to the server
+        return 1 if self.error else 0
 
 
 def run(speaker: Speaker) -> None:
