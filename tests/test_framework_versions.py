@@ -20,15 +20,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy
 from livekit import rtc
 
 from lkrun.child.framework import compat
 from tests.conftest import observer, run_cli, unique, wait_for, wait_for_participant
-from tests.envs import FRAMEWORKS, EnvFactory, PythonEnv
+from tests.envs import FRAMEWORKS, OLD, OLD_LIVEKIT, OLD_NUMPY, EnvFactory, PythonEnv
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
 from tests.test_framework_apps import CPU_OFF, Transcripts, events
+from tests.test_python_envs import attributes_of
 
 APP = Path(__file__).parent / "lka_apps" / "versions.py"
+REPORTER = Path(__file__).parent / "agents" / "env_report.py"  # says what its env holds
 
 
 def agents_env(python_env: EnvFactory, version: str) -> PythonEnv:
@@ -51,19 +54,28 @@ def check_json(manifest: Path) -> tuple[int, dict[str, Any]]:
 async def test_two_framework_versions_serve_at_once(
     python_env: EnvFactory, start_daemon: Any, livekit_server: Any, tmp_path: Path
 ) -> None:
+    """The issue's demonstration: one daemon serves, at the same time, an agent whose env
+    holds packages that conflict with the daemon's (livekit 1.0 and numpy 1.26) and one
+    real AgentSession app on each tested livekit-agents version, each reporting what it
+    imported."""
     versions = compat.TESTED
     assert len({compat.series(v) for v in versions}) >= 2  # two series, not two patches
     envs = {v: agents_env(python_env, v) for v in versions}
     names = {v: unique("lka-" + v.replace(".", "-")) for v in versions}
     logs = {v: tmp_path / f"events-{v}.jsonl" for v in versions}
-    manifest = CPU_OFF + "".join(
-        agent_table(
-            names[v],
-            f"{APP}:server",
-            python=str(envs[v].python),
-            env={"LKA_EVENTS": str(logs[v]), "LKA_AGENT_NAME": names[v]},
+    old, old_name = python_env(OLD), unique("old")
+    manifest = (
+        CPU_OFF
+        + "".join(
+            agent_table(
+                names[v],
+                f"{APP}:server",
+                python=str(envs[v].python),
+                env={"LKA_EVENTS": str(logs[v]), "LKA_AGENT_NAME": names[v]},
+            )
+            for v in versions
         )
-        for v in versions
+        + agent_table(old_name, f"{REPORTER}:entrypoint", python=str(old.python))
     )
 
     # `lkrun check`: each agent's interpreter and the livekit-agents it found, no warning.
@@ -85,12 +97,17 @@ async def test_two_framework_versions_serve_at_once(
         assert status[names[v]]["python"] == str(envs[v].python)
 
     rooms = {v: unique("versions") for v in versions}
+    old_room = unique("conflicting")
     async with contextlib.AsyncExitStack() as stack:
         observers = {
             v: await stack.enter_async_context(observer(livekit_server, rooms[v])) for v in versions
         }
+        old_observer = await stack.enter_async_context(observer(livekit_server, old_room))
         transcripts = {v: Transcripts(observers[v]) for v in versions}
-        await asyncio.gather(*(dispatch(livekit_server, rooms[v], names[v]) for v in versions))
+        await asyncio.gather(
+            *(dispatch(livekit_server, rooms[v], names[v]) for v in versions),
+            dispatch(livekit_server, old_room, old_name),
+        )
         agents: dict[str, rtc.RemoteParticipant] = {}
         for v in versions:
             agents[v] = await wait_for_participant(observers[v], "agent-")
@@ -99,10 +116,17 @@ async def test_two_framework_versions_serve_at_once(
                 60,
                 what=f"the {v} agent's session to start",
             )
-        # Both jobs run at the same time, each on its own framework version and env.
+        reported = await attributes_of(old_observer, f"{old_name}-")
+        # All the jobs run at the same time, each on its own env: the framework apps on
+        # their livekit-agents, the other on packages pip could not install beside the
+        # daemon's.
         jobs = {v: await job_in_room(daemon, rooms[v], "running") for v in versions}
+        old_job = await job_in_room(daemon, old_room, "running")
         running = {j["id"] for j in await daemon.jobs(include_ended=False)}
-        assert {j["id"] for j in jobs.values()} <= running
+        assert {j["id"] for j in jobs.values()} | {old_job["id"]} <= running
+        assert reported["python"] == str(old.python)
+        assert (reported["livekit"], reported["numpy"]) == (OLD_LIVEKIT, OLD_NUMPY)
+        assert rtc.__version__ != OLD_LIVEKIT and numpy.__version__ != OLD_NUMPY
         for v in versions:
             assert agents[v].attributes["lka.version"] == v
             prefix = agents[v].attributes["lka.prefix"]

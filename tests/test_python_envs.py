@@ -593,6 +593,8 @@ async def test_agents_on_conflicting_envs_serve_side_by_side(
         identities = [p.identity for p in lk.remote_participants.values()]
         for prefix in ("old-", "cold-", "here-"):
             assert any(identity.startswith(prefix) for identity in identities), identities
+    # The env's versions are not the daemon's: pip could not have installed them beside it.
+    assert rtc.__version__ != OLD_LIVEKIT and numpy.__version__ != OLD_NUMPY
     for reported in (old, spawned):
         assert reported["python"] == str(env.python)
         assert (reported["livekit"], reported["numpy"]) == (OLD_LIVEKIT, OLD_NUMPY)
@@ -648,6 +650,8 @@ async def test_a_changed_python_restarts_the_agents_processes(
     assert after[1] == str(env.python)
     [agent] = (await daemon.status())["agents"]
     assert agent["python"] == str(env.python) and agent["livekit_version"] == OLD_LIVEKIT
+    # The old fork server (it had no jobs to finish) is gone, not left beside the new one.
+    await wait_for(lambda: program_of(before[0]) == "", 30, what="the old fork server to exit")
 
 
 async def _changed(
