@@ -341,8 +341,13 @@ def in_python_env(path: Path, top: Path) -> bool:
     """Whether ``path`` lies in a Python environment below ``top``: a virtualenv (a
     directory holding pyvenv.cfg) or any site-packages. Its files change when packages are
     installed, which is not agent code changing: a reload in the middle of a pip install
-    would load half of it. Not cached: a venv made later must count too."""
-    if "site-packages" in path.parts:
+    would load half of it. Not cached: a venv made later must count too. Only the part of
+    the path below ``top`` counts (a manifest may itself live in a site-packages)."""
+    try:
+        below = path.relative_to(top).parts
+    except ValueError:
+        return False  # not below the manifest's directory: not watched
+    if "site-packages" in below:
         return True
     for parent in path.parents:
         if parent == top or top not in parent.parents:

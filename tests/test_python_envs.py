@@ -732,3 +732,15 @@ def test_installing_into_an_env_beside_the_manifest_is_no_code_change(tmp_path: 
     assert not relevant(2, str(venv / "bin" / "tool.py"))
     assert not relevant(2, str(tmp_path / "conda" / "lib" / "site-packages" / "m.py"))
     assert relevant(2, str(manifest))
+
+
+def test_a_manifest_inside_a_site_packages_still_reloads_its_code(tmp_path: Path) -> None:
+    from lkrun.daemon import _relevant_to
+
+    # Only the part of a path below the manifest's directory says whether it is an env's.
+    project = tmp_path / "lib" / "site-packages" / "myagents"
+    project.mkdir(parents=True)
+    manifest = manifest_at(project, agent_table("a", "m:f"))
+    relevant = _relevant_to(manifest)
+    assert relevant(2, str(project / "support.py"))
+    assert not relevant(2, str(project / "env" / "lib" / "site-packages" / "x.py"))
