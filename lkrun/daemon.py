@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -514,7 +514,8 @@ class Daemon:
             try:
                 # Watch the directory: editors replace files by renaming, which ends a file
                 # watch.
-                async for changes in watch(path.parent, _relevant_to(path)):
+                relevant = _relevant_to(path, self._command_files)
+                async for changes in watch(path.parent, relevant):
                     failures = 0
                     await self._on_changes(path, changes)
                 problem = RuntimeError("the file watch ended")
@@ -543,9 +544,10 @@ class Daemon:
             elif code_changed and self._hosts_apps():
                 await self._reread_apps()
             # The check above takes seconds: a drain may have begun meanwhile.
-            if code_changed and self.phase == "serving":
-                for host in self.hosts.values():
-                    host.code_changed()
+            if self.phase != "serving":
+                return
+            for host in self._changed_code(path.parent, changes):
+                host.code_changed()
         except Exception as exc:
             log.error(
                 "applying a change to %s failed; the watch goes on: %s",
@@ -554,6 +556,25 @@ class Daemon:
                 exc_info=exc,
                 extra=loop_error("manifest watcher", exc, 1, 0.0),
             )
+
+    def _changed_code(self, workdir: Path, changes: Changes) -> list[AgentHost]:
+        """The agents whose fork server and warm processes hold code that changed: a Python
+        agent at any Python file's change, a command agent only when a file its command
+        names changed (its program is its own; the agents' Python files are not)."""
+        python = any(changed.endswith(".py") for _, changed in changes)
+        files = {Path(changed).resolve() for _, changed in changes}
+        return [
+            host
+            for host in self.hosts.values()
+            if (files & command_files(host.spec.command, workdir) if host.spec.command else python)
+        ]
+
+    def _command_files(self) -> set[Path]:
+        """The files command agents' commands name, watched whatever their kind."""
+        workdir = self.manifest.path.resolve().parent
+        return {
+            f for host in self.hosts.values() for f in command_files(host.spec.command, workdir)
+        }
 
     def _hosts_apps(self) -> bool:
         return any(h.spec.resolved_framework == LIVEKIT_AGENTS for h in self.hosts.values())
@@ -661,8 +682,24 @@ def lock_state_dir(directory: Path) -> StateLock:
         raise FatalError(f"cannot lock the state directory {directory}: {exc}") from exc
 
 
-def _relevant_to(manifest: Path) -> Callable[[Any, str], bool]:
-    """The changes that matter: the manifest itself and Python files, minus .venv, .git,
+def command_files(command: Sequence[str], workdir: Path) -> set[Path]:
+    """The files of a command agent's program that its command names: the program when it
+    is a path, and each argument that names a file under the manifest's directory
+    (``node agent.mjs``). What those files load in turn is not known to lkrun."""
+    found: set[Path] = set()
+    root = workdir.resolve()
+    for word in command:
+        path = (root / word).resolve()  # an absolute word stays as it is
+        if path.is_relative_to(root) and path.is_file():
+            found.add(path)
+    return found
+
+
+def _relevant_to(
+    manifest: Path, programs: Callable[[], Collection[Path]] = frozenset
+) -> Callable[[Any, str], bool]:
+    """The changes that matter: the manifest itself, the files command agents' commands
+    name (as they are now: a reload may change them), and Python files, minus .venv, .git,
     __pycache__ and the like, and minus agents' Python environments kept beside the
     manifest (packages installed there are not code changes)."""
     from watchfiles import DefaultFilter
@@ -672,7 +709,7 @@ def _relevant_to(manifest: Path) -> Callable[[Any, str], bool]:
     def relevant(change: Any, changed: str) -> bool:
         if not ignore(change, changed):
             return False
-        if Path(changed) == manifest:
+        if Path(changed) == manifest or Path(changed).resolve() in programs():
             return True
         return changed.endswith(".py") and not interpreter.in_python_env(
             Path(changed), manifest.parent

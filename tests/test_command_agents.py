@@ -13,16 +13,21 @@ import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
+from watchfiles import Change
 
+from lkrun import daemon as daemon_module
 from lkrun.entrypoints import check_entrypoints
 from lkrun.manifest import ManifestError, parse_manifest
 from lkrun.supervision.warm_pool import WarmPool
 from tests.conftest import livekit_api, observer, pid_alive, unique, wait_for, wait_for_participant
 from tests.helpers import dispatch, echo_roundtrip, job_in_room, status_is
 from tests.node_deps import NODE_ECHO, ensure_node_modules, node_missing
+from tests.test_daemon_loops import make_daemon
 from tests.test_supervisor import FakeProcess, settle
 
 CPU_OFF = '[daemon]\nload_threshold = "off"\n\n'  # a busy shared machine must not refuse jobs
@@ -123,6 +128,100 @@ async def test_the_node_echo_refuses_a_start_of_another_protocol_version(node_ec
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@needs_node
+async def test_editing_a_node_agents_program_replaces_its_warm_process(
+    start_daemon: Any, livekit_server: Any, node_echo: Path, node_pids: list[int], tmp_path: Path
+) -> None:
+    name, room_name = unique("node"), unique("room")
+    program = _copy_of(node_echo, tmp_path / "d0")  # where start_daemon puts the manifest
+    table = f'[agents.{name}]\ncommand = ["node", "echo.mjs"]\nidle_processes = 1\n'
+    daemon = await start_daemon(CPU_OFF + table)
+    [old] = await wait_for(lambda: _node_processes(daemon), 30, what="a warm Node process")
+    node_pids.append(old)
+
+    _edit(program, "echo ready in room", "edited echo in room")
+    # The watch sees echo.mjs (no .py file changed): the warm process goes, a new one comes.
+    [new] = await wait_for(
+        lambda: [p for p in _node_processes(daemon) if p != old] if not pid_alive(old) else [],
+        30,
+        what="the warm process replaced",
+    )
+    node_pids.append(new)
+    await wait_for(lambda: _idle(daemon), 30, what="the new process ready")
+    await dispatch(livekit_server, room_name, name)
+    job = await job_in_room(daemon, room_name, "running")
+    assert job["warm"] is True and job["pid"] == new
+
+    def new_code_ran() -> bool:  # its log line says so once it has joined
+        return "edited echo in room" in daemon.cli("jobs", "logs", job["id"]).stdout
+
+    await wait_for(new_code_ran, 20, what="the edited program's log line")
+
+
+def _copy_of(program: Path, directory: Path) -> Path:
+    """A copy of ``program`` in ``directory``, its npm dependencies linked in beside it."""
+    directory.mkdir()
+    (directory / "node_modules").symlink_to(ensure_node_modules(program.parent))
+    copy = directory / program.name
+    copy.write_text(program.read_text())
+    return copy
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def _node_processes(daemon: Any) -> list[int]:
+    """The daemon's Node job processes (warm or serving a job)."""
+    children = psutil.Process(daemon.pid).children()
+    return [c.pid for c in children if any("echo.mjs" in word for word in _cmdline(c))]
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    with contextlib.suppress(psutil.Error):
+        return proc.cmdline()
+    return []
+
+
+class _Host:
+    """Stands for a running agent: counts the warm-process replacements asked of it."""
+
+    def __init__(self, *command: str) -> None:
+        self.spec = SimpleNamespace(
+            command=command, resolved_framework="command" if command else "lkrun"
+        )
+        self.code_changes = 0
+
+    def code_changed(self) -> None:
+        self.code_changes += 1
+
+
+async def test_a_command_agents_processes_are_replaced_for_its_own_files_only(
+    tmp_path: Path,
+) -> None:
+    daemon = make_daemon(tmp_path)
+    daemon.phase = "serving"
+    program = tmp_path / "agent" / "echo.mjs"
+    program.parent.mkdir()
+    program.write_text("// the agent\n")
+    node, python = _Host("/usr/bin/node", "agent/echo.mjs", "--flag"), _Host()
+    daemon.hosts = {"node": node, "py": python}  # type: ignore[dict-item]
+    manifest = daemon.manifest.path.resolve()
+    assert daemon_module.command_files(node.spec.command, tmp_path) == {program.resolve()}
+
+    relevant = daemon_module._relevant_to(manifest, daemon._command_files)
+    assert relevant(Change.modified, str(program))  # not Python, but the agent's program
+    assert not relevant(Change.modified, str(tmp_path / "agent" / "notes.mjs"))
+    assert relevant(Change.modified, str(tmp_path / "helpers.py"))
+
+    await daemon._on_changes(manifest, {(Change.modified, str(tmp_path / "helpers.py"))})
+    assert (node.code_changes, python.code_changes) == (0, 1)  # not the Node agent's code
+    await daemon._on_changes(manifest, {(Change.modified, str(program))})
+    assert (node.code_changes, python.code_changes) == (1, 1)
 
 
 async def _idle(daemon: Any) -> bool:

@@ -201,3 +201,14 @@ def test_the_largest_start_is_exactly_as_long_as_a_line_may_be() -> None:
     line = jobpipe.encode("start", protocol=1, **conformance.padded(payload))
     assert len(line) == jobpipe.MAX_LINE and line.endswith(b"}\n")
     assert json.loads(line)["job"] == {"id": "AJ_1"}
+
+
+def test_its_usage_line_shows_the_command_after_dashes() -> None:
+    from typer.testing import CliRunner
+
+    import lkrun.cli  # noqa: F401  registers the commands
+    from lkrun.cli.common import app
+
+    shown = CliRunner().invoke(app, ["protocol-test", "--help"], prog_name="lkrun")
+    assert shown.exit_code == 0
+    assert shown.output.splitlines()[0] == "Usage: lkrun protocol-test [OPTIONS] -- CMD [ARGS]..."
