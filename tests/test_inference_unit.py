@@ -14,14 +14,17 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from livekit.agents.inference_runner import _InferenceRunner
 
-from lkrun.child.framework import inference
+from lkrun.child.framework import inference, inference_proc
 from lkrun.child.framework.inference import (
     InferenceUnavailable,
     NoInference,
@@ -32,6 +35,7 @@ from lkrun.child.framework.inference_proc import InferenceServer, load_runner
 from lkrun.child.importgraph import ImportGraph
 from lkrun.supervision import inference as supervision
 from lkrun.supervision.inference import InferenceProcess, InferenceProcesses, Lease
+from tests.conftest import wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -224,6 +228,7 @@ async def test_the_server_runs_requests_of_one_connection_concurrently(tmp_path:
         with pytest.raises(RuntimeError, match="JSONDecodeError"):
             await executor.do_inference("echo", b"not json")
         await executor.aclose()
+        await wait_for(lambda: not server._peers, what="the server to see the job go")
     outcomes = [(method, ok) for method, _, ok in server.done]
     assert sorted(outcomes) == sorted(
         [
@@ -235,6 +240,180 @@ async def test_the_server_runs_requests_of_one_connection_concurrently(tmp_path:
             ("echo", False),
         ]
     )
+    server.pool.shutdown()
+
+
+class Gate(_InferenceRunner):
+    """Holds each request until the test opens the gate."""
+
+    INFERENCE_METHOD = "test_gate"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def initialize(self) -> None:
+        pass
+
+    def run(self, data: bytes) -> bytes | None:
+        self.gate.wait(30)
+        return data
+
+
+def counting(server: InferenceServer) -> dict[str, int]:
+    """Counts the gate's requests the server is answering now, and the most it ever did."""
+    answer = server.answer
+    seen = {"now": 0, "peak": 0}
+
+    async def counted(message: dict[str, Any]) -> bytes:
+        if message.get("method") != "gate":
+            return await answer(message)
+        seen["now"] += 1
+        seen["peak"] = max(seen["peak"], seen["now"])
+        try:
+            return await answer(message)
+        finally:
+            seen["now"] -= 1
+
+    server.answer = counted  # type: ignore[method-assign]
+    return seen
+
+
+async def test_one_connection_has_a_bounded_number_of_requests_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that sends more requests than the cap: the server reads no further until one
+    is answered, so it never runs more than the cap of them at once; all are answered."""
+    monkeypatch.setattr(inference_proc, "MAX_IN_FLIGHT", 2, raising=False)
+    gate = Gate()
+    server = InferenceServer({"gate": gate}, {})
+    server.pool = ThreadPoolExecutor(max_workers=8)  # threads are not what limits it
+    seen = counting(server)
+    path = short_socket(tmp_path)
+    async with unix_server(path, server.serve_connection):
+        flood = SocketInference(str(path))
+        requests = [
+            asyncio.ensure_future(flood.do_inference("gate", str(n).encode())) for n in range(5)
+        ]
+        await wait_for(lambda: seen["now"] >= 2, what="two requests to be answered")
+        # Another job is served meanwhile: the server has read all it was going to read.
+        other = SocketInference(str(path))
+        with pytest.raises(RuntimeError, match="unknown inference method"):
+            await other.do_inference("nope", b"")
+        assert seen["peak"] == 2 and not any(r.done() for r in requests)
+        gate.gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(*requests), 10)
+        assert answers == [str(n).encode() for n in range(5)]
+        assert seen["peak"] == 2
+        await flood.aclose()
+        await other.aclose()
+        await wait_for(lambda: not server._peers, what="the server to see the jobs go")
+    server.pool.shutdown()
+
+
+async def test_a_dropped_connection_leaves_no_request_task_behind(tmp_path: Path) -> None:
+    """The job goes with requests in flight: their handlers are cancelled and awaited
+    before the connection's task ends."""
+    gate = Gate()
+    server = InferenceServer({"gate": gate}, {})
+    left: list[asyncio.Task[Any]] = []
+    ended = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.serve_connection(reader, writer)
+        left.extend(
+            t
+            for t in asyncio.all_tasks()
+            if not t.done() and "serve_connection" in t.get_coro().__qualname__
+        )
+        ended.set()
+
+    path = short_socket(tmp_path)
+    async with unix_server(path, handler):
+        executor = SocketInference(str(path))
+        requests = [asyncio.ensure_future(executor.do_inference("gate", b"x")) for _ in range(2)]
+        await wait_for(lambda: len(server.pool._threads) > 0, what="a request to run")
+        await executor.aclose()
+        await asyncio.wait_for(ended.wait(), 10)
+        gate.gate.set()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+    assert left == []
+    assert all(isinstance(r, InferenceUnavailable) for r in results), results
+    server.pool.shutdown()
+
+
+async def test_a_moved_connection_answers_what_it_has_while_new_requests_go_anew(
+    tmp_path: Path,
+) -> None:
+    """Fake: the first connection gets a request, says ``moved``, and answers it only after
+    a second request has been answered on a new connection. The executor closes the first
+    connection after that answer, and leaves no reader behind."""
+    path = short_socket(tmp_path)
+    connections: list[str] = []
+    second_answered = asyncio.Event()
+    first_closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name = f"c{len(connections) + 1}"
+        connections.append(name)
+        if name == "c1":
+            message = inference.decode(await reader.readline())
+            writer.write(inference.encode_moved())
+            await writer.drain()
+            await second_answered.wait()
+            writer.write(inference.encode_answer(message["id"], b"old"))
+            await writer.drain()
+            assert await reader.read() == b""  # the job closed it: nothing else came
+            first_closed.set()
+            return
+        while line := await reader.readline():
+            message = inference.decode(line)
+            writer.write(inference.encode_answer(message["id"], b"new"))
+            await writer.drain()
+            second_answered.set()
+
+    async with unix_server(path, handler):
+        executor = SocketInference(str(path))
+        old = asyncio.ensure_future(executor.do_inference("m", b"1"))
+        await wait_for(lambda: any(c.moved for c in executor._connections), what="the moved notice")
+        assert executor._current is None
+        assert await asyncio.wait_for(executor.do_inference("m", b"2"), 5) == b"new"
+        assert await asyncio.wait_for(old, 5) == b"old"
+        await asyncio.wait_for(first_closed.wait(), 5)
+        assert await executor.do_inference("m", b"3") == b"new"
+        await executor.aclose()
+        readers = [
+            t
+            for t in asyncio.all_tasks()
+            if not t.done() and t.get_coro().__qualname__ == "SocketInference._read"
+        ]
+    assert connections == ["c1", "c2"] and readers == []
+
+
+async def test_a_draining_server_moves_its_jobs_and_ends_when_they_have_gone(
+    tmp_path: Path,
+) -> None:
+    """drain(): every connection hears ``moved``; a request in flight is still answered;
+    drain returns once the jobs have closed their connections."""
+    gate = Gate()
+    server = InferenceServer({"gate": gate, "echo": SlowEcho()}, {})
+    path = short_socket(tmp_path)
+    async with unix_server(path, server.serve_connection):
+        busy, idle = SocketInference(str(path)), SocketInference(str(path))
+        in_flight = asyncio.ensure_future(busy.do_inference("gate", b"late"))
+        assert await idle.do_inference("echo", b"{}") == b"{}"
+        await wait_for(lambda: len(server.pool._threads) > 0, what="the request to run")
+        drained = asyncio.ensure_future(server.drain())
+        # The idle job's connection closes at once; the busy one's waits for its answer.
+        await wait_for(lambda: not idle._connections, what="the idle job to hear moved")
+        await wait_for(lambda: busy._current is None, what="the busy job to hear moved")
+        assert len(busy._connections) == 1 and len(server._peers) == 1
+        assert not drained.done()
+        gate.gate.set()
+        assert await asyncio.wait_for(in_flight, 5) == b"late"
+        await asyncio.wait_for(drained, 5)
+        await busy.aclose()
+        await idle.aclose()
+        await wait_for(lambda: not server._peers, what="the server to see the jobs go")
     server.pool.shutdown()
 
 

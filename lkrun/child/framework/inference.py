@@ -18,6 +18,13 @@ any number of concurrent requests, told apart by their ids::
     job -> inference process:  {"id": 1, "method": "lk_end_of_utterance_en", "data": "..."}
     inference process -> job:  {"id": 1, "data": "..." | null}
                                {"id": 1, "error": "one line"}
+                               {"moved": true}
+
+``moved`` says the process is being replaced by a new one (new runners, or a runner's
+source edited): the job sends its next requests over a new connection, which reaches the
+new process, while the answers to the requests it sent on this one still come here; it
+closes this connection once they have (lkrun.supervision.inference starts the new
+process before it stops the old one, so a restart asked for loses no request).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import os
 import sys
@@ -35,6 +41,7 @@ from typing import Any
 from livekit.agents.ipc.inference_executor import InferenceExecutor
 
 from lkrun.child import apps
+from lkrun.shared.tasks import BackgroundTasks
 
 SOCKET_ENV = "LKRUN_INFERENCE_SOCKET"
 # A request or an answer: model inputs and outputs are small (a chat context, a score), but
@@ -61,6 +68,10 @@ def encode_error(request_id: int, error: str) -> bytes:
     return _line({"id": request_id, "error": error})
 
 
+def encode_moved() -> bytes:
+    return _line({"moved": True})
+
+
 def _line(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
@@ -71,6 +82,8 @@ def decode(line: bytes) -> dict[str, Any]:
         message = json.loads(line)
     except ValueError as exc:
         raise WireError(f"not JSON: {exc}") from None
+    if isinstance(message, dict) and message.get("moved") is True and "id" not in message:
+        return message
     if not isinstance(message, dict) or not isinstance(message.get("id"), int):
         raise WireError("not an object with an integer id")
     data = message.get("data")
@@ -104,49 +117,62 @@ class NoInference(InferenceExecutor):
         )
 
 
+class _Connection:
+    """One connection to the inference process and the requests sent on it."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.moved = False  # the process said so: no new request goes on this one
+
+
 class SocketInference(InferenceExecutor):
     """``do_inference`` over the inference process's socket: one connection per job,
     opened at the first call, any number of requests in flight on it. When the process
     dies every request in flight fails with InferenceUnavailable, and the next call
-    connects again (to the restarted process, or fails at once while it is down)."""
+    connects again (to the restarted process, or fails at once while it is down). When it
+    is replaced (``moved``), new requests go over a new connection to the new process while
+    the old one answers those it has."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._writer: asyncio.StreamWriter | None = None
-        self._reading: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._current: _Connection | None = None  # where new requests go
+        self._connections: set[_Connection] = set()  # with a reader each: current and moved
+        self._readers = BackgroundTasks()
         self._next_id = 0
         self._connecting: asyncio.Lock | None = None
         self._closed = False
 
     async def do_inference(self, method: str, data: bytes) -> bytes | None:
-        writer = await self._connection(method)
+        connection = await self._connection(method)
         self._next_id += 1
         request_id = self._next_id
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = answer
+        connection.pending[request_id] = answer
         try:
             try:
-                writer.write(encode_request(request_id, method, data))
-                await writer.drain()
+                connection.writer.write(encode_request(request_id, method, data))
+                await connection.writer.drain()
             except (OSError, RuntimeError) as exc:  # RuntimeError: the transport is closing
-                self._lost(f"sending failed: {exc}")
+                self._lost(connection, f"sending failed: {exc}")
             message = await answer
         finally:
-            self._pending.pop(request_id, None)
+            connection.pending.pop(request_id, None)
+            if connection.moved and not connection.pending:
+                connection.writer.close()  # its last answer came: the old process may go
         if "error" in message:
             raise RuntimeError(f"inference of {method} failed: {message['error']}")
         result = message.get("data")
         return result if isinstance(result, bytes) else None
 
-    async def _connection(self, method: str) -> asyncio.StreamWriter:
+    async def _connection(self, method: str) -> _Connection:
         if self._closed:
             raise InferenceUnavailable(f"inference of {method}: the job is over")
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._writer is not None:
-                return self._writer
+            if self._current is not None:
+                return self._current
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_unix_connection(self.path, limit=MAX_LINE), CONNECT_TIMEOUT
@@ -157,11 +183,13 @@ class SocketInference(InferenceExecutor):
                     f"inference of {method}: cannot reach the inference process at "
                     f"{self.path} ({why}); it is starting or restarting"
                 ) from None
-            self._writer = writer
-            self._reading = asyncio.create_task(self._read(reader, writer), name="inference")
-            return writer
+            connection = _Connection(writer)
+            self._current = connection
+            self._connections.add(connection)
+            self._readers.spawn(self._read(reader, connection), name="inference answers")
+            return connection
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         why = "the inference process closed the connection (it exited or restarted)"
         try:
             while line := await reader.readline():
@@ -170,33 +198,37 @@ class SocketInference(InferenceExecutor):
                 except WireError as exc:
                     why = f"the inference process sent a bad answer ({exc})"
                     break
-                answer = self._pending.get(message["id"])
+                if message.get("moved"):
+                    connection.moved = True
+                    if self._current is connection:
+                        self._current = None  # the next request connects to the new one
+                    if not connection.pending:
+                        break
+                    continue
+                answer = connection.pending.get(message["id"])
                 if answer is not None and not answer.done():
                     answer.set_result(message)
         except (OSError, ValueError) as exc:  # ValueError: a line over MAX_LINE
             why = f"reading from the inference process failed: {exc}"
         finally:
-            if self._writer is writer:
-                self._lost(why)
+            self._lost(connection, why)
 
-    def _lost(self, why: str) -> None:
-        """The connection is gone: fail what is in flight; the next call reconnects."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-        for answer in self._pending.values():
+    def _lost(self, connection: _Connection, why: str) -> None:
+        """The connection is gone: fail what is in flight on it; the next call reconnects."""
+        if self._current is connection:
+            self._current = None
+        self._connections.discard(connection)
+        connection.writer.close()
+        for answer in connection.pending.values():
             if not answer.done():
                 answer.set_exception(InferenceUnavailable(why))
 
     async def aclose(self) -> None:
         """At the end of the job."""
         self._closed = True
-        reading, self._reading = self._reading, None
-        self._lost("the job is over")
-        if reading is not None:
-            reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reading
+        for connection in list(self._connections):
+            self._lost(connection, "the job is over")
+        await self._readers.close()
 
 
 def executor_for_job() -> InferenceExecutor:

@@ -14,6 +14,15 @@ answered (those of one turn of its event loop together). stderr is its log. It e
 stdin reaches EOF (the daemon is gone) and on SIGTERM; it dies with the daemon
 (parent-death signal) too.
 
+From the daemon, on stdin (JSON lines): ``drain`` when a new process has taken its socket
+path (a restart asked for: the daemon starts the new one first). It stops accepting, tells
+every connection ``moved`` (the job's next requests go to the new process), answers what
+it has, and exits once every job has closed its connection.
+
+Each connection has at most MAX_IN_FLIGHT requests in flight: when it has that many, the
+next line is not read until one is answered, so one job cannot flood the process that all
+the agents of its environment share.
+
 A runner that cannot be imported or whose ``initialize()`` raises does not stop the others:
 its requests get that error, and ``ready`` lists it under ``failed``.
 """
@@ -38,11 +47,15 @@ from livekit.agents.inference_runner import _InferenceRunner
 from lkrun.child import apps
 from lkrun.child.framework import inference
 from lkrun.shared import jobpipe, pdeathsig
+from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe, one_line
 
 READY = "ready"
 STATS = "stats"
 BACKLOG = 256
+# Requests in flight on one connection (one job): more than the pool has threads, so a job's
+# requests queue here rather than behind another job's.
+MAX_IN_FLIGHT = 16
 
 
 def load_runner(method: str, source: str) -> _InferenceRunner:
@@ -72,6 +85,9 @@ class InferenceServer:
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
         self.done: list[list[Any]] = []  # [method, seconds, ok] since the last stats line
         self._flushing = False
+        self._peers: set[_Peer] = set()  # the open connections
+        self.draining = False
+        self._idle = asyncio.Event()  # draining and no connection left
 
     def _answered(self, method: str, seconds: float, ok: bool) -> None:
         """Counted at once: the answers that finish in one turn of the loop go out in one
@@ -120,33 +136,72 @@ class InferenceServer:
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """One job's connection: its requests run concurrently, answers in any order."""
-        lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
+        """One job's connection: its requests run concurrently (up to MAX_IN_FLIGHT), the
+        answers in any order."""
+        peer = _Peer(writer)
+        self._peers.add(peer)
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        handlers = BackgroundTasks()
 
         async def handle(message: dict[str, Any]) -> None:
-            line = await self.answer(message)
-            async with lock:
-                writer.write(line)
-                with contextlib.suppress(OSError):
-                    await writer.drain()
+            try:
+                await peer.send(await self.answer(message))
+            finally:
+                slots.release()
 
         try:
-            while line := await reader.readline():
+            if self.draining:  # accepted as the listener closed
+                await peer.send(inference.encode_moved())
+            while True:
+                await slots.acquire()  # full: this job's next line waits for an answer
+                line = await reader.readline()
+                if not line:
+                    return
                 try:
                     message = inference.decode(line)
+                    if "id" not in message:
+                        raise inference.WireError("not a request")
                 except inference.WireError as exc:
                     print(f"lkrun inference: dropping a connection: {exc}", file=sys.stderr)
                     return
-                task = asyncio.create_task(handle(message))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                handlers.spawn(handle(message), name=f"inference request {message['id']}")
         except (OSError, ValueError):  # a reset, or a line over the limit
             return
         finally:
-            for task in tasks:
-                task.cancel()
+            # The job is gone (or broke the wire): nobody waits for these answers.
+            handlers.cancel()
+            await handlers.join()
             writer.close()
+            self._peers.discard(peer)
+            if self.draining and not self._peers:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """A new process serves the socket path now: tell every job to send its next
+        requests there, and return once each has closed its connection here (after its
+        last answer)."""
+        self.draining = True
+        for peer in list(self._peers):
+            await peer.send(inference.encode_moved())
+        if not self._peers:
+            self._idle.set()
+        await self._idle.wait()
+
+
+class _Peer:
+    """A job's connection, written by each of its requests' handlers in turn."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.lock = asyncio.Lock()
+
+    async def send(self, line: bytes) -> None:
+        async with self.lock:
+            if self.writer.is_closing():
+                return
+            self.writer.write(line)
+            with contextlib.suppress(OSError):
+                await self.writer.drain()
 
 
 def bind(path: str) -> socket.socket:
@@ -163,23 +218,56 @@ def bind(path: str) -> socket.socket:
     return sock
 
 
-async def serve(sock: socket.socket, server: InferenceServer) -> None:
+async def serve(sock: socket.socket, server: InferenceServer, commands: int = 0) -> None:
+    """Until stdin (``commands``) reaches EOF, or a ``drain`` from it has been done."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    gone = asyncio.Event()  # the daemon is gone
+    drain = asyncio.Event()
+    buffer = bytearray()
 
     def on_stdin() -> None:
         try:
-            if not os.read(0, 4096):
-                stop.set()  # the daemon is gone
+            data = os.read(commands, 4096)
         except OSError:
-            stop.set()
+            data = b""
+        if not data:
+            loop.remove_reader(commands)
+            gone.set()
+            return
+        buffer.extend(data)
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            with contextlib.suppress(ValueError):
+                if jobpipe.decode(line).get("type") == jobpipe.DRAIN:
+                    drain.set()
 
-    loop.add_reader(0, on_stdin)
+    loop.add_reader(commands, on_stdin)
     listener = await asyncio.start_unix_server(
         server.serve_connection, sock=sock, limit=inference.MAX_LINE
     )
-    async with listener:
-        await stop.wait()
+    try:
+        await _first(gone.wait(), drain.wait())
+        if not gone.is_set():
+            # The socket path is the new process's now; what is left is the jobs'
+            # connections here, until they have their answers.
+            listener.close()
+            await _first(gone.wait(), server.drain())
+    finally:
+        # Not wait_closed(): since Python 3.12 it waits for every connection to end.
+        listener.close()
+        loop.remove_reader(commands)
+
+
+async def _first(*waits: Any) -> None:
+    """Until the first of ``waits`` is done; the others are cancelled and awaited."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _files_of(runners: Iterable[_InferenceRunner]) -> list[str]:
