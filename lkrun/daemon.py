@@ -46,7 +46,7 @@ from lkrun.shared import pdeathsig
 from lkrun.shared.entrypoint import LIVEKIT_AGENTS
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
-from lkrun.supervision.inference import InferenceProcesses
+from lkrun.supervision.inference import InferenceProcesses, socket_dir_for
 from lkrun.supervision.job_monitor import JobMonitor, Target
 
 log = logging.getLogger("lkrun.daemon")
@@ -110,7 +110,10 @@ class Daemon:
         self.health: HealthServer | None = None
         # The framework's shared inference processes, one per agent interpreter.
         self.inference = InferenceProcesses(
-            workdir=self.manifest.workdir, metrics=self.metrics, env_for=self._inference_env
+            workdir=self.manifest.workdir,
+            metrics=self.metrics,
+            env_for=self._inference_env,
+            socket_dir=socket_dir_for(self.state_dir),
         )
         self._settings = HostSettings(
             shutdown_timeout=config.settings.shutdown_timeout,
@@ -314,6 +317,7 @@ class Daemon:
             raise self._fatal.result()
 
     async def _start_services(self, control: ControlServer) -> None:
+        self.inference.clean_stale()  # what a killed daemon with this state dir left
         try:
             lost = await asyncio.to_thread(self.history.open)
         except StoreError as exc:

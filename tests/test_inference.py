@@ -8,15 +8,24 @@ one inference process for both agents: the agents are not ready until it is up, 
 agents' jobs get their answers from it, a request in flight when it is killed fails at once,
 it is started again and the same job's next request is answered by the new one, `lkrun
 status` and the metrics show its memory and latency, and it stops with its last agent.
+
+The supervision (lkrun.supervision.inference) also runs here in the test's own loop: with
+the real inference process, a restart asked for (a new runner) that no request notices;
+with stand-in processes, its failures, stops and gauges.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +33,12 @@ import psutil
 import pytest
 from livekit import rtc
 
+from lkrun import paths
 from lkrun.api import control
+from lkrun.api.metrics import Metrics
+from lkrun.child.framework.inference import SocketInference
+from lkrun.supervision import inference as supervision
+from lkrun.supervision.inference import InferenceProcess, InferenceProcesses, Lease
 from tests.conftest import (
     REPO,
     observer,
@@ -39,6 +53,7 @@ from tests.helpers import agent_table, dispatch, job_in_room
 
 CPU_OFF = '[daemon]\nload_threshold = "off"\n'
 APP = "tests.lka_apps.inference_app:entrypoint"
+PID_RUNNER = "tests.lka_apps.pid_runner:PidRunner"
 SERVER_APP = "tests.lka_apps.inference_server:server"
 PLAIN_APP = "tests.lka_apps.listener:entrypoint"
 METHOD = "lkrun_test_pid"
@@ -253,8 +268,13 @@ async def test_the_inference_process_dies_with_the_daemon(
     await wait_for(
         lambda: not pid_alive(inference["pid"]), 10, what="the inference process to exit"
     )
-    # What a killed daemon cannot clean up: its socket directory (under the temp dir).
-    shutil.rmtree(Path(inference["socket"]).parent)
+    # What a killed daemon cannot clean up: its socket directory, in the runtime directory
+    # under a name of its state directory's, which the next daemon with it removes.
+    left = Path(inference["socket"]).parent
+    assert left.is_dir() and left.parent == paths.runtime_dir()
+    next_daemon = InferenceProcesses(workdir=daemon.dir, socket_dir=left)
+    next_daemon.clean_stale()
+    assert not left.exists()
 
 
 async def test_each_environment_has_its_own_inference_process(
@@ -309,6 +329,238 @@ LOCAL_APP = (
 )
 
 
+@pytest.mark.e2e
+async def test_a_restart_asked_for_serves_on_until_the_new_process_takes_over(
+    tmp_path: Path,
+) -> None:
+    """The real inference process, supervised in this test's loop, a job's executor asking
+    it: a second agent brings a runner the process lacks. The new process loads both
+    (slowly) while the old one goes on answering; a request in flight when the new one
+    takes over is still answered by the old one, while the job's next requests go to the
+    new one; the old one exits once the job has its answer. No request fails."""
+    (tmp_path / "local_runner.py").write_text(LOCAL_RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LKRUN_TEST_RUNNER_INIT_SECONDS": "1"}
+    registry = InferenceProcesses(workdir=tmp_path, base_env=env)
+    a = registry.attach("a", sys.executable, {METHOD: PID_RUNNER})
+    job = SocketInference(a.socket_path)
+
+    async def ask(**request: Any) -> int:
+        answer = await job.do_inference(METHOD, json.dumps(request).encode())
+        assert answer is not None
+        pid: int = json.loads(answer)["pid"]
+        return pid
+
+    try:
+        await wait_for(lambda: not a.waiting, 60, what="the first process")
+        proc = a.process
+        assert proc is not None and proc.pid is not None
+        first = proc.pid
+        assert await ask(text="before") == first
+        mark, release = tmp_path / "in-flight", tmp_path / "release"
+        held = asyncio.ensure_future(ask(mark=str(mark), until=str(release)))
+        await wait_for(mark.exists, 10, what="the held request to reach the process")
+
+        b = registry.attach("b", sys.executable, {"lkrun_test_local": "local_runner:LocalRunner"})
+        assert b.waiting
+        answered: list[int] = []
+
+        async def taken_over() -> bool:
+            answered.append(await ask(text="meanwhile"))
+            return not b.waiting
+
+        await wait_for(taken_over, 60, interval=0.2, what="the new process to take over")
+        assert len(answered) >= 3 and set(answered[:-1]) == {first}
+        second = proc.pid
+        assert second not in (None, first) and proc.ready
+        assert proc.status()["runners"] == ["lkrun_test_local", METHOD]
+        await wait_for(
+            lambda: any(c.moved for c in job._connections), 10, what="the job to hear moved"
+        )
+        assert await ask(text="after") == second
+        assert not held.done() and pid_alive(first)
+        release.touch()
+        assert await asyncio.wait_for(held, 10) == first
+        await wait_for(lambda: registry.pids() == {second}, 10, what="the old one to be reaped")
+        assert not pid_alive(first) and proc.restarts == 0 and proc.last_error == ""
+    finally:
+        await job.aclose()
+        await registry.close()
+    assert leftover_tasks() == []
+
+
+# -- the supervision, with stand-in processes ------------------------------------------------
+
+# A few lines of Python in place of the inference process (which takes seconds to import
+# livekit.agents): it speaks the same stdout protocol. FAKE_PLAN says what each start does
+# in turn (FAKE_COUNT counts them): "serve" listens and says ready, then exits at the first
+# line on stdin (a drain) or EOF; "stubborn" does too but ignores SIGTERM; "hang" never
+# gets ready; "exitN" exits with code N.
+FAKE = """
+import json, os, signal, socket, sys
+args = sys.argv[1:]
+path = args[args.index("--socket") + 1]
+runners = [a.split("=", 2)[1] for a in args if a.startswith("--runner=")]
+plan = os.environ.get("FAKE_PLAN", "serve").split(",")
+counter = os.environ.get("FAKE_COUNT")
+n = 0
+if counter:
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(n + 1))
+step = plan[min(n, len(plan) - 1)]
+if step.startswith("exit"):
+    print("fake: giving up", file=sys.stderr)
+    sys.exit(int(step[4:]))
+if step == "hang":
+    sys.stdin.readline()
+    sys.exit(0)
+if step == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.path.exists(path):
+    os.unlink(path)
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(path)
+sock.listen()
+ready = {"type": "ready", "pid": os.getpid(), "runners": runners, "failed": {}, "files": []}
+print(json.dumps(ready), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def fake_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    command = InferenceProcess.command
+
+    def fake(self: InferenceProcess, *args: Any, **kwargs: Any) -> list[str]:
+        return [sys.executable, "-c", FAKE, *command(self, *args, **kwargs)[3:]]
+
+    monkeypatch.setattr(InferenceProcess, "command", fake)
+    monkeypatch.setattr(supervision, "KILL_GRACE", 0.5)
+
+
+def fake_env(tmp_path: Path, plan: str) -> dict[str, str]:
+    return {**os.environ, "FAKE_PLAN": plan, "FAKE_COUNT": str(tmp_path / "starts")}
+
+
+def process(
+    tmp_path: Path,
+    make_env: Callable[[Any], dict[str, str]] = lambda leases: {},
+    **options: Any,
+) -> InferenceProcess:
+    return InferenceProcess(
+        interpreter="/venv/bin/python",
+        socket_path=short_socket_dir() / "s.sock",
+        cwd=tmp_path,
+        make_env=make_env,
+        **options,
+    )
+
+
+def short_socket_dir() -> Path:
+    # pytest's tmp_path can be longer than a unix socket path may be (108 bytes).
+    return Path(tempfile.mkdtemp(prefix="lkrun-test-"))
+
+
+@contextlib.asynccontextmanager
+async def running(proc: InferenceProcess) -> AsyncIterator[asyncio.Task[None]]:
+    run = asyncio.create_task(proc.run())
+    try:
+        yield run
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        shutil.rmtree(proc.socket_path.parent, ignore_errors=True)
+
+
+def leftover_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks of the daemon's inference supervision still running."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and t.get_coro().cr_code.co_filename == supervision.__file__
+    ]
+
+
+@pytest.mark.e2e
+async def test_each_failure_says_why_that_start_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_processes: None
+) -> None:
+    """A start that timed out, then one that exited: last_error says the second; then it
+    serves."""
+    monkeypatch.setattr(supervision, "BACKOFF_BASE", 0.05)
+    env = fake_env(tmp_path, "hang,exit3,serve")
+    proc = process(tmp_path, make_env=lambda leases: env, initialize_timeout=0.5)
+    lease = Lease("a", {"m": "p:R"}, lambda: None)
+    proc.add(lease)
+    errors: list[str] = []
+
+    def served() -> bool:
+        if proc.last_error and proc.last_error not in errors:
+            errors.append(proc.last_error)
+        return proc.ready
+
+    async with running(proc):
+        await wait_for(served, 20, interval=0.01, what="the third start to serve")
+    assert len(errors) == 2 and errors[0].startswith("it did not load its runners within 0.5s")
+    assert "exited with code 3 (last log line: fake: giving up)" in errors[1]
+    assert proc.restarts == 2 and not lease.waiting
+    assert leftover_tasks() == []
+
+
+@pytest.mark.e2e
+async def test_a_stopping_process_leaves_its_successors_gauges_alone(
+    tmp_path: Path, fake_processes: None
+) -> None:
+    """An agent's interpreter loses its last agent and gets a new one while the old process
+    is still stopping (it ignores SIGTERM, so that takes KILL_GRACE): the successor's
+    lkrun_inference_up stays."""
+    metrics = Metrics()
+    python = "/env/bin/python"
+    registry = InferenceProcesses(
+        workdir=tmp_path, metrics=metrics, base_env=fake_env(tmp_path, "stubborn,serve")
+    )
+
+    def up() -> float | None:
+        return metrics.registry.get_sample_value("lkrun_inference_up", {"interpreter": python})
+
+    a = registry.attach("a", python, {"m": "p:R"})
+    await wait_for(lambda: not a.waiting, 10, what="the first process")
+    assert up() == 1 and a.process is not None
+    first = a.process.pid
+    assert first is not None
+    a.release()
+    b = registry.attach("b", python, {"m": "p:R"})
+    await wait_for(lambda: not b.waiting, 10, what="its successor")
+    assert pid_alive(first) and first in registry.pids()
+    await registry._stopping.join()  # the first one is gone now
+    assert up() == 1 and not pid_alive(first) and first not in registry.pids()
+    await registry.close()
+    assert up() is None and registry.pids() == set()
+    assert leftover_tasks() == []
+
+
+@pytest.mark.e2e
+async def test_closing_while_a_process_stops_still_kills_it(
+    tmp_path: Path, fake_processes: None
+) -> None:
+    """The daemon stops while the last agent's process is stopping (SIGTERM ignored): it
+    is killed all the same, not left behind."""
+    registry = InferenceProcesses(workdir=tmp_path, base_env=fake_env(tmp_path, "stubborn"))
+    lease = registry.attach("a", "/env/bin/python", {"m": "p:R"})
+    await wait_for(lambda: not lease.waiting, 10, what="the process")
+    proc = lease.process
+    assert proc is not None and proc.pid is not None
+    pid = proc.pid
+    try:
+        lease.release()
+        await wait_for(lambda: not proc.ready, 5, what="its stop to begin")
+        await registry.close()
+        await wait_for(lambda: not pid_alive(pid), 5, what="the process to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leftover_tasks() == []
+
+
 async def test_a_runner_edited_on_disk_is_loaded_again(
     start_daemon: Any, livekit_server: Any
 ) -> None:
@@ -345,5 +597,9 @@ async def test_a_runner_edited_on_disk_is_loaded_again(
         return found[0] if ready else None
 
     after = await wait_for(restarted, 60, what="the inference process to start again")
-    assert after["restarts"] == 0 and not pid_alive(before["pid"])
-    assert inference_processes(daemon.pid) == [after["pid"]]
+    assert after["restarts"] == 0
+    # The old one drains (no job is connected: at once) and exits.
+    await wait_for(
+        lambda: inference_processes(daemon.pid) == [after["pid"]], 10, what="the old one to go"
+    )
+    assert not pid_alive(before["pid"])

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 from livekit.agents.inference_runner import _InferenceRunner
 
+from lkrun import paths
 from lkrun.child.framework import inference, inference_proc
 from lkrun.child.framework.inference import (
     InferenceUnavailable,
@@ -33,6 +36,7 @@ from lkrun.child.framework.inference import (
 )
 from lkrun.child.framework.inference_proc import InferenceServer, load_runner
 from lkrun.child.importgraph import ImportGraph
+from lkrun.interpreter import ChildSideError
 from lkrun.supervision import inference as supervision
 from lkrun.supervision.inference import InferenceProcess, InferenceProcesses, Lease
 from tests.conftest import wait_for
@@ -470,44 +474,111 @@ def test_each_agent_is_credited_with_the_runners_its_imports_register(
 # -- the daemon's bookkeeping ----------------------------------------------------------------
 
 
-def process(tmp_path: Path) -> InferenceProcess:
+def process(
+    tmp_path: Path,
+    make_env: Callable[[Any], dict[str, str]] = lambda leases: {},
+    **options: Any,
+) -> InferenceProcess:
     return InferenceProcess(
         interpreter="/venv/bin/python",
         socket_path=tmp_path / "s",
         cwd=tmp_path,
-        make_env=lambda leases: {},
+        make_env=make_env,
+        **options,
     )
 
 
-def test_an_agent_waits_until_the_process_is_up_with_its_runners(tmp_path: Path) -> None:
+def take_over(
+    proc: InferenceProcess, failed: dict[str, str] | None = None, files: list[str] | None = None
+) -> Any:
+    """As run() does when a process it started has loaded what the leases want now (none is
+    started here): it serves, the one before it (if any) retires."""
+    failed = failed or {}
+    instance = supervision._Instance(
+        pid=4000, path=proc.socket_path, runners=dict(proc.runners), generation=proc._generation
+    )
+    served = [m for m in proc.runners if m not in failed]
+    ready = {"type": "ready", "runners": served, "failed": failed, "files": files or []}
+    proc._on_message(instance, ready)
+    proc._promote(instance)
+    return instance
+
+
+async def test_an_agent_waits_until_the_process_is_up_with_its_runners(tmp_path: Path) -> None:
     proc = process(tmp_path)
     changes: list[str] = []
     first = Lease("a", {"m1": "plug:R1"}, lambda: changes.append("a"))
     proc.add(first)
     assert first.waiting and proc.runners == {"m1": "plug:R1"}
-    proc._restart.clear()  # as the supervising task does when it starts the process
-    proc._on_message({"type": "ready", "pid": 1, "runners": ["m1"], "failed": {}, "seconds": 0})
+    take_over(proc)
     assert not first.waiting and proc.ready and changes == ["a"]
 
     # A second agent with the same runner shares the process as it runs.
     same = Lease("b", {"m1": "plug:R1"}, lambda: changes.append("b"))
+    proc._restart.clear()
     proc.add(same)
-    assert not same.waiting and not proc._restart.is_set()
+    assert not same.waiting and not proc._restart.is_set() and not proc._stale()
 
     # One with a runner the process lacks makes it start again with both; it waits.
     more = Lease("c", {"m2": "plug:R2"}, lambda: changes.append("c"))
     proc.add(more)
-    assert more.waiting and proc._restart.is_set()
+    assert more.waiting and proc._restart.is_set() and proc._stale()
     assert proc.runners == {"m1": "plug:R1", "m2": "plug:R2"}
     assert [a for a in proc.command() if a.startswith("--runner")] == [
         "--runner=m1=plug:R1",
         "--runner=m2=plug:R2",
     ]
     # A runner that failed to load does not keep its agent waiting: its jobs get the error.
-    proc._on_message({"type": "ready", "runners": ["m1"], "failed": {"m2": "no model"}})
-    assert not more.waiting
+    take_over(proc, failed={"m2": "no model"})
+    assert not more.waiting and not proc._stale()
     assert proc.status()["failed_runners"] == {"m2": "no model"}
     assert proc.status()["agents"] == ["a", "b", "c"]
+    await proc._stop_all()
+
+
+def test_a_renamed_runner_class_is_what_the_next_process_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent's code now registers method m with another class: its new lease comes
+    before the old one goes (AgentProcesses._sync_inference). The next process loads the
+    new class, and nobody is told another agent registered m first."""
+    caplog.set_level(logging.WARNING, logger="lkrun.inference")
+    proc = process(tmp_path)
+    old = Lease("a", {"m": "mod:Old"}, lambda: None)
+    proc.add(old)
+    proc._restart.clear()  # as when the process with mod:Old started
+    new = Lease("a", {"m": "mod:New"}, lambda: None)
+    proc.add(new)
+    proc.remove(old)
+    assert proc.runners == {"m": "mod:New"} and proc._restart.is_set()
+    assert "--runner=m=mod:New" in proc.command()
+    assert [r for r in caplog.records if r.name == "lkrun.inference"] == []
+
+
+def test_a_runner_no_agent_registers_any_more_is_not_loaded_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent goes: its runners leave the set, and the process is to start again
+    without them. Between agents the first to attach owns a method name, also when its
+    lease is replaced (its env changed) while the other one's is held."""
+    caplog.set_level(logging.WARNING, logger="lkrun.inference")
+    proc = process(tmp_path)
+    a = Lease("a", {"m1": "p:R1"}, lambda: None)
+    b = Lease("b", {"m1": "q:Other", "m2": "p:R2"}, lambda: None)
+    proc.add(a)
+    proc.add(b)
+    assert proc.runners == {"m1": "p:R1", "m2": "p:R2"}
+    conflicts = [r for r in caplog.records if r.name == "lkrun.inference"]
+    assert len(conflicts) == 1 and conflicts[0].levelno == logging.WARNING  # b's m1
+    replaced = Lease("a", {"m1": "p:R1"}, lambda: None, env={"HF_HOME": "/m"})
+    proc.add(replaced)
+    proc.remove(a)
+    assert proc.runners == {"m1": "p:R1", "m2": "p:R2"}
+    proc._restart.clear()  # as when that process started
+    proc.remove(b)
+    assert proc.runners == {"m1": "p:R1"} and proc._restart.is_set()
+    assert [a for a in proc.command() if a.startswith("--runner")] == ["--runner=m1=p:R1"]
+    assert len([r for r in caplog.records if r.name == "lkrun.inference"]) == 1
 
 
 def test_a_failed_start_releases_the_waiting_agents(tmp_path: Path) -> None:
@@ -522,7 +593,8 @@ def test_statistics_give_counts_and_latency(tmp_path: Path) -> None:
     proc = process(tmp_path)
     proc.add(Lease("a", {"m1": "plug:R1"}, lambda: None))
     done = [["m1", 0.001 * n, n != 7] for n in range(1, 11)] + [["bogus", "x", True]]
-    proc._on_message({"type": "stats", "done": done})
+    instance = supervision._Instance(pid=1, path=tmp_path / "s", runners={}, generation=0)
+    proc._on_message(instance, {"type": "stats", "done": done})
     status = proc.status()
     assert (status["requests"], status["errors"]) == (10, 1)
     latency = status["latency_ms"]
@@ -580,42 +652,141 @@ async def test_one_process_per_interpreter_until_its_last_agent_goes(
 def test_the_process_gets_what_its_agents_jobs_share_of_their_environment(
     tmp_path: Path,
 ) -> None:
+    daemon_env = {
+        "LIVEKIT_API_KEY": "k",
+        "LIVEKIT_API_SECRET": "s",
+        "PYTHONPATH": "/daemon",
+        "HOME": "/root",
+        "HF_HOME": "/daemon/hf",
+        "OMP_NUM_THREADS": "8",
+    }
     registry = InferenceProcesses(
         workdir=tmp_path,
-        base_env={"LIVEKIT_API_SECRET": "s", "PYTHONPATH": "/daemon", "HOME": "/root"},
+        base_env=daemon_env,
         env_for=lambda python, env, own: env.update(OWN=python, OWN_PATH=own.get("PYTHONPATH", "")),
     )
     python = sys.executable
     plain = Lease("a", {}, lambda: None)
-    # No agent sets anything: the daemon's environment, without the API secret, and the
-    # manifest's directory first on the path (as a job gets it).
+    # No agent sets anything: the daemon's environment, without the API credentials, and
+    # the manifest's directory first on the path (as a job gets it).
     env = registry.env(python, [plain])
-    assert "LIVEKIT_API_SECRET" not in env and env["HOME"] == "/root"
+    assert "LIVEKIT_API_SECRET" not in env and "LIVEKIT_API_KEY" not in env
+    assert env["HOME"] == "/root" and env["HF_HOME"] == "/daemon/hf"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/daemon"]
-    # The agents' env tables: PYTHONPATH entries joined, anything else the first one's.
-    one = Lease("b", {}, lambda: None, env={"PYTHONPATH": "/src/b", "HF_HOME": "/models/b"})
+    # The agents' env tables, over the daemon's: the first agent's value of each variable;
+    # the API credentials stay out even when an agent passes them to its jobs. PYTHONPATH:
+    # every entry one of their jobs has, the plain agent's (the daemon's) included.
+    one = Lease(
+        "b",
+        {},
+        lambda: None,
+        env={
+            "PYTHONPATH": "/src/b",
+            "HF_HOME": "/models/b",
+            "OMP_NUM_THREADS": "2",
+            "LIVEKIT_API_SECRET": "passed on purpose",
+        },
+    )
     two = Lease("c", {}, lambda: None, env={"PYTHONPATH": "/src/c:/src/b", "HF_HOME": "/m/c"})
     env = registry.env(python, [plain, one, two])
-    assert env["PYTHONPATH"].split(os.pathsep) == ["/src/b", "/src/c"]
-    assert env["HF_HOME"] == "/models/b"
-    # Another interpreter: adapted for it, with the agents' path.
-    env = registry.env("/other/bin/python", [one])
-    assert env["OWN"] == "/other/bin/python" and env["OWN_PATH"] == "/src/b"
+    assert env["HF_HOME"] == "/models/b" and env["OMP_NUM_THREADS"] == "2"
+    assert "LIVEKIT_API_SECRET" not in env
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/daemon", "/src/b", "/src/c"]
+    # Another interpreter: adapted for it, with its agents' path (the daemon's is not
+    # theirs there: a plain agent's jobs have the manifest's directory).
+    env = registry.env("/other/bin/python", [plain, one])
+    assert env["OWN"] == "/other/bin/python" and env["HF_HOME"] == "/models/b"
+    assert env["OWN_PATH"].split(os.pathsep) == [str(tmp_path), "/src/b"]
 
 
-def test_a_changed_runner_source_starts_the_process_again(tmp_path: Path) -> None:
+async def test_a_changed_runner_source_starts_the_process_again(tmp_path: Path) -> None:
     runner_file = tmp_path / "my_runner.py"
     runner_file.write_text("# a runner beside the agents\n")
     other = tmp_path / "agent.py"
     other.write_text("# the agent\n")
     proc = process(tmp_path)
     proc.add(Lease("a", {"m1": "my_runner:R"}, lambda: None))
-    proc._restart.clear()  # as the supervising task does when it starts the process
-    proc._on_message({"type": "ready", "runners": ["m1"], "files": [str(runner_file)]})
+    take_over(proc, files=[str(runner_file)])
+    proc._restart.clear()
     os.utime(other, (1, 1))  # the agent's own code: not the process's business
-    assert not proc.code_changed() and not proc._restart.is_set()
+    assert not proc.code_changed() and not proc._restart.is_set() and not proc._stale()
     os.utime(runner_file, (2, 2))
-    assert proc.code_changed() and proc._restart.is_set()
+    assert proc.code_changed() and proc._restart.is_set() and proc._stale()
+    assert not proc.code_changed()  # a second agent saying so: the same restart
+    take_over(proc)
+    assert not proc._stale()
+    await proc._stop_all()
+
+
+# -- the supervision's failures ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(proc: InferenceProcess) -> AsyncIterator[asyncio.Task[None]]:
+    run = asyncio.create_task(proc.run())
+    try:
+        yield run
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+
+def leftover_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks of the daemon's inference supervision still running."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and t.get_coro().cr_code.co_filename == supervision.__file__
+    ]
+
+
+async def test_an_environment_that_cannot_be_made_is_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make_env raises (the child side cannot be put in the agent's environment): the start
+    failed, as if the process had exited; the agent stops waiting, and it is tried again."""
+    monkeypatch.setattr(supervision, "BACKOFF_BASE", 60.0)  # no second try during the test
+
+    def broken(leases: Any) -> dict[str, str]:
+        raise ChildSideError("cannot put lkrun's child side in /venv: read-only file system")
+
+    proc = process(tmp_path, make_env=broken)
+    lease = Lease("a", {"m": "p:R"}, lambda: None)
+    proc.add(lease)
+    async with running(proc) as run:
+        await wait_for(lambda: not lease.waiting, 5, what="the failed start to free the agent")
+        status = proc.status()
+        assert status["last_error"].startswith("cannot start it")
+        assert "read-only file system" in status["last_error"]
+        assert status["restarts"] == 1 and not status["ready"] and not run.done()
+    assert leftover_tasks() == []
+
+
+async def test_the_socket_directory_is_the_daemons_and_a_killed_ones_is_cleaned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    state = tmp_path / "state"
+    directory = supervision.socket_dir_for(state)
+    assert directory.parent == paths.runtime_dir()  # not the state dir: socket paths are short
+    assert directory == supervision.socket_dir_for(state)
+    assert directory != supervision.socket_dir_for(tmp_path / "other-state")
+    directory.mkdir(parents=True)
+    (directory / "0123456789ab.sock").write_text("")  # what a killed daemon left
+    registry = InferenceProcesses(workdir=tmp_path, socket_dir=directory)
+    registry.clean_stale()
+    assert not directory.exists()
+    path = registry.socket_path("/venv/bin/python")
+    assert path.parent == directory and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    await registry.close()
+    assert not directory.exists()
+    # A runtime directory others may write to is no place for them: a temporary one is.
+    directory.parent.chmod(0o777)
+    registry = InferenceProcesses(workdir=tmp_path, socket_dir=directory)
+    path = registry.socket_path("/venv/bin/python")
+    assert path.parent != directory and path.parent.name.startswith("lkrun-inference-")
+    await registry.close()
+    assert not path.parent.exists()
 
 
 def test_status_prints_one_line_per_inference_process() -> None:

@@ -66,6 +66,26 @@ class AgentStatus(TypedDict):
     fork_server_error: str
 
 
+class InferenceStatus(TypedDict):
+    """One shared inference process (lkrun.supervision.inference), in GET /v1/status."""
+
+    interpreter: str
+    socket: str  # where its agents' jobs reach it
+    pid: int | None  # the serving process, else the one loading; None while neither runs
+    ready: bool  # a process serves the socket path
+    agents: list[str]
+    runners: list[str]  # what it loads: its agents' runners (method names)
+    failed_runners: dict[str, str]  # method -> why the serving process could not load it
+    uptime: float | None  # seconds the serving process has served
+    restarts: int  # times it died or failed to start
+    last_error: str
+    rss_mb: float
+    pss_mb: float
+    requests: int
+    errors: int
+    latency_ms: dict[str, float] | None  # p50, p95, max, mean over the recent requests, samples
+
+
 class DaemonStatus(TypedDict):
     """GET /v1/status: read by `lkrun status` and by `lkrun dispatch --wait` when no job came."""
 
@@ -85,9 +105,8 @@ class DaemonStatus(TypedDict):
     reloads: int
     http_port: int | None
     agents: list[AgentStatus]
-    # The framework's shared inference processes, one per interpreter that needs one
-    # (lkrun.supervision.inference.InferenceProcess.status).
-    inference: list[dict[str, Any]]
+    # The framework's shared inference processes, one per interpreter that needs one.
+    inference: list[InferenceStatus]
 
 
 class DaemonView(Protocol):

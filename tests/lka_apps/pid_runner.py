@@ -9,7 +9,8 @@ whether its ``initialize()`` ran there.
 
 ``run()`` takes a JSON object: ``{"text": ...}`` is echoed back; ``{"sleep": seconds}``
 holds the answer that long (a request in flight, for the tests), after writing the pid to the
-file ``"mark"`` names if given; ``{"fail": "why"}`` raises.
+file ``"mark"`` names if given; ``{"until": path}`` holds it until that file exists (at most
+a minute); ``{"fail": "why"}`` raises.
 ``LKRUN_TEST_RUNNER_INIT_SECONDS`` in the inference process's environment makes
 ``initialize()`` take that long (a model that loads slowly).
 """
@@ -48,6 +49,11 @@ class PidRunner(_InferenceRunner):
             with open(request["mark"], "w") as mark:
                 mark.write(str(os.getpid()))
         time.sleep(float(request.get("sleep", 0)))
+        deadline = time.monotonic() + 60
+        while "until" in request and not os.path.exists(request["until"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{request['until']} never came")
+            time.sleep(0.01)
         with self._lock:
             count = next(self._counter)
         answer = {
