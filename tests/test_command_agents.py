@@ -456,3 +456,30 @@ async def test_a_program_that_says_warm_is_kept_idle() -> None:
     await settle()
     assert pool.idle == made and all(p.kinds() == ["spawn"] for p in made)
     await _cancel(task)
+
+
+# -- the agents-js proof of concept ---------------------------------------------------------
+
+AGENTS_JS_SHIM = NODE_ECHO.parent / "agents-js-shim"
+
+
+def test_the_agents_js_evidence_the_readme_cites_is_in_the_repo() -> None:
+    readme = (NODE_ECHO.parents[2] / "README.md").read_text()
+    assert "(examples/node/agents-js-shim/README.md)" in readme
+    for name in ("README.md", "shim.mjs", "app.mjs", "agents.toml", "measure.sh"):
+        assert (AGENTS_JS_SHIM / name).is_file(), name
+    # The versions it was tried with, pinned exactly, and the lock installs those.
+    package = json.loads((AGENTS_JS_SHIM / "package.json").read_text())
+    lock = json.loads((AGENTS_JS_SHIM / "package-lock.json").read_text())
+    assert package["dependencies"]["@livekit/agents"] == "1.9.0"
+    assert lock["packages"][""]["dependencies"] == package["dependencies"]
+    for name, version in package["dependencies"].items():
+        assert lock["packages"][f"node_modules/{name}"]["version"] == version, name
+    # Two command agents (the shim and the Node echo beside it) that check accepts as such.
+    manifest = parse_manifest(
+        (AGENTS_JS_SHIM / "agents.toml").read_text(), AGENTS_JS_SHIM / "agents.toml"
+    )
+    assert {name: spec.command[1:] for name, spec in manifest.agents.items()} == {
+        "agents-js-echo": ("shim.mjs", "app.mjs"),
+        "node-echo": ("../echo/echo.mjs",),
+    }
