@@ -100,6 +100,7 @@ def test_a_malformed_room_gone_is_no_room_gone(value: Any) -> None:
 async def test_the_job_process_outcome_carries_room_gone() -> None:
     proc = JobProcess(launcher=None, log=logging.LoggerAdapter(logging.getLogger("t")))  # type: ignore[arg-type]
     proc._on_message({"type": jobpipe.READY})
+    proc.start_sent = True  # as start() leaves it: a running before the start is refused
     proc._on_message({"type": jobpipe.RUNNING})
     proc._on_message({"type": jobpipe.DONE, "ok": False, "error": str(GONE), **_gone()})
     outcome = proc._outcome(1)
