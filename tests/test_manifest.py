@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import sys
 import textwrap
 from pathlib import Path
@@ -870,7 +871,7 @@ def test_check_entrypoints_success(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "proj" not in sys.modules and "solo" not in sys.modules  # never imported here
     assert list(checked.agents) == ["echo", "again", "cls"]
     for spec in checked.agents.values():
-        assert spec.app == AppInfo(framework="lkrun", kind="function")
+        assert spec.app == _lkrun_function()
         assert spec == dataclasses.replace(manifest.agents[spec.name], app=spec.app)
 
 
@@ -887,7 +888,7 @@ def test_check_entrypoints_keeps_existing_pythonpath(
     manifest = write_project(app, {"uses": "import helper\n" + GOOD}, {"a": "uses:entrypoint"})
     # Without lib on the check's PYTHONPATH, "import helper" would fail the check.
     [spec] = check_entrypoints(manifest).agents.values()
-    assert spec.app == AppInfo(framework="lkrun", kind="function")
+    assert spec.app == _lkrun_function()
 
 
 @pytest.mark.e2e
@@ -943,7 +944,7 @@ def test_check_entrypoints_module_prints_to_stdout(tmp_path: Path) -> None:
     manifest = write_project(tmp_path, {"noisy": source}, {"a": "noisy:entrypoint"})
     # The result still parses: what the module printed went to stderr, not into it.
     [spec] = check_entrypoints(manifest).agents.values()
-    assert spec.app == AppInfo(framework="lkrun", kind="function")
+    assert spec.app == _lkrun_function()
 
 
 @pytest.mark.e2e
@@ -962,7 +963,7 @@ def test_check_entrypoints_background_thread_does_not_block(tmp_path: Path) -> N
     manifest = write_project(tmp_path, {"threads": source + GOOD}, {"a": "threads:entrypoint"})
     # A check still waiting for the thread would be killed at the timeout and raise.
     [spec] = check_entrypoints(manifest, timeout=30).agents.values()
-    assert spec.app == AppInfo(framework="lkrun", kind="function")
+    assert spec.app == _lkrun_function()
 
 
 @pytest.mark.e2e
@@ -995,3 +996,15 @@ def test_daemon_name_and_state_dir(tmp_path: Path) -> None:
     assert daemon.name == "host-a"
     assert daemon.state_dir == tmp_path / "state"  # relative to the manifest
     assert parse(MINIMAL).daemon.name == "" and parse(MINIMAL).daemon.state_dir is None
+
+
+def _lkrun_function() -> AppInfo:
+    """What the import check says of an lkrun function on the daemon's own interpreter."""
+    from livekit import rtc
+
+    return AppInfo(
+        framework="lkrun",
+        kind="function",
+        python_version=platform.python_version(),
+        livekit_version=rtc.__version__,
+    )
