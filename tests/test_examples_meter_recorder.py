@@ -309,11 +309,16 @@ def recorder_manifest(name: str, start_method: str, directory: Path) -> str:
 
 
 async def recording_started(room: rtc.Room, tone: Tone, server: Any, agent: str) -> float:
-    """Publish, dispatch, and return once the recorder has subscribed to the track (when)."""
+    """Dispatch, publish, and return once the recorder has subscribed to the track (when).
+
+    In that order: a dispatch created while the participant's first track is being published
+    is launched for that publisher twice by livekit-server (once by CreateDispatch, once by
+    the track-published handler: two recorder jobs, two files), so the dispatch comes first
+    and only the publish launches the job."""
     subscribed = asyncio.Event()
     room.on("local_track_subscribed", lambda track: subscribed.set())
-    await tone.publish()
     await dispatch(server, room.name, agent)
+    await tone.publish()
     await wait_for(subscribed.is_set, 60, what="the recorder's subscription")
     return time.monotonic()
 
