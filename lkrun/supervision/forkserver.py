@@ -23,6 +23,7 @@ from lkrun.shared import forkwire, jobpipe, pdeathsig
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.job_process import AppSpec, Launched, LaunchError, python_command
+from lkrun.supervision.stderr import relay_lines
 
 log = logging.getLogger("lkrun.forkserver")
 
@@ -330,14 +331,8 @@ class ForkServer:
             sock.close()
 
     async def _log_stderr(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over the limit: skip it
-                continue
-            if not line:
-                return
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                self._last_line = text
-                self.log.info("fork server: %s", text)
+        def on_line(text: str) -> None:
+            self._last_line = text
+            self.log.info("fork server: %s", text)
+
+        await relay_lines(stream, on_line)

@@ -54,6 +54,7 @@ from lkrun.credentials import SECRET_ENV
 from lkrun.shared import jobpipe, pdeathsig
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
+from lkrun.supervision.stderr import relay_lines
 
 log = logging.getLogger("lkrun.inference")
 
@@ -655,17 +656,11 @@ class InferenceProcess:
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     async def _log_stderr(self, instance: _Instance, stream: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over the limit: skip it
-                continue
-            if not line:
-                return
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                instance.last_line = text
-                log.info("inference process %s: %s", instance.pid, text)
+        def on_line(text: str) -> None:
+            instance.last_line = text
+            log.info("inference process %s: %s", instance.pid, text)
+
+        await relay_lines(stream, on_line)
 
     def code_changed(self) -> bool:
         """Code changed on disk (the daemon's watch): start again if the source of a runner
