@@ -12,7 +12,6 @@ import inspect
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -25,6 +24,7 @@ from livekit.protocol import models
 
 from lkrun import __version__
 from lkrun.credentials import Credentials
+from lkrun.job_updates import JobUpdates
 from lkrun.load import WorkerLoad
 from lkrun.logs import agent_logger
 from lkrun.shared.text import one_line
@@ -128,17 +128,13 @@ class Registration:
         self.state = RegistrationState()
         self._outbox: asyncio.Queue[proto.WorkerMessage] | None = None
         # Job status updates must reach the server even across a reconnect.
-        self._backlog: deque[proto.WorkerMessage] = deque()
-        self._unwritten: proto.WorkerMessage | None = None  # an update whose write failed
+        self.updates = JobUpdates()
         self._last_load: WorkerLoad | None = None
         self._registered = asyncio.Event()
-        self._unsent_updates = 0
         self._answers: dict[str, tuple[float, Decision]] = {}  # offers answered, not yet sent
         # Offers whose decision is to come (an app's own request function weighs them).
         self._deciding: dict[str, asyncio.Future[Decision]] = {}
         self._registrations = 0
-        self._all_sent = asyncio.Event()
-        self._all_sent.set()
 
     async def wait_registered(self) -> None:
         await self._registered.wait()
@@ -185,23 +181,11 @@ class Registration:
         return self.state.worker_id
 
     def update_job(self, job_id: str, status: proto.JobStatus.ValueType, error: str = "") -> None:
-        msg = proto.WorkerMessage(
-            update_job=proto.UpdateJobStatus(job_id=job_id, status=status, error=error)
-        )
-        self._unsent_updates += 1
-        self._all_sent.clear()
-        if self._outbox is None or not self.state.connected:
-            self._backlog.append(msg)  # sent once a registration is confirmed
-        else:
-            self._outbox.put_nowait(msg)
+        self.updates.put(job_id, status, error)
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every job status update was written to the server; False on timeout."""
-        try:
-            await asyncio.wait_for(self._all_sent.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await self.updates.flush(timeout)
 
     def load_changed(self) -> None:
         """Push the handler's current load now if it differs from what the server last saw."""
@@ -232,17 +216,18 @@ class Registration:
             outbox: asyncio.Queue[proto.WorkerMessage] = asyncio.Queue()
             self._outbox = outbox
             writer = asyncio.create_task(self._write(ws, outbox))
+            deliverer = asyncio.create_task(self._deliver_updates(ws))
             refresher = asyncio.create_task(self._refresh_load())
             watchdog = asyncio.create_task(self._expect_confirmation(ws))
+            tasks = (writer, deliverer, refresher, watchdog)
             try:
                 self._send_load(force=True)
-                await self._read(ws, writer)
+                await self._read(ws, (writer, deliverer))
             finally:
                 self._outbox = None
-                for task in (writer, refresher, watchdog):
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(writer, refresher, watchdog, return_exceptions=True)
-                self._requeue_job_updates(outbox)
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def _token(self) -> str:
         return (
@@ -281,9 +266,6 @@ class Registration:
         self.state.connected_since = time.monotonic()
         self.state.last_error = ""
         self._registered.set()
-        if self._outbox is not None:
-            while self._backlog:
-                self._outbox.put_nowait(self._backlog.popleft())
         self._registrations += 1
         self.handler.on_registered(self.state.worker_id, self._registrations > 1)
         self.log.info(
@@ -300,7 +282,9 @@ class Registration:
             self.state.last_error = "the server did not answer the registration's ping"
             await ws.close()
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse, writer: asyncio.Task[None]) -> None:
+    async def _read(
+        self, ws: aiohttp.ClientWebSocketResponse, writers: tuple[asyncio.Task[None], ...]
+    ) -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 received = time.perf_counter()
@@ -311,9 +295,10 @@ class Registration:
                 self._dispatch(decoded, received)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise ProtocolError(f"websocket error: {ws.exception()}")
-            if writer.done():
-                writer.result()  # surface a write failure
-                return
+            for writer in writers:
+                if writer.done():
+                    writer.result()  # surface a write failure
+                    return
         code = ws.close_code
         self.state.last_error = f"server closed the connection (code {code})"
 
@@ -419,36 +404,23 @@ class Registration:
     ) -> None:
         while True:
             msg = await outbox.get()
-            kind = msg.WhichOneof("message")
-            is_update = kind == "update_job"
-            try:
-                await ws.send_bytes(msg.SerializeToString())
-            except Exception:
-                if is_update:  # the oldest unsent: first again (see _requeue_job_updates)
-                    self._unwritten = msg
-                raise
-            if kind == "availability":
+            await ws.send_bytes(msg.SerializeToString())
+            if msg.WhichOneof("message") == "availability":
                 self._answered(msg.availability.job_id)
-            if is_update:
-                self._unsent_updates -= 1
-                if self._unsent_updates == 0:
-                    self._all_sent.set()
+
+    async def _deliver_updates(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Job status updates, oldest first, once the registration is confirmed. One that is
+        not written (the connection dropped) stays first in line for the next connection."""
+        await self._registered.wait()
+        while True:
+            update = await self.updates.next()
+            await ws.send_bytes(proto.WorkerMessage(update_job=update).SerializeToString())
+            self.updates.sent(update)
 
     def _answered(self, job_id: str) -> None:
         received, decision = self._answers.pop(job_id, (None, None))
         if received is not None and decision is not None:
             self.handler.on_answered(job_id, decision, time.perf_counter() - received)
-
-    def _requeue_job_updates(self, outbox: asyncio.Queue[proto.WorkerMessage]) -> None:
-        # A job's updates must reach the server in order (RUNNING before SUCCESS): the one
-        # whose write failed, then those still queued behind it.
-        unsent = [self._unwritten] if self._unwritten is not None else []
-        self._unwritten = None
-        while not outbox.empty():
-            msg = outbox.get_nowait()
-            if msg.WhichOneof("message") == "update_job":
-                unsent.append(msg)
-        self._backlog.extendleft(reversed(unsent))  # older than anything queued since
 
     def _disconnected(self) -> None:
         self._answers.clear()

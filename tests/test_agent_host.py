@@ -67,8 +67,7 @@ def offer(host: AgentHost, job_id: str) -> proto.Job:
 
 def updates(host: AgentHost) -> list[tuple[str, int, str]]:
     """Job status updates waiting for a registration (none is connected here)."""
-    reg: Any = host.registration
-    return [(m.update_job.job_id, m.update_job.status, m.update_job.error) for m in reg._backlog]
+    return [(u.job_id, u.status, u.error) for u in host.registration.updates.unsent()]
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

@@ -429,13 +429,10 @@ async def test_job_updates_keep_their_order_when_a_write_fails(session: Any) -> 
             raise ConnectionResetError("gone")
 
     reg = make_registration("ws://127.0.0.1:1", Handler(), session)
-    outbox: asyncio.Queue[proto.WorkerMessage] = asyncio.Queue()
-    reg._outbox = outbox
-    reg.state.connected = True
+    reg._registered.set()  # as after the server's pong
     reg.update_job("AJ_1", proto.JS_RUNNING)
     reg.update_job("AJ_1", proto.JS_SUCCESS)
     with pytest.raises(ConnectionResetError):
-        await reg._write(BrokenSocket(), outbox)  # type: ignore[arg-type]
-    reg._requeue_job_updates(outbox)
-    statuses = [m.update_job.status for m in reg._backlog]
+        await reg._deliver_updates(BrokenSocket())  # type: ignore[arg-type]
+    statuses = [u.status for u in reg.updates.unsent()]
     assert statuses == [proto.JS_RUNNING, proto.JS_SUCCESS]
