@@ -456,6 +456,8 @@ _DISPATCH = _choice("explicit", "automatic")
 _JOB_TYPE = _choice("room", "publisher", "participant")
 _START_METHOD = _choice("forkserver", "spawn")
 _FRAMEWORK = _choice(AUTO, *FRAMEWORKS)
+# What happens when a job fails (lkrun.recovery.ON_FAILURE; not imported: it is heavy).
+_ON_FAILURE = _choice("none", "redispatch")
 _ATTRIBUTES = _string_table()
 _ENV_TABLE = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
 # The job processes' log level (lkrun.child.runner): a bad one fails every job at its start.
@@ -522,6 +524,9 @@ class DaemonSettings:
     # How long the CPU must stay at or over load_threshold before agents report full;
     # "off" (inf): never. A short peak must not make the last worker drop dispatches.
     overload_after: float = field(default=30.0, metadata=_check(_duration_or_off))
+    # The agents' defaults for their fields of the same names (DAEMON_DEFAULTS).
+    on_failure: str = field(default="none", metadata=_check(_ON_FAILURE))
+    max_redispatches: int = field(default=2, metadata=_check(_int_at_least(0)))
 
 
 @dataclass(frozen=True)
@@ -626,6 +631,11 @@ class AgentSpec:
     # memory, millisecond starts); "spawn": each job is a new interpreter, for modules that
     # start threads at import time (threads do not survive a fork).
     start_method: str = field(default="forkserver", metadata=_check(_START_METHOD))
+    # When a job fails (crash, memory_limit kill, an entrypoint that raised...) while its
+    # caller is still in the room: "redispatch" sends the agent there again (lkrun.recovery),
+    # at most max_redispatches times per call; "none" leaves the job failed. Unset: [daemon]'s.
+    on_failure: str = field(default="none", metadata=_check(_ON_FAILURE))
+    max_redispatches: int = field(default=2, metadata=_check(_int_at_least(0)))
     # The API the entrypoint is written for: "lkrun", "livekit-agents", or "auto" (detected).
     framework: str = field(default=AUTO, metadata=_check(_FRAMEWORK))
     # The interpreter that runs the agent's code (typically a virtualenv's bin/python),
@@ -785,10 +795,21 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
     }
     if relative:
         manifest = dataclasses.replace(manifest, daemon=dataclasses.replace(daemon, **relative))
+    agents = {name: _with_daemon_defaults(daemon, spec) for name, spec in agents.items()}
     files = {name: _with_files(path, manifest.workdir, spec) for name, spec in agents.items()}
     files = {name: _with_command(path, manifest.workdir, spec) for name, spec in files.items()}
     files = {name: _with_python(path, manifest.workdir, spec) for name, spec in files.items()}
     return dataclasses.replace(manifest, agents=FrozenMap(files))
+
+
+# Agent fields whose default is the [daemon] field of the same name.
+DAEMON_DEFAULTS = ("on_failure", "max_redispatches")
+
+
+def _with_daemon_defaults(daemon: DaemonSettings, spec: AgentSpec) -> AgentSpec:
+    """``spec`` with the [daemon] table's value of each DAEMON_DEFAULTS field it leaves unset."""
+    unset = {name: getattr(daemon, name) for name in DAEMON_DEFAULTS if name not in spec.explicit}
+    return dataclasses.replace(spec, **unset) if unset else spec
 
 
 _FILE_FIELDS = ("entrypoint", "prewarm")

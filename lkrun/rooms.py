@@ -27,6 +27,24 @@ log = logging.getLogger("lkrun.rooms")
 
 AGENT = models.ParticipantInfo.Kind.AGENT
 API_TIMEOUT = 5.0  # for the whole clean-up: not worth holding the daemon's shutdown for long
+# What a call to LiveKit's server API may raise: it refused (TwirpError) or was not reached.
+API_ERRORS = (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def livekit_api(credentials: Credentials) -> api.LiveKitAPI:
+    """A client of LiveKit's server API (RoomService, AgentDispatchService) for the daemon's
+    own calls; callers bound them with asyncio.timeout."""
+    return api.LiveKitAPI(
+        url=credentials.http_url,
+        api_key=credentials.api_key,
+        api_secret=credentials.api_secret,
+        failover=False,  # region failover is a LiveKit Cloud feature; stay on this URL
+    )
+
+
+def not_found(exc: api.TwirpError) -> bool:
+    """Whether LiveKit answered that the room or participant does not exist."""
+    return exc.code == api.TwirpErrorCode.NOT_FOUND
 
 
 def keep_reason(
@@ -66,7 +84,7 @@ class RoomJanitor:
                 why_not = await self._check(lkapi, gone)
                 if not why_not:
                     await lkapi.room.delete_room(api.DeleteRoomRequest(room=gone.room))
-        except (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except API_ERRORS as exc:
             data.update(deleted=False, error=describe(exc))
             log.warning("could not delete room %r, made anew by a join", gone.room, extra=extra)
             return False
@@ -93,15 +111,10 @@ class RoomJanitor:
         try:
             people = await lkapi.room.list_participants(api.ListParticipantsRequest(room=gone.room))
         except api.TwirpError as exc:
-            if exc.code == api.TwirpErrorCode.NOT_FOUND:  # deleted meanwhile: as good
+            if not_found(exc):  # deleted meanwhile: as good
                 return keep_reason(gone, None, [])
             raise
         return keep_reason(gone, room, people.participants)
 
     def _api(self) -> api.LiveKitAPI:
-        return api.LiveKitAPI(
-            url=self.credentials.http_url,
-            api_key=self.credentials.api_key,
-            api_secret=self.credentials.api_secret,
-            failover=False,  # region failover is a LiveKit Cloud feature; stay on this URL
-        )
+        return livekit_api(self.credentials)

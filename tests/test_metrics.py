@@ -293,6 +293,8 @@ def exercise_everything(metrics: Metrics) -> None:
     metrics.inference_memory("/venv/bin/python", rss=100, pss=60)
     metrics.inference_request("/venv/bin/python", "eou", 0.004, ok=True)
     metrics.inference_restarted("/venv/bin/python")
+    metrics.recovered("echo", "signal")
+    metrics.recovery_skipped("echo", "max_redispatches")
 
 
 def test_render_parses_and_contains_every_metric(metrics: Metrics) -> None:
@@ -405,3 +407,22 @@ async def test_handler_refreshes_snapshot_each_scrape(
     assert 'agent="greeter"' in first
     assert 'agent="greeter"' not in second
     assert 'lkrun_jobs_running{agent="echo"} 7.0' in second
+
+
+def test_recovery_counters_keep_their_labels_bounded(metrics: Metrics) -> None:
+    metrics.recovered("echo", "memory_limit")
+    metrics.recovered("echo", "whatever the caller says")
+    metrics.recovery_skipped("echo", "no_caller")
+    metrics.recovery_skipped("echo", "made up")
+    body, _ = metrics.render()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name.startswith("lkrun_recoveries")
+    }
+    assert samples[("lkrun_recoveries_total", (("agent", "echo"), ("cause", "memory_limit")))] == 1
+    assert samples[("lkrun_recoveries_total", (("agent", "echo"), ("cause", "other")))] == 1
+    skipped = "lkrun_recoveries_skipped_total"
+    assert samples[(skipped, (("agent", "echo"), ("reason", "no_caller")))] == 1
+    assert samples[(skipped, (("agent", "echo"), ("reason", "other")))] == 1

@@ -93,7 +93,7 @@ def test_open_creates_schema_and_private_files(db_path: Path) -> None:
         conn.close()
     # Every field of a JobRecord has its column (a new field needs a migration step).
     assert sorted(columns) == sorted(JOB_COLUMNS)
-    assert indexed == {"status", "agent", "room", "accepted_at"}
+    assert indexed == {"status", "agent", "room", "accepted_at", "recovered_from"}
 
 
 def test_roundtrip_from_a_job_record(store: JobStore) -> None:

@@ -35,7 +35,7 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
         "lkrun_offer_declines_total",
         "counter",
         "Declined job offers, by agent and reason "
-        "(rooms, max_jobs, cpu, not_accepting, error, other).",
+        "(rooms, max_jobs, cpu, not_accepting, participant, error, other).",
     ),
     (
         "lkrun_offer_answer_seconds",
@@ -46,6 +46,19 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
         "lkrun_offer_to_entrypoint_seconds",
         "histogram",
         "Time from receiving a job offer to the job's entrypoint being called, in seconds.",
+    ),
+    (
+        "lkrun_recoveries_total",
+        "counter",
+        'Failed jobs redispatched to their room (on_failure = "redispatch"), by agent and '
+        "cause (signal, memory_limit, raised, exit, start_failed, lost).",
+    ),
+    (
+        "lkrun_recoveries_skipped_total",
+        "counter",
+        "Failed jobs, of a kind worth a redispatch, left failed, by agent and reason "
+        "(policy_off, max_redispatches, no_caller, participant_left, room_gone, agent_present, "
+        "error).",
     ),
     (
         "lkrun_registration_reconnects_total",
@@ -115,7 +128,20 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
 _HELP = {name: help_text for name, _, help_text in METRIC_DOCS}
 
 # A fixed set keeps label cardinality bounded whatever text the daemon passes.
-DECLINE_REASONS = frozenset({"rooms", "max_jobs", "cpu", "not_accepting", "error"})
+DECLINE_REASONS = frozenset({"rooms", "max_jobs", "cpu", "not_accepting", "error", "participant"})
+# lkrun.recovery's causes and skip reasons (not imported: it imports this module).
+RECOVERY_CAUSES = frozenset({"signal", "memory_limit", "raised", "exit", "start_failed", "lost"})
+RECOVERY_SKIPS = frozenset(
+    {
+        "policy_off",
+        "max_redispatches",
+        "no_caller",
+        "participant_left",
+        "room_gone",
+        "agent_present",
+        "error",
+    }
+)
 FULL_REASONS = frozenset({"max_jobs", "cpu", "draining"})
 
 # Answering an offer is in-process bookkeeping: sub-millisecond normally, 100 ms is already bad.
@@ -168,6 +194,10 @@ class Metrics:
         self._offers = self._counter("lkrun_offers_total", "agent", "result")
         self._declines = self._counter("lkrun_offer_declines_total", "agent", "reason")
         self._reconnects = self._counter("lkrun_registration_reconnects_total", "agent")
+        self._recoveries = self._counter("lkrun_recoveries_total", "agent", "cause")
+        self._recoveries_skipped = self._counter(
+            "lkrun_recoveries_skipped_total", "agent", "reason"
+        )
         self._full = self._counter("lkrun_agent_full_seconds_total", "agent", "reason")
         self._offer_answer = self._histogram(
             "lkrun_offer_answer_seconds", OFFER_ANSWER_BUCKETS, "agent"
@@ -262,6 +292,14 @@ class Metrics:
 
     def registration_reconnected(self, agent: str) -> None:
         self._reconnects.labels(agent=agent).inc()
+
+    def recovered(self, agent: str, cause: str) -> None:
+        label = cause if cause in RECOVERY_CAUSES else "other"
+        self._recoveries.labels(agent=agent, cause=label).inc()
+
+    def recovery_skipped(self, agent: str, reason: str) -> None:
+        label = reason if reason in RECOVERY_SKIPS else "other"
+        self._recoveries_skipped.labels(agent=agent, reason=label).inc()
 
     def inference_request(self, interpreter: str, method: str, seconds: float, ok: bool) -> None:
         result = "ok" if ok else "error"

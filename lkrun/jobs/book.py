@@ -31,6 +31,17 @@ class JobRecord:
     cpu_percent: float = 0.0  # of one core, last sample
     warm: bool = False  # ran in a prewarmed process
     worker_id: str = ""  # the LiveKit worker (registration) that took the job
+    # What a redispatch of the job sends again (lkrun.recovery), from its assignment.
+    agent_name: str = ""  # the name LiveKit dispatches to ("" for an automatic agent)
+    job_type: str = "room"  # room | publisher | participant
+    participant: str = ""  # the participant a publisher/participant job is about
+    metadata: str = ""  # the dispatch's
+    # The recovery chain: the failed job this one replaces ("" if none) and its attempt
+    # (0: the call's first job, n: its n-th redispatch); for a job that failed, what lkrun
+    # did about it ("redispatched as attempt 2 (dispatch AD_...)", or why not).
+    recovered_from: str = ""
+    attempt: int = 0
+    recovery: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

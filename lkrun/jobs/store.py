@@ -37,6 +37,18 @@ _T = TypeVar("_T")
 JOB_COLUMNS = (*(f.name for f in dataclasses.fields(JobRecord)), "daemon_pid")
 
 SCHEMA_VERSION = 1  # kept in PRAGMA user_version; bump it and add a step in _migrate
+# Columns added since version 1 came out: _migrate adds those an older file lacks. Each is
+# NOT NULL with a default (so old rows read as the record's default) or nullable: an older
+# lkrun still reads and writes such a file, which is why they need no new version.
+_ADDED_COLUMNS = (
+    ("agent_name", "TEXT NOT NULL DEFAULT ''"),
+    ("job_type", "TEXT NOT NULL DEFAULT 'room'"),
+    ("participant", "TEXT NOT NULL DEFAULT ''"),
+    ("metadata", "TEXT NOT NULL DEFAULT ''"),
+    ("recovered_from", "TEXT NOT NULL DEFAULT ''"),
+    ("attempt", "INTEGER NOT NULL DEFAULT 0"),
+    ("recovery", "TEXT NOT NULL DEFAULT ''"),
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id              TEXT PRIMARY KEY NOT NULL,
@@ -58,12 +70,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     cpu_percent     REAL,
     warm            INTEGER NOT NULL DEFAULT 0,
     daemon_pid      INTEGER,
-    worker_id       TEXT
+    worker_id       TEXT,
+    {added}
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_agent ON jobs (agent);
 CREATE INDEX IF NOT EXISTS jobs_room ON jobs (room);
 CREATE INDEX IF NOT EXISTS jobs_accepted_at ON jobs (accepted_at);
+""".replace("{added}", ",\n    ".join(f"{name:<15} {kind}" for name, kind in _ADDED_COLUMNS))
+# After the added columns exist (an index on one would fail on an old file before).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_recovered_from ON jobs (recovered_from);
 """
 
 BUSY_TIMEOUT_MS = 5000  # another process (e.g. `lkrun jobs ls`) holding the lock briefly
@@ -176,6 +193,12 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in filter(str.strip, _SCHEMA.split(";")):
+            conn.execute(statement)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        for statement in filter(str.strip, _INDEXES.split(";")):
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -426,6 +449,26 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         rows = self._read(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = ?", [job_id])
         return _from_db(rows[0]) if rows else None
+
+    def chain(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's recovery chain: the jobs it replaces (recovered_from, back to the call's
+        first) and those that replace it, itself included, first attempt first. Blocks."""
+        sql = f"""
+            WITH RECURSIVE
+            back(id, recovered_from) AS (
+                SELECT id, recovered_from FROM jobs WHERE id = ?
+                UNION SELECT j.id, j.recovered_from FROM jobs j
+                JOIN back ON j.id = back.recovered_from
+            ),
+            forth(id) AS (
+                SELECT id FROM jobs WHERE id = ?
+                UNION SELECT j.id FROM jobs j JOIN forth ON j.recovered_from = forth.id
+            )
+            SELECT {", ".join(JOB_COLUMNS)} FROM jobs
+            WHERE id IN (SELECT id FROM back UNION SELECT id FROM forth)
+            ORDER BY attempt, accepted_at, rowid
+        """
+        return [_from_db(r) for r in self._read(sql, [job_id, job_id])]
 
     def _read(self, sql: str, params: list[Any]) -> list[sqlite3.Row]:
         with self._read_lock:
