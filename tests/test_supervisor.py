@@ -185,7 +185,9 @@ class World:
     rules: Rules
 
 
-def make_world(job_logs: Any = None, **rules: Any) -> World:
+def make_world(
+    job_logs: Any = None, on_end: Callable[[JobRecord], None] | None = None, **rules: Any
+) -> World:
     procs, reporter, book, clock, mono, spec = (
         FakeProcesses(),
         FakeReporter(),
@@ -210,6 +212,7 @@ def make_world(job_logs: Any = None, **rules: Any) -> World:
         shutdown_timeout=lambda: 5.0,
         log=logging.LoggerAdapter(logging.getLogger("test.supervisor")),
         job_logs=job_logs,
+        on_end=on_end,
         clock=clock,
         monotonic=mono,
     )
@@ -586,3 +589,28 @@ async def test_stop_all_waits_for_every_job_and_kill_all_reaches_unspawned_ones(
     await asyncio.wait_for(w.sup.stop_all("daemon shutting down"), 2)
     assert w.sup.count == 0
     assert "kill" in started.kinds() and "kill" in gated.kinds()
+
+
+async def test_on_end_is_told_once_of_each_final_record() -> None:
+    ended: list[tuple[str, JobStatus, bool]] = []
+    w = make_world(on_end=lambda r: ended.append((r.id, r.status, w.book.get(r.id) is None)))
+    proc = offer_and_assign(w, "J1")
+    proc.ready()
+    await settle()
+    proc.running()
+    proc.exit(Outcome(ok=False, error="boom", exit_code=1))
+    await settle()
+    w.sup.offer("J2", "r")
+    w.sup.release("J2")  # never assigned: no record, nothing to tell
+    assert ended == [("J1", JobStatus.FAILED, True)]
+
+
+async def test_a_failing_on_end_hook_does_not_hold_the_job() -> None:
+    def broken(record: JobRecord) -> None:
+        raise RuntimeError("recovery bug")
+
+    w = make_world(on_end=broken)
+    proc = offer_and_assign(w, "J1")
+    proc.exit()
+    await settle()
+    assert w.sup.count == 0 and w.reporter.statuses("J1") == [proto.JS_SUCCESS]

@@ -146,6 +146,7 @@ class JobSupervisor:
         metrics: Metrics | None = None,
         job_logs: JobLogs | None = None,
         rooms: RoomCleaner | None = None,
+        on_end: Callable[[JobRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -160,6 +161,9 @@ class JobSupervisor:
         self.metrics = metrics
         self.job_logs = job_logs
         self.rooms = rooms
+        # Told once of each assigned job whose record is final (status, cause, in the book's
+        # history): lkrun.recovery decides there whether to bring the job back.
+        self.on_end = on_end
         self.clock = clock  # timestamps in records; durations use ``monotonic``
         self.monotonic = monotonic
         self.accepting = True
@@ -449,6 +453,11 @@ class JobSupervisor:
                 self.job_logs.writer(record.id).close()
             except Exception:  # the job has ended either way; its caller must go on
                 self.log.exception("cannot close the log of job %s", record.id)
+        if self.on_end is not None:
+            try:
+                self.on_end(record)
+            except Exception:  # a hook's fault must not leave the job's end half done
+                self.log.exception("on_end hook failed for job %s", record.id)
 
     def _remove_room(self, job: Job, gone: RoomGone) -> None:
         """Delete the room the job's join made anew, in the background (lkrun.rooms)."""
