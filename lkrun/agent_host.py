@@ -25,6 +25,16 @@ from lkrun.jobs.logfiles import JobLogs
 from lkrun.load import CpuPressure, WorkerLoad, agent_load
 from lkrun.logs import agent_logger
 from lkrun.manifest import AgentSpec
+from lkrun.recovery import (
+    ATTEMPT,
+    PARTICIPANT,
+    RECOVERED_FROM,
+    FailedJob,
+    Recoverer,
+    RecoveryPolicy,
+    lineage,
+    wrong_participant,
+)
 from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
 from lkrun.rooms import RoomJanitor
 from lkrun.shared.tasks import BackgroundTasks
@@ -70,6 +80,8 @@ class HostSettings:
     daemon_name: str = ""  # on each agent participant, so clients see which daemon serves
     # One inference process per interpreter, for apps that register inference runners.
     inference: InferenceProcesses | None = None
+    # Redispatches failed jobs as each agent's on_failure says (lkrun.recovery).
+    recovery: Recoverer | None = None
 
 
 class AgentHost:
@@ -119,6 +131,7 @@ class AgentHost:
             metrics=settings.metrics,
             job_logs=settings.job_logs,
             rooms=RoomJanitor(credentials),
+            on_end=self._job_ended,
         )
         self._deciding = BackgroundTasks()  # offers the app's on_request weighs
         self._status: WorkerLoad | None = None  # the last load computed, for its changes
@@ -130,6 +143,11 @@ class AgentHost:
 
     def on_availability(self, job: proto.Job) -> Decision | asyncio.Future[Decision]:
         room = job.room.name
+        if why := wrong_participant(job.attributes, job.participant.identity):
+            # Not ours to take, nor any worker's: terminate, so no other worker is asked.
+            decline = Decline("participant", f"room {room!r}: {why}", terminate=True)
+            self.log.info("declined job %s: %s", job.id, decline.text)
+            return decline
         cpu = self.settings.cpu
         overload = cpu.why() if cpu.overloaded else ""
         starting = self.processes.not_ready()
@@ -144,6 +162,7 @@ class AgentHost:
         if self.settings.daemon_name:
             attributes[DAEMON_ATTRIBUTE] = self.settings.daemon_name
         attributes.update(self.spec.participant_attributes)
+        attributes.update(_job_attributes(job))
         ours = Acceptance(
             identity=identity,
             name=self.spec.display_name(),
@@ -200,6 +219,12 @@ class AgentHost:
 
     def on_assignment(self, assignment: proto.JobAssignment) -> None:
         self.jobs.assign(assignment)
+
+    def _job_ended(self, record: JobRecord) -> None:
+        """The supervisor's on_end: a failed job may get its agent back (lkrun.recovery)."""
+        recovery = self.settings.recovery
+        if recovery is not None:
+            recovery.job_ended(FailedJob.from_record(record), RecoveryPolicy.of(self.spec))
 
     def on_termination(self, job_id: str) -> None:
         if self.jobs.stop(job_id, "terminated by LiveKit"):
@@ -404,9 +429,26 @@ class AgentHost:
             "metadata": answer.metadata if answer else self.spec.participant_metadata,
             "attributes": dict(answer.attributes) if answer else {},
             "worker_id": self.registration.state.worker_id,
+            # A redispatch of a failed job (lkrun.recovery): which job it replaces ("" if
+            # none), and its attempt (0 for a call's first job).
+            "recovered_from": record.recovered_from,
+            "attempt": record.attempt,
             "received_at": record.offered_at or 0.0,
             "assigned_at": record.accepted_at,
         }
+
+
+def _job_attributes(job: proto.Job) -> dict[str, str]:
+    """The agent participant's attributes from the job: for clients (and a restart's
+    recovery) to see which participant it serves and which failed job it replaces."""
+    attributes = {}
+    if job.participant.identity:
+        attributes[PARTICIPANT] = job.participant.identity
+    recovered_from, attempt = lineage(job.attributes)
+    if recovered_from:
+        attributes[RECOVERED_FROM] = recovered_from
+        attributes[ATTEMPT] = str(attempt)
+    return attributes
 
 
 def _app_decision(answer: Mapping[str, Any], ours: Acceptance) -> Decision:

@@ -48,12 +48,25 @@ class JobInfo:
     namespace: str
     participant_identity: str  # the participant a publisher/participant job is about
     raw: Mapping[str, Any] = field(repr=False)  # the protobuf Job as a dict
+    # The dispatch's attributes (lkrun's recovery puts lkrun.recovered_from there).
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    # A redispatch of a failed job (lkrun.recovery): the job it replaces ("" if none) and
+    # its attempt (0 for a call's first job, 1 for its first redispatch...).
+    recovered_from: str = ""
+    attempt: int = 0
 
     @classmethod
-    def from_dict(cls, job: Mapping[str, Any]) -> JobInfo:
+    def from_dict(cls, job: Mapping[str, Any], start: Mapping[str, Any] | None = None) -> JobInfo:
+        """From the start message's ``job``; the start message itself (``start``) says
+        whether it recovers a failed job (else the job's attributes do, as an older daemon's
+        start has no such fields)."""
         room = job.get("room") or {}
         participant = job.get("participant") or {}
         job_type = str(job.get("type", "JT_ROOM")).removeprefix("JT_").lower()
+        attributes = {str(k): str(v) for k, v in (job.get("attributes") or {}).items()}
+        start = start or {}
+        recovered_from = start.get("recovered_from", attributes.get("lkrun.recovered_from", ""))
+        attempt = start.get("attempt", attributes.get("lkrun.attempt", 0))
         return cls(
             id=job.get("id", ""),
             agent_name=job.get("agentName", ""),
@@ -65,6 +78,9 @@ class JobInfo:
             namespace=job.get("namespace", ""),
             participant_identity=participant.get("identity", ""),
             raw=job,
+            attributes=attributes,
+            recovered_from=str(recovered_from or ""),
+            attempt=_count(attempt) if recovered_from else 0,
         )
 
 
@@ -99,6 +115,18 @@ class JobContext:
         self._after_connect: list[Callable[[], None]] = []
         self._joining: asyncio.Future[None] | None = None  # the room's connect (see _leave)
         self.room.on("disconnected", self._on_disconnected)
+
+    @property
+    def recovered_from(self) -> str:
+        """The id of the failed job this one replaces ("" if none): lkrun redispatched the
+        agent to the call after its job crashed (manifest ``on_failure = "redispatch"``).
+        The caller was already talking to an agent: resume, do not greet anew."""
+        return self.job.recovered_from
+
+    @property
+    def attempt(self) -> int:
+        """0 for a call's first job, 1 for its first redispatch, 2 for the next..."""
+        return self.job.attempt
 
     async def connect(self, *, auto_subscribe: bool = True, announce: bool = True) -> None:
         """Join the room with the token LiveKit minted for this job.
@@ -354,6 +382,16 @@ async def room_gone(
     if joined == assigned_sid:
         return None
     return RoomGone(room=name, assigned_sid=assigned_sid, joined_sid=joined)
+
+
+def _count(value: Any) -> int:
+    """A redispatch's attempt from a start message's field or an attribute's text: at
+    least 1, and 1 when it says nothing usable."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return 1
+    return max(number, 1)
 
 
 def _reason_name(reason: Any) -> str:

@@ -41,6 +41,7 @@ from lkrun.manifest import (
     parse_host_port,
 )
 from lkrun.reaper import OrphanReaper
+from lkrun.recovery import Recoverer
 from lkrun.registration import AuthError
 from lkrun.shared import pdeathsig
 from lkrun.shared.entrypoint import LIVEKIT_AGENTS
@@ -115,6 +116,10 @@ class Daemon:
             env_for=self._inference_env,
             socket_dir=socket_dir_for(self.state_dir),
         )
+        # Failed jobs' redispatches (lkrun.recovery): what was done goes into their history.
+        self.recovery = Recoverer(
+            config.credentials, metrics=self.metrics, note=self._note_recovery
+        )
         self._settings = HostSettings(
             shutdown_timeout=config.settings.shutdown_timeout,
             cpu=CpuPressure(
@@ -125,6 +130,7 @@ class Daemon:
             job_logs=self.history.logs,
             daemon_name=self.name,
             inference=self.inference,
+            recovery=self.recovery,
         )
         self._runs: dict[AgentHost, asyncio.Task[None]] = {}
         self._tasks = BackgroundTasks(on_error=_background_failed)
@@ -476,8 +482,15 @@ class Daemon:
         runs = list(self._runs.values())
         for task in runs:
             task.cancel()
-        await asyncio.gather(*runs, self._tasks.close(), return_exceptions=True)
+        # Redispatches under way finish (each is bounded): the calls they serve go on.
+        await asyncio.gather(
+            *runs, self._tasks.close(), self.recovery.close(), return_exceptions=True
+        )
         await self.inference.close()  # after every agent: their jobs used it to the end
+
+    def _note_recovery(self, job_id: str, text: str) -> None:
+        """What recovery did about an ended job, in its history row (column ``recovery``)."""
+        self.history.store.upsert({"id": job_id, "recovery": text})
 
     def _on_cpu_sample(self, value: float) -> None:
         """Each agent's status goes out when it changes, not at the next periodic refresh:

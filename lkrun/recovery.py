@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from livekit import api
+from livekit.protocol import agent as agent_proto
 from livekit.protocol import models
 
 from lkrun.api.metrics import Metrics
@@ -217,6 +218,20 @@ def lineage(attributes: Mapping[str, str]) -> tuple[str, int]:
     except ValueError:
         attempt = 1  # someone else's dispatch with a bad value: it is a redispatch all the same
     return recovered_from, max(attempt, 1)
+
+
+def record_fields(job: agent_proto.Job) -> dict[str, Any]:
+    """The JobRecord fields an assigned job's record takes from LiveKit's Job: what a
+    redispatch sends again, and where the job stands in its call's chain."""
+    recovered_from, attempt = lineage(job.attributes)
+    return {
+        "agent_name": job.agent_name,
+        "job_type": agent_proto.JobType.Name(job.type).removeprefix("JT_").lower(),
+        "participant": job.participant.identity,
+        "metadata": job.metadata,
+        "recovered_from": recovered_from,
+        "attempt": attempt,
+    }
 
 
 def wrong_participant(attributes: Mapping[str, str], participant: str) -> str:

@@ -42,7 +42,7 @@ class NativeApp:
         from lkrun.context import JobContext, JobInfo
 
         ctx = JobContext(
-            job=JobInfo.from_dict(start["job"]),
+            job=JobInfo.from_dict(start["job"], start),
             url=start["url"],
             token=start["token"],
             identity=start["identity"],

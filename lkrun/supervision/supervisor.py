@@ -20,6 +20,7 @@ from lkrun.jobs.book import JobBook, JobRecord, JobStatus
 from lkrun.jobs.logfiles import JobLogs
 from lkrun.logs import job_logger
 from lkrun.manifest import format_duration
+from lkrun.recovery import record_fields
 from lkrun.registration import Acceptance, Decline
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
@@ -260,6 +261,7 @@ class JobSupervisor:
             offered_at=job.offered_at,
             accepted_at=self.clock(),
             worker_id=self.reporter.worker_id,
+            **record_fields(info),  # what a redispatch needs; its place in a recovery chain
         )
         job.room_sid = info.room.sid
         self._enter(job, Event.ASSIGNED)
