@@ -273,7 +273,7 @@ class Recoverer:
         """The supervisor's hook: decide at once; on yes, redispatch in the background."""
         decision = decide(policy, failed.cause, failed.attempt)
         if not decision.redispatch:
-            self._decided(failed, decision)
+            self.decided(failed, decision)
             return decision
         self._tasks.spawn(self.recover(failed), name=f"recover job {failed.job_id}")
         return decision
@@ -291,7 +291,7 @@ class Recoverer:
                 decision = await self._redispatch(lkapi, failed, absent_agent, set(ghosts))
         except API_ERRORS as exc:
             decision = RecoveryDecision(False, f"LiveKit: {describe(exc)}", "error")
-        self._decided(failed, decision)
+        self.decided(failed, decision)
         return decision
 
     async def _redispatch(
@@ -335,7 +335,9 @@ class Recoverer:
             if not not_found(exc):  # gone meanwhile: as good
                 raise
 
-    def _decided(self, failed: FailedJob, decision: RecoveryDecision) -> None:
+    def decided(self, failed: FailedJob, decision: RecoveryDecision) -> None:
+        """Log, count and note a decision about a failed job (also one made elsewhere: restart
+        recovery decides the policy before it waits for the agent's registration)."""
         fields = {
             **failed.fields(),
             "decision": "redispatch" if decision.redispatch else "none",
