@@ -200,6 +200,8 @@ def test_reopen_marks_active_jobs_lost(db_path: Path) -> None:
     second, lost = reopen(db_path)
     try:
         assert lost == 3
+        # Their ids, for restart recovery to redispatch (lkrun.lost_jobs).
+        assert sorted(second.lost) == ["AJ_run", "AJ_start", "AJ_stop"]
         for job_id, pid in (("AJ_start", 111), ("AJ_run", 111), ("AJ_stop", 222)):
             got = second.get(job_id)
             assert got is not None
@@ -215,7 +217,7 @@ def test_reopen_marks_active_jobs_lost(db_path: Path) -> None:
 
     third, lost = reopen(db_path)
     third.close()
-    assert lost == 0  # already lost: not counted again
+    assert lost == 0 and third.lost == []  # already lost: not counted (nor recovered) again
 
 
 def test_prune_deletes_only_old_ended_jobs(store: JobStore) -> None:

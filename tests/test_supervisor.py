@@ -161,6 +161,8 @@ class Rules:
     rooms: tuple[str, ...] = ()
     prewarm_timeout: float = 10.0
     job_timeout: float = 0.0
+    on_failure: str = "none"
+    max_redispatches: int = 2
 
     def accepts_room(self, room: str) -> bool:
         return not self.rooms or room in self.rooms
@@ -603,6 +605,15 @@ async def test_on_end_is_told_once_of_each_final_record() -> None:
     w.sup.offer("J2", "r")
     w.sup.release("J2")  # never assigned: no record, nothing to tell
     assert ended == [("J1", JobStatus.FAILED, True)]
+
+
+async def test_a_job_s_record_keeps_its_agent_s_recovery_policy() -> None:
+    """What `lkrun recover` applies if the daemon dies: the policy when the job began."""
+    ended: list[JobRecord] = []
+    w = make_world(on_end=ended.append, on_failure="redispatch", max_redispatches=3)
+    offer_and_assign(w, "J1").exit(Outcome(ok=False, error="boom", exit_code=1))
+    await settle()
+    assert [(r.on_failure, r.max_redispatches) for r in ended] == [("redispatch", 3)]
 
 
 async def test_a_failing_on_end_hook_does_not_hold_the_job() -> None:

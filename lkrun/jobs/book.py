@@ -42,6 +42,10 @@ class JobRecord:
     recovered_from: str = ""
     attempt: int = 0
     recovery: str = ""
+    # The agent's recovery policy when the job was accepted: what `lkrun recover` applies to
+    # it if its daemon never comes back (the manifest may be elsewhere by then, or edited).
+    on_failure: str = "none"
+    max_redispatches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

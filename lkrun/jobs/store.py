@@ -48,6 +48,8 @@ _ADDED_COLUMNS = (
     ("recovered_from", "TEXT NOT NULL DEFAULT ''"),
     ("attempt", "INTEGER NOT NULL DEFAULT 0"),
     ("recovery", "TEXT NOT NULL DEFAULT ''"),
+    ("on_failure", "TEXT NOT NULL DEFAULT 'none'"),
+    ("max_redispatches", "INTEGER NOT NULL DEFAULT 0"),
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -208,26 +210,38 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         raise
 
 
-def _mark_lost(conn: sqlite3.Connection, now: float, daemon_alive: Callable[[int], bool]) -> int:
+def _mark_lost(
+    conn: sqlite3.Connection, now: float, daemon_alive: Callable[[int], bool]
+) -> list[str]:
     """Jobs a previous daemon left active: it died (or was killed) before recording an end.
+    Marks them lost, in one transaction; returns their ids (restart recovery redispatches
+    them, lkrun.lost_jobs).
 
     Rows of a daemon that still runs (another daemon sharing the file) are left alone.
     """
     marks = ", ".join("?" * len(ACTIVE_STATUSES))
-    pids = conn.execute(
-        f"SELECT DISTINCT daemon_pid FROM jobs WHERE status IN ({marks})", ACTIVE_STATUSES
-    ).fetchall()
-    dead = [pid for (pid,) in pids if pid is None or not daemon_alive(pid)]
-    lost = 0
-    for pid in dead:
-        cursor = conn.execute(
-            f"UPDATE jobs SET status = '{JobStatus.LOST.value}', ended_at = ?,"
-            " error = 'the daemon stopped while the job was running (pid '"
-            " || IFNULL(daemon_pid, 'unknown') || ')'"
-            f" WHERE status IN ({marks}) AND daemon_pid IS ?",
-            (now, *ACTIVE_STATUSES, pid),
-        )
-        lost += cursor.rowcount
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        pids = conn.execute(
+            f"SELECT DISTINCT daemon_pid FROM jobs WHERE status IN ({marks})", ACTIVE_STATUSES
+        ).fetchall()
+        dead = [pid for (pid,) in pids if pid is None or not daemon_alive(pid)]
+        lost: list[str] = []
+        for pid in dead:
+            where = f"WHERE status IN ({marks}) AND daemon_pid IS ?"
+            ids = conn.execute(f"SELECT id FROM jobs {where}", (*ACTIVE_STATUSES, pid))
+            lost += [job_id for (job_id,) in ids.fetchall()]
+            conn.execute(
+                f"UPDATE jobs SET status = '{JobStatus.LOST.value}', ended_at = ?,"
+                " error = 'the daemon stopped while the job was running (pid '"
+                f" || IFNULL(daemon_pid, 'unknown') || ')' {where}",
+                (now, *ACTIVE_STATUSES, pid),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return lost
 
 
@@ -254,6 +268,7 @@ class JobStore:
         self._written = 0  # upserts committed (or given up on at close)
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.lost: list[str] = []  # the ids open() marked lost
 
     # -- lifecycle
 
@@ -281,10 +296,10 @@ class JobStore:
         _prepare_file(self.path)
         self._write_conn = _connect(self.path, read_only=False)
         _migrate(self._write_conn, self.path)
-        lost = _mark_lost(self._write_conn, time.time(), daemon_alive)  # autocommit: durable now
+        self.lost = _mark_lost(self._write_conn, time.time(), daemon_alive)  # committed now
         self._read_conn = _connect(self.path, read_only=True)
         self._read_conn.row_factory = sqlite3.Row
-        return lost
+        return len(self.lost)
 
     def _close_connections(self) -> None:
         for conn in (self._read_conn, self._write_conn):

@@ -100,6 +100,12 @@ class SupervisedRules(Rules, Protocol):
     @property
     def job_timeout(self) -> float: ...
 
+    @property
+    def on_failure(self) -> str: ...
+
+    @property
+    def max_redispatches(self) -> int: ...
+
 
 # Builds the job's start message from its record, what we accepted it with, and LiveKit's
 # assignment.
@@ -262,6 +268,9 @@ class JobSupervisor:
             accepted_at=self.clock(),
             worker_id=self.reporter.worker_id,
             **record_fields(info),  # what a redispatch needs; its place in a recovery chain
+            # The policy as it is now: `lkrun recover` applies it if the daemon dies.
+            on_failure=self.rules.on_failure,
+            max_redispatches=self.rules.max_redispatches,
         )
         job.room_sid = info.room.sid
         self._enter(job, Event.ASSIGNED)
