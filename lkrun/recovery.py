@@ -247,6 +247,14 @@ def wrong_participant(attributes: Mapping[str, str], participant: str) -> str:
     )
 
 
+def _fault(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, api.TwirpError):
+        return f"LiveKit refused: {exc.message} ({exc.code})"
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"LiveKit did not answer within {timeout:g}s"
+    return f"cannot reach LiveKit: {describe(exc)}"
+
+
 # Told what was decided for a job: (job id, text for its history's ``recovery`` column).
 Note = Callable[[str, str], None]
 
@@ -290,7 +298,7 @@ class Recoverer:
             async with asyncio.timeout(self.timeout), self._api() as lkapi:
                 decision = await self._redispatch(lkapi, failed, absent_agent, set(ghosts))
         except API_ERRORS as exc:
-            decision = RecoveryDecision(False, f"LiveKit: {describe(exc)}", "error")
+            decision = RecoveryDecision(False, _fault(exc, self.timeout), "error")
         self.decided(failed, decision)
         return decision
 
