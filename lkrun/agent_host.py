@@ -424,6 +424,8 @@ class AgentHost:
             "identity": record.identity,
             "agent": self.spec.name,
             "shutdown_timeout": self._shutdown_timeout(),
+            # Alone in its room that long, the job ends itself (lkrun.shared.empty_room); 0: off.
+            "empty_timeout": self.spec.empty_timeout,
             # For a livekit-agents job's RunningJobInfo: how it was accepted, and when.
             "name": answer.name if answer else self.spec.display_name(),
             "metadata": answer.metadata if answer else self.spec.participant_metadata,

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from livekit import rtc
 
+from lkrun.shared import empty_room
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
 
@@ -96,6 +97,7 @@ class JobContext:
         identity: str,
         logger: logging.Logger,
         userdata: Any = None,
+        empty_timeout: float = 0.0,
     ) -> None:
         self.job = job
         self.identity = identity
@@ -109,6 +111,15 @@ class JobContext:
         self._shutdown_reason = ""
         self._failure = ""  # why the job failed, if the context found out (see connect)
         self._room_gone: RoomGone | None = None  # the daemon's to clean up (see connect)
+        self._cause = ""  # why the job ended, for the daemon, when the context knows best
+        # The agent's empty_timeout: alone in the room that long (after connect), it ends.
+        self._empty = (
+            empty_room.EmptyRoomWatch(
+                self.room, empty_timeout, self._room_empty, logger, is_company
+            )
+            if empty_timeout > 0
+            else None
+        )
         self._drain = asyncio.Event()
         self._drain_callbacks: list[Callable[[], Awaitable[None] | None]] = []
         self._background = BackgroundTasks(on_error=self._task_failed)
@@ -144,6 +155,8 @@ class JobContext:
             self.shutdown(str(gone))  # the first reason is recorded, before "disconnected"
             await self.room.disconnect()
             raise RoomGoneError(str(gone))
+        if self._empty is not None:
+            self._empty.start()
         for hook in self._after_connect:  # e.g. on_track(subscribe=True): who is already in
             hook()
         if announce:
@@ -248,6 +261,8 @@ class JobContext:
         """Leave the room, also when the job ended while it was joining: a join cut short
         leaves a participant that nobody drives in the room until the server times it out
         (some 20 s). So the join ends first (bounded), then the room is left."""
+        if self._empty is not None:
+            self._empty.close()
         if self._joining is not None and not self._joining.done():
             with contextlib.suppress(Exception):  # a join that fails has nothing to leave
                 await asyncio.wait_for(asyncio.shield(self._joining), grace)
@@ -323,6 +338,11 @@ class JobContext:
         finally:
             self.room.off("participant_connected", match)
 
+    def _room_empty(self) -> None:
+        if not self._shutdown.is_set():  # only when it is why the job ends
+            self._cause = empty_room.CAUSE
+            self.shutdown(empty_room.REASON)
+
     def _on_disconnected(self, reason: Any = None) -> None:
         self.shutdown(f"room disconnected ({_reason_name(reason)})")
 
@@ -362,6 +382,12 @@ def _publications(
     for who in list(room.remote_participants.values()):
         for pub in list(who.track_publications.values()):
             yield who, pub
+
+
+def is_company(participant: rtc.RemoteParticipant) -> bool:
+    """Whether a remote participant keeps a job company (its ``empty_timeout``): anyone who
+    is not an agent (a caller, a SIP leg, an ingress...); agents of any name do not."""
+    return participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
 async def room_gone(

@@ -230,6 +230,17 @@ def _duration_or_off(value: object) -> float:
         raise _Invalid(f"{hint}, got {_show(value)}") from None
 
 
+def _duration_zero_off(value: object) -> float:
+    """A duration, where 0 or "off" means none (0)."""
+    if value == "off":
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError:
+        hint = 'must be a duration such as "30s" or "2m", or "off"'
+        raise _Invalid(f"{hint}, got {_show(value)}") from None
+
+
 def _positive_duration(value: object) -> float:
     seconds = _duration(value)
     if seconds <= 0:
@@ -527,6 +538,7 @@ class DaemonSettings:
     # The agents' defaults for their fields of the same names (DAEMON_DEFAULTS).
     on_failure: str = field(default="none", metadata=_check(_ON_FAILURE))
     max_redispatches: int = field(default=2, metadata=_check(_int_at_least(0)))
+    empty_timeout: float = field(default=0.0, metadata=_check(_duration_zero_off))
 
 
 @dataclass(frozen=True)
@@ -620,6 +632,10 @@ class AgentSpec:
     memory_limit_mb: int = field(default=0, metadata=_check(_int_at_least(0)))
     # Seconds a job may run before it is stopped; 0: no limit.
     job_timeout: float = field(default=0.0, metadata=_check(_duration))
+    # Seconds a job may stay alone in its room (no participant but agents) before it ends
+    # itself, a success with reason "room empty" (lkrun.shared.empty_room); 0: never.
+    # Unset: [daemon]'s.
+    empty_timeout: float = field(default=0.0, metadata=_check(_duration_zero_off))
     # Job processes kept started ahead of time (module imported, prewarm run), one job each.
     idle_processes: int = field(default=0, metadata=_check(_int_at_least(0)))
     # Optional "pkg.module:function" run once per process before its job; its result is
@@ -803,7 +819,7 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
 
 
 # Agent fields whose default is the [daemon] field of the same name.
-DAEMON_DEFAULTS = ("on_failure", "max_redispatches")
+DAEMON_DEFAULTS = ("on_failure", "max_redispatches", "empty_timeout")
 
 
 def _with_daemon_defaults(daemon: DaemonSettings, spec: AgentSpec) -> AgentSpec:

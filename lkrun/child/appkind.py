@@ -47,6 +47,7 @@ class JobResult:
     error: str = ""  # why it failed, one line
     reason: str = ""  # why it ended
     room_gone: RoomGone | None = None  # the room was deleted: the daemon may delete the new one
+    cause: str = ""  # why it ended, when the job knows better than its reason says: room_empty
 
 
 class Job(Protocol):

@@ -40,6 +40,7 @@ class NativeApp:
 
     def new_job(self, start: Mapping[str, Any], logger: logging.Logger) -> Job:
         from lkrun.context import JobContext, JobInfo
+        from lkrun.shared.empty_room import timeout_from_start
 
         ctx = JobContext(
             job=JobInfo.from_dict(start["job"], start),
@@ -48,6 +49,7 @@ class NativeApp:
             identity=start["identity"],
             logger=logger,
             userdata=self.userdata,
+            empty_timeout=timeout_from_start(start),
         )
         return NativeJob(self.entrypoint, ctx, logger)
 
@@ -91,4 +93,4 @@ class NativeJob:
             await ctx._leave(grace())
         error = ctx._failure or error  # e.g. the room was gone (lkrun.context.RoomGoneError)
         reason, gone = ctx.shutdown_reason, ctx._room_gone
-        return JobResult(ok=not error, error=error, reason=reason, room_gone=gone)
+        return JobResult(ok=not error, error=error, reason=reason, room_gone=gone, cause=ctx._cause)

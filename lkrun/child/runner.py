@@ -150,7 +150,8 @@ class JobRun:
         error, reason = with_credentials_hint(result.error), jobpipe.cap(result.reason)
         # The room the join made anew, as data: the daemon may delete it (lkrun.rooms).
         gone = {"room_gone": result.room_gone.fields()} if result.room_gone else {}
-        self.pipe.send(jobpipe.DONE, ok=result.ok, error=error, reason=reason, **gone)
+        cause = {"cause": result.cause} if result.cause else {}  # e.g. room_empty
+        self.pipe.send(jobpipe.DONE, ok=result.ok, error=error, reason=reason, **gone, **cause)
         return result.ok
 
     def grace(self) -> float:

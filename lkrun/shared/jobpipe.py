@@ -30,7 +30,9 @@ REQUEST = "request"  # a job offer for the agent's request function: {id, job}
 # child -> daemon
 READY = "ready"  # loaded, waiting for start: {"protocol", "pid", "ts", "warm"}
 RUNNING = "running"  # entrypoint called
-DONE = "done"  # job over: {"ok", "error", "reason"; "room_gone" when the room was (RoomGone)}
+# job over: {"ok", "error", "reason"; "room_gone" when the room was (RoomGone); "cause" when
+# the job itself knows why it ended: ROOM_EMPTY}
+DONE = "done"
 ANSWER = "answer"  # the request function's decision: {id, accept, terminate, identity, ...}
 
 # A start message carries a job token and metadata; keep room for large metadata.

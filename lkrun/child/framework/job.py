@@ -42,7 +42,8 @@ from livekit.protocol import agent as proto
 from lkrun.child.appkind import JobResult, call
 from lkrun.child.framework import compat
 from lkrun.child.framework.inference import NoInference, close_executor, executor_for_job
-from lkrun.context import room_gone
+from lkrun.context import is_company, room_gone
+from lkrun.shared import empty_room
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
@@ -155,6 +156,9 @@ class FrameworkJob:
         self.info = running_job_info(start)
         self.error = ""
         self.room_gone: RoomGone | None = None  # the daemon's to clean up (see _check_room)
+        self.cause = ""  # why it ended, for the daemon: empty_room.CAUSE
+        self.empty_timeout = empty_room.timeout_from_start(start)  # 0: off
+        self._empty: empty_room.EmptyRoomWatch | None = None
         self.ctx: JobContext | None = None
         self._stopped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._connected = False
@@ -210,11 +214,17 @@ class FrameworkJob:
             await self._clean_up(ctx, grace())
             _JobContextVar.reset(token)
         return JobResult(
-            ok=not self.error, error=self.error, reason=reason, room_gone=self.room_gone
+            ok=not self.error,
+            error=self.error,
+            reason=reason,
+            room_gone=self.room_gone,
+            cause=self.cause,
         )
 
     async def _clean_up(self, ctx: JobContext, timeout: float) -> None:
         """What the official job process does after the shutdown, each step bounded."""
+        if self._empty is not None:
+            self._empty.close()
         leftovers = [*getattr(ctx, "_pending_tasks", ()), *self._background]
         for task in leftovers:
             task.cancel()
@@ -242,6 +252,12 @@ class FrameworkJob:
     def _on_connect(self) -> None:
         self._connected = True
         self._background.spawn(self._check_room())
+        if self.empty_timeout > 0 and self.ctx is not None:
+            # The framework calls this once its room has joined: the job is in the room.
+            self._empty = empty_room.EmptyRoomWatch(
+                self.ctx.room, self.empty_timeout, self._room_empty, self.log, is_company
+            )
+            self._empty.start()
         # Besides telling clients which job serves them, an attribute change makes LiveKit
         # announce the agent at once instead of in its next 3-second batch.
         self._set_attribute(JOB_ID_ATTRIBUTE, self.info.job.id)
@@ -260,6 +276,11 @@ class FrameworkJob:
                 await room.disconnect()
             except Exception as exc:
                 self.log.warning("disconnecting from the room failed: %s", describe(exc))
+
+    def _room_empty(self) -> None:
+        if not self._stopped.done():  # only when it is why the job ends
+            self.cause = empty_room.CAUSE
+            self._stop(empty_room.REASON)
 
     def _set_attribute(self, key: str, value: str) -> None:
         assert self.ctx is not None
