@@ -30,6 +30,7 @@ from lkrun.jobs.statelock import StateDirBusy, StateLock
 from lkrun.jobs.store import JobQuery, StoreError
 from lkrun.load import CpuMonitor, CpuPressure
 from lkrun.logs import loop_error
+from lkrun.lost_jobs import READY_TIMEOUT, lost_jobs, recover_lost, summary
 from lkrun.manifest import (
     AgentSpec,
     AppInfo,
@@ -41,7 +42,7 @@ from lkrun.manifest import (
     parse_host_port,
 )
 from lkrun.reaper import OrphanReaper
-from lkrun.recovery import Recoverer
+from lkrun.recovery import FailedJob, Recoverer, RecoveryPolicy
 from lkrun.registration import AuthError
 from lkrun.shared import pdeathsig
 from lkrun.shared.entrypoint import LIVEKIT_AGENTS
@@ -226,6 +227,13 @@ class Daemon:
         found = await self.history.get(job_id, self.live_jobs().get(job_id))
         return {**found, "daemon": self.name} if found is not None else None
 
+    async def job_chain(self, job_id: str) -> list[dict[str, Any]]:
+        """The attempts at the job's call, as this daemon's history has them (a replacement
+        another daemon took is in that daemon's history), first attempt first."""
+        fields = ("id", "attempt", "recovered_from", "status", "cause", "error", "recovery")
+        rows = await self.history.chain(job_id)
+        return [{key: row.get(key) for key in fields} for row in rows]
+
     def job_log_tail(self, job_id: str, lines: int) -> list[str]:
         return self.history.logs.tail(job_id, lines)
 
@@ -304,6 +312,8 @@ class Daemon:
                 for spec in self.manifest.agents.values():
                     self._add_host(spec)
                 self.phase = "serving"
+                if lost := self.history.store.lost:
+                    self._tasks.spawn(self._recover_lost(lost), "restart recovery")
                 log.info(
                     "lkrun %s serving %d agent(s) from %s; control socket %s",
                     __version__,
@@ -389,6 +399,33 @@ class Daemon:
         task.add_done_callback(self._registration_ended)
         self._runs[host] = task
         return host
+
+    async def _recover_lost(self, ids: list[str]) -> None:
+        """The calls of the jobs the previous daemon died with get their agents back, each
+        agent's once it can take jobs (lkrun.lost_jobs); the policy is the manifest's now."""
+        rows = await asyncio.to_thread(lambda: [self.history.store.get(i) for i in ids])
+        jobs = lost_jobs(row for row in rows if row is not None)
+        log.info("restart recovery: %d lost job(s), each once its agent can take jobs", len(jobs))
+        outcomes = await recover_lost(
+            jobs, self.recovery, policy_for=self._lost_policy, ready_for=self._agent_ready
+        )
+        log.info("restart recovery: %s", summary(outcomes))
+
+    def _lost_policy(self, failed: FailedJob) -> RecoveryPolicy | None:
+        host = self.hosts.get(failed.agent)
+        return RecoveryPolicy.of(host.spec) if host is not None else None
+
+    async def _agent_ready(self, agent: str) -> bool:
+        """Whether the agent can take a job (registered, processes ready) within
+        READY_TIMEOUT; a dispatch before that would find no worker and be dropped."""
+        host = self.hosts.get(agent)
+        if host is None:
+            return False
+        try:
+            await asyncio.wait_for(host.wait_ready(), READY_TIMEOUT)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _registration_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._fatal is None or self._fatal.done():

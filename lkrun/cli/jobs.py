@@ -185,12 +185,29 @@ def jobs_show(
         ),
         ("exit code", str(job.get("exit_code")) if job.get("exit_code") is not None else "-"),
         ("peak memory", f"{job.get('peak_memory_mb') or 0:.0f} MB"),
+        ("attempt", _attempt(job)),
+        ("recovery", job.get("recovery") or "-"),
     ]
     for key, value in fields:
         say(f"{key + ':':<16}{value}")
+    chain = data.get("chain") or []
+    if len(chain) > 1:
+        out.print(f"\nattempts at this call ({len(chain)}):", markup=False)
+        for step in chain:
+            mark = "*" if step["id"] == job["id"] else " "
+            said = step.get("recovery") or step.get("error") or ""
+            cause = f" ({step['cause']})" if step.get("cause") else ""
+            say(f" {mark}{step['attempt']:>2}  {step['id']}  {step['status']}{cause}  {said}")
     out.print(f"\nlast {len(data['log'])} log line(s):", markup=False)
     for line in data["log"]:
         say(f"  {line}")
+
+
+def _attempt(job: dict[str, Any]) -> str:
+    attempt = job.get("attempt") or 0
+    if not job.get("recovered_from"):
+        return str(attempt)
+    return f"{attempt} (redispatch of {job['recovered_from']})"
 
 
 @jobs_app.command("logs")

@@ -67,6 +67,10 @@ class History:
         row = await asyncio.to_thread(self._flushed, self.store.get, job_id)
         return None if row is None else _merge(row, None)
 
+    async def chain(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's recovery chain (JobStore.chain): the attempts at its call."""
+        return await asyncio.to_thread(self._flushed, self.store.chain, job_id)
+
     def _flushed(self, read: Callable[[Any], Any], arg: Any) -> Any:
         self.store.flush(0.5)  # what just happened should show
         return read(arg)
