@@ -574,6 +574,7 @@ def test_an_older_history_opens_with_the_new_columns(tmp_path: Path) -> None:
         assert old is not None
         assert (old["recovered_from"], old["attempt"], old["recovery"]) == ("", 0, "")
         assert (old["job_type"], old["participant"], old["metadata"]) == ("room", "", "")
+        assert old["cause"] == ""  # ended before causes were kept
         store.upsert({"id": "AJ_new", "recovered_from": "AJ_old", "attempt": 1})
         assert store.flush()
         assert [j["id"] for j in store.chain("AJ_new")] == ["AJ_old", "AJ_new"]

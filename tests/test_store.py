@@ -205,13 +205,13 @@ def test_reopen_marks_active_jobs_lost(db_path: Path) -> None:
         for job_id, pid in (("AJ_start", 111), ("AJ_run", 111), ("AJ_stop", 222)):
             got = second.get(job_id)
             assert got is not None
-            assert got["status"] == "lost"
+            assert (got["status"], got["cause"]) == ("lost", "lost")
             assert got["ended_at"] >= before
             assert got["error"] == f"the daemon stopped while the job was running (pid {pid})"
         done, failed = second.get("AJ_done"), second.get("AJ_fail")
         assert done is not None and failed is not None
         assert (done["status"], done["ended_at"], done["error"]) == ("success", NOW + 1, "")
-        assert (failed["status"], failed["error"]) == ("failed", "exit 1")
+        assert (failed["status"], failed["error"], failed["cause"]) == ("failed", "exit 1", "")
     finally:
         second.close()
 

@@ -168,6 +168,7 @@ def jobs_show(
         ("agent", job["agent"]),
         ("room", job["room"]),
         ("status", job["status"]),
+        ("cause", job.get("cause") or "-"),
         ("error", job.get("error") or "-"),
         ("stop reason", job.get("stop_reason") or "-"),
         ("dispatch", job.get("dispatch_id") or "-"),

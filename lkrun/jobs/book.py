@@ -26,6 +26,9 @@ class JobRecord:
     error: str = ""
     exit_code: int | None = None
     stop_reason: str = ""
+    # Why it ended, one lkrun.supervision.lifecycle.Cause value ("" while it runs): its
+    # verdict's, with its status, error and stop_reason (lifecycle.conclude).
+    cause: str = ""
     memory_mb: float = 0.0  # resident memory of the job's process tree, last sample
     peak_memory_mb: float = 0.0
     cpu_percent: float = 0.0  # of one core, last sample

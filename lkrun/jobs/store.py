@@ -50,6 +50,7 @@ _ADDED_COLUMNS = (
     ("recovery", "TEXT NOT NULL DEFAULT ''"),
     ("on_failure", "TEXT NOT NULL DEFAULT 'none'"),
     ("max_redispatches", "INTEGER NOT NULL DEFAULT 0"),
+    ("cause", "TEXT NOT NULL DEFAULT ''"),
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -233,7 +234,7 @@ def _mark_lost(
             lost += [job_id for (job_id,) in ids.fetchall()]
             conn.execute(
                 f"UPDATE jobs SET status = '{JobStatus.LOST.value}', ended_at = ?,"
-                " error = 'the daemon stopped while the job was running (pid '"
+                " cause = 'lost', error = 'the daemon stopped while the job was running (pid '"
                 f" || IFNULL(daemon_pid, 'unknown') || ')' {where}",
                 (now, *ACTIVE_STATUSES, pid),
             )
