@@ -8,7 +8,7 @@ import warnings
 from lkrun.cli.common import app
 
 # Each module registers its commands; --help lists them in this order.
-for _module in ("serve", "dispatch", "status", "jobs", "protocol"):
+for _module in ("serve", "dispatch", "status", "jobs", "recover", "protocol"):
     importlib.import_module(f"lkrun.cli.{_module}")
 
 __all__ = ["app", "main"]

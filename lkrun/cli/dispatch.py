@@ -27,7 +27,7 @@ from lkrun.cli.common import (
 )
 
 
-def _client_credentials(url: str | None, api_key: str | None) -> credentials.Credentials:
+def client_credentials(url: str | None, api_key: str | None) -> credentials.Credentials:
     try:
         creds = credentials.resolve(url=url, api_key=api_key)
     except credentials.CredentialsError as exc:
@@ -67,7 +67,7 @@ def dispatch(
     """Ask LiveKit to send AGENT to ROOM (creating the room if needed)."""
     from lkrun.dispatch import Dispatch, DispatchError, create_dispatch, dispatch_and_wait
 
-    creds = _client_credentials(url, api_key)
+    creds = client_credentials(url, api_key)
     limit = duration_option("--timeout", timeout)
 
     socket_path = control_socket or control.default_socket_path()

@@ -18,7 +18,11 @@ LOCK_NAME = "lkrun.lock"
 
 
 class StateDirBusy(Exception):
-    """Another process holds the state directory's lock."""
+    """Another process holds the state directory's lock; ``holder`` is its pid if known."""
+
+    def __init__(self, message: str, holder: int | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class StateLock:
@@ -44,7 +48,8 @@ class StateLock:
             who = f"pid {holder}" if holder else "another process"
             raise StateDirBusy(
                 f"the state directory {directory} is in use by another lkrun daemon ({who}); "
-                "give each daemon its own --state-dir"
+                "give each daemon its own --state-dir",
+                holder,
             ) from None
         except OSError:
             os.close(fd)

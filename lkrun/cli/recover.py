@@ -1,0 +1,135 @@
+"""`lkrun recover --state-dir DIR`: a dead daemon's calls get their agents back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lkrun.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    JsonOpt,
+    KeyOpt,
+    UrlOpt,
+    app,
+    fail,
+    run_async,
+    say,
+)
+
+
+@app.command()
+def recover(
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            "--state-dir",
+            help="The state directory of a daemon that is gone (its --state-dir or "
+            "[daemon] state_dir; the one that holds jobs.db).",
+        ),
+    ],
+    max_redispatches: Annotated[
+        int | None,
+        typer.Option(
+            "--max-redispatches",
+            min=0,
+            help="Redispatch every lost job, whatever the policy recorded with it, while its "
+            "call has had fewer than N redispatches. Default: each job's own policy "
+            "(on_failure, max_redispatches when it was accepted).",
+        ),
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mark a dead daemon's running jobs lost and redispatch those whose callers are still
+    in their rooms, as the daemon itself does when it restarts on DIR.
+
+    Refused while a live daemon holds DIR: that daemon recovers its own jobs.
+    """
+    from lkrun.cli.dispatch import client_credentials
+    from lkrun.jobs.history import lkrun_daemon_alive
+    from lkrun.jobs.statelock import StateDirBusy, StateLock
+    from lkrun.jobs.store import JobStore, StoreError
+    from lkrun.lost_jobs import lost_jobs, recorded_policy, recover_lost, summary
+    from lkrun.recovery import REDISPATCH, FailedJob, Recoverer, RecoveryPolicy
+
+    creds = client_credentials(url, api_key)
+    directory = state_dir.absolute()
+    database = directory / "jobs.db"
+    if not database.is_file():
+        fail(f"no job history at {database}: is {directory} an lkrun state directory?", EXIT_USAGE)
+    try:
+        lock = StateLock.acquire(directory)
+    except StateDirBusy as exc:
+        who = f" (pid {exc.holder})" if exc.holder else ""
+        fail(
+            f"{directory} is held by a live lkrun daemon{who}: it recovers its own jobs; "
+            "`lkrun recover` is for a daemon that is gone"
+        )
+    except OSError as exc:
+        fail(f"cannot lock {directory}: {exc}")
+    # The Recoverer logs each decision; this command prints them instead.
+    logging.getLogger("lkrun.recovery").addHandler(logging.NullHandler())
+    store = JobStore(database)
+    try:
+        try:
+            store.open(daemon_alive=lkrun_daemon_alive)
+            rows = [row for row in map(store.get, store.lost) if row is not None]
+        except StoreError as exc:
+            fail(str(exc))
+        policies = {str(row["id"]): recorded_policy(row) for row in rows}
+        forced = (
+            RecoveryPolicy(REDISPATCH, max_redispatches) if max_redispatches is not None else None
+        )
+
+        def policy_for(failed: FailedJob) -> RecoveryPolicy:
+            return forced or policies[failed.job_id]
+
+        def note(job_id: str, text: str) -> None:
+            store.upsert({"id": job_id, "recovery": text})
+
+        async def run() -> list[Any]:
+            recoverer = Recoverer(creds, note=note)
+            try:
+                return await recover_lost(lost_jobs(rows), recoverer, policy_for=policy_for)
+            finally:
+                await recoverer.close()
+
+        outcomes = run_async(run())
+    finally:
+        store.close()
+        lock.release()
+    _report(directory, outcomes, summary(outcomes), as_json)
+    if any(decision.skip == "error" for _, decision in outcomes):
+        raise typer.Exit(EXIT_FAILURE)  # LiveKit refused or was not reached: try again
+
+
+def _report(directory: Path, outcomes: list[Any], total: str, as_json: bool) -> None:
+    jobs = [
+        {
+            "id": failed.job_id,
+            "agent": failed.agent,
+            "room": failed.room,
+            "attempt": failed.attempt,
+            "redispatched": decision.redispatch,
+            "reason": decision.reason,
+            "skip": decision.skip or None,
+        }
+        for failed, decision in outcomes
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps({"state_dir": str(directory), "jobs": jobs}) + "\n")
+        return
+    if not jobs:
+        say(f"{directory}: no running job in its history: nothing to recover")
+        return
+    for job in jobs:
+        done = job["reason"] if job["redispatched"] else f"not redispatched: {job['reason']}"
+        say(f"{job['id']} ({job['agent']}, room {job['room']!r}): {done}")
+    say(f"{directory}: {total}")
