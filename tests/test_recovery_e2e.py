@@ -226,6 +226,24 @@ async def test_a_memory_limit_kill_and_an_entrypoint_that_raises_follow_the_poli
     assert await daemon.metric("lkrun_recoveries_total", agent=name, cause=cause) == 1
 
 
+async def test_a_livekit_agents_app_reads_it_in_its_jobs_attributes(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    name, room_name = unique("lka"), unique("call")
+    daemon = await start_daemon(
+        DAEMON + agent_table(name, "tests.lka_apps.recovers:entrypoint", on_failure="redispatch")
+    )
+    async with observer(livekit_server, room_name) as room:
+        seen = Arrivals(room, name)
+        await dispatch(livekit_server, room_name, name)
+        first = await seen.one_besides()
+        job = await job_in_room(daemon, room_name)
+        second = await seen.one_besides(first.identity)
+        assert await reported(second) == {"recovered_from": job["id"], "attempt": "1"}
+    failed = await ended(daemon, job["id"])
+    assert (failed["status"], failed["cause"]) == ("failed", "raised")
+
+
 async def test_max_redispatches_one_redispatches_a_crashing_job_once(
     start_daemon: Any, livekit_server: Any
 ) -> None:
