@@ -33,8 +33,9 @@ def test_envs_runs_venv_and_node_each_with_its_own_systems() -> None:
     assert args.workload == ["venv", "node"]
     assert run.systems_for("venv", args.systems) == ["lkrun", "lkrun-venv"]
     assert run.systems_for("node", args.systems) == ["lkrun", "node"]
-    # The default run and the official comparisons are as they were.
-    assert run.parse_args([]).workload == ["join", "agents"]
+    # The default run (recovery joined it in issue 19) and the official comparisons.
+    assert run.parse_args([]).workload == ["join", "agents", "recovery"]
+    assert run.parse_args(["--workload", "both"]).workload == ["join", "agents"]
     assert run.systems_for("agents", args.systems) == ["lkrun", "official"]
     assert run.systems_for("node", ["lkrun", "official"]) == ["lkrun"]
     assert run.parse_args(["--workload", "all"]).workload == [
@@ -43,6 +44,7 @@ def test_envs_runs_venv_and_node_each_with_its_own_systems() -> None:
         "media",
         "venv",
         "node",
+        "recovery",
     ]
     settings = run._settings(args, "venv")
     assert settings.concurrency == [1, 10] and settings.max_jobs_cap == 0

@@ -36,8 +36,9 @@ from typing import Any
 import aiohttp
 import psutil
 from livekit import api, rtc
+from livekit.protocol import models
 
-from tests.bench import media
+from tests.bench import media, recovery
 from tests.bench.procs import descendants
 from tests.bench.suts import Server, Sut, SutError
 
@@ -69,6 +70,8 @@ class Settings:
     ramp_step: int = 10
     visible_timeout: float = 15.0
     ramp_timeout: float = 600.0
+    # recovery: how long after a kill to wait for a replacement before counting none.
+    recovery_wait: float = 10.0
 
 
 def summary(samples: list[float]) -> dict[str, Any]:
@@ -135,14 +138,19 @@ class LiveKit:
         """Whether a participant other than the observer is in the room."""
         return await self.agent_joined(room) is not None
 
-    async def agent_joined(self, room: str) -> float | None:
-        """When (wall clock, by the server) the agent joined the room; None: not yet."""
+    async def participants(self, room: str) -> list[models.ParticipantInfo] | None:
+        """RoomService.ListParticipants of the room; None if it did not answer."""
         async with self._sem:
             try:
                 resp = await self.api.room.list_participants(api.ListParticipantsRequest(room=room))
             except (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError):
                 return None
-        joined = [p.joined_at_ms for p in resp.participants if p.identity != OBSERVER]
+        return list(resp.participants)
+
+    async def agent_joined(self, room: str) -> float | None:
+        """When (wall clock, by the server) the agent joined the room; None: not yet."""
+        participants = await self.participants(room)
+        joined = [p.joined_at_ms for p in participants or () if p.identity != OBSERVER]
         return min(joined) / 1000 if joined else None
 
     def token(self, room: str) -> str:
@@ -594,6 +602,11 @@ class Bench:
     async def run(self, result: dict[str, Any]) -> None:
         """Run every phase, putting each result into ``result`` as soon as it is done."""
         s = self.settings
+        if self.sut.workload == "recovery":
+            # Kills only: the idle, memory and ramp phases are the other workloads' (the
+            # agent is the join workload's).
+            result["recovery"] = await recovery.kills(self, s.dispatches, s.recovery_wait)
+            return
         result["idle"] = await self.idle_baseline()
         self.say(
             f"idle: main RSS {result['idle']['main_rss_mb']} MB, "

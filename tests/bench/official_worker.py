@@ -6,8 +6,9 @@
 It uses only livekit-agents itself (no plugins, no inference). ``BENCH_WORKLOAD`` picks
 the agent:
 
-- ``join`` (default): the entrypoint below joins the room and returns, so the job lasts
-  while the room is connected, like lkrun's ``tests/bench/agents.py``.
+- ``join`` (default, and the ``recovery`` workload's): the entrypoint below joins the
+  room and returns, so the job lasts while the room is connected, like lkrun's
+  ``tests/bench/agents.py``.
 - ``agents``: the ``AgentServer`` of ``tests/bench/lka_agent.py`` (an AgentSession with an
   in-process LLM), the same module lkrun runs, with the settings below applied to it.
 - ``media``: the ``AgentServer`` of ``tests/bench/lka_meter.py`` (the level meter of

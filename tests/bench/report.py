@@ -29,6 +29,7 @@ TITLES = {
     "media": "Workload `media`: a level meter per room on a 48 kHz tone",
     "venv": "Workload `venv`: the same AgentSession on the daemon's interpreter and on its own",
     "node": "Workload `node`: the Node echo next to the Python echo",
+    "recovery": "Workload `recovery`: a job's SIGKILL to its replacement agent in the room",
 }
 DESCRIPTIONS = {
     "join": "lkrun runs `tests/bench/agents.py` (lkrun's own API), the official worker an "
@@ -65,7 +66,29 @@ DESCRIPTIONS = {
     "--all` for both: the daemon's receipt of the offer to the time stamped in the job's "
     "`running` message (Python: the entrypoint called; Node: the start message handled). "
     "Ratios are Node / Python.",
+    "recovery": "Each kill is a fresh call: an observer (`rtc.Room`) in a new room, one "
+    "dispatch of the `join` workload's agent (lkrun: `tests/bench/agents.py` with "
+    '`on_failure = "redispatch"`; official: the entrypoint of '
+    "`tests/bench/official_worker.py`), warm; once the agent is in and its job runs, the "
+    "bench SIGKILLs the job's process. **kill → replacement visible**: from just before "
+    "the kill to the observer's `participant_connected` of an agent participant carrying "
+    "`lkrun.recovered_from`. The official worker does not bring a killed job's agent back "
+    "(LiveKit does not reassign jobs either): it gets a few kills, each watched for any new "
+    "agent, and reads *never* when none came. The stage rows split lkrun's time by its own "
+    "records of both jobs (`lkrun jobs ls --json --all`, the same clock): the daemon "
+    "seeing the exit, the redispatch until LiveKit's offer of the new job (the decision, "
+    "RoomService ListParticipants, CreateDispatch, LiveKit's routing), the warm process "
+    "starting the job, and the join until the observer hears of it.",
 }
+# Issue 19: a killed job's replacement in the room within 1.5 s, p95, warm.
+RECOVERY_GOAL_MS = 1500.0
+RECOVERY_COLUMNS = ("lkrun-warm", "official-warm")
+RECOVERY_STAGES = (
+    ("kill → the daemon records the failure", "kill_to_failed_ms"),
+    ("failure → replacement offered (redispatch, LiveKit)", "failed_to_offer_ms"),
+    ("offer → replacement's entrypoint", "offer_to_started_ms"),
+    ("entrypoint → visible to observer", "started_to_visible_ms"),
+)
 PSS_GOAL_JOBS = 50
 MEDIA_GOAL_ROOMS = 50
 
@@ -252,6 +275,8 @@ def _ratio(a: Any, b: Any) -> str:
 
 
 def table(results: dict[str, Any], workload: str = "join") -> str:
+    if workload == "recovery":
+        return recovery_table(results)
     part = workloads(results).get(workload, {})
     runs = part.get("runs", {})
     shown, pairs = columns(workload), ratios(workload)
@@ -271,6 +296,81 @@ def table(results: dict[str, Any], workload: str = "join") -> str:
         cells += [_ratio(values[a], values[b]) for _, a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _recovered(run: dict[str, Any]) -> tuple[int, int]:
+    part = run.get("recovery") or {}
+    return int(part.get("recovered") or 0), int(part.get("kills") or 0)
+
+
+def _recovery_cell(run: dict[str, Any] | None, get: Getter, *, never: bool) -> str:
+    """A time; with ``never``, "never" for a system that brought no agent back after any
+    kill (the stage rows come from lkrun's own records: "-" there)."""
+    if run is None:
+        return "-"
+    recovered, kills = _recovered(run)
+    if kills and not recovered:
+        return "never" if never else "-"
+    return _fmt(get(run))
+
+
+def recovery_table(results: dict[str, Any]) -> str:
+    """lkrun against the official worker after a job's SIGKILL: times, or "never"."""
+    runs = workloads(results).get("recovery", {}).get("runs", {})
+    lines = [
+        "| metric | " + " | ".join(RECOVERY_COLUMNS) + " |",
+        "|---|" + "---:|" * len(RECOVERY_COLUMNS),
+    ]
+    rows: list[tuple[str, Getter, bool]] = []
+    for name, key in (
+        ("kill → replacement visible to observer", "kill_to_visible_ms"),
+        ("kill → replacement joined (ListParticipants)", "kill_to_joined_ms"),
+    ):
+        rows += [
+            (f"{name} {stat} (ms)", _path("recovery", key, stat), True)
+            for stat in ("p50", "p95", "max")
+        ]
+    rows += [
+        (f"{name} p50 (ms)", _path("recovery", "stages", key, "p50"), False)
+        for name, key in RECOVERY_STAGES
+    ]
+    for label, get, never in rows:
+        cells = [_recovery_cell(runs.get(c), get, never=never) for c in RECOVERY_COLUMNS]
+        if all(c == "-" for c in cells):
+            continue
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    counts = []
+    for column in RECOVERY_COLUMNS:
+        run = runs.get(column)
+        if run is None or not _recovered(run)[1]:
+            counts.append("-")
+            continue
+        recovered, kills = _recovered(run)
+        wait = (run.get("recovery") or {}).get("wait_s")
+        counts.append(f"{recovered} of {kills}" + (f" (within {wait:g} s)" if wait else ""))
+    if any(c != "-" for c in counts):
+        lines.append("| " + " | ".join(["kills whose call got an agent back", *counts]) + " |")
+    return "\n".join(lines)
+
+
+def recovery_goals(results: dict[str, Any]) -> str:
+    """Issue 19's goal: kill -> replacement visible, p95 warm, under 1.5 s."""
+    run = workloads(results).get("recovery", {}).get("runs", {}).get("lkrun-warm")
+    p95 = _path("recovery", "kill_to_visible_ms", "p95")(run) if run else None
+    recovered, kills = _recovered(run) if run else (0, 0)
+    if not isinstance(p95, (int, float)):
+        verdict = "-"
+    else:
+        met = p95 < RECOVERY_GOAL_MS and recovered == kills
+        verdict = f"{_fmt(p95)} ms ({recovered} of {kills}): {'met' if met else 'missed'}"
+    return "\n".join(
+        [
+            "| goal (issue 19) | target | lkrun warm |",
+            "|---|---|---:|",
+            f"| kill → replacement visible p95 | < {RECOVERY_GOAL_MS:,.0f} ms, every call "
+            f"back | {verdict} |",
+        ]
+    )
 
 
 def _goal_cell(lkrun: Any, official: Any, target: float | None) -> str:
@@ -404,6 +504,12 @@ def media_goals(results: dict[str, Any], workload: str = "media") -> str:
 
 
 def _settings_line(settings: dict[str, Any], workload: str = "join") -> str:
+    if workload == "recovery":
+        return (
+            f"{settings.get('dispatches')} kills (official: at most 3), one after the other, "
+            f"each in a fresh room; a replacement counts within {settings.get('recovery_wait')} "
+            "s of its kill."
+        )
     if workload == "media":
         return (
             f"Rooms: {settings.get('concurrency')}, each held {settings.get('hold')} s "
@@ -436,6 +542,9 @@ def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
         stop = (run.get("max_jobs") or {}).get("stop_reason")
         if stop and stop != "cap reached":
             problems.append(f"- {where}: max-jobs ramp stopped: {stop}")
+        recovered, kills = _recovered(run)
+        if workload == "recovery" and run.get("system") == "lkrun" and recovered < kills:
+            problems.append(f"- {where}: {kills - recovered} of {kills} kills got no agent back")
         timeouts = (run.get("latency") or {}).get("timeouts")
         if timeouts:
             problems.append(f"- {where}: {timeouts} dispatches never became visible")
@@ -514,6 +623,9 @@ def markdown(results: dict[str, Any]) -> str:
         if workload == "venv":
             out += ["", "Issue 18's goal for this workload, from the table above:", ""]
             out.append(venv_goals(results, workload))
+        if workload == "recovery":
+            out += ["", "Issue 19's goal for this workload, from the table above:", ""]
+            out.append(recovery_goals(results))
         problems += _problems(workload, part.get("runs", {}))
     out += ["", *_how_to_read(settings, list(parts))]
     if problems:

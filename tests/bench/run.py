@@ -1,6 +1,6 @@
 """lkrun vs the official LiveKit Agents worker, side by side on one livekit-server.
 
-    python -m tests.bench [--workload join,agents,media,venv,node] [--dispatches N]
+    python -m tests.bench [--workload join,agents,recovery,media,venv,node] [--dispatches N]
                           [--concurrency 1,10,50] [--max-jobs-cap 100]
                           [--systems lkrun,official,lkrun-venv,node]
                           [--variants cold,warm] [--idle 4]
@@ -9,7 +9,8 @@ Makes (or reuses) the official worker's venv, starts one livekit-server in dev m
 free loopback ports, then for each workload (join: join the room and stay; agents: the
 same livekit-agents AgentSession module on both hosts; media: a level meter per room on
 a 48 kHz tone; venv: that AgentSession on lkrun with the daemon's interpreter and with
-another virtualenv's; node: the Python echo and the Node echo on lkrun), variant (cold: no
+another virtualenv's; node: the Python echo and the Node echo on lkrun; recovery: a job's
+SIGKILL to its replacement in the room, see tests/bench/recovery.py), variant (cold: no
 prewarmed process; warm: --idle of them) and system starts the system, measures (see
 tests/bench/measure.py) and stops it. Writes
 results.md, results.json, the charts and every log to --results (default
@@ -57,11 +58,13 @@ WORKLOAD_SYSTEMS: dict[str, tuple[str, ...]] = {
     "media": ("lkrun", "official"),
     "venv": ("lkrun", "lkrun-venv"),
     "node": ("lkrun", "node"),
+    "recovery": ("lkrun", "official"),
 }
 # The media workload is opt-in (--workload media or all): about 12 minutes more, most of
 # them a 50-room level that keeps both cores of a small machine busy. venv and node
 # (--workload envs) are opt-in too: lkrun against itself, about 10 minutes together.
-DEFAULT_WORKLOADS = ("join", "agents")
+# recovery (issue 19) is a couple of minutes: kills of a job, one after the other.
+DEFAULT_WORKLOADS = ("join", "agents", "recovery")
 ENVS_WORKLOADS = ("venv", "node")
 VARIANTS = ("cold", "warm")
 # Per-workload defaults of the flags that default to None (a flag given applies to all).
@@ -105,6 +108,16 @@ WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_jobs_cap": 0,
         "hold": 5.0,
         "variants": ["cold", "warm"],
+    },
+    # Issue 19: --dispatches is the number of kills (each a fresh call); warm only (the
+    # replacement takes a prewarmed process, as it would in production); no memory phase,
+    # no ramp.
+    "recovery": {
+        "dispatches": 20,
+        "concurrency": [],
+        "max_jobs_cap": 0,
+        "hold": 5.0,
+        "variants": ["warm"],
     },
 }
 
@@ -151,24 +164,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workload",
         type=_choices(
             WORKLOADS,
-            both=list(DEFAULT_WORKLOADS),
+            both=["join", "agents"],
             envs=list(ENVS_WORKLOADS),
             all=list(WORKLOADS),
         ),
         default=list(DEFAULT_WORKLOADS),
         help="comma-separated: join (join the room and stay: lkrun's API vs a livekit-agents "
-        "entrypoint), agents (both run tests/bench/lka_agent.py, an AgentSession), media "
+        "entrypoint), agents (both run tests/bench/lka_agent.py, an AgentSession), recovery "
+        "(SIGKILL a job's process: time to its replacement agent in the room), media "
         "(a tone in each room and a level meter job: lkrun's example vs "
         "tests/bench/lka_meter.py; opt-in: 50 rooms of audio saturate a 2-core machine), "
         "venv (lka_agent.py on lkrun, on the daemon's interpreter and on the bench venv's "
         "via the manifest's python; opt-in), node (the Python echo and the Node echo on "
-        "lkrun; opt-in), both (join,agents), envs (venv,node) or all",
+        "lkrun; opt-in), both (join,agents), envs (venv,node) or all; default: "
+        + ",".join(DEFAULT_WORKLOADS),
     )
     parser.add_argument(
         "--dispatches",
         type=int,
         default=None,
-        help=f"sequential dispatches [{_per_workload('dispatches')}]",
+        help=f"sequential dispatches (recovery: kills) [{_per_workload('dispatches')}]",
     )
     parser.add_argument("--warmup", type=int, default=1, help="unrecorded dispatches first")
     parser.add_argument(
@@ -195,6 +210,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ramp-timeout", type=float, default=600.0, help="time limit of the max-jobs ramp"
+    )
+    parser.add_argument(
+        "--recovery-wait",
+        type=float,
+        default=10.0,
+        help="recovery: seconds after a kill to wait for a replacement before counting none",
     )
     parser.add_argument("--idle", type=int, default=4, help="prewarmed processes when warm")
     parser.add_argument(
@@ -264,6 +285,7 @@ def _settings(args: argparse.Namespace, workload: str) -> Settings:
         ramp_step=args.ramp_step,
         visible_timeout=args.visible_timeout,
         ramp_timeout=args.ramp_timeout,
+        recovery_wait=args.recovery_wait,
     )
 
 

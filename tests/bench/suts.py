@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_SCRIPT = Path(__file__).resolve().parent / "official_worker.py"
 ACTIVE = ("starting", "running", "stopping")
 NODE_ECHO = REPO / "examples" / "node" / "echo" / "echo.mjs"
-WORKLOADS = ("join", "agents", "media", "venv", "node")
+WORKLOADS = ("join", "agents", "media", "venv", "node", "recovery")
 # What lkrun's manifest names, per workload (the official worker picks by BENCH_WORKLOAD;
 # the node system of the node workload runs NODE_ECHO instead).
 LKRUN_ENTRYPOINTS = {
@@ -52,12 +52,21 @@ LKRUN_ENTRYPOINTS = {
     "media": "lkrun.examples.level_meter:entrypoint",
     "venv": "tests.bench.lka_agent:server",
     "node": "lkrun.examples.echo:entrypoint",
+    # The join workload's agent, whose job the bench kills (issue 19).
+    "recovery": "tests.bench.agents:entrypoint",
 }
 # Workloads whose agent is tests/bench/lka_agent.py: it writes events.jsonl and preloads
 # livekit-agents in the fork server (hence the official worker's prewarm timeout).
 LKA_WORKLOADS = ("agents", "venv")
 # The agent's dispatch name after bench-<system>, per workload.
-NAME_SUFFIXES = {"join": "", "agents": "-lka", "media": "-meter", "venv": "-env", "node": "-echo"}
+NAME_SUFFIXES = {
+    "join": "",
+    "agents": "-lka",
+    "media": "-meter",
+    "venv": "-env",
+    "node": "-echo",
+    "recovery": "-recover",
+}
 
 
 class SutError(Exception):
@@ -303,6 +312,10 @@ class LkrunSut(Sut):
             lines.append(f"python = {json.dumps(str(self.python))}")
             lines.append(f"env = {{ PYTHONPATH = {json.dumps(str(REPO))} }}")
         lines += ['dispatch = "explicit"', "max_jobs = 200"]
+        if self.workload == "recovery":
+            # A killed job's call gets its agent back (lkrun.recovery); each kill is a new
+            # call's first job.
+            lines += ['on_failure = "redispatch"', "max_redispatches = 1"]
         if self.idle > 0:
             lines.append(f"idle_processes = {self.idle}")
         if self.workload in LKA_WORKLOADS:
