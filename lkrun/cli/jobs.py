@@ -198,7 +198,8 @@ def jobs_show(
             mark = "*" if step["id"] == job["id"] else " "
             said = step.get("recovery") or step.get("error") or ""
             cause = f" ({step['cause']})" if step.get("cause") else ""
-            say(f" {mark}{step['attempt']:>2}  {step['id']}  {step['status']}{cause}  {said}")
+            line = f" {mark}{step['attempt']:>2}  {step['id']}  {step['status']}{cause}  {said}"
+            say(line.rstrip())
     out.print(f"\nlast {len(data['log'])} log line(s):", markup=False)
     for line in data["log"]:
         say(f"  {line}")
