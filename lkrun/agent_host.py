@@ -42,6 +42,7 @@ from lkrun.supervision.agent_processes import AgentProcesses
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.inference import InferenceProcesses
 from lkrun.supervision.job_monitor import MB, Target, Usage
+from lkrun.supervision.lifecycle import Cause
 from lkrun.supervision.offers import not_accepting
 from lkrun.supervision.request_process import RequestProcess, RequestRefused
 from lkrun.supervision.supervisor import JobSupervisor, ProcessHandle
@@ -227,7 +228,7 @@ class AgentHost:
             recovery.job_ended(FailedJob.from_record(record), RecoveryPolicy.of(self.spec))
 
     def on_termination(self, job_id: str) -> None:
-        if self.jobs.stop(job_id, "terminated by LiveKit"):
+        if self.jobs.stop(job_id, "terminated by LiveKit", cause=Cause.TERMINATED):
             self.log.info("job %s terminated by LiveKit", job_id)
 
     def worker_load(self) -> WorkerLoad:
@@ -358,9 +359,9 @@ class AgentHost:
     def kill_job(self, job_id: str, *, force: bool) -> str:
         """For `lkrun jobs kill`: ask the job to end (then kill it), or kill it at once."""
         if force:
-            self.jobs.kill(job_id, "killed by `lkrun jobs kill --force`", failure=True)
+            self.jobs.kill(job_id, "killed by `lkrun jobs kill --force`", cause=Cause.KILLED)
             return "killed"
-        self.jobs.stop(job_id, "stopped by `lkrun jobs kill`")
+        self.jobs.stop(job_id, "stopped by `lkrun jobs kill`", cause=Cause.KILLED)
         return "shutdown requested"
 
     def monitor_targets(self) -> list[Target]:
@@ -405,7 +406,7 @@ class AgentHost:
                     f"memory limit exceeded: {record.memory_mb:.0f} MB in "
                     f"{usage.processes} process(es) > memory_limit_mb={limit}"
                 )
-                self.jobs.kill(record.id, why, failure=True)
+                self.jobs.kill(record.id, why, cause=Cause.MEMORY_LIMIT)
 
         return on_sample
 

@@ -31,6 +31,7 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.credentials import Credentials
+from lkrun.jobs.fields import JobStatus
 from lkrun.manifest import AgentSpec
 from lkrun.shared import jobpipe, pdeathsig
 from lkrun.shared.text import describe
@@ -41,8 +42,8 @@ from lkrun.supervision.job_process import (
     JobProcess,
     Launched,
     LaunchError,
-    Outcome,
 )
+from lkrun.supervision.lifecycle import Facts, conclude
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 AGENT = "protocol-test"
@@ -141,7 +142,7 @@ class Subject:
         self.violations: list[str] = []  # what the daemon dropped of what it wrote, and why
         self.identity = f"{AGENT}-{scenario}-{uuid.uuid4().hex[:6]}"
         self.started = False  # it was sent its start
-        self._outcome: asyncio.Future[Outcome] | None = None
+        self._outcome: asyncio.Future[Facts] | None = None
 
     async def _launch(self, role: str = "job") -> Launched:
         self.launched = await self.kit.launcher(role)
@@ -159,7 +160,7 @@ class Subject:
         await self.proc.spawn()
         self._outcome = asyncio.ensure_future(self.proc.wait())
 
-    async def outcome(self) -> Outcome:
+    async def outcome(self) -> Facts:
         assert self._outcome is not None
         return await self._outcome
 
@@ -172,7 +173,8 @@ class Subject:
         if not ready:
             outcome = await self.outcome()
             if msg is not None or not self.proc.being_killed:  # refused, or exited on its own
-                return Check("ready", FAILED, f"the daemon records: {outcome.error}")
+                error = conclude(outcome).error
+                return Check("ready", FAILED, f"the daemon records: {error}")
             timeout = self.kit.settings.ready_timeout
             return Check("ready", FAILED, f"no ready within {timeout:g}s; the daemon kills it then")
         assert msg is not None
@@ -197,7 +199,7 @@ class Subject:
             waiter.cancel()
         return event.is_set()
 
-    async def exits_within(self, timeout: float) -> Outcome | None:
+    async def exits_within(self, timeout: float) -> Facts | None:
         """Its outcome if it exits within ``timeout``, else None (and it goes on)."""
         assert self._outcome is not None
         with contextlib.suppress(asyncio.TimeoutError):
@@ -225,18 +227,19 @@ class Subject:
         took = time.monotonic() - began
         if self.proc.being_killed:
             return Check(name, FAILED, f"did not exit within {timeout:g}s of a shutdown{before}")
-        if not outcome.ok:
+        if conclude(outcome).status is not JobStatus.SUCCESS:
             return Check(name, FAILED, f"after a shutdown{before}: {self.said(outcome)}")
         if outcome.exit_code not in (0, None):
             return Check(name, FAILED, f"ended well, but with exit code {outcome.exit_code}")
         done = "done ok" if self.proc.done_message is not None else "no job, no done"
         return Check(name, PASSED, f"{done}, exit 0, {took:.2f}s after a shutdown{before}")
 
-    def said(self, outcome: Outcome) -> str:
+    def said(self, outcome: Facts) -> str:
         """How the daemon would record ``outcome``."""
+        error = conclude(outcome).error
         if self.proc.done_message is None and not self.proc.being_killed:
-            return f"exited without done; the daemon records: {outcome.error or 'success'}"
-        return f"the daemon records: {outcome.error or 'success'}"
+            return f"exited without done; the daemon records: {error or 'success'}"
+        return f"the daemon records: {error or 'success'}"
 
     def write(self, data: bytes) -> None:
         """Raw bytes on its stdin, as no daemon would send them."""
@@ -562,7 +565,10 @@ class Kit:
                 check = await subject.shut_down(name, reason, self.settings.shutdown_timeout)
                 if check.status == PASSED:
                     check = Check(name, PASSED, f"went on after drain; then {check.detail}")
-            elif outcome.ok and subject.proc.done_message is not None:
+            elif (
+                conclude(outcome).status is JobStatus.SUCCESS
+                and subject.proc.done_message is not None
+            ):
                 check = Check(name, PASSED, "ended its job after drain: done ok")
             else:
                 check = Check(name, FAILED, f"after drain: {subject.said(outcome)}")

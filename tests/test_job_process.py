@@ -15,9 +15,13 @@ from typing import Any
 
 import pytest
 
+from lkrun.jobs.fields import JobStatus
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_process import AppSpec, JobProcess, Launcher, LaunchError, SpawnLauncher
+from lkrun.supervision.lifecycle import Cause, Verdict, conclude
 from tests.conftest import REPO, pid_alive, wait_for
+
+SUCCESS, FAILED = JobStatus.SUCCESS, JobStatus.FAILED
 
 pytestmark = pytest.mark.e2e  # job processes
 
@@ -76,19 +80,20 @@ async def start(make: Make, entrypoint: str) -> tuple[JobProcess, Lines]:
 
 async def test_returning_entrypoint_succeeds_and_print_goes_to_log(make: Make) -> None:
     proc, lines = await start(make, "tests.agents.behaviours:returns_at_once")
-    outcome = await asyncio.wait_for(proc.wait(), 30)
-    assert outcome.ok and outcome.exit_code == 0, outcome
-    assert proc.started_running
+    facts = await asyncio.wait_for(proc.wait(), 30)
+    assert conclude(facts) == Verdict(SUCCESS, Cause.CLEAN), facts
+    assert facts.exit_code == 0 and facts.running and proc.started_running
     assert "about to return" in lines.lines
     assert any("metadata 'meta'" in line for line in lines.lines)
 
 
 async def test_raising_entrypoint_fails_with_error_text(make: Make) -> None:
     proc, _ = await start(make, "tests.agents.behaviours:raises")
-    outcome = await asyncio.wait_for(proc.wait(), 30)
-    assert not outcome.ok
+    facts = await asyncio.wait_for(proc.wait(), 30)
+    outcome = conclude(facts)
+    assert (outcome.status, outcome.cause) == (FAILED, Cause.RAISED)
     assert outcome.error == "RuntimeError: boom from job AJ_test"
-    assert outcome.exit_code == 1
+    assert facts.exit_code == 1
 
 
 async def test_unimportable_entrypoint_fails_before_ready(make: Make) -> None:
@@ -99,8 +104,9 @@ async def test_unimportable_entrypoint_fails_before_ready(make: Make) -> None:
     except LaunchError as exc:  # the fork server could not load it: no process at all
         error = str(exc)
     else:
-        outcome = await asyncio.wait_for(proc.wait(), 30)
-        assert not outcome.ok and not proc.ready.is_set()
+        outcome = conclude(await asyncio.wait_for(proc.wait(), 30))
+        assert (outcome.status, outcome.cause) == (FAILED, Cause.START_FAILED)
+        assert not proc.ready.is_set()
         error = outcome.error
     assert error.startswith("cannot load entrypoint tests.agents.no_such_module:entrypoint")
     assert "ModuleNotFoundError" in error
@@ -109,18 +115,18 @@ async def test_unimportable_entrypoint_fails_before_ready(make: Make) -> None:
 async def test_shutdown_request_runs_callbacks_and_succeeds(make: Make) -> None:
     proc, lines = await start(make, "tests.agents.behaviours:waits_for_shutdown")
     await wait_for(lambda: proc.started_running, 10)
-    await proc.stop("test says stop", timeout=10)
-    outcome = await proc.wait()
-    assert outcome.ok and outcome.reason == "test says stop", outcome
+    await proc.stop("test says stop", timeout=10, cause=Cause.TERMINATED)
+    outcome = conclude(await proc.wait())
+    assert outcome == Verdict(SUCCESS, Cause.TERMINATED, "test says stop"), outcome
     assert "shutdown callback: test says stop" in lines.lines
 
 
 async def test_job_ignoring_shutdown_is_killed_with_reason(make: Make) -> None:
     proc, _ = await start(make, "tests.agents.behaviours:blocks_forever")
     await wait_for(lambda: proc.started_running, 10)
-    await proc.stop("test says stop", timeout=0.5)
-    outcome = await proc.wait()
-    assert not outcome.ok
+    await proc.stop("test says stop", timeout=0.5, cause=Cause.TERMINATED)
+    outcome = conclude(await proc.wait())
+    assert (outcome.status, outcome.cause) == (FAILED, Cause.TERMINATED)
     assert outcome.error == "did not stop within 0.5s of a shutdown request (test says stop)"
 
 
@@ -129,8 +135,10 @@ async def test_killed_process_fails_with_signal_name(make: Make) -> None:
     await wait_for(lambda: proc.started_running, 10)
     assert proc.pid is not None
     os.kill(proc.pid, signal.SIGKILL)
-    outcome = await proc.wait()
-    assert not outcome.ok and outcome.exit_code == -signal.SIGKILL
+    facts = await proc.wait()
+    outcome = conclude(facts)
+    assert (outcome.status, outcome.cause) == (FAILED, Cause.SIGNAL)
+    assert facts.exit_code == -signal.SIGKILL and facts.signal == signal.SIGKILL
     assert outcome.error.startswith("job process killed by SIGKILL")
 
 
@@ -152,29 +160,30 @@ async def test_stdin_eof_ends_the_job(make: Make, when: str) -> None:
 async def test_shutdown_right_after_start_is_not_lost(make: Make) -> None:
     # The shutdown can reach the runner before it has made the job's context.
     proc, _ = await start(make, "tests.agents.behaviours:waits_for_shutdown")
-    await proc.stop("stop at once", timeout=10)
-    outcome = await proc.wait()
-    assert outcome.ok and outcome.reason == "stop at once", outcome
+    await proc.stop("stop at once", timeout=10, cause=Cause.DRAIN)
+    outcome = conclude(await proc.wait())
+    assert outcome == Verdict(SUCCESS, Cause.DRAIN, "stop at once"), outcome
 
 
 async def test_sys_exit_code_is_the_exit_code(make: Make) -> None:
     proc, _ = await start(make, "tests.agents.behaviours:exits_with_3")
-    outcome = await asyncio.wait_for(proc.wait(), 30)
-    assert not outcome.ok and outcome.exit_code == 3, outcome
+    facts = await asyncio.wait_for(proc.wait(), 30)
+    outcome = conclude(facts)
+    assert outcome.status is FAILED and facts.exit_code == 3, facts
 
 
 async def test_what_a_job_starts_cannot_read_the_protocol(make: Make) -> None:
     # A subprocess that inherits stdin (ffmpeg reads it by default) would swallow the
     # daemon's shutdown and drain messages if fd 0 were the protocol pipe.
     proc, lines = await start(make, "tests.agents.behaviours:reports_child_stdin")
-    outcome = await asyncio.wait_for(proc.wait(), 30)
-    assert outcome.ok, outcome
+    outcome = conclude(await asyncio.wait_for(proc.wait(), 30))
+    assert outcome.status is SUCCESS, outcome
     assert "child stdin: /dev/null" in lines.lines
 
 
 async def test_what_a_job_started_ends_with_it(make: Make) -> None:
     proc, lines = await start(make, "tests.agents.behaviours:leaves_a_child")
-    outcome = await asyncio.wait_for(proc.wait(), 30)
-    assert outcome.ok, outcome
+    outcome = conclude(await asyncio.wait_for(proc.wait(), 30))
+    assert outcome.status is SUCCESS, outcome
     [helper] = [int(line.split()[-1]) for line in lines.lines if line.startswith("helper pid")]
     await wait_for(lambda: not pid_alive(helper), 5, what="the job's helper to be gone")

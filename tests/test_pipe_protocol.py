@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from lkrun.child.runner import JobRun
+from lkrun.jobs.fields import JobStatus
 from lkrun.shared import jobpipe
-from lkrun.supervision.job_process import CommandLauncher, JobProcess, Launched, Outcome
+from lkrun.supervision.job_process import CommandLauncher, JobProcess, Launched
+from lkrun.supervision.lifecycle import Cause, Verdict, conclude
 from tests.conftest import wait_for
 
 
@@ -35,14 +37,18 @@ class FakeStdin:
         pass
 
 
+SUCCESS, FAILED = JobStatus.SUCCESS, JobStatus.FAILED
+
+
 def line(kind: str, **fields: Any) -> bytes:
     return jobpipe.encode(kind, **fields)
 
 
 async def scripted_job(
     *lines: bytes, on_running: Callable[[JobProcess], None] | None = None
-) -> Outcome:
-    """A JobProcess whose process printed ``lines`` on its protocol stdout, then exited 0."""
+) -> Verdict:
+    """How the job of a JobProcess whose process printed ``lines`` on its protocol stdout,
+    then exited 0, is judged."""
     stdout = asyncio.StreamReader(limit=jobpipe.MAX_LINE)
     for data in lines:
         stdout.feed_data(data)
@@ -64,20 +70,20 @@ async def scripted_job(
         proc.on_running = lambda: on_running(proc)
     await proc.spawn()
     proc.start(job={"id": "AJ_1"})  # sent before its lines are read: they are its answers
-    return await asyncio.wait_for(proc.wait(), 5)
+    return conclude(await asyncio.wait_for(proc.wait(), 5))
 
 
 async def test_the_usual_order_succeeds() -> None:
     outcome = await scripted_job(
         line("ready", pid=1), line("running", ts=1.0), line("done", ok=True, reason="over")
     )
-    assert outcome == Outcome(ok=True, exit_code=0, reason="over")
+    assert outcome == Verdict(SUCCESS, Cause.CLEAN, reason="over")
 
 
 async def test_an_out_of_range_number_costs_that_message_only() -> None:
     too_big = b'{"type": "running", "ts": 1' + b"0" * 400 + b"}\n"
     outcome = await scripted_job(line("ready"), too_big, line("done", ok=True, reason="r"))
-    assert outcome.ok and outcome.reason == "r"
+    assert outcome.status is SUCCESS and outcome.reason == "r"
 
 
 async def test_running_before_ready_or_twice_is_ignored() -> None:
@@ -98,13 +104,13 @@ async def test_done_twice_keeps_the_first_and_error_texts_are_capped() -> None:
     outcome = await scripted_job(
         line("ready"), line("done", ok=False, error=huge), line("done", ok=True)
     )
-    assert not outcome.ok
+    assert outcome.status is FAILED
     assert len(outcome.error) <= jobpipe.MAX_TEXT and outcome.error.endswith("(cut off)")
 
 
 async def test_a_non_boolean_ok_is_not_a_success() -> None:
     outcome = await scripted_job(line("ready"), line("done", ok="yes", error="said yes"))
-    assert not outcome.ok and outcome.error == "said yes"
+    assert outcome.status is FAILED and outcome.error == "said yes"
 
 
 class FakePipe:
@@ -146,7 +152,7 @@ async def test_a_ready_of_another_protocol_version_is_refused_with_a_clear_error
     outcome = await scripted_job(
         line("ready", protocol=2), line("running", ts=1.0), line("done", ok=True)
     )
-    assert not outcome.ok
+    assert (outcome.status, outcome.cause) == (FAILED, Cause.START_FAILED)
     assert outcome.error == (
         "job process speaks job protocol 2; this lkrun speaks 1 (docs/protocol.md)"
     )
@@ -154,7 +160,7 @@ async def test_a_ready_of_another_protocol_version_is_refused_with_a_clear_error
 
 async def test_a_ready_without_a_version_is_version_1() -> None:
     outcome = await scripted_job(line("ready"), line("running"), line("done", ok=True))
-    assert outcome.ok
+    assert outcome.status is SUCCESS
 
 
 def test_only_the_integer_1_is_version_1() -> None:
@@ -237,11 +243,11 @@ class HeldProcess:
         self.stdout.feed_data(line(kind, **fields))
         await asyncio.wait_for(self.seen.wait(), 5)
 
-    async def exit(self, code: int = 0) -> Outcome:
+    async def exit(self, code: int = 0) -> Verdict:
         for stream in (self.stdout, self.stderr):
             stream.feed_eof()
         self.exited.set_result(code)
-        return await asyncio.wait_for(self.proc.wait(), 5)
+        return conclude(await asyncio.wait_for(self.proc.wait(), 5))
 
 
 async def test_a_running_before_its_start_is_a_violation_and_the_real_one_counts() -> None:
@@ -259,7 +265,7 @@ async def test_a_running_before_its_start_is_a_violation_and_the_real_one_counts
     assert held.running == [2.0] and held.proc.started_running
     assert len(held.violations) == 1
     held.stdout.feed_data(line("done", ok=True, reason="over"))
-    assert await held.exit() == Outcome(ok=True, exit_code=0, reason="over")
+    assert await held.exit() == Verdict(SUCCESS, Cause.CLEAN, reason="over")
 
 
 def _program(tmp_path: Path, text: str) -> CommandLauncher:
@@ -290,15 +296,17 @@ async def test_a_start_too_long_for_the_pipe_fails_the_job_and_ends_its_process(
     metadata = "m" * jobpipe.MAX_LINE  # a room's metadata: LiveKit does not cap it for us
     job = {"id": "AJ_1", "room": {"name": "r", "metadata": metadata}}
     proc.start(job=job, url="ws://x")
-    outcome = await asyncio.wait_for(proc.wait(), 10)
+    facts = await asyncio.wait_for(proc.wait(), 10)
+    outcome = conclude(facts)
     size = len(jobpipe.encode("start", protocol=1, job=job, url="ws://x"))
-    assert not outcome.ok and not proc.start_sent
+    assert outcome.status is FAILED and outcome.cause is Cause.START_FAILED
+    assert not proc.start_sent
     assert outcome.error == (
         f"the job's start message is {size} bytes, over the job protocol's limit of "
         f"{jobpipe.MAX_LINE} (docs/protocol.md): the room's, the dispatch's or the "
         "participant's metadata or attributes are too large"
     )
-    assert outcome.exit_code == -signal.SIGTERM  # ended at once, not left waiting for a start
+    assert facts.exit_code == -signal.SIGTERM  # ended at once, not left waiting for a start
 
 
 @pytest.mark.e2e
@@ -310,9 +318,11 @@ async def test_a_job_that_never_says_running_is_killed_after_its_running_timeout
     await proc.spawn()
     assert await proc.wait_ready(10)
     proc.start(running_timeout=0.3, job={"id": "AJ_1"})
-    outcome = await asyncio.wait_for(proc.wait(), 10)
+    facts = await asyncio.wait_for(proc.wait(), 10)
     assert proc.start_sent and not proc.started_running
-    assert not outcome.ok and outcome.exit_code == -signal.SIGTERM
+    outcome = conclude(facts)
+    assert (outcome.status, outcome.cause) == (FAILED, Cause.START_FAILED)
+    assert facts.exit_code == -signal.SIGTERM
     assert outcome.error == "job process did not report running within 0.3s of its start"
 
 

@@ -18,10 +18,12 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from lkrun.credentials import Credentials
+from lkrun.jobs.fields import JobStatus
 from lkrun.rooms import RoomJanitor, keep_reason
 from lkrun.shared import jobpipe
 from lkrun.shared.jobpipe import RoomGone
-from lkrun.supervision.job_process import JobProcess, Outcome
+from lkrun.supervision.job_process import JobProcess
+from lkrun.supervision.lifecycle import Cause, Done, conclude
 from tests.test_supervisor import make_world, settle
 
 GONE = RoomGone(room="talk", assigned_sid="RM_assigned", joined_sid="RM_joined")
@@ -103,8 +105,11 @@ async def test_the_job_process_outcome_carries_room_gone() -> None:
     proc.start_sent = True  # as start() leaves it: a running before the start is refused
     proc._on_message({"type": jobpipe.RUNNING})
     proc._on_message({"type": jobpipe.DONE, "ok": False, "error": str(GONE), **_gone()})
-    outcome = proc._outcome(1)
-    assert not outcome.ok and outcome.room_gone == GONE and outcome.error == str(GONE)
+    facts = proc._facts(1)
+    assert facts.done is not None and facts.done.room_gone == GONE
+    verdict = conclude(facts)
+    assert (verdict.status, verdict.cause) == (JobStatus.FAILED, Cause.ROOM_GONE)
+    assert verdict.error == str(GONE)
 
 
 def _gone() -> dict[str, Any]:
@@ -140,7 +145,7 @@ async def test_a_job_that_ends_with_its_room_gone_has_the_new_room_deleted() -> 
     proc.running()
     # What the job says about the room and its assigned sid is not what counts: the daemon's.
     said = RoomGone(room="elsewhere", assigned_sid="RM_other", joined_sid="RM_joined")
-    proc.exit(Outcome(ok=False, error=str(said), exit_code=1, room_gone=said))
+    proc.exit(Done(ok=False, error=str(said), room_gone=said), exit_code=1)
     await w.sup.wait_tasks()
     assert cleaner.asked == [(GONE, "a", "J1")]
 
@@ -153,8 +158,8 @@ async def test_no_deletion_without_room_gone_or_without_an_assigned_sid() -> Non
     for proc in (plain, no_sid):
         proc.ready()
     await settle()
-    plain.exit(Outcome(ok=False, error="boom", exit_code=1))
-    no_sid.exit(Outcome(ok=False, error=str(GONE), exit_code=1, room_gone=GONE))
+    plain.exit(Done(ok=False, error="boom"), exit_code=1)
+    no_sid.exit(Done(ok=False, error=str(GONE), room_gone=GONE), exit_code=1)
     await settle()
     await w.sup.wait_tasks()
     assert cleaner.asked == []

@@ -15,12 +15,23 @@ from livekit.protocol import models
 
 from lkrun.jobs.book import JobBook, JobRecord, JobStatus
 from lkrun.registration import Acceptance
-from lkrun.supervision.job_process import LaunchError, Outcome
-from lkrun.supervision.lifecycle import Event, IllegalTransition, Phase, allowed, transition
+from lkrun.supervision.job_process import LaunchError
+from lkrun.supervision.lifecycle import (
+    Asked,
+    Cause,
+    Done,
+    Event,
+    Facts,
+    IllegalTransition,
+    Phase,
+    allowed,
+    transition,
+)
 from lkrun.supervision.offers import Situation, weigh_offer, weigh_unreserved_assignment
 from lkrun.supervision.supervisor import ASSIGNMENT_WAIT, JobSupervisor
 
 _pids = itertools.count(1000)
+CLEAN_END = Done(ok=True)  # what a job says when its entrypoint returned
 
 
 class FakeProcess:
@@ -35,7 +46,9 @@ class FakeProcess:
         self.spawn_error: Exception | None = None
         self.on_running: Callable[[], None] | None = None
         self._ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._exit: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._exit: asyncio.Future[Facts] = asyncio.get_running_loop().create_future()
+        self.asked: list[Asked] = []  # as JobProcess keeps them, for the facts of its end
+        self.is_running = False
         self.started = False
         self.running_timeout = 0.0
         self.changed = asyncio.Event()
@@ -71,17 +84,22 @@ class FakeProcess:
     def drain(self) -> None:
         self.sent.append(("drain",))
 
-    async def wait(self) -> Outcome:
+    async def wait(self) -> Facts:
         return await asyncio.shield(self._exit)
 
-    async def stop(self, reason: str, timeout: float, *, failure: str = "") -> None:
+    # The default as JobProcess's: the warm pool and the request process give none.
+    async def stop(self, reason: str, timeout: float, *, cause: Cause = Cause.DRAIN) -> None:
         assert self.pid is not None, "stop() before spawn()"  # as JobProcess insists
-        self.sent.append(("stop", reason, failure))
+        self.sent.append(("stop", reason, cause))
+        if not self.exited:
+            self.asked.append(Asked(cause, reason))
 
-    async def kill(self, why: str, *, failure: bool = False) -> None:
+    async def kill(self, why: str, *, cause: Cause = Cause.DRAIN) -> None:
         assert self.pid is not None, "kill() before spawn()"
-        self.sent.append(("kill", why, failure))
-        self.exit(Outcome(ok=False, error=why, exit_code=-15))
+        self.sent.append(("kill", why, cause))
+        if not self.exited:
+            self.asked.append(Asked(cause, why, force=True))
+        self.exit(None, exit_code=-15)
 
     # -- the script
     def ready(self, ok: bool = True) -> None:
@@ -90,12 +108,15 @@ class FakeProcess:
 
     def running(self) -> None:
         self.running_at = 123.0
+        self.is_running = True
         assert self.on_running is not None
         self.on_running()
 
-    def exit(self, outcome: Outcome | None = None) -> None:
+    def exit(self, done: Done | None = CLEAN_END, exit_code: int | None = 0) -> None:
+        """It exits, having said ``done`` (None: nothing), with ``exit_code``."""
         if not self._exit.done():
-            self._exit.set_result(outcome or Outcome(ok=True, exit_code=0))
+            facts = Facts(tuple(self.asked), exit_code, self.is_running, done)
+            self._exit.set_result(facts)
             if not self._ready.done():
                 self._ready.set_result(False)
 
@@ -316,10 +337,11 @@ async def test_a_job_goes_reserved_starting_running_ended() -> None:
     proc.running()
     assert phase(w, "J1") is Phase.RUNNING and record.status is JobStatus.RUNNING
     assert record.started_at == 123.0
-    proc.exit(Outcome(ok=True, exit_code=0, reason="room closed"))
+    proc.exit(Done(ok=True, reason="room closed"))
     await settle()
     assert "J1" not in w.sup.jobs and w.sup.count == 0
     assert record.status is JobStatus.SUCCESS and record.stop_reason == "room closed"
+    assert record.cause == "clean" and record.exit_code == 0
     assert w.reporter.statuses("J1") == [proto.JS_RUNNING, proto.JS_SUCCESS]
     assert w.book.get("J1") is None
     await asyncio.wait_for(w.sup.wait_idle(), 1)
@@ -349,9 +371,11 @@ async def test_a_stop_while_the_process_is_being_launched_takes_effect_once_it_e
     w.sup.assign(assignment("J1"))
     await settle()
     if how == "kill":
-        assert w.sup.kill("J1", "killed by test", failure=True)
+        assert w.sup.kill("J1", "killed by test", cause=Cause.KILLED)
+    elif how == "terminate":
+        assert w.sup.stop("J1", "terminated by LiveKit", cause=Cause.TERMINATED)
     else:
-        assert w.sup.stop("J1", "terminated by LiveKit" if how == "terminate" else "stop")
+        assert w.sup.stop("J1", "stop", cause=Cause.DRAIN)
     assert phase(w, "J1") is Phase.STOPPING
     record = w.book.get("J1")
     assert record is not None and record.status is JobStatus.STOPPING
@@ -360,19 +384,21 @@ async def test_a_stop_while_the_process_is_being_launched_takes_effect_once_it_e
     await settle()
     assert proc.kinds()[1] == ("kill" if how == "kill" else "stop")
     proc.ready()  # it may even finish loading: the job is still never started
-    proc.exit(Outcome(ok=True, reason="stopped before it started"))
+    proc.exit(None)  # no job, no done
     await settle()
     assert not proc.started
     assert "J1" not in w.sup.jobs
     expected = proto.JS_FAILED if how == "kill" else proto.JS_SUCCESS
     assert w.reporter.statuses("J1") == [expected]
+    cause = {"kill": "killed", "terminate": "terminated", "stop": "drain"}[how]
+    assert (record.cause, record.stop_reason) == (cause, proc.sent[1][1])
 
 
 async def test_a_stop_while_loading_reaches_the_process_and_no_start_follows() -> None:
     w = make_world()
     proc = offer_and_assign(w, "J1")
     await settle()  # spawned, not ready
-    w.sup.stop("J1", "stop now")
+    w.sup.stop("J1", "stop now", cause=Cause.DRAIN)
     await settle()
     assert proc.kinds() == ["spawn", "stop"]
     proc.ready()
@@ -389,21 +415,21 @@ async def test_stop_twice_keeps_the_first_reason_and_a_later_failure_sticks() ->
     proc.ready()
     await settle()
     proc.running()
-    assert w.sup.stop("J1", "first")
-    assert w.sup.stop("J1", "job_timeout", failure="job exceeded job_timeout=1s")
+    assert w.sup.stop("J1", "first", cause=Cause.TERMINATED)
+    assert w.sup.stop("J1", "job exceeded job_timeout=1s", cause=Cause.JOB_TIMEOUT)
     await settle()
-    assert w.sup.jobs["J1"].stop is not None
-    assert w.sup.jobs["J1"].stop.reason == "first"
-    assert w.sup.jobs["J1"].stop.failure == "job exceeded job_timeout=1s"
     record = w.book.get("J1")
     assert record is not None and record.stop_reason == "first"
     assert [m for m in proc.sent if m[0] == "stop"] == [
-        ("stop", "first", ""),
-        ("stop", "job_timeout", "job exceeded job_timeout=1s"),
+        ("stop", "first", Cause.TERMINATED),
+        ("stop", "job exceeded job_timeout=1s", Cause.JOB_TIMEOUT),
     ]
-    proc.exit()
+    proc.exit()  # it said done, ok: the timeout fails it all the same
     await settle()
-    assert not w.sup.stop("J1", "after the end")  # no such job any more
+    assert (record.status, record.cause) == (JobStatus.FAILED, "terminated")
+    assert (record.stop_reason, record.error) == ("first", "job exceeded job_timeout=1s")
+    assert w.reporter.updates[-1] == ("J1", proto.JS_FAILED, "job exceeded job_timeout=1s")
+    assert not w.sup.stop("J1", "after the end", cause=Cause.DRAIN)  # no such job any more
 
 
 async def test_running_after_the_stop_was_sent_still_reports_running_first() -> None:
@@ -411,7 +437,7 @@ async def test_running_after_the_stop_was_sent_still_reports_running_first() -> 
     proc = offer_and_assign(w, "J1")
     proc.ready()
     await settle()
-    w.sup.stop("J1", "bye")
+    w.sup.stop("J1", "bye", cause=Cause.DRAIN)
     proc.running()  # the entrypoint was already on its way
     assert phase(w, "J1") is Phase.STOPPING
     record = w.book.get("J1")
@@ -462,7 +488,7 @@ async def test_an_exception_before_any_process_fails_the_job() -> None:
 async def test_a_termination_before_the_assignment_releases_the_slot() -> None:
     w = make_world(max_jobs=1)
     w.sup.offer("J1", "r")
-    assert w.sup.stop("J1", "terminated by LiveKit")
+    assert w.sup.stop("J1", "terminated by LiveKit", cause=Cause.TERMINATED)
     assert w.sup.count == 0 and not w.reporter.updates and not w.procs.made
     assert not w.sup.owns("J1")
 
@@ -571,7 +597,7 @@ async def test_job_timeout_stops_the_job_as_failed() -> None:
     proc.running()
     await asyncio.wait_for(proc.told("stop"), 2)
     [stop] = [m for m in proc.sent if m[0] == "stop"]
-    assert stop == ("stop", "job exceeded job_timeout=0.01s", "job exceeded job_timeout=0.01s")
+    assert stop == ("stop", "job exceeded job_timeout=0.01s", Cause.JOB_TIMEOUT)
     assert phase(w, "J1") is Phase.STOPPING
 
 
@@ -594,24 +620,26 @@ async def test_stop_all_waits_for_every_job_and_kill_all_reaches_unspawned_ones(
 
 
 async def test_on_end_is_told_once_of_each_final_record() -> None:
-    ended: list[tuple[str, JobStatus, bool]] = []
-    w = make_world(on_end=lambda r: ended.append((r.id, r.status, w.book.get(r.id) is None)))
+    ended: list[tuple[str, JobStatus, str, bool]] = []
+    w = make_world(
+        on_end=lambda r: ended.append((r.id, r.status, r.cause, w.book.get(r.id) is None))
+    )
     proc = offer_and_assign(w, "J1")
     proc.ready()
     await settle()
     proc.running()
-    proc.exit(Outcome(ok=False, error="boom", exit_code=1))
+    proc.exit(Done(ok=False, error="boom"), exit_code=1)
     await settle()
     w.sup.offer("J2", "r")
     w.sup.release("J2")  # never assigned: no record, nothing to tell
-    assert ended == [("J1", JobStatus.FAILED, True)]
+    assert ended == [("J1", JobStatus.FAILED, "raised", True)]
 
 
 async def test_a_job_s_record_keeps_its_agent_s_recovery_policy() -> None:
     """What `lkrun recover` applies if the daemon dies: the policy when the job began."""
     ended: list[JobRecord] = []
     w = make_world(on_end=ended.append, on_failure="redispatch", max_redispatches=3)
-    offer_and_assign(w, "J1").exit(Outcome(ok=False, error="boom", exit_code=1))
+    offer_and_assign(w, "J1").exit(Done(ok=False, error="boom"), exit_code=1)
     await settle()
     assert [(r.on_failure, r.max_redispatches) for r in ended] == [("redispatch", 3)]
 

@@ -15,20 +15,10 @@ from typing import Any, Protocol
 
 from lkrun.manifest import find_program
 from lkrun.shared import jobpipe, pdeathsig
+from lkrun.supervision.lifecycle import Asked, Cause, Done, Facts
 
 TERM_GRACE = 2.0  # after SIGTERM to the group, before SIGKILL
 LOG_CHUNK = 65536
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a job process ended."""
-
-    ok: bool
-    error: str = ""
-    exit_code: int | None = None  # negative: killed by that signal
-    reason: str = ""  # why the job stopped, as the runner saw it
-    room_gone: jobpipe.RoomGone | None = None  # its room was deleted; the join made a new one
 
 
 class LaunchError(OSError):
@@ -163,18 +153,16 @@ class JobProcess:
         self.start_sent = False
         self.started_running = False
         self._proc: Launched | None = None
-        self._waiter: asyncio.Task[Outcome] | None = None
+        self._waiter: asyncio.Task[Facts] | None = None
         self._done: dict[str, Any] | None = None
-        self._kill_reason = ""
-        self._failure = (
-            ""  # a failure the daemon decided on (timeout, memory), whatever the job says
-        )
+        # What was asked of it to end it, in order (lifecycle.conclude judges them).
+        self._asked: list[Asked] = []
+        self._killing = False  # a kill is under way
         self._last_log_line = ""
         self._exited = asyncio.Event()
         # Killing a process the daemon will not talk to; _supervise awaits it.
         self._refusal: asyncio.Task[None] | None = None
         self._running_timer: asyncio.TimerHandle | None = None  # start -> running
-        self.stop_reason = ""
 
     async def spawn(self) -> None:
         """Start the process; OSError (LaunchError with the job's error) if it cannot be."""
@@ -190,7 +178,12 @@ class JobProcess:
 
     @property
     def being_killed(self) -> bool:
-        return bool(self._kill_reason)
+        return self._killing
+
+    @property
+    def asked(self) -> tuple[Asked, ...]:
+        """What was asked of it to end it so far."""
+        return tuple(self._asked)
 
     @property
     def done_message(self) -> dict[str, Any] | None:
@@ -230,7 +223,7 @@ class JobProcess:
             )
 
     def _not_running(self, timeout: float) -> None:
-        if not (self.started_running or self.exited or self.stop_reason):  # a stop has its own
+        if not (self.started_running or self.exited or self._asked):  # a stop has its own
             self._refuse(f"job process did not report running within {timeout:g}s of its start")
 
     def drain(self) -> None:
@@ -243,12 +236,13 @@ class JobProcess:
         self._send(kind, **fields)
         return True
 
-    async def wait(self) -> Outcome:
-        """Wait for the process to exit and its pipes to drain; never raises for job faults."""
+    async def wait(self) -> Facts:
+        """Wait for the process to exit and its pipes to drain; never raises for job faults.
+        What it says of the job's end, lifecycle.conclude judges."""
         assert self._waiter is not None
         return await asyncio.shield(self._waiter)
 
-    async def _supervise(self, *readers: Any) -> Outcome:
+    async def _supervise(self, *readers: Any) -> Facts:
         assert self._proc is not None
         tasks = [asyncio.create_task(r) for r in readers]
         try:
@@ -269,7 +263,7 @@ class JobProcess:
                 self._running_timer.cancel()
             if self._refusal is not None:  # it ends now that _exited is set; its errors surface
                 await self._refusal
-        return self._outcome(returncode)
+        return self._facts(returncode)
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until the runner has loaded the entrypoint; False if it exited or timed out."""
@@ -285,38 +279,41 @@ class JobProcess:
         if self.ready.is_set():
             return True
         if not self.exited:
-            await self.kill(f"job process did not load its entrypoint within {timeout:g}s")
+            why = f"job process did not load its entrypoint within {timeout:g}s"
+            await self.kill(why, cause=Cause.START_FAILED)
         return False
 
-    async def stop(self, reason: str, timeout: float, *, failure: str = "") -> None:
+    async def stop(self, reason: str, timeout: float, *, cause: Cause = Cause.DRAIN) -> None:
         """Ask the job to end; after ``timeout`` seconds end its process group by force.
 
-        With ``failure``, the job counts as failed with that error however it ends. Only
-        for a spawned process: a stop before that is the supervisor's to keep.
+        ``cause`` says why, for the job's verdict (a process with no job leaves the
+        default: the daemon retiring it). Only for a spawned process: a stop before that
+        is the supervisor's to keep.
         """
         assert self._proc is not None, "stop() before spawn()"
         if self.exited:
             return
-        self._failure = self._failure or failure
-        self.stop_reason = self.stop_reason or reason
+        self._asked.append(Asked(cause, reason))
         self._send(jobpipe.SHUTDOWN, reason=reason)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
             return
-        await self.kill(f"did not stop within {timeout:g}s of a shutdown request ({reason})")
+        why = f"did not stop within {timeout:g}s of a shutdown request ({reason})"
+        await self.kill(why, cause=cause)
 
-    async def kill(self, why: str, *, failure: bool = False) -> None:
-        """SIGTERM the group, then SIGKILL it if anything is left."""
+    async def kill(self, why: str, *, cause: Cause = Cause.DRAIN) -> None:
+        """SIGTERM the group, then SIGKILL it if anything is left (``cause`` as for stop)."""
         assert self._proc is not None, "kill() before spawn()"
         if self.exited:
             return
-        if failure:
-            self._failure = self._failure or why
-        self._kill_reason = self._kill_reason or why
-        await self._kill_now()
+        self._asked.append(Asked(cause, why, force=True))
+        await self._kill_now(why)
 
-    async def _kill_now(self) -> None:
-        self.log.warning("killing job process %s: %s", self.pid, self._kill_reason)
+    async def _kill_now(self, why: str) -> None:
+        if self.exited:  # its pid may be another process's by now
+            return
+        self._killing = True
+        self.log.warning("killing job process %s: %s", self.pid, why)
         self._signal_group(signal.SIGTERM)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), TERM_GRACE)
@@ -337,42 +334,14 @@ class JobProcess:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._proc.stdin.write(line)
 
-    def _outcome(self, returncode: int | None) -> Outcome:
-        done = self._done
-        gone = jobpipe.RoomGone.parse(done.get("room_gone")) if done is not None else None
-        if self._failure:
-            return Outcome(ok=False, error=self._failure, exit_code=returncode, room_gone=gone)
-        if done is not None and (done.get("ok") or done.get("error")):
-            return Outcome(
-                ok=done.get("ok") is True,
-                error=jobpipe.cap(str(done.get("error", ""))),
-                exit_code=returncode,
-                reason=jobpipe.cap(str(done.get("reason", ""))),
-                room_gone=gone,
-            )
-        if self._kill_reason:
-            return Outcome(ok=False, error=self._kill_reason, exit_code=returncode)
-        if self.stop_reason and not self.started_running:  # asked to stop before its job
-            reason = f"stopped before it started ({self.stop_reason})"
-            return Outcome(ok=True, exit_code=returncode, reason=reason)
-        return Outcome(ok=False, error=self._exit_text(returncode), exit_code=returncode)
-
-    def _exit_text(self, returncode: int | None) -> str:
-        if returncode is None:
-            text = "job process ended without reporting a result (its fork server exited)"
-        elif returncode < 0:
-            try:
-                name = signal.Signals(-returncode).name
-            except ValueError:
-                name = f"signal {-returncode}"
-            text = f"job process killed by {name}"
-        elif returncode == 0:
-            text = "job process exited without reporting a result"
-        else:
-            text = f"job process exited with code {returncode}"
-        if self._last_log_line:
-            text += f" (last log line: {self._last_log_line[:200]})"
-        return text
+    def _facts(self, returncode: int | None) -> Facts:
+        return Facts(
+            asked=tuple(self._asked),
+            exit_code=returncode,
+            running=self.started_running,
+            done=Done.parse(self._done) if self._done is not None else None,
+            last_log_line=self._last_log_line,
+        )
 
     async def _read_protocol(self, stream: asyncio.StreamReader) -> None:
         def warn(why: str) -> None:
@@ -413,11 +382,10 @@ class JobProcess:
 
     def _refuse(self, why: str) -> None:
         """End a process the daemon cannot talk to; its job fails with ``why``."""
-        self._failure = self._failure or why
         if self._refusal is None and not self.exited:
-            self._refusal = asyncio.create_task(
-                self.kill(why, failure=True), name=f"kill {self.pid}"
-            )
+            # Asked now, not when the task runs: the process may exit before that.
+            self._asked.append(Asked(Cause.START_FAILED, why, force=True))
+            self._refusal = asyncio.create_task(self._kill_now(why), name=f"kill {self.pid}")
 
     async def _read_log(self, stream: asyncio.StreamReader) -> None:
         pending = b""

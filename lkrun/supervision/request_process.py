@@ -26,6 +26,7 @@ from lkrun.logs import agent_logger
 from lkrun.shared import jobpipe
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.supervision.job_process import JobProcess, LaunchError
+from lkrun.supervision.lifecycle import conclude
 
 log = logging.getLogger("lkrun.requests")
 
@@ -118,8 +119,8 @@ class RequestProcess:
             self._retiring.spawn(proc.kill("the agent stopped while it was starting"))
             raise
         if not ready:
-            outcome = await proc.wait()
-            self._failed(f"the request process did not start: {outcome.error}")
+            error = conclude(await proc.wait()).error
+            self._failed(f"the request process did not start: {error}")
             return None
         return proc
 
@@ -135,8 +136,8 @@ class RequestProcess:
                 exited.cancel()
         if self._restart.is_set():
             return True
-        outcome = exited.result()
-        self._failed(f"the request process exited: {outcome.error or 'no reason given'}")
+        error = conclude(exited.result()).error
+        self._failed(f"the request process exited: {error or 'no reason given'}")
         if self._serving is proc:
             self._serve_with(None)
         self._refuse(proc, "the request process exited")

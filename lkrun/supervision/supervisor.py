@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from livekit.protocol import agent as proto
@@ -25,8 +25,18 @@ from lkrun.registration import Acceptance, Decline
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
-from lkrun.supervision.job_process import LaunchError, Outcome
-from lkrun.supervision.lifecycle import Event, Phase, transition
+from lkrun.supervision.job_process import LaunchError
+from lkrun.supervision.lifecycle import (
+    Asked,
+    Cause,
+    Event,
+    Facts,
+    Phase,
+    Verdict,
+    conclude,
+    status_of,
+    transition,
+)
 from lkrun.supervision.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment
 
 job_log = logging.getLogger("lkrun.job")
@@ -59,9 +69,9 @@ class ProcessHandle(Protocol):
     async def wait_ready(self, timeout: float) -> bool: ...
     def start(self, *, running_timeout: float = 0.0, **payload: Any) -> None: ...
     def drain(self) -> None: ...
-    async def wait(self) -> Outcome: ...
-    async def stop(self, reason: str, timeout: float, *, failure: str = "") -> None: ...
-    async def kill(self, why: str, *, failure: bool = False) -> None: ...
+    async def wait(self) -> Facts: ...
+    async def stop(self, reason: str, timeout: float, *, cause: Cause) -> None: ...
+    async def kill(self, why: str, *, cause: Cause) -> None: ...
 
 
 class ProcessSource(Protocol):
@@ -113,13 +123,6 @@ StartMessage = Callable[[JobRecord, Acceptance | None, proto.JobAssignment], dic
 
 
 @dataclass
-class StopRequest:
-    reason: str
-    failure: str = ""  # the job counts as failed with this error, however it ends
-    kill: str = ""  # end it by force at once, with this reason
-
-
-@dataclass
 class Job:
     """One job in the supervisor's hands, whatever its phase."""
 
@@ -132,7 +135,10 @@ class Job:
     room_sid: str = ""  # the assigned room's, from the assignment on
     process: ProcessHandle | None = None
     spawned: bool = False  # the process exists: stops and kills go to it directly
-    stop: StopRequest | None = None
+    # What was asked of it to end it, in order. Each goes to its process, which acts on it
+    # and reports it among the facts of its end; kept here for the asks made before the
+    # process exists (and those of a job that never gets one).
+    asked: list[Asked] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None  # job_timeout
 
 
@@ -281,17 +287,18 @@ class JobSupervisor:
         except Exception as exc:  # e.g. the job's log file cannot be opened
             self.log.exception("job %s could not be given a process", info.id)
             self._abandon_process(job, f"its job {info.id} could not start")
-            self._end(job, Outcome(ok=False, error=f"cannot start job: {describe(exc)}"))
+            self._end(job, self._start_failed(job, f"cannot start job: {describe(exc)}"))
             return
         self._tasks.spawn(self._run(job, start), name=f"job {info.id}")
 
-    def stop(self, job_id: str, reason: str, *, failure: str = "") -> bool:
-        """Ask a job to end, whatever its phase; False if there is no such job."""
-        return self._request_stop(job_id, StopRequest(reason, failure=failure))
+    def stop(self, job_id: str, reason: str, *, cause: Cause) -> bool:
+        """Ask a job to end, whatever its phase; False if there is no such job. ``cause``
+        and ``reason`` say why, for its verdict (lifecycle.conclude)."""
+        return self._request_stop(job_id, Asked(cause, reason))
 
-    def kill(self, job_id: str, why: str, *, failure: bool = False) -> bool:
+    def kill(self, job_id: str, why: str, *, cause: Cause) -> bool:
         """End a job's processes by force, whatever its phase; False if there is no such job."""
-        return self._request_stop(job_id, StopRequest(why, why if failure else "", kill=why))
+        return self._request_stop(job_id, Asked(cause, why, force=True))
 
     def drain(self) -> None:
         """Take no new jobs and tell running ones, so they can wrap up."""
@@ -304,53 +311,55 @@ class JobSupervisor:
     async def stop_all(self, reason: str) -> None:
         """Ask every job to end, kill what will not, and wait until every one has ended."""
         for job_id in list(self.jobs):
-            self.stop(job_id, reason)
+            self.stop(job_id, reason, cause=Cause.DRAIN)
         await self.wait_tasks()
 
     def kill_all(self, why: str) -> None:
         for job_id in list(self.jobs):
-            self.kill(job_id, why)
+            self.kill(job_id, why, cause=Cause.DRAIN)
 
     async def wait_tasks(self) -> None:
         await self._tasks.join()
 
     # -- inside ----------------------------------------------------------------------------
 
-    def _enter(self, job: Job, event: Event) -> None:
-        """The one place a job changes phase."""
+    def _enter(self, job: Job, event: Event, verdict: Verdict | None = None) -> None:
+        """The one place a job changes phase (and its record's status with it; an ended
+        job's status is its ``verdict``'s)."""
         job.phase = transition(job.phase, event)
+        if job.record is not None:
+            job.record.status = status_of(job.phase, verdict)
         if job.phase is Phase.ENDED:
             del self.jobs[job.id]
             if not self.jobs:
                 self._idle.set()
             self.reporter.load_changed()
 
-    def _request_stop(self, job_id: str, request: StopRequest) -> bool:
+    def _request_stop(self, job_id: str, asked: Asked) -> bool:
         job = self.jobs.get(job_id)
         if job is None:
             return False
         if job.phase is Phase.RESERVED:  # terminated before it was assigned: nothing runs
             self._enter(job, Event.STOP)
             return True
-        first = job.stop
-        job.stop = _merge(first, request)
+        job.asked.append(asked)
         self._enter(job, Event.STOP)
         assert job.record is not None
-        job.record.status = JobStatus.STOPPING
-        job.record.stop_reason = job.record.stop_reason or job.stop.reason
+        # Shown while it stops; its verdict's reason (the first ask's) once it has ended.
+        job.record.stop_reason = job.record.stop_reason or asked.reason
         self.book.update(job.record)
         if job.spawned:
-            self._stop_process(job, request)
+            self._stop_process(job, asked)
         # Else the launch is under way: _run finds the job STOPPING once the process exists.
         return True
 
-    def _stop_process(self, job: Job, request: StopRequest) -> None:
+    def _stop_process(self, job: Job, asked: Asked) -> None:
         proc = job.process
         assert proc is not None
-        if request.kill:
-            coro = proc.kill(request.kill, failure=bool(request.failure))
+        if asked.force:
+            coro = proc.kill(asked.reason, cause=asked.cause)
         else:
-            coro = proc.stop(request.reason, self.shutdown_timeout(), failure=request.failure)
+            coro = proc.stop(asked.reason, self.shutdown_timeout(), cause=asked.cause)
         self._tasks.spawn(coro, name=f"stop job {job.id}")
 
     def _claim_process(self, job: Job) -> None:
@@ -370,7 +379,8 @@ class JobSupervisor:
         if proc is None:
             return
         if job.spawned and not proc.exited:
-            self._tasks.spawn(proc.kill(why), name=f"kill unused process {proc.pid}")
+            coro = proc.kill(why, cause=Cause.START_FAILED)
+            self._tasks.spawn(coro, name=f"kill unused process {proc.pid}")
         self.processes.replenish()
 
     async def _run(self, job: Job, start: dict[str, Any]) -> None:
@@ -380,8 +390,8 @@ class JobSupervisor:
             if not job.spawned:
                 await proc.spawn()
                 job.spawned = True
-                if job.stop is not None:  # asked for while the process was being launched
-                    self._stop_process(job, job.stop)
+                for asked in job.asked:  # asked for while the process was being launched
+                    self._stop_process(job, asked)
             record.pid = proc.pid
             self.book.update(record)
             self.log.info(
@@ -400,17 +410,23 @@ class JobSupervisor:
                 proc.start(running_timeout=self.rules.prewarm_timeout, **start)
                 job.timer = self._arm_timeout(job)
             self.processes.replenish()
-            outcome = await proc.wait()
+            facts = await proc.wait()
         except LaunchError as exc:
-            outcome = Outcome(ok=False, error=str(exc))
+            facts = self._start_failed(job, str(exc))
         except OSError as exc:
-            outcome = Outcome(ok=False, error=f"cannot start job process: {exc}")
+            facts = self._start_failed(job, f"cannot start job process: {exc}")
         except Exception as exc:  # a bug or a bad value must fail the job, not hold its slot
             self.log.exception("job %s could not be started", record.id)
-            outcome = Outcome(ok=False, error=f"cannot start job process: {describe(exc)}")
+            error = f"cannot start job process: {describe(exc)}"
             if job.spawned:
-                await proc.kill(outcome.error)
-        self._end(job, outcome)
+                await proc.kill(error, cause=Cause.START_FAILED)
+            facts = self._start_failed(job, error)
+        self._end(job, facts)
+
+    def _start_failed(self, job: Job, error: str) -> Facts:
+        """The facts of a job whose process could not be had, or started: what was asked
+        of it, then lkrun giving up on it."""
+        return Facts(asked=(*job.asked, Asked(Cause.START_FAILED, error, force=True)))
 
     def _arm_timeout(self, job: Job) -> asyncio.TimerHandle | None:
         limit = self.rules.job_timeout
@@ -418,7 +434,7 @@ class JobSupervisor:
             return None
         why = f"job exceeded job_timeout={format_duration(limit)}"
         return asyncio.get_running_loop().call_later(
-            limit, lambda: self.stop(job.id, why, failure=why)
+            limit, lambda: self.stop(job.id, why, cause=Cause.JOB_TIMEOUT)
         )
 
     def _on_running(self, job: Job) -> None:
@@ -427,8 +443,6 @@ class JobSupervisor:
         self._enter(job, Event.RUNNING)
         record, proc = job.record, job.process
         assert record is not None and proc is not None
-        if job.phase is Phase.RUNNING:
-            record.status = JobStatus.RUNNING
         record.started_at = proc.running_at or self.clock()
         self.book.update(record)
         self.reporter.update_job(record.id, proto.JS_RUNNING)
@@ -438,25 +452,26 @@ class JobSupervisor:
                 wait = max(0.0, record.started_at - record.offered_at)
                 self.metrics.offer_to_entrypoint(record.agent, record.warm, wait)
 
-    def _end(self, job: Job, outcome: Outcome) -> None:
+    def _end(self, job: Job, facts: Facts) -> None:
         record = job.record
         assert record is not None
         if job.timer is not None:
             job.timer.cancel()
-        self._enter(job, Event.EXITED)
-        record.exit_code = outcome.exit_code
-        if outcome.reason and not record.stop_reason:
-            record.stop_reason = outcome.reason
-        if outcome.ok:
-            self.book.finish(record, JobStatus.SUCCESS)
+        verdict = conclude(facts)
+        self._enter(job, Event.EXITED, verdict)
+        record.exit_code = facts.exit_code
+        record.cause = verdict.cause.value
+        record.stop_reason = verdict.reason
+        self.book.finish(record, verdict.status, verdict.error)
+        if verdict.status is JobStatus.SUCCESS:
             self.reporter.update_job(record.id, proto.JS_SUCCESS)
             self.log.info("job %s succeeded (%s)", record.id, record.stop_reason or "done")
         else:
-            self.book.finish(record, JobStatus.FAILED, outcome.error)
-            self.reporter.update_job(record.id, proto.JS_FAILED, outcome.error)
-            self.log.warning("job %s failed: %s", record.id, outcome.error)
-            if outcome.room_gone is not None:
-                self._remove_room(job, outcome.room_gone)
+            self.reporter.update_job(record.id, proto.JS_FAILED, verdict.error)
+            self.log.warning("job %s failed (%s): %s", record.id, verdict.cause, verdict.error)
+        gone = facts.done.room_gone if facts.done is not None else None
+        if gone is not None:
+            self._remove_room(job, gone)
         if self.metrics is not None:
             self.metrics.job_ended(record.agent, record.status.value)
         if self.job_logs is not None:
@@ -480,13 +495,3 @@ class JobSupervisor:
         ours = RoomGone(record.room, job.room_sid, gone.joined_sid)
         coro = self.rooms.remove_recreated(ours, agent=record.agent, job_id=record.id)
         self._tasks.spawn(coro, name=f"delete room {record.room!r}")
-
-
-def _merge(first: StopRequest | None, then: StopRequest) -> StopRequest:
-    """A later request adds to an earlier one: the first reason stays, a failure or a kill
-    sticks."""
-    if first is None:
-        return then
-    return StopRequest(
-        reason=first.reason, failure=first.failure or then.failure, kill=first.kill or then.kill
-    )

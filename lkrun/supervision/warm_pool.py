@@ -11,6 +11,7 @@ from lkrun.logs import agent_logger
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.job_process import JobProcess
+from lkrun.supervision.lifecycle import conclude
 
 log = logging.getLogger("lkrun.pool")
 
@@ -159,8 +160,7 @@ class WarmPool:
             self._watchers[proc] = asyncio.create_task(self._watch(proc))
             self._settle()
             return
-        outcome = await proc.wait()
-        error = outcome.error
+        error = conclude(await proc.wait()).error
         if "did not load its entrypoint" in error:
             error = f"prewarm took longer than prewarm_timeout={self.timeout:g}s"
         self._failed(error)
@@ -206,11 +206,11 @@ class WarmPool:
 
     async def _watch(self, proc: JobProcess) -> None:
         """An idle process that dies (OOM, crash) leaves the pool and is replaced."""
-        outcome = await proc.wait()
+        error = conclude(await proc.wait()).error
         if proc in self._ready:
             self._ready.remove(proc)
             self._watchers.pop(proc, None)
-            self._failed(f"an idle process exited: {outcome.error or 'no error given'}")
+            self._failed(f"an idle process exited: {error or 'no error given'}")
             self._changed.set()
 
     def _discard(self, proc: JobProcess, why: str) -> None:
