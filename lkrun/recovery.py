@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 from livekit import api
 from livekit.protocol import agent as agent_proto
 from livekit.protocol import models
@@ -323,25 +324,35 @@ class Recoverer:
             attributes=failed.dispatch_attributes(),
         )
         # All at once: the caller waits for the new agent, and the ghosts are only in the way.
+        # A failed dispatch cancels the removals (the client is closed after this).
         listed_ids = {p.identity for p in people}
         dead = sorted(i for i in {failed.identity, *ghosts} if i and i in listed_ids)
-        created, *_ = await asyncio.gather(
-            lkapi.agent_dispatch.create_dispatch(request),
-            *(self._remove_ghost(lkapi, failed.room, identity) for identity in dead),
-        )
+        async with asyncio.TaskGroup() as group:
+            created = group.create_task(lkapi.agent_dispatch.create_dispatch(request))
+            for identity in dead:
+                group.create_task(self._remove_ghost(lkapi, failed, identity))
+        dispatch_id = created.result().id
         return RecoveryDecision(
-            True, f"redispatched as attempt {failed.attempt + 1} (dispatch {created.id})"
+            True, f"redispatched as attempt {failed.attempt + 1} (dispatch {dispatch_id})"
         )
 
-    async def _remove_ghost(self, lkapi: api.LiveKitAPI, room: str, identity: str) -> None:
+    async def _remove_ghost(self, lkapi: api.LiveKitAPI, failed: FailedJob, identity: str) -> None:
         """A dead job's agent participant: a killed process never left, and the server keeps
-        it until its connection times out."""
-        request = api.RoomParticipantIdentity(room=room, identity=identity)
+        it until its connection times out. Only in the way: a failure is logged, no more."""
+        request = api.RoomParticipantIdentity(room=failed.room, identity=identity)
         try:
             await lkapi.room.remove_participant(request)
+            return
         except api.TwirpError as exc:
-            if not not_found(exc):  # gone meanwhile: as good
-                raise
+            if not_found(exc):  # gone meanwhile: as good
+                return
+            said = _fault(exc, self.timeout)
+        except (aiohttp.ClientError, OSError) as exc:
+            said = _fault(exc, self.timeout)
+        extra = {"agent": failed.agent, "job_id": failed.job_id, "fields": failed.fields()}
+        log.warning(
+            "could not remove %r from room %r: %s", identity, failed.room, said, extra=extra
+        )
 
     def decided(self, failed: FailedJob, decision: RecoveryDecision) -> None:
         """Log, count and note a decision about a failed job (also one made elsewhere: restart

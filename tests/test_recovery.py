@@ -408,6 +408,8 @@ class FakeLiveKit:
         self.removed.append(request.identity)
         if request.identity == "gone-meanwhile":
             raise api.TwirpError(api.TwirpErrorCode.NOT_FOUND, "participant not found", status=404)
+        if request.identity == "protected":
+            raise api.TwirpError(api.TwirpErrorCode.PERMISSION_DENIED, "no", status=403)
         return api.RemoveParticipantResponse()
 
     async def create_dispatch(self, request: api.CreateAgentDispatchRequest) -> Any:
@@ -488,6 +490,18 @@ async def test_ghosts_gone_meanwhile_or_not_listed_are_no_error(rig: Rig) -> Non
     assert (await rig.recoverer.recover(job, ghosts=["not-listed"])).redispatch
     assert rig.livekit.removed == ["gone-meanwhile"]  # the unlisted one is not asked for
     assert len(rig.livekit.dispatched) == 1
+
+
+async def test_a_ghost_livekit_will_not_remove_does_not_undo_the_redispatch(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.livekit.participants = [person("alice"), agent("protected")]
+    decision = await rig.recoverer.recover(failed(identity="protected"))
+    assert decision.redispatch and len(rig.livekit.dispatched) == 1
+    said = [r.getMessage() for r in lines(caplog) if r.levelno == logging.WARNING]
+    assert said[0] == (
+        "could not remove 'protected' from room 'call': LiveKit refused: no (permission_denied)"
+    )
 
 
 @pytest.mark.parametrize(
