@@ -296,14 +296,20 @@ class Recoverer:
         raises for LiveKit's faults. Bounded by ``timeout`` as a whole. The policy is the
         caller's business (decide)."""
         try:
-            async with asyncio.timeout(self.timeout), self._api() as lkapi:
-                decision = await self._redispatch(lkapi, failed, absent_agent, set(ghosts))
+            redispatch = self._redispatch(failed, absent_agent, set(ghosts))
+            decision = await asyncio.wait_for(redispatch, self.timeout)
         except API_ERRORS as exc:
             decision = RecoveryDecision(False, _fault(exc, self.timeout), "error")
         self.decided(failed, decision)
         return decision
 
     async def _redispatch(
+        self, failed: FailedJob, absent_agent: bool, ghosts: set[str]
+    ) -> RecoveryDecision:
+        async with self._api() as lkapi:
+            return await self._in_room(lkapi, failed, absent_agent, ghosts)
+
+    async def _in_room(
         self, lkapi: api.LiveKitAPI, failed: FailedJob, absent_agent: bool, ghosts: set[str]
     ) -> RecoveryDecision:
         try:
@@ -324,16 +330,21 @@ class Recoverer:
             attributes=failed.dispatch_attributes(),
         )
         # All at once: the caller waits for the new agent, and the ghosts are only in the way.
-        # A failed dispatch cancels the removals (the client is closed after this).
+        # The removals end (or, when the dispatch fails, are cancelled) before the client
+        # closes; they raise nothing of LiveKit's.
         listed_ids = {p.identity for p in people}
         dead = sorted(i for i in {failed.identity, *ghosts} if i and i in listed_ids)
-        async with asyncio.TaskGroup() as group:
-            created = group.create_task(lkapi.agent_dispatch.create_dispatch(request))
-            for identity in dead:
-                group.create_task(self._remove_ghost(lkapi, failed, identity))
-        dispatch_id = created.result().id
+        removals = [asyncio.ensure_future(self._remove_ghost(lkapi, failed, i)) for i in dead]
+        try:
+            created = await lkapi.agent_dispatch.create_dispatch(request)
+        except BaseException:
+            for removal in removals:
+                removal.cancel()
+            await asyncio.gather(*removals, return_exceptions=True)
+            raise
+        await asyncio.gather(*removals)
         return RecoveryDecision(
-            True, f"redispatched as attempt {failed.attempt + 1} (dispatch {dispatch_id})"
+            True, f"redispatched as attempt {failed.attempt + 1} (dispatch {created.id})"
         )
 
     async def _remove_ghost(self, lkapi: api.LiveKitAPI, failed: FailedJob, identity: str) -> None:

@@ -33,7 +33,7 @@ API_ERRORS = (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError, OSError
 
 def livekit_api(credentials: Credentials) -> api.LiveKitAPI:
     """A client of LiveKit's server API (RoomService, AgentDispatchService) for the daemon's
-    own calls; callers bound them with asyncio.timeout."""
+    own calls; callers bound them with asyncio.wait_for."""
     return api.LiveKitAPI(
         url=credentials.http_url,
         api_key=credentials.api_key,
@@ -80,10 +80,8 @@ class RoomJanitor:
         extra = {"agent": agent, "job_id": job_id, "fields": data}
         try:
             # Three calls at most, bounded together: a daemon's shutdown waits for this.
-            async with asyncio.timeout(API_TIMEOUT), self._api() as lkapi:
-                why_not = await self._check(lkapi, gone)
-                if not why_not:
-                    await lkapi.room.delete_room(api.DeleteRoomRequest(room=gone.room))
+            # (wait_for, not asyncio.timeout: lkrun runs on Python 3.10.)
+            why_not = await asyncio.wait_for(self._clean(gone), API_TIMEOUT)
         except API_ERRORS as exc:
             data.update(deleted=False, error=describe(exc))
             log.warning("could not delete room %r, made anew by a join", gone.room, extra=extra)
@@ -102,6 +100,14 @@ class RoomJanitor:
             extra=extra,
         )
         return True
+
+    async def _clean(self, gone: RoomGone) -> str:
+        """Delete the room if keep_reason allows; why it was kept ("" if deleted)."""
+        async with self._api() as lkapi:
+            why_not = await self._check(lkapi, gone)
+            if not why_not:
+                await lkapi.room.delete_room(api.DeleteRoomRequest(room=gone.room))
+        return why_not
 
     async def _check(self, lkapi: api.LiveKitAPI, gone: RoomGone) -> str:
         listed = await lkapi.room.list_rooms(api.ListRoomsRequest(names=[gone.room]))
