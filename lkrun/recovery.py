@@ -37,6 +37,7 @@ from lkrun.jobs.book import JobRecord
 from lkrun.rooms import API_ERRORS, API_TIMEOUT, livekit_api, not_found
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
+from lkrun.supervision.lifecycle import Cause
 
 log = logging.getLogger("lkrun.recovery")
 
@@ -45,13 +46,23 @@ REDISPATCH = "redispatch"
 ON_FAILURE = (NONE, REDISPATCH)
 DEFAULT_MAX_REDISPATCHES = 2
 
-# The causes (lkrun.supervision.lifecycle.Cause values) worth a redispatch: the job died
-# under the call without anyone asking. A crash (signal: segfault, OOM killer, kill -9),
-# lkrun's memory_limit kill, an entrypoint that raised, a process that exited without its
-# result, a job that never got running, a job whose daemon died. Never: a clean end, an
-# operator's kill, a drain, LiveKit's termination, a room gone or left empty, and
-# job_timeout (the operator's limit on the call: a redispatch would extend it).
-REDISPATCH_CAUSES = frozenset({"signal", "memory_limit", "raised", "exit", "start_failed", "lost"})
+# The causes worth a redispatch: the job died under the call without anyone asking. A crash
+# (signal: segfault, OOM killer, kill -9), lkrun's memory_limit kill, an entrypoint that
+# raised, a process that exited without its result, a job that never got running, a job
+# whose daemon died. Never: a clean end, an operator's kill, a drain, LiveKit's
+# termination, a room gone or left empty, and job_timeout (the operator's limit on the
+# call: a redispatch would extend it). Their values, as the history keeps them.
+REDISPATCH_CAUSES = frozenset(
+    cause.value
+    for cause in (
+        Cause.SIGNAL,
+        Cause.MEMORY_LIMIT,
+        Cause.RAISED,
+        Cause.EXIT,
+        Cause.START_FAILED,
+        Cause.LOST,
+    )
+)
 
 # The dispatch attributes of a redispatch (livekit-server copies them into Job.attributes);
 # the replacement's agent participant carries the first two as well.
@@ -131,7 +142,7 @@ class FailedJob:
     job_type: str  # room | publisher | participant
     participant: str  # the participant a publisher/participant job is about
     identity: str  # its own agent participant: a ghost in the room after a kill
-    cause: str  # lkrun.supervision.lifecycle.Cause value
+    cause: str  # a lkrun.supervision.lifecycle.Cause value
     attempt: int = 0  # 0: the call's first job
 
     @classmethod

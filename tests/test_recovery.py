@@ -37,6 +37,7 @@ from lkrun.recovery import (
     room_decision,
     wrong_participant,
 )
+from lkrun.supervision.lifecycle import Cause
 
 AGENT = models.ParticipantInfo.Kind.AGENT
 STANDARD = models.ParticipantInfo.Kind.STANDARD
@@ -70,11 +71,7 @@ def test_the_causes_worth_a_redispatch_are_the_documented_ones() -> None:
 
 
 def test_the_causes_are_the_lifecycles() -> None:
-    lifecycle = pytest.importorskip("lkrun.supervision.lifecycle")
-    cause = getattr(lifecycle, "Cause", None)
-    if cause is None:
-        pytest.skip("lifecycle.Cause is not there yet")
-    assert {c.value for c in cause} == set(CAUSES)
+    assert {c.value for c in Cause} == set(CAUSES)
 
 
 @pytest.mark.parametrize("cause", sorted(CAUSES))
