@@ -78,7 +78,7 @@ clean:
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak
 
-# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about 35
+# Not in CI: lkrun vs the official LiveKit Agents worker on one livekit-server (about 38
 # minutes at the defaults on 2 cores). Shrink it with e.g.
 # BENCH_ARGS="--dispatches 10 --concurrency 1,5". Everything goes to results/bench-<time>/
 # (ignored by git); results.md and results.json are also copied to benchmarks/bench-<time>/,
