@@ -16,7 +16,15 @@ from livekit import api
 
 from lkrun import devcluster, devserver
 from lkrun.api import control
-from tests.conftest import DaemonProc, Server, _kill_job_processes, livekit_api, unique, wait_for
+from tests.conftest import (
+    DaemonProc,
+    Server,
+    _kill_job_processes,
+    livekit_api,
+    observer,
+    unique,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -189,6 +197,61 @@ async def test_a_killed_daemon_s_calls_go_to_the_other_and_show_lost(cluster: Cl
     await victim.wait_registered()
     history = {j["room"]: j for j in await victim.jobs() if j["room"] in lost}
     assert {r: j["status"] for r, j in history.items()} == {r: "lost" for r in lost}
+
+
+async def test_a_restarted_daemon_s_calls_get_their_agents_back_from_either_daemon(
+    cluster: Cluster,
+) -> None:
+    """Issue 19: the calls a SIGKILLed daemon held, with their callers still in the rooms,
+    get an agent again once it restarts on its state directory (whichever daemon LiveKit
+    picks for the redispatch); a room whose caller left gets nothing."""
+    calls = [unique("kept") for _ in range(6)]
+    async with contextlib.AsyncExitStack() as stack:
+        callers = {}
+        for index, room in enumerate(calls):
+            server = cluster.servers[index % 2]
+            callers[room] = await stack.enter_async_context(observer(server, room))
+            await cluster.dispatch(index % 2, room)
+        held = await served_by(cluster, calls, 60)
+        victim = cluster.daemons[0]
+        on_victim = [room for room, d in held.items() if d == "d1"]
+        assert len(on_victim) >= 2, held
+        lost = {
+            room: job
+            for job in await victim.jobs(include_ended=False)
+            if (room := job["room"]) in on_victim
+        }
+        victim.signal(signal.SIGKILL)
+        await victim.wait_exit(10)
+        left, *kept = on_victim
+        await callers[left].disconnect()
+        # It restarts with redispatch on (the policy is the manifest's at the restart).
+        victim.manifest_path.write_text(MANIFEST + 'on_failure = "redispatch"\n')
+        victim.start()
+        await victim.wait_registered()
+        ready_at = time.monotonic()
+
+        def back(room: str) -> bool:
+            return any(
+                p.attributes.get("lkrun.recovered_from") == lost[room]["id"]
+                for p in callers[room].remote_participants.values()
+            )
+
+        for room in kept:
+            await wait_for(
+                lambda room=room: back(room),
+                5 - (time.monotonic() - ready_at),
+                what=f"the agent of {room} back within 5 s of the restart being ready",
+            )
+
+        async def noted() -> dict[str, Any] | None:
+            rows = {j["id"]: j for j in await victim.jobs()}
+            row = rows.get(lost[left]["id"])
+            return row if row and row["recovery"] else None
+
+        row = await wait_for(noted, 10, what="the decision about the room whose caller left")
+        assert row["status"] == "lost" and row["recovery"].startswith("not redispatched"), row
+        assert not back(left)
 
 
 async def test_rolling_deploy_drops_no_call(cluster: Cluster) -> None:
