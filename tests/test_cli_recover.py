@@ -1,0 +1,111 @@
+"""`lkrun recover --state-dir` without a server: its refusals, and the jobs it leaves alone
+by policy, decided before LiveKit is asked anything. The redispatches themselves are tested
+against the real livekit-server in tests/test_restart_recovery.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from lkrun.cli import app
+from lkrun.jobs.statelock import StateLock
+from lkrun.jobs.store import JobStore
+
+ENV = {"LIVEKIT_URL": "ws://127.0.0.1:9", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s"}
+
+
+def recover(*args: str) -> Result:
+    return CliRunner().invoke(app, ["recover", *args], env=ENV)
+
+
+def running(job_id: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "agent": "echo",
+        "agent_name": "echo",
+        "room": f"room-{job_id}",
+        "identity": f"echo-{job_id}",
+        "status": "running",
+        "accepted_at": 1.0,
+        "daemon_pid": 999_999_999,  # no such process: its daemon is gone
+        **fields,
+    }
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    store = JobStore(tmp_path / "jobs.db")
+    store.open()
+    store.upsert(running("AJ_off"))  # the default policy, recorded: none
+    store.upsert(running("AJ_spent", on_failure="redispatch", max_redispatches=1, attempt=1))
+    store.upsert({**running("AJ_done"), "status": "success", "ended_at": 2.0})
+    store.close()
+    return tmp_path
+
+
+def test_a_directory_without_a_history_is_a_usage_error(tmp_path: Path) -> None:
+    result = recover("--state-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: no job history at {tmp_path / 'jobs.db'}: is {tmp_path} an lkrun state directory?"
+    ]
+
+
+def test_refused_in_one_line_while_a_daemon_holds_the_directory(state: Path) -> None:
+    lock = StateLock.acquire(state)  # as a live daemon does for its life
+    try:
+        result = recover("--state-dir", str(state))
+    finally:
+        lock.release()
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {state} is held by a live lkrun daemon (pid ")
+    # Nothing was touched: the jobs still run as far as the history knows.
+    store = JobStore(state / "jobs.db")
+    store.open(daemon_alive=lambda pid: True)
+    try:
+        assert store.get("AJ_off")["status"] == "running"
+    finally:
+        store.close()
+
+
+def test_the_recorded_policy_decides_and_each_lost_job_is_considered_once(
+    state: Path,
+) -> None:
+    result = recover("--state-dir", str(state), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["state_dir"] == str(state)
+    decided = {j["id"]: (j["redispatched"], j["skip"]) for j in report["jobs"]}
+    assert decided == {
+        "AJ_off": (False, "policy_off"),
+        "AJ_spent": (False, "max_redispatches"),  # the call had its redispatch
+    }
+    store = JobStore(state / "jobs.db")
+    store.open()
+    try:
+        off = store.get("AJ_off")
+        assert (
+            off["status"] == "lost" and off["recovery"] == 'not redispatched: on_failure is "none"'
+        )
+        assert store.get("AJ_done")["status"] == "success"
+    finally:
+        store.close()
+    again = recover("--state-dir", str(state))
+    assert again.exit_code == 0
+    assert again.stdout.strip() == f"{state}: no running job in its history: nothing to recover"
+
+
+def test_max_redispatches_overrides_the_recorded_policy(state: Path) -> None:
+    result = recover("--state-dir", str(state), "--max-redispatches", "1", "--json")
+    decided = {
+        j["id"]: j["skip"] for j in json.loads(result.stdout)["jobs"] if not j["redispatched"]
+    }
+    # AJ_off would be redispatched (LiveKit here is unreachable: error); AJ_spent's call
+    # already had one redispatch.
+    assert decided == {"AJ_off": "error", "AJ_spent": "max_redispatches"}
+    assert result.exit_code == 1  # LiveKit could not be asked: worth running again
