@@ -26,10 +26,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from lkrun.recovery import FailedJob, Recoverer, RecoveryDecision, RecoveryPolicy, decide
+from lkrun.supervision.lifecycle import Cause
 
 log = logging.getLogger("lkrun.recovery")
 
-LOST = "lost"  # lkrun.supervision.lifecycle.Cause.LOST: the daemon died while it ran
+LOST = Cause.LOST.value  # the daemon died while the job ran
 # How long a restarted daemon waits for an agent to be able to take a job before it
 # redispatches that agent's lost jobs anyway (another daemon may serve the agent).
 READY_TIMEOUT = 120.0
