@@ -87,7 +87,7 @@ async def test_node_agent_joins_and_echoes_from_a_warm_process(
         await wait_for(lambda: status_is(daemon, job["id"], "success"), 20, what="its end")
     ended = await daemon.job(job["id"])
     assert ended is not None and ended["error"] == "" and ended["exit_code"] == 0
-    assert ended["stop_reason"] == "terminated by LiveKit"
+    assert (ended["stop_reason"], ended["cause"]) == ("terminated by LiveKit", "terminated")
     assert not pid_alive(job["pid"])
     # Its log is its stderr: the SDK's own logger went there too, not onto the protocol.
     logs = daemon.cli("jobs", "logs", job["id"])
@@ -246,12 +246,14 @@ async def test_jobs_kill_ends_a_node_job(
     ended = await daemon.job(gentle["id"])
     assert ended is not None and ended["stop_reason"] == "stopped by `lkrun jobs kill`"
     assert ended["exit_code"] == 0  # it said done and exited when asked
+    assert ended["cause"] == "killed"
 
     assert daemon.cli("jobs", "kill", forced["id"], "--force").returncode == 0
     await wait_for(lambda: status_is(daemon, forced["id"], "failed"), 20, what="the kill")
     killed = await daemon.job(forced["id"])
     assert killed is not None and killed["error"] == "killed by `lkrun jobs kill --force`"
     assert killed["exit_code"] == -signal.SIGTERM
+    assert killed["cause"] == "killed"  # the operator's kill, not a signal nobody sent
     assert not pid_alive(gentle["pid"]) and not pid_alive(forced["pid"])
 
 
@@ -301,7 +303,7 @@ async def test_a_node_job_over_its_memory_limit_is_killed(
     assert re.fullmatch(
         r"memory limit exceeded: \d+ MB in \d+ process\(es\) > memory_limit_mb=20", failed["error"]
     ), failed
-    assert failed["peak_memory_mb"] > 20
+    assert failed["peak_memory_mb"] > 20 and failed["cause"] == "memory_limit"
     assert not pid_alive(failed["pid"])
 
 
@@ -317,6 +319,7 @@ async def test_a_node_job_past_its_timeout_fails(
     assert failed["error"] == "job exceeded job_timeout=2s", failed
     assert failed["exit_code"] == 0  # it stopped when asked, and still counts as failed
     assert failed["stop_reason"] == "job exceeded job_timeout=2s"
+    assert failed["cause"] == "job_timeout"
 
 
 @needs_node

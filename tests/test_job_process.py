@@ -81,7 +81,7 @@ async def start(make: Make, entrypoint: str) -> tuple[JobProcess, Lines]:
 async def test_returning_entrypoint_succeeds_and_print_goes_to_log(make: Make) -> None:
     proc, lines = await start(make, "tests.agents.behaviours:returns_at_once")
     facts = await asyncio.wait_for(proc.wait(), 30)
-    assert conclude(facts) == Verdict(SUCCESS, Cause.CLEAN), facts
+    assert conclude(facts) == Verdict(SUCCESS, Cause.CLEAN, "entrypoint returned"), facts
     assert facts.exit_code == 0 and facts.running and proc.started_running
     assert "about to return" in lines.lines
     assert any("metadata 'meta'" in line for line in lines.lines)

@@ -48,8 +48,8 @@ async def test_sigterm_drains_then_exits_zero(start_daemon: Any, livekit_server:
         assert await daemon.wait_exit(30) == 0
     assert not pid_alive(job["pid"])
     # Its history, read after the exit: the drained job succeeded, and no other ever started.
-    assert [(j["id"], j["room"], j["status"]) for j in daemon.history()] == [
-        (job["id"], room_name, "success")
+    assert [(j["id"], j["room"], j["status"], j["cause"]) for j in daemon.history()] == [
+        (job["id"], room_name, "success", "terminated")
     ]
 
 
@@ -137,7 +137,7 @@ async def test_job_killed_by_signal_fails_with_reason(
     psutil.Process(job["pid"]).kill()
     failed = await job_in_room(daemon, room_name, "failed")
     assert failed["error"].startswith("job process killed by SIGKILL"), failed
-    assert failed["exit_code"] == -9
+    assert (failed["exit_code"], failed["cause"]) == (-9, "signal")
 
 
 async def test_hung_job_is_killed_after_shutdown_timeout(
@@ -155,6 +155,7 @@ async def test_hung_job_is_killed_after_shutdown_timeout(
     assert failed["error"] == (
         "did not stop within 1s of a shutdown request (terminated by LiveKit)"
     ), failed
+    assert failed["cause"] == "terminated"  # a kill lkrun did, for LiveKit's termination
     assert not pid_alive(job["pid"])
 
 
@@ -167,7 +168,7 @@ async def test_job_over_memory_limit_is_killed(start_daemon: Any, livekit_server
     assert re.fullmatch(
         r"memory limit exceeded: \d+ MB in \d+ process\(es\) > memory_limit_mb=150", failed["error"]
     ), failed
-    assert failed["peak_memory_mb"] > 150
+    assert failed["peak_memory_mb"] > 150 and failed["cause"] == "memory_limit"
 
 
 async def test_job_past_its_timeout_fails(start_daemon: Any, livekit_server: Any) -> None:
@@ -176,6 +177,7 @@ async def test_job_past_its_timeout_fails(start_daemon: Any, livekit_server: Any
     failed = await _failed_job(daemon, livekit_server, name)
     assert failed["error"] == "job exceeded job_timeout=2s", failed
     assert failed["exit_code"] == 0  # it stopped when asked, and still counts as failed
+    assert failed["cause"] == "job_timeout"
 
 
 async def test_entrypoint_that_fails_to_import_at_job_time(
@@ -190,7 +192,7 @@ async def test_entrypoint_that_fails_to_import_at_job_time(
     (daemon.dir / "fragile_agent.py").write_text("raise ImportError('broken on disk')\n")
     failed = await _failed_job(daemon, livekit_server, name)
     assert failed["error"].startswith("cannot load entrypoint fragile_agent:entrypoint"), failed
-    assert "broken on disk" in failed["error"]
+    assert "broken on disk" in failed["error"] and failed["cause"] == "start_failed"
 
 
 async def test_daemon_sigkill_leaves_no_process(start_daemon: Any, livekit_server: Any) -> None:

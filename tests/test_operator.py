@@ -64,9 +64,13 @@ async def test_history_survives_restart_and_sigkill_marks_lost(
     await daemon.wait_registered()
 
     history = {j["id"]: j for j in cli_json(daemon, "jobs", "ls", "--all")}
-    assert history[done["id"]]["status"] == "success"
+    # `jobs ls --json` carries why each ended: LiveKit ended one, the daemon's death the other.
+    assert (history[done["id"]]["status"], history[done["id"]]["cause"]) == (
+        "success",
+        "terminated",
+    )
     lost = history[running["id"]]
-    assert lost["status"] == "lost"
+    assert (lost["status"], lost["cause"]) == ("lost", "lost")
     assert lost["error"] == f"the daemon stopped while the job was running (pid {old_pid})"
     assert cli_json(daemon, "jobs", "ls") == []  # nothing runs now
     assert "1 job(s) were running when the previous daemon died" in daemon.log()
@@ -146,12 +150,13 @@ async def test_jobs_kill(start_daemon: Any, livekit_server: Any) -> None:
     }
     await wait_for(lambda: status_is(daemon, gentle["id"], "success"), 20, what="a clean stop")
     ended = await daemon.job(gentle["id"])
-    assert ended["stop_reason"] == "stopped by `lkrun jobs kill`"
+    assert ended["stop_reason"] == "stopped by `lkrun jobs kill`" and ended["cause"] == "killed"
 
     result = daemon.cli("jobs", "kill", forced["id"], "--force")
     assert result.returncode == 0 and result.stdout.strip() == f"{forced['id']}: killed"
     await wait_for(lambda: status_is(daemon, forced["id"], "failed"), 20, what="the kill")
-    assert (await daemon.job(forced["id"]))["error"] == "killed by `lkrun jobs kill --force`"
+    killed = await daemon.job(forced["id"])
+    assert (killed["error"], killed["cause"]) == ("killed by `lkrun jobs kill --force`", "killed")
     assert not pid_alive(forced["pid"])
 
     again = daemon.cli("jobs", "kill", forced["id"])

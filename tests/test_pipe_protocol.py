@@ -268,6 +268,25 @@ async def test_a_running_before_its_start_is_a_violation_and_the_real_one_counts
     assert await held.exit() == Verdict(SUCCESS, Cause.CLEAN, reason="over")
 
 
+async def test_a_stop_after_the_job_s_done_is_not_why_it_ended() -> None:
+    # A job that leaves its empty room is terminated by LiveKit on its way out.
+    held = HeldProcess()
+    await held.proc.spawn()
+    held.stdout.feed_data(line("ready", protocol=1))
+    assert await held.proc.wait_ready(5)
+    held.proc.start(job={"id": "AJ_1"})
+    await held.says("running", ts=1.0)
+    held.stdout.feed_data(line("done", ok=True, reason="room empty", cause="room_empty"))
+    await wait_for(lambda: held.proc.done_message is not None, 5, interval=0.01, what="done")
+    stop = held.proc.stop("terminated by LiveKit", 5, cause=Cause.TERMINATED)
+    stopping = asyncio.ensure_future(stop)
+    await asyncio.sleep(0)  # the stop is under way: the shutdown was sent
+    assert held.stdin.written[-1] == line("shutdown", reason="terminated by LiveKit")
+    assert await held.exit() == Verdict(SUCCESS, Cause.ROOM_EMPTY, reason="room empty")
+    await stopping
+    assert held.proc.asked == ()
+
+
 def _program(tmp_path: Path, text: str) -> CommandLauncher:
     """A real job process: ``text`` run by this Python, in its own group as the daemon runs
     a command agent."""

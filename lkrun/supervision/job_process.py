@@ -293,7 +293,7 @@ class JobProcess:
         assert self._proc is not None, "stop() before spawn()"
         if self.exited:
             return
-        self._asked.append(Asked(cause, reason))
+        self._ask(Asked(cause, reason))
         self._send(jobpipe.SHUTDOWN, reason=reason)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
@@ -306,8 +306,14 @@ class JobProcess:
         assert self._proc is not None, "kill() before spawn()"
         if self.exited:
             return
-        self._asked.append(Asked(cause, why, force=True))
+        self._ask(Asked(cause, why, force=True))
         await self._kill_now(why)
+
+    def _ask(self, asked: Asked) -> None:
+        # Once the job has reported its end, an ask is not why it ended (LiveKit terminates
+        # a job that just left its room; a stop may cross the job's done on the pipe).
+        if self._done is None:
+            self._asked.append(asked)
 
     async def _kill_now(self, why: str) -> None:
         if self.exited:  # its pid may be another process's by now

@@ -198,8 +198,10 @@ def conclude(facts: Facts) -> Verdict:
     What lkrun asked comes first: the first ask is the cause (a job asked to stop that then
     crashes was still stopped on purpose), and the reason. Then, in order: a failure lkrun
     decided (a limit, a start it gave up on, the operator's --force) whatever the job says;
-    the job's own report; a kill before it reported; a stop before it ever ran (a success:
-    nothing ran); else how its process exited.
+    its room gone; an end the job names itself (room_empty); the job's own report; a kill
+    before it reported; a stop before it ever ran (a success: nothing ran); else how its
+    process exited. (Asks made after the job's report are not among the facts: JobProcess
+    leaves them out.)
     """
     asked, done = facts.asked, facts.done
     first = asked[0] if asked else None
@@ -209,11 +211,15 @@ def conclude(facts: Facts) -> Verdict:
         return Verdict(JobStatus.FAILED, first.cause, reason, failure.reason)
     if done is not None and done.room_gone is not None:
         return Verdict(JobStatus.FAILED, Cause.ROOM_GONE, reason, done.error or str(done.room_gone))
+    if done is not None and done.ok and (own := _DONE_CAUSES.get(done.cause)):
+        # It ended itself for a reason only it knows, before any stop reached it: leaving
+        # an empty room, LiveKit then terminates the job on its way out.
+        return Verdict(JobStatus.SUCCESS, own, done.reason)
     if done is not None and done.said:
         if first is not None:
             cause = first.cause
         elif done.ok:
-            cause = _DONE_CAUSES.get(done.cause, Cause.CLEAN)
+            cause = Cause.CLEAN
         else:
             cause = Cause.RAISED if facts.running else Cause.START_FAILED
         status = JobStatus.SUCCESS if done.ok else JobStatus.FAILED
