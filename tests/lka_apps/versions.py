@@ -11,7 +11,8 @@ Text sent on topic lk.chat is answered on lk.transcription with "<version>: <tex
 carries the attributes ``lka.version`` (the same) and ``lka.prefix`` (sys.prefix: the
 virtualenv). If LKA_EVENTS names a file, the job appends one JSON line per event to it:
 ``entrypoint`` (with the version, the prewarm pid and the job context's session directory,
-which the framework's cleanup removes) and ``shutdown``.
+which the framework's cleanup removes), ``session_closed`` (the AgentSession's "close", with
+its reason) and ``shutdown`` (with the job's reason).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ async def entrypoint(ctx: JobContext) -> None:
     session: AgentSession = AgentSession(
         llm=VersionEchoLLM(), vad=None, turn_handling=TurnHandlingOptions(turn_detection=None)
     )
+    session.on("close", lambda ev: log_event("session_closed", reason=ev.reason.value))
     await session.start(
         room=ctx.room,
         agent=Agent(instructions="Repeat what the user says."),
