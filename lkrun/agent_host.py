@@ -1,4 +1,12 @@
-"""One agent of the manifest at run time: its registration, its offers policy, its jobs."""
+"""One agent of the manifest at run time: its registration, its offers policy, its jobs.
+
+The agent host consumes its registration's events in one loop (``consume``), in the order
+the server sent them: an assignment goes to the supervisor, a termination stops its job. An
+offer is decided in a task of its own (``decide``: the supervisor's rules, then the app's
+on_request if it has one), so the loop never waits on an app; the answer is stored and sent
+once made. An offer whose connection dropped before it was decided is answered never, and
+its slot released.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
@@ -35,9 +42,21 @@ from lkrun.recovery import (
     lineage,
     wrong_participant,
 )
-from lkrun.registration import Acceptance, Decision, Decline, Registration, WorkerSpec
+from lkrun.registration import (
+    Acceptance,
+    Assigned,
+    Decision,
+    Decline,
+    Lost,
+    Offer,
+    Registered,
+    Registration,
+    RegistrationEvent,
+    Terminated,
+    WorkerSpec,
+)
 from lkrun.rooms import RoomJanitor
-from lkrun.shared.tasks import BackgroundTasks
+from lkrun.shared.text import describe
 from lkrun.supervision.agent_processes import AgentProcesses
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.inference import InferenceProcesses
@@ -86,7 +105,7 @@ class HostSettings:
 
 
 class AgentHost:
-    """Answers offers for one agent and supervises its jobs. Implements WorkerHandler."""
+    """Answers offers for one agent and supervises its jobs."""
 
     def __init__(
         self,
@@ -97,6 +116,7 @@ class AgentHost:
         book: JobBook,
         session: aiohttp.ClientSession,
         settings: HostSettings,
+        registration: type[Registration] = Registration,  # tests: a fake without a server
     ) -> None:
         self.spec = spec
         self.log = agent_logger(log, spec.name)
@@ -104,11 +124,11 @@ class AgentHost:
         self.credentials = credentials
         self.book = book
         self.settings = settings
-        self.registration = Registration(
+        self.registration = registration(
             label=spec.name,
             spec=worker_spec(spec),
             credentials=credentials,
-            handler=self,
+            load=self.worker_load,
             session=session,
         )
         self.processes = AgentProcesses(
@@ -126,7 +146,7 @@ class AgentHost:
             processes=self.processes,
             reporter=self.registration,
             book=book,
-            start_message=self._start_message,
+            url=credentials.url,
             shutdown_timeout=self._shutdown_timeout,
             log=self.log,
             metrics=settings.metrics,
@@ -134,15 +154,69 @@ class AgentHost:
             rooms=RoomJanitor(credentials),
             on_end=self._job_ended,
         )
-        self._deciding = BackgroundTasks()  # offers the app's on_request weighs
+        self._offers: dict[asyncio.Task[None], Offer] = {}  # offers being decided
         self._status: WorkerLoad | None = None  # the last load computed, for its changes
         self._status_at = time.monotonic()
         self._idle_memory: dict[int, float] = {}  # warm process pid -> MB
         self._readiness_moved = asyncio.Event()  # the processes' not_ready() may have changed
 
-    # -- WorkerHandler -----------------------------------------------------------------
+    # -- the registration's events --------------------------------------------------------
 
-    def on_availability(self, job: proto.Job) -> Decision | asyncio.Future[Decision]:
+    async def consume(self) -> None:
+        """Each event of the registration in turn, until cancelled (run() runs it)."""
+        while True:
+            event = await self.registration.next_event()
+            try:
+                self.handle(event)
+            except Exception:  # a fault concerns one job: it must not stop the others'
+                self.log.exception("handling %s failed", type(event).__name__)
+
+    def handle(self, event: RegistrationEvent) -> None:
+        if isinstance(event, Offer):
+            task = asyncio.create_task(self._answer(event), name=f"offer {event.job.id}")
+            self._offers[task] = event
+            task.add_done_callback(self._offer_done)
+        elif isinstance(event, Assigned):
+            self.jobs.assign(event.assignment)
+        elif isinstance(event, Terminated):
+            if self.jobs.stop(event.job_id, "terminated by LiveKit", cause=Cause.TERMINATED):
+                self.log.info("job %s terminated by LiveKit", event.job_id)
+        elif isinstance(event, Registered):
+            if event.again:
+                self.settings.metrics.registration_reconnected(self.spec.name)
+        elif isinstance(event, Lost):
+            for task, offer in list(self._offers.items()):
+                if offer.connection == event.connection:  # the server forgot it
+                    task.cancel()
+
+    async def _answer(self, offer: Offer) -> None:
+        job = offer.job
+        try:
+            decision = await self.decide(job)
+        except Exception as exc:
+            self.log.exception("deciding on job %s failed; declining", job.id)
+            decision = Decline("error", describe(exc))
+        if not self.registration.answer(offer, decision):
+            self.jobs.release(job.id)  # its connection dropped meanwhile: no job will follow
+            return
+        # Stored once, as it goes out: the job's start message carries what it was accepted
+        # with, the metrics how long the decision took from the offer's arrival.
+        if isinstance(decision, Acceptance):
+            self.jobs.answered(job.id, decision)
+        accepted = isinstance(decision, Acceptance)
+        reason = decision.reason if isinstance(decision, Decline) else ""
+        seconds = time.perf_counter() - offer.received
+        self.settings.metrics.offer_answered(self.spec.name, accepted, seconds, reason)
+
+    def _offer_done(self, task: asyncio.Task[None]) -> None:
+        self._offers.pop(task, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("answering %s failed", task.get_name(), exc_info=exc)
+
+    async def decide(self, job: proto.Job) -> Decision:
+        """Whether this agent takes ``job``. A yes holds a slot for it until its assignment
+        comes (or the wait for it ends); a no, or a decision given up (cancelled), holds none.
+        """
         room = job.room.name
         if why := wrong_participant(job.attributes, job.participant.identity):
             # Not ours to take, nor any worker's: terminate, so no other worker is asked.
@@ -155,8 +229,22 @@ class AgentHost:
         if decline := self.jobs.offer(job.id, room, cpu_overload=overload, starting=starting):
             self.log.info("declined job %s: %s", job.id, decline.text)
             return decline
+        try:
+            decision = await self._ask_app(job, self._acceptance(job))
+            if not self.jobs.accepting:  # drained or removed while the app was deciding
+                decision = not_accepting(room)
+        except BaseException:
+            self.jobs.release(job.id)
+            raise
+        if isinstance(decision, Decline):
+            self.jobs.release(job.id)
+            self.log.info("declined job %s: %s", job.id, decision.text)
+        return decision
+
+    def _acceptance(self, job: proto.Job) -> Acceptance:
+        """Yes, as lkrun answers it: the agent participant's identity, name, attributes."""
         identity = self.spec.format_identity(
-            job_id=job.id, room=room, participant=job.participant.identity
+            job_id=job.id, room=job.room.name, participant=job.participant.identity
         )
         # As the official worker does: clients (and `lkrun dispatch --wait`) tell agents apart.
         attributes = {AGENT_NAME_ATTRIBUTE: self.spec.registered_name}
@@ -164,62 +252,26 @@ class AgentHost:
             attributes[DAEMON_ATTRIBUTE] = self.settings.daemon_name
         attributes.update(self.spec.participant_attributes)
         attributes.update(_job_attributes(job))
-        ours = Acceptance(
+        return Acceptance(
             identity=identity,
             name=self.spec.display_name(),
             metadata=self.spec.participant_metadata,
             attributes=tuple(attributes.items()),
         )
-        if self.processes.requests is not None:
-            return self._ask_app(job, ours)
-        return ours
 
-    def _ask_app(self, job: proto.Job, ours: Acceptance) -> asyncio.Future[Decision]:
-        """The app's own request function decides, in a task of ours; the slot is held
-        meanwhile. Whoever awaits the answer may give up (its connection dropped): the
-        answer is then cancelled and the slot released."""
-        answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._deciding.spawn(self._decide(job, ours, answer), name=f"offer {job.id}")
-        return answer
-
-    async def _decide(
-        self, job: proto.Job, ours: Acceptance, answer: asyncio.Future[Decision]
-    ) -> None:
+    async def _ask_app(self, job: proto.Job, ours: Acceptance) -> Decision:
+        """The app's own request function decides when it has one; else ``ours`` stands."""
+        requests = self.processes.requests
+        if requests is None:
+            return ours
         room = job.room.name
-        decision: Decision = Decline("error", f"room {room!r}: no decision was made")
         try:
-            requests = self.processes.requests
-            if requests is None:  # the code lost its on_request meanwhile
-                raise RequestRefused("the app no longer has an on_request function")
             decision = _app_decision(await requests.ask(job), ours)
-            if isinstance(decision, Decline):
-                decision = dataclasses.replace(decision, text=f"room {room!r}: {decision.text}")
         except RequestRefused as exc:
-            decision = Decline("on_request", f"room {room!r}: {exc}")
-        finally:
-            if not self.jobs.accepting:  # drained or removed while the app was deciding
-                decision = not_accepting(room)
-            if isinstance(decision, Decline) or answer.done():  # no job will follow
-                self.jobs.release(job.id)
-        if answer.done():
-            return
+            return Decline("on_request", f"room {room!r}: {exc}")
         if isinstance(decision, Decline):
-            self.log.info("declined job %s: %s", job.id, decision.text)
-        answer.set_result(decision)
-
-    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
-        declined = isinstance(decision, Decline)
-        if isinstance(decision, Acceptance):
-            self.jobs.answered(job_id, decision)
-        reason = decision.reason if isinstance(decision, Decline) else ""
-        self.settings.metrics.offer_answered(self.spec.name, not declined, seconds, reason)
-
-    def on_registered(self, worker_id: str, again: bool) -> None:
-        if again:
-            self.settings.metrics.registration_reconnected(self.spec.name)
-
-    def on_assignment(self, assignment: proto.JobAssignment) -> None:
-        self.jobs.assign(assignment)
+            decision = dataclasses.replace(decision, text=f"room {room!r}: {decision.text}")
+        return decision
 
     def _job_ended(self, record: JobRecord) -> None:
         """The supervisor's on_end: a failed job may get its agent back (lkrun.recovery)."""
@@ -227,9 +279,7 @@ class AgentHost:
         if recovery is not None:
             recovery.job_ended(FailedJob.from_record(record), RecoveryPolicy.of(self.spec))
 
-    def on_termination(self, job_id: str) -> None:
-        if self.jobs.stop(job_id, "terminated by LiveKit", cause=Cause.TERMINATED):
-            self.log.info("job %s terminated by LiveKit", job_id)
+    # -- the agent's state ----------------------------------------------------------------
 
     def worker_load(self) -> WorkerLoad:
         cpu = self.settings.cpu
@@ -301,11 +351,15 @@ class AgentHost:
         AuthError propagates to the daemon.
         """
         await self.processes.start()
+        consumer = asyncio.create_task(self.consume(), name=f"agent {self.spec.name} events")
         try:
             await self.registration.run()
         finally:
-            self._deciding.cancel()
-            await self._deciding.join()
+            consumer.cancel()
+            offers = [consumer, *self._offers]
+            for task in offers:
+                task.cancel()
+            await asyncio.gather(*offers, return_exceptions=True)
             # Jobs were stopped before this (see Daemon).
             await self.processes.close()
 
@@ -414,31 +468,6 @@ class AgentHost:
         # The third stop signal sets the daemon's to 0: that wins over the agent's own.
         daemon = self.settings.shutdown_timeout
         return 0.0 if daemon == 0 else (self.spec.shutdown_timeout or daemon)
-
-    def _start_message(
-        self, record: JobRecord, answer: Acceptance | None, assignment: proto.JobAssignment
-    ) -> dict[str, Any]:
-        return {
-            "job": MessageToDict(assignment.job),
-            "url": assignment.url or self.credentials.url,
-            "token": assignment.token,
-            "identity": record.identity,
-            "agent": self.spec.name,
-            "shutdown_timeout": self._shutdown_timeout(),
-            # Alone in its room that long, the job ends itself (lkrun.shared.empty_room); 0: off.
-            "empty_timeout": self.spec.empty_timeout,
-            # For a livekit-agents job's RunningJobInfo: how it was accepted, and when.
-            "name": answer.name if answer else self.spec.display_name(),
-            "metadata": answer.metadata if answer else self.spec.participant_metadata,
-            "attributes": dict(answer.attributes) if answer else {},
-            "worker_id": self.registration.state.worker_id,
-            # A redispatch of a failed job (lkrun.recovery): which job it replaces ("" if
-            # none), and its attempt (0 for a call's first job).
-            "recovered_from": record.recovered_from,
-            "attempt": record.attempt,
-            "received_at": record.offered_at or 0.0,
-            "assigned_at": record.accepted_at,
-        }
 
 
 def _job_attributes(job: proto.Job) -> dict[str, str]:

@@ -1,20 +1,22 @@
 """One agent's worker registration with LiveKit: the /agent WebSocket, kept alive forever.
 
-The registration speaks the protocol and nothing else. What to answer to an
-offer, and what to do with an assignment, is the handler's business.
+The registration is a transport. What the server says comes out as events, in the order it
+said them (``next_event``): an offer, an assignment, a termination, the registration
+confirmed, a connection lost. What goes back goes through it: the answer to an offer
+(``answer``), job statuses (``update_job``: in order and at least once, through
+lkrun.job_updates), the worker's load (``load_changed``, on connecting and every
+STATUS_REFRESH). It reconnects with capped backoff. What to answer, and what to do with a
+job, is its consumer's business (lkrun.agent_host).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
 import aiohttp
 from google.protobuf.message import DecodeError
@@ -30,8 +32,6 @@ from lkrun.logs import agent_logger
 from lkrun.shared.text import one_line
 
 log = logging.getLogger("lkrun.registration")
-
-_T = TypeVar("_T")
 
 REGISTER_TIMEOUT = 10.0
 HEARTBEAT = 10.0  # WebSocket ping interval; the connection is dropped if a pong is late
@@ -79,14 +79,63 @@ class Decline:
 Decision = Acceptance | Decline
 
 
-class WorkerHandler(Protocol):
-    # A decision, or one to come (an app's own request function): answered when it is made.
-    def on_availability(self, job: proto.Job) -> Decision | Awaitable[Decision]: ...
-    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None: ...
-    def on_assignment(self, assignment: proto.JobAssignment) -> None: ...
-    def on_termination(self, job_id: str) -> None: ...
-    def on_registered(self, worker_id: str, again: bool) -> None: ...
-    def worker_load(self) -> WorkerLoad: ...
+# -- what the server says: the events ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The server asks whether we take ``job``: Registration.answer says."""
+
+    job: proto.Job
+    received: float  # time.perf_counter() when its frame arrived: how long answering took
+    connection: int  # the connection it came on: the answer goes on that one or nowhere
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """The server gives us a job we (most likely) said yes to."""
+
+    assignment: proto.JobAssignment
+
+
+@dataclass(frozen=True)
+class Terminated:
+    """The server ends a job: its dispatch was deleted, or its agent left the room."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The server confirmed the registration (its pong): dispatches reach the worker now."""
+
+    worker_id: str
+    again: bool  # not the first: the registration had been lost
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A connection ended: the server forgot the offers it made on it."""
+
+    connection: int
+
+
+RegistrationEvent = Offer | Assigned | Terminated | Registered | Lost
+
+
+def availability_response(job_id: str, decision: Decision) -> proto.AvailabilityResponse:
+    if isinstance(decision, Decline):
+        return proto.AvailabilityResponse(
+            job_id=job_id, available=False, terminate=decision.terminate
+        )
+    return proto.AvailabilityResponse(
+        job_id=job_id,
+        available=True,
+        participant_identity=decision.identity,
+        participant_name=decision.name,
+        participant_metadata=decision.metadata,
+        participant_attributes=dict(decision.attributes),
+    )
 
 
 def agent_ws_url(url: str) -> str:
@@ -116,37 +165,35 @@ class Registration:
         label: str,
         spec: WorkerSpec,
         credentials: Credentials,
-        handler: WorkerHandler,
+        load: Callable[[], WorkerLoad],
         session: aiohttp.ClientSession,
     ) -> None:
         self.label = label  # the agent's name in the manifest, for logs
         self.log = agent_logger(log, label)
         self.spec = spec
         self.credentials = credentials
-        self.handler = handler
+        self.load = load  # the worker's load now, as the server should see it
         self.session = session
         self.state = RegistrationState()
-        self._outbox: asyncio.Queue[proto.WorkerMessage] | None = None
         # Job status updates must reach the server even across a reconnect.
         self.updates = JobUpdates()
+        self._events: asyncio.Queue[RegistrationEvent] = asyncio.Queue()
+        self._connection = 0  # the number of the current (or last) connection
+        # The current connection's messages other than job updates; None between connections.
+        self._outbox: asyncio.Queue[proto.WorkerMessage] | None = None
         self._last_load: WorkerLoad | None = None
         self._registered = asyncio.Event()
-        self._answers: dict[str, tuple[float, Decision]] = {}  # offers answered, not yet sent
-        # Offers whose decision is to come (an app's own request function weighs them).
-        self._deciding: dict[str, asyncio.Future[Decision]] = {}
         self._registrations = 0
 
     async def wait_registered(self) -> None:
         await self._registered.wait()
 
+    async def next_event(self) -> RegistrationEvent:
+        """What the server said next (or that a connection was confirmed, or lost)."""
+        return await self._events.get()
+
     async def run(self) -> None:
         """Stay registered. Returns never; raises AuthError on bad credentials."""
-        try:
-            await self._stay_registered()
-        finally:
-            self._drop_undecided()
-
-    async def _stay_registered(self) -> None:
         failures = 0
         while True:
             try:
@@ -174,11 +221,21 @@ class Registration:
             await asyncio.sleep(delay)
             self.state.reconnects += 1
 
-    # -- called by the handler's side -------------------------------------------------
+    # -- what goes back ------------------------------------------------------------------
 
     @property
     def worker_id(self) -> str:
         return self.state.worker_id
+
+    def answer(self, offer: Offer, decision: Decision) -> bool:
+        """Send ``decision`` as the answer to ``offer``. False, and nothing is sent, when the
+        connection the offer came on is gone: the server forgot the offer with it."""
+        if self._outbox is None or offer.connection != self._connection:
+            return False
+        response = availability_response(offer.job.id, decision)
+        self._outbox.put_nowait(proto.WorkerMessage(availability=response))
+        self.load_changed()  # a yes holds a slot from now on
+        return True
 
     def update_job(self, job_id: str, status: proto.JobStatus.ValueType, error: str = "") -> None:
         self.updates.put(job_id, status, error)
@@ -188,7 +245,7 @@ class Registration:
         return await self.updates.flush(timeout)
 
     def load_changed(self) -> None:
-        """Push the handler's current load now if it differs from what the server last saw."""
+        """Push the current load now if it differs from what the server last saw."""
         if self._outbox is not None:
             self._send_load(force=False)
 
@@ -213,21 +270,27 @@ class Registration:
             raise
         async with ws:
             await self._register(ws)
-            outbox: asyncio.Queue[proto.WorkerMessage] = asyncio.Queue()
-            self._outbox = outbox
+            self._connection += 1  # offers may come from here on
+            self._outbox = outbox = asyncio.Queue()
+            reader = asyncio.create_task(self._read(ws))
             writer = asyncio.create_task(self._write(ws, outbox))
             deliverer = asyncio.create_task(self._deliver_updates(ws))
             refresher = asyncio.create_task(self._refresh_load())
             watchdog = asyncio.create_task(self._expect_confirmation(ws))
-            tasks = (writer, deliverer, refresher, watchdog)
+            tasks = (reader, writer, deliverer, refresher, watchdog)
             try:
                 self._send_load(force=True)
-                await self._read(ws, (writer, deliverer))
+                # Until the server hangs up or a write fails: that ends the connection too.
+                await asyncio.wait((reader, writer, deliverer), return_when=asyncio.FIRST_COMPLETED)
+                for task in (reader, writer, deliverer):
+                    if task.done():
+                        task.result()  # why it ended, for the log and status
             finally:
                 self._outbox = None
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                self._events.put_nowait(Lost(self._connection))
 
     def _token(self) -> str:
         return (
@@ -267,7 +330,7 @@ class Registration:
         self.state.last_error = ""
         self._registered.set()
         self._registrations += 1
-        self.handler.on_registered(self.state.worker_id, self._registrations > 1)
+        self._events.put_nowait(Registered(self.state.worker_id, self._registrations > 1))
         self.log.info(
             "registered as worker %s (%s, LiveKit %s)",
             self.state.worker_id,
@@ -282,9 +345,7 @@ class Registration:
             self.state.last_error = "the server did not answer the registration's ping"
             await ws.close()
 
-    async def _read(
-        self, ws: aiohttp.ClientWebSocketResponse, writers: tuple[asyncio.Task[None], ...]
-    ) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 received = time.perf_counter()
@@ -295,93 +356,24 @@ class Registration:
                 self._dispatch(decoded, received)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise ProtocolError(f"websocket error: {ws.exception()}")
-            for writer in writers:
-                if writer.done():
-                    writer.result()  # surface a write failure
-                    return
         code = ws.close_code
         self.state.last_error = f"server closed the connection (code {code})"
 
     def _dispatch(self, msg: proto.ServerMessage, received: float) -> None:
         kind = msg.WhichOneof("message")
         if kind == "availability":
-            self._answer(msg.availability.job, received)
+            self._events.put_nowait(Offer(msg.availability.job, received, self._connection))
         elif kind == "assignment":
-            self._tell(self.handler.on_assignment, msg.assignment, msg.assignment.job.id)
+            self._events.put_nowait(Assigned(msg.assignment))
         elif kind == "termination":
-            self._tell(self.handler.on_termination, msg.termination.job_id, msg.termination.job_id)
+            self._events.put_nowait(Terminated(msg.termination.job_id))
         elif kind == "pong":
             self._confirmed()
         elif kind == "go_away":
             self.log.info("server asked us to go away: %s", msg.go_away.reason)
 
-    def _tell(self, callback: Callable[[_T], None], arg: _T, job_id: str) -> None:
-        """A handler's fault concerns one job: it must not drop the connection of them all."""
-        try:
-            callback(arg)
-        except Exception:
-            self.log.exception("handling a message about job %s failed", job_id)
-
-    def _answer(self, job: proto.Job, received: float) -> None:
-        # Answer at once: the server gives up on us after a few seconds.
-        accept: Decision | Awaitable[Decision]
-        try:
-            accept = self.handler.on_availability(job)
-        except Exception as exc:
-            self.log.exception("deciding on job %s failed; declining", job.id)
-            accept = Decline("error", str(exc))
-        if inspect.isawaitable(accept):
-            decision = asyncio.ensure_future(accept)
-            self._deciding[job.id] = decision
-            decision.add_done_callback(
-                functools.partial(self._decided, job, received, self._outbox)
-            )
-            return
-        self._send_answer(job, received, accept)
-
-    def _decided(
-        self,
-        job: proto.Job,
-        received: float,
-        outbox: asyncio.Queue[proto.WorkerMessage] | None,
-        decision: asyncio.Future[Decision],
-    ) -> None:
-        self._deciding.pop(job.id, None)
-        if decision.cancelled():  # its connection dropped: the server forgot the offer
-            return
-        if (exc := decision.exception()) is not None:
-            self.log.error("deciding on job %s failed; declining", job.id, exc_info=exc)
-            accept: Decision = Decline("error", str(exc))
-        else:
-            accept = decision.result()
-        if self._outbox is outbox:  # an offer of a lost connection gets no answer
-            self._send_answer(job, received, accept)
-
-    def _drop_undecided(self) -> None:
-        for decision in list(self._deciding.values()):
-            decision.cancel()
-        self._deciding.clear()
-
-    def _send_answer(self, job: proto.Job, received: float, accept: Decision) -> None:
-        if isinstance(accept, Decline):
-            response = proto.AvailabilityResponse(
-                job_id=job.id, available=False, terminate=accept.terminate
-            )
-        else:
-            response = proto.AvailabilityResponse(
-                job_id=job.id,
-                available=True,
-                participant_identity=accept.identity,
-                participant_name=accept.name,
-                participant_metadata=accept.metadata,
-                participant_attributes=dict(accept.attributes),
-            )
-        self._answers[job.id] = (received, accept)
-        self._put(proto.WorkerMessage(availability=response))
-        self.load_changed()
-
     def _send_load(self, *, force: bool) -> None:
-        load = self.handler.worker_load()
+        load = self.load()
         if not force and not load.differs(self._last_load):
             return
         self._last_load = load
@@ -402,11 +394,10 @@ class Registration:
     async def _write(
         self, ws: aiohttp.ClientWebSocketResponse, outbox: asyncio.Queue[proto.WorkerMessage]
     ) -> None:
+        # Beside _deliver_updates: aiohttp writes each frame whole, whoever sends it.
         while True:
             msg = await outbox.get()
             await ws.send_bytes(msg.SerializeToString())
-            if msg.WhichOneof("message") == "availability":
-                self._answered(msg.availability.job_id)
 
     async def _deliver_updates(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Job status updates, oldest first, once the registration is confirmed. One that is
@@ -417,14 +408,7 @@ class Registration:
             await ws.send_bytes(proto.WorkerMessage(update_job=update).SerializeToString())
             self.updates.sent(update)
 
-    def _answered(self, job_id: str) -> None:
-        received, decision = self._answers.pop(job_id, (None, None))
-        if received is not None and decision is not None:
-            self.handler.on_answered(job_id, decision, time.perf_counter() - received)
-
     def _disconnected(self) -> None:
-        self._answers.clear()
-        self._drop_undecided()  # their offers died with the connection
         if self.state.connected:
             self.state.connected = False
             self.state.connected_since = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
 from lkrun.jobs.book import JobBook, JobStatus
 from lkrun.manifest import AgentSpec, FrozenMap
+from lkrun.registration import Acceptance, Assigned, Terminated
 from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.e2e  # job processes
@@ -59,10 +59,16 @@ async def started(host: AgentHost, *, wait: bool = True) -> AgentHost:
     return host
 
 
-def offer(host: AgentHost, job_id: str) -> proto.Job:
+async def offer(host: AgentHost, job_id: str) -> proto.Job:
+    """Taken: a slot is reserved for it."""
     job = proto.Job(id=job_id, room=models.Room(name="r"), type=proto.JT_ROOM)
-    assert not isinstance(host.on_availability(job), asyncio.Future)
+    assert isinstance(await host.decide(job), Acceptance)
     return job
+
+
+def assign(host: AgentHost, job: proto.Job) -> None:
+    """As LiveKit's JobAssignment reaches it (through its registration's events)."""
+    host.handle(Assigned(proto.JobAssignment(job=job, token="t")))
 
 
 def updates(host: AgentHost) -> list[tuple[str, int, str]]:
@@ -76,8 +82,8 @@ async def test_an_unexpected_error_while_starting_fails_the_job_and_frees_its_sl
 ) -> None:
     # A NUL byte in the environment: ValueError from the process start, not OSError.
     host = await started(make_host(start_method=method, env=FrozenMap({"BAD": "a\0b"})))
-    job = offer(host, "AJ_nul")
-    host.on_assignment(proto.JobAssignment(job=job, token="t"))
+    job = await offer(host, "AJ_nul")
+    assign(host, job)
     await wait_for(lambda: host.job_count() == 0, 10, what="the slot to be freed")
     [(job_id, status, error)] = updates(host)
     assert (job_id, status) == ("AJ_nul", proto.JS_FAILED)
@@ -86,24 +92,24 @@ async def test_an_unexpected_error_while_starting_fails_the_job_and_frees_its_sl
 
 async def test_an_assignment_for_a_running_job_is_ignored(make_host: MakeHost) -> None:
     host = await started(make_host(start_method="spawn"))
-    job = offer(host, "AJ_dup")
-    host.on_assignment(proto.JobAssignment(job=job, token="t"))
+    job = await offer(host, "AJ_dup")
+    assign(host, job)
     first = host.book.get("AJ_dup")
-    host.on_assignment(proto.JobAssignment(job=job, token="t"))  # again, while it runs
+    assign(host, job)  # again, while it runs
     assert host.book.get("AJ_dup") is first and host.job_count() == 1
 
 
 async def test_an_assignment_without_a_slot_is_refused_when_full(make_host: MakeHost) -> None:
     host = await started(make_host(start_method="spawn", max_jobs=1))
-    host.on_assignment(proto.JobAssignment(job=offer(host, "AJ_1"), token="t"))
+    assign(host, await offer(host, "AJ_1"))
     stray = proto.Job(id="AJ_stray", room=models.Room(name="r"))
-    host.on_assignment(proto.JobAssignment(job=stray, token="t"))
+    assign(host, stray)
     assert host.book.get("AJ_stray") is None and host.job_count() == 1
     assert ("AJ_stray", proto.JS_FAILED) in [(j, s) for j, s, _ in updates(host)]
     # With room to spare, one whose reservation expired is taken.
     roomy = await started(make_host(start_method="spawn", max_jobs=2))
     late = proto.Job(id="AJ_late", room=models.Room(name="r"))
-    roomy.on_assignment(proto.JobAssignment(job=late, token="t"))
+    assign(roomy, late)
     record = roomy.book.get("AJ_late")
     assert record is not None and record.status in (JobStatus.STARTING, JobStatus.RUNNING)
 
@@ -120,13 +126,13 @@ async def test_a_stop_while_the_process_is_starting_takes_effect(
     # assignment LiveKit makes anyway is taken while the module loads.
     host = await started(make_host(start_method=method, entrypoint=SLOW), wait=False)
     job = proto.Job(id="AJ_slow", room=models.Room(name="r"), type=proto.JT_ROOM)
-    host.on_assignment(proto.JobAssignment(job=job, token="t"))
+    assign(host, job)
     if how == "stop":
         assert host.kill_job("AJ_slow", force=False) == "shutdown requested"
     elif how == "kill":
         assert host.kill_job("AJ_slow", force=True) == "killed"
     else:
-        host.on_termination("AJ_slow")  # LiveKit's JobTermination
+        host.handle(Terminated("AJ_slow"))  # LiveKit's JobTermination
     await wait_for(lambda: host.job_count() == 0, 30, what="the job to end")
     [(job_id, status, error)] = updates(host)
     assert job_id == "AJ_slow"

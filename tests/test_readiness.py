@@ -63,9 +63,9 @@ def connected(host: AgentHost) -> AgentHost:
     return host
 
 
-def offer_reason(host: AgentHost, job_id: str) -> str:
+async def offer_reason(host: AgentHost, job_id: str) -> str:
     job = proto.Job(id=job_id, room=models.Room(name="r"), type=proto.JT_ROOM)
-    decision = host.on_availability(job)
+    decision = await host.decide(job)
     host.jobs.release(job_id)
     return getattr(decision, "reason", "")
 
@@ -85,12 +85,12 @@ async def test_full_and_declining_until_the_first_warm_process_is_ready(
     load = host.worker_load()
     assert load.full and load.reason == "starting"
     assert host.not_ready() == "starting: its first warm process is starting"
-    assert offer_reason(host, "J1") == "starting"
+    assert await offer_reason(host, "J1") == "starting"
     proc.ready()
     await settle()
     assert pushed[-1] == ""  # the registration was told at once, not at its next refresh
     assert not host.worker_load().full and host.not_ready() == ""
-    assert offer_reason(host, "J2") == ""
+    assert await offer_reason(host, "J2") == ""
     proc.exit()  # the pool refills later; the agent stays available meanwhile (cold starts)
     await settle()
     assert not host.worker_load().full
@@ -128,7 +128,7 @@ async def test_full_while_the_request_process_is_not_answering(
     await host.processes.start()
     await settle()
     assert host.not_ready() == "starting: its request process is starting"
-    assert host.worker_load().reason == "starting" and offer_reason(host, "J1") == "starting"
+    assert host.worker_load().reason == "starting" and await offer_reason(host, "J1") == "starting"
     made[0].ready()
     await settle()
     assert host.not_ready() == "" and not host.worker_load().full

@@ -23,10 +23,15 @@ from lkrun.credentials import Credentials
 from lkrun.load import WorkerLoad
 from lkrun.registration import (
     Acceptance,
+    Assigned,
     AuthError,
     Decision,
     Decline,
+    Lost,
+    Offer,
+    Registered,
     Registration,
+    Terminated,
     WorkerSpec,
 )
 from lkrun.shared.text import one_line
@@ -108,29 +113,46 @@ class FakeServer:
 
 
 class Handler:
-    def __init__(self) -> None:
+    """Consumes the registration's events as lkrun.agent_host does, with a fixed policy:
+    rooms named no-* are declined. ``hold`` offers are answered only once their connection
+    was lost (as an app's on_request still deciding then would)."""
+
+    def __init__(self, hold: tuple[str, ...] = ()) -> None:
         self.assignments: list[proto.JobAssignment] = []
         self.terminations: list[str] = []
         self.full = False
         self.answered: list[tuple[str, Decision, float]] = []
         self.registered: list[tuple[str, bool]] = []
+        self.hold = hold
+        self.held: list[Offer] = []
+        self.late: list[tuple[str, bool]] = []  # held offers answered late: whether it went
 
-    def on_availability(self, job: proto.Job) -> Decision:
-        if job.room.name.startswith("no-"):
-            return Decline("rooms")
-        return Acceptance(identity=f"agent-{job.id}")
+    async def consume(self, reg: Registration) -> None:
+        while True:
+            event = await reg.next_event()
+            if isinstance(event, Offer):
+                if event.job.id in self.hold:
+                    self.held.append(event)
+                else:
+                    self.answer(reg, event)
+            elif isinstance(event, Assigned):
+                self.assignments.append(event.assignment)
+            elif isinstance(event, Terminated):
+                self.terminations.append(event.job_id)
+            elif isinstance(event, Registered):
+                self.registered.append((event.worker_id, event.again))
+            elif isinstance(event, Lost):
+                for offer in self.held:
+                    self.late.append((offer.job.id, self.answer(reg, offer)))
 
-    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
-        self.answered.append((job_id, decision, seconds))
-
-    def on_registered(self, worker_id: str, again: bool) -> None:
-        self.registered.append((worker_id, again))
-
-    def on_assignment(self, assignment: proto.JobAssignment) -> None:
-        self.assignments.append(assignment)
-
-    def on_termination(self, job_id: str) -> None:
-        self.terminations.append(job_id)
+    def answer(self, reg: Registration, offer: Offer) -> bool:
+        decision: Decision = Acceptance(identity=f"agent-{offer.job.id}")
+        if offer.job.room.name.startswith("no-"):
+            decision = Decline("rooms")
+        sent = reg.answer(offer, decision)
+        if sent:
+            self.answered.append((offer.job.id, decision, time.perf_counter() - offer.received))
+        return sent
 
     def worker_load(self) -> WorkerLoad:
         return WorkerLoad(full=self.full, load=0.5 if self.full else 0.0, job_count=0)
@@ -158,23 +180,30 @@ def make_registration(url: str, handler: Handler, session: aiohttp.ClientSession
             permissions=models.ParticipantPermission(can_publish=True),
         ),
         credentials=Credentials(url, "key", "secret"),
-        handler=handler,
+        load=handler.worker_load,
         session=session,
     )
 
 
-async def run_until(reg: Registration, condition: Callable[[], bool], timeout: float = 10) -> None:
+async def run_until(
+    reg: Registration, condition: Callable[[], bool], handler: Handler | None = None
+) -> None:
+    """Run the registration (and ``handler`` on its events) until ``condition``."""
     task = asyncio.create_task(reg.run())
+    consumer = asyncio.create_task(handler.consume(reg)) if handler else None
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + 10
         while not condition():
-            if task.done():
-                task.result()
+            for running in (task, consumer):
+                if running is not None and running.done():
+                    running.result()
             assert time.monotonic() < deadline, "condition not reached"
             await asyncio.sleep(0.01)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for running in (task, consumer):
+            if running is not None:
+                running.cancel()
+        await asyncio.gather(*(t for t in (task, consumer) if t), return_exceptions=True)
 
 
 def record_session_ends(reg: Registration) -> list[tuple[BaseException | None, str]]:
@@ -235,20 +264,41 @@ async def test_register_then_offer_assignment_termination(session: Any) -> None:
     handler = Handler()
     async with FakeServer(script) as server:
         reg = make_registration(server.url, handler, session)
-        await run_until(reg, lambda: bool(handler.terminations))
+        await run_until(reg, lambda: bool(handler.terminations), handler)
     (yes, yes_latency), (no, _) = answers
     assert yes.available and yes.participant_identity == "agent-AJ_1"
     assert not no.available
     assert yes_latency < 1.0  # generous: the server allows ~3 s
     assert [a.token for a in handler.assignments] == ["tok"]
     assert handler.terminations == ["AJ_1"]
-    # Each answer was timed from the frame's arrival to its write.
+    # Each answer was timed from the frame's arrival to the decision.
     assert [(j, type(d).__name__) for j, d, _ in handler.answered] == [
         ("AJ_1", "Acceptance"),
         ("AJ_2", "Decline"),
     ]
     assert all(0 <= s < 1.0 for _, _, s in handler.answered)
     assert reg.state.worker_id == "AW_fake1" and reg.state.server_version == "fake"
+
+
+async def test_an_offer_of_a_lost_connection_is_answered_never(session: Any) -> None:
+    """Decided after its connection dropped: the server forgot it, nothing goes out."""
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        if server.connections == 1:
+            offer = proto.AvailabilityRequest(job=job("AJ_held", "yes-room"))
+            await ws.send_bytes(proto.ServerMessage(availability=offer).SerializeToString())
+            return  # and hang up
+        with contextlib.suppress(AssertionError):  # the client hangs up at the end
+            while True:
+                await server.recv(ws)
+
+    handler = Handler(hold=("AJ_held",))
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+        await run_until(reg, lambda: bool(handler.late) and server.connections >= 2, handler)
+    assert handler.late == [("AJ_held", False)] and handler.answered == []
+    assert not [m for m in server.received if m.WhichOneof("message") == "availability"]
 
 
 async def test_auth_failure_is_fatal(session: Any) -> None:
@@ -272,7 +322,7 @@ async def test_malformed_frame_reconnects(session: Any) -> None:
     async with FakeServer(script) as server:
         reg = make_registration(server.url, handler, session)
         ended = record_session_ends(reg)
-        await run_until(reg, lambda: server.connections >= 2 and reg.state.connected)
+        await run_until(reg, lambda: len(handler.registered) >= 2 and reg.state.connected, handler)
     assert reg.state.reconnects >= 1
     # The first connection ended on the bad frame: a protocol error caused by the decoder,
     # with the reason shown in status until the registration was confirmed again.
@@ -391,7 +441,7 @@ async def test_registration_counts_only_once_the_server_pongs(
     handler = Handler()
     async with FakeServer(script) as server:
         reg = make_registration(server.url, handler, session)
-        await run_until(reg, lambda: reg.state.connected)
+        await run_until(reg, lambda: bool(handler.registered), handler)
     assert server.connections == 2
     assert states == [False]
     assert [again for _, again in handler.registered] == [False]

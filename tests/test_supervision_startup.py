@@ -1,5 +1,6 @@
-"""Processes still starting when their owner stops, and faults in a job's start path, with
-scripted fake processes: nothing is left running, and nothing breaks the registration."""
+"""Processes still starting when their owner stops, with scripted fake processes: nothing
+is left running. (A fault in a job's start path does not stop the agent host's event loop:
+tests/test_agent_host_events.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,6 @@ import asyncio
 import contextlib
 from typing import Any
 
-from livekit.protocol import agent as proto
-from livekit.protocol import models
-
-from lkrun.credentials import Credentials
-from lkrun.load import WorkerLoad
-from lkrun.registration import Acceptance, Decision, Registration, WorkerSpec
 from lkrun.supervision.request_process import RequestProcess
 from lkrun.supervision.warm_pool import WarmPool
 from tests.test_supervisor import FakeProcess, settle
@@ -64,42 +59,3 @@ async def test_a_request_process_still_loading_when_the_agent_stops_is_killed() 
     assert proc.kinds() == ["spawn"] and not requests.ready
     await cancel(task)
     assert proc.kinds() == ["spawn", "kill"] and proc.exited
-
-
-class RaisingHandler:
-    """A handler whose job callbacks fail, as a bug in a job's start path would."""
-
-    def on_availability(self, job: proto.Job) -> Decision:
-        return Acceptance(identity="i")
-
-    def on_answered(self, job_id: str, decision: Decision, seconds: float) -> None:
-        pass
-
-    def on_registered(self, worker_id: str, again: bool) -> None:
-        pass
-
-    def on_assignment(self, assignment: proto.JobAssignment) -> None:
-        raise ValueError("odd job id")
-
-    def on_termination(self, job_id: str) -> None:
-        raise KeyError(job_id)
-
-    def worker_load(self) -> WorkerLoad:
-        return WorkerLoad(full=False, load=0.0, job_count=0)
-
-
-async def test_a_handler_fault_on_an_assignment_does_not_end_the_connection() -> None:
-    spec = WorkerSpec("a", "room", "", models.ParticipantPermission())
-    reg = Registration(
-        label="a",
-        spec=spec,
-        credentials=Credentials("ws://127.0.0.1:1", "k", "s"),
-        handler=RaisingHandler(),
-        session=None,  # type: ignore[arg-type]  # never connects here
-    )
-    job = proto.Job(id="AJ_1", room=models.Room(name="r"))
-    internal: Any = reg
-    # _read hands each message to _dispatch: an exception here would drop the connection.
-    internal._dispatch(proto.ServerMessage(assignment=proto.JobAssignment(job=job)), 0.0)
-    termination = proto.JobTermination(job_id="AJ_1")
-    internal._dispatch(proto.ServerMessage(termination=termination), 0.0)

@@ -184,9 +184,14 @@ class Rules:
     job_timeout: float = 0.0
     on_failure: str = "none"
     max_redispatches: int = 2
+    participant_metadata: str = ""
+    empty_timeout: float = 0.0
 
     def accepts_room(self, room: str) -> bool:
         return not self.rooms or room in self.rooms
+
+    def display_name(self) -> str:
+        return "the agent"
 
 
 class Clock:
@@ -220,18 +225,13 @@ def make_world(
         Rules(**rules),
     )
 
-    def start_message(
-        record: JobRecord, answer: Acceptance | None, assignment: proto.JobAssignment
-    ) -> dict[str, Any]:
-        return {"job": record.id, "name": answer.name if answer else "", "token": assignment.token}
-
     sup = JobSupervisor(
         agent="a",
         rules=spec,
         processes=procs,
         reporter=reporter,
         book=book,
-        start_message=start_message,
+        url="ws://livekit",
         shutdown_timeout=lambda: 5.0,
         log=logging.LoggerAdapter(logging.getLogger("test.supervisor")),
         job_logs=job_logs,
@@ -331,7 +331,10 @@ async def test_a_job_goes_reserved_starting_running_ended() -> None:
     assert proc.kinds() == ["spawn"] and record.pid == proc.pid
     proc.ready()
     await settle()
-    assert proc.sent[-1] == ("start", {"job": "J1", "name": "agent-name", "token": "tok"})
+    kind, start = proc.sent[-1]  # made from the record, the answer and the assignment
+    assert kind == "start" and start["job"]["id"] == "J1" and start["token"] == "tok"
+    assert (start["name"], start["url"], start["worker_id"]) == ("agent-name", "ws://livekit",
+                                                                 "AW_test")  # fmt: skip
     assert proc.running_timeout == 10.0  # the agent's prewarm_timeout, from start to running
     assert w.procs.replenished == 1
     proc.running()

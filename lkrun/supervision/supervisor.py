@@ -38,6 +38,7 @@ from lkrun.supervision.lifecycle import (
     transition,
 )
 from lkrun.supervision.offers import Rules, Situation, weigh_offer, weigh_unreserved_assignment
+from lkrun.supervision.start import StartRules, start_message
 
 job_log = logging.getLogger("lkrun.job")
 
@@ -101,7 +102,7 @@ class RoomCleaner(Protocol):
     async def remove_recreated(self, gone: RoomGone, *, agent: str, job_id: str) -> bool: ...
 
 
-class SupervisedRules(Rules, Protocol):
+class SupervisedRules(Rules, StartRules, Protocol):
     """The manifest's part of supervision (an AgentSpec is one)."""
 
     @property
@@ -115,11 +116,6 @@ class SupervisedRules(Rules, Protocol):
 
     @property
     def max_redispatches(self) -> int: ...
-
-
-# Builds the job's start message from its record, what we accepted it with, and LiveKit's
-# assignment.
-StartMessage = Callable[[JobRecord, Acceptance | None, proto.JobAssignment], dict[str, Any]]
 
 
 @dataclass
@@ -153,7 +149,7 @@ class JobSupervisor:
         processes: ProcessSource,
         reporter: StatusReporter,
         book: JobBook,
-        start_message: StartMessage,
+        url: str,
         shutdown_timeout: Callable[[], float],
         log: logging.LoggerAdapter[Any],
         metrics: Metrics | None = None,
@@ -168,7 +164,7 @@ class JobSupervisor:
         self.processes = processes
         self.reporter = reporter
         self.book = book
-        self.start_message = start_message
+        self.url = url  # the LiveKit server's, for jobs whose assignment names none
         self.shutdown_timeout = shutdown_timeout
         self.log = log
         self.metrics = metrics
@@ -283,7 +279,14 @@ class JobSupervisor:
         try:
             self.book.add(record)
             self._claim_process(job)
-            start = self.start_message(record, job.acceptance, assignment)
+            start = start_message(
+                record=record,
+                answer=job.acceptance,
+                assignment=assignment,
+                rules=self.rules,
+                url=self.url,
+                shutdown_timeout=self.shutdown_timeout(),
+            )
         except Exception as exc:  # e.g. the job's log file cannot be opened
             self.log.exception("job %s could not be given a process", info.id)
             self._abandon_process(job, f"its job {info.id} could not start")
