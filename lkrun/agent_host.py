@@ -64,7 +64,7 @@ from lkrun.supervision.job_monitor import MB, Target, Usage
 from lkrun.supervision.lifecycle import Cause
 from lkrun.supervision.offers import not_accepting
 from lkrun.supervision.request_process import RequestProcess, RequestRefused
-from lkrun.supervision.supervisor import JobSupervisor, ProcessHandle
+from lkrun.supervision.supervisor import JobSupervisor, ProcessHandle, effective_shutdown_timeout
 from lkrun.supervision.warm_pool import WarmPool
 
 log = logging.getLogger("lkrun.agent")
@@ -147,7 +147,7 @@ class AgentHost:
             reporter=self.registration,
             book=book,
             url=credentials.url,
-            shutdown_timeout=self._shutdown_timeout,
+            daemon=settings,
             log=self.log,
             metrics=settings.metrics,
             job_logs=settings.job_logs,
@@ -177,7 +177,7 @@ class AgentHost:
             self._offers[task] = event
             task.add_done_callback(self._offer_done)
         elif isinstance(event, Assigned):
-            self.jobs.assign(event.assignment)
+            self.jobs.assign(event.assignment, worker_id=event.worker_id)
         elif isinstance(event, Terminated):
             if self.jobs.stop(event.job_id, "terminated by LiveKit", cause=Cause.TERMINATED):
                 self.log.info("job %s terminated by LiveKit", event.job_id)
@@ -465,9 +465,9 @@ class AgentHost:
         return on_sample
 
     def _shutdown_timeout(self) -> float:
-        # The third stop signal sets the daemon's to 0: that wins over the agent's own.
-        daemon = self.settings.shutdown_timeout
-        return 0.0 if daemon == 0 else (self.spec.shutdown_timeout or daemon)
+        return effective_shutdown_timeout(
+            self.spec.shutdown_timeout, self.settings.shutdown_timeout
+        )
 
 
 def _job_attributes(job: proto.Job) -> dict[str, str]:

@@ -96,6 +96,7 @@ class Assigned:
     """The server gives us a job we (most likely) said yes to."""
 
     assignment: proto.JobAssignment
+    worker_id: str  # the registration's it came to
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,7 @@ class Registration:
         if kind == "availability":
             self._events.put_nowait(Offer(msg.availability.job, received, self._connection))
         elif kind == "assignment":
-            self._events.put_nowait(Assigned(msg.assignment))
+            self._events.put_nowait(Assigned(msg.assignment, self.state.worker_id))
         elif kind == "termination":
             self._events.put_nowait(Terminated(msg.termination.job_id))
         elif kind == "pong":

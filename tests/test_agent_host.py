@@ -68,7 +68,7 @@ async def offer(host: AgentHost, job_id: str) -> proto.Job:
 
 def assign(host: AgentHost, job: proto.Job) -> None:
     """As LiveKit's JobAssignment reaches it (through its registration's events)."""
-    host.handle(Assigned(proto.JobAssignment(job=job, token="t")))
+    host.handle(Assigned(proto.JobAssignment(job=job, token="t"), worker_id="AW_1"))
 
 
 def updates(host: AgentHost) -> list[tuple[str, int, str]]:

@@ -199,7 +199,7 @@ async def test_an_assignment_starts_with_the_answer_the_app_gave(
     await settle()
     requests.decide("J1", accept=True, identity="me", name="Mine", attributes={"k": "v"})
     await settle()
-    reg.feed(Assigned(proto.JobAssignment(job=offer.job, token="tok")))
+    reg.feed(Assigned(proto.JobAssignment(job=offer.job, token="tok"), worker_id="AW_1"))
     await settle()
     procs: Any = host.jobs.processes
     [proc] = procs.made
@@ -208,6 +208,7 @@ async def test_an_assignment_starts_with_the_answer_the_app_gave(
     await proc.told("start")
     _, start = proc.sent[-1]
     assert (start["name"], start["token"], start["url"]) == ("Mine", "tok", "ws://127.0.0.1:1")
+    assert (start["worker_id"], start["shutdown_timeout"]) == ("AW_1", 5)  # the daemon's
     assert start["attributes"]["k"] == "v" and start["attributes"]["lk.agent.name"] == "a"
     proc.exit()
     await settle()
@@ -240,12 +241,12 @@ async def test_a_fault_in_one_event_does_not_stop_the_loop(
 ) -> None:
     host, reg = make_host()
 
-    def broken(assignment: proto.JobAssignment) -> None:
+    def broken(assignment: proto.JobAssignment, *, worker_id: str) -> None:
         raise ValueError("odd job id")
 
     monkeypatch.setattr(host.jobs, "assign", broken)
     job = proto.Job(id="J1", room=models.Room(name="r"))
-    reg.feed(Assigned(proto.JobAssignment(job=job)))
+    reg.feed(Assigned(proto.JobAssignment(job=job), worker_id="AW_1"))
     reg.feed(Registered("AW_2", again=True))
     reg.offer("J2")
     await settle()

@@ -9,6 +9,7 @@ from lkrun.jobs.book import JobRecord
 from lkrun.manifest import AgentSpec
 from lkrun.registration import Acceptance
 from lkrun.supervision.start import start_message
+from lkrun.supervision.supervisor import effective_shutdown_timeout
 
 
 def record() -> JobRecord:
@@ -79,3 +80,9 @@ def test_an_assignment_without_an_answer_gets_the_agents_own_values() -> None:
         "meta",
         {},
     )
+
+
+def test_a_jobs_shutdown_timeout_is_its_agents_else_the_daemons_and_none_when_told_now() -> None:
+    assert effective_shutdown_timeout(3.0, 10.0) == 3.0
+    assert effective_shutdown_timeout(0.0, 10.0) == 10.0  # the agent sets none
+    assert effective_shutdown_timeout(3.0, 0.0) == 0.0  # the third stop signal

@@ -164,7 +164,6 @@ class FakeProcesses:
 class FakeReporter:
     updates: list[tuple[str, int, str]] = field(default_factory=list)
     load_changes: int = 0
-    worker_id: str = "AW_test"
 
     def update_job(self, job_id: str, status: int, error: str = "") -> None:
         self.updates.append((job_id, status, error))
@@ -182,6 +181,7 @@ class Rules:
     rooms: tuple[str, ...] = ()
     prewarm_timeout: float = 10.0
     job_timeout: float = 0.0
+    shutdown_timeout: float = 0.0  # the daemon's
     on_failure: str = "none"
     max_redispatches: int = 2
     participant_metadata: str = ""
@@ -192,6 +192,11 @@ class Rules:
 
     def display_name(self) -> str:
         return "the agent"
+
+
+@dataclass
+class Daemon:
+    shutdown_timeout: float
 
 
 class Clock:
@@ -232,7 +237,7 @@ def make_world(
         reporter=reporter,
         book=book,
         url="ws://livekit",
-        shutdown_timeout=lambda: 5.0,
+        daemon=Daemon(shutdown_timeout=5.0),
         log=logging.LoggerAdapter(logging.getLogger("test.supervisor")),
         job_logs=job_logs,
         on_end=on_end,
@@ -321,7 +326,7 @@ async def test_a_job_goes_reserved_starting_running_ended() -> None:
     assert w.sup.offer("J1", "r") is None
     assert phase(w, "J1") is Phase.RESERVED and w.sup.count == 1
     w.sup.answered("J1", Acceptance(identity="i", name="agent-name"))
-    w.sup.assign(assignment("J1"))
+    w.sup.assign(assignment("J1"), worker_id="AW_test")  # the registration's it came to
     proc = w.procs.made[-1]
     assert phase(w, "J1") is Phase.STARTING
     record = w.book.get("J1")

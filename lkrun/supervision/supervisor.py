@@ -86,9 +86,6 @@ class ProcessSource(Protocol):
 class StatusReporter(Protocol):
     """Where LiveKit hears of jobs (lkrun.registration.Registration is one)."""
 
-    @property
-    def worker_id(self) -> str: ...
-
     def update_job(
         self, job_id: str, status: proto.JobStatus.ValueType, error: str = ""
     ) -> None: ...
@@ -109,6 +106,9 @@ class SupervisedRules(Rules, StartRules, Protocol):
     def prewarm_timeout(self) -> float: ...
 
     @property
+    def shutdown_timeout(self) -> float: ...  # 0: the daemon's
+
+    @property
     def job_timeout(self) -> float: ...
 
     @property
@@ -116,6 +116,18 @@ class SupervisedRules(Rules, StartRules, Protocol):
 
     @property
     def max_redispatches(self) -> int: ...
+
+
+class DaemonSettings(Protocol):
+    """The daemon-wide part of supervision (lkrun.agent_host.HostSettings is one)."""
+
+    shutdown_timeout: float  # set to 0 when the daemon is told to stop at once
+
+
+def effective_shutdown_timeout(agent: float, daemon: float) -> float:
+    """A job's time between its shutdown request and the kill: its agent's own, else the
+    daemon's; none once the daemon's is 0 (the third stop signal wins over the agent's)."""
+    return 0.0 if daemon == 0 else (agent or daemon)
 
 
 @dataclass
@@ -150,7 +162,7 @@ class JobSupervisor:
         reporter: StatusReporter,
         book: JobBook,
         url: str,
-        shutdown_timeout: Callable[[], float],
+        daemon: DaemonSettings,
         log: logging.LoggerAdapter[Any],
         metrics: Metrics | None = None,
         job_logs: JobLogs | None = None,
@@ -165,7 +177,7 @@ class JobSupervisor:
         self.reporter = reporter
         self.book = book
         self.url = url  # the LiveKit server's, for jobs whose assignment names none
-        self.shutdown_timeout = shutdown_timeout
+        self.daemon = daemon
         self.log = log
         self.metrics = metrics
         self.job_logs = job_logs
@@ -246,7 +258,8 @@ class JobSupervisor:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def assign(self, assignment: proto.JobAssignment) -> None:
+    def assign(self, assignment: proto.JobAssignment, *, worker_id: str = "") -> None:
+        """Run the job LiveKit assigned to the worker ``worker_id`` (the registration's)."""
         info = assignment.job
         job = self.jobs.get(info.id)
         if job is not None and job.phase is not Phase.RESERVED:
@@ -268,7 +281,7 @@ class JobSupervisor:
             identity=info.state.participant_identity,
             offered_at=job.offered_at,
             accepted_at=self.clock(),
-            worker_id=self.reporter.worker_id,
+            worker_id=worker_id,
             **record_fields(info),  # what a redispatch needs; its place in a recovery chain
             # The policy as it is now: `lkrun recover` applies it if the daemon dies.
             on_failure=self.rules.on_failure,
@@ -323,6 +336,9 @@ class JobSupervisor:
 
     async def wait_tasks(self) -> None:
         await self._tasks.join()
+
+    def shutdown_timeout(self) -> float:
+        return effective_shutdown_timeout(self.rules.shutdown_timeout, self.daemon.shutdown_timeout)
 
     # -- inside ----------------------------------------------------------------------------
 
