@@ -224,10 +224,6 @@ class Registration:
 
     # -- what goes back ------------------------------------------------------------------
 
-    @property
-    def worker_id(self) -> str:
-        return self.state.worker_id
-
     def answer(self, offer: Offer, decision: Decision) -> bool:
         """Send ``decision`` as the answer to ``offer``. False, and nothing is sent, when the
         connection the offer came on is gone: the server forgot the offer with it."""
