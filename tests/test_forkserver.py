@@ -16,10 +16,14 @@ from typing import Any
 import psutil
 import pytest
 
+from lkrun.jobs.fields import JobStatus
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_process import AppSpec, JobProcess, LaunchError
+from lkrun.supervision.lifecycle import conclude
 from tests.conftest import REPO, livekit_api, pid_alive, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
+
+SUCCESS, FAILED = JobStatus.SUCCESS, JobStatus.FAILED
 
 pytestmark = pytest.mark.e2e  # fork servers and job processes
 
@@ -95,8 +99,8 @@ async def test_module_is_imported_once_and_each_job_is_a_fork(
     for proc in procs:
         proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
         await proc.stop("test over", timeout=10)
-    outcomes = [await proc.wait() for proc in procs]
-    assert all(o.ok and o.exit_code == 0 for o in outcomes), outcomes
+    facts = [await proc.wait() for proc in procs]
+    assert all(conclude(f).status is SUCCESS and f.exit_code == 0 for f in facts), facts
 
 
 async def test_retired_fork_server_outlives_its_running_job(
@@ -114,7 +118,7 @@ async def test_retired_fork_server_outlives_its_running_job(
     assert pid_alive(zygote)  # retired, but its child still runs
 
     await proc.stop("test over", timeout=10)
-    assert (await proc.wait()).ok
+    assert conclude(await proc.wait()).status is SUCCESS
     await wait_for(lambda: not pid_alive(zygote), 10, what="the retired zygote to exit")
 
 
@@ -126,8 +130,9 @@ async def test_jobs_end_with_a_killed_fork_server_and_the_next_job_gets_a_new_on
     old = server.pid
     assert old is not None and proc.pid is not None
     os.kill(old, signal.SIGKILL)
-    outcome = await asyncio.wait_for(proc.wait(), 10)
-    assert not outcome.ok and outcome.exit_code is None
+    facts = await asyncio.wait_for(proc.wait(), 10)
+    outcome = conclude(facts)
+    assert outcome.status is FAILED and facts.exit_code is None
     assert "fork server exited" in outcome.error
     await wait_for(lambda: not pid_alive(proc.pid or 0), 10, what="the orphaned job to die")
 
@@ -359,7 +364,7 @@ async def test_a_control_socket_numbered_above_1024_works(
         assert server._sock is not None and server._sock.fileno() >= 1024
         proc.start(job=JOB, url="ws://127.0.0.1:1", token="t", identity="me", agent="a")
         await proc.stop("test over", timeout=10)
-        assert (await proc.wait()).ok
+        assert conclude(await proc.wait()).status is SUCCESS
     finally:
         for fd in filler:
             os.close(fd)
