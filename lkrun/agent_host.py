@@ -45,6 +45,7 @@ from lkrun.recovery import (
 from lkrun.registration import (
     Acceptance,
     Assigned,
+    AvailableSeen,
     Decision,
     Decline,
     Lost,
@@ -182,8 +183,11 @@ class AgentHost:
             if self.jobs.stop(event.job_id, "terminated by LiveKit", cause=Cause.TERMINATED):
                 self.log.info("job %s terminated by LiveKit", event.job_id)
         elif isinstance(event, Registered):
+            self._readiness_moved.set()
             if event.again:
                 self.settings.metrics.registration_reconnected(self.spec.name)
+        elif isinstance(event, AvailableSeen):
+            self._readiness_moved.set()
         elif isinstance(event, Lost):
             for task, offer in list(self._offers.items()):
                 if offer.connection == event.connection:  # the server forgot it
@@ -302,15 +306,21 @@ class AgentHost:
             return "not registered with LiveKit"
         if why := self.processes.not_ready():
             return f"starting: {why}"
+        status = self._status
+        if not self.registration.state.available_seen and (status is None or not status.full):
+            # Ready only once a dispatch made now would find it: the AVAILABLE that the
+            # processes' readiness sent may still be on its way (a pong away).
+            return "starting: LiveKit has not yet taken its AVAILABLE status"
         return ""
 
     async def wait_ready(self) -> None:
-        """Until not_ready() is "": registered, and the processes ready."""
+        """Until not_ready() is "": registered, the processes ready, and LiveKit has seen
+        the agent AVAILABLE (unless it is FULL for a reason of its own, e.g. max_jobs)."""
         while True:
             self._readiness_moved.clear()
             if not self.registration.state.connected:
                 await self.registration.wait_registered()
-            elif not self.processes.not_ready():
+            elif not self.not_ready():
                 return
             else:
                 await self._readiness_moved.wait()
@@ -328,6 +338,7 @@ class AgentHost:
             self.settings.metrics.was_full(self.spec.name, was.reason, self._status_at - since)
         if was is not None and (was.full, was.reason) == (load.full, load.reason):
             return
+        self._readiness_moved.set()  # FULL or not decides whether readiness waits for LiveKit
         if load.full:
             why = {
                 "draining": "draining or removed from the manifest",

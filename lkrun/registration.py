@@ -115,13 +115,21 @@ class Registered:
 
 
 @dataclass(frozen=True)
+class AvailableSeen:
+    """The server has taken the connection's first AVAILABLE status: a dispatch made from
+    now on finds this worker (before, it finds it FULL, or not at all, and is dropped)."""
+
+    connection: int
+
+
+@dataclass(frozen=True)
 class Lost:
     """A connection ended: the server forgot the offers it made on it."""
 
     connection: int
 
 
-RegistrationEvent = Offer | Assigned | Terminated | Registered | Lost
+RegistrationEvent = Offer | Assigned | Terminated | Registered | AvailableSeen | Lost
 
 
 def availability_response(job_id: str, decision: Decision) -> proto.AvailabilityResponse:
@@ -155,6 +163,7 @@ class RegistrationState:
     reconnects: int = 0
     last_error: str = ""
     connected_since: float | None = None  # time.monotonic(): only durations are taken of it
+    available_seen: bool = False  # the server took this connection's first AVAILABLE
 
 
 class Registration:
@@ -185,6 +194,8 @@ class Registration:
         self._last_load: WorkerLoad | None = None
         self._registered = asyncio.Event()
         self._registrations = 0
+        self._last_ping = 0  # the newest ping's timestamp: each one differs from the last
+        self._seen_ping: int | None = None  # the ping behind this connection's first AVAILABLE
 
     async def wait_registered(self) -> None:
         await self._registered.wait()
@@ -316,8 +327,12 @@ class Registration:
         # The server answers register *before* it adds the worker to its pool; a dispatch in
         # between finds no worker and is dropped. It answers a ping only from its pool, so
         # the pong is what makes the registration real.
-        ping = proto.WorkerPing(timestamp=int(time.time() * 1000))
-        await ws.send_bytes(proto.WorkerMessage(ping=ping).SerializeToString())
+        await ws.send_bytes(self._ping().SerializeToString())
+
+    def _ping(self) -> proto.WorkerMessage:
+        # Pongs echo the timestamp: a distinct one per ping tells which ping was answered.
+        self._last_ping = max(int(time.time() * 1000), self._last_ping + 1)
+        return proto.WorkerMessage(ping=proto.WorkerPing(timestamp=self._last_ping))
 
     def _confirmed(self) -> None:
         if self.state.connected:
@@ -366,6 +381,9 @@ class Registration:
             self._events.put_nowait(Terminated(msg.termination.job_id))
         elif kind == "pong":
             self._confirmed()
+            if msg.pong.last_timestamp == self._seen_ping and not self.state.available_seen:
+                self.state.available_seen = True
+                self._events.put_nowait(AvailableSeen(self._connection))
         elif kind == "go_away":
             self.log.info("server asked us to go away: %s", msg.go_away.reason)
 
@@ -378,6 +396,12 @@ class Registration:
         # Always send load: an update without it resets the server's view to 0.
         update = proto.UpdateWorkerStatus(status=status, load=load.load, job_count=load.job_count)
         self._put(proto.WorkerMessage(update_worker=update))
+        if status == proto.WS_AVAILABLE and self._seen_ping is None and self._outbox is not None:
+            # The server handles a worker's messages in order and answers a ping at once:
+            # the pong to this one says the AVAILABLE before it has been taken.
+            ping = self._ping()
+            self._seen_ping = ping.ping.timestamp
+            self._put(ping)
 
     async def _refresh_load(self) -> None:
         while True:
@@ -411,6 +435,8 @@ class Registration:
             self.state.connected_since = None
         self._registered.clear()
         self._last_load = None
+        self._seen_ping = None
+        self.state.available_seen = False
 
 
 class ProtocolError(Exception):

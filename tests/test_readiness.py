@@ -4,6 +4,7 @@ normal speed (code loaded, first warm process up, request process answering). Fa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
 from lkrun.jobs.book import JobBook
 from lkrun.manifest import AgentSpec
+from lkrun.registration import AvailableSeen
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_process import AppSpec
 from lkrun.supervision.request_process import RequestProcess
@@ -60,6 +62,7 @@ def fakes(made: Made) -> Callable[[], Any]:
 
 def connected(host: AgentHost) -> AgentHost:
     host.registration.state.connected = True  # as after the server's pong
+    host.registration.state.available_seen = True  # and the one to its first AVAILABLE
     return host
 
 
@@ -168,3 +171,31 @@ def test_the_status_log_says_why_it_is_full(
     host.worker_load()
     [record] = [r for r in caplog.records if "FULL" in r.getMessage()]
     assert record.levelno == logging.INFO and "starting" in record.getMessage()
+
+
+async def test_not_ready_until_livekit_has_taken_its_available_status(
+    make_host: Callable[..., AgentHost],
+) -> None:
+    """A dispatch made as /readyz turns ready must find the agent: readiness waits for the
+    pong to the ping sent behind the first AVAILABLE, unless the agent is FULL anyway."""
+    host = make_host(idle_processes=1)
+    host.registration.state.connected = True
+    made: Made = []
+    host.pool.factory = fakes(made)
+    await host.processes.start()
+    await settle()
+    made[0].ready()
+    await settle()
+    assert not host.worker_load().full
+    assert host.not_ready() == "starting: LiveKit has not yet taken its AVAILABLE status"
+    waiter = asyncio.create_task(host.wait_ready())
+    await settle()
+    assert not waiter.done()
+    host.registration.state.available_seen = True
+    host.handle(AvailableSeen(connection=1))
+    await asyncio.wait_for(waiter, 5)
+    assert host.not_ready() == ""
+    # FULL for a reason of its own (here draining): nothing to wait for from LiveKit.
+    host.registration.state.available_seen = False
+    host.stop_accepting()
+    assert host.worker_load().full and host.not_ready() == ""

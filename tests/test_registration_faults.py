@@ -25,6 +25,7 @@ from lkrun.registration import (
     Acceptance,
     Assigned,
     AuthError,
+    AvailableSeen,
     Decision,
     Decline,
     Lost,
@@ -420,6 +421,52 @@ async def test_worker_status_carries_load_and_full(
     assert first.status == proto.WS_AVAILABLE and first.load == 0.0
     assert full.status == proto.WS_FULL and full.load == pytest.approx(0.5)
     assert available.status == proto.WS_AVAILABLE
+
+
+async def test_available_is_seen_only_once_the_server_pongs_the_ping_behind_it(
+    session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first AVAILABLE of a connection is followed by a ping: its pong, not the write,
+    says the server has taken the status (what readiness and restart recovery wait for).
+    A FULL first sends no such ping; the AVAILABLE after it does."""
+    monkeypatch.setattr(registration, "STATUS_REFRESH", 3600.0)
+    handler = Handler()
+    handler.full = True
+    seen: list[AvailableSeen] = []
+    before_pong: list[bool] = []
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        first = await server.recv(ws)
+        assert first.update_worker.status == proto.WS_FULL
+        handler.full = False
+        reg.load_changed()
+        available = await server.recv(ws)
+        assert available.update_worker.status == proto.WS_AVAILABLE
+        ping = await server.recv(ws)
+        assert ping.WhichOneof("message") == "ping"
+        before_pong.append(reg.state.available_seen)  # written and read, not answered
+        pong = proto.WorkerPong(last_timestamp=ping.ping.timestamp, timestamp=2)
+        await ws.send_bytes(proto.ServerMessage(pong=pong).SerializeToString())
+        await server.hang()
+
+    async def consume(reg: Registration) -> None:
+        while True:
+            if isinstance(event := await reg.next_event(), AvailableSeen):
+                seen.append(event)
+
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+        consumer = asyncio.create_task(consume(reg))
+        try:
+            await run_until(reg, lambda: bool(seen))
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+    assert before_pong == [False]
+    assert [e.connection for e in seen] == [1]
+    pings = [m for m in server.received if m.WhichOneof("message") == "ping"]
+    assert len(pings) == 2 and pings[0].ping.timestamp != pings[1].ping.timestamp
 
 
 async def test_registration_counts_only_once_the_server_pongs(
