@@ -189,9 +189,17 @@ class AgentHost:
         elif isinstance(event, AvailableSeen):
             self._readiness_moved.set()
         elif isinstance(event, Lost):
+            # The server forgot every offer of that connection: those being decided are
+            # given up, those answered yes no longer wait for an assignment.
             for task, offer in list(self._offers.items()):
-                if offer.connection == event.connection:  # the server forgot it
+                if offer.connection == event.connection:
                     task.cancel()
+            if released := self.jobs.lost(event.connection):
+                self.log.info(
+                    "registration connection lost: released %d reserved job(s): %s",
+                    len(released),
+                    ", ".join(released),
+                )
 
     async def _answer(self, offer: Offer) -> None:
         job = offer.job
@@ -206,7 +214,7 @@ class AgentHost:
         # Stored once, as it goes out: the job's start message carries what it was accepted
         # with, the metrics how long the decision took from the offer's arrival.
         if isinstance(decision, Acceptance):
-            self.jobs.answered(job.id, decision)
+            self.jobs.answered(job.id, decision, connection=offer.connection)
         accepted = isinstance(decision, Acceptance)
         reason = decision.reason if isinstance(decision, Decline) else ""
         seconds = time.perf_counter() - offer.received

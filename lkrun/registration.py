@@ -358,18 +358,24 @@ class Registration:
             await ws.close()
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                received = time.perf_counter()
-                try:
-                    decoded = proto.ServerMessage.FromString(msg.data)
-                except DecodeError as exc:
-                    raise ProtocolError(f"undecodable message from server: {exc}") from exc
-                self._dispatch(decoded, received)
-            elif msg.type == aiohttp.WSMsgType.ERROR:
-                raise ProtocolError(f"websocket error: {ws.exception()}")
-        code = ws.close_code
-        self.state.last_error = f"server closed the connection (code {code})"
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    received = time.perf_counter()
+                    try:
+                        decoded = proto.ServerMessage.FromString(msg.data)
+                    except DecodeError as exc:
+                        raise ProtocolError(f"undecodable message from server: {exc}") from exc
+                    self._dispatch(decoded, received)
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    raise ProtocolError(f"websocket error: {ws.exception()}")
+            code = ws.close_code
+            self.state.last_error = f"server closed the connection (code {code})"
+        finally:
+            # The connection is over from this moment: an answer made before _session
+            # wakes up to tear it down would be queued for a writer about to be cancelled,
+            # and answer() would say it went.
+            self._outbox = None
 
     def _dispatch(self, msg: proto.ServerMessage, received: float) -> None:
         kind = msg.WhichOneof("message")
@@ -416,9 +422,12 @@ class Registration:
         self, ws: aiohttp.ClientWebSocketResponse, outbox: asyncio.Queue[proto.WorkerMessage]
     ) -> None:
         # Beside _deliver_updates: aiohttp writes each frame whole, whoever sends it.
-        while True:
-            msg = await outbox.get()
-            await ws.send_bytes(msg.SerializeToString())
+        try:
+            while True:
+                msg = await outbox.get()
+                await ws.send_bytes(msg.SerializeToString())
+        finally:
+            self._outbox = None  # nothing written from here: answer() must say so (see _read)
 
     async def _deliver_updates(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Job status updates, oldest first, once the registration is confirmed. One that is

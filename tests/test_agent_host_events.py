@@ -190,6 +190,25 @@ async def test_an_offer_whose_connection_dropped_is_never_answered(
     assert reg.answered() == {"J_new": "Acceptance"}
 
 
+async def test_a_lost_connection_releases_the_offers_answered_on_it(
+    make_host: Callable[..., Host],
+) -> None:
+    """The server forgets an answered offer with its connection and offers the job again
+    on the next: the slot is free at once, and the job taken, not declined as a duplicate."""
+    host, reg = make_host(max_jobs=1)
+    reg.offer("J1")
+    await settle()
+    assert reg.answered() == {"J1": "Acceptance"} and host.job_count() == 1
+    reg.connection = 2
+    reg.feed(Lost(1))
+    await settle()
+    assert host.job_count() == 0
+    reg.offer("J1")  # LiveKit's second try, on connection 2
+    await settle()
+    assert [type(d).__name__ for _, d in reg.answers] == ["Acceptance", "Acceptance"]
+    assert host.job_count() == 1 and host.jobs.jobs["J1"].connection == 2
+
+
 async def test_an_assignment_starts_with_the_answer_the_app_gave(
     make_host: Callable[..., Host],
 ) -> None:

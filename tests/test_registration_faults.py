@@ -533,3 +533,25 @@ async def test_job_updates_keep_their_order_when_a_write_fails(session: Any) -> 
         await reg._deliver_updates(BrokenSocket())  # type: ignore[arg-type]
     statuses = [u.status for u in reg.updates.unsent()]
     assert statuses == [proto.JS_RUNNING, proto.JS_SUCCESS]
+
+
+async def test_no_answer_is_taken_once_the_connection_s_reader_ended(session: Any) -> None:
+    """Between the server's hang-up and the connection's teardown an answer would be queued
+    for a writer about to be cancelled: answer() says False from the reader's end on."""
+
+    class ClosedSocket:
+        close_code = 1000
+
+        def __aiter__(self) -> ClosedSocket:
+            return self
+
+        async def __anext__(self) -> Any:
+            raise StopAsyncIteration
+
+    reg = make_registration("ws://127.0.0.1:1", Handler(), session)
+    reg._connection = 1
+    reg._outbox = outbox = asyncio.Queue()  # as while connection 1 is up
+    offer = Offer(job("AJ_1", "yes-room"), received=0.0, connection=1)
+    await reg._read(ClosedSocket())  # type: ignore[arg-type]
+    assert not reg.answer(offer, Acceptance(identity="i"))
+    assert outbox.empty()

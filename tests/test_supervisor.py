@@ -254,7 +254,7 @@ def assignment(job_id: str, room: str = "r") -> proto.JobAssignment:
 
 def offer_and_assign(w: World, job_id: str) -> FakeProcess:
     assert w.sup.offer(job_id, "r") is None
-    w.sup.answered(job_id, Acceptance(identity="i", name="agent-name"))
+    w.sup.answered(job_id, Acceptance(identity="i", name="agent-name"), connection=1)
     w.sup.assign(assignment(job_id))
     return w.procs.made[-1]
 
@@ -325,7 +325,7 @@ async def test_a_job_goes_reserved_starting_running_ended() -> None:
     w = make_world()
     assert w.sup.offer("J1", "r") is None
     assert phase(w, "J1") is Phase.RESERVED and w.sup.count == 1
-    w.sup.answered("J1", Acceptance(identity="i", name="agent-name"))
+    w.sup.answered("J1", Acceptance(identity="i", name="agent-name"), connection=1)
     w.sup.assign(assignment("J1"), worker_id="AW_test")  # the registration's it came to
     proc = w.procs.made[-1]
     assert phase(w, "J1") is Phase.STARTING

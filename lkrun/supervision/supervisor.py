@@ -139,6 +139,9 @@ class Job:
     reserved_at: float = 0.0  # monotonic clock: when its reservation expires
     phase: Phase = Phase.RESERVED
     acceptance: Acceptance | None = None  # what we answered the offer with
+    # The registration connection the answer went out on: the server forgets the offer,
+    # answered or not, when that connection ends (see lost).
+    connection: int | None = None
     record: JobRecord | None = None  # from the assignment on
     room_sid: str = ""  # the assigned room's, from the assignment on
     process: ProcessHandle | None = None
@@ -238,10 +241,26 @@ class JobSupervisor:
         asyncio.get_running_loop().call_later(ASSIGNMENT_WAIT + 0.1, self.expire_reservations)
         return None
 
-    def answered(self, job_id: str, acceptance: Acceptance) -> None:
-        """What the offer was accepted with: the job's start message carries it."""
+    def answered(self, job_id: str, acceptance: Acceptance, *, connection: int) -> None:
+        """What the offer was accepted with (the job's start message carries it), on which
+        connection of the registration."""
         if (job := self.jobs.get(job_id)) is not None and job.phase is Phase.RESERVED:
             job.acceptance = acceptance
+            job.connection = connection
+
+    def lost(self, connection: int) -> list[str]:
+        """The registration's ``connection`` ended: the server forgot the offers it made
+        on it, answered ones too, and assigns none of them. Release their slots now (not
+        ASSIGNMENT_WAIT later): LiveKit offers the job again, on the next connection, and a
+        slot still held would decline it as a duplicate. The ids released."""
+        gone = [
+            job
+            for job in self.in_phase(Phase.RESERVED)
+            if job.connection is not None and job.connection == connection
+        ]
+        for job in gone:
+            self._enter(job, Event.RELEASED)
+        return [job.id for job in gone]
 
     def release(self, job_id: str) -> None:
         """No assignment will follow this offer (declined after all, or its answer was lost)."""
