@@ -3,8 +3,8 @@
 The registration is a transport. What the server says comes out as events, in the order it
 said them (``next_event``): an offer, an assignment, a termination, the registration
 confirmed, a connection lost. What goes back goes through it: the answer to an offer
-(``answer``), job statuses (``update_job``: in order and at least once, through
-lkrun.job_updates), the worker's load (``load_changed``, on connecting and every
+(``answer``), job statuses (``update_job``: in order, handed to a live socket at least
+once, through lkrun.job_updates), the worker's load (``load_changed``, on connecting and every
 STATUS_REFRESH). It reconnects with capped backoff. What to answer, and what to do with a
 job, is its consumer's business (lkrun.agent_host).
 """
@@ -196,6 +196,8 @@ class Registration:
         self._registrations = 0
         self._last_ping = 0  # the newest ping's timestamp: each one differs from the last
         self._seen_ping: int | None = None  # the ping behind this connection's first AVAILABLE
+        # Each job assigned and not yet ended -> the connection its assignment came on.
+        self._assigned_on: dict[str, int] = {}
 
     async def wait_registered(self) -> None:
         await self._registered.wait()
@@ -246,10 +248,17 @@ class Registration:
         return True
 
     def update_job(self, job_id: str, status: proto.JobStatus.ValueType, error: str = "") -> None:
-        self.updates.put(job_id, status, error)
+        # Tagged with the connection the job came on: after that one ends, livekit-server
+        # ignores the job's updates (see lkrun.job_updates), and flush need not wait for them.
+        if status in (proto.JS_SUCCESS, proto.JS_FAILED):
+            connection = self._assigned_on.pop(job_id, None)
+        else:
+            connection = self._assigned_on.get(job_id)
+        self.updates.put(job_id, status, error, connection=connection)
 
     async def flush(self, timeout: float) -> bool:
-        """Wait until every job status update was written to the server; False on timeout."""
+        """Wait until every job status update a server can still take was handed to the
+        socket; False on timeout. (Not that the server read it: see lkrun.job_updates.)"""
         return await self.updates.flush(timeout)
 
     def load_changed(self) -> None:
@@ -298,6 +307,7 @@ class Registration:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                self.updates.connection_ended(self._connection)
                 self._events.put_nowait(Lost(self._connection))
 
     def _token(self) -> str:
@@ -382,6 +392,7 @@ class Registration:
         if kind == "availability":
             self._events.put_nowait(Offer(msg.availability.job, received, self._connection))
         elif kind == "assignment":
+            self._assigned_on[msg.assignment.job.id] = self._connection
             self._events.put_nowait(Assigned(msg.assignment, self.state.worker_id))
         elif kind == "termination":
             self._events.put_nowait(Terminated(msg.termination.job_id))

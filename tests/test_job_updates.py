@@ -1,25 +1,31 @@
 """The job update outbox (lkrun.job_updates): in order, at least once, across a failed write
-and a reconnect, and flushed. Plain asyncio: a "connection" here is a sender task."""
+and a reconnect, and flushed. Plain asyncio: a "connection" here is a sender task, or the
+registration's own sender (Registration._deliver_updates) writing to a FAKE socket."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from livekit.protocol import agent as proto
+from livekit.protocol import models
 
+from lkrun.credentials import Credentials
 from lkrun.job_updates import JobUpdates
+from lkrun.load import WorkerLoad
+from lkrun.registration import Registration, WorkerSpec
 
 
 class Connection:
     """A connection's sender as lkrun.registration runs one: takes the oldest update, writes
     it, marks it sent. ``fail_at``: the write of that many-th update raises (the socket
-    broke); ``hang_at``: that write never finishes (the connection is dropped under it)."""
+    broke)."""
 
-    def __init__(self, updates: JobUpdates, *, fail_at: int = 0, hang_at: int = 0) -> None:
+    def __init__(self, updates: JobUpdates, *, fail_at: int = 0) -> None:
         self.updates = updates
         self.fail_at = fail_at
-        self.hang_at = hang_at
         self.written: list[tuple[str, int]] = []
 
     async def send(self) -> None:
@@ -28,14 +34,56 @@ class Connection:
             attempt = len(self.written) + 1
             if attempt == self.fail_at:
                 raise ConnectionResetError("gone")
-            if attempt == self.hang_at:
-                await asyncio.Event().wait()
             self.written.append((update.job_id, update.status))
             self.updates.sent(update)
 
 
 async def run_until_idle(conn: Connection) -> asyncio.Task[None]:
     task = asyncio.create_task(conn.send())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    return task
+
+
+async def end(task: asyncio.Task[None]) -> None:
+    """End a sender as the registration ends a lost connection's: cancelled, and awaited."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+class FakeSocket:
+    """FAKE WebSocket for Registration._deliver_updates: records each frame it takes;
+    ``hang_at``: that many-th send never returns (the connection dies under it)."""
+
+    def __init__(self, hang_at: int = 0) -> None:
+        self.hang_at = hang_at
+        self.calls = 0
+        self.frames: list[tuple[str, int]] = []
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.calls += 1
+        if self.calls == self.hang_at:
+            await asyncio.Event().wait()
+        update = proto.WorkerMessage.FromString(data).update_job
+        self.frames.append((update.job_id, update.status))
+
+
+@pytest.fixture
+async def registration() -> AsyncIterator[Registration]:
+    async with aiohttp.ClientSession() as session:
+        reg = Registration(
+            label="test",
+            spec=WorkerSpec("tester", "room", "", models.ParticipantPermission()),
+            credentials=Credentials("ws://127.0.0.1:1", "key", "secret"),
+            load=WorkerLoad,
+            session=session,
+        )
+        reg._registered.set()  # as after the server's pong: updates may go
+        yield reg
+
+
+async def deliver(reg: Registration, ws: FakeSocket) -> asyncio.Task[None]:
+    task = asyncio.create_task(reg._deliver_updates(ws))  # type: ignore[arg-type]
     for _ in range(10):
         await asyncio.sleep(0)
     return task
@@ -57,7 +105,7 @@ async def test_updates_are_written_in_the_order_they_were_put() -> None:
         ("J2", proto.JS_FAILED),
     ]
     assert updates.unsent() == []
-    task.cancel()
+    await end(task)
 
 
 async def test_a_failed_write_is_sent_first_on_the_next_connection() -> None:
@@ -82,23 +130,58 @@ async def test_a_failed_write_is_sent_first_on_the_next_connection() -> None:
         ("J2", proto.JS_RUNNING),
         ("J2", proto.JS_SUCCESS),
     ]
-    task.cancel()
+    await end(task)
 
 
-async def test_an_update_whose_connection_dropped_mid_write_is_sent_again() -> None:
+async def test_an_update_whose_connection_dropped_mid_write_is_sent_again(
+    registration: Registration,
+) -> None:
     """At least once: a write cut short by the connection's end counts as not written."""
+    registration.update_job("J1", proto.JS_RUNNING)
+    registration.update_job("J1", proto.JS_SUCCESS)
+    dropped = FakeSocket(hang_at=2)
+    await end(await deliver(registration, dropped))  # _session ends a lost connection's sender
+    assert dropped.frames == [("J1", proto.JS_RUNNING)]
+    again = FakeSocket()
+    task = await deliver(registration, again)
+    assert again.frames == [("J1", proto.JS_SUCCESS)]
+    assert registration.updates.unsent() == []
+    await end(task)
+
+
+async def test_flush_does_not_wait_for_updates_of_a_connection_that_ended(
+    registration: Registration,
+) -> None:
+    """livekit-server forgets a connection's jobs when it closes and ignores their updates
+    after: the daemon's last flush waits only for what a server can still take. They are
+    still sent on the next connection (a server that keeps jobs takes them)."""
+    registration._connection = 1
+    assignment = proto.JobAssignment(job=proto.Job(id="J1"))
+    registration._dispatch(proto.ServerMessage(assignment=assignment), 0.0)
+    registration.update_job("J1", proto.JS_SUCCESS)
+    registration.update_job("J_unknown", proto.JS_FAILED, "no assignment seen")
+    assert not await registration.flush(0.01)
+    registration.updates.connection_ended(1)
+    assert not await registration.flush(0.01)  # J_unknown's is still worth waiting for
+    ws = FakeSocket()
+    task = await deliver(registration, ws)
+    assert await registration.flush(0.01)
+    assert ws.frames == [("J1", proto.JS_SUCCESS), ("J_unknown", proto.JS_FAILED)]
+    await end(task)
+    registration.update_job("J1", proto.JS_FAILED, "late")  # ended already: untagged
+    assert not await registration.flush(0.01)
+    assert registration._assigned_on == {}
+
+
+async def test_flush_ignores_only_ended_connections() -> None:
     updates = JobUpdates()
-    updates.put("J1", proto.JS_RUNNING)
-    updates.put("J1", proto.JS_SUCCESS)
-    dropped = Connection(updates, hang_at=2)
-    task = await run_until_idle(dropped)
-    task.cancel()  # the registration ends a lost connection's sender
-    await asyncio.gather(task, return_exceptions=True)
-    assert dropped.written == [("J1", proto.JS_RUNNING)]
-    again = Connection(updates)
-    task = await run_until_idle(again)
-    assert again.written == [("J1", proto.JS_SUCCESS)]
-    task.cancel()
+    updates.put("J1", proto.JS_SUCCESS, connection=1)
+    updates.put("J2", proto.JS_SUCCESS, connection=2)
+    updates.connection_ended(1)
+    assert not await updates.flush(0.01)  # J2's connection is up
+    updates.connection_ended(2)
+    assert await updates.flush(0.01)
+    assert [u.job_id for u in updates.unsent()] == ["J1", "J2"]  # still replayed
 
 
 async def test_the_same_status_twice_is_sent_twice() -> None:
@@ -108,7 +191,7 @@ async def test_the_same_status_twice_is_sent_twice() -> None:
     conn = Connection(updates)
     task = await run_until_idle(conn)
     assert conn.written == [("J1", proto.JS_FAILED)] * 2
-    task.cancel()
+    await end(task)
 
 
 async def test_flush_waits_until_every_update_was_written() -> None:
@@ -124,4 +207,4 @@ async def test_flush_waits_until_every_update_was_written() -> None:
     assert not flushed.done()  # a failed write is not a sent one
     task = await run_until_idle(Connection(updates))
     assert await flushed
-    task.cancel()
+    await end(task)
