@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,8 @@ from livekit.protocol import models
 
 from lkrun.jobs.book import JobBook, JobRecord, JobStatus
 from lkrun.registration import Acceptance
-from lkrun.supervision.job_process import LaunchError
+from lkrun.supervision import job_process
+from lkrun.supervision.job_process import JobProcess, Launched, LaunchError
 from lkrun.supervision.lifecycle import (
     Asked,
     Cause,
@@ -24,7 +25,9 @@ from lkrun.supervision.lifecycle import (
     Facts,
     IllegalTransition,
     Phase,
+    Verdict,
     allowed,
+    conclude,
     transition,
 )
 from lkrun.supervision.offers import Situation, weigh_offer, weigh_unreserved_assignment
@@ -87,18 +90,26 @@ class FakeProcess:
     async def wait(self) -> Facts:
         return await asyncio.shield(self._exit)
 
+    def ask(self, asked: Asked, timeout: float) -> Coroutine[Any, Any, None]:
+        assert self.pid is not None, "ask() before spawn()"  # as JobProcess insists
+        if not self.exited:  # taken now, as JobProcess takes it
+            self.asked.append(asked)
+        if asked.force:
+            return self._kill(asked.reason, asked.cause)
+        return self._stop(asked.reason, asked.cause)
+
     # The default as JobProcess's: the warm pool and the request process give none.
     async def stop(self, reason: str, timeout: float, *, cause: Cause = Cause.DRAIN) -> None:
-        assert self.pid is not None, "stop() before spawn()"  # as JobProcess insists
-        self.sent.append(("stop", reason, cause))
-        if not self.exited:
-            self.asked.append(Asked(cause, reason))
+        await self.ask(Asked(cause, reason), timeout)
 
     async def kill(self, why: str, *, cause: Cause = Cause.DRAIN) -> None:
-        assert self.pid is not None, "kill() before spawn()"
+        await self.ask(Asked(cause, why, force=True), 0.0)
+
+    async def _stop(self, reason: str, cause: Cause) -> None:
+        self.sent.append(("stop", reason, cause))
+
+    async def _kill(self, why: str, cause: Cause) -> None:
         self.sent.append(("kill", why, cause))
-        if not self.exited:
-            self.asked.append(Asked(cause, why, force=True))
         self.exit(None, exit_code=-15)
 
     # -- the script
@@ -661,3 +672,71 @@ async def test_a_failing_on_end_hook_does_not_hold_the_job() -> None:
     proc.exit()
     await settle()
     assert w.sup.count == 0 and w.reporter.statuses("J1") == [proto.JS_SUCCESS]
+
+
+# -- what was asked, and when ------------------------------------------------------------------
+
+
+async def test_a_stop_is_taken_by_the_process_when_asked_not_when_its_task_runs() -> None:
+    w = make_world()
+    proc = offer_and_assign(w, "J1")
+    await settle()
+    proc.ready()
+    proc.running()
+    assert w.sup.stop("J1", "terminated by LiveKit", cause=Cause.TERMINATED)
+    assert proc.asked == [Asked(Cause.TERMINATED, "terminated by LiveKit")]  # no await between
+    await settle()
+    assert proc.sent[-1] == ("stop", "terminated by LiveKit", Cause.TERMINATED)
+    proc.exit()
+    await settle()
+
+
+class PipesHeldOpen:
+    """FAKE launch of a process that dies by SIGSEGV at once while a grandchild that left
+    its group keeps its pipes open: its exit code is known TERM_GRACE before its end."""
+
+    def __init__(self) -> None:
+        self.stdout = asyncio.StreamReader()
+        self.stderr = asyncio.StreamReader()
+        self.died = asyncio.Event()
+
+    async def __call__(self, role: str = "job") -> Launched:
+        class Stdin:
+            def write(self, data: bytes) -> None:
+                pass
+
+            def is_closing(self) -> bool:
+                return False
+
+            def close(self) -> None:
+                pass
+
+        async def wait() -> int:
+            self.died.set()
+            return -11
+
+        return Launched(999_999_999, Stdin(), self.stdout, self.stderr, wait, lambda: None)
+
+
+async def test_an_ask_after_the_exit_code_is_known_is_not_the_cause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGSEGV stays a crash (redispatched by on_failure) when LiveKit's termination, or
+    any stop, comes while the dead process's pipes are still held open."""
+    monkeypatch.setattr(job_process, "TERM_GRACE", 0.2)
+    monkeypatch.setattr(job_process.pdeathsig, "signal_group", lambda pid, sig: None)
+    launch = PipesHeldOpen()
+    proc = JobProcess(launcher=launch, log=logging.LoggerAdapter(logging.getLogger("t"), {}))
+    await proc.spawn()
+    await asyncio.wait_for(launch.died.wait(), 5)
+    await settle()
+    assert not proc.exited  # its pipes are open: TERM_GRACE to go
+    stopping = asyncio.ensure_future(
+        proc.stop("terminated by LiveKit", 5.0, cause=Cause.TERMINATED)
+    )
+    facts = await asyncio.wait_for(proc.wait(), 5)
+    await asyncio.wait_for(stopping, 5)
+    assert facts.asked == ()
+    assert conclude(facts) == Verdict(
+        JobStatus.FAILED, Cause.SIGNAL, error="job process killed by SIGSEGV"
+    )

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,7 +159,8 @@ class JobProcess:
         self._asked: list[Asked] = []
         self._killing = False  # a kill is under way
         self._last_log_line = ""
-        self._exited = asyncio.Event()
+        self._exited = asyncio.Event()  # exited, and its pipes read to their end
+        self._exit_known = False  # its exit code is known (its pipes may still be open)
         # Killing a process the daemon will not talk to; _supervise awaits it.
         self._refusal: asyncio.Task[None] | None = None
         self._running_timer: asyncio.TimerHandle | None = None  # start -> running
@@ -247,6 +248,7 @@ class JobProcess:
         tasks = [asyncio.create_task(r) for r in readers]
         try:
             returncode = await self._proc.wait()
+            self._exit_known = True
             # The job is over with its leader: what it started goes too (it would hold the
             # job's pipes and memory, unseen). The group keeps the leader's id while any
             # member is left, and the leader's pid is free again only after this check.
@@ -283,6 +285,20 @@ class JobProcess:
             await self.kill(why, cause=Cause.START_FAILED)
         return False
 
+    def ask(self, asked: Asked, timeout: float) -> Coroutine[Any, Any, None]:
+        """Take ``asked`` now, and return what carries it out: a stop (the kill after
+        ``timeout``) or, with ``asked.force``, the kill.
+
+        The ask counts from this call, not from when the returned coroutine runs: by then
+        the process may have died on its own (a segfault), and an ask taken after its exit
+        would pass for the cause of its end.
+        """
+        assert self._proc is not None, "ask() before spawn()"
+        self._ask(asked)
+        if asked.force:
+            return self._kill_now(asked.reason)
+        return self._stop(asked.reason, timeout, asked.cause)
+
     async def stop(self, reason: str, timeout: float, *, cause: Cause = Cause.DRAIN) -> None:
         """Ask the job to end; after ``timeout`` seconds end its process group by force.
 
@@ -291,9 +307,16 @@ class JobProcess:
         is the supervisor's to keep.
         """
         assert self._proc is not None, "stop() before spawn()"
+        await self.ask(Asked(cause, reason), timeout)
+
+    async def kill(self, why: str, *, cause: Cause = Cause.DRAIN) -> None:
+        """SIGTERM the group, then SIGKILL it if anything is left (``cause`` as for stop)."""
+        assert self._proc is not None, "kill() before spawn()"
+        await self.ask(Asked(cause, why, force=True), 0.0)
+
+    async def _stop(self, reason: str, timeout: float, cause: Cause) -> None:
         if self.exited:
             return
-        self._ask(Asked(cause, reason))
         self._send(jobpipe.SHUTDOWN, reason=reason)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
@@ -301,18 +324,12 @@ class JobProcess:
         why = f"did not stop within {timeout:g}s of a shutdown request ({reason})"
         await self.kill(why, cause=cause)
 
-    async def kill(self, why: str, *, cause: Cause = Cause.DRAIN) -> None:
-        """SIGTERM the group, then SIGKILL it if anything is left (``cause`` as for stop)."""
-        assert self._proc is not None, "kill() before spawn()"
-        if self.exited:
-            return
-        self._ask(Asked(cause, why, force=True))
-        await self._kill_now(why)
-
     def _ask(self, asked: Asked) -> None:
         # Once the job has reported its end, an ask is not why it ended (LiveKit terminates
-        # a job that just left its room; a stop may cross the job's done on the pipe).
-        if self._done is None:
+        # a job that just left its room; a stop may cross the job's done on the pipe). Nor
+        # once its exit code is known: its pipes may take TERM_GRACE more to close (a
+        # grandchild holding them), and a stop then must not pass for why it died.
+        if self._done is None and not self._exit_known:
             self._asked.append(asked)
 
     async def _kill_now(self, why: str) -> None:

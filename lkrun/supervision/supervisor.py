@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,6 +71,7 @@ class ProcessHandle(Protocol):
     def start(self, *, running_timeout: float = 0.0, **payload: Any) -> None: ...
     def drain(self) -> None: ...
     async def wait(self) -> Facts: ...
+    def ask(self, asked: Asked, timeout: float) -> Coroutine[Any, Any, None]: ...
     async def stop(self, reason: str, timeout: float, *, cause: Cause) -> None: ...
     async def kill(self, why: str, *, cause: Cause) -> None: ...
 
@@ -394,10 +395,9 @@ class JobSupervisor:
     def _stop_process(self, job: Job, asked: Asked) -> None:
         proc = job.process
         assert proc is not None
-        if asked.force:
-            coro = proc.kill(asked.reason, cause=asked.cause)
-        else:
-            coro = proc.stop(asked.reason, self.shutdown_timeout(), cause=asked.cause)
+        # The process takes the ask now, in this call: only carrying it out waits for the
+        # task (an ask that reached it after it died on its own would be judged its cause).
+        coro = proc.ask(asked, self.shutdown_timeout())
         self._tasks.spawn(coro, name=f"stop job {job.id}")
 
     def _claim_process(self, job: Job) -> None:
