@@ -42,6 +42,7 @@ def overdue(first: Asked, timeout: str = "1s") -> Asked:
 
 
 OK = Done(ok=True, reason="room disconnected (CLIENT_INITIATED)")
+EMPTY = Done(ok=True, reason="room empty", cause="room_empty")
 CASES: list[tuple[str, Facts, Verdict]] = [
     # -- the job ended itself
     ("the entrypoint returned", Facts(exit_code=0, running=True, done=Done(ok=True)),
@@ -57,6 +58,16 @@ CASES: list[tuple[str, Facts, Verdict]] = [
     ("over memory_limit_mb as it left its empty room",
      Facts((MEMORY,), -15, True, Done(ok=True, reason="room empty", cause="room_empty")),
      Verdict(FAILED, Cause.MEMORY_LIMIT, MEMORY.reason, MEMORY.reason)),
+    ("alone, and killed for not stopping after LiveKit terminated it: its done stands",
+     Facts((TERMINATE, overdue(TERMINATE)), -15, True, EMPTY),
+     Verdict(SUCCESS, Cause.ROOM_EMPTY, "room empty")),
+    ("alone, and killed at the daemon's third signal: its done stands",
+     Facts((THIRD_SIGNAL,), -15, True, EMPTY),
+     Verdict(SUCCESS, Cause.ROOM_EMPTY, "room empty")),
+    ("alone, as `jobs kill` crossed its done", Facts((JOBS_KILL,), 0, True, EMPTY),
+     Verdict(SUCCESS, Cause.ROOM_EMPTY, "room empty")),
+    ("alone, as the daemon's shutdown crossed its done", Facts((SHUTDOWN,), 0, True, EMPTY),
+     Verdict(SUCCESS, Cause.ROOM_EMPTY, "room empty")),
     ("a done cause it cannot know is ignored",
      Facts(exit_code=0, running=True, done=Done(ok=True, cause="memory_limit")),
      Verdict(SUCCESS, Cause.CLEAN)),
@@ -72,6 +83,9 @@ CASES: list[tuple[str, Facts, Verdict]] = [
     ("room gone wins over the termination that followed it",
      Facts((TERMINATE,), 1, True, Done(ok=False, error=str(GONE), room_gone=GONE)),
      Verdict(FAILED, Cause.ROOM_GONE, TERMINATE.reason, str(GONE))),
+    ("room gone, but over memory_limit_mb first: lkrun's failure wins",
+     Facts((MEMORY,), -15, True, Done(ok=False, error=str(GONE), room_gone=GONE)),
+     Verdict(FAILED, Cause.MEMORY_LIMIT, MEMORY.reason, MEMORY.reason)),
     # -- its process ended without a proper report, nobody asked
     ("killed by a signal lkrun did not send", Facts(exit_code=-9, running=True),
      Verdict(FAILED, Cause.SIGNAL, error="job process killed by SIGKILL")),
@@ -137,6 +151,13 @@ CASES: list[tuple[str, Facts, Verdict]] = [
              "job process exited without reporting a result")),
     ("terminated before its job began: nothing ran", Facts((TERMINATE,), 0),
      Verdict(SUCCESS, Cause.TERMINATED, TERMINATE.reason)),
+    ("terminated before its job began, then killed for not stopping",
+     Facts((TERMINATE, overdue(TERMINATE))),
+     Verdict(FAILED, Cause.TERMINATED, TERMINATE.reason, overdue(TERMINATE).reason)),
+    # Nothing ran and the call wanted no agent any more: the stop stands, as for an exit
+    # without done (a crash before any ask is a signal, above).
+    ("terminated before its job began, then died by a signal", Facts((TERMINATE,), -11),
+     Verdict(SUCCESS, Cause.TERMINATED, TERMINATE.reason)),
     # -- the daemon's drain and shutdown
     ("shut down with the daemon", Facts((SHUTDOWN,), 0, True, OK),
      Verdict(SUCCESS, Cause.DRAIN, SHUTDOWN.reason)),
@@ -144,7 +165,10 @@ CASES: list[tuple[str, Facts, Verdict]] = [
      Verdict(SUCCESS, Cause.DRAIN, SHUTDOWN.reason)),
     ("killed at the third signal", Facts((SHUTDOWN, THIRD_SIGNAL), -15, True),
      Verdict(FAILED, Cause.DRAIN, SHUTDOWN.reason, THIRD_SIGNAL.reason)),
-    ("killed at the third signal after saying done", Facts((THIRD_SIGNAL,), -15, True, OK),
+    # JobProcess keeps no ask made after the done: this done came after the kill, from a
+    # job that ended well on its SIGTERM.
+    ("killed at the third signal, and it said done (ok) before it died",
+     Facts((THIRD_SIGNAL,), -15, True, OK),
      Verdict(SUCCESS, Cause.DRAIN, THIRD_SIGNAL.reason)),
 ]  # fmt: skip
 
@@ -155,9 +179,10 @@ def test_conclude(facts: Facts, verdict: Verdict) -> None:
 
 
 def test_every_cause_but_lost_has_a_path_and_every_verdict_is_whole() -> None:
+    verdicts = [conclude(facts) for _, facts, _ in CASES]
     # Lost is the history's to mark: no process reports a daemon's death.
-    assert {v.cause for _, _, v in CASES} == set(Cause) - {Cause.LOST}
-    for _, _, verdict in CASES:
+    assert {v.cause for v in verdicts} == set(Cause) - {Cause.LOST}
+    for verdict in verdicts:
         assert (verdict.status is SUCCESS) == (verdict.error == ""), verdict
 
 
