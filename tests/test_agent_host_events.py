@@ -94,6 +94,7 @@ Host = tuple[AgentHost, FakeRegistration]
 @pytest.fixture
 async def make_host() -> AsyncIterator[Callable[..., Host]]:
     consumers: list[asyncio.Task[None]] = []
+    hosts: list[AgentHost] = []
     async with aiohttp.ClientSession() as session:
 
         def make(*, requests: FakeRequests | None = None, **fields: Any) -> Host:
@@ -112,13 +113,16 @@ async def make_host() -> AsyncIterator[Callable[..., Host]]:
             processes.requests = requests
             host.jobs.processes = FakeProcesses()  # type: ignore[assignment]
             consumers.append(asyncio.create_task(host.consume()))
+            hosts.append(host)
             assert isinstance(host.registration, FakeRegistration)
             return host, host.registration
 
         yield make
-        for task in consumers:
+        # The loops, and the offers still being decided (tasks each host owns).
+        tasks = [*consumers, *(task for host in hosts for task in host._offers)]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*consumers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def offers_answered(host: AgentHost, result: str) -> float | None:

@@ -113,12 +113,15 @@ class FakeServer:
         await self._runner.cleanup()
 
 
+MARKER = proto.WorkerMessage(ping=proto.WorkerPing(timestamp=424242))
+
+
 class Handler:
     """Consumes the registration's events as lkrun.agent_host does, with a fixed policy:
     rooms named no-* are declined. ``hold`` offers are answered only once their connection
     was lost (as an app's on_request still deciding then would)."""
 
-    def __init__(self, hold: tuple[str, ...] = ()) -> None:
+    def __init__(self, hold: tuple[str, ...] = (), *, late_on_registered: bool = False) -> None:
         self.assignments: list[proto.JobAssignment] = []
         self.terminations: list[str] = []
         self.full = False
@@ -127,6 +130,8 @@ class Handler:
         self.hold = hold
         self.held: list[Offer] = []
         self.late: list[tuple[str, bool]] = []  # held offers answered late: whether it went
+        # Answer the held offers once registered again (the next connection up), not at Lost.
+        self.late_on_registered = late_on_registered
 
     async def consume(self, reg: Registration) -> None:
         while True:
@@ -142,9 +147,17 @@ class Handler:
                 self.terminations.append(event.job_id)
             elif isinstance(event, Registered):
                 self.registered.append((event.worker_id, event.again))
-            elif isinstance(event, Lost):
-                for offer in self.held:
-                    self.late.append((offer.job.id, self.answer(reg, offer)))
+                if event.again and self.late_on_registered:
+                    self.answer_held(reg)
+            elif isinstance(event, Lost) and not self.late_on_registered:
+                self.answer_held(reg)
+
+    def answer_held(self, reg: Registration) -> None:
+        for offer in self.held:
+            self.late.append((offer.job.id, self.answer(reg, offer)))
+        # Behind any answer in the connection's outbox: once the server has this, it has
+        # whatever the answers put there.
+        reg._put(MARKER)
 
     def answer(self, reg: Registration, offer: Offer) -> bool:
         decision: Decision = Acceptance(identity=f"agent-{offer.job.id}")
@@ -298,6 +311,29 @@ async def test_an_offer_of_a_lost_connection_is_answered_never(session: Any) -> 
     async with FakeServer(script) as server:
         reg = make_registration(server.url, handler, session)
         await run_until(reg, lambda: bool(handler.late) and server.connections >= 2, handler)
+    assert handler.late == [("AJ_held", False)] and handler.answered == []
+    assert not [m for m in server.received if m.WhichOneof("message") == "availability"]
+
+
+async def test_an_offer_of_a_lost_connection_is_not_answered_on_the_next(session: Any) -> None:
+    """Decided once the next connection is registered: the answer must not go out on it
+    (the real Registration's check, not a fake's)."""
+
+    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
+        await server.accept_register(ws)
+        if server.connections == 1:
+            offer = proto.AvailabilityRequest(job=job("AJ_held", "yes-room"))
+            await ws.send_bytes(proto.ServerMessage(availability=offer).SerializeToString())
+            return  # and hang up
+        with contextlib.suppress(AssertionError):  # the client hangs up at the end
+            while True:
+                await server.recv(ws)
+
+    handler = Handler(hold=("AJ_held",), late_on_registered=True)
+    async with FakeServer(script) as server:
+        reg = make_registration(server.url, handler, session)
+        await run_until(reg, lambda: MARKER in server.received, handler)
+    assert handler.registered == [("AW_fake1", False), ("AW_fake2", True)]
     assert handler.late == [("AJ_held", False)] and handler.answered == []
     assert not [m for m in server.received if m.WhichOneof("message") == "availability"]
 
