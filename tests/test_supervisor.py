@@ -54,6 +54,7 @@ class FakeProcess:
         self.is_running = False
         self.started = False
         self.running_timeout = 0.0
+        self.load_timed_out = False
         self.changed = asyncio.Event()
 
     # -- ProcessHandle

@@ -74,9 +74,9 @@ class JobBook:
         if self.on_change is not None:
             self.on_change(record)
 
-    def finish(self, record: JobRecord, status: JobStatus, error: str = "") -> None:
-        record.status = status
-        record.error = error
+    def finish(self, record: JobRecord) -> None:
+        """The job ended: its record is final (its status, error and cause are its
+        verdict's, set by the supervisor, the one place that decides them)."""
         record.ended_at = time.time()
         self._active.pop(record.id, None)
         self.update(record)

@@ -151,6 +151,7 @@ class JobProcess:
         self.pid: int | None = None
         self.ready = asyncio.Event()
         self.start_sent = False
+        self.load_timed_out = False  # wait_ready killed it: not ready within its timeout
         self.started_running = False
         self._proc: Launched | None = None
         self._waiter: asyncio.Task[Facts] | None = None
@@ -281,6 +282,7 @@ class JobProcess:
         if self.ready.is_set():
             return True
         if not self.exited:
+            self.load_timed_out = True
             why = f"job process did not load its entrypoint within {timeout:g}s"
             await self.kill(why, cause=Cause.START_FAILED)
         return False

@@ -384,7 +384,8 @@ class JobSupervisor:
         job.asked.append(asked)
         self._enter(job, Event.STOP)
         assert job.record is not None
-        # Shown while it stops; its verdict's reason (the first ask's) once it has ended.
+        # A preview while it stops: what was asked of it first. Not the verdict: _end
+        # writes the reason conclude() decides (e.g. "room empty" from a done it crossed).
         job.record.stop_reason = job.record.stop_reason or asked.reason
         self.book.update(job.record)
         if job.spawned:
@@ -500,7 +501,8 @@ class JobSupervisor:
         record.exit_code = facts.exit_code
         record.cause = verdict.cause.value
         record.stop_reason = verdict.reason
-        self.book.finish(record, verdict.status, verdict.error)
+        record.error = verdict.error
+        self.book.finish(record)
         if verdict.status is JobStatus.SUCCESS:
             self.reporter.update_job(record.id, proto.JS_SUCCESS)
             self.log.info("job %s succeeded (%s)", record.id, record.stop_reason or "done")

@@ -11,7 +11,7 @@ from lkrun.logs import agent_logger
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.job_process import JobProcess
-from lkrun.supervision.lifecycle import conclude
+from lkrun.supervision.lifecycle import Cause, conclude
 
 log = logging.getLogger("lkrun.pool")
 
@@ -160,8 +160,11 @@ class WarmPool:
             self._watchers[proc] = asyncio.create_task(self._watch(proc))
             self._settle()
             return
-        error = conclude(await proc.wait()).error
-        if "did not load its entrypoint" in error:
+        verdict = conclude(await proc.wait())
+        error = verdict.error
+        if verdict.cause is Cause.START_FAILED and proc.load_timed_out:
+            # In a warm process the entrypoint is loaded and the prewarm run before ready:
+            # say which limit, in the manifest's words.
             error = f"prewarm took longer than prewarm_timeout={self.timeout:g}s"
         self._failed(error)
 
