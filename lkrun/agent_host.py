@@ -208,13 +208,18 @@ class AgentHost:
         except Exception as exc:
             self.log.exception("deciding on job %s failed; declining", job.id)
             decision = Decline("error", describe(exc))
-        if not self.registration.answer(offer, decision):
-            self.jobs.release(job.id)  # its connection dropped meanwhile: no job will follow
+        try:
+            if not self.registration.answer(offer, decision):
+                self.jobs.release(job.id)  # its connection dropped meanwhile: no job follows
+                return
+            # Stored once, as it goes out: the job's start message carries what it was
+            # accepted with, the metrics how long the decision took from the offer's arrival.
+            if isinstance(decision, Acceptance):
+                self.jobs.answered(job.id, decision, connection=offer.connection)
+        except Exception:  # e.g. an answer protobuf refuses: the slot must not stay held
+            self.jobs.release(job.id)
+            self.log.exception("answering job %s failed; its slot is released", job.id)
             return
-        # Stored once, as it goes out: the job's start message carries what it was accepted
-        # with, the metrics how long the decision took from the offer's arrival.
-        if isinstance(decision, Acceptance):
-            self.jobs.answered(job.id, decision, connection=offer.connection)
         accepted = isinstance(decision, Acceptance)
         reason = decision.reason if isinstance(decision, Decline) else ""
         seconds = time.perf_counter() - offer.received
@@ -245,6 +250,12 @@ class AgentHost:
             decision = await self._ask_app(job, self._acceptance(job))
             if not self.jobs.accepting:  # drained or removed while the app was deciding
                 decision = not_accepting(room)
+            elif isinstance(decision, Acceptance) and not self.jobs.reserved(job.id):
+                # The app took longer than the wait for an assignment (its request_timeout
+                # may be longer): the slot is gone, and a yes now would hold none.
+                decision = Decline(
+                    "expired", f"room {room!r}: decided after its reservation expired"
+                )
         except BaseException:
             self.jobs.release(job.id)
             raise

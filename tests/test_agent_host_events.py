@@ -5,6 +5,7 @@ released, the answer stored once when made, a fault in one event not stopping th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from lkrun.registration import (
     Terminated,
 )
 from lkrun.supervision.request_process import RequestRefused
+from lkrun.supervision.supervisor import ASSIGNMENT_WAIT
 from tests.conftest import REPO
 from tests.test_supervisor import FakeProcess, FakeProcesses, settle
 
@@ -295,3 +297,40 @@ async def test_a_failing_decision_is_a_decline(
     [(_, decision)] = reg.answers
     assert isinstance(decision, Decline) and decision.reason == "error"
     assert host.job_count() == 0
+
+
+async def test_an_answer_that_cannot_be_sent_releases_its_slot(
+    make_host: Callable[..., Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, reg = make_host()
+
+    def broken(offer: Offer, decision: Decision) -> bool:
+        raise TypeError("bad attribute value")
+
+    monkeypatch.setattr(reg, "answer", broken)
+    reg.offer("J1")
+    await settle()
+    assert host.job_count() == 0 and reg.answers == []
+
+
+async def test_an_app_slower_than_the_assignment_wait_is_declined(
+    make_host: Callable[..., Host],
+) -> None:
+    """Its reservation expired while on_request decided (request_timeout may be longer):
+    no yes goes out for a slot that is no longer held."""
+    requests = FakeRequests()
+    host, reg = make_host(requests=requests)
+    reg.offer("J1")
+    await settle()
+    assert host.job_count() == 1
+    later = time.monotonic() + ASSIGNMENT_WAIT + 1
+    host.jobs.monotonic = lambda: later
+    requests.decide("J1", accept=True)
+    await settle()
+    [(_, decision)] = reg.answers
+    assert isinstance(decision, Decline) and decision.reason == "expired"
+    assert host.job_count() == 0
+    declines = host.settings.metrics.registry.get_sample_value(
+        "lkrun_offer_declines_total", {"agent": "a", "reason": "expired"}
+    )
+    assert declines == 1

@@ -35,7 +35,7 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
         "lkrun_offer_declines_total",
         "counter",
         "Declined job offers, by agent and reason "
-        "(rooms, max_jobs, cpu, not_accepting, participant, error, other).",
+        "(rooms, max_jobs, cpu, not_accepting, participant, expired, error, other).",
     ),
     (
         "lkrun_offer_answer_seconds",
@@ -128,7 +128,9 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
 _HELP = {name: help_text for name, _, help_text in METRIC_DOCS}
 
 # A fixed set keeps label cardinality bounded whatever text the daemon passes.
-DECLINE_REASONS = frozenset({"rooms", "max_jobs", "cpu", "not_accepting", "error", "participant"})
+DECLINE_REASONS = frozenset(
+    {"rooms", "max_jobs", "cpu", "not_accepting", "error", "participant", "expired"}
+)
 # lkrun.recovery's causes and skip reasons (not imported: it imports this module).
 RECOVERY_CAUSES = frozenset({"signal", "memory_limit", "raised", "exit", "start_failed", "lost"})
 RECOVERY_SKIPS = frozenset(

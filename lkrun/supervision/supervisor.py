@@ -263,6 +263,12 @@ class JobSupervisor:
             self._enter(job, Event.RELEASED)
         return [job.id for job in gone]
 
+    def reserved(self, job_id: str) -> bool:
+        """Whether ``job_id`` still holds a reserved slot (an expired one is released first)."""
+        self.expire_reservations()
+        job = self.jobs.get(job_id)
+        return job is not None and job.phase is Phase.RESERVED
+
     def release(self, job_id: str) -> None:
         """No assignment will follow this offer (declined after all, or its answer was lost)."""
         job = self.jobs.get(job_id)
