@@ -40,7 +40,7 @@ METRIC_DOCS: list[tuple[str, str, str]] = [
     (
         "lkrun_offer_answer_seconds",
         "histogram",
-        "Time from receiving a job offer to sending the answer, in seconds.",
+        "Time from receiving a job offer to its answer being queued for sending, in seconds.",
     ),
     (
         "lkrun_offer_to_entrypoint_seconds",
