@@ -26,6 +26,7 @@ from livekit.protocol import models
 
 from lkrun.api.metrics import Metrics
 from lkrun.credentials import Credentials
+from lkrun.decisions import Acceptance, Decision, Decline
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE, DAEMON_ATTRIBUTE
 from lkrun.jobs.book import JobBook, JobRecord
 from lkrun.jobs.logfiles import JobLogs
@@ -43,11 +44,8 @@ from lkrun.recovery import (
     wrong_participant,
 )
 from lkrun.registration import (
-    Acceptance,
     Assigned,
     AvailableSeen,
-    Decision,
-    Decline,
     Lost,
     Offer,
     Registered,

@@ -26,6 +26,7 @@ from livekit.protocol import models
 
 from lkrun import __version__
 from lkrun.credentials import Credentials
+from lkrun.decisions import Decision, Decline
 from lkrun.job_updates import JobUpdates
 from lkrun.load import WorkerLoad
 from lkrun.logs import agent_logger
@@ -59,24 +60,6 @@ class WorkerSpec:
     job_type: str
     namespace: str
     permissions: models.ParticipantPermission
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    identity: str
-    name: str = ""
-    metadata: str = ""
-    attributes: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Decline:
-    reason: str  # a short code for metrics: rooms, max_jobs, cpu, not_accepting, error
-    text: str = ""
-    terminate: bool = False  # end the job: LiveKit offers it to no other worker
-
-
-Decision = Acceptance | Decline
 
 
 # -- what the server says: the events ----------------------------------------------------

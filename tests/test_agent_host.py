@@ -13,9 +13,10 @@ from livekit.protocol import models
 
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
+from lkrun.decisions import Acceptance
 from lkrun.jobs.book import JobBook, JobStatus
 from lkrun.manifest import AgentSpec, FrozenMap
-from lkrun.registration import Acceptance, Assigned, Terminated
+from lkrun.registration import Assigned, Terminated
 from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.e2e  # job processes

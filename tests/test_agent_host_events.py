@@ -17,13 +17,11 @@ from livekit.protocol import models
 
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
+from lkrun.decisions import Acceptance, Decision, Decline
 from lkrun.jobs.book import JobBook
 from lkrun.manifest import AgentSpec
 from lkrun.registration import (
-    Acceptance,
     Assigned,
-    Decision,
-    Decline,
     Lost,
     Offer,
     Registered,

@@ -17,8 +17,8 @@ from lkrun.child.framework.app import FrameworkApp
 from lkrun.child.framework.job import running_job_info
 from lkrun.child.framework.requests import RequestServer
 from lkrun.credentials import Credentials
+from lkrun.decisions import Acceptance, Decline
 from lkrun.manifest import AgentSpec, parse_manifest
-from lkrun.registration import Acceptance, Decline
 from lkrun.supervision.agent_processes import job_env
 from tests.helpers import agent_table
 

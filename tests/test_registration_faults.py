@@ -20,14 +20,12 @@ from livekit.protocol import models
 
 from lkrun import registration
 from lkrun.credentials import Credentials
+from lkrun.decisions import Acceptance, Decision, Decline
 from lkrun.load import WorkerLoad
 from lkrun.registration import (
-    Acceptance,
     Assigned,
     AuthError,
     AvailableSeen,
-    Decision,
-    Decline,
     Lost,
     Offer,
     Registered,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
+from lkrun.decisions import Acceptance
 from lkrun.jobs.book import JobRecord
 from lkrun.manifest import AgentSpec
-from lkrun.registration import Acceptance
 from lkrun.supervision.start import start_message
 from lkrun.supervision.supervisor import effective_shutdown_timeout
 

@@ -13,8 +13,8 @@ import pytest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
+from lkrun.decisions import Acceptance
 from lkrun.jobs.book import JobBook, JobRecord, JobStatus
-from lkrun.registration import Acceptance
 from lkrun.supervision import job_process
 from lkrun.supervision.job_process import JobProcess, Launched, LaunchError
 from lkrun.supervision.lifecycle import (

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from lkrun.registration import Decline
+from lkrun.decisions import Decline
 
 
 class Rules(Protocol):

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 from google.protobuf.json_format import MessageToDict
 from livekit.protocol import agent as proto
 
+from lkrun.decisions import Acceptance
 from lkrun.jobs.book import JobRecord
-from lkrun.registration import Acceptance
 
 
 class StartRules(Protocol):

@@ -16,12 +16,12 @@ from typing import Any, Protocol
 from livekit.protocol import agent as proto
 
 from lkrun.api.metrics import Metrics
+from lkrun.decisions import Acceptance, Decline
 from lkrun.jobs.book import JobBook, JobRecord, JobStatus
 from lkrun.jobs.logfiles import JobLogs
 from lkrun.logs import job_logger
 from lkrun.manifest import format_duration
 from lkrun.recovery import record_fields
-from lkrun.registration import Acceptance, Decline
 from lkrun.shared.jobpipe import RoomGone
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
