@@ -5,7 +5,8 @@ the server sent them: an assignment goes to the supervisor, a termination stops 
 offer is decided in a task of its own (``decide``: the supervisor's rules, then the app's
 on_request if it has one), so the loop never waits on an app; the answer is stored and sent
 once made. An offer whose connection dropped before it was decided is answered never, and
-its slot released.
+its slot released; so is the slot of an offer answered yes on a connection that dropped
+before its assignment came (the server forgot the offer with it, and offers the job again).
 """
 
 from __future__ import annotations
