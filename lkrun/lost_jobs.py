@@ -25,7 +25,14 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from lkrun.recovery import FailedJob, Recoverer, RecoveryDecision, RecoveryPolicy, decide
+from lkrun.recovery import (
+    REDISPATCH_CAUSES,
+    FailedJob,
+    Recoverer,
+    RecoveryDecision,
+    RecoveryPolicy,
+    decide,
+)
 from lkrun.supervision.lifecycle import Cause
 
 log = logging.getLogger("lkrun.recovery")
@@ -55,7 +62,13 @@ def recorded_policy(row: Mapping[str, Any]) -> RecoveryPolicy:
 
 
 def policy_decision(failed: FailedJob, policy: RecoveryPolicy | None) -> RecoveryDecision:
-    """decide() for a lost job; with no policy known, no."""
+    """decide() for a lost job; with no policy known, no. A job its daemon was stopping on
+    purpose when it died (an operator's kill, LiveKit's termination, job_timeout, a drain's
+    stop) is never redispatched, whatever the policy: it would have ended anyway. One
+    stopped for a failure worth a redispatch (memory_limit) is a lost job like any."""
+    if failed.stop_cause and failed.stop_cause not in REDISPATCH_CAUSES:
+        said = f"it was being stopped ({failed.stop_cause}) when its daemon died"
+        return RecoveryDecision(False, said, "stopped")
     if policy is None:
         said = f"agent {failed.agent!r} is not in the manifest: no recovery policy"
         return RecoveryDecision(False, said, "policy_off")

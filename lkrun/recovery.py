@@ -78,6 +78,7 @@ SKIP_REASONS = (
     "participant_left",  # a publisher/participant job's participant is gone
     "room_gone",  # the room no longer exists
     "agent_present",  # an agent of the same name is already there (restart recovery)
+    "stopped",  # lost while it was being stopped on purpose (kill, drain, termination...)
     "error",  # LiveKit refused or could not be reached
 )
 
@@ -144,6 +145,7 @@ class FailedJob:
     identity: str  # its own agent participant: a ghost in the room after a kill
     cause: str  # a lkrun.supervision.lifecycle.Cause value
     attempt: int = 0  # 0: the call's first job
+    stop_cause: str = ""  # why it was asked to end, if it was (a lost job: it was stopping)
 
     @classmethod
     def from_record(cls, record: JobRecord | Mapping[str, Any], cause: str = "") -> FailedJob:
@@ -160,6 +162,7 @@ class FailedJob:
             identity=str(row.get("identity") or ""),
             cause=str(cause or row.get("cause") or ""),
             attempt=int(row.get("attempt") or 0),
+            stop_cause=str(row.get("stop_cause") or ""),
         )
 
     @property

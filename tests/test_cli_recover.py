@@ -47,6 +47,21 @@ def state(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.parametrize("forced", [(), ("--max-redispatches", "3")])  # not even when forced
+def test_a_job_being_stopped_on_purpose_is_not_redispatched(
+    tmp_path: Path, forced: tuple[str, ...]
+) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    store.open()
+    on = {"on_failure": "redispatch", "max_redispatches": 2}
+    store.upsert(running("AJ_killed", status="stopping", stop_cause="killed", **on))
+    store.close()
+    result = recover("--state-dir", str(tmp_path), "--json", *forced)
+    assert result.exit_code == 0, result.output
+    [job] = json.loads(result.stdout)["jobs"]
+    assert (job["id"], job["redispatched"], job["skip"]) == ("AJ_killed", False, "stopped")
+
+
 def test_a_directory_without_a_history_is_a_usage_error(tmp_path: Path) -> None:
     result = recover("--state-dir", str(tmp_path))
     assert result.exit_code == 2

@@ -72,6 +72,35 @@ def test_the_policy_decides_first() -> None:
     assert policy_decision(on, ON).redispatch
 
 
+def test_a_job_stopped_on_purpose_when_its_daemon_died_is_never_redispatched() -> None:
+    killed, drained, timed_out, memory = lost_jobs(
+        [
+            row("AJ_1", status="lost", stop_cause="killed"),
+            row("AJ_2", status="lost", stop_cause="drain"),
+            row("AJ_3", status="lost", stop_cause="job_timeout"),
+            row("AJ_4", status="lost", stop_cause="memory_limit"),  # a failure all the same
+        ]
+    )
+    for failed in (killed, drained, timed_out):
+        decision = policy_decision(failed, ON)
+        assert (decision.redispatch, decision.skip) == (False, "stopped")
+        assert failed.stop_cause in decision.reason
+    assert policy_decision(memory, ON).redispatch
+
+
+async def test_recover_lost_leaves_stopped_jobs_alone_and_notes_why() -> None:
+    recoverer = StandIn()
+    jobs = lost_jobs([row("AJ_1", stop_cause="terminated"), row("AJ_2")])
+    outcomes = await recover_lost(
+        jobs,
+        recoverer,  # type: ignore[arg-type]
+        policy_for=lambda f: ON,
+    )
+    assert [(f.job_id, d.skip) for f, d in outcomes] == [("AJ_1", "stopped"), ("AJ_2", "")]
+    assert recoverer.decided_["AJ_1"].skip == "stopped"  # logged, counted and noted
+    assert list(recoverer.recovered) == ["AJ_2"]
+
+
 def test_the_recorded_policy_is_the_row_s() -> None:
     assert recorded_policy(row("AJ_1", on_failure="redispatch", max_redispatches=3)) == (
         RecoveryPolicy("redispatch", 3)

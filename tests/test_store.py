@@ -190,7 +190,7 @@ def test_reopen_marks_active_jobs_lost(db_path: Path) -> None:
         first,
         job("AJ_start", status="starting", daemon_pid=111),
         job("AJ_run", status="running", daemon_pid=111),
-        job("AJ_stop", status="stopping", daemon_pid=222),
+        job("AJ_stop", status="stopping", stop_cause="killed", daemon_pid=222),
         job("AJ_done", status="success", ended_at=NOW + 1, error="", daemon_pid=111),
         job("AJ_fail", status="failed", ended_at=NOW + 2, error="exit 1", daemon_pid=111),
     )
@@ -208,6 +208,9 @@ def test_reopen_marks_active_jobs_lost(db_path: Path) -> None:
             assert (got["status"], got["cause"]) == ("lost", "lost")
             assert got["ended_at"] >= before
             assert got["error"] == f"the daemon stopped while the job was running (pid {pid})"
+        # Why it was being stopped stays: restart recovery leaves it alone (lkrun.lost_jobs).
+        assert (second.get("AJ_stop") or {})["stop_cause"] == "killed"
+        assert (second.get("AJ_run") or {})["stop_cause"] == ""
         done, failed = second.get("AJ_done"), second.get("AJ_fail")
         assert done is not None and failed is not None
         assert (done["status"], done["ended_at"], done["error"]) == ("success", NOW + 1, "")

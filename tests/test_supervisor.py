@@ -440,6 +440,8 @@ async def test_stop_twice_keeps_the_first_reason_and_a_later_failure_sticks() ->
     await settle()
     record = w.book.get("J1")
     assert record is not None and record.stop_reason == "first"
+    # The first ask's cause, in the history while it stops (a lost job's, after a crash).
+    assert (record.status, record.stop_cause) == (JobStatus.STOPPING, "terminated")
     assert [m for m in proc.sent if m[0] == "stop"] == [
         ("stop", "first", Cause.TERMINATED),
         ("stop", "job exceeded job_timeout=1s", Cause.JOB_TIMEOUT),

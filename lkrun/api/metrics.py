@@ -141,6 +141,7 @@ RECOVERY_SKIPS = frozenset(
         "participant_left",
         "room_gone",
         "agent_present",
+        "stopped",
         "error",
     }
 )

@@ -29,6 +29,10 @@ class JobRecord:
     # Why it ended, one lkrun.supervision.lifecycle.Cause value ("" while it runs): its
     # verdict's, with its status, error and stop_reason (lifecycle.conclude).
     cause: str = ""
+    # Why it was asked to end, the first ask's Cause value ("" if it never was): a daemon
+    # that dies while the job stops leaves it ``lost``, and restart recovery must not
+    # redispatch a job that was being killed, drained or terminated on purpose.
+    stop_cause: str = ""
     memory_mb: float = 0.0  # resident memory of the job's process tree, last sample
     peak_memory_mb: float = 0.0
     cpu_percent: float = 0.0  # of one core, last sample

@@ -51,6 +51,7 @@ _ADDED_COLUMNS = (
     ("on_failure", "TEXT NOT NULL DEFAULT 'none'"),
     ("max_redispatches", "INTEGER NOT NULL DEFAULT 0"),
     ("cause", "TEXT NOT NULL DEFAULT ''"),
+    ("stop_cause", "TEXT NOT NULL DEFAULT ''"),
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

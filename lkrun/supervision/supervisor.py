@@ -393,6 +393,9 @@ class JobSupervisor:
         # A preview while it stops: what was asked of it first. Not the verdict: _end
         # writes the reason conclude() decides (e.g. "room empty" from a done it crossed).
         job.record.stop_reason = job.record.stop_reason or asked.reason
+        # Kept in the history if the daemon dies before the job ends (the row turns lost):
+        # restart recovery leaves a job that was being stopped on purpose alone.
+        job.record.stop_cause = job.record.stop_cause or asked.cause.value
         self.book.update(job.record)
         if job.spawned:
             self._stop_process(job, asked)
