@@ -525,9 +525,10 @@ class Daemon:
         )
         await self.inference.close()  # after every agent: their jobs used it to the end
 
-    def _note_recovery(self, job_id: str, text: str) -> None:
-        """What recovery did about an ended job, in its history row (column ``recovery``)."""
-        self.history.store.upsert({"id": job_id, "recovery": text})
+    def _note_recovery(self, job_id: str, columns: dict[str, str]) -> None:
+        """What recovery did about an ended job, in its history row (``recovery``,
+        ``recovery_skip``)."""
+        self.history.store.upsert({"id": job_id, **columns})
 
     def _on_cpu_sample(self, value: float) -> None:
         """Each agent's status goes out when it changes, not at the next periodic refresh:

@@ -270,8 +270,9 @@ def _fault(exc: BaseException, timeout: float) -> str:
     return f"cannot reach LiveKit: {describe(exc)}"
 
 
-# Told what was decided for a job: (job id, text for its history's ``recovery`` column).
-Note = Callable[[str, str], None]
+# Told what was decided for a job: (job id, its history's recovery columns: ``recovery``, the
+# text, and ``recovery_skip``, the skip reason or "" when it was redispatched).
+Note = Callable[[str, dict[str, str]], None]
 
 
 class Recoverer:
@@ -422,7 +423,7 @@ class Recoverer:
             else:
                 self.metrics.recovery_skipped(failed.agent, decision.skip)
         if self.note is not None:
-            self.note(failed.job_id, text)
+            self.note(failed.job_id, {"recovery": text, "recovery_skip": decision.skip})
 
     def _failed(self, task: asyncio.Future[Any], exc: BaseException) -> None:
         name = task.get_name() if isinstance(task, asyncio.Task) else "a recovery"

@@ -110,9 +110,12 @@ def test_the_recorded_policy_decides_and_each_lost_job_is_considered_once(
         assert store.get("AJ_done")["status"] == "success"
     finally:
         store.close()
+    # The policy's refusals are final unless --max-redispatches overrides it.
     again = recover("--state-dir", str(state))
     assert again.exit_code == 0
-    assert again.stdout.strip() == f"{state}: no running job in its history: nothing to recover"
+    assert again.stdout.strip() == (
+        f"{state}: no running job, nor lost job to retry, in its history: nothing to do"
+    )
 
 
 def test_max_redispatches_overrides_the_recorded_policy(state: Path) -> None:
@@ -124,3 +127,58 @@ def test_max_redispatches_overrides_the_recorded_policy(state: Path) -> None:
     # already had one redispatch.
     assert decided == {"AJ_off": "error", "AJ_spent": "max_redispatches"}
     assert result.exit_code == 1  # LiveKit could not be asked: worth running again
+
+
+def test_a_run_that_could_not_reach_livekit_can_be_run_again(state: Path) -> None:
+    """Each run retries what LiveKit was not asked about; --max-redispatches applies again
+    to what the policy refused; a final answer is not asked again."""
+
+    def decided(*args: str) -> tuple[int, dict[str, str | None]]:
+        result = recover("--state-dir", str(state), "--json", *args)
+        return result.exit_code, {j["id"]: j["skip"] for j in json.loads(result.stdout)["jobs"]}
+
+    assert decided("--max-redispatches", "1") == (
+        1,
+        {"AJ_off": "error", "AJ_spent": "max_redispatches"},
+    )
+    # Again, forced: the error is retried, and the refusal too (the call had its one).
+    assert decided("--max-redispatches", "1") == (
+        1,
+        {"AJ_off": "error", "AJ_spent": "max_redispatches"},
+    )
+    # Forced further: both are tried (LiveKit still unreachable).
+    assert decided("--max-redispatches", "2") == (1, {"AJ_off": "error", "AJ_spent": "error"})
+    # By the recorded policy now: the errors are retried and the policy refuses them.
+    assert decided() == (0, {"AJ_off": "policy_off", "AJ_spent": "max_redispatches"})
+    assert decided() == (0, {})
+
+
+def test_only_lost_jobs_without_a_final_answer_are_retried(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    store.open()
+    on = {"on_failure": "redispatch", "max_redispatches": 2, "status": "lost", "ended_at": 2.0}
+    store.upsert(running("AJ_error", recovery="not redispatched: x", recovery_skip="error", **on))
+    store.upsert(running("AJ_undecided", **on))  # its daemon died before deciding
+    store.upsert(
+        running("AJ_left", recovery="not redispatched: y", recovery_skip="no_caller", **on)
+    )
+    store.upsert(running("AJ_done", recovery="redispatched as attempt 1 (dispatch AD_1)", **on))
+    # Decided as an error, but replaced all the same (its daemon's own restart did it).
+    store.upsert(
+        running("AJ_replaced", recovery="not redispatched: z", recovery_skip="error", **on)
+    )
+    store.upsert(running("AJ_next", recovered_from="AJ_replaced", attempt=1, status="success"))
+    store.close()
+    result = recover("--state-dir", str(tmp_path), "--json")
+    assert result.exit_code == 1  # LiveKit is not reachable here
+    assert sorted(j["id"] for j in json.loads(result.stdout)["jobs"]) == [
+        "AJ_error",
+        "AJ_undecided",
+    ]
+    store = JobStore(tmp_path / "jobs.db")
+    store.open()
+    try:
+        row = store.get("AJ_undecided") or {}
+        assert (row["recovery_skip"], row["status"]) == ("error", "lost")
+    finally:
+        store.close()

@@ -419,7 +419,7 @@ class Rig:
     livekit: FakeLiveKit
     recoverer: Recoverer
     metrics: Metrics
-    notes: list[tuple[str, str]]
+    notes: list[tuple[str, str, str]]  # job id, recovery, recovery_skip
 
     def counted(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -430,11 +430,11 @@ class Rig:
 def rig() -> Iterator[Rig]:
     livekit = FakeLiveKit()
     metrics = Metrics()
-    notes: list[tuple[str, str]] = []
+    notes: list[tuple[str, str, str]] = []
     recoverer = Recoverer(
         Credentials("ws://127.0.0.1:1", "key", "secret"),
         metrics=metrics,
-        note=lambda job_id, text: notes.append((job_id, text)),
+        note=lambda job_id, cols: notes.append((job_id, cols["recovery"], cols["recovery_skip"])),
     )
 
     @asynccontextmanager
@@ -468,7 +468,7 @@ async def test_a_crash_with_a_caller_is_redispatched_and_its_ghost_removed(
         "lkrun.participant": "alice",
     }
     assert rig.livekit.removed == ["echo-AJ_dead"]
-    assert rig.notes == [("AJ_dead", "redispatched as attempt 2 (dispatch AD_1)")]
+    assert rig.notes == [("AJ_dead", "redispatched as attempt 2 (dispatch AD_1)", "")]
     assert rig.counted("lkrun_recoveries_total", agent="echo", cause="signal") == 1
     [line] = lines(caplog)
     assert line.job_id == "AJ_dead" and line.agent == "echo"  # type: ignore[attr-defined]
@@ -518,8 +518,9 @@ async def test_a_room_without_its_call_is_left_alone(
     assert (decision.redispatch, decision.skip) == (False, skip)
     assert decision.reason.startswith(text)
     assert rig.livekit.dispatched == [] and rig.livekit.removed == []
-    [(job_id, note)] = rig.notes
+    [(job_id, note, noted_skip)] = rig.notes
     assert job_id == "AJ_dead" and note.startswith(f"not redispatched: {text}")
+    assert noted_skip == skip  # what `lkrun recover` retries by
     assert rig.counted("lkrun_recoveries_skipped_total", agent="echo", reason=skip) == 1
     [line] = lines(caplog)
     assert line.levelno == logging.WARNING
@@ -539,8 +540,12 @@ async def test_what_the_policy_refuses_touches_no_room(
     await rig.recoverer.close()
     assert rig.livekit.dispatched == []
     assert rig.notes == [
-        ("AJ_dead", 'not redispatched: on_failure is "none"'),
-        ("AJ_dead", "not redispatched: max_redispatches=1 reached (it was attempt 1)"),
+        ("AJ_dead", 'not redispatched: on_failure is "none"', "policy_off"),
+        (
+            "AJ_dead",
+            "not redispatched: max_redispatches=1 reached (it was attempt 1)",
+            "max_redispatches",
+        ),
     ]  # a kill is not a failure: nothing noted
     assert rig.counted("lkrun_recoveries_skipped_total", agent="echo", reason="policy_off") == 1
     skipped = rig.counted("lkrun_recoveries_skipped_total", agent="echo", reason="max_redispatches")

@@ -39,8 +39,9 @@ def recover(
             "--max-redispatches",
             min=0,
             help="Redispatch every lost job, whatever the policy recorded with it, while its "
-            "call has had fewer than N redispatches. Default: each job's own policy "
-            "(on_failure, max_redispatches when it was accepted).",
+            "call has had fewer than N redispatches (also those the policy left alone on an "
+            "earlier run). Default: each job's own policy (on_failure, max_redispatches "
+            "when it was accepted).",
         ),
     ] = None,
     url: UrlOpt = None,
@@ -50,7 +51,10 @@ def recover(
     """Mark a dead daemon's running jobs lost and redispatch those whose callers are still
     in their rooms, as the daemon itself does when it restarts on DIR.
 
-    Refused while a live daemon holds DIR: that daemon recovers its own jobs.
+    Refused while a live daemon holds DIR: that daemon recovers its own jobs. Run again, it
+    retries the lost jobs not redispatched yet whose recovery failed (LiveKit refused or
+    was not reached) or was never decided, and with --max-redispatches those the policy
+    left alone.
     """
     from lkrun.cli.dispatch import client_credentials
     from lkrun.jobs.history import lkrun_daemon_alive
@@ -58,6 +62,14 @@ def recover(
     from lkrun.jobs.store import JobStore, StoreError
     from lkrun.lost_jobs import lost_jobs, recorded_policy, recover_lost, summary
     from lkrun.recovery import REDISPATCH, FailedJob, Recoverer, RecoveryPolicy
+
+    # Lost jobs of earlier runs (or of a restarted daemon's recovery) tried again: those
+    # whose recovery failed or was never decided; with --max-redispatches, also those the
+    # recorded policy refused. A final answer (the caller left, the room is gone, an agent
+    # is there, redispatched) is not asked again.
+    retried = {"error"} | (
+        {"policy_off", "max_redispatches"} if max_redispatches is not None else set()
+    )
 
     creds = client_credentials(url, api_key)
     directory = state_dir.absolute()
@@ -80,7 +92,8 @@ def recover(
     try:
         try:
             store.open(daemon_alive=lkrun_daemon_alive)
-            rows = [row for row in map(store.get, store.lost) if row is not None]
+            ids = list(dict.fromkeys([*store.unrecovered_lost(retried), *store.lost]))
+            rows = [row for row in map(store.get, ids) if row is not None]
         except StoreError as exc:
             fail(str(exc))
         policies = {str(row["id"]): recorded_policy(row) for row in rows}
@@ -91,8 +104,8 @@ def recover(
         def policy_for(failed: FailedJob) -> RecoveryPolicy:
             return forced or policies[failed.job_id]
 
-        def note(job_id: str, text: str) -> None:
-            store.upsert({"id": job_id, "recovery": text})
+        def note(job_id: str, columns: dict[str, str]) -> None:
+            store.upsert({"id": job_id, **columns})
 
         async def run() -> list[Any]:
             recoverer = Recoverer(creds, note=note)
@@ -127,7 +140,7 @@ def _report(directory: Path, outcomes: list[Any], total: str, as_json: bool) -> 
         sys.stdout.write(json.dumps({"state_dir": str(directory), "jobs": jobs}) + "\n")
         return
     if not jobs:
-        say(f"{directory}: no running job in its history: nothing to recover")
+        say(f"{directory}: no running job, nor lost job to retry, in its history: nothing to do")
         return
     for job in jobs:
         done = job["reason"] if job["redispatched"] else f"not redispatched: {job['reason']}"

@@ -49,6 +49,10 @@ class JobRecord:
     recovered_from: str = ""
     attempt: int = 0
     recovery: str = ""
+    # Its skip reason (lkrun.recovery.SKIP_REASONS) when it was not redispatched, "" if it
+    # was or nothing was decided: `lkrun recover` retries the lost jobs whose recovery
+    # failed (error) or was never decided.
+    recovery_skip: str = ""
     # The agent's recovery policy when the job was accepted: what `lkrun recover` applies to
     # it if its daemon never comes back (the manifest may be elsewhere by then, or edited).
     on_failure: str = "none"

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
@@ -52,6 +52,7 @@ _ADDED_COLUMNS = (
     ("max_redispatches", "INTEGER NOT NULL DEFAULT 0"),
     ("cause", "TEXT NOT NULL DEFAULT ''"),
     ("stop_cause", "TEXT NOT NULL DEFAULT ''"),
+    ("recovery_skip", "TEXT NOT NULL DEFAULT ''"),
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -466,6 +467,20 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         rows = self._read(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = ?", [job_id])
         return _from_db(rows[0]) if rows else None
+
+    def unrecovered_lost(self, skips: Collection[str]) -> list[str]:
+        """Ids of lost jobs, oldest first, that no job of this history replaces (none has
+        it as ``recovered_from``) and whose recovery was never decided or was skipped for
+        one of ``skips`` (lkrun.recovery.SKIP_REASONS): what `lkrun recover` tries again.
+        Blocks."""
+        marks = ", ".join("?" * len(skips)) or "NULL"
+        sql = f"""
+            SELECT id FROM jobs AS j
+            WHERE status = ? AND (recovery = '' OR recovery_skip IN ({marks}))
+            AND NOT EXISTS (SELECT 1 FROM jobs AS r WHERE r.recovered_from = j.id)
+            ORDER BY accepted_at, id
+        """
+        return [row[0] for row in self._read(sql, [JobStatus.LOST.value, *skips])]
 
     def chain(self, job_id: str) -> list[dict[str, Any]]:
         """The job's recovery chain: the jobs it replaces (recovered_from, back to the call's
