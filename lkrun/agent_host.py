@@ -234,7 +234,7 @@ class AgentHost:
         comes (or the wait for it ends); a no, or a decision given up (cancelled), holds none.
         """
         room = job.room.name
-        if why := wrong_participant(job.attributes, job.participant.identity):
+        if why := wrong_participant(job.attributes, job.participant):
             # Not ours to take, nor any worker's: terminate, so no other worker is asked.
             decline = Decline("participant", f"room {room!r}: {why}", terminate=True)
             self.log.info("declined job %s: %s", job.id, decline.text)

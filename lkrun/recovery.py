@@ -69,6 +69,11 @@ REDISPATCH_CAUSES = frozenset(
 RECOVERED_FROM = "lkrun.recovered_from"  # the id of the failed job this one replaces
 ATTEMPT = "lkrun.attempt"  # 1 for the first redispatch of a call, 2 for the next...
 PARTICIPANT = "lkrun.participant"  # publisher/participant jobs: the participant it is about
+# ... and that participant's sid as the recovery found it in the room. The dispatch stays in
+# the room, and livekit-server launches a job of it for whoever joins or publishes: the
+# caller leaving and coming back under the same identity would get the original dispatch's
+# job and this one's. Only the participant session the recovery was for is served.
+PARTICIPANT_SID = "lkrun.participant_sid"
 
 # Why a failure was not redispatched, as the skipped metric's label: a fixed set.
 SKIP_REASONS = (
@@ -170,10 +175,14 @@ class FailedJob:
         """A publisher/participant job: its call is that participant's."""
         return self.job_type in ("publisher", "participant") and bool(self.participant)
 
-    def dispatch_attributes(self) -> dict[str, str]:
+    def dispatch_attributes(self, participant_sid: str = "") -> dict[str, str]:
+        """The redispatch's attributes; ``participant_sid``: the sid of the participant a
+        publisher/participant job is about, as the room lists it now."""
         attributes = {RECOVERED_FROM: self.job_id, ATTEMPT: str(self.attempt + 1)}
         if self.about_participant:
             attributes[PARTICIPANT] = self.participant
+            if participant_sid:
+                attributes[PARTICIPANT_SID] = participant_sid
         return attributes
 
     def fields(self) -> dict[str, Any]:
@@ -249,17 +258,23 @@ def record_fields(job: agent_proto.Job) -> dict[str, Any]:
     }
 
 
-def wrong_participant(attributes: Mapping[str, str], participant: str) -> str:
+def wrong_participant(attributes: Mapping[str, str], participant: models.ParticipantInfo) -> str:
     """Why an offered job must be declined, "" if not: a redispatch of a publisher or
     participant job launches a job for every such participant of the room, and only the
-    one about the failed job's participant is a recovery (the others have their jobs)."""
+    one about the failed job's participant is a recovery (the others have their jobs). It
+    launches one again when that participant leaves and rejoins under the same identity (a
+    new sid): the original dispatch launches one for the rejoined participant too, so only
+    the session the recovery was for (PARTICIPANT_SID) is taken."""
     wanted = attributes.get(PARTICIPANT, "")
-    if not wanted or wanted == participant:
+    if not wanted:
         return ""
-    return (
-        f"a redispatch of job {attributes.get(RECOVERED_FROM, '?')} for participant "
-        f"{wanted!r}, not {participant!r}"
-    )
+    of = f"a redispatch of job {attributes.get(RECOVERED_FROM, '?')} for participant {wanted!r}"
+    if wanted != participant.identity:
+        return f"{of}, not {participant.identity!r}"
+    wanted_sid = attributes.get(PARTICIPANT_SID, "")
+    if wanted_sid and wanted_sid != participant.sid:
+        return f"{of} as {wanted_sid}, not as {participant.sid or '?'} (rejoined)"
+    return ""
 
 
 def _fault(exc: BaseException, timeout: float) -> str:
@@ -338,11 +353,12 @@ class Recoverer:
         verdict = room_decision(failed, people, absent_agent=absent_agent, ghosts=ghosts)
         if not verdict.redispatch:
             return verdict
+        sid = next((p.sid for p in people if p.identity == failed.participant), "")
         request = api.CreateAgentDispatchRequest(
             agent_name=failed.agent_name,
             room=failed.room,
             metadata=failed.metadata,
-            attributes=failed.dispatch_attributes(),
+            attributes=failed.dispatch_attributes(sid if failed.about_participant else ""),
         )
         # All at once: the caller waits for the new agent, and the ghosts are only in the way.
         # The removals end (or, when the dispatch fails, are cancelled) before the client

@@ -237,17 +237,25 @@ async def test_an_assignment_starts_with_the_answer_the_app_gave(
     await settle()
 
 
+@pytest.mark.parametrize(
+    ("identity", "sid"),
+    [
+        ("al", "PA_al"),  # another participant
+        ("bob", "PA_bob2"),  # bob again, rejoined: the original dispatch serves him
+    ],
+)
 async def test_an_offer_for_another_participant_is_declined_for_good(
-    make_host: Callable[..., Host],
+    make_host: Callable[..., Host], identity: str, sid: str
 ) -> None:
-    """A recovery's dispatch names its participant (lkrun.recovery): not ours to take."""
+    """A recovery's dispatch names its participant and session (lkrun.recovery): not ours
+    to take."""
     host, reg = make_host(job_type="publisher")
     job = proto.Job(
         id="J1",
         room=models.Room(name="r"),
         type=proto.JT_PUBLISHER,
-        participant=models.ParticipantInfo(identity="al"),
-        attributes={"lkrun.participant": "bob"},
+        participant=models.ParticipantInfo(identity=identity, sid=sid),
+        attributes={"lkrun.participant": "bob", "lkrun.participant_sid": "PA_bob1"},
     )
     reg.feed(Offer(job, received=0.0, connection=1))
     await settle()

@@ -200,10 +200,26 @@ def test_lineage_and_the_participant_check() -> None:
     assert lineage({"lkrun.recovered_from": "AJ_1", "lkrun.attempt": "x"}) == ("AJ_1", 1)
     assert lineage({"lkrun.recovered_from": "AJ_1"}) == ("AJ_1", 1)
 
-    assert wrong_participant({}, "bob") == ""
-    assert wrong_participant({"lkrun.participant": "bob"}, "bob") == ""
-    said = wrong_participant({"lkrun.participant": "bob", "lkrun.recovered_from": "AJ_1"}, "al")
+    bob = models.ParticipantInfo(identity="bob", sid="PA_bob1")
+    assert wrong_participant({}, bob) == ""
+    assert wrong_participant({"lkrun.participant": "bob"}, bob) == ""
+    al = models.ParticipantInfo(identity="al", sid="PA_al")
+    said = wrong_participant({"lkrun.participant": "bob", "lkrun.recovered_from": "AJ_1"}, al)
     assert said == "a redispatch of job AJ_1 for participant 'bob', not 'al'"
+    # The session the recovery was for, and no other: bob rejoined is the original
+    # dispatch's to serve (it launches a job for him too).
+    for_bob1 = {
+        "lkrun.participant": "bob",
+        "lkrun.participant_sid": "PA_bob1",
+        "lkrun.recovered_from": "AJ_1",
+    }
+    assert wrong_participant(for_bob1, bob) == ""
+    rejoined = models.ParticipantInfo(identity="bob", sid="PA_bob2")
+    said = wrong_participant(for_bob1, rejoined)
+    assert (
+        said
+        == "a redispatch of job AJ_1 for participant 'bob' as PA_bob1, not as PA_bob2 (rejoined)"
+    )
 
 
 def test_the_new_job_knows_where_it_stands() -> None:
@@ -453,7 +469,7 @@ async def test_a_crash_with_a_caller_is_redispatched_and_its_ghost_removed(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, "lkrun.recovery")
-    rig.livekit.participants = [GHOST, person("alice")]
+    rig.livekit.participants = [GHOST, models.ParticipantInfo(identity="alice", sid="PA_al")]
     job = failed(job_type="participant", participant="alice", attempt=1)
     decision = rig.recoverer.job_ended(job, ON)
     assert decision.redispatch  # decided at once; the action runs in the background
@@ -466,6 +482,7 @@ async def test_a_crash_with_a_caller_is_redispatched_and_its_ghost_removed(
         "lkrun.recovered_from": "AJ_dead",
         "lkrun.attempt": "2",
         "lkrun.participant": "alice",
+        "lkrun.participant_sid": "PA_al",  # her session now: not her next one
     }
     assert rig.livekit.removed == ["echo-AJ_dead"]
     assert rig.notes == [("AJ_dead", "redispatched as attempt 2 (dispatch AD_1)", "")]
