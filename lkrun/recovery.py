@@ -285,6 +285,15 @@ def _fault(exc: BaseException, timeout: float) -> str:
     return f"cannot reach LiveKit: {describe(exc)}"
 
 
+def _ghost_left(failed: FailedJob, identities: Sequence[str], said: str) -> None:
+    """Log dead jobs' agent participants left in the failed job's room (fields ``ghosts``,
+    ``error``): LiveKit drops them when their connections time out."""
+    fields = {**failed.fields(), "ghosts": list(identities), "error": said}
+    extra = {"agent": failed.agent, "job_id": failed.job_id, "fields": fields}
+    who = ", ".join(map(repr, identities))
+    log.warning("could not remove %s from room %r: %s", who, failed.room, said, extra=extra)
+
+
 # Told what was decided for a job: (job id, its history's recovery columns: ``recovery``, the
 # text, and ``recovery_skip``, the skip reason or "" when it was redispatched).
 Note = Callable[[str, dict[str, str]], None]
@@ -323,8 +332,10 @@ class Recoverer:
         """Look at the room and, if the call is still there (room_decision, which the
         arguments are for), remove the failed job's agent participant and those in
         ``ghosts``, and redispatch; what was done (or why not), logged and noted. Never
-        raises for LiveKit's faults. Bounded by ``timeout`` as a whole. The policy is the
-        caller's business (decide)."""
+        raises for LiveKit's faults. The listing and the dispatch are bounded by
+        ``timeout`` together; the removals run beside them in a task of their own (bounded
+        by ``timeout`` too), so a slow removal never undoes a dispatch made. The policy is
+        the caller's business (decide)."""
         try:
             redispatch = self._redispatch(failed, absent_agent, set(ghosts))
             decision = await asyncio.wait_for(redispatch, self.timeout)
@@ -361,22 +372,30 @@ class Recoverer:
             attributes=failed.dispatch_attributes(sid if failed.about_participant else ""),
         )
         # All at once: the caller waits for the new agent, and the ghosts are only in the way.
-        # The removals end (or, when the dispatch fails, are cancelled) before the client
-        # closes; they raise nothing of LiveKit's.
+        # The removals are a task of their own, with a client of their own: they may go on
+        # after the dispatch is made (or failed), and what they meet is logged, no more.
         listed_ids = {p.identity for p in people}
-        dead = sorted(i for i in {failed.identity, *ghosts} if i and i in listed_ids)
-        removals = [asyncio.ensure_future(self._remove_ghost(lkapi, failed, i)) for i in dead]
-        try:
-            created = await lkapi.agent_dispatch.create_dispatch(request)
-        except BaseException:
-            for removal in removals:
-                removal.cancel()
-            await asyncio.gather(*removals, return_exceptions=True)
-            raise
-        await asyncio.gather(*removals)
+        if dead := sorted(i for i in {failed.identity, *ghosts} if i and i in listed_ids):
+            self._tasks.spawn(
+                self._remove_ghosts(failed, dead), name=f"remove ghosts of job {failed.job_id}"
+            )
+        created = await lkapi.agent_dispatch.create_dispatch(request)
         return RecoveryDecision(
             True, f"redispatched as attempt {failed.attempt + 1} (dispatch {created.id})"
         )
+
+    async def _remove_ghosts(self, failed: FailedJob, identities: Sequence[str]) -> None:
+        """Remove dead jobs' agent participants from the failed job's room, within
+        ``timeout``; a removal that fails or does not end in time is logged."""
+
+        async def remove_all() -> None:
+            async with self._api() as lkapi:
+                await asyncio.gather(*(self._remove_ghost(lkapi, failed, i) for i in identities))
+
+        try:
+            await asyncio.wait_for(remove_all(), self.timeout)
+        except API_ERRORS as exc:  # the client itself, or the time limit
+            _ghost_left(failed, identities, _fault(exc, self.timeout))
 
     async def _remove_ghost(self, lkapi: api.LiveKitAPI, failed: FailedJob, identity: str) -> None:
         """A dead job's agent participant: a killed process never left, and the server keeps
@@ -391,10 +410,7 @@ class Recoverer:
             said = _fault(exc, self.timeout)
         except (aiohttp.ClientError, OSError) as exc:
             said = _fault(exc, self.timeout)
-        extra = {"agent": failed.agent, "job_id": failed.job_id, "fields": failed.fields()}
-        log.warning(
-            "could not remove %r from room %r: %s", identity, failed.room, said, extra=extra
-        )
+        _ghost_left(failed, [identity], said)
 
     def decided(self, failed: FailedJob, decision: RecoveryDecision) -> None:
         """Log, count and note a decision about a failed job (also one made elsewhere: restart

@@ -4,6 +4,7 @@ lineage, the Recoverer against a scripted RoomService, and the history's chain."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import textwrap
@@ -397,6 +398,7 @@ class FakeLiveKit:
     participants: list[models.ParticipantInfo] = field(default_factory=list)
     room_missing: bool = False
     down: bool = False
+    remove_delay: float = 0.0  # a RemoveParticipant that takes this long
     removed: list[str] = field(default_factory=list)
     dispatched: list[api.CreateAgentDispatchRequest] = field(default_factory=list)
 
@@ -419,6 +421,7 @@ class FakeLiveKit:
 
     async def remove_participant(self, request: api.RoomParticipantIdentity) -> Any:
         self.removed.append(request.identity)
+        await asyncio.sleep(self.remove_delay)
         if request.identity == "gone-meanwhile":
             raise api.TwirpError(api.TwirpErrorCode.NOT_FOUND, "participant not found", status=404)
         if request.identity == "protected":
@@ -502,6 +505,7 @@ async def test_ghosts_gone_meanwhile_or_not_listed_are_no_error(rig: Rig) -> Non
     rig.livekit.participants = [person("alice"), agent("gone-meanwhile")]
     job = failed(identity="gone-meanwhile")
     assert (await rig.recoverer.recover(job, ghosts=["not-listed"])).redispatch
+    await rig.recoverer.close()  # the removals run on their own
     assert rig.livekit.removed == ["gone-meanwhile"]  # the unlisted one is not asked for
     assert len(rig.livekit.dispatched) == 1
 
@@ -512,10 +516,30 @@ async def test_a_ghost_livekit_will_not_remove_does_not_undo_the_redispatch(
     rig.livekit.participants = [person("alice"), agent("protected")]
     decision = await rig.recoverer.recover(failed(identity="protected"))
     assert decision.redispatch and len(rig.livekit.dispatched) == 1
-    said = [r.getMessage() for r in lines(caplog) if r.levelno == logging.WARNING]
-    assert said[0] == (
-        "could not remove 'protected' from room 'call': LiveKit refused: no (permission_denied)"
+    await rig.recoverer.close()
+    [left] = [r.fields for r in lines(caplog) if "ghosts" in getattr(r, "fields", {})]  # type: ignore[attr-defined]
+    assert (left["ghosts"], left["error"]) == (
+        ["protected"],
+        "LiveKit refused: no (permission_denied)",
     )
+
+
+async def test_a_slow_removal_does_not_undo_a_dispatch_made(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.recoverer.timeout = 0.2
+    rig.livekit.remove_delay = 5.0  # far beyond the timeout
+    rig.livekit.participants = [person("alice"), GHOST]
+    decision = await rig.recoverer.recover(failed())
+    assert (decision.redispatch, decision.skip) == (True, "")
+    assert len(rig.livekit.dispatched) == 1
+    assert rig.notes == [("AJ_dead", "redispatched as attempt 1 (dispatch AD_1)", "")]
+    await rig.recoverer.close(grace=1.0)  # the removal ends on its own time limit
+    assert rig.livekit.removed == ["echo-AJ_dead"]
+    [left] = [r for r in lines(caplog) if "ghosts" in getattr(r, "fields", {})]  # type: ignore[attr-defined]
+    assert left.levelno == logging.WARNING and left.job_id == "AJ_dead"  # type: ignore[attr-defined]
+    assert left.fields["ghosts"] == ["echo-AJ_dead"]  # type: ignore[attr-defined]
+    assert left.fields["error"] == "LiveKit did not answer within 0.2s"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
