@@ -20,6 +20,7 @@ from livekit import rtc
 
 from lkrun.shared import empty_room
 from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.participant_kinds import is_dependent
 from lkrun.shared.tasks import BackgroundTasks
 
 ShutdownCallback = Callable[[str], Awaitable[None] | None]
@@ -385,9 +386,10 @@ def _publications(
 
 
 def is_company(participant: rtc.RemoteParticipant) -> bool:
-    """Whether a remote participant keeps a job company (its ``empty_timeout``): anyone who
-    is not an agent (a caller, a SIP leg, an ingress...); agents of any name do not."""
-    return participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    """Whether a remote participant keeps a job company (its ``empty_timeout``): anyone
+    livekit-server does not count as dependent (a caller, a SIP leg, an ingress...); agents
+    of any name and egress (a recording) do not."""
+    return not is_dependent(participant.kind)
 
 
 async def room_gone(

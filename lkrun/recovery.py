@@ -35,6 +35,7 @@ from lkrun.credentials import Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
 from lkrun.jobs.book import JobRecord
 from lkrun.rooms import API_ERRORS, API_TIMEOUT, livekit_api, not_found
+from lkrun.shared.participant_kinds import AGENT, is_dependent
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
 from lkrun.supervision.lifecycle import Cause
@@ -86,8 +87,6 @@ SKIP_REASONS = (
     "stopped",  # lost while it was being stopped on purpose (kill, drain, termination...)
     "error",  # LiveKit refused or could not be reached
 )
-
-AGENT = models.ParticipantInfo.Kind.AGENT
 
 
 @dataclass(frozen=True)
@@ -199,7 +198,8 @@ def room_decision(
 ) -> RecoveryDecision:
     """Whether the room, as LiveKit lists its participants, still holds the call.
 
-    A non-agent participant (kind != AGENT: a client, a SIP caller) must be there; for a
+    A caller (a participant LiveKit does not count as dependent, is_dependent: a client, a
+    SIP caller; not an agent nor an egress) must be there; for a
     publisher/participant job, that very participant. The failed job's own participant, and
     those named in ``ghosts`` (other dead jobs' agent participants), are never counted. With
     ``absent_agent`` (recovery after a restart, when the job's end was not seen as it
@@ -207,7 +207,7 @@ def room_decision(
     (for a publisher/participant job: serving the same participant, attribute
     lkrun.participant), means the call has its agent: nothing is done.
     """
-    callers = [p.identity for p in participants if p.kind != AGENT]
+    callers = [p.identity for p in participants if not is_dependent(p.kind)]
     if failed.about_participant and failed.participant not in callers:
         said = f"participant {failed.participant!r} is no longer in the room"
         return RecoveryDecision(False, said, "participant_left")

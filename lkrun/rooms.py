@@ -21,11 +21,11 @@ from livekit.protocol import models
 
 from lkrun.credentials import Credentials
 from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.participant_kinds import is_dependent
 from lkrun.shared.text import describe
 
 log = logging.getLogger("lkrun.rooms")
 
-AGENT = models.ParticipantInfo.Kind.AGENT
 API_TIMEOUT = 5.0  # for the whole clean-up: not worth holding the daemon's shutdown for long
 # What a call to LiveKit's server API may raise: it refused (TwirpError) or was not reached.
 API_ERRORS = (api.TwirpError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -61,9 +61,9 @@ def keep_reason(
         return "it is the room the job was assigned"
     if room.sid != gone.joined_sid:
         return f"it is another room (sid {room.sid}) than the one the job's join made"
-    others = [p.identity for p in participants if p.kind != AGENT]
+    others = [p.identity for p in participants if not is_dependent(p.kind)]
     if others:
-        return f"participants other than agents are in it: {', '.join(others[:5])}"
+        return f"participants other than agents and egress are in it: {', '.join(others[:5])}"
     return ""
 
 

@@ -1,12 +1,13 @@
 """A job left alone in its room ends: the agent's ``empty_timeout`` (used by the child side).
 
-A job is alone when no remote participant in its room is anything but an agent (its
-``kind`` is not AGENT: a caller, a SIP leg, an ingress...; lkrun.context.is_company).
+A job is alone when no remote participant in its room is anything but an agent or an
+egress (lkrun.shared.participant_kinds.is_dependent; lkrun.context.is_company: a caller,
+a SIP leg, an ingress keep it company).
 Agents of other names keep no one company, and neither does the job's own participant.
 Once alone for ``empty_timeout`` seconds running (counted from the moment the job is in the
 room and alone, also when nobody ever came), the job shuts itself down with the reason
 ``REASON``, a success, and its ``done`` message says ``"cause": CAUSE`` so that the daemon
-records why (docs/protocol.md). A non-agent participant who joins meanwhile stops the
+records why (docs/protocol.md). A participant of another kind who joins meanwhile stops the
 count; the next time the job is alone it starts again from zero.
 
 Both app kinds use it: lkrun.context.JobContext once ``connect()`` has joined, and
