@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from lkrun.cli import app
-from lkrun.jobs.statelock import StateLock
+from lkrun.jobs.statelock import LOCK_NAME, StateLock
 from lkrun.jobs.store import JobStore
 
 ENV = {"LIVEKIT_URL": "ws://127.0.0.1:9", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s"}
@@ -182,3 +182,24 @@ def test_only_lost_jobs_without_a_final_answer_are_retried(tmp_path: Path) -> No
         assert (row["recovery_skip"], row["status"]) == ("error", "lost")
     finally:
         store.close()
+
+
+def test_a_directory_last_held_on_another_host_is_refused_unless_told(state: Path) -> None:
+    """From here the dead daemon's lock and pid prove nothing: it may live on its host."""
+    (state / LOCK_NAME).write_text("4242\nhost-7\n")
+    result = recover("--state-dir", str(state), "--json")
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {state} was last held by a daemon on host 'host-7', not")
+    store = JobStore(state / "jobs.db")
+    store.open(daemon_alive=lambda pid: True)
+    try:
+        assert store.get("AJ_off")["status"] == "running"  # untouched
+    finally:
+        store.close()
+    told = recover("--state-dir", str(state), "--json", "--other-host")
+    assert told.exit_code == 0, told.output
+    assert {j["id"] for j in json.loads(told.stdout)["jobs"]} == {"AJ_off", "AJ_spent"}
+    # An older lkrun's lock file names no host: as before.
+    (state / LOCK_NAME).write_text("4242\n")
+    assert recover("--state-dir", str(state)).exit_code == 0

@@ -17,7 +17,14 @@ import pytest
 
 from lkrun.api import control
 from lkrun.api.control import ControlServer
-from lkrun.jobs.statelock import LOCK_NAME, StateDirBusy, StateLock
+from lkrun.jobs.statelock import (
+    LOCK_NAME,
+    Holder,
+    StateDirBusy,
+    StateLock,
+    last_holder,
+    this_host,
+)
 from tests.conftest import DaemonProc, unique
 from tests.helpers import agent_table
 
@@ -95,7 +102,9 @@ def test_state_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
     state = tmp_path / "state"
     held = StateLock.acquire(state)
     try:
-        assert (state / LOCK_NAME).read_text().strip() == str(os.getpid())
+        # Its pid and host: `lkrun recover` refuses a directory last held elsewhere.
+        assert (state / LOCK_NAME).read_text().splitlines() == [str(os.getpid()), this_host()]
+        assert last_holder(state) == Holder(os.getpid(), this_host())
         # A second open file description conflicts even within one process (flock).
         with pytest.raises(StateDirBusy) as refused:
             StateLock.acquire(state)
@@ -157,7 +166,7 @@ async def test_second_daemon_leaves_the_first_one_reachable(
 
     # C: another socket, the first daemon's state directory.
     first_state = first.dir / "state" / "lkrun"  # XDG_STATE_HOME/lkrun
-    lock_holder = (first_state / LOCK_NAME).read_text().strip()
+    lock_holder = (first_state / LOCK_NAME).read_text().splitlines()[0]
     assert lock_holder == str(first.pid)
     before = sorted(p.name for p in first_state.iterdir())
     same_state = DaemonProc(tmp_path / "c", livekit_server, agent_table(name), [])

@@ -44,6 +44,16 @@ def recover(
             "when it was accepted).",
         ),
     ] = None,
+    other_host: Annotated[
+        bool,
+        typer.Option(
+            "--other-host",
+            help="DIR was last held by a daemon on another host: go on all the same. Only "
+            "once you know that daemon is gone (its host down or its service stopped): "
+            "from here its lock and pid prove nothing, and a live daemon's agents would be "
+            "removed from their rooms as ghosts and their jobs dispatched again.",
+        ),
+    ] = False,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
     as_json: JsonOpt = False,
@@ -51,14 +61,15 @@ def recover(
     """Mark a dead daemon's running jobs lost and redispatch those whose callers are still
     in their rooms, as the daemon itself does when it restarts on DIR.
 
-    Refused while a live daemon holds DIR: that daemon recovers its own jobs. Run again, it
+    Refused while a live daemon holds DIR: that daemon recovers its own jobs; and for a DIR
+    last held on another host, unless --other-host. Run again, it
     retries the lost jobs not redispatched yet whose recovery failed (LiveKit refused or
     was not reached) or was never decided, and with --max-redispatches those the policy
     left alone.
     """
     from lkrun.cli.dispatch import client_credentials
     from lkrun.jobs.history import lkrun_daemon_alive
-    from lkrun.jobs.statelock import StateDirBusy, StateLock
+    from lkrun.jobs.statelock import StateDirBusy, StateLock, last_holder, this_host
     from lkrun.jobs.store import JobStore, StoreError
     from lkrun.lost_jobs import lost_jobs, recorded_policy, recover_lost, summary
     from lkrun.recovery import REDISPATCH, FailedJob, Recoverer, RecoveryPolicy
@@ -76,6 +87,7 @@ def recover(
     database = directory / "jobs.db"
     if not database.is_file():
         fail(f"no job history at {database}: is {directory} an lkrun state directory?", EXIT_USAGE)
+    holder = last_holder(directory)  # before the lock is ours: then it names us
     try:
         lock = StateLock.acquire(directory)
     except StateDirBusy as exc:
@@ -86,6 +98,16 @@ def recover(
         )
     except OSError as exc:
         fail(f"cannot lock {directory}: {exc}")
+    # The lock is proof on the holder's host only (flock may not cross a network file
+    # system; the history's pids are checked on this host): the daemon may live elsewhere.
+    here = this_host()
+    if holder.host not in ("", here) and not other_host:
+        lock.release()
+        fail(
+            f"{directory} was last held by a daemon on host {holder.host!r}, not this one "
+            f"({here!r}): its lock and pid prove nothing from here; run `lkrun recover` on "
+            f"{holder.host!r}, or pass --other-host once you know that daemon is gone"
+        )
     # The Recoverer logs each decision; this command prints them instead.
     logging.getLogger("lkrun.recovery").addHandler(logging.NullHandler())
     store = JobStore(database)

@@ -5,6 +5,12 @@ deems old; two daemons on one directory would judge each other's jobs. So a daem
 `<state_dir>/lkrun.lock` (flock, exclusive, non-blocking) before it touches the history,
 the job logs or any socket, and holds it until it exits. The kernel drops the lock when
 the process dies, however it dies, so a stale lock cannot block a restart.
+
+The file names its last holder, ``<pid>\n<host name>\n``, and keeps it after the holder
+is gone: `lkrun recover` reads whose directory it is. A lock and a pid are only proof on
+the host that holds them (flock may not reach across a network file system, a pid means
+nothing on another machine), so `lkrun recover` refuses a directory last held on another
+host unless told that daemon is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_NAME = "lkrun.lock"
@@ -56,7 +64,7 @@ class StateLock:
             raise
         # Ours now: say who holds it, for the next one that is refused.
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{this_host()}\n".encode(), 0)
         return cls(directory, fd)
 
     @property
@@ -72,9 +80,40 @@ class StateLock:
                 os.close(fd)  # closing the only descriptor drops the flock
 
 
-def _read_pid(fd: int) -> int | None:
+@dataclass(frozen=True)
+class Holder:
+    """Who last took a state directory's lock (it may be gone): "" and None when unknown
+    (no lock file yet, or one an older lkrun wrote without its host)."""
+
+    pid: int | None
+    host: str
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def last_holder(directory: Path) -> Holder:
+    """The lock file's holder, read without taking the lock."""
     try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+        return Holder(None, "")
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> Holder:
+    try:
+        lines = os.pread(fd, 512, 0).decode(errors="replace").splitlines()
+    except OSError:
+        return Holder(None, "")
+    pid = lines[0].strip() if lines else ""
+    host = lines[1].strip() if len(lines) > 1 else ""
+    return Holder(int(pid) if pid.isdigit() else None, host)
+
+
+def _read_pid(fd: int) -> int | None:
+    return _read_holder(fd).pid
