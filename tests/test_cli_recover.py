@@ -66,8 +66,33 @@ def test_a_directory_without_a_history_is_a_usage_error(tmp_path: Path) -> None:
     result = recover("--state-dir", str(tmp_path))
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
-        f"error: no job history at {tmp_path / 'jobs.db'}: is {tmp_path} an lkrun state directory?"
+        f"error: no job history at {tmp_path / 'jobs.db'}: is {tmp_path} an lkrun state "
+        "directory? (if its [daemon] database is elsewhere, give it with --database)"
     ]
+    missing = recover("--state-dir", str(tmp_path), "--database", str(tmp_path / "no.db"))
+    assert (missing.exit_code, missing.stderr.strip()) == (
+        2,
+        f"error: no job history at {tmp_path / 'no.db'}",
+    )
+
+
+def test_a_history_elsewhere_is_given_with_database(tmp_path: Path) -> None:
+    """[daemon] database outside the state directory: the lock is the directory's."""
+    state, history = tmp_path / "state", tmp_path / "elsewhere" / "history.db"
+    store = JobStore(history)
+    store.open()
+    store.upsert(running("AJ_off"))
+    store.close()
+    state.mkdir()
+    result = recover("--state-dir", str(state), "--database", str(history), "--json")
+    assert result.exit_code == 0, result.output
+    assert [j["id"] for j in json.loads(result.stdout)["jobs"]] == ["AJ_off"]
+    lock = StateLock.acquire(state)  # the daemon's lock is on the directory, as always
+    try:
+        busy = recover("--state-dir", str(state), "--database", str(history))
+    finally:
+        lock.release()
+    assert busy.exit_code == 1 and "held by a live lkrun daemon" in busy.stderr
 
 
 def test_refused_in_one_line_while_a_daemon_holds_the_directory(state: Path) -> None:

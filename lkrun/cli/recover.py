@@ -33,6 +33,14 @@ def recover(
             "[daemon] state_dir; the one that holds jobs.db).",
         ),
     ],
+    database: Annotated[
+        Path | None,
+        typer.Option(
+            "--database",
+            help="The dead daemon's job history, when its [daemon] database put it elsewhere "
+            "than DIR/jobs.db.",
+        ),
+    ] = None,
     max_redispatches: Annotated[
         int | None,
         typer.Option(
@@ -84,9 +92,16 @@ def recover(
 
     creds = client_credentials(url, api_key)
     directory = state_dir.absolute()
-    database = directory / "jobs.db"
-    if not database.is_file():
-        fail(f"no job history at {database}: is {directory} an lkrun state directory?", EXIT_USAGE)
+    if database is None:
+        database = directory / "jobs.db"
+        if not database.is_file():
+            fail(
+                f"no job history at {database}: is {directory} an lkrun state directory? "
+                "(if its [daemon] database is elsewhere, give it with --database)",
+                EXIT_USAGE,
+            )
+    elif not database.is_file():
+        fail(f"no job history at {database}", EXIT_USAGE)
     holder = last_holder(directory)  # before the lock is ours: then it names us
     try:
         lock = StateLock.acquire(directory)
