@@ -285,13 +285,25 @@ def _fault(exc: BaseException, timeout: float) -> str:
     return f"cannot reach LiveKit: {describe(exc)}"
 
 
-def _ghost_left(failed: FailedJob, identities: Sequence[str], said: str) -> None:
+def _ghost_left(
+    failed: FailedJob,
+    identities: Sequence[str],
+    said: str,
+    exc_info: BaseException | None = None,
+) -> None:
     """Log dead jobs' agent participants left in the failed job's room (fields ``ghosts``,
     ``error``): LiveKit drops them when their connections time out."""
     fields = {**failed.fields(), "ghosts": list(identities), "error": said}
     extra = {"agent": failed.agent, "job_id": failed.job_id, "fields": fields}
     who = ", ".join(map(repr, identities))
-    log.warning("could not remove %s from room %r: %s", who, failed.room, said, extra=extra)
+    log.warning(
+        "could not remove %s from room %r: %s",
+        who,
+        failed.room,
+        said,
+        extra=extra,
+        exc_info=exc_info,
+    )
 
 
 # Told what was decided for a job: (job id, its history's recovery columns: ``recovery``, the
@@ -341,6 +353,10 @@ class Recoverer:
             decision = await asyncio.wait_for(redispatch, self.timeout)
         except API_ERRORS as exc:
             decision = RecoveryDecision(False, _fault(exc, self.timeout), "error")
+        except Exception as exc:  # a bug, or a client fault of a kind not foreseen
+            extra = {"agent": failed.agent, "job_id": failed.job_id, "fields": failed.fields()}
+            log.exception("recovering job %s failed", failed.job_id, extra=extra)
+            decision = RecoveryDecision(False, f"recovery failed: {describe(exc)}", "error")
         self.decided(failed, decision)
         return decision
 
@@ -396,6 +412,8 @@ class Recoverer:
             await asyncio.wait_for(remove_all(), self.timeout)
         except API_ERRORS as exc:  # the client itself, or the time limit
             _ghost_left(failed, identities, _fault(exc, self.timeout))
+        except Exception as exc:  # not foreseen: logged with its traceback, no more
+            _ghost_left(failed, identities, describe(exc), exc_info=exc)
 
     async def _remove_ghost(self, lkapi: api.LiveKitAPI, failed: FailedJob, identity: str) -> None:
         """A dead job's agent participant: a killed process never left, and the server keeps

@@ -5,6 +5,7 @@ against the real livekit-server in tests/test_restart_recovery.py."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,22 @@ def test_a_directory_last_held_on_another_host_is_refused_unless_told(state: Pat
     # An older lkrun's lock file names no host: as before.
     (state / LOCK_NAME).write_text("4242\n")
     assert recover("--state-dir", str(state)).exit_code == 0
+
+
+def test_what_the_recoverer_says_besides_its_decisions_is_shown() -> None:
+    """A ghost left in a room, a recovery that failed unexpectedly: on stderr. The
+    decisions are the report's, not printed twice."""
+    from lkrun.cli.recover import _side_notes
+
+    handler = _side_notes()
+
+    def record(level: int, msg: str, **fields: Any) -> logging.LogRecord:
+        made = logging.LogRecord("lkrun.recovery", level, __file__, 1, msg, None, None)
+        made.fields = fields
+        return made
+
+    ghost = record(logging.WARNING, "could not remove 'x'", ghosts=["x"], error="e")
+    decision = record(logging.WARNING, "job AJ_1 ... not redispatched", decision="none")
+    assert handler.filter(ghost) and not handler.filter(decision)
+    assert not handler.filter(record(logging.DEBUG, "no recovery"))
+    assert handler.format(ghost) == "warning: could not remove 'x'"

@@ -398,6 +398,7 @@ class FakeLiveKit:
     participants: list[models.ParticipantInfo] = field(default_factory=list)
     room_missing: bool = False
     down: bool = False
+    broken: bool = False  # a fault of no foreseen kind
     remove_delay: float = 0.0  # a RemoveParticipant that takes this long
     removed: list[str] = field(default_factory=list)
     dispatched: list[api.CreateAgentDispatchRequest] = field(default_factory=list)
@@ -415,6 +416,8 @@ class FakeLiveKit:
     ) -> api.ListParticipantsResponse:
         if self.down:
             raise api.TwirpError(api.TwirpErrorCode.UNAVAILABLE, "down", status=503)
+        if self.broken:
+            raise ValueError("unexpected answer")
         if self.room_missing:
             raise api.TwirpError(api.TwirpErrorCode.NOT_FOUND, "room not found", status=404)
         return api.ListParticipantsResponse(participants=self.participants)
@@ -522,6 +525,21 @@ async def test_a_ghost_livekit_will_not_remove_does_not_undo_the_redispatch(
         ["protected"],
         "LiveKit refused: no (permission_denied)",
     )
+
+
+async def test_an_unforeseen_fault_is_a_recorded_error_not_a_silent_end(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.livekit.broken = True
+    decision = rig.recoverer.job_ended(failed(), ON)
+    assert decision.redispatch
+    await rig.recoverer.close()
+    assert rig.notes == [
+        ("AJ_dead", "not redispatched: recovery failed: ValueError: unexpected answer", "error")
+    ]
+    assert rig.counted("lkrun_recoveries_skipped_total", agent="echo", reason="error") == 1
+    [fault] = [r for r in lines(caplog) if r.levelno == logging.ERROR]
+    assert fault.exc_info is not None and fault.job_id == "AJ_dead"  # type: ignore[attr-defined]
 
 
 async def test_a_slow_removal_does_not_undo_a_dispatch_made(

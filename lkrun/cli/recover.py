@@ -123,8 +123,12 @@ def recover(
             f"({here!r}): its lock and pid prove nothing from here; run `lkrun recover` on "
             f"{holder.host!r}, or pass --other-host once you know that daemon is gone"
         )
-    # The Recoverer logs each decision; this command prints them instead.
-    logging.getLogger("lkrun.recovery").addHandler(logging.NullHandler())
+    # The Recoverer logs each decision, which this command prints as its report; what
+    # else it says (a ghost left in a room, a recovery that failed unexpectedly) goes to
+    # stderr.
+    recovery_log = logging.getLogger("lkrun.recovery")
+    shown = _side_notes()
+    recovery_log.addHandler(shown)
     store = JobStore(database)
     try:
         try:
@@ -155,9 +159,34 @@ def recover(
     finally:
         store.close()
         lock.release()
+        recovery_log.removeHandler(shown)
     _report(directory, outcomes, summary(outcomes), as_json)
     if any(decision.skip == "error" for _, decision in outcomes):
         raise typer.Exit(EXIT_FAILURE)  # LiveKit refused or was not reached: try again
+
+
+class _NotADecision(logging.Filter):
+    """The Recoverer's lines other than its decisions (which the report prints)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None) or {}
+        return record.levelno >= logging.WARNING and "decision" not in fields
+
+
+class _Said(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _side_notes() -> logging.Handler:
+    """A stderr handler for the Recoverer's warnings and errors other than decisions."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_NotADecision())
+    handler.setFormatter(_Said())
+    return handler
 
 
 def _report(directory: Path, outcomes: list[Any], total: str, as_json: bool) -> None:
