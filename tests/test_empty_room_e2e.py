@@ -57,8 +57,7 @@ def row(daemon: Any, job_id: str) -> dict[str, Any]:
 def assert_room_empty(record: dict[str, Any]) -> None:
     assert (record["status"], record["stop_reason"]) == ("success", "room empty"), record
     assert not record["error"]
-    if "cause" in record:  # the history's cause column (item 4)
-        assert record["cause"] == "room_empty", record
+    assert record["cause"] == "room_empty", record
 
 
 async def still_running_until(daemon: Any, job_id: str, deadline: float) -> None:

@@ -273,7 +273,10 @@ async def test_max_redispatches_one_redispatches_a_crashing_job_once(
     assert skipped == 1
     [line] = [e for e in json_lines(daemon, "lkrun.recovery") if e.get("job_id") == second["id"]]
     assert line["level"] == "warning" and line["skip"] == "max_redispatches"
-    assert "not redispatched: max_redispatches=1 reached" in line["msg"]
+    assert (line["decision"], line["reason"]) == (
+        "none",
+        "max_redispatches=1 reached (it was attempt 1)",
+    )
     assert len(await call_jobs(daemon, room_name)) == 2  # and nothing after
 
 
@@ -325,7 +328,7 @@ async def test_a_job_ended_on_purpose_is_never_redispatched(
     start_daemon: Any, livekit_server: Any, end: Ender, cause: str | None
 ) -> None:
     name, room_name = unique("purpose"), unique("call")
-    daemon = await start_daemon(manifest(name, on_failure="redispatch"))
+    daemon = await start_daemon(manifest(name, on_failure="redispatch"), "--log-format", "json")
     async with observer(livekit_server, room_name) as room:
         seen = Arrivals(room, name)
         await dispatch(livekit_server, room_name, name, metadata="stay")
@@ -337,8 +340,16 @@ async def test_a_job_ended_on_purpose_is_never_redispatched(
         assert over["cause"] == cause, over
     else:
         assert over["cause"] in ("terminated", "room_gone", "clean"), over
-    # Not a failure: nothing to decide, nothing noted, counted or dispatched.
-    assert over["recovery"] == ""
+
+    # The decision, logged once made (a redispatch's only once its dispatch is created):
+    # not a failure, so nothing noted, counted or dispatched.
+    def decision() -> dict[str, Any] | None:
+        lines = [e for e in json_lines(daemon, "lkrun.recovery") if e.get("job_id") == job["id"]]
+        return lines[0] if lines else None
+
+    line = await wait_for(decision, 10, what=f"the recovery decision about {job['id']}")
+    assert (line["decision"], line.get("skip", "")) == ("none", ""), line
+    assert (await daemon.job(job["id"]))["recovery"] == ""
     assert await daemon.metric("lkrun_recoveries_total", agent=name) == 0
     assert await daemon.metric("lkrun_recoveries_skipped_total", agent=name) == 0
     assert [j["id"] for j in await call_jobs(daemon, room_name)] == [job["id"]]
