@@ -20,6 +20,7 @@ from livekit import rtc
 
 from lkrun.shared import empty_room
 from lkrun.shared.jobpipe import RoomGone
+from lkrun.shared.lineage import ATTEMPT, RECOVERED_FROM, lineage
 from lkrun.shared.participant_kinds import is_dependent
 from lkrun.shared.tasks import BackgroundTasks
 
@@ -67,8 +68,10 @@ class JobInfo:
         job_type = str(job.get("type", "JT_ROOM")).removeprefix("JT_").lower()
         attributes = {str(k): str(v) for k, v in (job.get("attributes") or {}).items()}
         start = start or {}
-        recovered_from = start.get("recovered_from", attributes.get("lkrun.recovered_from", ""))
-        attempt = start.get("attempt", attributes.get("lkrun.attempt", 0))
+        recovered_from, attempt = lineage(
+            start.get("recovered_from", attributes.get(RECOVERED_FROM)),
+            start.get("attempt", attributes.get(ATTEMPT)),
+        )
         return cls(
             id=job.get("id", ""),
             agent_name=job.get("agentName", ""),
@@ -81,8 +84,8 @@ class JobInfo:
             participant_identity=participant.get("identity", ""),
             raw=job,
             attributes=attributes,
-            recovered_from=str(recovered_from or ""),
-            attempt=_count(attempt) if recovered_from else 0,
+            recovered_from=recovered_from,
+            attempt=attempt,
         )
 
 
@@ -410,16 +413,6 @@ async def room_gone(
     if joined == assigned_sid:
         return None
     return RoomGone(room=name, assigned_sid=assigned_sid, joined_sid=joined)
-
-
-def _count(value: Any) -> int:
-    """A redispatch's attempt from a start message's field or an attribute's text: at
-    least 1, and 1 when it says nothing usable."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return 1
-    return max(number, 1)
 
 
 def _reason_name(reason: Any) -> str:

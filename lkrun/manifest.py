@@ -220,25 +220,24 @@ def _duration(value: object) -> float:
         raise _Invalid(str(exc)) from None
 
 
-def _duration_or_off(value: object) -> float:
-    if value == "off":
-        return math.inf
-    try:
-        return parse_duration(value)
-    except ValueError:
-        hint = 'must be a duration such as "30s" or "2m", or "off"'
-        raise _Invalid(f"{hint}, got {_show(value)}") from None
+def _duration_with_off(off: float) -> Callable[[object], float]:
+    """A duration or "off", which reads as ``off``: what the setting's code takes for
+    never (math.inf for a wait that never ends, 0 for a limit that is not set)."""
+
+    def parse(value: object) -> float:
+        if value == "off":
+            return off
+        try:
+            return parse_duration(value)
+        except ValueError:
+            hint = 'must be a duration such as "30s" or "2m", or "off"'
+            raise _Invalid(f"{hint}, got {_show(value)}") from None
+
+    return parse
 
 
-def _duration_zero_off(value: object) -> float:
-    """A duration, where 0 or "off" means none (0)."""
-    if value == "off":
-        return 0.0
-    try:
-        return parse_duration(value)
-    except ValueError:
-        hint = 'must be a duration such as "30s" or "2m", or "off"'
-        raise _Invalid(f"{hint}, got {_show(value)}") from None
+_duration_or_off = _duration_with_off(math.inf)  # "off": never
+_duration_zero_off = _duration_with_off(0.0)  # "off" or 0: none
 
 
 def _positive_duration(value: object) -> float:

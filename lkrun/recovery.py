@@ -35,6 +35,8 @@ from lkrun.credentials import Credentials
 from lkrun.dispatch import AGENT_NAME_ATTRIBUTE
 from lkrun.jobs.book import JobRecord
 from lkrun.rooms import API_ERRORS, API_TIMEOUT, livekit_api, not_found
+from lkrun.shared.lineage import ATTEMPT, RECOVERED_FROM
+from lkrun.shared.lineage import lineage as shared_lineage
 from lkrun.shared.participant_kinds import AGENT, is_dependent
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
@@ -67,8 +69,6 @@ REDISPATCH_CAUSES = frozenset(
 
 # The dispatch attributes of a redispatch (livekit-server copies them into Job.attributes);
 # the replacement's agent participant carries the first two as well.
-RECOVERED_FROM = "lkrun.recovered_from"  # the id of the failed job this one replaces
-ATTEMPT = "lkrun.attempt"  # 1 for the first redispatch of a call, 2 for the next...
 PARTICIPANT = "lkrun.participant"  # publisher/participant jobs: the participant it is about
 # ... and that participant's sid as the recovery found it in the room. The dispatch stays in
 # the room, and livekit-server launches a job of it for whoever joins or publishes: the
@@ -233,15 +233,8 @@ def _serves(attributes: Mapping[str, str], failed: FailedJob) -> bool:
 
 def lineage(attributes: Mapping[str, str]) -> tuple[str, int]:
     """The failed job an offered job replaces ("" if none) and its attempt number (0 for a
-    call's first job), from the offer's Job.attributes."""
-    recovered_from = attributes.get(RECOVERED_FROM, "")
-    if not recovered_from:
-        return "", 0
-    try:
-        attempt = int(attributes.get(ATTEMPT, "1"))
-    except ValueError:
-        attempt = 1  # someone else's dispatch with a bad value: it is a redispatch all the same
-    return recovered_from, max(attempt, 1)
+    call's first job), from the offer's Job.attributes (lkrun.shared.lineage)."""
+    return shared_lineage(attributes.get(RECOVERED_FROM), attributes.get(ATTEMPT))
 
 
 def record_fields(job: agent_proto.Job) -> dict[str, Any]:
