@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from livekit.protocol import models
 
 from lkrun.agent_host import _app_decision
 from lkrun.child.framework.app import FrameworkApp
-from lkrun.child.framework.job import running_job_info
+from lkrun.child.framework.job import FrameworkJob, running_job_info
 from lkrun.child.framework.requests import RequestServer
 from lkrun.credentials import Credentials
 from lkrun.decisions import Acceptance, Decline
@@ -145,6 +146,27 @@ def test_running_job_info_from_a_start_message() -> None:
     assert info.accept_arguments.identity == "agent-1" and info.accept_arguments.name == "Agent"
     assert info.accept_arguments.attributes == {"a": "b"}
     assert info.worker_id == "AW_1" and info.received_at == 1.5 and not info.fake_job
+
+
+async def test_a_connect_that_completes_after_the_stop_starts_nothing() -> None:
+    """The entrypoint's connect may end after the job's clean-up closed what it had: no
+    empty-room watch, room check or attribute update is started then (none would be
+    closed or awaited)."""
+    job = proto.Job(id="AJ_9", room=models.Room(name="r", sid="RM_1"))
+    start = {
+        "job": MessageToDict(job),
+        "url": "ws://x",
+        "token": "t",
+        "identity": "agent-1",
+        "empty_timeout": 3,
+    }
+    framework_job = FrameworkJob(Any, start, logging.getLogger("test"))  # type: ignore[arg-type]
+    assert framework_job.empty_timeout == 3
+    framework_job.ctx = object()  # type: ignore[assignment]  # touched only if it goes on
+    framework_job.shutdown("stop")
+    framework_job._on_connect()
+    assert framework_job._empty is None and len(framework_job._background) == 0
+    assert not framework_job._connected
 
 
 def test_job_context_still_has_what_the_job_runner_reads() -> None:

@@ -250,6 +250,10 @@ class FrameworkJob:
             self._stop("room disconnected")
 
     def _on_connect(self) -> None:
+        if self._stopped.done():
+            # A connect that completed after the job was told to stop (its clean-up may be
+            # over already): nothing to watch or announce, and nothing would close it.
+            return
         self._connected = True
         self._background.spawn(self._check_room())
         if self.empty_timeout > 0 and self.ctx is not None:
