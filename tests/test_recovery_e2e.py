@@ -379,26 +379,30 @@ async def test_a_drained_job_is_never_redispatched(start_daemon: Any, livekit_se
     assert len(await dispatches(livekit_server, room_name, name)) == 1  # no redispatch
 
 
+@pytest.mark.parametrize("whose", ["another-participant", "the-caller-before-a-rejoin"])
 async def test_an_offer_for_another_participant_is_declined(
-    start_daemon: Any, livekit_server: Any
+    start_daemon: Any, livekit_server: Any, whose: str
 ) -> None:
     """A redispatch of a participant job launches a job for each participant; only the one
-    about the failed job's participant is taken."""
+    about the failed job's participant, in the session the recovery saw, is taken (the
+    caller rejoined under the same identity has a new sid: the original dispatch serves
+    them)."""
     name, room_name = unique("each"), unique("call")
     daemon = await start_daemon(manifest(name, job_type="participant"))
     async with observer(livekit_server, room_name) as room:
         caller = room.local_participant.identity
+        if whose == "another-participant":
+            about = {"lkrun.participant": "someone-else"}
+        else:
+            assert room.local_participant.sid.startswith("PA_")  # ours is another one
+            about = {"lkrun.participant": caller, "lkrun.participant_sid": "PA_beforeRejoin"}
         async with livekit_api(livekit_server) as lk:
             await lk.agent_dispatch.create_dispatch(
                 api.CreateAgentDispatchRequest(
                     agent_name=name,
                     room=room_name,
                     metadata="stay",
-                    attributes={
-                        "lkrun.recovered_from": "AJ_gone",
-                        "lkrun.attempt": "1",
-                        "lkrun.participant": "someone-else",
-                    },
+                    attributes={"lkrun.recovered_from": "AJ_gone", "lkrun.attempt": "1", **about},
                 )
             )
 

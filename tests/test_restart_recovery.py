@@ -103,6 +103,49 @@ async def test_a_restarted_daemon_brings_back_the_agents_of_calls_still_on(
         assert await daemon.metric("lkrun_recoveries_total", agent=name, cause="lost") == 3
 
 
+async def test_a_job_being_stopped_on_purpose_when_its_daemon_dies_is_not_redispatched(
+    start_daemon: Any, livekit_server: Any
+) -> None:
+    """`jobs kill` asked, the job still stopping (it ignores the ask), the daemon SIGKILLed:
+    at the restart the job is lost, but the call was being ended on purpose."""
+    name, room_name = unique("stubborn"), unique("call")
+    entry = "tests.agents.behaviours:ignores_shutdown"
+    daemon = await start_daemon(
+        agent_table(name, entry, on_failure="redispatch", shutdown_timeout="60s")
+    )
+    async with observer(livekit_server, room_name) as room:
+        await dispatch(livekit_server, room_name, name)
+        await wait_for_participant(room, f"{name}-")
+        job = await job_in_room(daemon, room_name, "running")
+        assert daemon.cli("jobs", "kill", job["id"]).returncode == 0
+
+        def stopping() -> bool:
+            rows = [r for r in daemon.history() if r["id"] == job["id"]]
+            return bool(rows) and (rows[0]["status"], rows[0]["stop_cause"]) == (
+                "stopping",
+                "killed",
+            )
+
+        await wait_for(stopping, 10, what="the kill's ask in the history")
+        await sigkill(daemon, [job])
+
+        daemon.start()
+        await daemon.wait_registered()
+
+        def decided() -> dict[str, Any] | None:
+            rows = [r for r in daemon.history() if r["id"] == job["id"] and r["recovery"]]
+            return rows[0] if rows else None
+
+        row = await wait_for(decided, 10, what="the lost job's recovery decision")
+        assert (row["status"], row["recovery_skip"]) == ("lost", "stopped"), row
+        skipped = await daemon.metric(
+            "lkrun_recoveries_skipped_total", agent=name, reason="stopped"
+        )
+        assert skipped == 1
+        assert not replacement(room, job["id"])
+        assert [j["id"] for j in await daemon.jobs() if j["room"] == room_name] == [job["id"]]
+
+
 async def test_recover_redispatches_a_dead_daemon_s_calls_and_is_refused_while_it_lives(
     start_daemon: Any, livekit_server: Any
 ) -> None:
