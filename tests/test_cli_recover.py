@@ -1,6 +1,8 @@
-"""`lkrun recover --state-dir` without a server: its refusals, and the jobs it leaves alone
-by policy, decided before LiveKit is asked anything. The redispatches themselves are tested
-against the real livekit-server in tests/test_restart_recovery.py."""
+"""`lkrun recover --state-dir` without a server: its refusals, the jobs it leaves alone by
+policy or because they were being stopped, decided before LiveKit is asked anything, and
+what a second run retries (LiveKit is unreachable here: each redispatch is an error). The
+redispatches themselves are tested against the real livekit-server in
+tests/test_restart_recovery.py."""
 
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def test_refused_in_one_line_while_a_daemon_holds_the_directory(state: Path) -> 
         store.close()
 
 
-def test_the_recorded_policy_decides_and_each_lost_job_is_considered_once(
+def test_the_recorded_policy_decides_and_its_refusals_stand_on_a_second_run(
     state: Path,
 ) -> None:
     result = recover("--state-dir", str(state), "--json")
