@@ -84,8 +84,9 @@ def test_a_malloc_arena_is_an_aligned_heap_with_its_reserve_to_the_next_boundary
         vma(BASE, BASE + 132 * 1024, Rss=100, Private_Dirty=100)
         + vma(BASE + 132 * 1024, BASE + ARENA, "---p")
         + vma(BASE + ARENA, BASE + 2 * ARENA, Rss=4)  # grown to the full 64 MiB
+        + vma(BASE + 2 * ARENA, BASE + 2 * ARENA + 4096, "---p")  # not its reserve
     )
-    assert kinds_of(text) == ["arenas", "arenas", "arenas"]
+    assert kinds_of(text) == ["arenas", "arenas", "arenas", "anon"]
 
 
 def test_an_unaligned_or_unreserved_mapping_is_no_arena() -> None:

@@ -236,10 +236,13 @@ def _anonymous_kind(
     after = mappings[i + 1] if i + 1 < len(mappings) else None
     before = mappings[i - 1] if i > 0 else None
     if m.start % ARENA_SIZE == 0 and m.size <= ARENA_SIZE:
-        reserve = after is not None and _unclaimed_none(after, kinds[i + 1], at=m.end)
-        if m.size == ARENA_SIZE or (
-            after is not None and reserve and after.end >= m.start + ARENA_SIZE
-        ):
+        reserve = (
+            after is not None
+            and m.size < ARENA_SIZE
+            and _unclaimed_none(after, kinds[i + 1], at=m.end)
+            and after.end >= m.start + ARENA_SIZE
+        )
+        if m.size == ARENA_SIZE or reserve:
             kinds[i] = "arenas"
             if reserve:
                 kinds[i + 1] = "arenas"
