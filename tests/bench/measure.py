@@ -30,6 +30,7 @@ import statistics
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ import psutil
 from livekit import api, rtc
 from livekit.protocol import models
 
-from tests.bench import media, recovery
+from tests.bench import media, memmap, recovery, smaps
 from tests.bench.procs import descendants
 from tests.bench.suts import Server, Sut, SutError
 
@@ -206,6 +207,51 @@ def tree_memory(procs: list[psutil.Process]) -> dict[str, float]:
         total["pss"] += getattr(info, "pss", 0) / MB
         total["uss"] += info.uss / MB
     return total
+
+
+BREAKDOWN_JOBS = 3  # jobs whose smaps are read at each memory level (a few: it stays cheap)
+
+
+def job_breakdown(pids: list[int], sample: int = BREAKDOWN_JOBS) -> dict[str, Any]:
+    """Where a job's memory goes (``tests.bench.memmap``, each job's process tree): the
+    mean per kind (kB) over the first ``sample`` jobs whose smaps could be read, and the
+    thread names counted per job over every job (``/proc/PID/task/*/comm``, cheap)."""
+    sampled: list[dict[str, Any]] = []
+    for pid in pids:
+        if len(sampled) >= sample:
+            break
+        with contextlib.suppress(memmap.Unreadable):
+            sampled.append(memmap.report(pid, tree=True))
+    per_kind: dict[str, dict[str, int]] = {}
+    for one in sampled:
+        smaps.add(per_kind, one["kinds"])
+    n = max(1, len(sampled))
+    kinds = {kind: {key: round(v / n) for key, v in row.items()} for kind, row in per_kind.items()}
+    names: dict[str, list[int]] = {}
+    counts: list[int] = []
+    for pid in pids:
+        tree = [pid, *memmap.descendants(pid)]
+        job: Counter[str] = Counter()
+        for one in tree:
+            job.update(memmap.threads(one)[0])
+        if not job:
+            continue  # ended meanwhile
+        counts.append(sum(job.values()))
+        for name in set(names) | set(job):
+            names.setdefault(name, [0] * (len(counts) - 1)).append(job.get(name, 0))
+    return {
+        "unit": "kB",
+        "jobs_sampled": len(sampled),
+        "pids": [one["pid"] for one in sampled],
+        "kinds": kinds,
+        "total": smaps.total(kinds) if kinds else {},
+        "thread_jobs": len(counts),
+        "threads_per_job": summary([float(c) for c in counts]) if counts else None,
+        "thread_names_per_job": {
+            name: {"mean": round(statistics.fmean(v), 2), "min": min(v), "max": max(v)}
+            for name, v in sorted(names.items(), key=lambda kv: -sum(kv[1]))
+        },
+    }
 
 
 def _prime_cpu(procs: list[psutil.Process]) -> None:
@@ -446,6 +492,7 @@ class Bench:
             result["total_pss_mb"] = round(
                 result["main_pss_mb"] + result["helpers_pss_mb"] + result["jobs_pss_total_mb"], 1
             )
+            result["breakdown"] = await asyncio.to_thread(job_breakdown, list(pids.values()))
             self.say(
                 f"memory @{count}: {len(per_job)} jobs, per job PSS {result['job_pss_mb']} MB "
                 f"USS {result['job_uss_mb']} MB; main RSS {result['main_rss_mb']} MB, "

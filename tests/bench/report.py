@@ -90,6 +90,14 @@ RECOVERY_STAGES = (
     ("entrypoint → visible to observer", "started_to_visible_ms"),
 )
 PSS_GOAL_JOBS = 50
+BREAKDOWN_NOTE = (
+    "Each job's process tree by mapping kind from `/proc/PID/smaps` "
+    "(`python -m tests.bench.memmap PID --tree`; the kinds are in `tests/bench/smaps.py`), "
+    "the mean over the first few jobs at the highest memory level, in MB (MiB). "
+    "**PSS** splits pages shared with the fork server and the other jobs among them; "
+    "**Priv dirty** is what the job alone wrote: copied on write since the fork, or new. "
+    "Threads are counted by name (`/proc/PID/task/*/comm`) in every job at that level."
+)
 MEDIA_GOAL_ROOMS = 50
 
 Getter = Callable[[dict[str, Any]], Any]
@@ -431,6 +439,81 @@ def goals(results: dict[str, Any], workload: str = "agents") -> str:
     return "\n".join(lines)
 
 
+BREAKDOWN_KINDS = ("heap", "arenas", "stacks", "anon", "rtc", "python", "so", "other")
+BREAKDOWN_THREAD_NAMES = 8  # the most frequent thread names shown; the rest summed
+
+
+def _breakdown(run: dict[str, Any] | None) -> tuple[int, dict[str, Any]] | None:
+    """The memory level with a smaps breakdown and the most jobs: (jobs, breakdown)."""
+    levels = [
+        (level.get("jobs", 0), level["breakdown"])
+        for level in (run or {}).get("memory") or []
+        if (level.get("breakdown") or {}).get("jobs_sampled")
+    ]
+    return max(levels, key=lambda item: item[0]) if levels else None
+
+
+def _mb(kb: Any) -> str:
+    return "-" if kb is None else f"{kb / 1024:.1f}"
+
+
+def breakdown_table(results: dict[str, Any], workload: str = "agents") -> str:
+    """Where a job's memory goes, both hosts side by side: per mapping kind (the mean of a
+    few jobs' process trees, ``tests.bench.memmap``), PSS and Private_Dirty in MB, at the
+    highest memory level measured, then the threads per job by name. Warm runs if there
+    are any, else cold. Empty if no run has a breakdown."""
+    runs = workloads(results).get(workload, {}).get("runs", {})
+    variant = "warm" if any(f"{s}-warm" in runs for s in ("lkrun", "official")) else "cold"
+    hosts = [(s, _breakdown(runs.get(f"{s}-{variant}"))) for s in ("lkrun", "official")]
+    if all(found is None for _, found in hosts):
+        return ""
+    header = ["kind"]
+    for system, found in hosts:
+        at = f"@{found[0]}, {found[1]['jobs_sampled']} jobs" if found else "not measured"
+        header += [f"{system} PSS ({at})", f"{system} Priv dirty"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for kind in (*BREAKDOWN_KINDS, "total"):
+        cells = [f"**{kind}**" if kind == "total" else kind]
+        for _, found in hosts:
+            row = None
+            if found:
+                row = found[1]["total"] if kind == "total" else found[1]["kinds"].get(kind)
+            cells += [_mb((row or {}).get("Pss")), _mb((row or {}).get("Private_Dirty"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    names: dict[str, list[float]] = {}
+    for i, (_, found) in enumerate(hosts):
+        per_name = found[1].get("thread_names_per_job", {}) if found else {}
+        for name, counts in per_name.items():
+            names.setdefault(name, [0.0, 0.0])[i] = counts["mean"]
+    ordered = sorted(names, key=lambda n: (-max(names[n]), n))
+    shown, rest = ordered[:BREAKDOWN_THREAD_NAMES], ordered[BREAKDOWN_THREAD_NAMES:]
+    threads = [f"{system} ({_threads_at(found)})" for system, found in hosts]
+    lines += [
+        "",
+        "| threads per job, by name (mean over the jobs) | " + " | ".join(threads) + " |",
+        "|---|" + "---:|" * len(hosts),
+    ]
+    total = [(found[1].get("threads_per_job") or {}) if found else {} for _, found in hosts]
+    lines.append(
+        "| **all threads** (min-max) | "
+        + " | ".join(
+            f"{_fmt(t.get('mean'))} ({_fmt(t.get('min'))}-{_fmt(t.get('max'))})" if t else "-"
+            for t in total
+        )
+        + " |"
+    )
+    for name in shown:
+        lines.append(f"| `{name}` | " + " | ".join(_fmt(v) for v in names[name]) + " |")
+    if rest:
+        others = [sum(names[n][i] for n in rest) for i in range(len(hosts))]
+        lines.append(f"| {len(rest)} other names | " + " | ".join(_fmt(v) for v in others) + " |")
+    return "\n".join(lines)
+
+
+def _threads_at(found: tuple[int, dict[str, Any]] | None) -> str:
+    return f"@{found[0]}, {found[1].get('thread_jobs', 0)} jobs" if found else "not measured"
+
+
 def venv_goals(results: dict[str, Any], workload: str = "venv") -> str:
     """Issue 18's goal: an agent on its own interpreter within 10 % of the same agent on the
     daemon's, for offer -> entrypoint p50 and PSS per job at each count, cold and warm."""
@@ -617,6 +700,9 @@ def markdown(results: dict[str, Any]) -> str:
         if workload == "agents":
             out += ["", "Goals for this workload (from the issue), from the table above:", ""]
             out.append(goals(results, workload))
+            memory = breakdown_table(results, workload)
+            if memory:
+                out += ["", "### Where a job's memory goes", "", BREAKDOWN_NOTE, "", memory]
         if workload == "media":
             out += ["", "Goals for this workload (from the issue), from the table above:", ""]
             out.append(media_goals(results, workload))
