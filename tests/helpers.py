@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from livekit import api, rtc
 
-from tests.conftest import livekit_api, wait_for
+from lkrun.agent_host import AgentHost, HostSettings
+from lkrun.credentials import Credentials
+from lkrun.jobs.book import JobBook
+from tests.conftest import REPO, livekit_api, wait_for
 
 
 def agent_table(
@@ -66,3 +70,17 @@ async def status_is(daemon: Any, job_id: str, status: str) -> bool:
 
 async def agent_full(daemon: Any, full: bool) -> bool:
     return (await daemon.status())["agents"][0]["full"] is full
+
+
+def unit_host(session: Any, spec: Any, **extra: Any) -> AgentHost:
+    """An AgentHost for tests that drive it directly: a LiveKit URL nothing listens on, a
+    fresh job book, a 5 s shutdown timeout (``extra``: e.g. a fake registration)."""
+    return AgentHost(
+        spec=spec,
+        workdir=Path(REPO),
+        credentials=Credentials("ws://127.0.0.1:1", "key", "secret"),
+        book=JobBook(),
+        session=session,
+        settings=HostSettings(shutdown_timeout=5),
+        **extra,
+    )

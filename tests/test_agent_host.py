@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,13 +10,13 @@ import pytest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.agent_host import AgentHost, HostSettings
-from lkrun.credentials import Credentials
+from lkrun.agent_host import AgentHost
 from lkrun.decisions import Acceptance
-from lkrun.jobs.book import JobBook, JobStatus
+from lkrun.jobs.book import JobStatus
 from lkrun.manifest import AgentSpec, FrozenMap
 from lkrun.registration import Assigned, Terminated
-from tests.conftest import REPO, wait_for
+from tests.conftest import wait_for
+from tests.helpers import unit_host
 
 pytestmark = pytest.mark.e2e  # job processes
 
@@ -32,14 +31,7 @@ async def make_host() -> AsyncIterator[MakeHost]:
         def make(**fields: Any) -> AgentHost:
             fields.setdefault("entrypoint", "tests.agents.behaviours:returns_at_once")
             spec = AgentSpec(name="a", **fields)
-            host = AgentHost(
-                spec=spec,
-                workdir=Path(REPO),
-                credentials=Credentials("ws://127.0.0.1:1", "key", "secret"),
-                book=JobBook(),
-                session=session,
-                settings=HostSettings(shutdown_timeout=5),
-            )
+            host = unit_host(session, spec)
             hosts.append(host)
             return host
 

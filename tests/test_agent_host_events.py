@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,10 +14,8 @@ import pytest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.agent_host import AgentHost, HostSettings
-from lkrun.credentials import Credentials
+from lkrun.agent_host import AgentHost
 from lkrun.decisions import Acceptance, Decision, Decline
-from lkrun.jobs.book import JobBook
 from lkrun.manifest import AgentSpec
 from lkrun.registration import (
     Assigned,
@@ -30,7 +27,7 @@ from lkrun.registration import (
 )
 from lkrun.supervision.request_process import RequestRefused
 from lkrun.supervision.supervisor import ASSIGNMENT_WAIT
-from tests.conftest import REPO
+from tests.helpers import unit_host
 from tests.test_supervisor import FakeProcess, FakeProcesses, settle
 
 
@@ -99,15 +96,7 @@ async def make_host() -> AsyncIterator[Callable[..., Host]]:
 
         def make(*, requests: FakeRequests | None = None, **fields: Any) -> Host:
             spec = AgentSpec(name="a", entrypoint="m:f", start_method="spawn", **fields)
-            host = AgentHost(
-                spec=spec,
-                workdir=Path(REPO),
-                credentials=Credentials("ws://127.0.0.1:1", "key", "secret"),
-                book=JobBook(),
-                session=session,
-                settings=HostSettings(shutdown_timeout=5),
-                registration=FakeRegistration,
-            )
+            host = unit_host(session, spec, registration=FakeRegistration)
             processes: Any = host.processes
             processes._loaded = True  # as once its code loaded: offers are weighed
             processes.requests = requests

@@ -15,15 +15,14 @@ import pytest
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from lkrun.agent_host import AgentHost, HostSettings
-from lkrun.credentials import Credentials
-from lkrun.jobs.book import JobBook
+from lkrun.agent_host import AgentHost
 from lkrun.manifest import AgentSpec
 from lkrun.registration import AvailableSeen
 from lkrun.supervision.forkserver import ForkServer
 from lkrun.supervision.job_process import AppSpec
 from lkrun.supervision.request_process import RequestProcess
-from tests.conftest import REPO, wait_for
+from tests.conftest import wait_for
+from tests.helpers import unit_host
 from tests.test_supervisor import FakeProcess, settle
 
 Made = list[FakeProcess]
@@ -36,14 +35,7 @@ async def make_host() -> AsyncIterator[Callable[..., AgentHost]]:
 
         def make(**fields: Any) -> AgentHost:
             spec = AgentSpec(name="a", entrypoint="m:f", start_method="spawn", **fields)
-            host = AgentHost(
-                spec=spec,
-                workdir=Path(REPO),
-                credentials=Credentials("ws://127.0.0.1:1", "key", "secret"),
-                book=JobBook(),
-                session=session,
-                settings=HostSettings(shutdown_timeout=5),
-            )
+            host = unit_host(session, spec)
             hosts.append(host)
             return host
 
