@@ -292,21 +292,23 @@ async def test_register_then_offer_assignment_termination(session: Any) -> None:
     assert reg.state.worker_id == "AW_fake1" and reg.state.server_version == "fake"
 
 
+async def offer_then_hang_up(ws: web.WebSocketResponse, server: FakeServer) -> None:
+    """The first connection offers AJ_held and hangs up; the next ones only listen."""
+    await server.accept_register(ws)
+    if server.connections == 1:
+        offer = proto.AvailabilityRequest(job=job("AJ_held", "yes-room"))
+        await ws.send_bytes(proto.ServerMessage(availability=offer).SerializeToString())
+        return
+    with contextlib.suppress(AssertionError):  # the client hangs up at the end
+        while True:
+            await server.recv(ws)
+
+
 async def test_an_offer_of_a_lost_connection_is_answered_never(session: Any) -> None:
     """Decided after its connection dropped: the server forgot it, nothing goes out."""
 
-    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
-        await server.accept_register(ws)
-        if server.connections == 1:
-            offer = proto.AvailabilityRequest(job=job("AJ_held", "yes-room"))
-            await ws.send_bytes(proto.ServerMessage(availability=offer).SerializeToString())
-            return  # and hang up
-        with contextlib.suppress(AssertionError):  # the client hangs up at the end
-            while True:
-                await server.recv(ws)
-
     handler = Handler(hold=("AJ_held",))
-    async with FakeServer(script) as server:
+    async with FakeServer(offer_then_hang_up) as server:
         reg = make_registration(server.url, handler, session)
         await run_until(reg, lambda: bool(handler.late) and server.connections >= 2, handler)
     assert handler.late == [("AJ_held", False)] and handler.answered == []
@@ -317,18 +319,8 @@ async def test_an_offer_of_a_lost_connection_is_not_answered_on_the_next(session
     """Decided once the next connection is registered: the answer must not go out on it
     (the real Registration's check, not a fake's)."""
 
-    async def script(ws: web.WebSocketResponse, server: FakeServer) -> None:
-        await server.accept_register(ws)
-        if server.connections == 1:
-            offer = proto.AvailabilityRequest(job=job("AJ_held", "yes-room"))
-            await ws.send_bytes(proto.ServerMessage(availability=offer).SerializeToString())
-            return  # and hang up
-        with contextlib.suppress(AssertionError):  # the client hangs up at the end
-            while True:
-                await server.recv(ws)
-
     handler = Handler(hold=("AJ_held",), late_on_registered=True)
-    async with FakeServer(script) as server:
+    async with FakeServer(offer_then_hang_up) as server:
         reg = make_registration(server.url, handler, session)
         await run_until(reg, lambda: MARKER in server.received, handler)
     assert handler.registered == [("AW_fake1", False), ("AW_fake2", True)]
