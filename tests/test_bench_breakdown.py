@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.bench import measure, memmap, report, smaps
+from lkrun import memory_map
+from tests.bench import measure, memmap, report
 
 
 def kinds(**pss_dirty: tuple[int, int]) -> dict[str, dict[str, int]]:
     """Per kind {Pss, Private_Dirty} in kB, the other fields 0."""
     out: dict[str, dict[str, int]] = {}
     for kind, (pss, dirty) in pss_dirty.items():
-        row = smaps.empty()
+        row = memory_map.empty()
         row.update(mappings=1, Pss=pss, Private_Dirty=dirty)
         out[kind] = row
     return out
@@ -73,7 +74,7 @@ def level(jobs: int, kb: dict[str, dict[str, int]], names: dict[str, float], **e
             "unit": "kB",
             "jobs_sampled": 3,
             "kinds": kb,
-            "total": smaps.total(kb),
+            "total": memory_map.total(kb),
             "thread_jobs": jobs,
             "threads_per_job": {"mean": sum(names.values()), "min": 10, "max": 50},
             "thread_names_per_job": {n: {"mean": m, "min": 0, "max": 9} for n, m in names.items()},

@@ -1,4 +1,4 @@
-"""The memory breakdown by mapping kind (tests/bench/smaps.py, tests/bench/memmap.py), on
+"""The memory breakdown by mapping kind (lkrun/memory_map.py, tests/bench/memmap.py), on
 synthetic smaps text; one e2e test measures a forked child of the test process."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import memmap, smaps
+from lkrun import memory_map
+from tests.bench import memmap
 
 MiB = 1 << 20
-ARENA = smaps.ARENA_SIZE
+ARENA = memory_map.ARENA_SIZE
 BASE = 0x7F0000000000  # 64 MiB-aligned
 RTC = "/venv/site-packages/livekit/rtc/resources/liblivekit_ffi.so"
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
@@ -30,14 +31,14 @@ def vma(start: int, end: int, perms: str = "rw-p", path: str = "", **kb: int) ->
 
 
 def kinds_of(text: str, **kwargs: object) -> list[str]:
-    return smaps.classify(smaps.parse(text), **kwargs)  # type: ignore[arg-type]
+    return memory_map.classify(memory_map.parse(text), **kwargs)  # type: ignore[arg-type]
 
 
 def test_parse_reads_each_mapping_and_its_fields() -> None:
     text = vma(0x1000, 0x3000, "r-xp", "/opt/my lib.so (deleted)", Rss=8, Pss=4) + vma(
         0x5000, 0x6000, path="[heap]", Rss=4, Private_Dirty=4
     )
-    first, heap = smaps.parse(text)
+    first, heap = memory_map.parse(text)
     assert (first.start, first.end, first.perms, first.path) == (
         0x1000,
         0x3000,
@@ -135,9 +136,9 @@ def test_breakdown_sums_fields_per_kind_and_the_total_adds_up() -> None:
         + vma(BASE + 0x10000, BASE + 0x20000, Rss=64, Pss=64, Private_Dirty=64)
         + vma(BASE + 0x20000, BASE + 0x21000, "r--p", LIBC, Rss=4, Pss=1, Shared_Clean=4)
     )
-    mappings = smaps.parse(text)
-    per_kind = smaps.breakdown(mappings, smaps.classify(mappings))
-    assert list(per_kind) == list(smaps.KINDS)
+    mappings = memory_map.parse(text)
+    per_kind = memory_map.breakdown(mappings, memory_map.classify(mappings))
+    assert list(per_kind) == list(memory_map.KINDS)
     heap = per_kind["heap"]
     assert (heap["mappings"], heap["Rss"], heap["Private_Dirty"], heap["Shared_Dirty"]) == (
         1,
@@ -147,11 +148,11 @@ def test_breakdown_sums_fields_per_kind_and_the_total_adds_up() -> None:
     )
     assert per_kind["anon"]["Pss"] == 64 and per_kind["so"]["Shared_Clean"] == 4
     assert per_kind["stacks"]["mappings"] == 0
-    total = smaps.total(per_kind)
+    total = memory_map.total(per_kind)
     assert (total["mappings"], total["Rss"], total["Pss"]) == (3, 100, 85)
     tree = {kind: dict(row) for kind, row in per_kind.items()}
-    smaps.add(tree, per_kind)
-    assert tree["heap"]["Rss"] == 64 and smaps.total(tree)["Pss"] == 170
+    memory_map.add(tree, per_kind)
+    assert tree["heap"]["Rss"] == 64 and memory_map.total(tree)["Pss"] == 170
 
 
 def elf(*loads: tuple[int, int]) -> bytes:
@@ -168,10 +169,10 @@ def elf(*loads: tuple[int, int]) -> bytes:
 
 
 def test_image_span_covers_the_load_segments_bss_included() -> None:
-    assert smaps.image_span(elf((0, 0x6A85FC), (0x1ADF520, 0x249264))) == 0x1D29000
-    assert smaps.image_span(elf((0x400000, 0x1000))) == 0x1000
-    assert smaps.image_span(b"#!/bin/sh\n" + bytes(100)) is None
-    assert smaps.image_span(elf()) is None
+    assert memory_map.image_span(elf((0, 0x6A85FC), (0x1ADF520, 0x249264))) == 0x1D29000
+    assert memory_map.image_span(elf((0x400000, 0x1000))) == 0x1000
+    assert memory_map.image_span(b"#!/bin/sh\n" + bytes(100)) is None
+    assert memory_map.image_span(elf()) is None
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,7 @@ def test_image_span_covers_the_load_segments_bss_included() -> None:
     ],
 )
 def test_the_stack_pointer_of_a_syscall_line(line: str, sp: int | None) -> None:
-    assert smaps.parse_stack_pointer(line) == sp
+    assert memory_map.parse_stack_pointer(line) == sp
 
 
 def test_measure_reads_a_proc_tree_of_files(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ import psutil
 from livekit import api, rtc
 from livekit.protocol import models
 
-from tests.bench import media, memmap, recovery, smaps
+from lkrun import memory_map
+from tests.bench import media, memmap, recovery
 from tests.bench.procs import descendants
 from tests.bench.suts import Server, Sut, SutError
 
@@ -224,7 +225,7 @@ def job_breakdown(pids: list[int], sample: int = BREAKDOWN_JOBS) -> dict[str, An
             sampled.append(memmap.report(pid, tree=True))
     per_kind: dict[str, dict[str, int]] = {}
     for one in sampled:
-        smaps.add(per_kind, one["kinds"])
+        memory_map.add(per_kind, one["kinds"])
     n = max(1, len(sampled))
     kinds = {kind: {key: round(v / n) for key, v in row.items()} for kind, row in per_kind.items()}
     names: dict[str, list[int]] = {}
@@ -244,7 +245,7 @@ def job_breakdown(pids: list[int], sample: int = BREAKDOWN_JOBS) -> dict[str, An
         "jobs_sampled": len(sampled),
         "pids": [one["pid"] for one in sampled],
         "kinds": kinds,
-        "total": smaps.total(kinds) if kinds else {},
+        "total": memory_map.total(kinds) if kinds else {},
         "thread_jobs": len(counts),
         "threads_per_job": summary([float(c) for c in counts]) if counts else None,
         "thread_names_per_job": {

@@ -3,7 +3,7 @@
     python -m tests.bench.memmap PID [--tree] [--json]
 
 Reads /proc/PID/smaps (the rules that give each mapping its kind are in
-`tests/bench/smaps.py`), the threads' stack pointers from /proc/PID/task/*/syscall where
+`lkrun/memory_map.py`), the threads' stack pointers from /proc/PID/task/*/syscall where
 readable (a descendant of the caller, or the same user without Yama's ptrace scope), and
 the threads' names from /proc/PID/task/*/comm. ``--tree`` adds every descendant and sums
 per kind. Prints a table in MB (MiB, as the bench does), or with ``--json`` the same
@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.bench import smaps
+from lkrun import memory_map
 
 
 class Unreadable(Exception):
@@ -42,13 +42,13 @@ def threads(pid: int, proc: Path = Path("/proc")) -> tuple[Counter[str], list[in
         with contextlib.suppress(OSError):
             names[(task / "comm").read_text().strip()] += 1
         with contextlib.suppress(OSError):
-            sp = smaps.parse_stack_pointer((task / "syscall").read_text())
+            sp = memory_map.parse_stack_pointer((task / "syscall").read_text())
             if sp:
                 pointers.append(sp)
     return names, pointers
 
 
-def image_spans(mappings: list[smaps.Mapping], proc_root: Path) -> dict[str, int]:
+def image_spans(mappings: list[memory_map.Mapping], proc_root: Path) -> dict[str, int]:
     """The ELF image span of each file mapping followed directly by an anonymous one (a
     bss candidate), read from the file (through the process's root, so a process in a
     container or whose file was replaced still reads its own)."""
@@ -60,7 +60,7 @@ def image_spans(mappings: list[smaps.Mapping], proc_root: Path) -> dict[str, int
             continue
         try:
             with open(f"{proc_root}{before.path}", "rb") as elf:
-                span = smaps.image_span(elf.read(smaps.PAGE))
+                span = memory_map.image_span(elf.read(memory_map.PAGE))
         except OSError:
             continue
         if span is not None:
@@ -81,13 +81,13 @@ def measure(pid: int, proc: Path = Path("/proc")) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         name = (proc / str(pid) / "comm").read_text().strip()
     names, pointers = threads(pid, proc)
-    mappings = smaps.parse(text)
+    mappings = memory_map.parse(text)
     spans = image_spans(mappings, proc / str(pid) / "root")
-    kinds = smaps.classify(mappings, stack_pointers=pointers, exe=exe, image_spans=spans)
+    kinds = memory_map.classify(mappings, stack_pointers=pointers, exe=exe, image_spans=spans)
     return {
         "pid": pid,
         "name": name,
-        "kinds": smaps.breakdown(mappings, kinds),
+        "kinds": memory_map.breakdown(mappings, kinds),
         "threads": sum(names.values()),
         "thread_names": dict(names.most_common()),
         "stack_pointers_read": len(pointers),
@@ -115,14 +115,14 @@ def report(pid: int, *, tree: bool = False) -> dict[str, Any]:
     per_kind: dict[str, dict[str, int]] = {}
     names: Counter[str] = Counter()
     for one in processes:
-        smaps.add(per_kind, one["kinds"])
+        memory_map.add(per_kind, one["kinds"])
         names.update(one["thread_names"])
     return {
         "pid": pid,
         "tree": tree,
         "unit": "kB",
         "kinds": per_kind,
-        "total": smaps.total(per_kind),
+        "total": memory_map.total(per_kind),
         "threads": sum(one["threads"] for one in processes),
         "thread_names": dict(names.most_common()),
         "processes": [
@@ -131,7 +131,7 @@ def report(pid: int, *, tree: bool = False) -> dict[str, Any]:
                 "name": one["name"],
                 "threads": one["threads"],
                 "stack_pointers_read": one["stack_pointers_read"],
-                **{key: smaps.total(one["kinds"])[key] for key in ("Rss", "Pss")},
+                **{key: memory_map.total(one["kinds"])[key] for key in ("Rss", "Pss")},
             }
             for one in processes
         ],

@@ -92,7 +92,7 @@ RECOVERY_STAGES = (
 PSS_GOAL_JOBS = 50
 BREAKDOWN_NOTE = (
     "Each job's process tree by mapping kind from `/proc/PID/smaps` "
-    "(`python -m tests.bench.memmap PID --tree`; the kinds are in `tests/bench/smaps.py`), "
+    "(`python -m tests.bench.memmap PID --tree`; the kinds are in `lkrun/memory_map.py`), "
     "the mean over the first few jobs at the highest memory level, in MB (MiB). "
     "**PSS** splits pages shared with the fork server and the other jobs among them; "
     "**Priv dirty** is what the job alone wrote: copied on write since the fork, or new. "
