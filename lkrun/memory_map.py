@@ -1,8 +1,11 @@
 """Where a process's memory goes: /proc/PID/smaps parsed and each mapping given a kind.
 
-No I/O here: `parse` takes the text of an smaps file, `classify` the parsed mappings (and,
-if known, the threads' stack pointers), `breakdown` sums the fields per kind.
-`tests/bench/memmap.py` reads /proc and prints. Every rule is in `KINDS` and `classify`:
+The rules do no I/O: `parse` takes the text of an smaps file, `classify` the parsed
+mappings (and, if known, the threads' stack pointers), `breakdown` sums the fields per
+kind. The readers at the end (`measure` one process, `report` a process tree,
+`BoundedReads` for the daemon's event loop) read /proc; `lkrun jobs show --memory` and
+`python -m tests.bench.memmap` print what they return. Every rule is in `KINDS` and
+`classify`:
 
 - The name decides first: ``[heap]`` is ``heap``, ``[stack]`` is ``stacks``, other
   ``[...]`` names (vdso, vvar) are ``other``; glibc's own names for anonymous memory
@@ -46,10 +49,17 @@ copies: that needs the fork server's pagemap.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import os
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 KINDS: dict[str, str] = {
     "heap": "[heap]: the brk heap, glibc's main arena (malloc on the main thread)",
@@ -346,3 +356,172 @@ def parse_stack_pointer(syscall_text: str) -> int | None:
         return int(parts[-2], 16)
     except ValueError:
         return None
+
+
+# -- reading /proc ----------------------------------------------------------------------------
+
+PROC = Path("/proc")
+
+
+class Unreadable(Exception):
+    """The process is gone, or its smaps is not ours to read."""
+
+
+def threads(pid: int, proc: Path = PROC) -> tuple[Counter[str], list[int]]:
+    """Each thread's name (counted) and the stack pointers that could be read."""
+    names: Counter[str] = Counter()
+    pointers: list[int] = []
+    try:
+        tids = os.listdir(proc / str(pid) / "task")
+    except OSError:
+        return names, pointers
+    for tid in tids:
+        task = proc / str(pid) / "task" / tid
+        with contextlib.suppress(OSError):
+            names[(task / "comm").read_text().strip()] += 1
+        with contextlib.suppress(OSError):
+            sp = parse_stack_pointer((task / "syscall").read_text())
+            if sp:
+                pointers.append(sp)
+    return names, pointers
+
+
+def image_spans(mappings: list[Mapping], proc_root: Path) -> dict[str, int]:
+    """The ELF image span of each file mapping followed directly by an anonymous one (a
+    bss candidate), read from the file (through the process's root, so a process in a
+    container or whose file was replaced still reads its own)."""
+    spans: dict[str, int] = {}
+    for before, m in itertools.pairwise(mappings):
+        if not (m.anonymous and before.path.startswith("/") and before.end == m.start):
+            continue
+        if before.path in spans:
+            continue
+        try:
+            with open(f"{proc_root}{before.path}", "rb") as elf:
+                span = image_span(elf.read(PAGE))
+        except OSError:
+            continue
+        if span is not None:
+            spans[before.path] = span
+    return spans
+
+
+def measure(pid: int, proc: Path = PROC) -> dict[str, Any]:
+    """One process: its breakdown per kind (kB), thread names, and how stacks were found."""
+    try:
+        text = (proc / str(pid) / "smaps").read_text()
+    except OSError as exc:
+        raise Unreadable(f"pid {pid}: {exc.strerror or exc}") from exc
+    exe = ""
+    with contextlib.suppress(OSError):
+        exe = os.readlink(proc / str(pid) / "exe")
+    name = ""
+    with contextlib.suppress(OSError):
+        name = (proc / str(pid) / "comm").read_text().strip()
+    names, pointers = threads(pid, proc)
+    mappings = parse(text)
+    spans = image_spans(mappings, proc / str(pid) / "root")
+    kinds = classify(mappings, stack_pointers=pointers, exe=exe, image_spans=spans)
+    return {
+        "pid": pid,
+        "name": name,
+        "kinds": breakdown(mappings, kinds),
+        "threads": sum(names.values()),
+        "thread_names": dict(names.most_common()),
+        "stack_pointers_read": len(pointers),
+    }
+
+
+def descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def report(pid: int, *, tree: bool = False) -> dict[str, Any]:
+    """The process (and with ``tree`` its descendants): per process and summed per kind.
+    Unreadable if the process itself cannot be read; descendants that end meanwhile are
+    listed in ``skipped``."""
+    processes = [measure(pid)]
+    skipped: list[str] = []
+    for child in descendants(pid) if tree else []:
+        try:
+            processes.append(measure(child))
+        except Unreadable as exc:  # ended meanwhile
+            skipped.append(str(exc))
+    per_kind: dict[str, dict[str, int]] = {}
+    names: Counter[str] = Counter()
+    for one in processes:
+        add(per_kind, one["kinds"])
+        names.update(one["thread_names"])
+    return {
+        "pid": pid,
+        "tree": tree,
+        "unit": "kB",
+        "kinds": per_kind,
+        "total": total(per_kind),
+        "threads": sum(one["threads"] for one in processes),
+        "thread_names": dict(names.most_common()),
+        "processes": [
+            {
+                "pid": one["pid"],
+                "name": one["name"],
+                "threads": one["threads"],
+                "stack_pointers_read": one["stack_pointers_read"],
+                **{key: total(one["kinds"])[key] for key in ("Rss", "Pss")},
+            }
+            for one in processes
+        ],
+        "skipped": skipped,
+    }
+
+
+READ_TIMEOUT = 5.0  # a job's tree takes tens of ms; the CLI gives the daemon 10 s
+READ_SLOTS = 2  # reads running at once, stuck ones included
+
+
+class TooSlow(Exception):
+    """A read did not finish within its time (or waited that long for a free slot)."""
+
+
+class BoundedReads:
+    """Process-tree reports for an event loop: each read runs in a thread (reading smaps is
+    blocking I/O, a few ms per MB of mappings), at most ``slots`` at once, and a caller
+    waits at most ``timeout``. A read that overran keeps its slot until its thread ends (a
+    thread cannot be cancelled), so stuck reads cannot pile up threads either."""
+
+    def __init__(
+        self,
+        read: Callable[[int], dict[str, Any]] | None = None,
+        *,
+        timeout: float = READ_TIMEOUT,
+        slots: int = READ_SLOTS,
+    ) -> None:
+        self._read = read or (lambda pid: report(pid, tree=True))
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(slots)
+
+    async def read(self, pid: int) -> dict[str, Any]:
+        """``report(pid, tree=True)``; Unreadable as it raises it, TooSlow past the timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        too_slow = TooSlow(f"reading pid {pid}'s memory took over {self.timeout:g} s")
+        try:  # (wait_for, not asyncio.timeout: lkrun runs on Python 3.10.)
+            await asyncio.wait_for(self._slots.acquire(), self.timeout)
+        except asyncio.TimeoutError as exc:
+            raise too_slow from exc
+        running = asyncio.ensure_future(asyncio.to_thread(self._read, pid))
+        running.add_done_callback(self._release)
+        try:
+            left = max(0.0, deadline - loop.time())
+            return await asyncio.wait_for(asyncio.shield(running), left)
+        except asyncio.TimeoutError as exc:
+            raise too_slow from exc
+
+    def _release(self, done: asyncio.Future[dict[str, Any]]) -> None:
+        self._slots.release()
+        if not done.cancelled():
+            done.exception()  # retrieved: a read nobody waits for any more must not warn

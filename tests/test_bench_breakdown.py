@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lkrun import memory_map
-from tests.bench import measure, memmap, report
+from tests.bench import measure, report
 
 
 def kinds(**pss_dirty: tuple[int, int]) -> dict[str, dict[str, int]]:
@@ -31,15 +31,15 @@ def fake_proc(monkeypatch: pytest.MonkeyPatch) -> dict[int, Any]:
 
     def fake_report(pid: int, *, tree: bool = False) -> dict[str, Any]:
         if pid not in procs:
-            raise memmap.Unreadable(f"pid {pid}: gone")
+            raise memory_map.Unreadable(f"pid {pid}: gone")
         return {"pid": pid, "kinds": procs[pid][0]}
 
     def fake_threads(pid: int) -> tuple[Counter[str], list[int]]:
         return Counter(procs[pid][1] if pid in procs else {}), []
 
-    monkeypatch.setattr(memmap, "report", fake_report)
-    monkeypatch.setattr(memmap, "threads", fake_threads)
-    monkeypatch.setattr(memmap, "descendants", lambda pid: [])
+    monkeypatch.setattr(memory_map, "report", fake_report)
+    monkeypatch.setattr(memory_map, "threads", fake_threads)
+    monkeypatch.setattr(memory_map, "descendants", lambda pid: [])
     return procs
 
 

@@ -1,10 +1,15 @@
-"""The memory breakdown by mapping kind (lkrun/memory_map.py, tests/bench/memmap.py), on
-synthetic smaps text; one e2e test measures a forked child of the test process."""
+"""The memory breakdown by mapping kind (lkrun/memory_map.py): the rules on synthetic smaps
+text, the readers on a fake /proc and on this process, the bounded reads the daemon makes,
+and `python -m tests.bench.memmap`; one e2e test measures a forked child of the test
+process."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -208,12 +213,12 @@ def test_measure_reads_a_proc_tree_of_files(tmp_path: Path) -> None:
         (pid / "task" / str(tid)).mkdir()
         (pid / "task" / str(tid) / "comm").write_text(name + "\n")
         (pid / "task" / str(tid) / "syscall").write_text(sp + "\n")
-    data = memmap.measure(42, proc=tmp_path)
+    data = memory_map.measure(42, proc=tmp_path)
     assert data["threads"] == 3 and data["thread_names"] == {"AsyncResolver": 2, "python": 1}
     assert data["stack_pointers_read"] == 1
     assert data["kinds"]["stacks"]["Rss"] == 8 and data["kinds"]["heap"]["Rss"] == 4
-    with pytest.raises(memmap.Unreadable):
-        memmap.measure(7, proc=tmp_path)
+    with pytest.raises(memory_map.Unreadable):
+        memory_map.measure(7, proc=tmp_path)
 
 
 @pytest.mark.e2e
@@ -235,7 +240,7 @@ def test_a_forked_child_shares_what_it_has_not_written() -> None:
             os._exit(0)
     try:
         os.read(ready_r, 1)
-        data = memmap.report(child)
+        data = memory_map.report(child)
     finally:
         os.write(done_w, b"d")
         os.waitpid(child, 0)
@@ -245,3 +250,52 @@ def test_a_forked_child_shares_what_it_has_not_written() -> None:
     assert data["threads"] == 1 and data["processes"][0]["pid"] == child
     assert total["Private_Dirty"] >= 16 * 1024 and total["Shared_Dirty"] >= 16 * 1024
     assert data["kinds"]["python"]["Rss"] > 0 and data["kinds"]["anon"]["Rss"] >= 32 * 1024
+
+
+def test_the_bench_tool_prints_this_process(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m tests.bench.memmap PID [--json]` still works, on the package's reader."""
+    assert memmap.main([str(os.getpid()), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pid"] == os.getpid() and data["unit"] == "kB"
+    assert data["total"]["Pss"] > 0 and data["threads"] >= 1
+    assert memmap.main([str(os.getpid())]) == 0
+    text = capsys.readouterr().out
+    assert "memory by mapping kind, MB" in text and "Priv dirty" in text and "total" in text
+    assert memmap.main(["999999999"]) == 1
+    assert "memmap: pid 999999999" in capsys.readouterr().err
+
+
+async def test_bounded_reads_run_off_the_loop_and_pass_errors_on() -> None:
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def read(pid: int) -> dict[str, object]:
+        seen.append(threading.get_ident())
+        if pid == 2:
+            raise memory_map.Unreadable("pid 2: No such file or directory")
+        return {"pid": pid}
+
+    reads = memory_map.BoundedReads(read)
+    assert await reads.read(1) == {"pid": 1}
+    with pytest.raises(memory_map.Unreadable, match="pid 2"):
+        await reads.read(2)
+    assert seen and loop_thread not in seen
+
+
+async def test_a_stuck_read_times_out_and_keeps_its_slot_until_it_ends() -> None:
+    release = threading.Event()
+
+    def read(pid: int) -> dict[str, object]:
+        if pid == 1:
+            release.wait(10)  # a read stuck in /proc (a process in D state)
+        return {"pid": pid}
+
+    reads = memory_map.BoundedReads(read, timeout=1.0, slots=1)
+    with pytest.raises(memory_map.TooSlow, match="took over 1 s"):
+        await reads.read(1)
+    # Its thread still runs: no second thread starts beside it, the caller waits its time.
+    with pytest.raises(memory_map.TooSlow):
+        await reads.read(3)
+    release.set()
+    await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+    assert await asyncio.wait_for(reads.read(4), 5) == {"pid": 4}

@@ -40,7 +40,7 @@ from livekit import api, rtc
 from livekit.protocol import models
 
 from lkrun import memory_map
-from tests.bench import media, memmap, recovery
+from tests.bench import media, recovery
 from tests.bench.procs import descendants
 from tests.bench.suts import Server, Sut, SutError
 
@@ -214,15 +214,15 @@ BREAKDOWN_JOBS = 3  # jobs whose smaps are read at each memory level (a few: it 
 
 
 def job_breakdown(pids: list[int], sample: int = BREAKDOWN_JOBS) -> dict[str, Any]:
-    """Where a job's memory goes (``tests.bench.memmap``, each job's process tree): the
+    """Where a job's memory goes (``lkrun.memory_map.report``, each job's process tree): the
     mean per kind (kB) over the first ``sample`` jobs whose smaps could be read, and the
     thread names counted per job over every job (``/proc/PID/task/*/comm``, cheap)."""
     sampled: list[dict[str, Any]] = []
     for pid in pids:
         if len(sampled) >= sample:
             break
-        with contextlib.suppress(memmap.Unreadable):
-            sampled.append(memmap.report(pid, tree=True))
+        with contextlib.suppress(memory_map.Unreadable):
+            sampled.append(memory_map.report(pid, tree=True))
     per_kind: dict[str, dict[str, int]] = {}
     for one in sampled:
         memory_map.add(per_kind, one["kinds"])
@@ -231,10 +231,10 @@ def job_breakdown(pids: list[int], sample: int = BREAKDOWN_JOBS) -> dict[str, An
     names: dict[str, list[int]] = {}
     counts: list[int] = []
     for pid in pids:
-        tree = [pid, *memmap.descendants(pid)]
+        tree = [pid, *memory_map.descendants(pid)]
         job: Counter[str] = Counter()
         for one in tree:
-            job.update(memmap.threads(one)[0])
+            job.update(memory_map.threads(one)[0])
         if not job:
             continue  # ended meanwhile
         counts.append(sum(job.values()))
