@@ -439,12 +439,14 @@ class AgentHost:
     def owns(self, job_id: str) -> bool:
         return self.jobs.owns(job_id)
 
-    def kill_job(self, job_id: str, *, force: bool) -> str:
-        """For `lkrun jobs kill`: ask the job to end (then kill it), or kill it at once."""
+    def kill_job(self, job_id: str, *, force: bool, by: str | None = None) -> str:
+        """For `lkrun jobs kill` (or ``by``, e.g. "the dashboard"): ask the job to end (then
+        kill it), or kill it at once."""
         if force:
-            self.jobs.kill(job_id, "killed by `lkrun jobs kill --force`", cause=Cause.KILLED)
+            why = f"killed by {by} (force)" if by else "killed by `lkrun jobs kill --force`"
+            self.jobs.kill(job_id, why, cause=Cause.KILLED)
             return "killed"
-        self.jobs.stop(job_id, "stopped by `lkrun jobs kill`", cause=Cause.KILLED)
+        self.jobs.stop(job_id, f"stopped by {by or '`lkrun jobs kill`'}", cause=Cause.KILLED)
         return "shutdown requested"
 
     def monitor_targets(self) -> list[Target]:

@@ -23,6 +23,9 @@ from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
 from lkrun.api.metrics import AgentSnapshot, Metrics, metrics_handler
 from lkrun.credentials import Credentials
+from lkrun.dashboard.guard import Access, DashboardError, resolve_token
+from lkrun.dashboard.samples import Samples
+from lkrun.dashboard.server import Dashboard
 from lkrun.entrypoints import check_entrypoints
 from lkrun.jobs.book import JobBook
 from lkrun.jobs.history import History
@@ -110,6 +113,8 @@ class Daemon:
         self.cpu = CpuMonitor()
         self.reloads = 0
         self.health: HealthServer | None = None
+        # The dashboard's charts: an hour of samples of the agents' jobs and load.
+        self.samples = Samples()
         # The framework's shared inference processes, one per agent interpreter.
         self.inference = InferenceProcesses(
             workdir=self.manifest.workdir,
@@ -244,12 +249,20 @@ class Daemon:
 
         return self.history.logs.follow(job_id, from_lines=lines, until=ended)
 
-    def kill_job(self, job_id: str, *, force: bool) -> str | None:
+    def kill_job(self, job_id: str, *, force: bool, by: str | None = None) -> str | None:
         """Stop a running job; None if this daemon does not run it."""
         for host in self.all_hosts():
             if host.owns(job_id):
-                return host.kill_job(job_id, force=force)
+                return host.kill_job(job_id, force=force, by=by)
         return None
+
+    def drain(self) -> str:
+        """What the first SIGTERM does (the control API's and the dashboard's drain): no new
+        jobs, the running ones get drain_timeout, then the daemon exits."""
+        if self.phase == "serving":
+            log.info("drain requested through the control API")
+            self._stop.set()
+        return "draining" if self.phase == "serving" else self.phase
 
     def readiness(self) -> tuple[bool, str]:
         if self.phase != "serving":
@@ -346,18 +359,37 @@ class Daemon:
             host, port = parse_host_port(self.config.settings.http_addr)
             self.health = HealthServer(host, port, ready=self.readiness)
             self.health.add_route("/metrics", metrics_handler(self.metrics, self._snapshot))
+            dashboard = self._mount_dashboard(self.health) if self.config.settings.dashboard else ""
             await self.health.start()
             log.info(
-                "health endpoint on http://%s:%d/healthz, /readyz and /metrics",
+                "health endpoint on http://%s:%d/healthz, /readyz and /metrics%s",
                 host,
                 self.health.port,
+                dashboard,
             )
+            if dashboard:
+                self._tasks.spawn(self.samples.run(self.status), "dashboard samples")
         self._start_reaper()
         monitor = JobMonitor(self._monitor_targets)
         self._tasks.spawn(self.cpu.run(self._on_cpu_sample), "cpu monitor")
         self._tasks.spawn(monitor.run(), "job monitor")
         if self.config.reload:
             self._tasks.spawn(self._watch_manifest(), "manifest watcher")
+
+    def _mount_dashboard(self, health: HealthServer) -> str:
+        """The web dashboard's routes (lkrun.dashboard) on the health server; what the start
+        line says of it."""
+        try:
+            token = resolve_token(self.config.settings.dashboard_token, os.environ)
+        except DashboardError as exc:
+            raise FatalError(str(exc)) from None
+        access = Access(health.host, token)
+        for method, path, handler in Dashboard(self, self.samples, access).routes():
+            health.add_route(path, handler, method)
+        if access.disabled:
+            log.warning("%s", access.disabled_reason())
+            return "; dashboard disabled (403)"
+        return "; dashboard on /" + (" (token required)" if token else "")
 
     def _start_reaper(self) -> None:
         """Adopt the orphans of jobs, fork servers and import checks, and reap them: as a

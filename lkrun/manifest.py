@@ -156,6 +156,27 @@ def _secret(value: object) -> str:
     return value
 
 
+DASHBOARD_TOKEN_MIN = 16  # characters: a token guarded port is worth a long one
+
+
+def dashboard_token_problem(value: str) -> str:
+    """Why ``value`` cannot be the dashboard's token ("" if it can); the value is never
+    shown."""
+    if len(value) < DASHBOARD_TOKEN_MIN:
+        return f"must be at least {DASHBOARD_TOKEN_MIN} characters (value not shown)"
+    if not value.isprintable() or value != value.strip():
+        return "must be printable, with no surrounding spaces (value not shown)"
+    return ""
+
+
+def _dashboard_token(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_type_name(value)} (value not shown)")
+    if value and (problem := dashboard_token_problem(value)):
+        raise _Invalid(problem)
+    return value
+
+
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"must be true or false, got {_show(value)}")
@@ -519,6 +540,13 @@ class DaemonSettings:
     shutdown_timeout: float = field(default=10.0, metadata=_check(_duration))
     # Health/metrics HTTP server, "host:port" (see parse_host_port); "" disables it.
     http_addr: str = field(default="127.0.0.1:8081", metadata=_check(_http_addr))
+    # The web dashboard on that server (lkrun.dashboard); false: only /healthz, /readyz,
+    # /metrics.
+    dashboard: bool = field(default=True, metadata=_check(_boolean))
+    # Required by every dashboard request when set ("" falls back to env
+    # LKRUN_DASHBOARD_TOKEN); with none, a non-loopback http_addr serves the dashboard
+    # disabled (403).
+    dashboard_token: str = field(default="", metadata=_check(_dashboard_token), repr=False)
     # Job history (SQLite); None: $XDG_STATE_HOME/lkrun/jobs.db. Relative: to the manifest.
     database: Path | None = field(default=None, metadata=_check(_path))
     # Per-job log files; None: $XDG_STATE_HOME/lkrun/logs. Relative: to the manifest.

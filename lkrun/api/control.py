@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
@@ -25,6 +25,8 @@ from lkrun.jobs.fields import STATUSES
 from lkrun.jobs.store import JobQuery
 
 ENV_SOCKET = "LKRUN_CONTROL_SOCKET"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ControlError(Exception):
@@ -116,7 +118,8 @@ class DaemonView(Protocol):
     async def job_chain(self, job_id: str) -> list[dict[str, Any]]: ...
     def job_log_tail(self, job_id: str, lines: int) -> list[str]: ...
     def follow_job_log(self, job_id: str, lines: int) -> AsyncIterator[str]: ...
-    def kill_job(self, job_id: str, *, force: bool) -> str | None: ...
+    def kill_job(self, job_id: str, *, force: bool, by: str | None = None) -> str | None: ...
+    def drain(self) -> str: ...
 
 
 def default_socket_path() -> Path:
@@ -243,6 +246,98 @@ def parse_query(params: Any) -> JobQuery | None:
     )
 
 
+class ControlHandlers:
+    """The control API's handlers, over a DaemonView: mounted on the control socket by
+    ControlServer, and under /api/v1/ by the web dashboard (lkrun.dashboard), so both show
+    the same data. ``by`` names who asks a kill (its stop reason)."""
+
+    def __init__(self, view: DaemonView, *, by: str | None = None) -> None:
+        self.view = view
+        self.by = by
+
+    def add_to(self, app: web.Application, prefix: str = "") -> None:
+        """Mount every route under prefix (e.g. "/api")."""
+        for method, route, handler in self.routes():
+            app.router.add_route(method, prefix + route, handler)
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [
+            ("GET", "/v1/status", self.status),
+            ("GET", "/v1/jobs", self.jobs),
+            ("GET", "/v1/jobs/{job_id}", self.job),
+            ("GET", "/v1/jobs/{job_id}/logs", self.logs),
+            ("POST", "/v1/jobs/{job_id}/kill", self.kill),
+            ("POST", "/v1/drain", self.drain),
+        ]
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.view.status())
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        query = parse_query(request.query)
+        return web.json_response({"jobs": await self.view.jobs(query)})
+
+    async def job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        job = await self.view.job(job_id)
+        if job is None:
+            raise web.HTTPNotFound(text=f"no job {job_id}")
+        lines = _int_param(request, "lines", 20)
+        # The recovery chain it belongs to (lkrun.recovery): every attempt at its call.
+        chain = await self.view.job_chain(job_id)
+        return web.json_response({"job": job, "log": self._tail(job_id, lines), "chain": chain})
+
+    def _tail(self, job_id: str, lines: int) -> list[str]:
+        try:
+            return self.view.job_log_tail(job_id, lines)
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from exc
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        if await self.view.job(job_id) is None:
+            raise web.HTTPNotFound(text=f"no job {job_id}")
+        lines = _int_param(request, "tail", 100)
+        if request.query.get("follow") not in ("1", "true"):
+            body = "".join(line + "\n" for line in self._tail(job_id, lines))
+            return web.Response(text=body)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        # The headers go to the handler's wrapper first (the dashboard adds its own).
+        response.headers.update(request.get(EXTRA_HEADERS, {}))
+        await response.prepare(request)
+        async for line in self.view.follow_job_log(job_id, lines):
+            await response.write((line + "\n").encode())
+        await response.write_eof()
+        return response
+
+    async def kill(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        force = request.query.get("force") in ("1", "true")
+        action = self.view.kill_job(job_id, force=force, by=self.by)
+        if action is None:
+            job = await self.view.job(job_id)
+            if job is None:
+                raise web.HTTPNotFound(text=f"no job {job_id}")
+            raise web.HTTPConflict(text=f"job {job_id} is not running (status {job['status']})")
+        return web.json_response({"job_id": job_id, "action": action})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """Drain as the first SIGTERM does: no new jobs, the running ones end, then exit."""
+        return web.json_response({"phase": self.view.drain()})
+
+
+# A streamed response's extra headers, put on the request by a wrapper (the dashboard's
+# security headers): a StreamResponse sends its headers before the wrapper sees it.
+EXTRA_HEADERS = "lkrun.extra_headers"
+
+
+def _int_param(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.query.get(name, default))
+    except ValueError as exc:
+        raise _bad_request(f"bad number for {name}: {exc}") from exc
+
+
 class ControlServer:
     def __init__(self, path: Path, view: DaemonView) -> None:
         self.path = path
@@ -253,11 +348,7 @@ class ControlServer:
     async def start(self) -> None:
         _prepare_socket_path(self.path)
         app = web.Application()
-        app.router.add_get("/v1/status", self._status)
-        app.router.add_get("/v1/jobs", self._jobs)
-        app.router.add_get("/v1/jobs/{job_id}", self._job)
-        app.router.add_get("/v1/jobs/{job_id}/logs", self._logs)
-        app.router.add_post("/v1/jobs/{job_id}/kill", self._kill)
+        ControlHandlers(self.view).add_to(app)
         sock = _bind_unix(self.path)
         try:
             self._bound = _identity(os.lstat(self.path))
@@ -278,55 +369,6 @@ class ControlServer:
         bound, self._bound = self._bound, None
         if bound is not None:
             _unlink_if_same(self.path, bound)
-
-    async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.view.status())
-
-    async def _jobs(self, request: web.Request) -> web.Response:
-        query = parse_query(request.query)
-        return web.json_response({"jobs": await self.view.jobs(query)})
-
-    async def _job(self, request: web.Request) -> web.Response:
-        job_id = request.match_info["job_id"]
-        job = await self.view.job(job_id)
-        if job is None:
-            raise web.HTTPNotFound(text=f"no job {job_id}")
-        lines = int(request.query.get("lines", 20))
-        # The recovery chain it belongs to (lkrun.recovery): every attempt at its call.
-        chain = await self.view.job_chain(job_id)
-        return web.json_response({"job": job, "log": self._tail(job_id, lines), "chain": chain})
-
-    def _tail(self, job_id: str, lines: int) -> list[str]:
-        try:
-            return self.view.job_log_tail(job_id, lines)
-        except ValueError as exc:
-            raise _bad_request(str(exc)) from exc
-
-    async def _logs(self, request: web.Request) -> web.StreamResponse:
-        job_id = request.match_info["job_id"]
-        if await self.view.job(job_id) is None:
-            raise web.HTTPNotFound(text=f"no job {job_id}")
-        lines = int(request.query.get("tail", 100))
-        if request.query.get("follow") not in ("1", "true"):
-            body = "".join(line + "\n" for line in self._tail(job_id, lines))
-            return web.Response(text=body)
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-        await response.prepare(request)
-        async for line in self.view.follow_job_log(job_id, lines):
-            await response.write((line + "\n").encode())
-        await response.write_eof()
-        return response
-
-    async def _kill(self, request: web.Request) -> web.Response:
-        job_id = request.match_info["job_id"]
-        force = request.query.get("force") in ("1", "true")
-        action = self.view.kill_job(job_id, force=force)
-        if action is None:
-            job = await self.view.job(job_id)
-            if job is None:
-                raise web.HTTPNotFound(text=f"no job {job_id}")
-            raise web.HTTPConflict(text=f"job {job_id} is not running (status {job['status']})")
-        return web.json_response({"job_id": job_id, "action": action})
 
 
 def _unreachable(path: Path) -> ControlError:

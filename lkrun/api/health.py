@@ -28,11 +28,14 @@ class HealthServer:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
-    def add_route(self, path: str, handler: Handler) -> None:
-        """Mount a GET (and HEAD) route; the router freezes at start()."""
+    def add_route(self, path: str, handler: Handler, method: str = "GET") -> None:
+        """Mount a route (GET also answers HEAD); the router freezes at start()."""
         if self._runner is not None:
             raise RuntimeError("add_route() must be called before start()")
-        self._app.router.add_get(path, handler)
+        if method == "GET":
+            self._app.router.add_get(path, handler)
+        else:
+            self._app.router.add_route(method, path, handler)
 
     @property
     def port(self) -> int:
@@ -40,7 +43,9 @@ class HealthServer:
         return self._requested_port if self._port is None else self._port
 
     async def start(self) -> None:
-        runner = web.AppRunner(self._app, access_log=None)
+        # A dashboard following a job's log holds a request open: the stop waits for it
+        # only briefly (aiohttp's default is 60 s).
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._requested_port)
         try:

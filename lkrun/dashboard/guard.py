@@ -1,0 +1,151 @@
+"""Who may see the dashboard and act through it: the rules of lkrun.dashboard's docstring.
+
+Pure checks on a request's headers and cookies (no I/O), so they are tested without a
+server; lkrun.dashboard.server applies them around every handler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lkrun.manifest import dashboard_token_problem
+
+ENV_TOKEN = "LKRUN_DASHBOARD_TOKEN"
+COOKIE = "lkrun_dashboard"
+CSRF_HEADER = "X-CSRF-Token"
+
+# Every dashboard response carries these. No inline script or style anywhere: the page is
+# static files and ES modules; charts are SVG elements with attributes, not style text.
+SECURITY_HEADERS: Mapping[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+class DashboardError(Exception):
+    """The dashboard's settings cannot be used (a bad token in the environment)."""
+
+
+def resolve_token(manifest_token: str, env: Mapping[str, str]) -> str:
+    """The token: the manifest's ``[daemon] dashboard_token``, else LKRUN_DASHBOARD_TOKEN
+    (as the LiveKit secret: manifest over environment); "" for none."""
+    if manifest_token:
+        return manifest_token  # checked when the manifest was read
+    token = env.get(ENV_TOKEN, "")
+    if token and (problem := dashboard_token_problem(token)):
+        raise DashboardError(f"{ENV_TOKEN} {problem}")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or Host name is this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8081" -> "[::1]")."""
+    if host_header.startswith("["):
+        return host_header.split("]", 1)[0] + "]"
+    return host_header.rsplit(":", 1)[0] if ":" in host_header else host_header
+
+
+@dataclass
+class Access:
+    """The dashboard's access rules for one bind address and token."""
+
+    bind_host: str
+    token: str = ""
+    # Signs the CSRF token: new at every start, so a page from a previous daemon must
+    # fetch it again (GET /api/v1/session).
+    _secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    @property
+    def disabled(self) -> bool:
+        """No token and reachable from other machines: served disabled (403)."""
+        return not self.token and not is_loopback(self.bind_host)
+
+    @property
+    def open(self) -> bool:
+        """No token needed: loopback, no token configured."""
+        return not self.token and is_loopback(self.bind_host)
+
+    def disabled_reason(self) -> str:
+        return (
+            f"the lkrun dashboard is disabled: it listens on {self.bind_host}, not loopback, and "
+            f"no token is set; set [daemon] dashboard_token or {ENV_TOKEN} (or listen on "
+            "127.0.0.1)"
+        )
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Without a token, only loopback names: a page of another site whose name resolves
+        to 127.0.0.1 (DNS rebinding) must not read or drive the dashboard."""
+        if self.token:
+            return True  # its cookie was never given to another name
+        return is_loopback(host_name(host_header))
+
+    @property
+    def session(self) -> str:
+        """The cookie value a login sets: derived from the token, not the token itself."""
+        return _mac(self.token.encode(), "lkrun dashboard session") if self.token else ""
+
+    def csrf(self) -> str:
+        return _mac(self._secret, f"csrf {self.session}")
+
+    def token_matches(self, given: str) -> bool:
+        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def bearer(self, headers: Mapping[str, str]) -> bool:
+        """Whether the request carries ``Authorization: Bearer TOKEN`` (scripts)."""
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and self.token_matches(value.strip())
+
+    def signed_in(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> bool:
+        if self.open:
+            return True
+        if self.disabled:
+            return False
+        cookie = cookies.get(COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), self.session.encode()) or self.bearer(headers)
+
+    def action_refused(self, headers: Mapping[str, str], scheme: str) -> str:
+        """Why a POST (an action, or the login) is refused ("" if it may go on): a browser
+        sends Origin and Sec-Fetch-Site with it; from another site they say so."""
+        site = headers.get("Sec-Fetch-Site")
+        if site is not None and site != "same-origin":
+            return f"cross-site request refused (Sec-Fetch-Site: {site})"
+        origin = headers.get("Origin")
+        expected = f"{scheme}://{headers.get('Host', '')}"
+        if origin is not None and origin != expected:
+            return "cross-origin request refused (Origin does not match this page)"
+        return ""
+
+    def csrf_refused(self, headers: Mapping[str, str]) -> str:
+        """Why an action without a bearer token is refused ("" if its CSRF token is right)."""
+        given = headers.get(CSRF_HEADER, "")
+        if not given:
+            return f"missing {CSRF_HEADER} header (GET /api/v1/session gives it)"
+        if not hmac.compare_digest(given.encode(), self.csrf().encode()):
+            return f"wrong {CSRF_HEADER} (the daemon restarted? reload the page)"
+        return ""
+
+
+def _mac(key: bytes, message: str) -> str:
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
