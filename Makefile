@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint format clean soak cluster redis
+.PHONY: serve test test-fast lint format clean soak cluster redis browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/lkrun serve agents.toml.example
 
-test: $(STAMP) redis node-deps test-envs
+test: $(STAMP) redis browser node-deps test-envs
 	$(BIN)/ruff check lkrun tests
 	$(BIN)/pytest -v
 
@@ -36,6 +36,26 @@ redis:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
 	    echo "error: redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) or set LKRUN_REDIS_SERVER" >&2; \
+	    exit 1; \
+	  fi; }
+
+# The dashboard's browser tests (tests/browser.py) drive Debian's chromium through its
+# chromedriver, never a browser Selenium downloads: $LKRUN_CHROMIUM and $LKRUN_CHROMEDRIVER
+# when both are set, else the system's, else install Debian's packages when we are root on a
+# machine with apt (CI); else say what to do.
+browser:
+	@if [ -n "$$LKRUN_CHROMIUM$$LKRUN_CHROMEDRIVER" ]; then \
+	  for b in "$$LKRUN_CHROMIUM" "$$LKRUN_CHROMEDRIVER"; do \
+	    [ -f "$$b" ] && [ -x "$$b" ] || { \
+	      echo "error: LKRUN_CHROMIUM and LKRUN_CHROMEDRIVER must both name executable files (got '$$LKRUN_CHROMIUM', '$$LKRUN_CHROMEDRIVER')" >&2; exit 1; }; \
+	  done; exit 0; \
+	fi; \
+	{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "error: chromium and chromedriver not found: install them (Debian: sudo apt-get install chromium chromium-driver; Ubuntu: the chromium snap provides chromium.chromedriver; macOS: brew install --cask chromium chromedriver) or set LKRUN_CHROMIUM and LKRUN_CHROMEDRIVER" >&2; \
 	    exit 1; \
 	  fi; }
 

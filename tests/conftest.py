@@ -19,6 +19,7 @@ import pytest
 from livekit import api, rtc
 
 from lkrun.api import control
+from tests.browser import browser  # noqa: F401  (a fixture: headless chromium, Selenium)
 from tests.envs import python_env  # noqa: F401  (a fixture: cached test virtualenvs)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ class Server:
 
 # Tests that need a real livekit-server or start lkrun's processes: `-m "not e2e"` is the
 # fast tier (pure logic, fakes), `make test` runs everything.
-E2E_FIXTURES = frozenset({"livekit_server", "start_daemon", "own_server", "python_env"})
+E2E_FIXTURES = frozenset({"livekit_server", "start_daemon", "own_server", "python_env", "browser"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
