@@ -1,0 +1,74 @@
+// DOM helpers. Text always goes in as text nodes (textContent): nothing the daemon sends
+// (room names, identities, error texts, log lines: participants and apps control them) is
+// ever parsed as HTML. There is no innerHTML anywhere in the dashboard.
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function setAttributes(node, attrs) {
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "testid") node.setAttribute("data-testid", value);
+    else if (key === "on") {
+      for (const [event, fn] of Object.entries(value)) node.addEventListener(event, fn);
+    } else node.setAttribute(key, String(value));
+  }
+}
+
+function appendAll(node, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  setAttributes(node, attrs);
+  appendAll(node, children);
+  return node;
+}
+
+export function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  setAttributes(node, attrs);
+  appendAll(node, children);
+  return node;
+}
+
+export function setText(node, text) {
+  node.textContent = text === undefined || text === null ? "" : String(text);
+}
+
+export function byTestId(id, root = document) {
+  return root.querySelector(`[data-testid="${id}"]`);
+}
+
+export function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+export function clock(epoch) {
+  if (!epoch) return "";
+  const d = new Date(epoch * 1000);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  const date = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+  return `${date} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+export function megabytes(mb) {
+  return mb === null || mb === undefined ? "" : `${Number(mb).toFixed(1)} MB`;
+}
+
+export function jobHref(id) {
+  return `/jobs/${encodeURIComponent(id)}`;
+}
+
+// A link the router follows without a reload.
+export function link(href, attrs, ...children) {
+  return el("a", { href, "data-link": "", ...attrs }, ...children);
+}
