@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from lkrun import __version__, interpreter, paths, reaper
+from lkrun import __version__, interpreter, memory_map, paths, reaper
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.api.control import AgentStatus, ControlServer, DaemonStatus
 from lkrun.api.health import HealthServer
@@ -113,6 +113,8 @@ class Daemon:
         self.cpu = CpuMonitor()
         self.reloads = 0
         self.health: HealthServer | None = None
+        # `lkrun jobs show --memory`: smaps of job process trees, read off the event loop.
+        self._memory_reads = memory_map.BoundedReads()
         # The dashboard's charts: an hour of samples of the agents' jobs and load.
         self.samples = Samples()
         # The framework's shared inference processes, one per agent interpreter.
@@ -248,6 +250,28 @@ class Daemon:
             return record is None or record.status.ended
 
         return self.history.logs.follow(job_id, from_lines=lines, until=ended)
+
+    async def job_memory(self, job_id: str) -> dict[str, Any] | None:
+        """Where a running job's memory goes (lkrun.memory_map: its process tree by mapping
+        kind, its threads by name), read from the pid this daemon started; None when it runs
+        no process for that job (unknown, not started yet, or ended)."""
+        pid = self._job_pid(job_id)
+        if pid is None:
+            return None
+        try:
+            data = await self._memory_reads.read(pid)
+        except memory_map.Unreadable:
+            return None  # it ended before the read
+        if self._job_pid(job_id) != pid:
+            return None  # it ended during the read: that pid may be another process's now
+        return {"job_id": job_id, **data}
+
+    def _job_pid(self, job_id: str) -> int | None:
+        for host in self.all_hosts():
+            for record, process in host.jobs.running_processes():
+                if record.id == job_id:
+                    return process.pid
+        return None
 
     def kill_job(self, job_id: str, *, force: bool, by: str | None = None) -> str | None:
         """Stop a running job; None if this daemon does not run it."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypedDict
 import aiohttp
 from aiohttp import web
 
-from lkrun import paths
+from lkrun import memory_map, paths
 from lkrun.jobs.fields import STATUSES
 from lkrun.jobs.store import JobQuery
 
@@ -117,6 +117,7 @@ class DaemonView(Protocol):
     async def job(self, job_id: str) -> dict[str, Any] | None: ...
     async def job_chain(self, job_id: str) -> list[dict[str, Any]]: ...
     def job_log_tail(self, job_id: str, lines: int) -> list[str]: ...
+    async def job_memory(self, job_id: str) -> dict[str, Any] | None: ...
     def follow_job_log(self, job_id: str, lines: int) -> AsyncIterator[str]: ...
     def kill_job(self, job_id: str, *, force: bool, by: str | None = None) -> str | None: ...
     def drain(self) -> str: ...
@@ -266,6 +267,7 @@ class ControlHandlers:
             ("GET", "/v1/jobs", self.jobs),
             ("GET", "/v1/jobs/{job_id}", self.job),
             ("GET", "/v1/jobs/{job_id}/logs", self.logs),
+            ("GET", "/v1/jobs/{job_id}/memory", self.memory),
             ("POST", "/v1/jobs/{job_id}/kill", self.kill),
             ("POST", "/v1/drain", self.drain),
         ]
@@ -309,6 +311,24 @@ class ControlHandlers:
             await response.write((line + "\n").encode())
         await response.write_eof()
         return response
+
+    async def memory(self, request: web.Request) -> web.Response:
+        """Where a running job's memory goes (lkrun.memory_map): its process tree by mapping
+        kind, its threads by name. The daemon reads /proc itself, from the pid it started:
+        a client never names a pid."""
+        job_id = request.match_info["job_id"]
+        try:
+            data = await self.view.job_memory(job_id)
+        except memory_map.TooSlow as exc:
+            raise web.HTTPServiceUnavailable(text=f"job {job_id}: {exc}") from exc
+        if data is None:
+            job = await self.view.job(job_id)
+            if job is None:
+                raise web.HTTPNotFound(text=f"no job {job_id}")
+            raise web.HTTPConflict(
+                text=f"job {job_id} has no running process to read (status {job['status']})"
+            )
+        return web.json_response(data)
 
     async def kill(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job_id"]

@@ -27,6 +27,7 @@ from lkrun.cli.common import (
     run_async,
     say,
 )
+from lkrun.cli.memory import print_job_memory
 from lkrun.jobs.fields import STATUSES
 from lkrun.shared.text import printable
 
@@ -154,10 +155,22 @@ def _watch_jobs(control_socket: Path | None, params: dict[str, str]) -> None:
 def jobs_show(
     job_id: Annotated[str, typer.Argument(help="The job id (AJ_...).")],
     lines: Annotated[int, typer.Option(help="How many of its last log lines.")] = 20,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory",
+            help="Where the running job's memory goes instead: its process tree by mapping "
+            "kind (heap, arenas, stacks, anon, rtc, python, so, other; PSS, Priv dirty, RSS "
+            "in MB) and its threads by name, read from /proc by the daemon.",
+        ),
+    ] = False,
     control_socket: SocketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Everything about one job, and its last log lines."""
+    """Everything about one job, and its last log lines (or, with --memory, its memory)."""
+    if memory:
+        _show_memory(job_id, control_socket, as_json=as_json)
+        return
     data = ask_daemon(control_socket, f"/v1/jobs/{job_id}", {"lines": str(lines)})
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -203,6 +216,14 @@ def jobs_show(
     out.print(f"\nlast {len(data['log'])} log line(s):", markup=False)
     for line in data["log"]:
         say(f"  {line}")
+
+
+def _show_memory(job_id: str, control_socket: Path | None, *, as_json: bool) -> None:
+    data = ask_daemon(control_socket, f"/v1/jobs/{job_id}/memory")
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        print_job_memory(data, out)
 
 
 def _attempt(job: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from lkrun.cli.common import cell, say
 Column = tuple[str, str]
 JOB_COLUMNS: tuple[Column, ...] = (
     ("Pss", "PSS"),
-    ("Private_Dirty", "Priv dirty"),
+    ("Private_Dirty", "PRIV DIRTY"),
     ("Rss", "RSS"),
 )
 ALL_COLUMNS: tuple[Column, ...] = (
@@ -46,7 +46,7 @@ def kinds_table(
     table.add_column("KIND")
     table.add_column("MAPS", justify="right")
     for _, header in columns:
-        table.add_column(f"{header.upper() if describe else header} MB", justify="right")
+        table.add_column(header, justify="right")
     if describe:
         table.add_column("WHAT", overflow="fold")
     for kind, row in data["kinds"].items():
@@ -81,7 +81,8 @@ def print_job_memory(data: dict[str, Any], console: Console) -> None:
     say(f"job {data['job_id']}: {count} process(es): {processes_line(data)}", console)
     say("memory by mapping kind (from /proc/PID/smaps), MB (MiB):", console)
     console.print(kinds_table(data))
-    say(f"\nthreads: {data['threads']}", console)
+    console.print()
+    say(f"threads: {data['threads']}", console)
     console.print(threads_table(data))
     for line in data.get("skipped") or []:
         say(f"skipped (ended during the read): {line}", console)
