@@ -7,7 +7,10 @@
 - ``memory``: N rooms dispatched at once; once every agent is in, hold, then PSS/USS of
   each job's process tree, and RSS/PSS/CPU of the SUT's main process over the hold.
 - ``max_jobs``: add rooms step by step until an agent is not in within the timeout, an
-  already-held agent is gone, or a job fails; the last fully held count.
+  already-held job drops, or a job fails (the host's limit), or a safety bound (ceiling,
+  memory, time) ends the ramp; the last fully held count (``tests/bench/limit.py``).
+- ``media_rooms`` (the media workload with ``--ramp-to-limit``): rooms added step by step,
+  all playing, until a meter falls behind: the most rooms held with none behind.
 - ``media`` (the media workload, instead of ``memory``): N rooms, each with a tone
   observer (``tests/bench/tones.py``, in processes of their own) that joins and publishes
   its track before the meter job is dispatched and starts a 48 kHz tone on it once every
@@ -40,7 +43,7 @@ from livekit import api, rtc
 from livekit.protocol import models
 
 from lkrun import memory_map
-from tests.bench import media, recovery
+from tests.bench import limit, media, recovery
 from tests.bench.procs import descendants
 from tests.bench.suts import Server, Sut, SutError
 
@@ -74,6 +77,10 @@ class Settings:
     ramp_timeout: float = 600.0
     # recovery: how long after a kill to wait for a replacement before counting none.
     recovery_wait: float = 10.0
+    # Issue 20: the ramp goes on until the host stops holding new calls (max_jobs_cap is
+    # then a safety ceiling; media: the rooms ramp, tests/bench/limit.py).
+    ramp_to_limit: bool = False
+    tone_frame_ms: int = media.FRAME_MS  # the media observers' tone frames
 
 
 def summary(samples: list[float]) -> dict[str, Any]:
@@ -509,7 +516,9 @@ class Bench:
         s = self.settings
         await self.ready_for_next()
         rooms = [self.room(f"media{count}", i) for i in range(count)]
-        observers = media.ToneObservers(self.lk.server, rooms, self.sut.workdir)
+        observers = media.ToneObservers(
+            self.lk.server, rooms, self.sut.workdir, frame_ms=s.tone_frame_ms
+        )
         result: dict[str, Any] = {"jobs": count}
         try:
             await asyncio.gather(*(self.lk.create_room(r) for r in rooms))
@@ -581,70 +590,6 @@ class Bench:
             await observers.close()
             await self.cleanup(rooms)
 
-    # -- max concurrent jobs --------------------------------------------------------------
-
-    async def max_jobs(self) -> dict[str, Any]:
-        s = self.settings
-        await self.ready_for_next()
-        held: list[str] = []
-        steps: list[dict[str, Any]] = []
-        reason = "cap reached"
-        deadline = time.monotonic() + s.ramp_timeout
-        try:
-            while len(held) < s.max_jobs_cap:
-                if time.monotonic() > deadline:
-                    reason = f"ramp time limit ({s.ramp_timeout:g}s) reached"
-                    break
-                size = min(s.ramp_step, s.max_jobs_cap - len(held))
-                new = [self.room("max", len(held) + i) for i in range(size)]
-                step, stop = await self._ramp_step(held, new)
-                steps.append(step)
-                if stop:
-                    reason = stop
-                    break
-                held += new
-                self.say(f"max jobs: {len(held)} held (slowest agent {step['slowest_s']}s)")
-        except SutError as exc:
-            self.sut.check_alive()  # a system that died is a failure, not a stop reason
-            reason = f"with {len(held)} jobs held the system did not answer: {exc}"
-        try:
-            return {"held": len(held), "cap": s.max_jobs_cap, "stop_reason": reason, "steps": steps}
-        finally:
-            await self.cleanup([*held, *(r for r in self.lk.rooms if "-max-" in r)], timeout=180)
-
-    async def _ramp_step(
-        self, held: list[str], new: list[str]
-    ) -> tuple[dict[str, Any], str | None]:
-        """Dispatch ``new`` on top of ``held``: the step's numbers, and why to stop (if so)."""
-        s = self.settings
-        cpu = await self.settle()
-        started = time.monotonic()
-        sent = await self.dispatch_rooms(new)
-        arrived = await self.wait_agents(sent, timeout=s.visible_timeout)
-        step = {
-            "target": len(held) + len(new),
-            "arrived": len(arrived),
-            "step_s": round(time.monotonic() - started, 2),
-            "slowest_s": round(max(arrived.values()), 2) if arrived else None,
-            "cpu_before_percent": round(cpu, 1),
-        }
-        missing = [r for r in new if r not in arrived]
-        if missing:
-            return step, (
-                f"{len(missing)} of {len(new)} agents not in within "
-                f"{s.visible_timeout:g}s at {step['target']} jobs "
-                f"({self.sut.why_missing(missing)})"
-            )
-        still = await asyncio.gather(*(self.lk.agent_in(r) for r in held))
-        gone = [r for r, inside in zip(held, still, strict=True) if not inside]
-        failed = await self.sut.failed_jobs(held + new)
-        if gone or failed:
-            return step, (
-                f"at {step['target']} jobs: {len(gone)} held agents gone, "
-                f"{len(failed)} failed jobs" + (f" ({failed[0][:200]})" if failed else "")
-            )
-        return step, None
-
     # -- all ------------------------------------------------------------------------------
 
     async def run(self, result: dict[str, Any]) -> None:
@@ -670,10 +615,14 @@ class Bench:
         for count in s.concurrency:
             result[key].append(await phase(count))
         if s.max_jobs_cap > 0:
-            result["max_jobs"] = await self.max_jobs()
+            media_ramp = self.sut.workload == "media"
+            ramp = limit.media_rooms if media_ramp else limit.max_jobs
+            part = result["media_rooms" if media_ramp else "max_jobs"] = await ramp(self)
             self.say(
-                f"max jobs held: {result['max_jobs']['held']} ({result['max_jobs']['stop_reason']})"
+                f"{'media rooms' if media_ramp else 'max jobs'} held: {part['held']} "
+                f"({limit.verdict_text(part)}: {part['stop_reason']})"
             )
+            self.sut.check_alive()  # a host that died: the run failed, its ramp is kept
 
 
 async def run_sut(sut: Sut, lk: LiveKit, settings: Settings) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from lkrun.shared import pdeathsig
 from tests.bench.suts import REPO, Server
 
 ROOMS_PER_PROCESS = 10
+FRAME_MS = 100  # the observers' tone frames (--tone-frame-ms; 10 before issue 20)
 REPORT_RATE = 4.0  # the meter's reports per second (METER_RATE's default)
 SAMPLE_RATE = 48000
 MIN_REPORT_RATIO = 0.9
@@ -50,8 +51,18 @@ class ObserverError(Exception):
 class ToneObservers:
     """Processes publishing a tone in each room and noting the meters' reports."""
 
-    def __init__(self, server: Server, rooms: list[str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        server: Server,
+        rooms: list[str],
+        log_dir: Path,
+        *,
+        frame_ms: int = FRAME_MS,
+        tag: str = "",
+    ) -> None:
         self.server = server
+        self.frame_ms = frame_ms  # the tone's frames: 100 ms cost the observers least
+        self.tag = tag  # in the log files' names: tones-<tag><n>.log
         self.groups = [
             rooms[i : i + ROOMS_PER_PROCESS] for i in range(0, len(rooms), ROOMS_PER_PROCESS)
         ]
@@ -66,11 +77,13 @@ class ToneObservers:
         env = {**os.environ, **self.server.env(), "PYTHONPATH": str(REPO)}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for index, group in enumerate(self.groups):
-            with _log(self.log_dir / f"tones-{index}.log") as log:
+            with _log(self.log_dir / f"tones-{self.tag}{index}.log") as log:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "tests.bench.tones",
+                    "--frame-ms",
+                    str(self.frame_ms),
                     *group,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
@@ -114,6 +127,14 @@ class ToneObservers:
     async def metering(self) -> int:
         """Rooms whose meter has reported this observer's samples."""
         return sum(json.loads(line)["metering"] for line in await self._ask("status"))
+
+    async def collect(self) -> dict[str, dict[str, Any]]:
+        """The reports noted since the last collect, the observers still playing: room ->
+        {"reports": [...], "sent": [...]} as ``reports``."""
+        merged: dict[str, dict[str, Any]] = {}
+        for line in await self._ask("report"):
+            merged.update(json.loads(line))
+        return merged
 
     async def reports(self) -> dict[str, dict[str, Any]]:
         """Stop the observers; room -> {"reports": [[arrival time, seq, samples], ...],

@@ -44,7 +44,8 @@ from livekit.agents import AgentServer, JobContext, JobProcess, WorkerOptions, c
 from livekit.agents.worker import _DefaultLoadCalc
 
 EVENTS = os.environ.get("BENCH_EVENTS", "")
-MAX_JOBS = 200  # lkrun's max_jobs in the bench manifest
+# lkrun's max_jobs in the bench manifest (200, or the ramp's ceiling when it goes further).
+MAX_JOBS = int(os.environ.get("BENCH_MAX_JOBS", "200"))
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -82,7 +83,7 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 def lkrun_like_load(server: AgentServer) -> float:
-    """A load shaped like lkrun's (max_jobs = 200), kept below 0.7: never full.
+    """A load shaped like lkrun's (max_jobs = BENCH_MAX_JOBS), kept below 0.7: never full.
 
     The default load_fnc reports the machine's CPU use; livekit-server sends a worker no
     job while its load is at or above its target load (0.7), so on a busy 2-core machine

@@ -99,6 +99,12 @@ BREAKDOWN_NOTE = (
     "Threads are counted by name (`/proc/PID/task/*/comm`) in every job at that level."
 )
 MEDIA_GOAL_ROOMS = 50
+# Issue 20's goals from the ramps to the limit (tests/bench/limit.py): lkrun / official.
+MAX_JOBS_GOAL = 2.0
+MEDIA_ROOMS_GOAL = 1.5
+MAX_JOBS_ROW = "max concurrent jobs held"
+MAX_JOBS_ROWS = {"agents": "max concurrent AgentSession jobs held"}
+MEDIA_ROOMS_ROW = "media rooms held with no job behind"
 
 Getter = Callable[[dict[str, Any]], Any]
 
@@ -146,6 +152,49 @@ def _per_job_total(count: int) -> Getter:
     return get
 
 
+def _stopped(key: str) -> Getter:
+    """What ended a ramp: "the real limit: ..." or "capped: ..." (limit.verdict_text)."""
+
+    def get(run: dict[str, Any]) -> Any:
+        part = run.get(key)
+        return limit_text(part) if part else None
+
+    return get
+
+
+def _held_step(key: str, field: str) -> Getter:
+    """A figure of the last ramp step that held (every meter on time)."""
+
+    def get(run: dict[str, Any]) -> Any:
+        part = run.get(key) or {}
+        held = [s for s in part.get("steps") or [] if s.get("target") == part.get("held")]
+        return held[-1].get(field) if held else None
+
+    return get
+
+
+def limit_text(part: dict[str, Any]) -> str:
+    """One cell for a ramp's end (as tests.bench.limit.verdict_text, without importing it:
+    this module reads results.json alone)."""
+    if "limit_found" not in part:  # a run from before issue 20's ramp
+        reason = str(part.get("stop_reason", ""))
+        return "capped" if reason == "cap reached" else "stopped: " + reason[:60]
+    if part["limit_found"]:
+        at = part.get("stop_step")
+        return f"the real limit: {part.get('stopped_by_text')}" + (f" at {at}" if at else "")
+    return f"capped: {part.get('stopped_by_text')}"
+
+
+def _found(run: dict[str, Any] | None, key: str) -> bool | None:
+    """Whether a run's ramp found the host's limit; None: no ramp."""
+    part = (run or {}).get(key)
+    if not part:
+        return None
+    if "limit_found" not in part:  # before issue 20: every stop but the cap was a limit
+        return part.get("stop_reason") != "cap reached"
+    return bool(part["limit_found"])
+
+
 def _media_at(count: int, key: str) -> Getter:
     def get(run: dict[str, Any]) -> Any:
         for level in run.get("media") or []:
@@ -160,6 +209,17 @@ def media_rows(settings: dict[str, Any]) -> list[tuple[str, Getter]]:
     rows: list[tuple[str, Getter]] = [
         ("idle: main process RSS (MB)", _path("idle", "main_rss_mb")),
         ("idle: main process CPU (%)", _path("idle", "main_cpu_percent")),
+        # Issue 20: the rooms ramp (--ramp-to-limit), tests/bench/limit.py.
+        (MEDIA_ROOMS_ROW, _path("media_rooms", "held")),
+        ("media rooms ramp: what stopped it", _stopped("media_rooms")),
+        (
+            "media rooms ramp: observers CPU at the last step held (%)",
+            _held_step("media_rooms", "observers_cpu_percent"),
+        ),
+        (
+            "media rooms ramp: CPU per job at the last step held (%)",
+            _held_step("media_rooms", "job_cpu_percent"),
+        ),
     ]
     for count in settings.get("concurrency", []):
         rows += [
@@ -264,7 +324,8 @@ def metric_rows(settings: dict[str, Any], workload: str = "join") -> list[tuple[
             (f"@{count} jobs: all job processes CPU (%)", _at(count, "jobs_cpu_percent")),
             (f"@{count} jobs: dispatch → all agents in (s)", _at(count, "all_in_s")),
         ]
-    rows.append(("max concurrent jobs held", _path("max_jobs", "held")))
+    rows.append((MAX_JOBS_ROWS.get(workload, MAX_JOBS_ROW), _path("max_jobs", "held")))
+    rows.append(("max jobs ramp: what stopped it", _stopped("max_jobs")))
     return rows
 
 
@@ -300,10 +361,45 @@ def table(results: dict[str, Any], workload: str = "join") -> str:
         values = {col: get(runs[col]) if col in runs else None for col in shown}
         if all(v is None for v in values.values()):
             continue
-        cells = [label, *(_fmt(values[c]) for c in shown)]
-        cells += [_ratio(values[a], values[b]) for _, a, b in pairs]
+        ramp = _RAMP_ROWS.get(label)
+        if ramp:
+            # The ramps (issue 20): whether each figure is the host's limit or a bound's.
+            found = {c: _found(runs.get(c), ramp) for c in shown}
+            label = _limit_label(label, [f for f in found.values() if f is not None])
+            cells = [label, *(_fmt(values[c]) for c in shown)]
+            cells += [_limit_ratio(values[a], values[b], found[a], found[b]) for _, a, b in pairs]
+        else:
+            cells = [label, *(_fmt(values[c]) for c in shown)]
+            cells += [_ratio(values[a], values[b]) for _, a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# The ramp rows of the tables: label -> the run's key.
+_RAMP_ROWS = {
+    MAX_JOBS_ROW: "max_jobs",
+    **{label: "max_jobs" for label in MAX_JOBS_ROWS.values()},
+    MEDIA_ROOMS_ROW: "media_rooms",
+}
+
+
+def _limit_label(label: str, found: list[bool]) -> str:
+    """The ramp row's label: "(the real limit)" when every host's ramp found its limit."""
+    if not found:
+        return label
+    if all(found):
+        return f"{label} (the real limit)"
+    return f"{label} (capped: not every host reached its limit)"
+
+
+def _limit_ratio(a: Any, b: Any, a_found: bool | None, b_found: bool | None) -> str:
+    """lkrun/official of two ramps' counts: a bound (≥, ≤) where one of them was capped."""
+    ratio = _ratio(a, b)
+    if ratio == "-" or a_found is None or b_found is None or (a_found and b_found):
+        return ratio
+    if not a_found and not b_found:
+        return f"{ratio} (both capped)"
+    return f"≥ {ratio}" if not a_found else f"≤ {ratio}"
 
 
 def _recovered(run: dict[str, Any]) -> tuple[int, int]:
@@ -392,6 +488,28 @@ def _goal_cell(lkrun: Any, official: Any, target: float | None) -> str:
     return f"{ratio}: {'met' if lkrun / official <= target else 'missed'}"
 
 
+def _ramp_goal(runs: dict[str, Any], name: str, key: str, factor: float) -> str:
+    """A goal row "lkrun ≥ factor x official" for a ramp's count, per variant; met or
+    missed only where both ramps found their host's limit (else what the bound says)."""
+    cells = [name, f"lkrun ≥ {factor:g} x official, the real limit on both"]
+    for _, lkrun, official in RATIOS:
+        a, b = runs.get(lkrun), runs.get(official)
+        x = (a or {}).get(key, {}).get("held") if a else None
+        y = (b or {}).get(key, {}).get("held") if b else None
+        if not isinstance(x, int) or not isinstance(y, int) or y == 0:
+            cells.append("-")
+            continue
+        ratio = _limit_ratio(x, y, _found(a, key), _found(b, key))
+        if _found(a, key) and _found(b, key):
+            verdict = "met" if x >= factor * y else "missed"
+        elif not _found(a, key) and _found(b, key) and x >= factor * y:
+            verdict = "met (lkrun capped)"
+        else:
+            verdict = "no verdict: capped"
+        cells.append(f"{x} vs {y}, {ratio}: {verdict}")
+    return "| " + " | ".join(cells) + " |"
+
+
 def goals(results: dict[str, Any], workload: str = "agents") -> str:
     """The issue's goals for the agents workload, per variant, from this run's numbers."""
     part = workloads(results).get(workload, {})
@@ -411,12 +529,6 @@ def goals(results: dict[str, Any], workload: str = "agents") -> str:
             _path("latency", "offer_to_entrypoint_ms", "p50"),
             {"warm": 0.5},
         ),
-        (
-            "max concurrent jobs held",
-            "lkrun ≥ official",
-            _path("max_jobs", "held"),
-            {"cold": None, "warm": None},
-        ),
     ]
     lines = [
         "| goal (from the issue) | target | cold: lkrun/official | warm: lkrun/official |",
@@ -432,6 +544,9 @@ def goals(results: dict[str, Any], workload: str = "agents") -> str:
             else:
                 cells.append(f"{_ratio(a, b)} (no goal)")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        _ramp_goal(runs, MAX_JOBS_ROWS.get(workload, MAX_JOBS_ROW), "max_jobs", MAX_JOBS_GOAL)
+    )
     if jobs != PSS_GOAL_JOBS:
         lines.append(
             f"\n(The PSS goal is set at {PSS_GOAL_JOBS} jobs; this run went up to {jobs}.)"
@@ -543,15 +658,20 @@ def media_goals(results: dict[str, Any], workload: str = "media") -> str:
     """The issue's goals for the media workload, per variant run."""
     part = workloads(results).get(workload, {})
     runs = part.get("runs", {})
+    lines = [
+        "| goal (from the issue) | target | cold | warm |",
+        "|---|---|---:|---:|",
+    ]
+    if any(run.get("media_rooms") for run in runs.values()):
+        # Issue 20: the rooms ramp, the ratio this machine can measure.
+        lines.append(_ramp_goal(runs, MEDIA_ROOMS_ROW, "media_rooms", MEDIA_ROOMS_GOAL))
+    if not any(run.get("media") for run in runs.values()):
+        return "\n".join(lines)  # no fixed levels (--ramp-to-limit alone)
     counts = part.get("settings", {}).get("concurrency") or [MEDIA_GOAL_ROOMS]
     rooms = MEDIA_GOAL_ROOMS if MEDIA_GOAL_ROOMS in counts else max(counts)
     behind = _media_at(rooms, "jobs_behind")
     cpu = _media_at(rooms, "job_cpu_percent")
     sampled = _media_at(rooms, "jobs_sampled")
-    lines = [
-        "| goal (from the issue) | target | cold | warm |",
-        "|---|---|---:|---:|",
-    ]
     no_behind = [f"no job behind at {rooms} rooms", "lkrun: 0 jobs behind"]
     cheaper = [f"CPU per job at {rooms} rooms", "lkrun ≤ official"]
     for _, lkrun, official in RATIOS:
@@ -594,13 +714,27 @@ def _settings_line(settings: dict[str, Any], workload: str = "join") -> str:
             "s of its kill."
         )
     if workload == "media":
-        return (
+        frames = f"tone frames of {settings.get('tone_frame_ms', 10)} ms"
+        fixed = (
             f"Rooms: {settings.get('concurrency')}, each held {settings.get('hold')} s "
-            "after every meter reported the tone (+3 s warm-in)."
+            f"after every meter reported the tone (+3 s warm-in); {frames}."
         )
+        if not settings.get("max_jobs_cap"):
+            return fixed
+        rooms = (
+            f"Rooms ramp: +{settings.get('ramp_step')} rooms a step (one observer process "
+            f"each), every room held and playing, {settings.get('hold')} s per step over all "
+            f"of them, {_ramp_bounds(settings, 'rooms')}; {frames}."
+        )
+        return f"{fixed} {rooms}" if settings.get("concurrency") else rooms
     ramp = (
-        f"max-jobs ramp +{settings.get('ramp_step')} up to {settings.get('max_jobs_cap')} "
-        f"({settings.get('visible_timeout')} s per agent)"
+        f"max-jobs ramp +{settings.get('ramp_step')} "
+        + (
+            f"to the host's limit ({_ramp_bounds(settings, 'jobs')})"
+            if settings.get("ramp_to_limit")
+            else f"up to {settings.get('max_jobs_cap')}"
+        )
+        + f", {settings.get('visible_timeout')} s per agent"
         if settings.get("max_jobs_cap")
         else "no max-jobs ramp"
     )
@@ -609,6 +743,61 @@ def _settings_line(settings: dict[str, Any], workload: str = "join") -> str:
         f"warm-up), memory at {settings.get('concurrency')} concurrent jobs held "
         f"{settings.get('hold')} s, {ramp}."
     )
+
+
+def _ramp_bounds(settings: dict[str, Any], unit: str) -> str:
+    return (
+        f"safety bounds: {settings.get('max_jobs_cap')} {unit}, 10 % of the machine's memory "
+        f"left, {settings.get('ramp_timeout', 600):g} s per host"
+    )
+
+
+def ramp_table(results: dict[str, Any], workload: str) -> str:
+    """Where each host's ramp stopped (issue 20): the count held, what stopped it at which
+    step, and the host's CPU and memory at that step. Empty without a ramp."""
+    runs = workloads(results).get(workload, {}).get("runs", {})
+    key = "media_rooms" if workload == "media" else "max_jobs"
+    found = [
+        (label, runs[label][key]) for label in columns(workload) if runs.get(label, {}).get(key)
+    ]
+    if not found:
+        return ""
+    lines = [
+        "| host | held | what stopped it | host CPU (%) | machine CPU (%) | observers CPU (%) "
+        "| host PSS (MB) | host threads | machine memory available (MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, part in found:
+        at = part.get("at_stop") or {}
+        cells = [
+            label,
+            _fmt(part.get("held")),
+            f"{limit_text(part)}: {str(part.get('stop_reason', ''))[:240]}".replace("|", "/"),
+            *(
+                _fmt(at.get(name))
+                for name in (
+                    "host_cpu_percent",
+                    "machine_cpu_percent",
+                    "observers_cpu_percent",
+                    "host_pss_mb",
+                    "host_threads",
+                    "machine_available_mb",
+                )
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RAMP_NOTE = (
+    "Each host's ramp (`tests/bench/limit.py`): **the real limit** is the first step where "
+    "an agent did not get in within the timeout, a job held from an earlier step dropped "
+    "(its agent participant left the room, or its job no longer ran), a job failed, or "
+    "(media) a meter fell behind or the observers fell below real time; **capped** is a "
+    "safety bound (the ceiling, the machine's memory, the time per host). CPU (100 % is one "
+    "core; the machine's: % of all cores) and memory are the host's processes (main and "
+    "every descendant) at the step that stopped the ramp."
+)
 
 
 def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
@@ -622,8 +811,9 @@ def _problems(workload: str, runs: dict[str, Any]) -> list[str]:
             lines = str(run.get("error") or "").strip().splitlines() or [""]
             error = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
             problems.append(f"- {where}: failed: {error}")
-        stop = (run.get("max_jobs") or {}).get("stop_reason")
-        if stop and stop != "cap reached":
+        ramp = run.get("max_jobs") or {}
+        stop = ramp.get("stop_reason")
+        if stop and stop != "cap reached" and "limit_found" not in ramp:  # else: ramp table
             problems.append(f"- {where}: max-jobs ramp stopped: {stop}")
         recovered, kills = _recovered(run)
         if workload == "recovery" and run.get("system") == "lkrun" and recovered < kills:
@@ -706,6 +896,9 @@ def markdown(results: dict[str, Any]) -> str:
         if workload == "media":
             out += ["", "Goals for this workload (from the issue), from the table above:", ""]
             out.append(media_goals(results, workload))
+        ramps = ramp_table(results, workload)
+        if ramps:
+            out += ["", "### Where the ramp stopped", "", RAMP_NOTE, "", ramps]
         if workload == "venv":
             out += ["", "Issue 18's goal for this workload, from the table above:", ""]
             out.append(venv_goals(results, workload))
@@ -771,8 +964,13 @@ def _how_to_read(settings: dict[str, Any], ran: list[str] | None = None) -> list
         "- **main process CPU**: psutil `cpu_percent` of the daemon / worker main process "
         "over the hold (100 % = one core).",
         "- **max concurrent jobs held**: rooms added in steps until an agent is not in within "
-        "the timeout, a held agent is gone, or a job fails; the last fully held count.",
-        '- Limits: lkrun `max_jobs = 200`, `[daemon] load_threshold = "off"` (the CPU never '
+        "the timeout, a held job drops (its agent leaves the room or its job ends), or a job "
+        "fails (the host's limit), or a safety bound ends the ramp (capped); the last fully "
+        "held count. **media rooms held with no job behind**: the same with a tone observer "
+        "and a meter per room, until a meter falls behind.",
+        "- Limits: lkrun `max_jobs = 200` (with `--ramp-to-limit`: the ramp's ceiling, so "
+        "that it never ends the ramp; the official worker's load is shaped by the same "
+        'number), `[daemon] load_threshold = "off"` (the CPU never '
         'makes it full; `agents` also `prewarm_timeout = "120s"`); official '
         "`load_threshold = inf` (never full), "
         "`initialize_process_timeout = 120`, and "

@@ -42,7 +42,7 @@ import psutil
 from lkrun import __version__ as lkrun_version
 from lkrun import devserver
 from tests import node_deps
-from tests.bench import benchvenv, report
+from tests.bench import benchvenv, limit, media, report, suts
 from tests.bench.measure import LiveKit, Settings, run_sut
 from tests.bench.procs import Registry
 from tests.bench.suts import NODE_ECHO, REPO, WORKLOADS, LkrunSut, OfficialSut, Server, Sut
@@ -92,6 +92,8 @@ WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_jobs_cap": 0,
         "hold": 10.0,
         "variants": ["warm"],
+        # --ramp-to-limit: rooms added per step (each step one observer process).
+        "ramp_step": 4,
     },
     # Short on purpose (issue 18's checks, a few minutes each): the per-job start and
     # memory, no ramp (max jobs is the agents workload's question).
@@ -123,6 +125,8 @@ WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _int_list(text: str) -> list[int]:
+    if text.strip() == "0":
+        return []  # no memory (media: fixed rooms) levels
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -130,6 +134,13 @@ def _int_list(text: str) -> list[int]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError("counts must be at least 1")
     return values
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def _choices(allowed: tuple[str, ...], **aliases: list[str]) -> Any:
@@ -190,7 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency",
         type=_int_list,
         default=None,
-        help=f"memory (media: rooms) at these job counts [{_per_workload('concurrency')}]",
+        help="memory (media: rooms) at these job counts, 0: none ["
+        + _per_workload("concurrency")
+        + "]",
     )
     parser.add_argument(
         "--hold",
@@ -204,7 +217,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"ramp up to this many jobs, 0: skip [{_per_workload('max_jobs_cap')}]",
     )
-    parser.add_argument("--ramp-step", type=int, default=10, help="jobs added per ramp step")
+    parser.add_argument(
+        "--ramp-step",
+        type=int,
+        default=None,
+        help="jobs (media: rooms) added per ramp step [media: 4, other workloads: 10]",
+    )
+    parser.add_argument(
+        "--ramp-to-limit",
+        action="store_true",
+        help="ramp until the host stops holding new calls (an agent not in within "
+        "--visible-timeout, a held job dropped or failed; media: a meter behind), with "
+        f"--max-jobs-cap as a safety ceiling [{limit.JOBS_CEILING} jobs, media "
+        f"{limit.ROOMS_CEILING} rooms], the machine's memory and --ramp-timeout per host as "
+        "the others; media: the rooms ramp instead of the fixed --concurrency levels "
+        "(none unless given)",
+    )
+    parser.add_argument(
+        "--tone-frame-ms",
+        type=int,
+        choices=(10, 20, 50, 100),
+        default=media.FRAME_MS,
+        help="media: the observers' tone frames (10 before issue 20)",
+    )
     parser.add_argument(
         "--visible-timeout", type=float, default=15.0, help="seconds for an agent to come in"
     )
@@ -232,6 +267,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated: cold (no prewarmed process), warm (--idle of them) "
         f"[{_per_workload('variants')}]",
+    )
+    parser.add_argument(
+        "--job-env",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable for both hosts' job processes (repeatable): lkrun's agent gets it "
+        "in its manifest env (which wins over lkrun's own job_threads and malloc_arena_max), "
+        "the official worker in its environment (its job processes inherit it), e.g. "
+        "MALLOC_ARENA_MAX=2 or TOKIO_WORKER_THREADS=16",
+    )
+    parser.add_argument(
+        "--daemon-setting",
+        action="append",
+        default=[],
+        metavar="KEY=TOML",
+        help="a line for lkrun's manifest [daemon] table (repeatable), e.g. job_threads=0",
     )
     parser.add_argument(
         "--official-load",
@@ -266,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value is not None and value < 0
         for value in (args.dispatches, args.warmup, args.max_jobs_cap)
     )
-    if negative or args.ramp_step < 1:
+    if negative or (args.ramp_step is not None and args.ramp_step < 1):
         parser.error("counts must not be negative (and --ramp-step at least 1)")
     return args
 
@@ -276,16 +329,26 @@ def _settings(args: argparse.Namespace, workload: str) -> Settings:
         given = getattr(args, flag)
         return WORKLOAD_DEFAULTS[workload][flag] if given is None else given
 
+    concurrency, cap = pick("concurrency"), pick("max_jobs_cap")
+    if args.ramp_to_limit and workload != "recovery":
+        # The ramp goes on to the host's limit: the cap given is a safety ceiling.
+        media_ramp = workload == "media"
+        if args.max_jobs_cap is None:
+            cap = limit.ROOMS_CEILING if media_ramp else limit.JOBS_CEILING
+        if media_ramp and args.concurrency is None:
+            concurrency = []  # the rooms ramp replaces the fixed levels
     return Settings(
         dispatches=pick("dispatches"),
         warmup=args.warmup,
-        concurrency=pick("concurrency"),
+        concurrency=concurrency,
         hold=pick("hold"),
-        max_jobs_cap=pick("max_jobs_cap"),
-        ramp_step=args.ramp_step,
+        max_jobs_cap=cap,
+        ramp_step=args.ramp_step or WORKLOAD_DEFAULTS[workload].get("ramp_step", 10),
         visible_timeout=args.visible_timeout,
         ramp_timeout=args.ramp_timeout,
         recovery_wait=args.recovery_wait,
+        ramp_to_limit=args.ramp_to_limit,
+        tone_frame_ms=args.tone_frame_ms,
     )
 
 
@@ -335,6 +398,8 @@ def _meta(args: argparse.Namespace, started: str, command: str) -> dict[str, Any
         "notes": list(args.note),
         "settings": {
             "idle": args.idle,
+            "job_env": dict(args.job_env),
+            "daemon_settings": args.daemon_setting,
             "official_load": args.official_load,
             "systems": args.systems,
             "variants": args.variants or "per workload",
@@ -419,6 +484,9 @@ def _make_sut(
 ) -> Sut | None:
     idle = args.idle if variant == "warm" else 0
     label = f"{system}-{variant}"
+    # A ramp beyond 200 must not meet lkrun's max_jobs (the official worker's load is
+    # shaped by the same number).
+    max_jobs = max(suts.MAX_JOBS, _settings(args, workload).max_jobs_cap)
     common = {
         "variant": variant,
         "idle": idle,
@@ -426,6 +494,9 @@ def _make_sut(
         "workdir": folder / workload / label,
         "registry": registry,
         "workload": workload,
+        "job_env": dict(args.job_env),
+        "daemon_settings": args.daemon_setting,
+        "max_jobs": max_jobs,
     }
     # Short: the control socket's path must fit AF_UNIX's limit.
     short = tmp / f"{workload[0]}-{label}"

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ OFFICIAL_SCRIPT = Path(__file__).resolve().parent / "official_worker.py"
 ACTIVE = ("starting", "running", "stopping")
 NODE_ECHO = REPO / "examples" / "node" / "echo" / "echo.mjs"
 WORKLOADS = ("join", "agents", "media", "venv", "node", "recovery")
+MAX_JOBS = 200  # lkrun's max_jobs, unless a ramp goes further (run.py)
 # What lkrun's manifest names, per workload (the official worker picks by BENCH_WORKLOAD;
 # the node system of the node workload runs NODE_ECHO instead).
 LKRUN_ENTRYPOINTS = {
@@ -101,15 +103,25 @@ class Sut(abc.ABC):
         workdir: Path,
         registry: Registry,
         workload: str = "join",
+        job_env: Mapping[str, str] | None = None,
+        daemon_settings: Sequence[str] = (),
+        max_jobs: int = MAX_JOBS,
     ) -> None:
         if workload not in WORKLOADS:
             raise ValueError(f"unknown workload {workload!r}")
+        # --job-env: variables for the job processes, on both hosts (lkrun: the agent's
+        # manifest env, which wins over its own settings; official: the worker's
+        # environment, which its job processes inherit).
+        self.job_env = dict(job_env or {})
+        # --daemon-setting: ``key = value`` lines for lkrun's [daemon] table.
+        self.daemon_settings = list(daemon_settings)
         self.variant = variant
         self.idle = idle
         self.server = server
         self.workdir = workdir
         self.registry = registry
         self.workload = workload
+        self.max_jobs = max_jobs  # lkrun's max_jobs; the official worker's load is shaped by it
         self.events_path = workdir / "events.jsonl"
         self.proc: Spawned | None = None
         self.notes: list[str] = []
@@ -299,6 +311,7 @@ class LkrunSut(Sut):
             "[daemon]",
             'load_threshold = "off"  # as the official worker\'s inf: the CPU never makes it full',
             'shutdown_timeout = "5s"',
+            *self.daemon_settings,
             "",
             f"[agents.{self.agent_name}]",
         ]
@@ -306,12 +319,16 @@ class LkrunSut(Sut):
             lines.append(f"command = {json.dumps(self.command)}")
         else:
             lines.append(f'entrypoint = "{LKRUN_ENTRYPOINTS[self.workload]}"')
+        env = dict(self.job_env)
         if self.python is not None:
             # The daemon's PYTHONPATH is not passed to another interpreter: the agent's env
             # names the repository, where tests.bench.lka_agent is.
             lines.append(f"python = {json.dumps(str(self.python))}")
-            lines.append(f"env = {{ PYTHONPATH = {json.dumps(str(REPO))} }}")
-        lines += ['dispatch = "explicit"', "max_jobs = 200"]
+            env["PYTHONPATH"] = str(REPO)
+        if env:
+            pairs = ", ".join(f"{name} = {json.dumps(value)}" for name, value in env.items())
+            lines.append(f"env = {{ {pairs} }}")
+        lines += ['dispatch = "explicit"', f"max_jobs = {self.max_jobs}"]
         if self.workload == "recovery":
             # A killed job's call gets its agent back (lkrun.recovery); each kill is a new
             # call's first job.
@@ -510,9 +527,11 @@ class OfficialSut(Sut):
             BENCH_IDLE=str(self.idle),
             BENCH_HTTP_PORT=str(self.http_port),
             BENCH_LOAD=self.load,
+            BENCH_MAX_JOBS=str(self.max_jobs),
             BENCH_WORKLOAD=self.workload,
             LIVEKIT_LOG_LEVEL="INFO",
         )
+        env.update(self.job_env)
         self.proc = self.registry.spawn(
             self.label,
             [str(self.python), str(OFFICIAL_SCRIPT), "start"],

@@ -1,16 +1,18 @@
 """Observers of the media workload: one process publishing a tone into each of its rooms.
 
     LIVEKIT_URL=... LIVEKIT_API_KEY=... LIVEKIT_API_SECRET=... \\
-    python -m tests.bench.tones ROOM [ROOM...]
+    python -m tests.bench.tones [--frame-ms 100] ROOM [ROOM...]
 
 In each room it joins as ``bench-observer`` (subscribing to nothing) and publishes a
 microphone track; on ``play`` it sends a 48 kHz mono 440 Hz sine at -20 dBFS on it in
-10 ms frames, paced in real time by ``rtc.AudioSource`` (``capture_frame`` waits while
-200 ms are queued). Every room's track is made from one ``AudioSource`` per process: each
-frame crosses into the SDK once, not once per room, which takes the observers' CPU from
-about 9 % of a core per room to about 3 % (each track is still encoded and sent on its
-own). Joining first and playing later keeps the joins (the observers' and
-the meters') off a machine already busy with 50 tones. It notes every message on the data
+frames of ``--frame-ms`` (10 to 100, default 10; the bench gives 100, the cheapest:
+one frame crosses into the SDK ten times a second), paced in real time by
+``rtc.AudioSource`` (``capture_frame`` waits while two frames, or 200 ms, are queued).
+Every room's track is made from one ``AudioSource`` per process: each frame crosses into
+the SDK once, not once per room, which takes the observers' CPU from about 9 % of a core
+per room to about 3 % (10 ms frames; each track is still encoded and sent on its own).
+Joining first and playing later keeps the joins (the observers' and the meters') off a
+machine already busy with 50 tones. It notes every message on the data
 topic ``levels`` as ``[arrival time.time(), seq, samples]``, where ``samples`` is what the
 meter reports having metered from this observer (None if the message does not name it),
 and each second of tone handed to the source as ``[time.time(), samples sent]``: whether
@@ -23,6 +25,8 @@ It talks to the bench over stdin/stdout, one line each way:
 - ``play``: it starts the tones and prints ``playing``;
 - ``status``: it prints a JSON line ``{"metering": N}``, the rooms whose meter has
   reported metering some of this observer's audio;
+- ``report``: it prints, as ``stop`` does, what it noted since the last ``report`` and
+  keeps playing (the bench's media ramp reads every step's hold window so);
 - ``stop`` (or EOF): it writes ``{room: {"reports": [...], "sent": [...]}}`` as one JSON
   line, leaves the rooms and exits.
 
@@ -32,6 +36,7 @@ their CPU apart from the systems under test.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -48,27 +53,29 @@ from livekit import api, rtc
 IDENTITY = "bench-observer"
 TOPIC = "levels"
 RATE = 48000
-FRAME = 480  # 10 ms
+FRAMES_MS = (10, 20, 50, 100)  # each divides a second's 440 cycles evenly
 AMPLITUDE = 0.1  # of full scale: -20 dBFS (peak and AES17 RMS)
 CONNECTS_AT_ONCE = 2  # per process: joins are slow on a busy machine
 ATTEMPTS = 3
 
 
-def tone_frames() -> list[rtc.AudioFrame]:
-    """One second of the tone as 100 frames: 440 whole cycles, so it loops seamlessly."""
+def tone_frames(frame_ms: int = 10) -> list[rtc.AudioFrame]:
+    """One second of the tone in frames of ``frame_ms``: 440 whole cycles, so it loops
+    seamlessly."""
+    frame = RATE * frame_ms // 1000
     t = np.arange(RATE) / RATE
     pcm = np.round(AMPLITUDE * 32767 * np.sin(2 * math.pi * 440 * t)).astype(np.int16)
     return [
-        rtc.AudioFrame(pcm[i : i + FRAME].tobytes(), RATE, 1, FRAME) for i in range(0, RATE, FRAME)
+        rtc.AudioFrame(pcm[i : i + frame].tobytes(), RATE, 1, frame) for i in range(0, RATE, frame)
     ]
 
 
 class Source:
     """The tone, fed in real time to every track made from it."""
 
-    def __init__(self) -> None:
-        self.frames = tone_frames()
-        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=200)
+    def __init__(self, frame_ms: int = 10) -> None:
+        self.frames = tone_frames(frame_ms)
+        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=max(200, 2 * frame_ms))
         self.sent: list[list[float]] = []  # [time.time(), samples handed to the source]
         self.task: asyncio.Task[None] | None = None
 
@@ -103,6 +110,8 @@ class Tone:
         self.source = source
         self.room = rtc.Room()
         self.reports: list[list[Any]] = []
+        self.metering = False  # the meter reported some of this observer's audio (kept
+        # when ``report`` hands the reports over)
         self.room.on("data_received", self._on_data)
 
     def _on_data(self, packet: rtc.DataPacket) -> None:
@@ -113,12 +122,14 @@ class Tone:
             message = json.loads(packet.data)
             mine = message.get("participants", {}).get(IDENTITY) or {}
             self.reports.append([at, message.get("seq"), mine.get("samples")])
+            self.metering = self.metering or bool(mine.get("samples"))
         except (ValueError, AttributeError):
             self.reports.append([at, None, None])
 
-    @property
-    def metering(self) -> bool:
-        return any(r[2] for r in self.reports)
+    def take(self) -> list[list[Any]]:
+        """The reports noted so far, forgotten here."""
+        taken, self.reports = self.reports, []
+        return taken
 
     async def start(self, url: str, key: str, secret: str) -> None:
         """Join and publish; on a busy machine the server may not answer the publication
@@ -151,10 +162,19 @@ class Tone:
             await asyncio.wait_for(self.room.disconnect(), 5)
 
 
-async def main(rooms: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.tones")
+    parser.add_argument("--frame-ms", type=int, choices=FRAMES_MS, default=10)
+    parser.add_argument("rooms", nargs="+")
+    return parser.parse_args(argv)
+
+
+async def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    rooms: list[str] = args.rooms
     url = os.environ["LIVEKIT_URL"]
     key, secret = os.environ["LIVEKIT_API_KEY"], os.environ["LIVEKIT_API_SECRET"]
-    source = Source()
+    source = Source(args.frame_ms)
     tones = [Tone(name, source) for name in rooms]
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -183,6 +203,8 @@ async def main(rooms: list[str]) -> int:
                 say("playing")
             elif command == "status":
                 say(json.dumps({"metering": sum(t.metering for t in tones)}))
+            elif command == "report":
+                say(json.dumps({t.name: {"reports": t.take(), "sent": source.sent} for t in tones}))
             elif command in ("stop", ""):  # "" is EOF: the bench is gone
                 say(
                     json.dumps({t.name: {"reports": t.reports, "sent": source.sent} for t in tones})
