@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
@@ -250,11 +250,15 @@ def parse_query(params: Any) -> JobQuery | None:
 class ControlHandlers:
     """The control API's handlers, over a DaemonView: mounted on the control socket by
     ControlServer, and under /api/v1/ by the web dashboard (lkrun.dashboard), so both show
-    the same data. ``by`` names who asks a kill (its stop reason)."""
+    the same data. ``by`` names who asks a kill (its stop reason); ``headers`` go on every
+    streamed response too (sent before a wrapper could add them)."""
 
-    def __init__(self, view: DaemonView, *, by: str | None = None) -> None:
+    def __init__(
+        self, view: DaemonView, *, by: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.view = view
         self.by = by
+        self.headers = dict(headers or {})
 
     def add_to(self, app: web.Application, prefix: str = "") -> None:
         """Mount every route under prefix (e.g. "/api")."""
@@ -303,9 +307,9 @@ class ControlHandlers:
         if request.query.get("follow") not in ("1", "true"):
             body = "".join(line + "\n" for line in self._tail(job_id, lines))
             return web.Response(text=body)
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-        # The headers go to the handler's wrapper first (the dashboard adds its own).
-        response.headers.update(request.get(EXTRA_HEADERS, {}))
+        response = web.StreamResponse(
+            headers={**self.headers, "Content-Type": "text/plain; charset=utf-8"}
+        )
         await response.prepare(request)
         async for line in self.view.follow_job_log(job_id, lines):
             await response.write((line + "\n").encode())
@@ -344,11 +348,6 @@ class ControlHandlers:
     async def drain(self, request: web.Request) -> web.Response:
         """Drain as the first SIGTERM does: no new jobs, the running ones end, then exit."""
         return web.json_response({"phase": self.view.drain()})
-
-
-# A streamed response's extra headers, put on the request by a wrapper (the dashboard's
-# security headers): a StreamResponse sends its headers before the wrapper sees it.
-EXTRA_HEADERS = "lkrun.extra_headers"
 
 
 def _int_param(request: web.Request, name: str, default: int) -> int:

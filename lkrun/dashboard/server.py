@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from lkrun.api.control import EXTRA_HEADERS, ControlHandlers, DaemonView, parse_query
+from lkrun.api.control import ControlHandlers, DaemonView, parse_query
 from lkrun.dashboard.guard import COOKIE, SECURITY_HEADERS, Access
 from lkrun.dashboard.samples import Samples, latency_histogram
 from lkrun.jobs.fields import ENDED_STATUSES
@@ -66,7 +66,7 @@ class Dashboard:
         self.view = view
         self.samples = samples
         self.access = access
-        self.control = ControlHandlers(view, by="the dashboard")
+        self.control = ControlHandlers(view, by="the dashboard", headers=SECURITY_HEADERS)
         self.assets = load_assets()
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -90,7 +90,6 @@ class Dashboard:
 
     def _guarded(self, handler: Handler, kind: Kind) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            request[EXTRA_HEADERS] = SECURITY_HEADERS
             try:
                 response = await self._checked(request, handler, kind)
             except web.HTTPException as exc:

@@ -1,6 +1,6 @@
 // DOM helpers. Text always goes in as text nodes (textContent): nothing the daemon sends
 // (room names, identities, error texts, log lines: participants and apps control them) is
-// ever parsed as HTML. There is no innerHTML anywhere in the dashboard.
+// ever parsed as HTML: no markup string is ever handed to the DOM in the dashboard.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 

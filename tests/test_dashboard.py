@@ -1,0 +1,528 @@
+"""The dashboard's server side, fast: headers, CSP, the token and CSRF rules, JSON shapes,
+the ring of samples. A fake daemon view stands in for the daemon (what it answers is the
+control API's, tested elsewhere); the browser tests are in test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from lkrun.api.health import HealthServer
+from lkrun.dashboard import guard
+from lkrun.dashboard.guard import Access, DashboardError, resolve_token
+from lkrun.dashboard.samples import (
+    LATENCY_EDGES_MS,
+    AgentSample,
+    Sample,
+    Samples,
+    latency_histogram,
+    sample_of,
+)
+from lkrun.dashboard.server import PAGES, Dashboard, failure_groups, load_assets
+from lkrun.jobs.store import JobQuery
+from lkrun.manifest import ManifestError, parse_manifest
+
+STATIC = Path(__file__).resolve().parent.parent / "lkrun" / "dashboard" / "static"
+TOKEN = "a-dashboard-token-0123456789"
+
+
+def agent(name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "agent": name,
+        "retiring": False,
+        "connected": True,
+        "jobs": 1,
+        "max_jobs": 4,
+        "full": False,
+        "full_reason": "",
+        "load": 0.25,
+        **extra,
+    }
+
+
+def job(job_id: str, status: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "agent": "echo",
+        "room": "r",
+        "status": status,
+        "cause": "",
+        "error": "",
+        "offer_to_start_ms": None,
+        **extra,
+    }
+
+
+class FakeView:
+    """What the dashboard reads from the daemon (lkrun.api.control.DaemonView)."""
+
+    def __init__(self) -> None:
+        self.running = {"AJ_1": job("AJ_1", "running")}
+        self.ended = [
+            job("AJ_4", "failed", agent="echo", error="boom\ntraceback", cause="raised"),
+            job("AJ_3", "failed", agent="other", error="boom", cause="raised"),
+            job("AJ_2", "success", offer_to_start_ms=40.0),
+            job("AJ_0", "lost", cause="lost"),
+        ]
+        self.kills: list[tuple[str, bool, str | None]] = []
+        self.drains = 0
+        self.queries: list[JobQuery | None] = []
+
+    def status(self) -> dict[str, Any]:
+        return {"name": "d1", "cpu": 0.5, "agents": [agent("echo")], "phase": "serving"}
+
+    async def jobs(self, query: JobQuery | None) -> list[dict[str, Any]]:
+        self.queries.append(query)
+        if query is None:
+            return list(self.running.values())
+        rows = [*self.running.values(), *self.ended]
+        if query.statuses:
+            rows = [r for r in rows if r["status"] in query.statuses]
+        if query.agent:
+            rows = [r for r in rows if r["agent"] == query.agent]
+        return rows
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return self.running.get(job_id) or next((j for j in self.ended if j["id"] == job_id), None)
+
+    async def job_chain(self, job_id: str) -> list[dict[str, Any]]:
+        return []
+
+    def job_log_tail(self, job_id: str, lines: int) -> list[str]:
+        return ["one", "<b>two</b>"][-lines:] if lines else []
+
+    async def follow_job_log(self, job_id: str, lines: int) -> AsyncIterator[str]:
+        for line in ("one", "<b>two</b>"):
+            yield line
+
+    def kill_job(self, job_id: str, *, force: bool, by: str | None = None) -> str | None:
+        if job_id not in self.running:
+            return None
+        self.kills.append((job_id, force, by))
+        return "killed" if force else "shutdown requested"
+
+    def drain(self) -> str:
+        self.drains += 1
+        return "draining"
+
+
+def dashboard_app(
+    view: FakeView, access: Access, samples: Samples | None = None
+) -> web.Application:
+    app = web.Application()
+    for method, path, handler in Dashboard(view, samples or Samples(), access).routes():  # type: ignore[arg-type]
+        app.router.add_route(method, path, handler)
+    return app
+
+
+@pytest.fixture
+def view() -> FakeView:
+    return FakeView()
+
+
+@pytest.fixture
+async def open_client(view: FakeView) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(dashboard_app(view, Access("127.0.0.1")))) as client:
+        yield client
+
+
+@pytest.fixture
+async def token_client(view: FakeView) -> AsyncIterator[TestClient[Any, Any]]:
+    app = dashboard_app(view, Access("0.0.0.0", TOKEN))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def csrf(client: TestClient[Any, Any], **kwargs: Any) -> str:
+    async with client.get("/api/v1/session", **kwargs) as resp:
+        assert resp.status == 200
+        return (await resp.json())["csrf"]
+
+
+def same_origin(client: TestClient[Any, Any]) -> dict[str, str]:
+    host = f"{client.host}:{client.port}"
+    return {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}
+
+
+# -- headers -------------------------------------------------------------------------------
+
+
+def assert_strict_headers(headers: Any) -> None:
+    csp = headers["Content-Security-Policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["default-src"] == "'self'"
+    assert directives["frame-ancestors"] == "'none'"
+    assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
+    assert "unsafe" not in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"
+
+
+@pytest.mark.parametrize("path", [p.replace("{job_id}", "AJ_1") for p in PAGES])
+async def test_every_view_serves_the_page_with_strict_headers(
+    open_client: TestClient[Any, Any], path: str
+) -> None:
+    async with open_client.get(path) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert_strict_headers(resp.headers)
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert '<script type="module" src="/static/app.js">' in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/v1/status", 200),
+        ("/api/v1/jobs/nope", 404),
+        ("/static/app.js", 200),
+        ("/static/nope.js", 404),
+        ("/static/..%2Fserver.py", 404),
+        ("/api/v1/jobs/AJ_1/logs?follow=1", 200),
+    ],
+)
+async def test_every_answer_has_the_headers_errors_too(
+    open_client: TestClient[Any, Any], path: str, status: int
+) -> None:
+    async with open_client.get(path) as resp:
+        assert resp.status == status
+        assert_strict_headers(resp.headers)
+
+
+async def test_assets_have_their_types(open_client: TestClient[Any, Any]) -> None:
+    for name, expected in [
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("style.css", "text/css; charset=utf-8"),
+        ("icon.svg", "image/svg+xml"),
+    ]:
+        async with open_client.get(f"/static/{name}") as resp:
+            assert resp.headers["Content-Type"] == expected
+            assert resp.headers["Cache-Control"] == "no-cache"
+
+
+def test_assets_are_all_packaged_and_none_loads_from_elsewhere_or_parses_html() -> None:
+    """Every file of static/ is served; no CDN, no inline script or style (the CSP would
+    block them), and no API that parses a string as HTML or code."""
+    assets = load_assets()
+    assert set(assets) == {p.name for p in STATIC.iterdir()}
+    for name, asset in assets.items():
+        text = asset.body.decode()
+        assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", text), name
+        if name.endswith(".js"):
+            for banned in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+                assert banned not in text, (name, banned)
+            assert not re.search(r"\beval\(|new Function\(", text), name
+        if name.endswith(".html"):
+            assert "style=" not in text and "<style" not in text, name
+            assert not re.search(r"<script(?![^>]*\bsrc=)", text), name
+            assert not re.search(r"\son[a-z]+=", text), name
+
+
+# -- who may look --------------------------------------------------------------------------
+
+
+async def test_a_token_less_loopback_dashboard_answers_loopback_names_only(
+    open_client: TestClient[Any, Any],
+) -> None:
+    """DNS rebinding: another site's name resolving to 127.0.0.1 gets nothing."""
+    for host, status in [
+        ("127.0.0.1:8081", 200),
+        ("localhost:8081", 200),
+        ("[::1]:8081", 200),
+        ("evil.example:8081", 421),
+        ("127.0.0.1.evil.example", 421),
+    ]:
+        async with open_client.get("/api/v1/status", headers={"Host": host}) as resp:
+            assert resp.status == status, host
+
+
+async def test_no_token_and_not_loopback_serves_it_disabled_and_health_as_before(
+    view: FakeView,
+) -> None:
+    health = HealthServer("127.0.0.1", 0, ready=lambda: (True, ""))
+    access = Access("0.0.0.0")  # as a daemon listening on every interface would have it
+    for method, path, handler in Dashboard(view, Samples(), access).routes():  # type: ignore[arg-type]
+        health.add_route(path, handler, method)
+    await health.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{health.port}") as session:
+            for path in ("/", "/live", "/static/app.js", "/api/v1/status", "/login"):
+                async with session.get(path) as resp:
+                    assert resp.status == 403, path
+                    text = await resp.text()
+                    assert "dashboard_token" in text and "LKRUN_DASHBOARD_TOKEN" in text
+                    assert text.count("\n") == 1
+            async with session.post("/api/v1/drain") as resp:
+                assert resp.status == 403
+            async with session.get("/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await health.stop()
+    assert view.drains == 0
+
+
+async def test_with_a_token_nothing_is_shown_without_it(
+    token_client: TestClient[Any, Any],
+) -> None:
+    async with token_client.get("/api/v1/status") as resp:
+        assert resp.status == 401
+        assert "error" in await resp.json()
+    async with token_client.get("/live", allow_redirects=False) as resp:
+        assert (resp.status, resp.headers["Location"]) == (303, "/login")
+    async with token_client.get(
+        "/api/v1/status", headers={"Authorization": "Bearer wrong-token-0123456789"}
+    ) as resp:
+        assert resp.status == 401
+    async with token_client.get(
+        "/api/v1/status", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as resp:
+        assert resp.status == 200
+    # A token guards against other names' pages already: no Host check then.
+    async with token_client.get(
+        "/api/v1/status", headers={"Authorization": f"Bearer {TOKEN}", "Host": "lk.example"}
+    ) as resp:
+        assert resp.status == 200
+    async with token_client.get("/login") as resp:
+        assert resp.status == 200 and 'data-testid="login-token"' in await resp.text()
+
+
+async def test_signing_in_sets_a_strict_cookie_that_is_not_the_token(
+    token_client: TestClient[Any, Any],
+) -> None:
+    origin = same_origin(token_client)
+    async with token_client.post(
+        "/login", data={"token": "wrong"}, headers=origin, allow_redirects=False
+    ) as resp:
+        assert (resp.status, resp.headers["Location"]) == (303, "/login?failed=1")
+        assert guard.COOKIE not in resp.cookies
+    async with token_client.post(
+        "/login",
+        data={"token": TOKEN},
+        headers={"Origin": "http://evil.example"},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == 403
+    async with token_client.post(
+        "/login", data={"token": TOKEN}, headers=origin, allow_redirects=False
+    ) as resp:
+        assert (resp.status, resp.headers["Location"]) == (303, "/")
+        cookie = resp.cookies[guard.COOKIE]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+        assert TOKEN not in cookie.value
+    async with token_client.get("/api/v1/status") as resp:  # the session carries the cookie
+        assert resp.status == 200
+
+
+def test_without_a_token_login_is_not_needed() -> None:
+    assert Access("127.0.0.1").open and not Access("127.0.0.1").disabled
+    assert Access("[::1]").open and Access("localhost").open
+    assert Access("0.0.0.0").disabled and Access("192.168.1.4").disabled
+    assert not Access("0.0.0.0", TOKEN).disabled and not Access("127.0.0.1", TOKEN).open
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+async def test_an_action_needs_the_csrf_token_and_the_same_origin(
+    open_client: TestClient[Any, Any], view: FakeView
+) -> None:
+    token = await csrf(open_client)
+    ok = {**same_origin(open_client), guard.CSRF_HEADER: token}
+    refused = [
+        {},  # no CSRF token
+        {**ok, guard.CSRF_HEADER: "0" * 64},
+        {**ok, "Origin": "http://evil.example"},
+        {**ok, "Origin": "null"},
+        {**ok, "Sec-Fetch-Site": "cross-site"},
+        {**ok, "Sec-Fetch-Site": "same-site"},
+    ]
+    for headers in refused:
+        async with open_client.post("/api/v1/jobs/AJ_1/kill", headers=headers) as resp:
+            assert resp.status == 403, headers
+            assert_strict_headers(resp.headers)
+    assert view.kills == []
+    async with open_client.get("/api/v1/jobs/AJ_1/kill") as resp:
+        assert resp.status == 405  # GET never acts
+    async with open_client.post("/api/v1/jobs/AJ_1/kill", headers=ok) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"job_id": "AJ_1", "action": "shutdown requested"}
+    async with open_client.post("/api/v1/jobs/AJ_1/kill?force=1", headers=ok) as resp:
+        assert (await resp.json())["action"] == "killed"
+    assert view.kills == [("AJ_1", False, "the dashboard"), ("AJ_1", True, "the dashboard")]
+    async with open_client.post("/api/v1/jobs/AJ_2/kill", headers=ok) as resp:
+        assert resp.status == 409  # ended
+    async with open_client.post("/api/v1/jobs/AJ_9/kill", headers=ok) as resp:
+        assert resp.status == 404
+    async with open_client.post("/api/v1/drain", headers=ok) as resp:
+        assert await resp.json() == {"phase": "draining"}
+    assert view.drains == 1
+
+
+async def test_a_script_with_the_bearer_token_needs_no_csrf_token(
+    token_client: TestClient[Any, Any], view: FakeView
+) -> None:
+    async with token_client.post(
+        "/api/v1/drain", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as resp:
+        assert resp.status == 200
+    async with token_client.post("/api/v1/drain") as resp:
+        assert resp.status == 401
+    assert view.drains == 1
+
+
+async def test_the_csrf_token_belongs_to_the_session_and_the_daemon() -> None:
+    first, second = Access("0.0.0.0", TOKEN), Access("0.0.0.0", TOKEN)
+    assert first.csrf() != second.csrf()  # a restarted daemon signs anew
+    assert first.session == second.session  # but the login stays valid
+    assert len(first.csrf()) == 64 and first.csrf_refused({guard.CSRF_HEADER: first.csrf()}) == ""
+
+
+# -- token settings ------------------------------------------------------------------------
+
+
+def test_the_manifests_token_wins_over_the_environment() -> None:
+    other = "from-the-environment-0123"
+    assert resolve_token(TOKEN, {guard.ENV_TOKEN: other}) == TOKEN
+    assert resolve_token("", {guard.ENV_TOKEN: other}) == other
+    assert resolve_token("", {}) == ""
+    with pytest.raises(DashboardError, match="LKRUN_DASHBOARD_TOKEN must be at least 16") as e:
+        resolve_token("", {guard.ENV_TOKEN: "short"})
+    assert "short" not in str(e.value).split("must")[1]
+
+
+@pytest.mark.parametrize("value", ['"short"', "12", '" padded-token-012345 "'])
+def test_a_weak_token_in_the_manifest_is_refused_without_showing_it(value: str) -> None:
+    text = f"[daemon]\ndashboard_token = {value}\n[agents.a]\nentrypoint = 'x:y'\n"
+    with pytest.raises(ManifestError, match=r"daemon\.dashboard_token") as e:
+        parse_manifest(text, "agents.toml")
+    assert value.strip('"').strip() not in str(e.value)
+
+
+def test_dashboard_settings_default_on_and_hide_the_token() -> None:
+    text = f"[daemon]\ndashboard_token = '{TOKEN}'\n[agents.a]\nentrypoint = 'x:y'\n"
+    settings = parse_manifest(text, "agents.toml").daemon
+    assert settings.dashboard is True and settings.dashboard_token == TOKEN
+    assert TOKEN not in repr(settings)
+    off = parse_manifest("[daemon]\ndashboard = false\n[agents.a]\nentrypoint = 'x:y'\n", "a")
+    assert off.daemon.dashboard is False
+
+
+# -- JSON shapes ---------------------------------------------------------------------------
+
+
+async def test_history_groups_failures_and_counts_per_agent(
+    open_client: TestClient[Any, Any], view: FakeView
+) -> None:
+    async with open_client.get("/api/v1/history") as resp:
+        data = await resp.json()
+    assert [j["id"] for j in data["jobs"]] == ["AJ_4", "AJ_3", "AJ_2", "AJ_0"]  # ended only
+    assert data["failures"] == [
+        {"error": "boom", "count": 2, "agents": ["echo", "other"], "last_job": "AJ_4",
+         "causes": ["raised"]},
+        {"error": "(lost, no error text)", "count": 1, "agents": ["echo"], "last_job": "AJ_0",
+         "causes": ["lost"]},
+    ]  # fmt: skip
+    echo = next(c for c in data["counts"] if c["agent"] == "echo")
+    assert (echo["total"], echo["success"], echo["failed"], echo["lost"]) == (3, 1, 1, 1)
+    assert echo["last_failure"]["id"] == "AJ_4"
+    assert data["agents"] == ["echo", "other"]
+    async with open_client.get("/api/v1/history?agent=other&status=failed&limit=1") as resp:
+        data = await resp.json()
+    assert [j["id"] for j in data["jobs"]] == ["AJ_3"] and data["matched"] == 1
+    async with open_client.get("/api/v1/history?status=nope") as resp:
+        assert resp.status == 400
+
+
+async def test_charts_send_the_ring_and_the_latency_distribution(view: FakeView) -> None:
+    samples = Samples(interval=10, span=60)
+    now = time.time()
+    samples.add(Sample(now - 20, 0.5, {"echo": AgentSample(1, 4, 0.25, False)}))
+    samples.add(Sample(now - 10, 0.6, {"echo": AgentSample(4, 4, 1.0, True)}))
+    app = dashboard_app(view, Access("127.0.0.1"), samples)
+    async with TestClient(TestServer(app)) as client, client.get("/api/v1/charts") as resp:
+        data = await resp.json()
+    assert data["samples"]["agents"]["echo"]["jobs"] == [1, 4]
+    assert data["samples"]["agents"]["echo"]["full"] == [False, True]
+    assert data["latency"]["samples"] == 1 and data["latency"]["p50_ms"] == 40.0
+    assert view.queries[-1] is not None and view.queries[-1].since is not None
+
+
+async def test_the_log_streams_as_text_with_the_headers(open_client: TestClient[Any, Any]) -> None:
+    async with open_client.get("/api/v1/jobs/AJ_1/logs?follow=1") as resp:
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert_strict_headers(resp.headers)
+        assert await resp.text() == "one\n<b>two</b>\n"
+
+
+def test_failures_are_grouped_by_the_first_line_of_their_error() -> None:
+    rows = [job("a", "failed", error="x\n1"), job("b", "failed", error="x\n2"), job("c", "success")]
+    assert [(g["error"], g["count"]) for g in failure_groups(rows)] == [("x", 2)]
+
+
+# -- the ring ------------------------------------------------------------------------------
+
+
+def test_the_ring_keeps_its_span_and_forgets_the_rest() -> None:
+    samples = Samples(interval=10, span=60)
+    for i in range(20):
+        samples.add(Sample(1000.0 + 10 * i, 0.0, {"a": AgentSample(i, 5, 0.1, False)}))
+    assert len(samples) == 7  # 60 s of 10 s samples, both ends included
+    data = samples.to_dict(now=1190.0)
+    assert data["at"][0] == 1130.0 and data["agents"]["a"]["jobs"] == [13, 14, 15, 16, 17, 18, 19]
+
+
+def test_an_agent_missing_from_a_sample_has_a_gap() -> None:
+    samples = Samples(interval=10, span=60)
+    samples.add(Sample(100.0, 0.1, {"a": AgentSample(1, 2, 0.5, False)}))
+    samples.add(Sample(110.0, 0.1, {"b": AgentSample(2, 2, 1.0, True)}))
+    data = samples.to_dict(now=110.0)
+    assert data["agents"]["a"]["jobs"] == [1, None]
+    assert data["agents"]["b"]["full"] == [None, True]
+
+
+def test_a_retiring_registration_adds_its_jobs_to_its_agent() -> None:
+    status = {
+        "cpu": 0.3,
+        "agents": [
+            agent("a", jobs=2, max_jobs=8, load=0.25),
+            agent("a", jobs=3, max_jobs=4, load=0.75, retiring=True),
+            agent("b", jobs=0, full=True),
+        ],
+    }
+    sample = sample_of(status, 5.0)
+    assert sample.agents["a"] == AgentSample(5, 8, 0.25, False)  # the current one's settings
+    assert sample.agents["b"].full and sample.cpu == 0.3
+
+
+async def test_the_sampler_samples_every_interval() -> None:
+    samples = Samples(interval=10, span=60)
+    ticks = iter(range(3))
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        assert seconds == 10
+        now[0] += seconds
+        if next(ticks) == 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        await samples.run(lambda: {"cpu": 0.0, "agents": [agent("a")]}, clock=lambda: now[0],
+                          sleep=sleep)  # fmt: skip
+    assert [s.at for s in samples.since(0)] == [0.0, 10.0, 20.0]
+
+
+def test_latency_histogram() -> None:
+    found = latency_histogram([1, 5, 6, 30, 20000, 100])
+    assert found["counts"][0] == 2  # <= 5 ms
+    assert found["counts"][1] == 1 and found["counts"][3] == 1 and found["counts"][-1] == 1
+    assert sum(found["counts"]) == 6 and len(found["counts"]) == len(LATENCY_EDGES_MS) + 1
+    assert (found["p50_ms"], found["p95_ms"], found["max_ms"]) == (6, 20000, 20000)
+    assert latency_histogram([])["p50_ms"] is None
