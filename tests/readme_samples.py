@@ -238,6 +238,9 @@ def cli_session(s: Session) -> None:
     job = s.running("echo", "demo")[0]["id"]
     s.run("jobs", "show", job, "--lines", "3")
     s.run("jobs", "logs", job, "--tail", "3")
+    s.start("memory")
+    s.run("jobs", "show", job, "--memory")
+    s.start("cli")
     daemon_log_line(s, job)
     s.start("cli")
     s.run("jobs", "kill", job)
