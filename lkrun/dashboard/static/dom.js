@@ -72,3 +72,43 @@ export function jobHref(id) {
 export function link(href, attrs, ...children) {
   return el("a", { href, "data-link": "", ...attrs }, ...children);
 }
+
+// Makes `node` look like `fresh` (attributes, text, children) while keeping the elements
+// that did not change: a view redrawn every second keeps its text selection, and the
+// elements a test or a screen reader holds stay the same.
+export function morph(node, fresh) {
+  if (node.nodeType !== fresh.nodeType || node.nodeName !== fresh.nodeName) {
+    node.replaceWith(fresh);
+    return fresh;
+  }
+  if (node.nodeType === Node.TEXT_NODE) {
+    if (node.nodeValue !== fresh.nodeValue) node.nodeValue = fresh.nodeValue;
+    return node;
+  }
+  for (const { name } of [...node.attributes]) {
+    if (!fresh.hasAttribute(name)) node.removeAttribute(name);
+  }
+  for (const { name, value } of [...fresh.attributes]) {
+    if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+  }
+  const old = [...node.childNodes];
+  const next = [...fresh.childNodes];
+  next.forEach((child, i) => {
+    if (i < old.length) morph(old[i], child);
+    else node.append(child);
+  });
+  for (const extra of old.slice(next.length)) extra.remove();
+  return node;
+}
+
+// Puts `rows` (fresh elements) in `body`, each reusing the current row of the same key
+// (the attribute `keyAttr`), in the given order.
+export function syncRows(body, rows, keyAttr) {
+  const current = new Map([...body.children].map((row) => [row.getAttribute(keyAttr), row]));
+  const kept = rows.map((row) => {
+    const found = current.get(row.getAttribute(keyAttr));
+    return found ? morph(found, row) : row;
+  });
+  const same = kept.length === body.children.length && kept.every((row, i) => body.children[i] === row);
+  if (!same) body.replaceChildren(...kept);
+}

@@ -1,6 +1,6 @@
 // Live calls: the running jobs, read every second (no reload).
 import { every, getJson } from "./api.js";
-import { duration, el, jobHref, link, megabytes } from "./dom.js";
+import { duration, el, jobHref, link, megabytes, syncRows } from "./dom.js";
 
 const EVERY_MS = 1000;
 
@@ -42,7 +42,7 @@ export function mount(main) {
   );
   return every(EVERY_MS, async () => {
     const { jobs } = await getJson("/api/v1/jobs");
-    body.replaceChildren(...jobs.map(row));
+    syncRows(body, jobs.map(row), "data-job-id");
     count.textContent = String(jobs.length);
     count.dataset.count = String(jobs.length);
     empty.hidden = jobs.length > 0;

@@ -1,6 +1,6 @@
 // Overview: each agent registration, as `lkrun status` shows it.
 import { every, getJson, onStatus } from "./api.js";
-import { el, jobHref, link } from "./dom.js";
+import { el, jobHref, link, syncRows } from "./dom.js";
 
 const FAILURES_EVERY_MS = 10000;
 
@@ -36,6 +36,8 @@ function agentRow(agent, failures, phase) {
     "tr",
     {
       testid: "agent-row",
+      // One row per registration: a retiring one beside its agent's new one.
+      "data-key": `${agent.agent}/${agent.retiring ? agent.worker_id : ""}`,
       "data-agent": agent.agent,
       "data-state": state,
       "data-full-reason": agent.full_reason,
@@ -78,7 +80,7 @@ export function mount(main) {
   let status = null;
   const draw = () => {
     if (!status) return;
-    body.replaceChildren(...status.agents.map((a) => agentRow(a, failures, status.phase)));
+    syncRows(body, status.agents.map((a) => agentRow(a, failures, status.phase)), "data-key");
     const jobs = status.agents.reduce((n, a) => n + a.jobs, 0);
     summary.textContent =
       `${status.agents.length} agent registration(s), ${jobs} job(s) running, ` +
