@@ -29,7 +29,8 @@ every room held; the limit is reached at the first step where ``behind``: a mete
 behind over the hold (``tests/bench/media.verdict``: its reports, their gaps, the audio it
 metered against the audio its observer sent), or ``observers_slow``: an observer handed
 its source less than ``MIN_SENT_RATIO`` of real time (the load itself could not keep up:
-the machine is full), or ``not_metering``, or as above (an agent not in, a dropped job).
+the machine is full), or ``observers_failed`` (the step's observers could not join and
+publish), or ``not_metering``, or as above (an agent not in, a dropped job).
 
 Every step records the host's CPU (its main process and every descendant, % of one core)
 and the machine's, the host's PSS and threads summed over its processes, and the
@@ -68,6 +69,7 @@ LIMITS = {
     "job_failed": "a job failed",
     "behind": "a meter fell behind",
     "observers_slow": "the tone observers fell below real time",
+    "observers_failed": "the tone observers could not join",
     "not_metering": "a meter did not report the tone",
     "host_unresponsive": "the host stopped answering",
     "host_exited": "the host exited",
@@ -394,7 +396,7 @@ async def media_rooms(bench: Bench) -> dict[str, Any]:
     except SutError as exc:
         stop = _host_stop(bench, exc, len(held))
     except media.ObserverError as exc:
-        stop = "observers_slow", f"with {len(held)} held the tone observers failed: {exc}"
+        stop = "observers_failed", f"with {len(held)} held the tone observers failed: {exc}"
     try:
         return summary(len(held), s.max_jobs_cap, steps, stop, unit="rooms")
     finally:

@@ -738,10 +738,14 @@ def _settings_line(settings: dict[str, Any], workload: str = "join") -> str:
         if settings.get("max_jobs_cap")
         else "no max-jobs ramp"
     )
+    memory = (
+        f"memory at {settings.get('concurrency')} concurrent jobs held {settings.get('hold')} s"
+        if settings.get("concurrency")
+        else "no memory levels"
+    )
     return (
         f"{settings.get('dispatches')} sequential dispatches (+{settings.get('warmup')} "
-        f"warm-up), memory at {settings.get('concurrency')} concurrent jobs held "
-        f"{settings.get('hold')} s, {ramp}."
+        f"warm-up), {memory}, {ramp}."
     )
 
 
