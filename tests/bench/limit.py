@@ -20,7 +20,7 @@ The limit is the number held before that step. Safety bounds end a ramp without 
 ``cap`` (``--max-jobs-cap``: with ``--ramp-to-limit`` a ceiling, ``JOBS_CEILING`` unless
 given), ``memory`` (the next step would leave less than ``MEMORY_RESERVE`` of the machine's
 memory available, by the memory the steps so far took per job) and ``time``
-(``--ramp-timeout`` s per host).
+(``--ramp-timeout`` s per host, ``LIMIT_RAMP_TIMEOUT`` with ``--ramp-to-limit``).
 
 **media rooms held with no job behind** (``media`` with ``--ramp-to-limit``): each step
 adds ``--ramp-step`` rooms, each with a tone observer (one ``tests/bench/tones.py`` process
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 MB = 1024 * 1024
 JOBS_CEILING = 1000  # --ramp-to-limit's ceiling on jobs unless --max-jobs-cap says
 ROOMS_CEILING = 200  # ... and on media rooms
+LIMIT_RAMP_TIMEOUT = 480.0  # --ramp-to-limit's time bound per host unless --ramp-timeout says
 MEMORY_RESERVE = 0.10  # of the machine's memory, left available after the next step
 MEMORY_MARGIN = 1.25  # the next step's jobs are reckoned this much bigger than the last
 SNAPSHOT_WINDOW = 1.0  # s over which a step's CPU is read (jobs ramp)

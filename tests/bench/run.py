@@ -244,7 +244,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--visible-timeout", type=float, default=15.0, help="seconds for an agent to come in"
     )
     parser.add_argument(
-        "--ramp-timeout", type=float, default=600.0, help="time limit of the max-jobs ramp"
+        "--ramp-timeout",
+        type=float,
+        default=None,
+        help="time limit of a host's ramp, s [600; with --ramp-to-limit "
+        f"{limit.LIMIT_RAMP_TIMEOUT:g}: about 10 minutes a host with its start and cleanup]",
     )
     parser.add_argument(
         "--recovery-wait",
@@ -345,7 +349,8 @@ def _settings(args: argparse.Namespace, workload: str) -> Settings:
         max_jobs_cap=cap,
         ramp_step=args.ramp_step or WORKLOAD_DEFAULTS[workload].get("ramp_step", 10),
         visible_timeout=args.visible_timeout,
-        ramp_timeout=args.ramp_timeout,
+        ramp_timeout=args.ramp_timeout
+        or (limit.LIMIT_RAMP_TIMEOUT if args.ramp_to_limit else Settings.ramp_timeout),
         recovery_wait=args.recovery_wait,
         ramp_to_limit=args.ramp_to_limit,
         tone_frame_ms=args.tone_frame_ms,
