@@ -120,7 +120,11 @@ def workload_chart(meta: dict[str, Any], workload: str, part: dict[str, Any], ta
     latency_panel(axes[0][0], runs)
     per_job_panel(axes[0][1], runs)
     main_panel(axes[1][0], runs)
-    max_panel(axes[1][1], runs, part.get("settings", {}).get("max_jobs_cap"))
+    settings = part.get("settings", {})
+    # With --ramp-to-limit the cap is a far safety ceiling: no line (issue 20).
+    max_panel(
+        axes[1][1], runs, None if settings.get("ramp_to_limit") else settings.get("max_jobs_cap")
+    )
     fig.suptitle(
         f"lkrun vs livekit-agents {meta.get('livekit_agents_version', '?')}, "
         f"workload {workload} ({meta.get('started', '')}, {meta.get('cpus', '?')} CPUs)"
