@@ -19,9 +19,12 @@ calls it. ``LKRUN_CHROMIUM`` and ``LKRUN_CHROMEDRIVER`` point at other binaries.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,3 +152,34 @@ def screenshot(driver: webdriver.Chrome, name: str) -> Path | None:
     path = SCREENSHOTS / f"{name}.png"
     driver.save_screenshot(str(path))
     return path
+
+
+@contextlib.contextmanager
+def serve_html(body: str, headers: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Serve one HTML page at every path of http://127.0.0.1:PORT/ (a thread, so the page
+    loads while the test blocks on the browser); yields that URL. For pages of another
+    origin than the daemon's, and for checking what a header such as a CSP does."""
+    raw = body.encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(raw)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # nothing on the test's output
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, name="serve_html", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -12,7 +12,15 @@ from urllib.parse import quote
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.browser import REPO, WINDOW, console_errors, screenshot, wait_js, wait_until
+from tests.browser import (
+    REPO,
+    WINDOW,
+    console_errors,
+    screenshot,
+    serve_html,
+    wait_js,
+    wait_until,
+)
 
 PAGE = """<!doctype html><title>t</title><p id="out">waiting</p><script>
 setTimeout(() => { document.getElementById("out").textContent = "ran"; }, 200);
@@ -31,6 +39,28 @@ def test_browser_runs_a_page_and_reads_its_console(browser) -> None:
     assert wait_js(browser, "document.title") == "t"
     assert any("harness-error-42" in m for m in console_errors(browser))
     assert browser.get_window_size() == {"width": WINDOW[0], "height": WINDOW[1]}
+
+
+INLINE = """<!doctype html><p id="out">static</p>
+<img src="x" onerror="window.ranInline = 'handler'">
+<script>window.ranInline = window.ranInline || "script";
+document.getElementById("out").textContent = "script ran";</script>"""
+
+
+def test_a_csp_blocks_inline_script_says_so_in_the_console_and_can_be_bypassed(browser) -> None:
+    """What the dashboard's security tests rely on: under a CSP without 'unsafe-inline' no
+    inline script or handler runs and each refusal is a console error; with the CSP
+    bypassed (Page.setBypassCSP) the same markup runs, so a page that stays inert then
+    is inert by its own rendering, not only by its CSP."""
+    with serve_html(INLINE, {"Content-Security-Policy": "script-src 'self'"}) as url:
+        browser.get(url)
+        wait_js(browser, "document.readyState === 'complete'")
+        assert browser.execute_script("return window.ranInline ?? null") is None
+        errors = console_errors(browser)
+        assert any("Content Security Policy" in m for m in errors), errors
+        browser.execute_cdp_cmd("Page.setBypassCSP", {"enabled": True})
+        browser.get(url)
+        assert wait_js(browser, "window.ranInline") in ("script", "handler")
 
 
 def test_screenshots_only_when_asked(browser, monkeypatch: pytest.MonkeyPatch) -> None:
