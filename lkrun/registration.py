@@ -226,8 +226,12 @@ class Registration:
         if self._outbox is None or offer.connection != self._connection:
             return False
         response = availability_response(offer.job.id, decision)
+        # A yes holds a slot from its reservation on: the status that counts it goes first,
+        # on the same connection, so the server has the load (it handles a worker's
+        # messages in order) before it assigns this job, and before it weighs any job
+        # request made after the assignment.
+        self.load_changed()
         self._outbox.put_nowait(proto.WorkerMessage(availability=response))
-        self.load_changed()  # a yes holds a slot from now on
         return True
 
     def update_job(self, job_id: str, status: proto.JobStatus.ValueType, error: str = "") -> None:
