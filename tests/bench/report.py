@@ -41,8 +41,8 @@ DESCRIPTIONS = {
     "official: that `server` with the bench's load settings, `cli.run_app`). The job lasts "
     "until the bench deletes the room.",
     "media": "Each room has an observer publishing a 48 kHz mono 440 Hz tone at -20 dBFS "
-    "(10 ms frames, paced in real time, from `tests/bench/tones.py` in processes of their "
-    "own, 10 rooms each) and one meter job: lkrun runs its example "
+    "(paced in real time, from `tests/bench/tones.py` in processes of their own, up to 10 "
+    "rooms each; the frame size is under this paragraph) and one meter job: lkrun runs its example "
     "`lkrun/examples/level_meter.py` (lkrun's `JobContext`), the official worker the same "
     "meter written against `livekit.agents.JobContext` (`tests/bench/lka_meter.py`); both "
     "publish every microphone's RMS/peak dBFS 4 times a second on data topic `levels`. "
