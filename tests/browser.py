@@ -143,14 +143,29 @@ def console_errors(driver: webdriver.Chrome) -> list[str]:
     return [e["message"] for e in console(driver) if e["level"] == "SEVERE"]
 
 
+# A screenshot grows with its page up to this height, so a long table is not cut off.
+SCREENSHOT_MAX_HEIGHT = 2000
+
+
 def screenshot(driver: webdriver.Chrome, name: str) -> Path | None:
     """Save the page as docs/screenshots/<name>.png for the README, only when
-    LKRUN_SCREENSHOTS=1, so ordinary runs leave the committed images alone."""
+    LKRUN_SCREENSHOTS=1, so ordinary runs leave the committed images alone. The picture is
+    WINDOW wide and shows the whole page (up to SCREENSHOT_MAX_HEIGHT), the window's
+    viewport at least."""
     if os.environ.get("LKRUN_SCREENSHOTS") != "1":
         return None
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))
+    # The window's height includes what headless chromium keeps for its own frame.
+    page, frame = driver.execute_script(
+        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
+    )
+    height = min(int(page), SCREENSHOT_MAX_HEIGHT) + int(frame)
+    driver.set_window_size(WINDOW[0], max(WINDOW[1], height))
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.set_window_size(*WINDOW)
     return path
 
 
