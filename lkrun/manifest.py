@@ -493,6 +493,10 @@ _ATTRIBUTES = _string_table()
 _ENV_TABLE = _string_table(re.compile(r"[A-Za-z_][A-Za-z0-9_]*"))
 # The job processes' log level (lkrun.child.runner): a bad one fails every job at its start.
 JOB_LOG_LEVEL_ENV = "LKRUN_JOB_LOG_LEVEL"
+# The defaults of job_threads and malloc_arena_max, chosen by measurement (README "Threads
+# and malloc arenas per job"; lkrun.supervision.agent_processes.resource_env sets them).
+JOB_THREADS = 2
+MALLOC_ARENA_MAX = 2
 
 
 def log_level_problem(value: str) -> str | None:
@@ -566,6 +570,8 @@ class DaemonSettings:
     on_failure: str = field(default="none", metadata=_check(_ON_FAILURE))
     max_redispatches: int = field(default=2, metadata=_check(_int_at_least(0)))
     empty_timeout: float = field(default=0.0, metadata=_check(_duration_zero_off))
+    job_threads: int = field(default=JOB_THREADS, metadata=_check(_int_at_least(0)))
+    malloc_arena_max: int = field(default=MALLOC_ARENA_MAX, metadata=_check(_int_at_least(0)))
 
 
 @dataclass(frozen=True)
@@ -663,6 +669,15 @@ class AgentSpec:
     # itself, a success with reason "room empty" (lkrun.shared.empty_room); 0: never.
     # Unset: [daemon]'s.
     empty_timeout: float = field(default=0.0, metadata=_check(_duration_zero_off))
+    # The size of the thread pools that otherwise grow with the machine's cores, in each job
+    # process: the rtc runtime's tokio workers (TOKIO_WORKER_THREADS) and numpy's OpenBLAS
+    # (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS); 0: no cap. A variable the
+    # agent's ``env`` sets wins. Unset: [daemon]'s.
+    job_threads: int = field(default=JOB_THREADS, metadata=_check(_int_at_least(0)))
+    # glibc's MALLOC_ARENA_MAX in each job process: at most this many malloc arenas however
+    # many threads allocate (glibc's own limit is 8 per core); 0: glibc's. The agent's
+    # ``env`` wins. Unset: [daemon]'s.
+    malloc_arena_max: int = field(default=MALLOC_ARENA_MAX, metadata=_check(_int_at_least(0)))
     # Job processes kept started ahead of time (module imported, prewarm run), one job each.
     idle_processes: int = field(default=0, metadata=_check(_int_at_least(0)))
     # Optional "pkg.module:function" run once per process before its job; its result is
@@ -846,7 +861,13 @@ def parse_manifest(text: str, path: str | Path) -> Manifest:
 
 
 # Agent fields whose default is the [daemon] field of the same name.
-DAEMON_DEFAULTS = ("on_failure", "max_redispatches", "empty_timeout")
+DAEMON_DEFAULTS = (
+    "on_failure",
+    "max_redispatches",
+    "empty_timeout",
+    "job_threads",
+    "malloc_arena_max",
+)
 
 
 def _with_daemon_defaults(daemon: DaemonSettings, spec: AgentSpec) -> AgentSpec:

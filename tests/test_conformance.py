@@ -17,7 +17,9 @@ import pytest
 from lkrun import conformance
 from lkrun.credentials import Credentials
 from lkrun.devserver import free_tcp_port
+from lkrun.manifest import JOB_THREADS, MALLOC_ARENA_MAX
 from lkrun.shared import jobpipe
+from lkrun.supervision.agent_processes import ARENA_ENV, THREAD_ENV
 from tests.conftest import REPO, Server, run_cli
 from tests.node_deps import NODE_ECHO, ensure_node_modules, node_missing
 
@@ -190,6 +192,9 @@ def test_the_program_gets_the_environment_the_daemon_gives_an_agent(tmp_path: Pa
         "PYTHONPATH": str(tmp_path),
         "PYTHONUNBUFFERED": "1",
         "LKRUN_DAEMON_PYTHON": sys.executable,
+        # job_threads and malloc_arena_max at their defaults (tests/test_job_resources.py)
+        **dict.fromkeys(THREAD_ENV, str(JOB_THREADS)),
+        ARENA_ENV: str(MALLOC_ARENA_MAX),
     }
     passing = dataclasses.replace(settings, pass_credentials=True)
     env = conformance.job_env(passing)

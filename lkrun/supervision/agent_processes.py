@@ -38,12 +38,36 @@ from lkrun.supervision.warm_pool import WarmPool
 job_log = logging.getLogger("lkrun.job")
 
 
+# The variables ``job_threads`` sets: each sizes a pool of threads in every job process that
+# otherwise has one thread per core (README "Threads and malloc arenas per job"):
+# liblivekit_ffi's tokio runtime (Builder::new_multi_thread() with no worker_threads reads
+# TOKIO_WORKER_THREADS), and the BLAS under numpy, which every livekit-agents job imports:
+# pip's numpy bundles OpenBLAS (OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS), conda's MKL.
+THREAD_ENV = ("TOKIO_WORKER_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+ARENA_ENV = "MALLOC_ARENA_MAX"
+
+
+def resource_env(spec: AgentSpec) -> dict[str, str]:
+    """The variables ``job_threads`` and ``malloc_arena_max`` set, 0 setting none. They go
+    in the environment the job's interpreter starts with (the fork server's, or a spawned
+    job's): glibc and OpenBLAS read them when they load, before any Python code runs."""
+    env = {}
+    if spec.job_threads:
+        env.update(dict.fromkeys(THREAD_ENV, str(spec.job_threads)))
+    if spec.malloc_arena_max:
+        env[ARENA_ENV] = str(spec.malloc_arena_max)
+    return env
+
+
 def job_env(
     spec: AgentSpec, credentials: Credentials, base: Mapping[str, str], workdir: Path
 ) -> dict[str, str]:
     """The job's environment: the daemon's, minus API credentials unless the agent asks for
-    them (``pass_credentials``), plus the agent's own."""
+    them (``pass_credentials``), with the agent's thread and arena caps over it (over the
+    daemon's own values too: the manifest is the agent's configuration), then the agent's
+    own ``env`` over all of it."""
     env = {k: v for k, v in base.items() if k not in SECRET_ENV}
+    env.update(resource_env(spec))
     env["LIVEKIT_URL"] = credentials.url
     if spec.pass_credentials:
         env["LIVEKIT_API_KEY"] = credentials.api_key
@@ -345,6 +369,8 @@ def _loaded_fields(spec: AgentSpec) -> tuple[Any, ...]:
         spec.command,
         spec.prewarm,
         spec.env,
+        spec.job_threads,  # in the fork server's environment
+        spec.malloc_arena_max,
         spec.pass_credentials,
         spec.start_method,
         spec.resolved_framework,
