@@ -104,6 +104,7 @@ class FakeBench:
         self.lk = FakeLk(sut)
         self.settings = Settings(**settings)
         self.cleaned: list[str] = []
+        self.settle_timeouts: list[float] = []
 
     def say(self, message: str) -> None:
         pass
@@ -114,7 +115,8 @@ class FakeBench:
     async def ready_for_next(self) -> None:
         pass
 
-    async def settle(self) -> float:
+    async def settle(self, window: float = 2.5, timeout: float = 15.0) -> float:
+        self.settle_timeouts.append(timeout)
         return 12.5
 
     async def dispatch_rooms(self, rooms: list[str]) -> dict[str, float]:
@@ -163,6 +165,7 @@ async def test_the_ramp_stops_at_the_first_step_an_agent_does_not_get_in(
     assert got["at_stop"]["host_cpu_percent"] == 150.0  # the host at the failing step
     assert len(bench.cleaned) == 60  # every room, held or not
     assert limit.verdict_text(got) == "the real limit: an agent not in within the timeout at 60"
+    assert bench.settle_timeouts == [limit.STEP_SETTLE_TIMEOUT] * 3  # short: calls keep it busy
 
 
 async def test_an_earlier_job_dropping_is_the_limit_too(snapshots: list[int]) -> None:

@@ -60,6 +60,10 @@ LIMIT_RAMP_TIMEOUT = 480.0  # --ramp-to-limit's time bound per host unless --ram
 MEMORY_RESERVE = 0.10  # of the machine's memory, left available after the next step
 MEMORY_MARGIN = 1.25  # the next step's jobs are reckoned this much bigger than the last
 SNAPSHOT_WINDOW = 1.0  # s over which a step's CPU is read (jobs ramp)
+# A ramp step waits at most this long for the machine's CPU to settle (measure.settle):
+# near a host's limit its held calls keep the CPU busy and waiting longer only spends the
+# time bound; a few seconds still let the last step's joins finish.
+STEP_SETTLE_TIMEOUT = 6.0
 MIN_SENT_RATIO = 0.9  # an observer sending less than this of real time: the machine is full
 METERING_TIMEOUT = 30.0
 MEDIA_WARM_IN = 3.0  # as measure.MEDIA_WARM_IN: every meter reports, then this, then hold
@@ -334,7 +338,7 @@ async def _jobs_step(
 ) -> tuple[dict[str, Any], tuple[str, str] | None]:
     """Dispatch ``new`` on top of ``held``: the step's numbers, and why to stop (if so)."""
     s = bench.settings
-    cpu = await bench.settle()
+    cpu = await bench.settle(timeout=STEP_SETTLE_TIMEOUT)
     started = time.monotonic()
     sent = await bench.dispatch_rooms(new)
     arrived = await bench.wait_agents(sent, timeout=s.visible_timeout)
@@ -412,7 +416,7 @@ async def _media_step(
     bench: Bench, held: list[str], new: list[str], groups: list[media.ToneObservers]
 ) -> tuple[dict[str, Any], tuple[str, str] | None]:
     s = bench.settings
-    await bench.settle()
+    await bench.settle(timeout=STEP_SETTLE_TIMEOUT)
     target = len(held) + len(new)
     step: dict[str, Any] = {"target": target}
     started = time.monotonic()

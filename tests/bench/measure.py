@@ -301,16 +301,16 @@ class Bench:
             self.note(f"fewer than {self.sut.idle} idle processes ready after 60s")
         await self.settle(window)
 
-    async def settle(self, window: float = PHASE_SETTLE) -> float:
+    async def settle(self, window: float = PHASE_SETTLE, timeout: float = SETTLE_TIMEOUT) -> float:
         """Wait until the machine's CPU over ``window`` s is below SETTLE_CPU (at most
-        SETTLE_TIMEOUT s); return the last reading (%)."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
+        ``timeout`` s); return the last reading (%)."""
+        deadline = time.monotonic() + timeout
         while True:
             busy = float(await asyncio.to_thread(psutil.cpu_percent, window))
             if busy < SETTLE_CPU:
                 return busy
             if time.monotonic() > deadline:
-                self.note(f"CPU still at or above {SETTLE_CPU:g}% after {SETTLE_TIMEOUT:g}s")
+                self.note(f"CPU still at or above {SETTLE_CPU:g}% after {timeout:g}s")
                 return busy
 
     def note(self, message: str) -> None:
