@@ -7,6 +7,7 @@ and, for what the page did, the daemon's own record (control API, history)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -138,6 +139,15 @@ async def test_a_job_appears_on_the_live_page_and_goes_when_it_ends(
     await end_job(livekit_server, dispatch_id, room)
     await until(browser, lambda d: not find(d, "live-row"), "the row gone")
     assert find(browser, "live-empty")[0].is_displayed() and not_reloaded(browser)
+
+    # The charts, reached by the menu (no reload): the daemon's samples since its start,
+    # and the job's offer -> running latency.
+    find(browser, "nav-charts")[0].click()
+    await until(browser, lambda d: find(d, "view", view="charts", loaded="true"), "the charts")
+    assert int(find(browser, "chart-jobs")[0].get_attribute("data-points")) >= 1
+    assert find(browser, "chart-latency", points="1")
+    assert not find(browser, "chart-empty")[0].is_displayed() and not_reloaded(browser)
+    screenshot(browser, "charts")
     assert console_errors(browser) == []
 
 
@@ -152,11 +162,12 @@ async def test_the_job_page_shows_log_lines_as_they_are_written(
     assert find(browser, "job-log-state", following="true")
 
     def ticks(driver: WebDriver) -> list[int]:
+        """The numbers of the ticker's lines on the page (each line: a time, then the text)."""
         texts = driver.execute_script(
             "return [...document.querySelectorAll('[data-testid=\"log-line\"]')]"
             ".map((e) => e.textContent);"
         )
-        return [int(t.rsplit(" ", 1)[1]) for t in texts if t.startswith("tick ")]
+        return [int(m.group(1)) for t in texts if (m := re.search(r"tick (\d+)$", t))]
 
     first = await until(browser, lambda d: ticks(d) or None, "the first ticks")
     # The ticker writes ten lines a second: later ones arrive in the page while it is open.

@@ -65,12 +65,14 @@ Live calls (/live)
         live-link (an <a> to /jobs/{id})
 
 Job (/jobs/{id})
-    job-id, job-agent, job-room, job-participant
+    job-id, job-agent, job-room, job-participant ("—" for a room job), job-identity (the
+    agent's), job-dispatch
     job-status                    data-status = starting|running|stopping|success|failed|lost
     job-timeline
       timeline-offered, timeline-assigned, timeline-running, timeline-ended
                                   each data-time = epoch seconds ("" if not reached)
     job-cause (data-cause), job-stop-reason, job-error, job-exit-code, job-metadata
+                                  (an empty field shows "—")
     job-recovery, job-chain
     job-log                       the log; one log-line element per line, appended live
     job-log-state                 data-following = "true" while the log is followed

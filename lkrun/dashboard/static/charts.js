@@ -6,7 +6,7 @@ import { el, svg } from "./dom.js";
 const EVERY_MS = 10000;
 const W = 720;
 const H = 220;
-const PAD = { left: 44, right: 12, top: 12, bottom: 28 };
+const PAD = { left: 44, right: 12, top: 24, bottom: 28 };
 const COLOURS = 8; // CSS classes series-0 .. series-7
 
 function frame(node, ymax, yLabel, xLabels) {
@@ -22,26 +22,29 @@ function frame(node, ymax, yLabel, xLabels) {
   for (const [x, label] of xLabels) {
     parts.push(svg("text", { x, y: H - 8, class: "tick", "text-anchor": "middle" }, label));
   }
-  parts.push(svg("text", { x: 4, y: PAD.top - 2, class: "axis" }, yLabel));
+  parts.push(svg("text", { x: 4, y: 12, class: "axis" }, yLabel));
   node.replaceChildren(...parts);
 }
 
-function lineChart(node, at, series, { ymax, label }) {
+// The x axis is the ring's whole span ending at the last sample: a daemon up for five
+// minutes fills the right twelfth of the chart.
+function lineChart(node, at, span, series, { ymax, label }) {
   node.setAttribute("viewBox", `0 0 ${W} ${H}`);
   node.dataset.points = String(at.length);
-  const t0 = at[0];
-  const t1 = Math.max(at[at.length - 1], t0 + 1);
+  const t1 = at[at.length - 1];
+  const t0 = t1 - span;
   const plotW = W - PAD.left - PAD.right;
   const plotH = H - PAD.top - PAD.bottom;
-  const x = (t) => PAD.left + ((t - t0) / (t1 - t0)) * plotW;
+  const x = (t) => PAD.left + ((t - t0) / span) * plotW;
   const y = (v) => PAD.top + plotH - (Math.min(v, ymax) / ymax) * plotH;
-  const minutes = (t) => `-${Math.round((t1 - t) / 60)}m`;
-  frame(node, ymax, label, [[x(t0), minutes(t0)], [x((t0 + t1) / 2), minutes((t0 + t1) / 2)],
+  const minutes = Math.round(span / 60);
+  frame(node, ymax, label, [[x(t0), `-${minutes}m`], [x(t0 + span / 2), `-${minutes / 2}m`],
     [x(t1), "now"]]);
   series.forEach(({ name, values }, index) => {
     // A gap (null: the agent was not there) breaks the line.
     let d = "";
     let pen = "M";
+    let last = null;
     values.forEach((v, i) => {
       if (v === null || v === undefined) {
         pen = "M";
@@ -49,10 +52,16 @@ function lineChart(node, at, series, { ymax, label }) {
       }
       d += `${pen}${x(at[i]).toFixed(1)},${y(v).toFixed(1)} `;
       pen = "L";
+      last = [x(at[i]), y(v)];
     });
-    const path = svg("path", { d: d.trim(), class: `series series-${index % COLOURS}` },
-      svg("title", {}, name));
-    node.append(path);
+    const colour = `series-${index % COLOURS}`;
+    node.append(svg("path", { d: d.trim(), class: `series ${colour}` }, svg("title", {}, name)));
+    // The latest value as a dot: visible even while there is one sample only.
+    if (last) {
+      node.append(svg("circle", {
+        cx: last[0].toFixed(1), cy: last[1].toFixed(1), r: 3, class: `dot ${colour}`,
+      }, svg("title", {}, name)));
+    }
   });
 }
 
@@ -110,11 +119,11 @@ export function mount(main) {
       const jobSeries = names.map((name) => ({ name, values: agents[name].jobs }));
       const most = Math.max(1, ...jobSeries.flatMap((s) => s.values.filter((v) => v !== null)),
         ...names.flatMap((n) => agents[n].max_jobs.filter((v) => v !== null)));
-      lineChart(jobs, at, jobSeries, { ymax: most, label: "jobs" });
+      lineChart(jobs, at, data.samples.span, jobSeries, { ymax: most, label: "jobs" });
       jobsLegend.replaceChildren(legend(names));
       const loadSeries = [...names.map((name) => ({ name, values: agents[name].load })),
         { name: "CPU", values: cpu }];
-      lineChart(load, at, loadSeries, { ymax: 1, label: "load" });
+      lineChart(load, at, data.samples.span, loadSeries, { ymax: 1, label: "load" });
       loadLegend.replaceChildren(legend([...names, "CPU"]));
     }
     const l = data.latency;

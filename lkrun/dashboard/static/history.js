@@ -38,7 +38,8 @@ function historyRow(job) {
     el("td", { testid: "history-status", class: job.status }, job.status),
     el("td", { testid: "history-cause" }, job.cause),
     el("td", { testid: "history-ended" }, clock(job.ended_at)),
-    el("td", { testid: "history-error", class: "error-text" }, job.error || job.stop_reason),
+    el("td", { testid: "history-error", class: job.error ? "error-text" : "" },
+      job.error || job.stop_reason),
   );
 }
 

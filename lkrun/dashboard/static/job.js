@@ -70,6 +70,7 @@ export function mount(main, jobId) {
   const fields = {};
   for (const [label, testid] of [
     ["Agent", "job-agent"], ["Room", "job-room"], ["Participant", "job-participant"],
+    ["Agent identity", "job-identity"], ["Dispatch", "job-dispatch"],
     ["Cause", "job-cause"], ["Stop reason", "job-stop-reason"], ["Error", "job-error"],
     ["Exit code", "job-exit-code"], ["Recovery", "job-recovery"], ["Metadata", "job-metadata"],
   ]) {
@@ -105,16 +106,26 @@ export function mount(main, jobId) {
       setText(steps[i].time, job[key] ? clock(job[key]) + since(job, job[key]) : "not yet");
       steps[i].item.classList.toggle("reached", Boolean(job[key]));
     });
-    setText(fields["job-agent"], job.agent);
-    setText(fields["job-room"], job.room);
-    setText(fields["job-participant"], job.participant || job.identity);
-    setText(fields["job-cause"], job.cause);
+    const values = {
+      "job-agent": job.agent,
+      "job-room": job.room,
+      "job-participant": job.participant,
+      "job-identity": job.identity,
+      "job-dispatch": job.dispatch_id,
+      "job-cause": job.cause,
+      "job-stop-reason": job.stop_reason,
+      "job-error": job.error,
+      "job-exit-code": job.exit_code,
+      "job-recovery": job.recovery,
+      "job-metadata": job.metadata,
+    };
+    for (const [testid, value] of Object.entries(values)) {
+      const empty = value === null || value === undefined || value === "";
+      setText(fields[testid], empty ? "—" : value);
+      fields[testid].classList.toggle("muted", empty);
+    }
     fields["job-cause"].dataset.cause = job.cause || "";
-    setText(fields["job-stop-reason"], job.stop_reason);
-    setText(fields["job-error"], job.error);
-    setText(fields["job-exit-code"], job.exit_code ?? "");
-    setText(fields["job-recovery"], job.recovery);
-    setText(fields["job-metadata"], job.metadata);
+    fields["job-error"].classList.toggle("error-text", Boolean(job.error));
     chain.replaceChildren(...attempts.map((a) =>
       el("li", {}, link(jobHref(a.id), {}, a.id), ` attempt ${a.attempt}: ${a.status}`,
         a.cause ? ` (${a.cause})` : "")));

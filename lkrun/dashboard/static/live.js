@@ -16,7 +16,8 @@ function row(job) {
     el("td", {}, link(jobHref(job.id), { testid: "live-link" }, job.id)),
     el("td", { testid: "live-agent" }, job.agent),
     el("td", { testid: "live-room" }, job.room),
-    el("td", { testid: "live-participant" }, job.participant || job.identity),
+    // The participant a publisher or participant job is about; a room job has none.
+    el("td", { testid: "live-participant" }, job.participant || "—"),
     el("td", { testid: "live-status" }, job.status),
     el("td", { testid: "live-age" }, duration(job.age)),
     el("td", { testid: "live-memory" }, megabytes(job.memory_mb)),
