@@ -526,3 +526,24 @@ def test_latency_histogram() -> None:
     assert sum(found["counts"]) == 6 and len(found["counts"]) == len(LATENCY_EDGES_MS) + 1
     assert (found["p50_ms"], found["p95_ms"], found["max_ms"]) == (6, 20000, 20000)
     assert latency_histogram([])["p50_ms"] is None
+
+
+def test_the_docstring_lists_every_testid_the_page_sets_and_only_those() -> None:
+    """lkrun.dashboard's docstring is the browser tests' contract: every data-testid the
+    page sets is listed there, and every name listed is set somewhere in the page."""
+    import lkrun.dashboard
+
+    assert lkrun.dashboard.__doc__ is not None
+    listed = lkrun.dashboard.__doc__.split("data-testid attributes", 1)[1]
+    sources = {p.name: p.read_text() for p in STATIC.iterdir() if p.suffix in (".js", ".html")}
+    set_by_page = {
+        name
+        for text in sources.values()
+        for name in re.findall(r'(?:data-testid="|testid: ")([a-z-]+)"', text)
+    }
+    assert set_by_page, "no data-testid found"
+    for name in set_by_page:
+        assert re.search(rf"(?<![\w-]){name}(?![\w-])", listed), f"{name} not in the docstring"
+    names = set(re.findall(r"(?<![\w-])(?!data-)[a-z]+(?:-[a-z]+)+(?![\w-])", listed))
+    for name in names:
+        assert any(f'"{name}"' in text for text in sources.values()), f"{name} not in the page"
