@@ -163,7 +163,7 @@ def assert_strict_headers(headers: Any) -> None:
     assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
     assert "unsafe" not in csp
     assert headers["X-Content-Type-Options"] == "nosniff"
-    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["Referrer-Policy"] == "same-origin"
 
 
 @pytest.mark.parametrize("path", [p.replace("{job_id}", "AJ_1") for p in PAGES])

@@ -6,12 +6,13 @@ draws the view its path names, and moves between views without a reload):
     /                 Overview: the daemon and each agent
     /live             Live calls: the running jobs, refreshed every second
     /jobs/{job_id}    One job: timeline, outcome, metadata, its log followed live
-    /history          Ended jobs with filters, failures grouped by error, counts per agent
+    /history          Ended jobs with filters (?agent= &status= &room= &since=1h|6h|24h|7d|all),
+                      failures grouped by error, counts per agent
     /charts           Jobs per agent and load over the last hour; offer -> running latency
     /login            The token form (only when a token is configured)
 
-JSON under ``/api/v1/``: the control API's own handlers (lkrun.api.control), the same data
-`lkrun status` and `lkrun jobs` read: ``status``, ``jobs``, ``jobs/{id}``,
+JSON under ``/api/v1/``: the control API's own handlers (lkrun.api.control.ControlHandlers),
+the same data `lkrun status` and `lkrun jobs` read: ``status``, ``jobs``, ``jobs/{id}``,
 ``jobs/{id}/logs`` (``?follow=1``: streamed), POST ``jobs/{id}/kill`` (``?force=1``), POST
 ``drain``; and the dashboard's own ``session`` (the CSRF token), ``history`` (rows, failures
 grouped, counts per agent) and ``charts`` (the ring of samples, latencies).
@@ -21,15 +22,15 @@ Safety (lkrun.dashboard.guard):
   env LKRUN_DASHBOARD_TOKEN) is always required. With no token, a loopback bind serves the
   dashboard openly and any other bind serves it disabled: every dashboard path answers 403
   (text/plain, one line saying what to set); /healthz, /readyz and /metrics are unchanged.
-- Requests whose Host header is not the bound address (or, on loopback, a loopback name)
-  get 421: DNS rebinding cannot reach a token-less loopback dashboard.
+- Without a token, a request whose Host header is not a loopback name (localhost,
+  127.x.x.x, [::1]) gets 421: DNS rebinding cannot reach a token-less loopback dashboard.
 - Without a valid session, a page answers 401 with the login form and an API path 401 JSON.
   The form POSTs the token to /login, which sets an HttpOnly SameSite=Strict cookie; scripts
   may send ``Authorization: Bearer TOKEN`` instead.
 - Actions are POSTs only, with header X-CSRF-Token (from GET /api/v1/session), and an
   Origin (when sent) equal to the page's, Sec-Fetch-Site (when sent) "same-origin"; else 403.
 - Every response: a strict Content-Security-Policy (default-src 'self', no inline script or
-  style, frame-ancestors 'none'), X-Content-Type-Options nosniff, Referrer-Policy no-referrer.
+  style, frame-ancestors 'none'), X-Content-Type-Options nosniff, Referrer-Policy same-origin.
 - The page puts participant-controlled text in the DOM with textContent only.
 
 data-testid attributes (the browser tests' contract; structured values are data-* attributes

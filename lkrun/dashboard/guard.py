@@ -28,7 +28,9 @@ SECURITY_HEADERS: Mapping[str, str] = {
         "frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer a form POST (the login) carries
+    # "Origin: null", which the Origin check must refuse; other sites still get nothing.
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
