@@ -197,6 +197,21 @@ async def test_participant_text_is_shown_as_text_and_nothing_of_it_runs(
         assert_csp_kept(browser, f"overview, {where}", csp_on)
 
 
+def test_the_checks_see_markup_rendered_as_html(browser: Any) -> None:
+    """What the test above would see of a page that put the same texts in with innerHTML:
+    the checks fail (an onerror ran or alert was called, elements made of the text)."""
+    markup = json.dumps(HTML_ROOM + HTML_TEXT).replace("</", "<\\/")  # stays in the script
+    page = f"""<!doctype html><main id="m"></main><script>
+    document.getElementById("m").innerHTML = {markup};
+    </script>"""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CATCH_ALERT})
+    with serve_html(page) as address:
+        browser.get(address)
+        wait_js(browser, "window.lkrunXss !== undefined && window.lkrunAlerted === true")
+        with pytest.raises(AssertionError):
+            assert_nothing_ran(browser, "innerHTML")
+
+
 def attacker_page(daemon_port: int, job_id: str) -> str:
     """A page of another origin (127.0.0.1 on another port: same site, so a SameSite
     cookie would go along) that tries what a CSRF would: a fetch of each action, with
