@@ -286,14 +286,6 @@ async def test_beyond_loopback_without_a_token_the_dashboard_is_refused(
     assert (await daemon.status())["phase"] == "serving"
 
 
-# The login form's POST carries "Origin: null" under the page's Referrer-Policy: no-referrer
-# (Fetch: a non-CORS request under no-referrer sends a null origin), which the guard refuses
-# as cross-origin, so the right token cannot sign in from the form. Strict: once fixed this
-# passes, and the mark must go.
-@pytest.mark.xfail(
-    strict=True,
-    reason="login form POST refused: Origin null under Referrer-Policy no-referrer",
-)
 async def test_beyond_loopback_with_a_token_only_the_login_opens_it(
     start_daemon: Any, livekit_server: Any, browser: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
