@@ -75,7 +75,6 @@ class Dashboard:
             *(("GET", path, self._page, "page") for path in PAGES),
             ("GET", "/login", self._login_page, "login"),
             ("POST", "/login", self._login, "login"),
-            ("POST", "/logout", self._logout, "action"),
             ("GET", "/static/{name}", self._static, "static"),
             ("GET", "/api/v1/session", self._session, "api"),
             ("GET", "/api/v1/history", self._history, "api"),
@@ -158,11 +157,6 @@ class Dashboard:
         response = _redirect("/")
         # HttpOnly: no script reads it; Strict: no other site's request carries it.
         response.set_cookie(COOKIE, self.access.session, httponly=True, samesite="Strict", path="/")
-        return response
-
-    async def _logout(self, request: web.Request) -> web.Response:
-        response = web.json_response({"signed_out": True})
-        response.del_cookie(COOKIE, path="/")
         return response
 
     # -- the dashboard's own JSON --------------------------------------------------------
