@@ -1,7 +1,8 @@
 """deploy/grafana/lkrun.json, the Grafana dashboard for the daemon's Prometheus metrics:
 every query parses as PromQL and names only series the daemon exports (read from the real
-registry, with the suffixes Prometheus adds), and the dashboard is importable as documented
-(a datasource variable every panel uses, an agent variable)."""
+registry, with the suffixes Prometheus adds) and only labels those series carry, and the
+dashboard is importable as documented (a datasource variable every panel uses, an agent
+variable)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Any
 
 import promql_parser
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from lkrun.api.metrics import Metrics
+from lkrun.api.metrics import AgentSnapshot, Metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "lkrun.json"
 
@@ -32,6 +34,8 @@ SUFFIXES = {
 INTERVALS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
 LABEL_VALUES = re.compile(r"^label_values\((?:(.+),\s*)?(\w+)\)$")
+# Labels Prometheus adds to every series it scrapes.
+SCRAPE_LABELS = frozenset({"instance", "job"})
 
 
 def exported_series() -> set[str]:
@@ -40,6 +44,37 @@ def exported_series() -> set[str]:
     for family in Metrics().registry.collect():
         names.update(family.name + suffix for suffix in SUFFIXES[family.type])
     return names
+
+
+def exercised() -> Metrics:
+    """The daemon's metrics with a sample in every family, recorded through the calls the
+    daemon makes (so each series has its labels)."""
+    metrics = Metrics()
+    metrics.set_daemon("d", "0.0")
+    metrics.job_started("a", warm=True)
+    metrics.job_ended("a", "success")
+    metrics.offer_answered("a", accepted=False, seconds=0.001, reason="cpu")
+    metrics.offer_to_entrypoint("a", warm=True, seconds=0.1)
+    metrics.registration_reconnected("a")
+    metrics.recovered("a", "lost")
+    metrics.recovery_skipped("a", "no_caller")
+    metrics.was_full("a", "cpu", 1.0)
+    metrics.set_snapshot([AgentSnapshot("a", True, 1, 2, 0, 0.5, 1)])
+    metrics.inference_request("/py", "predict", 0.01, ok=True)
+    metrics.inference_restarted("/py")
+    metrics.inference_state("/py", up=True)
+    metrics.inference_memory("/py", 1, 1)
+    return metrics
+
+
+def series_labels() -> dict[str, set[str]]:
+    """Each exposed series' label names, from the exposition of exercised()."""
+    labels: dict[str, set[str]] = {}
+    body = exercised().render()[0].decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
 
 
 def substitute(expr: str) -> str:
@@ -61,6 +96,27 @@ def metric_names(expr: str) -> list[str | None]:
 
     promql_parser.walk(promql_parser.parse(substitute(expr)), visit)
     return names
+
+
+def labels_named(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) an expression uses: in matchers, by/without, on/ignoring
+    and group_left/right."""
+    metrics: set[str] = set()
+    labels: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            metrics.add(node.name)
+            labels.update(m.name for m in node.matchers.matchers if m.name != "__name__")
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            labels.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            if node.modifier.matching is not None:
+                labels.update(node.modifier.matching.labels)
+            labels.update(node.modifier.group_labels or ())
+
+    promql_parser.walk(promql_parser.parse(substitute(expr)), visit)
+    return metrics, labels
 
 
 def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -138,6 +194,41 @@ def test_every_query_names_only_exported_metrics() -> None:
         assert not unknown, f"{where} names metrics the daemon does not export: {unknown}"
         checked += 1
     assert checked >= 20
+
+
+def test_every_family_is_exercised_for_its_labels() -> None:
+    """exercised() must record every metric, or its labels would go unchecked: a new metric
+    needs a call there."""
+    exposed = set(series_labels())
+    missing = {n for n in exported_series() if not n.endswith("_created")} - exposed
+    assert not missing, f"record these in exercised(): {sorted(missing)}"
+
+
+def test_every_query_names_only_labels_its_metrics_carry() -> None:
+    labels_of = series_labels()
+    checked = 0
+    for where, expr in queries(dashboard()):
+        metrics, labels = labels_named(expr)
+        carried = set(SCRAPE_LABELS).union(*(labels_of[m] for m in metrics))
+        assert labels <= carried, f"{where}: labels {sorted(labels - carried)} on no series"
+        checked += 1
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            match = LABEL_VALUES.match(var["query"]["query"])
+            assert match is not None
+            metrics, _ = labels_named(match.group(1))
+            carried = set(SCRAPE_LABELS).union(*(labels_of[m] for m in metrics))
+            assert match.group(2) in carried, var["name"]
+    assert checked >= 20
+
+
+def test_the_label_check_finds_a_wrong_label() -> None:
+    labels_of = series_labels()
+    metrics, labels = labels_named("sum by (result) (rate(lkrun_jobs_ended_total[5m]))")
+    assert metrics == {"lkrun_jobs_ended_total"} and labels == {"result"}
+    assert "result" not in labels_of["lkrun_jobs_ended_total"]  # it is "status" there
+    metrics, labels = labels_named('a{agent="x"} / on (agent) group_left (kind) lkrun_jobs_max')
+    assert metrics == {"a", "lkrun_jobs_max"} and labels == {"agent", "kind"}
 
 
 def test_it_shows_what_the_issue_asks_for() -> None:
