@@ -230,3 +230,34 @@ async def test_running_jobs_have_the_caps_in_their_environment_and_threads(
         await wait_for(settled, 40, what="the tokio-rt-worker threads")
     except AssertionError:
         raise AssertionError(f"tokio-rt-worker threads per job: {counts}, not {expected}") from None
+
+
+# -- the bench's options that compare settings ------------------------------------------------
+
+
+def test_the_benchs_job_env_and_daemon_settings_make_a_manifest_lkrun_accepts(
+    tmp_path: Path,
+) -> None:
+    from tests.bench.run import parse_args
+    from tests.bench.suts import LkrunSut
+
+    args = parse_args(
+        ["--job-env", "TOKIO_WORKER_THREADS=16", "--daemon-setting", "malloc_arena_max=0"]
+    )
+    sut = LkrunSut(
+        tmpdir=tmp_path,
+        variant="warm",
+        idle=1,
+        server=None,  # type: ignore[arg-type]
+        workdir=tmp_path,
+        registry=None,  # type: ignore[arg-type]
+        workload="agents",
+        job_env=dict(args.job_env),
+        daemon_settings=args.daemon_setting,
+    )
+    agent = parse(sut.manifest_text()).agents[sut.agent_name]
+    assert agent.env == {"TOKIO_WORKER_THREADS": "16"}
+    assert (agent.malloc_arena_max, agent.job_threads) == (0, JOB_THREADS)
+    assert job_env(agent, CREDENTIALS, {}, Path())["TOKIO_WORKER_THREADS"] == "16"
+    with pytest.raises(SystemExit):
+        parse_args(["--job-env", "NO_VALUE"])
