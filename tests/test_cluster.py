@@ -3,6 +3,7 @@ and an lkrun daemon registered with each, all real processes on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import time
@@ -92,7 +93,8 @@ async def served_by(cluster: Cluster, rooms: list[str], timeout: float) -> dict[
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    manifest = getattr(request, "param", MANIFEST)  # indirect parametrisation: another one
     binary = devserver.ensure_server_binary()
     redis = devcluster.Redis(tmp_path / "redis")
     redis.start()
@@ -105,7 +107,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             made.nodes.append(node)
             made.servers.append(Server(node.url, node.api_key, node.api_secret, log))
         for index, server in enumerate(made.servers, 1):
-            daemon = DaemonProc(tmp_path / f"d{index}", server, MANIFEST, ["--name", f"d{index}"])
+            daemon = DaemonProc(tmp_path / f"d{index}", server, manifest, ["--name", f"d{index}"])
             made.daemons.append(daemon)
             daemon.start()
         for daemon in made.daemons:
@@ -174,6 +176,75 @@ async def test_jobs_spread_over_both_daemons(cluster: Cluster) -> None:
     shares = {d: share(served, d) for d in ("d1", "d2")}
     print(f"spread of 40 jobs: {shares}")
     assert all(0.4 <= s <= 0.6 for s in shares.values()), shares
+
+
+# Issue 20: the daemon's own load settings (the CPU counts, load_threshold 0.75), so that
+# two daemons on one machine read its CPU a moment apart, as they do; never FULL for it (a
+# 2-core machine under a burst stays busy longer than overload_after's default 30 s).
+BURST_MANIFEST = f"""
+[daemon]
+overload_after = "off"
+drain_timeout = "2m"
+
+[agents.{AGENT}]
+entrypoint = "lkrun.examples.echo:entrypoint"
+dispatch = "explicit"
+max_jobs = 100
+idle_processes = 0
+"""
+BURST = 40
+# The smallest share of a burst each daemon must take. livekit-server weighs every request
+# of a burst this fast on the loads reported before it and gives all of them to the lower
+# load, splitting only a tie (see lkrun.load.CPU_STEP). Measured with `python -m
+# tests.bench.burst --host lkrun --runs 5` (benchmarks/issue20-burst/): before the CPU
+# counted in steps, 0/40, 30/10, 28/12 and 27/13 among 14 bursts (a CPU sample a moment
+# lower took the burst; on a machine whose CPU is pegged both loads sat at the same cap
+# and tied); with the steps, 15/25 at worst in 10. The bound is what a fair coin per
+# request (the tie-break, for the requests weighed before any offer was answered) fails
+# once in about 1,500 bursts: Binomial(40, 0.5) < 10 on either side, 0.07 %; of the
+# bursts measured before, the 0/40 fails it.
+MIN_SHARE = 0.25
+QUIET = 15.0  # seconds without a dispatch: the CPU that the daemons read has settled
+
+
+async def fire_burst(cluster: Cluster, rooms: list[str]) -> None:
+    """One CreateDispatch per room, back to back, alternately through both nodes."""
+    async with livekit_api(cluster.servers[0]) as one, livekit_api(cluster.servers[1]) as two:
+        for index, room in enumerate(rooms):
+            lk = (one, two)[index % 2]
+            d = await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=AGENT, room=room)
+            )
+            cluster.dispatches[room] = d.id
+
+
+async def burst_shares(cluster: Cluster, label: str) -> dict[str, float]:
+    rooms = [unique(label) for _ in range(BURST)]
+    await fire_burst(cluster, rooms)
+    served = await served_by(cluster, rooms, 90)
+    for room in rooms:
+        await cluster.end_call(room)
+
+    async def ended() -> bool:
+        return not any([await _live_rooms(daemon, rooms) for daemon in cluster.daemons])
+
+    await wait_for(ended, 60, what=f"the {label} burst's jobs to end")
+    return {d: share(served, d) for d in ("d1", "d2")}
+
+
+@pytest.mark.parametrize("cluster", [BURST_MANIFEST], indirect=True)
+async def test_a_burst_is_spread_over_both_daemons(cluster: Cluster) -> None:
+    """Issue 20: 40 dispatches back to back (alternately through both nodes), max_jobs =
+    100, right after both daemons are ready (the fixture's warm-up) and after a quiet spell:
+    each daemon takes at least MIN_SHARE of each burst."""
+    ready = await burst_shares(cluster, "ready")
+    # The quiet spell is the condition under test (the CPU both daemons read settles), not
+    # a wait for something to happen: nothing can be polled for it.
+    await asyncio.sleep(QUIET)
+    quiet = await burst_shares(cluster, "quiet")
+    print(f"burst of {BURST}: right after ready {ready}, after {QUIET:g}s quiet {quiet}")
+    for shares in (ready, quiet):
+        assert min(shares.values()) >= MIN_SHARE, {"ready": ready, "quiet": quiet}
 
 
 async def test_a_killed_daemon_s_calls_go_to_the_other_and_show_lost(cluster: Cluster) -> None:
