@@ -92,6 +92,10 @@ NEEDED: tuple[Need, ...] = (
     Need("livekit.agents.utils.http_context", "_new_session_ctx"),
     Need("livekit.agents.utils.http_context", "_close_http_ctx"),
     Need("livekit.agents.ipc.inference_executor", "InferenceExecutor"),
+    # job.py: the fork server's rehearsal of a job's path (rehearse_in_fork_server)
+    Need("livekit.agents", "Agent"),
+    Need("livekit.agents", "AgentSession"),
+    Need("livekit.agents", "llm"),
     # requests.py: the app's on_request
     Need("livekit.agents", "JobRequest"),
     # inference.py, inference_proc.py: the shared inference process

@@ -101,6 +101,54 @@ def warm_up_job_path(proc: JobProcess) -> None:
         logging.getLogger("lkrun.child.framework").debug("job warm-up failed: %r", exc)
 
 
+# Imported lazily by the framework on every job's path (AgentActivity._setup_toolsets in
+# 1.8): imported in the fork server instead, each job finds it there (measured with
+# tests/bench/cow_probe.py: the one module a job of the agents workload imported).
+LAZY_MODULES = ("livekit.agents.llm.async_toolset",)
+
+
+def rehearse_in_fork_server() -> None:
+    """In the fork server, before it freezes and forks: fill the lazy caches every job would
+    otherwise fill after the fork, writing to (and so copying) the fork server's pages.
+
+    - pydantic computes, on a model's first instance, whether each private attribute's
+      default_factory takes the validated data: ``inspect.signature`` of a builtin factory
+      copies ``sys.modules``, which writes the reference count of every module object
+      (measured: every module object's page copied in each job);
+    - the framework's lazily imported modules (``LAZY_MODULES``);
+    - an AgentSession, an Agent and a ChatContext built and dropped (no event loop, no
+      thread: safe before fork).
+    """
+    import importlib
+
+    from pydantic import BaseModel
+
+    for name in LAZY_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    seen: set[type] = set()
+    pending: list[type] = [BaseModel]
+    while pending:
+        cls = pending.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                pending.append(sub)
+        private = getattr(cls, "__private_attributes__", None)
+        for attr in private.values() if isinstance(private, dict) else ():
+            with contextlib.suppress(Exception):  # a cache filled early, nothing more
+                attr.default_factory_takes_validated_data  # noqa: B018
+    try:
+        from livekit.agents import Agent, AgentSession, llm
+
+        chat = llm.ChatContext()
+        chat.add_message(role="user", content="rehearsal")
+        AgentSession()
+        Agent(instructions="rehearsal", chat_ctx=chat)
+    except Exception as exc:  # only a rehearsal: the jobs report their own errors
+        logging.getLogger("lkrun.child.framework").debug("rehearsal failed: %r", exc)
+
+
 def throwaway_context(proc: JobProcess) -> JobContext:
     """A JobContext for no job, built as a real job's is (its tempdir is the caller's to
     clean up)."""
