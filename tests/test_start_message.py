@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
@@ -45,6 +47,8 @@ def test_the_start_carries_the_answer_and_the_assignment() -> None:
     )
     assert start == {
         "job": {"id": "AJ_1", "room": {"name": "r", "sid": "RM_1"}, "metadata": "m"},
+        # The same job as protobuf bytes, for runners that read them faster (docs/protocol.md).
+        "job_pb": base64.b64encode(assignment().job.SerializeToString()).decode(),
         "url": "ws://configured",  # the open-source server leaves the assignment's empty
         "token": "tok",
         "identity": "helper-AJ_1",

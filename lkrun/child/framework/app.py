@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livekit.agents import AgentServer, JobProcess
-from livekit.agents.job import JobExecutorType
+from livekit.agents.job import JobContext, JobExecutorType
 from livekit.agents.worker import ServerEnvOption, ServerOptions, ServerType
 
 from lkrun.child.appkind import LIVEKIT_AGENTS, AppError, Job, Requests, Sender, call
@@ -112,6 +112,7 @@ class FrameworkApp:
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     proc: JobProcess | None = None  # made by prepare(), once per process
+    spare: JobContext | None = None  # made by prepare(): the context its job will take
 
     framework = LIVEKIT_AGENTS
 
@@ -251,7 +252,12 @@ class FrameworkApp:
         compat.set_default_cert_env()
         if self.setup_fnc is not None:
             await call(self.setup_fnc, self.proc)
-        warm_up_job_path(self.proc)
+        self.spare = warm_up_job_path(self.proc)
+
+    def take_spare(self) -> JobContext | None:
+        """The context prepare() built, once: a process runs one job."""
+        spare, self.spare = self.spare, None
+        return spare
 
     def new_job(self, start: Mapping[str, Any], logger: logging.Logger) -> Job:
         return FrameworkJob(self, start, logger)

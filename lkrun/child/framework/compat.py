@@ -105,7 +105,16 @@ NEEDED: tuple[Need, ...] = (
 
 # Read on instances (they are set in __init__), by the shim files named.
 INSTANCE_ATTRIBUTES: Mapping[str, tuple[str, ...]] = {
-    "JobContext": ("_primary_agent_session", "_shutdown_callbacks", "_pending_tasks", "_tempdir"),
+    "JobContext": (
+        "_primary_agent_session",
+        "_shutdown_callbacks",
+        "_pending_tasks",
+        "_tempdir",
+        # The context built before the job comes is given the job's info and callbacks.
+        "_info",
+        "_on_connect",
+        "_on_shutdown",
+    ),
     "AgentServer": (
         "_entrypoint_fnc",
         "_agent_name",

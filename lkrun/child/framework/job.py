@@ -19,6 +19,8 @@ entrypoint still running ``ENTRY_GRACE`` seconds after a shutdown request is can
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import logging
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from google.protobuf.json_format import ParseDict
+from google.protobuf.message import DecodeError
 from livekit import rtc
 from livekit.agents.job import (
     JobAcceptArguments,
@@ -58,6 +61,8 @@ class HostedApp(Protocol):
     session_end_timeout: float
     proc: JobProcess | None
 
+    def take_spare(self) -> JobContext | None: ...
+
 
 ENTRY_GRACE = 5.0  # after a shutdown request, before a still running entrypoint is cancelled
 SESSION_CLOSE_TIMEOUT = 60.0  # the official worker's bound on AgentSession.aclose()
@@ -67,7 +72,7 @@ JOB_ID_ATTRIBUTE = "lkrun.job_id"
 
 def running_job_info(start: Mapping[str, Any]) -> RunningJobInfo:
     """The framework's RunningJobInfo from lkrun's start message."""
-    job = ParseDict(start["job"], proto.Job(), ignore_unknown_fields=True)
+    job = parse_job(start)
     accept = JobAcceptArguments(
         name=str(start.get("name", "")),
         identity=str(start["identity"]),
@@ -91,14 +96,89 @@ def running_job_info(start: Mapping[str, Any]) -> RunningJobInfo:
     return RunningJobInfo(**{k: v for k, v in values.items() if k in known})
 
 
-def warm_up_job_path(proc: JobProcess) -> None:
-    """Build and drop one job context, in a process waiting for its job: the first one after
-    a fork pays for pages copied on write and first-use caches (a couple of milliseconds,
-    measured), which would otherwise fall between the offer and the entrypoint."""
+def parse_job(start: Mapping[str, Any]) -> proto.Job:
+    """The start's job: from its protobuf bytes when the daemon sent them (``job_pb``, a few
+    microseconds), else from protobuf's JSON mapping (``job``, half a millisecond)."""
+    packed = start.get("job_pb")
+    if isinstance(packed, str):
+        try:
+            return proto.Job.FromString(base64.b64decode(packed, validate=True))
+        except (binascii.Error, DecodeError, ValueError):  # not ours after all: the JSON says it
+            pass
+    return ParseDict(start["job"], proto.Job(), ignore_unknown_fields=True)
+
+
+def warm_up_job_path(proc: JobProcess) -> JobContext | None:
+    """The context this process's job will use, built while it waits for that job: building
+    one takes the better part of a millisecond, and the first one after a fork pays for
+    pages copied on write and first-use caches too, none of which should fall between the
+    offer and the entrypoint (benchmarks/issue20-offer-prep). None if it cannot be built:
+    the job then builds its own."""
     try:
-        throwaway_context(proc)._tempdir.cleanup()
-    except Exception as exc:  # only a warm-up: the real job reports its own errors
+        return spare_context(proc)
+    except Exception as exc:  # only a head start: the real job reports its own errors
         logging.getLogger("lkrun.child.framework").debug("job warm-up failed: %r", exc)
+        return None
+
+
+def spare_context(proc: JobProcess) -> JobContext:
+    """A JobContext for no job yet (adopt makes it one's), built as a job's is."""
+    info = running_job_info(
+        {
+            "job": {"id": "warm-up", "room": {"name": "warm-up"}},
+            "url": "",
+            "token": "",
+            "identity": "warm-up",
+        }
+    )
+    return new_context(proc, info, on_connect=_nothing, on_shutdown=_nothing)
+
+
+def new_context(
+    proc: JobProcess,
+    info: RunningJobInfo,
+    *,
+    on_connect: Callable[[], None],
+    on_shutdown: Callable[[str], None],
+) -> JobContext:
+    room = rtc.Room()
+    with contextlib.suppress(AttributeError):  # room.name before connect, as officially
+        room._info.name = info.job.room.name
+    return JobContext(
+        proc=proc,
+        info=info,
+        room=room,
+        on_connect=on_connect,
+        on_shutdown=on_shutdown,
+        # The agent env's shared inference process, when the agent's code registers
+        # inference runners (lkrun.child.framework.inference); it connects at first use.
+        inference_executor=executor_for_job(),
+    )
+
+
+def adopt(
+    ctx: JobContext,
+    info: RunningJobInfo,
+    *,
+    on_connect: Callable[[], None],
+    on_shutdown: Callable[[str], None],
+) -> JobContext:
+    """The spare context made the job's: what its constructor takes from a job, set as the
+    constructor sets it (compat.INSTANCE_ATTRIBUTES names them)."""
+    ctx._info, ctx._on_connect, ctx._on_shutdown = info, on_connect, on_shutdown
+    # Optional (not in INSTANCE_ATTRIBUTES): only the framework versions that redact have it.
+    if hasattr(ctx, _REDACTION):
+        setattr(ctx, _REDACTION, info.job.enable_redaction)
+    with contextlib.suppress(AttributeError):  # room.name before connect, as officially
+        ctx.room._info.name = info.job.room.name
+    return ctx
+
+
+_REDACTION = "_redaction_enabled"  # JobContext's, set from its job's enable_redaction
+
+
+def _nothing(*args: Any) -> None:
+    pass
 
 
 # Imported lazily by the framework on every job's path (AgentActivity._setup_toolsets in
@@ -164,8 +244,8 @@ def throwaway_context(proc: JobProcess) -> JobContext:
         proc=proc,
         info=info,
         room=rtc.Room(),
-        on_connect=lambda: None,
-        on_shutdown=lambda reason: None,
+        on_connect=_nothing,
+        on_shutdown=_nothing,
         inference_executor=NoInference(),
     )
 
@@ -230,22 +310,18 @@ class FrameworkJob:
     async def run(self, grace: Callable[[], float]) -> JobResult:
         app = self.app
         assert app.proc is not None, "prepare() runs before any job"
-        room = rtc.Room()
-        with contextlib.suppress(AttributeError):  # room.name before connect, as officially
-            room._info.name = self.info.job.room.name
+        # The context built while the process waited (warm_up_job_path), else a new one.
+        if (spare := app.take_spare()) is not None:
+            ctx = adopt(spare, self.info, on_connect=self._on_connect, on_shutdown=self._shut)
+        else:
+            ctx = new_context(
+                app.proc, self.info, on_connect=self._on_connect, on_shutdown=self._shut
+            )
+        self.ctx = ctx
+        room = ctx.room
         room.on("disconnected", lambda *args: self._stop("room disconnected"))
         # livekit-rtc 1.1 sometimes changes the state without the "disconnected" event.
         room.on("connection_state_changed", self._on_connection_state)
-        self.ctx = ctx = JobContext(
-            proc=app.proc,
-            info=self.info,
-            room=room,
-            on_connect=self._on_connect,
-            on_shutdown=lambda reason: self._stop(reason or "user requested"),
-            # The agent env's shared inference process, when the agent's code registers
-            # inference runners (lkrun.child.framework.inference).
-            inference_executor=executor_for_job(),
-        )
         ctx._on_setup()
         token = _JobContextVar.set(ctx)
         http_context._new_session_ctx()
@@ -288,6 +364,10 @@ class FrameworkJob:
                 self.log.warning("%s failed: %s", what, describe(exc))
 
     # -- the job's life ----------------------------------------------------------------------
+
+    def _shut(self, reason: str) -> None:
+        """``ctx.shutdown()``: the app ends its job."""
+        self._stop(reason or "user requested")
 
     def _stop(self, reason: str) -> None:
         if not self._stopped.done():
