@@ -124,6 +124,7 @@ def probe() -> dict[str, Any]:
     code_pages: dict[str, set[int]] = defaultdict(set)
     pages_with_objects: dict[str, set[int]] = defaultdict(set)
     late_modules: list[str] = []
+    types_on_page: dict[int, set[str]] = defaultdict(set)
     for obj in objects:
         page = id(obj) // cow.PAGE
         what = page_of.get(page, cow.SHARED)
@@ -131,6 +132,8 @@ def probe() -> dict[str, Any]:
         by_type[name][what] += 1
         pages_by_type[name][what].add(page)
         pages_with_objects[what].add(page)
+        if what == cow.COPIED:
+            types_on_page[page].add(name)
         if name == "code" and what == cow.COPIED:
             code_copied[_package(obj)] += 1
             code_pages[_package(obj)].add(page)
@@ -142,6 +145,13 @@ def probe() -> dict[str, Any]:
         "split": split,
         "pages": {what: len(pages) for what, pages in addresses.items()},
         "pages_with_an_object_header": {w: len(p) for w, p in pages_with_objects.items()},
+        # Copied pages on which every object header is a str's: the pages immortal
+        # (interned) strings could spare, at most.
+        "copied_pages_only_str": sum(1 for t in types_on_page.values() if t == {"str"}),
+        "copied_pages_by_types": Counter(
+            ",".join(sorted(t)) if len(t) <= 2 else "3 types or more"
+            for t in types_on_page.values()
+        ).most_common(15),
         "objects": len(objects),
         "by_type": [
             {
