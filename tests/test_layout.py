@@ -37,6 +37,7 @@ FRAMEWORK_ONLY = (
     "livekit.api",
     "livekit.protocol",
     "google.protobuf",
+    "pydantic",  # livekit-agents' models; the fork server's rehearsal fills their caches
 )
 OPTIONAL = ("uvloop",)
 # What the daemon needs and a job process must not: an agent's env need not have them.
