@@ -19,19 +19,18 @@ log = logging.getLogger("lkrun.load")
 TARGET_LOAD = 0.7
 # Highest load reported while still available, so the server keeps sending jobs.
 MAX_AVAILABLE_LOAD = round(TARGET_LOAD - 0.01, 2)
-# The CPU counts in the load in steps of CPU_STEP (a share of load_threshold), at most
-# CPU_MAX; the jobs count exactly. livekit-server sends each job to the node with the
-# highest affinity, the sum of (TARGET_LOAD - load) over its AVAILABLE workers
-# (pkg/service/agentservice.go, JobRequestAffinity), the first node to answer winning a
-# tie; and psrpc computes a node's affinity as the request reaches it and picks the node
-# 200 ms after the first answer, so every request of a burst made within that time is
-# weighed on the loads reported before the burst. Any difference then sends the whole
-# burst to one node; only equal loads split it, request by request, by which node answers
-# first. Two hosts about as busy must therefore report the same CPU part, not two samples
-# of it taken a second apart (the jobs, counted from the moment one is accepted, are what
-# tells them apart, and what steers the requests weighed after the first offers).
-CPU_STEP = 0.25
-# A CPU at or over load_threshold does not hide the jobs (the load still grows with them);
+# livekit-server sends each job to the node with the highest affinity, the sum of
+# (TARGET_LOAD - load) over its AVAILABLE workers (pkg/service/agentservice.go,
+# JobRequestAffinity), the first node to answer winning a tie; psrpc computes a node's
+# affinity as the request reaches it and picks the node 200 ms after the first answer.
+# So the requests of a burst weighed before its first offers were answered all go to the
+# lower load (a tie is split request by request, by which node answers first), and only
+# those weighed later can see the jobs accepted meanwhile: the jobs count from their
+# acceptance, so that a small CPU difference between two hosts is made up within the
+# burst. (Steps of a quarter of load_threshold for the CPU were tried, to make ties: two
+# hosts on either side of a step then differed by 25 jobs' worth, and bursts went 7/33
+# and 32/8; benchmarks/issue20-burst.) The CPU counts at most CPU_MAX of the way, so a CPU
+# at or over load_threshold does not hide the jobs (it used to cap every load at 0.69);
 # overload_after, not the load, is what makes a busy host FULL.
 CPU_MAX = 0.75
 
@@ -68,8 +67,8 @@ def agent_load(
     starting: bool = False,
 ) -> WorkerLoad:
     """What one agent tells LiveKit: full, or a load below TARGET_LOAD scaled by utilisation
-    (its share of max_jobs, reserved jobs included, and the CPU's share of load_threshold
-    in steps, combined).
+    (its share of max_jobs, reserved jobs included, and the CPU's share of load_threshold,
+    at most CPU_MAX, combined).
 
     ``cpu`` (smoothed) only raises the load, which steers new jobs to less busy workers;
     the CPU makes the agent full only when ``cpu_overloaded`` says it stayed high (see
@@ -94,16 +93,16 @@ def agent_load(
     # on hosts equally busy (or on one host) reported the same load whatever they ran, and
     # LiveKit could not spread jobs by it.
     utilisation = 1 - (1 - _clamp(jobs / max_jobs)) * (1 - cpu_part(cpu / load_threshold))
-    # Not rounded: each job, reserved ones included, moves the load (0.007 at max_jobs 100).
-    load = min(TARGET_LOAD * utilisation, MAX_AVAILABLE_LOAD)
+    # Rounded to 0.01: two hosts a CPU sample apart then often report the same load, and
+    # a tie is the only thing that splits the first requests of a burst (see CPU_MAX);
+    # a job still moves it (0.007 at max_jobs 100: every job or two).
+    load = min(round(TARGET_LOAD * utilisation, 2), MAX_AVAILABLE_LOAD)
     return WorkerLoad(full=False, load=load, job_count=jobs)
 
 
 def cpu_part(share: float) -> float:
-    """The CPU's share of load_threshold as the load counts it: down to a CPU_STEP, at
-    most CPU_MAX (see CPU_STEP)."""
-    steps = math.floor(_clamp(share) / CPU_STEP + 1e-9)  # 0.75 / 0.25 is exact; 0.3 / 0.1 not
-    return min(steps * CPU_STEP, CPU_MAX)
+    """The CPU's share of load_threshold as the load counts it: at most CPU_MAX."""
+    return min(_clamp(share), CPU_MAX)
 
 
 class CpuPressure:

@@ -19,18 +19,18 @@ CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait guest guest_nice
     ("jobs", "max_jobs", "cpu", "overloaded", "draining", "expected"),
     [
         pytest.param(0, 4, 0.0, False, False, WorkerLoad(False, 0.0, 0), id="idle"),
-        pytest.param(2, 4, 0.1, False, False, WorkerLoad(False, 0.35, 2), id="half jobs"),
-        pytest.param(1, 4, 0.4, False, False, WorkerLoad(False, 0.4375, 1), id="half cpu"),
+        pytest.param(2, 4, 0.1, False, False, WorkerLoad(False, 0.39, 2), id="half jobs"),
+        pytest.param(1, 4, 0.4, False, False, WorkerLoad(False, 0.44, 1), id="half cpu"),
         pytest.param(4, 4, 0.0, False, False, WorkerLoad(True, 1.0, 4, "max_jobs"), id="max jobs"),
         pytest.param(5, 4, 0.0, False, False, WorkerLoad(True, 1.0, 5, "max_jobs"), id="over max"),
         # A busy CPU alone raises the load (at most CPU_MAX of the way) but leaves the agent
         # available...
-        pytest.param(0, 4, 0.95, False, False, WorkerLoad(False, 0.525, 0), id="cpu peak"),
+        pytest.param(0, 4, 0.95, False, False, WorkerLoad(False, 0.52, 0), id="cpu peak"),
         # ...until it has stayed busy (CpuPressure decides).
         pytest.param(0, 4, 0.95, True, False, WorkerLoad(True, 1.0, 0, "cpu"), id="cpu sustained"),
         pytest.param(0, 4, 0.0, False, True, WorkerLoad(True, 1.0, 0, "draining"), id="draining"),
         pytest.param(3, 4, 0.0, True, True, WorkerLoad(True, 1.0, 3, "draining"), id="drain first"),
-        pytest.param(3, 4, 0.799, False, False, WorkerLoad(False, 0.65625, 3), id="nearly full"),
+        pytest.param(3, 4, 0.799, False, False, WorkerLoad(False, 0.66, 3), id="nearly full"),
         pytest.param(0, 4, -0.5, False, False, WorkerLoad(False, 0.0, 0), id="odd cpu clamped"),
     ],
 )
@@ -56,42 +56,36 @@ def test_agent_load(
 @pytest.mark.parametrize("cpu", [0.5, 0.75, 1.0])
 def test_jobs_still_count_on_a_busy_cpu(cpu: float) -> None:
     """Two daemons on equally busy hosts must differ by the jobs they run, or LiveKit
-    cannot spread jobs between them: each job, a reserved one too, raises the load, even
-    with the CPU at or over load_threshold."""
+    cannot spread jobs between them: the jobs, reserved ones too, raise the load (in steps
+    of 0.01), even with the CPU at or over load_threshold (it used to cap every load)."""
     loads = [
         agent_load(jobs=n, max_jobs=100, cpu=cpu, load_threshold=0.75, draining=False).load
         for n in range(50)
     ]
-    assert loads == sorted(loads) and len(set(loads)) == 50, loads
+    assert loads == sorted(loads) and len(set(loads)) >= 8, loads
 
 
-@pytest.mark.parametrize(
-    ("cpus", "threshold"),
-    [((0.0, 0.1), 0.75), ((0.2, 0.27), 0.75), ((0.6, 0.95), 0.75), ((0.3, 0.45), 1.0)],
-)
-def test_hosts_about_as_busy_report_the_same_load(
-    cpus: tuple[float, float], threshold: float
-) -> None:
+@pytest.mark.parametrize("cpus", [(0.0, 0.0), (0.6, 0.95), (0.8, 1.0)])
+def test_hosts_whose_cpu_is_at_the_cap_report_the_same_load(cpus: tuple[float, float]) -> None:
     """livekit-server gives every request of a fast burst to the node with the lower load
-    and splits only a tie (see CPU_STEP): two CPU samples a little apart, with as many jobs,
-    make the same load, to the bit (LiveKit compares float32 sums of them)."""
+    and splits only a tie: two busy CPUs read a moment apart, with as many jobs, make the
+    same load to the bit (LiveKit compares float32 sums of them), and the jobs decide."""
     a, b = (
-        agent_load(jobs=7, max_jobs=100, cpu=c, load_threshold=threshold, draining=False).load
+        agent_load(jobs=7, max_jobs=100, cpu=c, load_threshold=0.75, draining=False).load
         for c in cpus
     )
     assert a == b
 
 
-def test_the_cpu_counts_in_steps_of_load_threshold() -> None:
-    steps = {load.cpu_part(share / 100) for share in range(-10, 200)}
-    assert steps == {0.0, 0.25, 0.5, 0.75}
-    assert load.cpu_part(0.25) == 0.25 and load.cpu_part(0.2499) == 0.0
+def test_the_cpu_counts_at_most_cpu_max_of_the_way() -> None:
+    assert load.cpu_part(2.0) == load.cpu_part(0.75) == load.CPU_MAX == 0.75
+    assert load.cpu_part(0.3) == 0.3 and load.cpu_part(-1.0) == 0.0
 
 
 def test_cpu_off_counts_only_jobs() -> None:
     """load_threshold = "off": a machine at 100 % CPU is not full; max_jobs still is."""
     busy = agent_load(jobs=1, max_jobs=4, cpu=1.0, load_threshold=math.inf, draining=False)
-    assert busy == WorkerLoad(False, pytest.approx(0.175), 1)  # type: ignore[arg-type]
+    assert busy == WorkerLoad(False, 0.17, 1)
     full = agent_load(jobs=4, max_jobs=4, cpu=1.0, load_threshold=math.inf, draining=False)
     assert full.full
 
