@@ -195,14 +195,14 @@ idle_processes = 0
 BURST = 40
 # The smallest share of a burst each daemon must take. livekit-server weighs every request
 # of a burst this fast on the loads reported before it and gives all of them to the lower
-# load, splitting only a tie (see lkrun.load.CPU_STEP). Measured with `python -m
-# tests.bench.burst --host lkrun --runs 5` (benchmarks/issue20-burst/): before the CPU
-# counted in steps, 0/40, 30/10, 28/12 and 27/13 among 14 bursts (a CPU sample a moment
-# lower took the burst; on a machine whose CPU is pegged both loads sat at the same cap
-# and tied); with the steps, 15/25 at worst in 10. The bound is what a fair coin per
-# request (the tie-break, for the requests weighed before any offer was answered) fails
-# once in about 1,500 bursts: Binomial(40, 0.5) < 10 on either side, 0.07 %; of the
-# bursts measured before, the 0/40 fails it.
+# load, splitting only a tie (see lkrun.load.CPU_MAX); requests weighed after the first
+# offers were answered see the jobs. Measured with `python -m tests.bench.burst --host
+# lkrun --runs 5` (benchmarks/issue20-burst/): 28/12 and 30/10 at worst in 20 bursts
+# before the change, and once 0/40 on a quieter machine; after it, 15/25 in 10. The bound
+# is what a fair coin per request (a tie for the whole burst) fails once in about 1,500
+# bursts: Binomial(40, 0.5) < 10 on either side, 0.07 %. It catches a burst given to one
+# daemon (the 0/40); the old code passes it too on most runs, so the unit tests in
+# test_load.py and test_burst_load.py are what fail without the change.
 MIN_SHARE = 0.25
 QUIET = 15.0  # seconds without a dispatch: the CPU that the daemons read has settled
 
