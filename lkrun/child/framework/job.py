@@ -187,7 +187,7 @@ def _nothing(*args: Any) -> None:
 LAZY_MODULES = ("livekit.agents.llm.async_toolset",)
 
 
-def rehearse_in_fork_server() -> None:
+def rehearse_in_fork_server() -> bool:
     """In the fork server, before it freezes and forks: fill the lazy caches every job would
     otherwise fill after the fork, writing to (and so copying) the fork server's pages.
 
@@ -196,8 +196,14 @@ def rehearse_in_fork_server() -> None:
       copies ``sys.modules``, which writes the reference count of every module object
       (measured: every module object's page copied in each job);
     - the framework's lazily imported modules (``LAZY_MODULES``);
-    - an AgentSession, an Agent and a ChatContext built and dropped (no event loop, no
-      thread: safe before fork).
+    - an AgentSession, an Agent and a ChatContext built and dropped. An AgentSession takes
+      the current event loop when given none (``asyncio.get_event_loop()``: with no loop
+      running, 3.10 and 3.11 create one and install it, an epoll fd and a socketpair every
+      forked job would inherit; 3.12 warns; 3.14 raises): it is given a loop of its own,
+      closed at once, and none is left installed. No thread: safe before fork.
+
+    False if the AgentSession part failed (a warning says why, on the fork server's stderr,
+    which the daemon relays): each job then fills those caches itself.
     """
     import importlib
 
@@ -219,14 +225,34 @@ def rehearse_in_fork_server() -> None:
             with contextlib.suppress(Exception):  # a cache filled early, nothing more
                 attr.default_factory_takes_validated_data  # noqa: B018
     try:
-        from livekit.agents import Agent, AgentSession, llm
+        _rehearse_a_session()
+    except Exception as exc:  # only a rehearsal: the jobs report their own errors
+        logging.getLogger("lkrun.child.framework").warning(
+            "lkrun: the fork server's rehearsal of a job failed (each job pays for it, "
+            "about 6 MB of PSS): %s",
+            describe(exc),
+        )
+        return False
+    return True
 
+
+def _rehearse_a_session() -> None:
+    """An AgentSession, an Agent and a ChatContext built and dropped on a loop of their own:
+    given to the AgentSession (every version lkrun hosts takes ``loop=``) and installed while
+    they are built, in case something asks for the current loop instead; closed after, and
+    none left installed (a job's asyncio.run installs its own)."""
+    from livekit.agents import Agent, AgentSession, llm
+
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
         chat = llm.ChatContext()
         chat.add_message(role="user", content="rehearsal")
-        AgentSession()
+        AgentSession(loop=loop)
         Agent(instructions="rehearsal", chat_ctx=chat)
-    except Exception as exc:  # only a rehearsal: the jobs report their own errors
-        logging.getLogger("lkrun.child.framework").debug("rehearsal failed: %r", exc)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def throwaway_context(proc: JobProcess) -> JobContext:
