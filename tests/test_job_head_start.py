@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from google.protobuf.json_format import MessageToDict
 from livekit.agents import JobContext, get_job_context
 from livekit.protocol import agent as proto
@@ -41,28 +43,49 @@ def start_for(job: proto.Job, **more: Any) -> dict[str, Any]:
     }
 
 
-def exists(path: str) -> bool:
-    return Path(path).exists()
+def entries(path: Path) -> list[Path]:
+    return list(path.iterdir())
 
 
-async def test_a_waiting_process_builds_its_job_s_context_and_the_job_adopts_it() -> None:
+async def test_a_waiting_process_builds_its_job_s_context_and_the_job_adopts_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the contexts make theirs
     seen: list[Any] = []
 
     async def entrypoint(ctx: JobContext) -> None:
         seen.append((ctx, get_job_context(), ctx.job.id, ctx._info.token, ctx.room.name))
+        seen.append((ctx.session_directory, ctx.session_directory.is_dir()))
 
     app = FrameworkApp("function", entrypoint)
     await app.prepare()  # before ready, in the process waiting for its job
     spare = app.spare
-    assert spare is not None and exists(spare._tempdir.name)
+    assert spare is not None
     job = app.new_job(start_for(a_job()), logging.getLogger("test"))
     assert isinstance(job, FrameworkJob)
     result = await asyncio.wait_for(job.run(lambda: 1.0), 10)
-    [(ctx, current, job_id, token, room)] = seen
+    [(ctx, current, job_id, token, room), (session_directory, made)] = seen
     assert ctx is spare and current is ctx  # the context built ahead, as the job's own
     assert (job_id, token, room) == ("AJ_1", "the-token", "the-room")
+    # The job's own temporary directory, its session directory, made when it was adopted
+    # and removed by the job's clean-up.
+    assert made and session_directory == Path(ctx._tempdir.name)
+    assert session_directory.parent == tmp_path and entries(tmp_path) == []
     assert result.reason == "entrypoint returned without connecting"
     assert app.take_spare() is None  # taken once: a process runs one job
+
+
+async def test_a_waiting_process_discarded_without_a_job_leaves_no_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A warm process that gets no job (a reload, its fork server replaced, the daemon
+    stopping) ends with os._exit: no clean-up runs, so what it made is left behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    app = FrameworkApp("function", lambda ctx: None)
+    await app.prepare()
+    spare = app.spare
+    assert spare is not None  # the head start is still built
+    assert entries(tmp_path) == []  # as os._exit would find it now
 
 
 async def test_without_a_spare_the_job_builds_its_own_context() -> None:

@@ -24,8 +24,10 @@ import binascii
 import contextlib
 import functools
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from google.protobuf.json_format import ParseDict
@@ -122,7 +124,11 @@ def warm_up_job_path(proc: JobProcess) -> JobContext | None:
 
 
 def spare_context(proc: JobProcess) -> JobContext:
-    """A JobContext for no job yet (adopt makes it one's), built as a job's is."""
+    """A JobContext for no job yet (adopt makes it one's), built as a job's is, but without
+    the temporary directory its constructor made (removed at once; adopt makes the job's):
+    only a job's clean-up removes it, and a warm process discarded without a job (a reload,
+    a fork server replaced, the daemon stopping) ends with os._exit, which would leave it
+    behind."""
     info = running_job_info(
         {
             "job": {"id": "warm-up", "room": {"name": "warm-up"}},
@@ -131,7 +137,9 @@ def spare_context(proc: JobProcess) -> JobContext:
             "identity": "warm-up",
         }
     )
-    return new_context(proc, info, on_connect=_nothing, on_shutdown=_nothing)
+    ctx = new_context(proc, info, on_connect=_nothing, on_shutdown=_nothing)
+    ctx._tempdir.cleanup()  # its name stays, for adopt to tell the session directory by
+    return ctx
 
 
 def new_context(
@@ -166,6 +174,7 @@ def adopt(
     """The spare context made the job's: what its constructor takes from a job, set as the
     constructor sets it (compat.INSTANCE_ATTRIBUTES names them)."""
     ctx._info, ctx._on_connect, ctx._on_shutdown = info, on_connect, on_shutdown
+    _new_tempdir(ctx)
     # Optional (not in INSTANCE_ATTRIBUTES): only the framework versions that redact have it.
     if hasattr(ctx, _REDACTION):
         setattr(ctx, _REDACTION, info.job.enable_redaction)
@@ -175,6 +184,16 @@ def adopt(
 
 
 _REDACTION = "_redaction_enabled"  # JobContext's, set from its job's enable_redaction
+_SESSION_DIRECTORY = "_session_directory"  # JobContext's: its tempdir's, unless the console's
+
+
+def _new_tempdir(ctx: JobContext) -> None:
+    """The job's temporary directory, in place of the one spare_context removed, and the
+    session directory with it where it was that one (the framework's console has its own)."""
+    removed = ctx._tempdir
+    ctx._tempdir = tempfile.TemporaryDirectory()
+    if getattr(ctx, _SESSION_DIRECTORY, None) == Path(removed.name):
+        setattr(ctx, _SESSION_DIRECTORY, Path(ctx._tempdir.name))
 
 
 def _nothing(*args: Any) -> None:
