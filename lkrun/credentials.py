@@ -13,6 +13,24 @@ from dataclasses import dataclass
 
 # What user code (jobs, the import check) does not get unless an agent asks for it.
 SECRET_ENV = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+# The web dashboard's token (lkrun.dashboard.guard reads it): named here, where every place
+# that starts a child process can see it without importing the dashboard.
+DASHBOARD_TOKEN_ENV = "LKRUN_DASHBOARD_TOKEN"
+# What no child process (job, fork server, import check, inference process) ever gets from
+# the daemon's environment, whatever an agent asks for.
+DAEMON_ONLY_ENV = (DASHBOARD_TOKEN_ENV,)
+
+
+def withheld_env(*, pass_credentials: bool = False) -> tuple[str, ...]:
+    """The variables of the daemon's environment a child process starts without: the
+    dashboard's token always, the LiveKit key and secret unless ``pass_credentials``."""
+    return DAEMON_ONLY_ENV if pass_credentials else (*SECRET_ENV, *DAEMON_ONLY_ENV)
+
+
+def child_env(base: Mapping[str, str], *, pass_credentials: bool = False) -> dict[str, str]:
+    """``base`` (the daemon's environment) without what ``withheld_env`` names."""
+    withheld = withheld_env(pass_credentials=pass_credentials)
+    return {k: v for k, v in base.items() if k not in withheld}
 
 
 class CredentialsError(Exception):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lkrun import __version__, interpreter
-from lkrun.credentials import SECRET_ENV
+from lkrun.credentials import child_env
 from lkrun.manifest import (
     COMMAND,
     JOB_LOG_LEVEL_ENV,
@@ -295,8 +295,7 @@ def _runners(found: Any) -> tuple[tuple[str, str], ...]:
 
 def _check_env(path: Path, workdir: Path, spec: AgentSpec) -> dict[str, str]:
     """The environment the agent's jobs get, as far as it is known before connecting."""
-    secret = () if spec.pass_credentials else SECRET_ENV
-    env = {k: v for k, v in os.environ.items() if k not in secret}
+    env = child_env(os.environ, pass_credentials=spec.pass_credentials)
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join([str(workdir), existing] if existing else [str(workdir)])
     env[DAEMON_PYTHON_ENV] = sys.executable  # as job_env: its install hints

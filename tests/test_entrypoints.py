@@ -267,6 +267,8 @@ from livekit.agents import AgentServer, JobContext
 
 if "LIVEKIT_API_SECRET" in os.environ:
     raise RuntimeError("the API secret reached the import check")
+if "LKRUN_DASHBOARD_TOKEN" in os.environ:
+    raise RuntimeError("the dashboard token reached the import check")
 
 server = AgentServer(num_idle_processes=int(os.environ.get("IDLE", "0")))
 
@@ -282,6 +284,7 @@ def test_the_check_imports_with_each_agents_environment(
 ) -> None:
     monkeypatch.setenv("LIVEKIT_API_KEY", "key")
     monkeypatch.setenv("LIVEKIT_API_SECRET", "secret-value")
+    monkeypatch.setenv("LKRUN_DASHBOARD_TOKEN", "dashboard-token-value")  # never passed on
     manifest = project(
         tmp_path,
         {"envapp": ENV_APP},

@@ -17,7 +17,8 @@ from lkrun.agent_host import _app_decision
 from lkrun.child.framework.app import FrameworkApp
 from lkrun.child.framework.job import FrameworkJob, running_job_info
 from lkrun.child.framework.requests import RequestServer
-from lkrun.credentials import Credentials
+from lkrun.credentials import DASHBOARD_TOKEN_ENV, Credentials, child_env
+from lkrun.dashboard import guard
 from lkrun.decisions import Acceptance, Decline
 from lkrun.manifest import AgentSpec, parse_manifest
 from lkrun.supervision.agent_processes import job_env
@@ -117,14 +118,37 @@ def test_framework_apps_get_the_official_identity_and_name_unless_the_manifest_s
 
 def test_job_environment_has_the_secret_only_when_asked() -> None:
     creds = Credentials("ws://127.0.0.1:7880", "key", "very-secret")
-    base = {"LIVEKIT_API_KEY": "leak", "LIVEKIT_API_SECRET": "leak", "HOME": "/root"}
+    base = {
+        "LIVEKIT_API_KEY": "leak",
+        "LIVEKIT_API_SECRET": "leak",
+        "LKRUN_DASHBOARD_TOKEN": "leak-leak-leak-leak",
+        "HOME": "/root",
+    }
     spec = AgentSpec(name="a", entrypoint="m:f")
     env = job_env(spec, creds, base, Path("/app"))
     assert "LIVEKIT_API_KEY" not in env and "LIVEKIT_API_SECRET" not in env
+    assert "LKRUN_DASHBOARD_TOKEN" not in env
     assert env["LIVEKIT_URL"] == creds.url and env["HOME"] == "/root"
     opted = job_env(AgentSpec(name="a", entrypoint="m:f", pass_credentials=True), creds, base,
                     Path("/app"))  # fmt: skip
     assert opted["LIVEKIT_API_KEY"] == "key" and opted["LIVEKIT_API_SECRET"] == "very-secret"
+    assert "LKRUN_DASHBOARD_TOKEN" not in opted  # pass_credentials is LiveKit's only
+
+
+def test_child_env_withholds_the_dashboard_token_always() -> None:
+    base = {
+        "LIVEKIT_API_KEY": "k",
+        "LIVEKIT_API_SECRET": "s",
+        DASHBOARD_TOKEN_ENV: "t" * 20,
+        "HOME": "/root",
+    }
+    assert child_env(base) == {"HOME": "/root"}
+    assert child_env(base, pass_credentials=True) == {
+        "LIVEKIT_API_KEY": "k",
+        "LIVEKIT_API_SECRET": "s",
+        "HOME": "/root",
+    }
+    assert guard.ENV_TOKEN == DASHBOARD_TOKEN_ENV  # the name the dashboard reads
 
 
 def test_running_job_info_from_a_start_message() -> None:

@@ -655,6 +655,7 @@ def test_the_process_gets_what_its_agents_jobs_share_of_their_environment(
     daemon_env = {
         "LIVEKIT_API_KEY": "k",
         "LIVEKIT_API_SECRET": "s",
+        "LKRUN_DASHBOARD_TOKEN": "t" * 20,
         "PYTHONPATH": "/daemon",
         "HOME": "/root",
         "HF_HOME": "/daemon/hf",
@@ -671,6 +672,7 @@ def test_the_process_gets_what_its_agents_jobs_share_of_their_environment(
     # the manifest's directory first on the path (as a job gets it).
     env = registry.env(python, [plain])
     assert "LIVEKIT_API_SECRET" not in env and "LIVEKIT_API_KEY" not in env
+    assert "LKRUN_DASHBOARD_TOKEN" not in env
     assert env["HOME"] == "/root" and env["HF_HOME"] == "/daemon/hf"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/daemon"]
     # The agents' env tables, over the daemon's: the first agent's value of each variable;
@@ -685,12 +687,13 @@ def test_the_process_gets_what_its_agents_jobs_share_of_their_environment(
             "HF_HOME": "/models/b",
             "OMP_NUM_THREADS": "2",
             "LIVEKIT_API_SECRET": "passed on purpose",
+            "LKRUN_DASHBOARD_TOKEN": "passed on purpose too",
         },
     )
     two = Lease("c", {}, lambda: None, env={"PYTHONPATH": "/src/c:/src/b", "HF_HOME": "/m/c"})
     env = registry.env(python, [plain, one, two])
     assert env["HF_HOME"] == "/models/b" and env["OMP_NUM_THREADS"] == "2"
-    assert "LIVEKIT_API_SECRET" not in env
+    assert "LIVEKIT_API_SECRET" not in env and "LKRUN_DASHBOARD_TOKEN" not in env
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/daemon", "/src/b", "/src/c"]
     # Another interpreter: adapted for it, with its agents' path (the daemon's is not
     # theirs there: a plain agent's jobs have the manifest's directory).

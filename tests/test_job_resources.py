@@ -1,7 +1,8 @@
 """``job_threads`` and ``malloc_arena_max`` (issue 20): parsed with their [daemon] defaults,
 refused in one line naming file, agent and field, put in the job's environment under the
 agent's own ``env``, and (e2e, real livekit-server) seen in running job processes: their
-``/proc/PID/environ`` and their rtc runtime's threads by name."""
+``/proc/PID/environ`` and their rtc runtime's threads by name; that environ also lacks the
+daemon's secrets, the LiveKit key and secret and the dashboard's token (issue 21)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lkrun.credentials import Credentials
+from lkrun.credentials import DASHBOARD_TOKEN_ENV, SECRET_ENV, Credentials
 from lkrun.manifest import (
     JOB_THREADS,
     MALLOC_ARENA_MAX,
@@ -31,6 +32,7 @@ from tests.conftest import pid_alive, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room
 
 CREDENTIALS = Credentials("ws://127.0.0.1:7880", "key", "secret")
+DASHBOARD_TOKEN = "dashboard-token-kept-from-jobs"
 
 
 def parse(text: str) -> Any:
@@ -180,6 +182,8 @@ async def test_running_jobs_have_the_caps_in_their_environment_and_threads(
 ) -> None:
     monkeypatch.setenv("TOKIO_WORKER_THREADS", str(SIMULATED_CORES))
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    # The daemon's secrets (issue 21): the dashboard's token is in its environment too.
+    monkeypatch.setenv(DASHBOARD_TOKEN_ENV, DASHBOARD_TOKEN)
     agents = {
         # forked from the agent's fork server
         "capped": {"job_threads": 1, "malloc_arena_max": 1},
@@ -206,6 +210,9 @@ async def test_running_jobs_have_the_caps_in_their_environment_and_threads(
         assert pid_alive(pids[kind])
 
     seen = {kind: environ(pids[kind]) for kind in agents}
+    for kind in agents:  # no job has the daemon's secrets, forked or spawned
+        assert not {*SECRET_ENV, DASHBOARD_TOKEN_ENV} & set(seen[kind]), kind
+        assert not any(DASHBOARD_TOKEN in value for value in seen[kind].values()), kind
     for kind in ("capped", "spawned"):
         assert {name: seen[kind].get(name) for name in THREAD_ENV} == dict.fromkeys(
             THREAD_ENV, "1"

@@ -13,9 +13,10 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lkrun.credentials import DASHBOARD_TOKEN_ENV
 from lkrun.manifest import dashboard_token_problem
 
-ENV_TOKEN = "LKRUN_DASHBOARD_TOKEN"
+ENV_TOKEN = DASHBOARD_TOKEN_ENV  # no child process gets it (lkrun.credentials.child_env)
 COOKIE = "lkrun_dashboard"
 CSRF_HEADER = "X-CSRF-Token"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lkrun import interpreter
-from lkrun.credentials import SECRET_ENV, Credentials
+from lkrun.credentials import Credentials, child_env
 from lkrun.logs import job_logger
 from lkrun.manifest import AgentSpec
 from lkrun.shared import DAEMON_PYTHON_ENV
@@ -66,7 +66,7 @@ def job_env(
     them (``pass_credentials``), with the agent's thread and arena caps over it (over the
     daemon's own values too: the manifest is the agent's configuration), then the agent's
     own ``env`` over all of it."""
-    env = {k: v for k, v in base.items() if k not in SECRET_ENV}
+    env = child_env(base)  # credentials from ``credentials`` below, if asked for
     env.update(resource_env(spec))
     env["LIVEKIT_URL"] = credentials.url
     if spec.pass_credentials:

@@ -50,7 +50,7 @@ import psutil
 from lkrun import paths
 from lkrun.api.control import InferenceStatus
 from lkrun.api.metrics import Metrics
-from lkrun.credentials import SECRET_ENV
+from lkrun.credentials import child_env, withheld_env
 from lkrun.shared import jobpipe, pdeathsig
 from lkrun.shared.tasks import BackgroundTasks
 from lkrun.shared.text import describe
@@ -781,11 +781,12 @@ class InferenceProcesses:
     def env(self, interpreter: str, leases: Sequence[Lease]) -> dict[str, str]:
         """The environment of the inference process of ``interpreter``: what its agents'
         jobs get, as far as they share it. The daemon's environment without the API
-        credentials (it runs plugin code, as jobs do; not even an agent's ``env`` brings
-        them: runners are local models), the agents' manifest ``env`` over it (a variable
-        two agents set differently: the first one's, logged), and a PYTHONPATH with every
-        entry one of their jobs has: the agent's own PYTHONPATH if it sets one, else the
-        manifest's directory and, on the daemon's interpreter, the daemon's PYTHONPATH."""
+        credentials and the dashboard's token (it runs plugin code, as jobs do; not even an
+        agent's ``env`` brings them: runners are local models), the agents' manifest ``env``
+        over it (a variable two agents set differently: the first one's, logged), and a
+        PYTHONPATH with every entry one of their jobs has: the agent's own PYTHONPATH if it
+        sets one, else the manifest's directory and, on the daemon's interpreter, the
+        daemon's PYTHONPATH."""
         own = interpreter != sys.executable and self.env_for is not None
         default = [str(self.workdir)]
         if not own:
@@ -793,12 +794,13 @@ class InferenceProcesses:
         agents: dict[str, str] = {}
         setter: dict[str, str] = {}
         path: list[str] = []
+        withheld = withheld_env()
         for lease in leases:
             given = lease.env.get("PYTHONPATH")
             entries = given.split(os.pathsep) if given is not None else default
             path += [p for p in entries if p and p not in path]
             for name, value in lease.env.items():
-                if name == "PYTHONPATH" or name in SECRET_ENV:
+                if name == "PYTHONPATH" or name in withheld:
                     continue
                 if name not in agents:
                     agents[name], setter[name] = value, lease.agent
@@ -812,7 +814,7 @@ class InferenceProcesses:
                         interpreter,
                         setter[name],
                     )
-        env = {k: v for k, v in self.base_env.items() if k not in SECRET_ENV}
+        env = child_env(self.base_env)
         env.update(agents)
         env["PYTHONUNBUFFERED"] = "1"
         if own:
