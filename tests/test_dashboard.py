@@ -4,6 +4,7 @@ control API's, tested elsewhere); the browser tests are in test_dashboard_browse
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -517,6 +518,41 @@ async def test_the_sampler_samples_every_interval() -> None:
         await samples.run(lambda: {"cpu": 0.0, "agents": [agent("a")]}, clock=lambda: now[0],
                           sleep=sleep)  # fmt: skip
     assert [s.at for s in samples.since(0)] == [0.0, 10.0, 20.0]
+
+
+async def test_a_failing_sample_is_skipped_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    samples = Samples(interval=10, span=600)
+    now = [0.0]
+    calls = iter(range(100))
+
+    def status() -> dict[str, Any]:
+        n = next(calls)
+        if n in (1, 2, 3, 5):
+            raise KeyError("agents")  # the same error, four times
+        if n == 4:
+            raise ValueError("another")
+        return {"cpu": 0.0, "agents": [agent("a")]}
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+        if now[0] >= 80:
+            raise asyncio.CancelledError
+
+    with (
+        caplog.at_level("WARNING", logger="lkrun.dashboard"),
+        pytest.raises(asyncio.CancelledError),
+    ):
+        await samples.run(status, clock=lambda: now[0], sleep=sleep)
+    # Sampling went on past the failures: every other tick has its sample.
+    assert [s.at for s in samples.since(0)] == [0.0, 60.0, 70.0]
+    skipped = [r for r in caplog.records if "sample skipped" in r.getMessage()]
+    assert [r.getMessage() for r in skipped] == [
+        "dashboard sample skipped: KeyError: 'agents'",
+        "dashboard sample skipped: ValueError: another",
+    ]
+    assert skipped[0].exc_info is not None
 
 
 def test_latency_histogram() -> None:

@@ -8,6 +8,7 @@ FULL or not, and the machine's CPU); the ring keeps ``span`` seconds of them (an
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -15,8 +16,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger("lkrun.dashboard")
+
 INTERVAL = 10.0
 SPAN = 3600.0
+# A failing sample: its error logged the first time, then at these counts, then every
+# REPEAT_LOG_EVERY-th time (an hour of 10 s samples); at most MAX_ERRORS_KEPT texts kept.
+REPEAT_LOG_AT = (10, 100)
+REPEAT_LOG_EVERY = 360
+MAX_ERRORS_KEPT = 50
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,22 @@ class Samples:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """Sample now, then every ``interval``, until cancelled."""
+        """Sample now, then every ``interval``, until cancelled. A sample that fails (a bug
+        in reading the status) is skipped, not the end of the charts: logged with its
+        traceback the first time that error is seen, counted after that."""
+        seen: dict[str, int] = {}
         while True:
-            self.add(sample_of(status(), clock()))
+            try:
+                self.add(sample_of(status(), clock()))
+            except Exception as exc:
+                key = f"{type(exc).__name__}: {exc}"
+                seen[key] = seen.get(key, 0) + 1
+                if seen[key] == 1:
+                    log.exception("dashboard sample skipped: %s", key)
+                elif seen[key] in REPEAT_LOG_AT or seen[key] % REPEAT_LOG_EVERY == 0:
+                    log.warning("dashboard sample skipped (%d times so far): %s", seen[key], key)
+                if len(seen) > MAX_ERRORS_KEPT:  # distinct texts (ids in them): keep it small
+                    seen.pop(next(iter(seen)))
             await sleep(self.interval)
 
 
