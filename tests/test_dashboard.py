@@ -315,11 +315,128 @@ async def test_signing_in_sets_a_strict_cookie_that_is_not_the_token(
         "/login", data={"token": TOKEN}, headers=origin, allow_redirects=False
     ) as resp:
         assert (resp.status, resp.headers["Location"]) == (303, "/")
-        cookie = resp.cookies[guard.COOKIE]
+        # Named for the daemon's port: two daemons on one host keep their own sessions.
+        name = guard.cookie_name(token_client.port)
+        assert name == f"lkrun_dashboard_{token_client.port}" and list(resp.cookies) == [name]
+        cookie = resp.cookies[name]
         assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+        assert not cookie["secure"]  # plain http: a Secure cookie would never come back
         assert TOKEN not in cookie.value
     async with token_client.get("/api/v1/status") as resp:  # the session carries the cookie
         assert resp.status == 200
+    session = token_client.session.cookie_jar.filter_cookies(token_client.make_url("/"))
+    value = session[name].value
+    token_client.session.cookie_jar.clear()
+    other_port = {guard.cookie_name(token_client.port + 1): value}
+    async with token_client.get("/api/v1/status", cookies=other_port) as resp:
+        assert resp.status == 401  # another daemon's cookie is not this one's session
+    async with token_client.get("/api/v1/status", cookies={name: value}) as resp:
+        assert resp.status == 200
+
+
+async def test_the_cookie_is_secure_when_the_browser_came_over_https(
+    token_client: TestClient[Any, Any],
+) -> None:
+    """Behind a TLS reverse proxy: the daemon is asked over http, the proxy says https."""
+    origin = {"Origin": "https://lk.example", "Host": "lk.example", "Sec-Fetch-Site": "same-origin"}
+    async with token_client.post(
+        "/login",
+        data={"token": TOKEN},
+        headers={**origin, "X-Forwarded-Proto": "https"},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == 303
+        assert resp.cookies[guard.cookie_name(token_client.port)]["secure"]
+    assert guard.over_https(True, {}) and guard.over_https(False, {"X-Forwarded-Proto": "HTTPS"})
+    assert guard.over_https(False, {"X-Forwarded-Proto": "https, http"})
+    assert not guard.over_https(False, {"X-Forwarded-Proto": "http"})
+    assert not guard.over_https(False, {})
+
+
+def test_behind_a_tls_proxy_the_origin_check_ignores_the_scheme() -> None:
+    """Sec-Fetch-Site, when sent, alone decides (the browser sets it, not the page); else
+    the Origin's host[:port] must be the Host's, whatever the scheme."""
+    access = Access("127.0.0.1", TOKEN)
+    # A modern browser behind a proxy that rewrites Host: the page is https://lk.example.
+    proxied = {"Host": "127.0.0.1:8081", "Origin": "https://lk.example"}
+    assert access.action_refused({**proxied, "Sec-Fetch-Site": "same-origin"}) == ""
+    for site in ("same-site", "cross-site", "none"):
+        assert "Sec-Fetch-Site" in access.action_refused({**proxied, "Sec-Fetch-Site": site})
+    # Without Sec-Fetch-Site: the Origin's host and port against the Host, any scheme.
+    for host, origin in (
+        ("lk.example", "https://lk.example"),
+        ("lk.example:8443", "https://LK.example:8443"),
+        ("127.0.0.1:8081", "http://127.0.0.1:8081"),
+    ):
+        assert access.action_refused({"Host": host, "Origin": origin}) == "", origin
+    assert access.action_refused({"Host": "lk.example"}) == ""  # no Origin: a script
+    for origin in (
+        "https://evil.example",
+        "https://lk.example:444",
+        "https://lk.example.evil.example",
+        "null",
+        "lk.example",
+        "ftp://lk.example",
+        "https://[::1",
+    ):
+        assert "Origin" in access.action_refused({"Host": "lk.example", "Origin": origin}), origin
+    assert access.action_refused(proxied) != ""  # a rewritten Host needs Sec-Fetch-Site
+    # An action still needs the CSRF token, from either kind of browser.
+    assert access.csrf_refused({"Sec-Fetch-Site": "same-origin"}) != ""
+
+
+async def test_bytes_that_are_not_utf8_are_a_wrong_token_not_a_500(
+    token_client: TestClient[Any, Any],
+) -> None:
+    """aiohttp hands such header bytes over as lone surrogates, which do not encode."""
+    access = Access("0.0.0.0", TOKEN)
+    bad = "\udcff\udcfe"
+    assert not access.token_matches(bad) and not access.token_matches("é" * 20)
+    assert not access.bearer({"Authorization": f"Bearer {bad}"})
+    assert not access.signed_in({}, {guard.cookie_name(8081): bad}, 8081)
+    assert access.csrf_refused({guard.CSRF_HEADER: bad}).startswith("wrong")
+    raw = [
+        (b"GET /api/v1/status", b"Authorization: Bearer \xff\xfe\xc3("),
+        (b"GET /api/v1/status", b"Cookie: " + guard.cookie_name(token_client.port).encode()
+         + b"=\xff\xfe"),
+        (b"GET /api/v1/status", b"Authorization: Bearer \xc3\xa9\xc3\xa9"),  # UTF-8, not ASCII
+    ]  # fmt: skip
+    for request_line, header in raw:
+        status, head = await raw_request(token_client, request_line, [header])
+        assert status == 401, header
+        assert_strict_headers(head)
+    # The login form, its body not UTF-8: the form again, as for a wrong token.
+    status, head = await raw_request(
+        token_client,
+        b"POST /login",
+        [b"Content-Type: application/x-www-form-urlencoded", b"Sec-Fetch-Site: same-origin"],
+        body=b"token=\xff\xfe\xfd",
+    )
+    assert (status, head["Location"]) == (303, "/login?failed=1")
+    assert_strict_headers(head)
+
+
+async def raw_request(
+    client: TestClient[Any, Any], request_line: bytes, headers: list[bytes], body: bytes = b""
+) -> tuple[int, dict[str, str]]:
+    """Send bytes no HTTP client library would (headers that are not UTF-8)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        lines = [
+            request_line + b" HTTP/1.1",
+            f"Host: {client.host}:{client.port}".encode(),
+            b"Connection: close",
+            f"Content-Length: {len(body)}".encode(),
+            *headers,
+        ]
+        writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), fields
 
 
 def test_without_a_token_login_is_not_needed() -> None:
@@ -337,13 +454,15 @@ async def test_an_action_needs_the_csrf_token_and_the_same_origin(
 ) -> None:
     token = await csrf(open_client)
     ok = {**same_origin(open_client), guard.CSRF_HEADER: token}
+    no_fetch_site = {"Origin": ok["Origin"], guard.CSRF_HEADER: token}
     refused = [
         {},  # no CSRF token
         {**ok, guard.CSRF_HEADER: "0" * 64},
-        {**ok, "Origin": "http://evil.example"},
-        {**ok, "Origin": "null"},
+        {**no_fetch_site, "Origin": "http://evil.example"},
+        {**no_fetch_site, "Origin": "null"},
         {**ok, "Sec-Fetch-Site": "cross-site"},
         {**ok, "Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "same-origin"},  # same origin, but no CSRF token
     ]
     for headers in refused:
         async with open_client.post("/api/v1/jobs/AJ_1/kill", headers=headers) as resp:
@@ -460,7 +579,12 @@ async def test_the_log_streams_as_text_with_the_headers(open_client: TestClient[
     async with open_client.get("/api/v1/jobs/AJ_1/logs?follow=1") as resp:
         assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
         assert_strict_headers(resp.headers)
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["Cache-Control"] == "no-store"  # sent before the guard's
         assert await resp.text() == "one\n<b>two</b>\n"
+    async with open_client.get("/api/v1/jobs/AJ_1/logs") as resp:  # not followed: the guard's
+        assert_strict_headers(resp.headers)
+        assert resp.headers["Cache-Control"] == "no-store"
 
 
 def test_failures_are_grouped_by_the_first_line_of_their_error() -> None:

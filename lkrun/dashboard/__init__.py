@@ -25,12 +25,15 @@ Safety (lkrun.dashboard.guard):
 - Without a token, a request whose Host header is not a loopback name (localhost,
   127.x.x.x, [::1]) gets 421: DNS rebinding cannot reach a token-less loopback dashboard.
 - Without a valid session, a page answers 401 with the login form and an API path 401 JSON.
-  The form POSTs the token to /login, which sets an HttpOnly SameSite=Strict cookie; scripts
-  may send ``Authorization: Bearer TOKEN`` instead.
-- Actions are POSTs only, with header X-CSRF-Token (from GET /api/v1/session), and an
-  Origin (when sent) equal to the page's, Sec-Fetch-Site (when sent) "same-origin"; else 403.
-- Every response: a strict Content-Security-Policy (default-src 'self', no inline script or
-  style, frame-ancestors 'none'), X-Content-Type-Options nosniff, Referrer-Policy same-origin.
+  The form POSTs the token to /login, which sets an HttpOnly SameSite=Strict cookie named
+  for the daemon's port (Secure over https, X-Forwarded-Proto included); scripts may send
+  ``Authorization: Bearer TOKEN`` instead. Bytes that are not UTF-8 are a wrong token.
+- Actions are POSTs only, with header X-CSRF-Token (from GET /api/v1/session), and the
+  same origin: Sec-Fetch-Site (when sent, it decides) "same-origin", else an Origin (when
+  sent) naming the Host's host[:port], any scheme (a TLS proxy); else 403.
+- Every response (the followed log too): a strict Content-Security-Policy (default-src
+  'self', no inline script or style, frame-ancestors 'none'), X-Content-Type-Options
+  nosniff, Referrer-Policy same-origin; Cache-Control no-store but on static files.
 - The page puts participant-controlled text in the DOM with textContent only.
 
 data-testid attributes (the browser tests' contract; structured values are data-* attributes

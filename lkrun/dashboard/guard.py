@@ -12,12 +12,13 @@ import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from lkrun.credentials import DASHBOARD_TOKEN_ENV
 from lkrun.manifest import dashboard_token_problem
 
 ENV_TOKEN = DASHBOARD_TOKEN_ENV  # no child process gets it (lkrun.credentials.child_env)
-COOKIE = "lkrun_dashboard"
+COOKIE = "lkrun_dashboard"  # the session cookie's name: this, "_" and the daemon's port
 CSRF_HEADER = "X-CSRF-Token"
 
 # Every dashboard response carries these. No inline script or style anywhere: the page is
@@ -61,6 +62,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def cookie_name(port: int | None) -> str:
+    """The session cookie's name for a daemon listening on ``port``: a browser sends a
+    host's cookies to each of its ports, so two daemons on one host need two names, or
+    signing in to one would sign out of the other."""
+    return f"{COOKIE}_{port}" if port else COOKIE
+
+
+def over_https(secure: bool, headers: Mapping[str, str]) -> bool:
+    """Whether the browser reached the dashboard over https: directly (``secure``), or
+    through a TLS reverse proxy that says so (``X-Forwarded-Proto: https``); then the
+    session cookie is ``Secure``."""
+    forwarded = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return secure or forwarded == "https"
+
+
+def same_host(origin: str, host_header: str) -> bool:
+    """Whether an Origin header names the Host's host[:port], whatever its scheme (behind a
+    TLS proxy the page is https and the daemon's request http)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.netloc or not host_header:
+        return False
+    return parts.netloc.lower() == host_header.strip().lower()
 
 
 def host_name(host_header: str) -> str:
@@ -113,30 +141,38 @@ class Access:
         return _mac(self._secret, f"csrf {self.session}")
 
     def token_matches(self, given: str) -> bool:
-        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+        return bool(self.token) and _equal(given, self.token)
 
     def bearer(self, headers: Mapping[str, str]) -> bool:
         """Whether the request carries ``Authorization: Bearer TOKEN`` (scripts)."""
         scheme, _, value = headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and self.token_matches(value.strip())
 
-    def signed_in(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> bool:
+    def signed_in(
+        self, headers: Mapping[str, str], cookies: Mapping[str, str], port: int | None = None
+    ) -> bool:
+        """Whether the request has the session cookie (of the daemon on ``port``: see
+        cookie_name) or the bearer token."""
         if self.open:
             return True
         if self.disabled:
             return False
-        cookie = cookies.get(COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), self.session.encode()) or self.bearer(headers)
+        cookie = cookies.get(cookie_name(port), "")
+        return (bool(cookie) and _equal(cookie, self.session)) or self.bearer(headers)
 
-    def action_refused(self, headers: Mapping[str, str], scheme: str) -> str:
-        """Why a POST (an action, or the login) is refused ("" if it may go on): a browser
-        sends Origin and Sec-Fetch-Site with it; from another site they say so."""
+    def action_refused(self, headers: Mapping[str, str]) -> str:
+        """Why a POST (an action, or the login) is refused ("" if it may go on). A browser
+        sends Sec-Fetch-Site, set by itself and not by the page: when it is there it alone
+        decides (same-origin only). Else the Origin (when sent) must name the Host's
+        host[:port]; its scheme is not compared, as behind a TLS reverse proxy the page is
+        https while the daemon is asked over http."""
         site = headers.get("Sec-Fetch-Site")
-        if site is not None and site != "same-origin":
-            return f"cross-site request refused (Sec-Fetch-Site: {site})"
+        if site is not None:
+            if site != "same-origin":
+                return f"cross-site request refused (Sec-Fetch-Site: {site})"
+            return ""
         origin = headers.get("Origin")
-        expected = f"{scheme}://{headers.get('Host', '')}"
-        if origin is not None and origin != expected:
+        if origin is not None and not same_host(origin, headers.get("Host", "")):
             return "cross-origin request refused (Origin does not match this page)"
         return ""
 
@@ -145,9 +181,20 @@ class Access:
         given = headers.get(CSRF_HEADER, "")
         if not given:
             return f"missing {CSRF_HEADER} header (GET /api/v1/session gives it)"
-        if not hmac.compare_digest(given.encode(), self.csrf().encode()):
+        if not _equal(given, self.csrf()):
             return f"wrong {CSRF_HEADER} (the daemon restarted? reload the page)"
         return ""
+
+
+def _equal(given: str, expected: str) -> bool:
+    """A constant-time comparison of what a request sent with a secret. A header, cookie or
+    form field that was not UTF-8 reaches here with lone surrogates (which do not encode):
+    it is simply not the secret."""
+    try:
+        sent = given.encode()
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(sent, expected.encode())
 
 
 def _mac(key: bytes, message: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from lkrun.api.control import ControlHandlers, DaemonView, parse_query
-from lkrun.dashboard.guard import COOKIE, SECURITY_HEADERS, Access
+from lkrun.dashboard.guard import SECURITY_HEADERS, Access, cookie_name, over_https
 from lkrun.dashboard.samples import Samples, latency_histogram
 from lkrun.jobs.fields import ENDED_STATUSES
 from lkrun.jobs.store import JobQuery
@@ -66,7 +66,12 @@ class Dashboard:
         self.view = view
         self.samples = samples
         self.access = access
-        self.control = ControlHandlers(view, by="the dashboard", headers=SECURITY_HEADERS)
+        # The followed log is sent before _guarded could add headers: it gets them here.
+        self.control = ControlHandlers(
+            view,
+            by="the dashboard",
+            headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
+        )
         self.assets = load_assets()
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -93,6 +98,9 @@ class Dashboard:
                 response = await self._checked(request, handler, kind)
             except web.HTTPException as exc:
                 response = _error(exc.status, exc.text or exc.reason, api=kind != "page")
+            except Exception:  # a bug: still an answer with the headers, not aiohttp's 500
+                log.exception("dashboard: %s %s failed", request.method, request.path)
+                response = _error(500, "internal error (in the daemon's log)", api=kind != "page")
             if not response.prepared:
                 response.headers.update(SECURITY_HEADERS)
                 if kind != "static":
@@ -110,12 +118,12 @@ class Dashboard:
             return web.Response(status=421, text="this dashboard answers on loopback names only\n")
         if kind in ("static", "login"):
             return await handler(request)
-        if not access.signed_in(request.headers, request.cookies):
+        if not access.signed_in(request.headers, request.cookies, _port(request)):
             if kind == "page":
                 return _redirect("/login")
             return _error(401, "sign in first: the dashboard needs its token", api=True)
         if kind == "action" and not access.bearer(request.headers):
-            refused = access.action_refused(request.headers, request.scheme)
+            refused = access.action_refused(request.headers)
             refused = refused or access.csrf_refused(request.headers)
             if refused:
                 return _error(403, refused, api=True)
@@ -147,16 +155,27 @@ class Dashboard:
     async def _login(self, request: web.Request) -> web.Response:
         if not self.access.token:
             return _redirect("/")
-        if refused := self.access.action_refused(request.headers, request.scheme):
+        if refused := self.access.action_refused(request.headers):
             return _error(403, refused, api=True)
-        form = await request.post()
+        try:
+            form = await request.post()
+        except ValueError:  # not UTF-8 (UnicodeDecodeError), or no form: not the token
+            form = {}
         given = form.get("token", "")
         if not isinstance(given, str) or not self.access.token_matches(given):
             log.warning("dashboard sign-in refused from %s: wrong token", request.remote)
             return _redirect("/login?failed=1")
         response = _redirect("/")
-        # HttpOnly: no script reads it; Strict: no other site's request carries it.
-        response.set_cookie(COOKIE, self.access.session, httponly=True, samesite="Strict", path="/")
+        # HttpOnly: no script reads it; Strict: no other site's request carries it; Secure
+        # when the browser came over https (directly or through a TLS proxy).
+        response.set_cookie(
+            cookie_name(_port(request)),
+            self.access.session,
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            secure=over_https(request.secure, request.headers),
+        )
         return response
 
     # -- the dashboard's own JSON --------------------------------------------------------
@@ -195,6 +214,14 @@ class Dashboard:
         return web.json_response(
             {"samples": self.samples.to_dict(now), "latency": latency_histogram(latencies)}
         )
+
+
+def _port(request: web.Request) -> int | None:
+    """The port the daemon answered on (not the Host's: a proxy may rewrite that)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2 and isinstance(sockname[1], int):
+        return sockname[1]
+    return None
 
 
 def _limit(value: str | None) -> int:
