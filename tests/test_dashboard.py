@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from lkrun.api.control import ControlHandlers
 from lkrun.api.health import HealthServer
 from lkrun.dashboard import guard
 from lkrun.dashboard.guard import Access, DashboardError, resolve_token
@@ -27,7 +28,14 @@ from lkrun.dashboard.samples import (
     latency_histogram,
     sample_of,
 )
-from lkrun.dashboard.server import PAGES, Dashboard, failure_groups, load_assets
+from lkrun.dashboard.server import (
+    HISTORY_SCAN,
+    MAX_LOG_LINES,
+    PAGES,
+    Dashboard,
+    failure_groups,
+    load_assets,
+)
 from lkrun.jobs.store import JobQuery
 from lkrun.manifest import ManifestError, parse_manifest
 
@@ -76,6 +84,7 @@ class FakeView:
         self.kills: list[tuple[str, bool, str | None]] = []
         self.drains = 0
         self.queries: list[JobQuery | None] = []
+        self.lines: list[int] = []  # what each log read asked for
 
     def status(self) -> dict[str, Any]:
         return {"name": "d1", "cpu": 0.5, "agents": [agent("echo")], "phase": "serving"}
@@ -98,9 +107,11 @@ class FakeView:
         return []
 
     def job_log_tail(self, job_id: str, lines: int) -> list[str]:
+        self.lines.append(lines)
         return ["one", "<b>two</b>"][-lines:] if lines else []
 
     async def follow_job_log(self, job_id: str, lines: int) -> AsyncIterator[str]:
+        self.lines.append(lines)
         for line in ("one", "<b>two</b>"):
             yield line
 
@@ -585,6 +596,39 @@ async def test_the_log_streams_as_text_with_the_headers(open_client: TestClient[
     async with open_client.get("/api/v1/jobs/AJ_1/logs") as resp:  # not followed: the guard's
         assert_strict_headers(resp.headers)
         assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_the_dashboard_caps_job_listings_and_log_lines(
+    open_client: TestClient[Any, Any], view: FakeView
+) -> None:
+    """limit=0 means "no limit" on the control socket; on the dashboard it is the cap, as
+    is any larger limit; a log's tail and a job's lines are capped the same way."""
+    for limit, expected in (("0", HISTORY_SCAN), ("-1", HISTORY_SCAN), ("999999", HISTORY_SCAN),
+                            ("50", 50)):  # fmt: skip
+        async with open_client.get(f"/api/v1/jobs?all=1&limit={limit}") as resp:
+            assert resp.status == 200
+        query = view.queries[-1]
+        assert query is not None and query.limit == expected, limit
+    for path in ("/api/v1/jobs/AJ_1?lines=100000000", "/api/v1/jobs/AJ_1/logs?tail=100000000",
+                 "/api/v1/jobs/AJ_1/logs?tail=100000000&follow=1"):  # fmt: skip
+        async with open_client.get(path) as resp:
+            assert resp.status == 200, path
+            await resp.read()
+        assert view.lines[-1] == MAX_LOG_LINES, path
+    async with open_client.get("/api/v1/jobs/AJ_1/logs?tail=5") as resp:
+        assert resp.status == 200 and view.lines[-1] == 5
+
+
+async def test_the_control_socket_handlers_have_no_cap(view: FakeView) -> None:
+    app = web.Application()
+    ControlHandlers(view).add_to(app)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        async with client.get("/v1/jobs?all=1&limit=0") as resp:
+            assert resp.status == 200
+        async with client.get("/v1/jobs/AJ_1/logs?tail=100000000") as resp:
+            assert resp.status == 200
+    query = view.queries[-1]
+    assert query is not None and query.limit == 0 and view.lines[-1] == 100000000
 
 
 def test_failures_are_grouped_by_the_first_line_of_their_error() -> None:

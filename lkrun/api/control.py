@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -251,14 +252,25 @@ class ControlHandlers:
     """The control API's handlers, over a DaemonView: mounted on the control socket by
     ControlServer, and under /api/v1/ by the web dashboard (lkrun.dashboard), so both show
     the same data. ``by`` names who asks a kill (its stop reason); ``headers`` go on every
-    streamed response too (sent before a wrapper could add them)."""
+    streamed response too (sent before a wrapper could add them). ``max_jobs`` and
+    ``max_lines`` (None: no maximum, the control socket's own user asks) cap what one
+    answer holds: a job listing's ``limit`` (0, "no limit", too) and a log's ``tail`` or a
+    job's ``lines``."""
 
     def __init__(
-        self, view: DaemonView, *, by: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        view: DaemonView,
+        *,
+        by: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_jobs: int | None = None,
+        max_lines: int | None = None,
     ) -> None:
         self.view = view
         self.by = by
         self.headers = dict(headers or {})
+        self.max_jobs = max_jobs
+        self.max_lines = max_lines
 
     def add_to(self, app: web.Application, prefix: str = "") -> None:
         """Mount every route under prefix (e.g. "/api")."""
@@ -281,6 +293,9 @@ class ControlHandlers:
 
     async def jobs(self, request: web.Request) -> web.Response:
         query = parse_query(request.query)
+        cap = self.max_jobs
+        if query is not None and cap is not None and not 0 < query.limit <= cap:
+            query = dataclasses.replace(query, limit=cap)
         return web.json_response({"jobs": await self.view.jobs(query)})
 
     async def job(self, request: web.Request) -> web.Response:
@@ -288,10 +303,13 @@ class ControlHandlers:
         job = await self.view.job(job_id)
         if job is None:
             raise web.HTTPNotFound(text=f"no job {job_id}")
-        lines = _int_param(request, "lines", 20)
+        lines = self._lines(_int_param(request, "lines", 20))
         # The recovery chain it belongs to (lkrun.recovery): every attempt at its call.
         chain = await self.view.job_chain(job_id)
         return web.json_response({"job": job, "log": self._tail(job_id, lines), "chain": chain})
+
+    def _lines(self, lines: int) -> int:
+        return lines if self.max_lines is None else min(lines, self.max_lines)
 
     def _tail(self, job_id: str, lines: int) -> list[str]:
         try:
@@ -303,7 +321,7 @@ class ControlHandlers:
         job_id = request.match_info["job_id"]
         if await self.view.job(job_id) is None:
             raise web.HTTPNotFound(text=f"no job {job_id}")
-        lines = _int_param(request, "tail", 100)
+        lines = self._lines(_int_param(request, "tail", 100))
         if request.query.get("follow") not in ("1", "true"):
             body = "".join(line + "\n" for line in self._tail(job_id, lines))
             return web.Response(text=body)

@@ -34,6 +34,7 @@ Safety (lkrun.dashboard.guard):
 - Every response (the followed log too): a strict Content-Security-Policy (default-src
   'self', no inline script or style, frame-ancestors 'none'), X-Content-Type-Options
   nosniff, Referrer-Policy same-origin; Cache-Control no-store but on static files.
+- /api/v1/jobs lists at most 5,000 jobs (limit=0 too), a log or job at most 10,000 lines.
 - The page puts participant-controlled text in the DOM with textContent only.
 
 data-testid attributes (the browser tests' contract; structured values are data-* attributes

@@ -32,6 +32,8 @@ Kind = Literal["page", "static", "login", "api", "action"]
 PAGES = ("/", "/live", "/history", "/charts", "/jobs/{job_id}")
 # History: the newest this many matching jobs are grouped and counted.
 HISTORY_SCAN = 5000
+# The most log lines a page or script gets in one answer (a job's tail, a log's ?tail=).
+MAX_LOG_LINES = 10000
 HISTORY_ROWS = 200
 FAILED = ("failed", "lost")
 
@@ -71,6 +73,8 @@ class Dashboard:
             view,
             by="the dashboard",
             headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
+            max_jobs=HISTORY_SCAN,
+            max_lines=MAX_LOG_LINES,
         )
         self.assets = load_assets()
 
