@@ -117,6 +117,7 @@ class Daemon:
         self._memory_reads = memory_map.BoundedReads()
         # The dashboard's charts: an hour of samples of the agents' jobs and load.
         self.samples = Samples()
+        self.dashboard_access: Access | None = None  # once the dashboard is mounted
         # The framework's shared inference processes, one per agent interpreter.
         self.inference = InferenceProcesses(
             workdir=self.manifest.workdir,
@@ -407,7 +408,7 @@ class Daemon:
             token = resolve_token(self.config.settings.dashboard_token, os.environ)
         except DashboardError as exc:
             raise FatalError(str(exc)) from None
-        access = Access(health.host, token)
+        access = self.dashboard_access = Access(health.host, token)
         for method, path, handler in Dashboard(self, self.samples, access).routes():
             health.add_route(path, handler, method)
         if access.disabled:
@@ -722,9 +723,43 @@ class Daemon:
         if self._stopped_meanwhile():
             return False
         self._apply(manifest)
+        self._apply_settings(self.manifest, manifest)
         self.manifest = manifest
         self.reloads += 1
         return True
+
+    def _apply_settings(self, old: Manifest, new: Manifest) -> None:
+        """``[daemon]`` and ``[livekit]`` are read at start. Of their edits, the dashboard's
+        token applies at once (a new token signs everyone out); the others are named in a
+        warning saying they wait for a restart (names only: values may be secrets)."""
+        waiting = [f"[livekit] {name}" for name in _changed_fields(old.livekit, new.livekit)]
+        for name in _changed_fields(old.daemon, new.daemon):
+            if name == "dashboard_token" and self.dashboard_access is not None:
+                self._apply_dashboard_token(new.daemon.dashboard_token)
+            else:
+                waiting.append(f"[daemon] {name}")
+        if waiting:
+            log.warning(
+                "manifest: %s changed; not applied until the daemon restarts",
+                ", ".join(waiting),
+                extra={"fields": {"restart_needed": waiting}},
+            )
+
+    def _apply_dashboard_token(self, manifest_token: str) -> None:
+        access = self.dashboard_access
+        assert access is not None
+        try:
+            token = resolve_token(manifest_token, os.environ)
+        except DashboardError as exc:  # the environment's, checked at start: not expected
+            log.error("dashboard token not changed: %s", exc)
+            return
+        access.token = token
+        if access.disabled:
+            log.warning("dashboard token changed: %s", access.disabled_reason())
+        elif access.open:
+            log.info("dashboard token removed: the loopback dashboard is open")
+        else:
+            log.info("dashboard token changed: every dashboard session is signed out")
 
     def _stopped_meanwhile(self) -> bool:
         """Whether a drain or a stop began during the import check (it takes seconds): then
@@ -839,7 +874,8 @@ def _load_checked(path: Path) -> Manifest:
     return check_entrypoints(load_manifest(path))
 
 
-def _changed_fields(old: AgentSpec, new: AgentSpec) -> list[str]:
+def _changed_fields(old: Any, new: Any) -> list[str]:
+    """The fields of two instances of one dataclass that differ."""
     from dataclasses import fields
 
     return [f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +14,8 @@ import pytest
 
 from lkrun import daemon as daemon_module
 from lkrun.child.appkind import LIVEKIT_AGENTS
+from lkrun.dashboard.guard import Access
+from lkrun.logs import JsonFormatter
 from lkrun.manifest import Manifest, load_manifest
 from tests.conftest import livekit_api, unique, wait_for
 from tests.helpers import agent_table, dispatch, job_in_room, status_is
@@ -219,3 +223,54 @@ async def test_a_reload_while_serving_still_applies(
     monkeypatch.setattr(daemon, "_apply", applied.append)
     assert await daemon.reload() is True
     assert applied == [new] and daemon.manifest is new and daemon.reloads == 1
+
+
+OLD_TOKEN = "the-old-dashboard-token-0123"
+NEW_TOKEN = "the-new-dashboard-token-4567"
+
+
+async def test_a_reload_applies_the_dashboard_token_and_names_what_waits_for_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[daemon] and [livekit] are read at start: of their edits the dashboard's token
+    applies at once; the others are named (never their values) in one structured warning."""
+    before = f'[daemon]\ndashboard_token = "{OLD_TOKEN}"\n' + agent_table("echo")
+    daemon = make_daemon(tmp_path, before)
+    daemon.phase = "serving"
+    monkeypatch.delenv("LKRUN_DASHBOARD_TOKEN", raising=False)
+    access = daemon.dashboard_access = Access("0.0.0.0", OLD_TOKEN)
+    session = access.session
+    (tmp_path / "agents.toml").write_text(
+        '[livekit]\nurl = "ws://127.0.0.1:9"\n'
+        f'[daemon]\ndashboard_token = "{NEW_TOKEN}"\ndrain_timeout = 60\ndashboard = false\n'
+        + agent_table("echo")
+    )
+    new = load_manifest(tmp_path / "agents.toml")
+    monkeypatch.setattr(daemon_module, "_load_checked", lambda path: new)
+    monkeypatch.setattr(daemon, "_apply", lambda manifest: None)
+    with caplog.at_level(logging.INFO, logger="lkrun"):
+        assert await daemon.reload() is True
+    assert access.token == NEW_TOKEN and access.session != session  # signed out
+    assert access.token_matches(NEW_TOKEN) and not access.token_matches(OLD_TOKEN)
+    entries = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    waiting = [e for e in entries if "restart_needed" in e]
+    assert len(waiting) == 1 and waiting[0]["level"] == "warning"
+    assert waiting[0]["restart_needed"] == [
+        "[livekit] url",
+        "[daemon] drain_timeout",
+        "[daemon] dashboard",
+    ]
+    assert any("every dashboard session is signed out" in e["msg"] for e in entries)
+    text = caplog.text
+    assert OLD_TOKEN not in text and NEW_TOKEN not in text
+
+    # A daemon serving no dashboard: the token is only one more field for the restart.
+    caplog.clear()
+    (tmp_path / "other").mkdir()
+    other = make_daemon(tmp_path / "other", before)
+    other.phase = "serving"
+    monkeypatch.setattr(other, "_apply", lambda manifest: None)
+    with caplog.at_level(logging.INFO, logger="lkrun"):
+        assert await other.reload() is True
+    assert other.dashboard_access is None
+    assert "[daemon] dashboard_token" in caplog.text and NEW_TOKEN not in caplog.text
