@@ -337,3 +337,17 @@ def test_tone_frames_of_100_ms_are_a_second_in_ten() -> None:
     assert len(frames) == 10
     assert all(f.samples_per_channel == 4800 for f in frames)
     assert tones.parse_args(["--frame-ms", "100", "r1", "r2"]).rooms == ["r1", "r2"]
+
+
+def test_a_server_refusal_is_where_the_ramp_stops() -> None:
+    """Found in a run: at 125 official jobs CreateDispatch failed with "could not find any
+    available nodes" (the node's CPU full) and the whole bench stopped instead of recording
+    the limit."""
+    from livekit.api.twirp_client import ServerError
+
+    from tests.bench import limit
+
+    exc = ServerError("unknown", "could not find any available nodes", status=500)
+    reason, text = limit.server_full(exc, 100)
+    assert reason == "server_refused"
+    assert text.startswith("with 100 held") and "available nodes" in text

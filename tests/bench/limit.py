@@ -45,6 +45,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import psutil
+from livekit.api.twirp_client import ServerError
 
 from tests.bench import media
 from tests.bench.procs import descendants
@@ -261,6 +262,13 @@ async def _drops(bench: Bench, held: list[str]) -> dict[str, str]:
     return dropped(held, listed, running)
 
 
+def server_full(exc: ServerError, held: int) -> tuple[str, str]:
+    """livekit-server refused the next room or dispatch: on this one machine that is its node
+    out of CPU ("could not find any available nodes"), which the host's own load caused, so it
+    is where this host stops holding new calls, as an observer starved of CPU is (media)."""
+    return "server_refused", f"with {held} held livekit-server refused the next call: {exc}"[:400]
+
+
 def _host_stop(bench: Bench, exc: SutError, held: int) -> tuple[str, str]:
     alive = bench.sut.proc is not None and bench.sut.proc.alive()
     if not alive:
@@ -325,6 +333,8 @@ async def max_jobs(bench: Bench) -> dict[str, Any]:
             )
     except SutError as exc:
         stop = _host_stop(bench, exc, len(held))
+    except ServerError as exc:
+        stop = server_full(exc, len(held))
     try:
         return summary(len(held), s.max_jobs_cap, steps, stop)
     finally:
@@ -400,6 +410,8 @@ async def media_rooms(bench: Bench) -> dict[str, Any]:
             )
     except SutError as exc:
         stop = _host_stop(bench, exc, len(held))
+    except ServerError as exc:
+        stop = server_full(exc, len(held))
     except media.ObserverError as exc:
         stop = "observers_failed", f"with {len(held)} held the tone observers failed: {exc}"
     try:
