@@ -351,3 +351,4 @@ def test_a_server_refusal_is_where_the_ramp_stops() -> None:
     reason, text = limit.server_full(exc, 100)
     assert reason == "server_refused"
     assert text.startswith("with 100 held") and "available nodes" in text
+    assert limit.summary(100, 1000, [], (reason, text))["limit_found"]

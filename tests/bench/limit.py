@@ -79,6 +79,7 @@ LIMITS = {
     "not_metering": "a meter did not report the tone",
     "host_unresponsive": "the host stopped answering",
     "host_exited": "the host exited",
+    "server_refused": "livekit-server refused the next call (its node out of CPU)",
 }
 BOUNDS = {
     "cap": "the ceiling",
