@@ -196,18 +196,24 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _prime(procs: list[psutil.Process]) -> None:
+def prime_cpu(procs: list[psutil.Process]) -> None:
+    """Start psutil's CPU interval of each process (the bench's measure uses these too)."""
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.cpu_percent(None)
 
 
-def _cpu(procs: list[psutil.Process]) -> float:
+def cpu_percent(procs: list[psutil.Process]) -> float:
+    """The processes' CPU since their last read (% of one core), gone ones counting 0."""
     total = 0.0
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             total += proc.cpu_percent(None)
-    return round(total, 1)
+    return total
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    return round(cpu_percent(procs), 1)
 
 
 def memory_snapshot(procs: list[psutil.Process]) -> dict[str, Any]:
@@ -236,7 +242,7 @@ async def host_snapshot(main_pid: int, window: float = SNAPSHOT_WINDOW) -> dict[
     """CPU of the host (main process and all its descendants; 100 % is one core) and of
     the machine (% of all cores) over ``window`` s, then memory_snapshot."""
     procs = _tree(main_pid)
-    _prime(procs)
+    prime_cpu(procs)
     psutil.cpu_percent(None)
     await asyncio.sleep(window)
     cpu = {
@@ -482,7 +488,7 @@ async def _media_window(
     main = _tree(sut.main_pid)[:1]
     helpers = [p for p in descendants(sut.main_pid) if p.pid not in job_pids]
     watchers = [p for g in groups for pid in g.pids for p in _tree(pid)]
-    _prime([*main, *jobs, *helpers, *watchers])
+    prime_cpu([*main, *jobs, *helpers, *watchers])
     psutil.cpu_percent(None)
     start = time.time()
     await asyncio.sleep(bench.settings.hold)

@@ -262,18 +262,8 @@ def job_breakdown(pids: list[int], sample: int = BREAKDOWN_JOBS) -> dict[str, An
     }
 
 
-def _prime_cpu(procs: list[psutil.Process]) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.cpu_percent(None)
-
-
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            total += proc.cpu_percent(None)
-    return total
+_prime_cpu = limit.prime_cpu
+_cpu = limit.cpu_percent
 
 
 class Bench:
