@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from livekit import api, rtc
 
 from lkrun.agent_host import AgentHost, HostSettings
 from lkrun.credentials import Credentials
 from lkrun.jobs.book import JobBook
+from lkrun.manifest import ManifestError, parse_manifest
 from tests.conftest import REPO, livekit_api, wait_for
 
 
@@ -84,3 +87,13 @@ def unit_host(session: Any, spec: Any, **extra: Any) -> AgentHost:
         settings=HostSettings(shutdown_timeout=5),
         **extra,
     )
+
+
+def assert_manifest_error(text: str, agent: str | None, field: str, message: str) -> None:
+    """``text`` (an agents.toml, dedented) is refused with one line naming file, agent, field."""
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(textwrap.dedent(text), "agents.toml")
+    err = info.value
+    assert (err.agent, err.field, err.message) == (agent, field, message)
+    where = f"agent {agent!r}: " if agent else ""
+    assert str(err) == f"agents.toml: {where}field {field!r}: {message}"

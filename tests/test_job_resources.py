@@ -18,7 +18,6 @@ from lkrun.manifest import (
     JOB_THREADS,
     MALLOC_ARENA_MAX,
     DaemonSettings,
-    ManifestError,
     parse_manifest,
 )
 from lkrun.supervision.agent_processes import (
@@ -29,7 +28,7 @@ from lkrun.supervision.agent_processes import (
     resource_env,
 )
 from tests.conftest import pid_alive, unique, wait_for
-from tests.helpers import agent_table, dispatch, job_in_room
+from tests.helpers import agent_table, assert_manifest_error, dispatch, job_in_room
 
 CREDENTIALS = Credentials("ws://127.0.0.1:7880", "key", "secret")
 DASHBOARD_TOKEN = "dashboard-token-kept-from-jobs"
@@ -109,12 +108,7 @@ def test_defaults_daemon_defaults_and_agent_values() -> None:
 def test_bad_values_are_one_line_naming_file_agent_and_field(
     text: str, agent: str | None, field: str, message: str
 ) -> None:
-    with pytest.raises(ManifestError) as info:
-        parse(text)
-    err = info.value
-    assert (err.agent, err.field, err.message) == (agent, field, message)
-    where = f"agent {agent!r}: " if agent else ""
-    assert str(err) == f"agents.toml: {where}field {field!r}: {message}"
+    assert_manifest_error(text, agent, field, message)
 
 
 # -- the job's environment ------------------------------------------------------------------

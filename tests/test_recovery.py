@@ -26,7 +26,7 @@ from lkrun.context import JobInfo
 from lkrun.credentials import Credentials
 from lkrun.jobs.book import JobRecord
 from lkrun.jobs.store import JobStore
-from lkrun.manifest import DaemonSettings, ManifestError, parse_manifest
+from lkrun.manifest import DaemonSettings, parse_manifest
 from lkrun.recovery import (
     FailedJob,
     Recoverer,
@@ -39,6 +39,7 @@ from lkrun.recovery import (
     wrong_participant,
 )
 from lkrun.supervision.lifecycle import Cause
+from tests.helpers import assert_manifest_error
 
 AGENT = models.ParticipantInfo.Kind.AGENT
 STANDARD = models.ParticipantInfo.Kind.STANDARD
@@ -380,12 +381,7 @@ def test_the_policy_defaults_to_none_and_daemon_defaults_apply_to_unset_agents()
 def test_bad_policy_values_are_one_line_naming_file_agent_and_field(
     text: str, agent: str | None, field: str, message: str
 ) -> None:
-    with pytest.raises(ManifestError) as info:
-        parse(text)
-    err = info.value
-    assert (err.agent, err.field, err.message) == (agent, field, message)
-    where = f"agent {agent!r}: " if agent else ""
-    assert str(err) == f"agents.toml: {where}field {field!r}: {message}"
+    assert_manifest_error(text, agent, field, message)
 
 
 # -- the Recoverer, against a scripted RoomService -------------------------------------------
