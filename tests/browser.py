@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 from selenium.webdriver.support.wait import WebDriverWait
@@ -119,9 +119,15 @@ def wait_until(
     what: str = "the condition",
 ) -> T:
     """Poll ``condition(driver)`` until it returns something truthy, which is returned;
-    fails the test naming ``what`` and the page's URL after ``timeout`` seconds."""
+    fails the test naming ``what`` and the page's URL after ``timeout`` seconds.
+
+    An element found by one poll can be replaced before the condition reads it (a form
+    POST navigating, a view re-rendering its rows): that poll counts as not met yet."""
+    waiter = WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    )
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        return waiter.until(condition)
     except TimeoutException:
         pytest.fail(f"{what} not met within {timeout} s on {driver.current_url}", pytrace=False)
 

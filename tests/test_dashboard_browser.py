@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
@@ -43,7 +44,10 @@ async def until(
     process of its own, but dispatches and the control API run on this loop."""
 
     def probe() -> Any:
-        return check(driver)
+        try:
+            return check(driver)
+        except StaleElementReferenceException:
+            return None  # the view re-rendered between finding and reading: poll again
 
     async def poll() -> Any:
         return await asyncio.to_thread(probe)

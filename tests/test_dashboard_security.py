@@ -302,6 +302,9 @@ async def test_beyond_loopback_with_a_token_only_the_login_opens_it(
     browser.find_element(*by_testid("login-token")).send_keys("wrong-token-0123456789")
     browser.find_element(*by_testid("login-submit")).click()
     wait_until(
+        browser, lambda d: d.current_url == url(port, "/login?failed=1"), what="the refusal page"
+    )
+    wait_until(
         browser,
         lambda d: d.find_element(*by_testid("login-error")).is_displayed(),
         what="the wrong token refused",
