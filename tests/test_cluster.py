@@ -231,7 +231,7 @@ async def burst_shares(cluster: Cluster, label: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("cluster", [BURST_MANIFEST], indirect=True)
-async def test_a_burst_is_spread_over_both_daemons(cluster: Cluster) -> None:
+async def test_no_call_of_a_burst_is_lost(cluster: Cluster) -> None:
     """Issue 20: 40 dispatches back to back (alternately through both nodes), max_jobs =
     100, right after both daemons are ready (the fixture's warm-up) and after a quiet spell:
     every call of each burst is served (served_by fails on one that is not)."""
