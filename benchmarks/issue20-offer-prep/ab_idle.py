@@ -16,6 +16,7 @@ import json
 import random
 import statistics as st
 import sys
+from pathlib import Path
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -24,8 +25,8 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def main(trace_path: str, events_path: str) -> None:
-    lots = {m["pid"]: m["m"] for m in map(json.loads, open(trace_path))}
-    events = [json.loads(line) for line in open(events_path)]
+    lots = {m["pid"]: m["m"] for m in map(json.loads, Path(trace_path).read_text().splitlines())}
+    events = [json.loads(line) for line in Path(events_path).read_text().splitlines()]
     entries = [e for e in events if e["event"] == "entrypoint" and e.get("received_at")]
     entries = sorted(entries, key=lambda e: e["received_at"])[1:]
     groups = {
@@ -40,7 +41,8 @@ def main(trace_path: str, events_path: str) -> None:
     for name, v in total.items():
         print(
             f"offer -> entrypoint {name:15} n={len(v):3}  p50 {st.median(v):7.3f} ms  "
-            f"p25 {quantile(v, .25):7.3f}  p75 {quantile(v, .75):7.3f}  p95 {quantile(v, .95):7.3f}"
+            f"p25 {quantile(v, 0.25):7.3f}  p75 {quantile(v, 0.75):7.3f}  "
+            f"p95 {quantile(v, 0.95):7.3f}"
         )
     a, b = total["A (as before)"], total["B (head start)"]
     print(f"p50 B - A: {st.median(b) - st.median(a):+.3f} ms")
@@ -49,7 +51,8 @@ def main(trace_path: str, events_path: str) -> None:
         st.median(random.choices(b, k=len(b))) - st.median(random.choices(a, k=len(a)))
         for _ in range(2000)
     )
-    print(f"noise: bootstrap 95% interval of p50(B) - p50(A): [{diffs[50]:+.3f}, {diffs[1949]:+.3f}] ms")
+    low, high = diffs[50], diffs[1949]
+    print(f"noise: bootstrap 95% interval of p50(B) - p50(A): [{low:+.3f}, {high:+.3f}] ms")
     half = len(a) // 2
     print(
         f"noise: p50 of A over the run's first half {st.median(a[:half]):.3f} ms, "

@@ -12,18 +12,39 @@ warm-up and left out. Standard library only.
 import json
 import statistics as st
 import sys
+from pathlib import Path
 
 ORDER = [
-    "received_at", "d.offer_recv", "d.answer_queued", "d.assign_recv", "d.assign_in",
-    "d.pre_book", "d.booked", "d.claimed", "d.start_built", "d.run_enter", "d.pre_ready",
-    "d.ready_ok", "d.start_written", "c.start_recv", "c.run_resume", "c.fj_init", "c.info",
-    "c.new_job", "c.running_sent", "c.run_in", "c.room", "c.ctx", "c.setup", "entrypoint",
+    "received_at",
+    "d.offer_recv",
+    "d.answer_queued",
+    "d.assign_recv",
+    "d.assign_in",
+    "d.pre_book",
+    "d.booked",
+    "d.claimed",
+    "d.start_built",
+    "d.run_enter",
+    "d.pre_ready",
+    "d.ready_ok",
+    "d.start_written",
+    "c.start_recv",
+    "c.run_resume",
+    "c.fj_init",
+    "c.info",
+    "c.new_job",
+    "c.running_sent",
+    "c.run_in",
+    "c.room",
+    "c.ctx",
+    "c.setup",
+    "entrypoint",
 ]
 
 
 def main(trace_path: str, events_path: str) -> None:
-    trace = [json.loads(line) for line in open(trace_path)]
-    events = [json.loads(line) for line in open(events_path)]
+    trace = [json.loads(line) for line in Path(trace_path).read_text().splitlines()]
+    events = [json.loads(line) for line in Path(events_path).read_text().splitlines()]
     job_of_pid = {m["pid"]: m["j"] for m in trace if m["m"] == "c.start_recv"}
     jobs: dict[str, dict[str, float]] = {}
     for m in trace:
